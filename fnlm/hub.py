@@ -1,0 +1,92 @@
+"""Resolve a model name to a local checkpoint directory: local dir, .gguf file, hub id, or default."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from fnlm.errors import ModelNotFoundError, OfflineError
+
+# Only what fnlm reads: weights, configs, tokenizer and chat template — never pytorch_model.bin etc.
+HUB_FILES = [
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+]
+
+
+def resolve(
+    name_or_path: str | os.PathLike | None, *, revision: str | None = None, token: str | None = None
+) -> Path:
+    """A local directory holding config.json + safetensors (+ tokenizer) for `name_or_path`.
+
+    None -> the embedded default model; an existing directory -> itself; a `.gguf` file -> its
+    converted cache directory; anything else -> a Hugging Face hub id, downloaded (only the files in
+    HUB_FILES) into the normal hub cache honouring `revision`, `token` and HF_HUB_OFFLINE.
+    Raises ModelNotFoundError or OfflineError with what to do.
+    """
+    if name_or_path is None:
+        from fnlm.default import default_checkpoint
+
+        return default_checkpoint()
+    text = os.fspath(name_or_path)
+    path = Path(text).expanduser()
+    if text.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelNotFoundError(f"GGUF file not found: {path}")
+        from fnlm.gguf import cached_checkpoint
+
+        return cached_checkpoint(path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(
+                f"{path} is a directory but holds no config.json; expected a transformers checkpoint"
+            )
+        return path
+    if path.exists():
+        raise ModelNotFoundError(
+            f"{path} is a file; expected a checkpoint directory, a .gguf file or a hub id"
+        )
+    if text.startswith((".", "/", "~")) or text.count("/") > 1 or os.sep in text.replace("/", ""):
+        raise ModelNotFoundError(f"path not found: {path}")
+    return _download(text, revision=revision, token=token)
+
+
+def _download(repo_id: str, *, revision: str | None, token: str | None) -> Path:
+    import huggingface_hub as hf
+    from huggingface_hub import errors
+
+    try:
+        return Path(
+            hf.snapshot_download(repo_id, revision=revision, token=token, allow_patterns=HUB_FILES)
+        )
+    except errors.HFValidationError:
+        raise ModelNotFoundError(
+            f"{repo_id!r} is not a local path and not a valid hub id (expected 'org/name')"
+        ) from None
+    except errors.GatedRepoError as e:
+        raise ModelNotFoundError(
+            f"{repo_id} is gated: accept its licence on the hub and pass token=... ({e})"
+        ) from None
+    except errors.RevisionNotFoundError:
+        raise ModelNotFoundError(f"{repo_id} has no revision {revision!r}") from None
+    except errors.RepositoryNotFoundError:
+        raise ModelNotFoundError(
+            f"{repo_id!r} is neither a local path nor a hub repository (private repos need token=...)"
+        ) from None
+    except (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled) as e:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+        why = "HF_HUB_OFFLINE is set" if offline else "the hub cannot be reached"
+        raise OfflineError(
+            f"{repo_id}: {why} and it is not in the local hub cache; connect once, or pass a local directory ({e})"
+        ) from None
+    except (OSError, errors.HfHubHTTPError) as e:
+        raise OfflineError(
+            f"{repo_id}: the hub cannot be reached ({type(e).__name__}: {e})"
+        ) from None

@@ -1,0 +1,223 @@
+"""`fnlm.load`: checkpoint -> (params pytree, tokenizer), streamed tensor by tensor."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from fnlm import models
+from fnlm.config import ModelConfig, freeze
+from fnlm.errors import CheckpointError, ConfigError, QuantError
+from fnlm.hub import resolve
+from fnlm.params import Params, path_name, set_path
+
+# Tensors a checkpoint may carry that the functional model recomputes instead.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+QUANT_MODES = ("nf4", "int8", "fp8", None)
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}  # fmt: skip
+
+
+def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    """None -> bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU."""
+    if dtype is None:
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ConfigError(
+        f"dtype must be one of {sorted(DTYPES)} or a torch float dtype; got {dtype!r}"
+    )
+
+
+def resolve_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def read_config(directory: Path, max_seq_length: int | None = None) -> ModelConfig:
+    """config.json -> ModelConfig, with RoPE scaling added when max_seq_length passes the native length."""
+    path = directory / "config.json"
+    try:
+        hf = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(hf, dict):
+        raise ConfigError(f"{path} must hold a JSON object")
+    config = models.config_from_hf(hf, source=str(path))
+    return extend_context(config, max_seq_length)
+
+
+def extend_context(config: ModelConfig, max_seq_length: int | None) -> ModelConfig:
+    """Beyond the native length, scale RoPE linearly by L / native (kept if the config scales already)."""
+    native = config.max_position_embeddings
+    if max_seq_length is None or max_seq_length <= native:
+        return config
+    if config.rope_scaling:
+        print(
+            f"fnlm: max_seq_length {max_seq_length} > {native}; keeping the checkpoint's rope scaling {config.rope}"
+        )
+        return config.replace(max_position_embeddings=max_seq_length)
+    factor = max_seq_length / native
+    print(
+        f"fnlm: max_seq_length {max_seq_length} > native {native}: linear RoPE scaling, factor {factor:g}"
+    )
+    return config.replace(
+        rope_scaling=freeze({"rope_type": "linear", "factor": factor}),
+        max_position_embeddings=max_seq_length,
+    )
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The safetensors files of a checkpoint, from the shard index when there is one."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index} is not a valid shard index ({e})") from None
+        files = [directory / name for name in dict.fromkeys(weight_map.values())]
+    else:
+        files = sorted(directory.glob("*.safetensors"))
+        files = [f for f in files if not f.name.startswith("adapter_")]
+    if not files:
+        raise CheckpointError(f"no *.safetensors weights in {directory}")
+    for f in files:
+        if not f.is_file():
+            raise CheckpointError(f"{f} is listed in the shard index but missing")
+    return files
+
+
+def stream_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor, Path]]:
+    """Yield (name, tensor, file) one tensor at a time, so host memory stays near one tensor."""
+    from safetensors import SafetensorError, safe_open
+
+    for f in files:
+        try:
+            with safe_open(f, framework="pt", device="cpu") as handle:
+                for name in handle.keys():
+                    yield name, handle.get_tensor(name), f
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise CheckpointError(f"{f} is corrupt or truncated: {e}") from None
+
+
+def is_quantizable(path: tuple, tensor: torch.Tensor) -> bool:
+    """Linear weights inside the decoder layers; embeddings, norms, biases and lm_head stay 16-bit."""
+    return (
+        path[0] == "layers" and tensor.dim() >= 2 and not str(path[-1]).endswith(("norm", "bias"))
+    )
+
+
+def load(
+    name_or_path: str | os.PathLike | None = None,
+    *,
+    quant: str | None = "nf4",
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+    max_seq_length: int | None = None,
+    revision: str | None = None,
+    token: str | None = None,
+    skip: tuple[str, ...] = (),
+):
+    """Load a model and its tokenizer: `params, tok = fnlm.load("Qwen/Qwen2.5-0.5B-Instruct")`.
+
+    name_or_path: local checkpoint directory, hub id, `.gguf` file, or None for the embedded
+        default (SmolLM2-135M-Instruct, offline).
+    quant: "nf4" (bitsandbytes NF4, double quant), "int8", "fp8" or None (16-bit) for the linear
+        weights of the decoder layers; names in `skip` (e.g. "down", "layers.0.attn.q") stay 16-bit.
+    dtype: compute/storage dtype; None picks bf16 on capable GPUs, fp16 on older ones, fp32 on CPU.
+    max_seq_length: beyond the native context, RoPE is scaled (linear, factor L / native).
+    Returns (Params, Tokenizer or None when the checkpoint has no tokenizer.json).
+    Raises ModelNotFoundError, OfflineError, ConfigError, UnsupportedModelError, CheckpointError.
+    """
+    if quant not in QUANT_MODES:
+        raise QuantError(f"quant must be one of {QUANT_MODES}; got {quant!r}")
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    directory = resolve(name_or_path, revision=revision, token=token)
+    config = read_config(directory, max_seq_length)
+    quantize = None
+    if quant is not None:
+        from fnlm import quant as quant_lib
+
+        quantize = lambda w: quant_lib.quantize(w, quant, compute_dtype=dtype)
+    params = load_params(
+        directory, config, dtype=dtype, device=device, quantize=quantize, skip=skip
+    )
+    return params, load_tokenizer(directory)
+
+
+def load_params(
+    directory: Path,
+    config: ModelConfig,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    quantize=None,
+    skip: tuple[str, ...] = (),
+) -> Params:
+    """Stream the checkpoint's tensors into a Params tree, checking every name and shape."""
+    expected = models.family(config.model_type).weight_names(config)
+    tree: dict = {"layers": [{} for _ in range(config.num_layers)]}
+    seen: set[str] = set()
+    for name, tensor, file in stream_tensors(weight_files(directory)):
+        if name not in expected:
+            if name.endswith(IGNORED_SUFFIXES) or (
+                name == "lm_head.weight" and config.tie_word_embeddings
+            ):
+                continue
+            raise CheckpointError(
+                f"{file.name}: unexpected tensor {name!r} {tuple(tensor.shape)} for a {config.model_type} "
+                f"model with {config.num_layers} layers; is config.json from the same checkpoint?"
+            )
+        path, shape = expected[name]
+        if tuple(tensor.shape) != shape:
+            raise CheckpointError(
+                f"{file.name}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {shape} from config.json"
+            )
+        seen.add(name)
+        tensor = tensor.to(
+            device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype
+        )
+        if quantize is not None and is_quantizable(path, tensor) and not _skipped(path, skip):
+            tensor = quantize(tensor)
+        set_path(tree, path, tensor)
+    missing = [n for n in expected if n not in seen]
+    if missing:
+        raise CheckpointError(
+            f"{directory}: {len(missing)} tensor(s) missing from the checkpoint, first {missing[0]!r} "
+            f"(expected shape {expected[missing[0]][1]})"
+        )
+    if config.tie_word_embeddings:
+        tree["lm_head"] = tree["embed"]
+    return Params(tree, config)
+
+
+def _skipped(path: tuple, skip: tuple[str, ...]) -> bool:
+    name = path_name(path)
+    return any(name == s or name.endswith("." + s) or name.startswith(s + ".") for s in skip)
+
+
+def load_tokenizer(directory: Path):
+    if not (directory / "tokenizer.json").is_file():
+        warnings.warn(f"{directory} has no tokenizer.json; returning tokenizer None", stacklevel=3)
+        return None
+    from fnlm.tokenizer import Tokenizer
+
+    return Tokenizer.from_dir(directory)
