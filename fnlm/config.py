@@ -34,6 +34,14 @@ def _thaw(value: Any) -> Any:
     return value
 
 
+# transformers' `hidden_act` names -> ours; "gelu_new" is the tanh formula written out by hand.
+ACTIVATIONS = {
+    "silu": "silu", "swish": "silu",
+    "gelu": "gelu",
+    "gelu_tanh": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
+}  # fmt: skip
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Static description of a decoder-only transformer; hashable, so it is a compile-time constant."""
@@ -56,17 +64,56 @@ class ModelConfig:
         str, ...
     ] = ()  # per layer "full_attention" | "sliding_attention"; () = all full
 
+    # the q/k norm spans all heads at once, before the head split (OLMo2)
+    qk_norm_across_heads: bool = False
+    # a fused "qkv" weight has rows [per kv group: its q heads, k, v] (Falcon), not [q; k; v] (Phi-3)
+    fused_qkv_grouped: bool = False
+    # softmax scale; None = head_dim**-0.5 (Gemma2/3: query_pre_attn_scalar**-0.5, Granite: attention_multiplier)
+    attention_scale: float | None = None
+    # scores -> cap * tanh(scores / cap) before the mask (Gemma2); takes the explicit attention path
+    attention_softcap: float | None = None
+
     # rope
     rope_theta: float = 10000.0
     rope_scaling: tuple = ()  # frozen HF rope parameters beyond theta (rope_type, factor, ...)
     partial_rotary_factor: float = 1.0
     max_position_embeddings: int = 2048
+    rope_interleaved: bool = False  # rotate pairs (x0, x1), (x2, x3), not halves (Cohere)
+    # sliding-window layers have their own rope base and parameters (Gemma3); None = the global ones
+    local_rope_theta: float | None = None
+    local_rope_scaling: tuple = ()
+    # the checkpoint's max_position_embeddings (filled in __post_init__): dynamic / longrope / yarn
+    # scale relative to it even after `fnlm.load(max_seq_length=L)` raises max_position_embeddings
+    rope_native_length: int | None = None
 
-    # norms, MLP, embeddings
+    # norms, residuals, embeddings, logits
     norm_eps: float = 1e-6
-    activation: str = "silu"  # silu -> SwiGLU
-    mlp_bias: bool = False
+    # "rms" (RMSNorm) | "layer" (LayerNorm: Cohere without bias, StarCoder2 / Falcon with)
+    norm_type: str = "rms"
+    norm_offset: float = 0.0  # RMSNorm scales by (offset + weight): Gemma stores w - 1, offset 1
+    pre_norms: bool = True  # norm the input of attention and MLP (all but OLMo2)
+    post_norms: bool = False  # norm attention / MLP outputs before the add (Gemma2/3, OLMo2)
+    parallel_block: bool = False  # x + attn(norm(x)) + mlp(norm(x)) (Cohere, Falcon)
+    residual_scale: float = 1.0  # block outputs times this before the add (Granite)
+    # embeddings times this, rounded to the weight dtype (Gemma: sqrt(hidden); Granite: embedding_multiplier)
+    embedding_scale: float | None = None
+    logit_scale: float = 1.0  # logits times this (Cohere logit_scale; Granite 1 / logits_scaling)
+    final_softcap: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma2)
     tie_word_embeddings: bool = False
+
+    # MLP: gated act(gate) * up (SwiGLU / GeGLU) or ungated; activation is a key of ACTIVATIONS
+    activation: str = "silu"
+    mlp_gated: bool = True  # False: down(act(up(x))), no gate (StarCoder2, Falcon)
+    mlp_bias: bool = False
+
+    # mixture of experts (Mixtral, Qwen2/3-MoE): the layers in moe_layers route each token to
+    # experts_per_token of num_experts expert MLPs of width moe_intermediate_size
+    num_experts: int = 0
+    experts_per_token: int = 0
+    moe_intermediate_size: int | None = None  # None = intermediate_size
+    moe_layers: tuple[int, ...] = ()
+    moe_renormalize: bool = True  # top-k weights renormalized to sum 1 (Qwen: norm_topk_prob)
+    shared_expert_size: int = 0  # width of the expert every token also uses, gated (Qwen2-MoE)
 
     # special tokens (from config.json; the tokenizer has the final word)
     bos_token_id: int | None = None
@@ -100,6 +147,18 @@ class ModelConfig:
             raise ConfigError(
                 f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers"
             )
+        if self.rope_native_length is None:
+            object.__setattr__(self, "rope_native_length", self.max_position_embeddings)
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(
+                f"activation {self.activation!r} is not supported; expected one of {sorted(ACTIVATIONS)}"
+            )
+        if self.norm_type not in ("rms", "layer"):
+            raise ConfigError(f"norm_type must be 'rms' or 'layer'; got {self.norm_type!r}")
+        if self.num_experts and not 0 < self.experts_per_token <= self.num_experts:
+            raise ConfigError(
+                f"experts per token ({self.experts_per_token}) must lie in [1, {self.num_experts}]"
+            )
 
     @property
     def rotary_dim(self) -> int:
@@ -109,6 +168,15 @@ class ModelConfig:
     def rope(self) -> dict:
         """The rope parameters as a dict (rope_type, factor, ...), without rope_theta."""
         return _thaw(self.rope_scaling) if self.rope_scaling else {}
+
+    @property
+    def expert_size(self) -> int:
+        """Width of each routed expert's MLP."""
+        return self.moe_intermediate_size or self.intermediate_size
+
+    def local_rope(self, layer: int) -> bool:
+        """Whether layer `layer` uses the local (sliding-window) rope tables instead of the global ones."""
+        return self.local_rope_theta is not None and self.window(layer) is not None
 
     def window(self, layer: int) -> int | None:
         """The sliding window of one layer, or None for full attention."""

@@ -73,7 +73,170 @@ def _qwen3(draw):
     return transformers.Qwen3Config(**f)
 
 
-HF_CONFIGS = {"llama": _llama, "mistral": _mistral, "qwen2": _qwen2, "qwen3": _qwen3}
+def _implicit_head_dim(f: dict) -> dict:
+    """For configs without a head_dim field: hidden = heads * head_dim (the drawn head_dim)."""
+    f["hidden_size"] = f["num_attention_heads"] * f.pop("head_dim")
+    return f
+
+
+def _gemma(draw):
+    f = draw(llama_like_fields(bias=True))
+    f["hidden_act"] = draw(st.sampled_from(["gelu_pytorch_tanh", "gelu"]))  # "gelu" means tanh
+    return transformers.GemmaConfig(**f)
+
+
+def _gemma2(draw):
+    f = draw(llama_like_fields(bias=True, window=True))
+    f["query_pre_attn_scalar"] = draw(st.sampled_from([8, 32]))
+    f["attn_logit_softcapping"] = draw(st.sampled_from([None, 2.0, 50.0]))
+    f["final_logit_softcapping"] = draw(st.sampled_from([None, 3.0]))
+    f["hidden_activation"] = draw(st.sampled_from(["gelu_pytorch_tanh", "gelu"]))
+    return transformers.Gemma2Config(**f)
+
+
+def _gemma3_text(draw):
+    f = draw(llama_like_fields(bias=True, window=True))
+    f["query_pre_attn_scalar"] = draw(st.sampled_from([8, 32]))
+    f["final_logit_softcapping"] = draw(st.sampled_from([None, 3.0]))
+    f["sliding_window_pattern"] = draw(st.integers(1, 3))
+    f["rope_local_base_freq"] = draw(st.sampled_from([10.0, 10000.0]))
+    f["rope_scaling"] = draw(st.sampled_from([None, {"rope_type": "linear", "factor": 4.0}]))
+    return transformers.Gemma3TextConfig(**f)
+
+
+def _phi3(draw):
+    f = _implicit_head_dim(draw(llama_like_fields(window=True)))
+    if not draw(st.booleans()):
+        f["sliding_window"] = None
+    f["partial_rotary_factor"] = draw(st.sampled_from([1.0, 0.5]))
+    f["pad_token_id"] = None  # the default 32000 lies outside the tiny vocabulary
+    if draw(st.booleans()):  # LongRoPE, with the original length inside the drawn sequences
+        half = int(f["hidden_size"] // f["num_attention_heads"] * f["partial_rotary_factor"]) // 2
+        factors = st.lists(st.floats(1.0, 8.0), min_size=half, max_size=half)
+        f["original_max_position_embeddings"] = draw(st.integers(4, 8))
+        f["max_position_embeddings"] = 64
+        f["rope_scaling"] = {
+            "rope_type": "longrope",
+            "short_factor": draw(factors),
+            "long_factor": draw(factors),
+        }
+    return transformers.Phi3Config(**f)
+
+
+def _granite(draw):
+    f = _implicit_head_dim(draw(llama_like_fields(bias=True)))
+    f["mlp_bias"] = draw(st.booleans())
+    f["embedding_multiplier"] = draw(st.sampled_from([1.0, 12.0]))
+    f["residual_multiplier"] = draw(st.sampled_from([1.0, 0.22]))
+    f["attention_multiplier"] = draw(st.sampled_from([0.0078125, 0.25]))
+    f["logits_scaling"] = draw(st.sampled_from([1.0, 8.0]))
+    return transformers.GraniteConfig(**f)
+
+
+def _cohere(draw):
+    f = _implicit_head_dim(draw(llama_like_fields(bias=True)))
+    f["layer_norm_eps"] = f.pop("rms_norm_eps")
+    f["use_qk_norm"] = draw(st.booleans())
+    f["logit_scale"] = draw(st.sampled_from([0.0625, 1.0]))
+    return transformers.CohereConfig(**f)
+
+
+def _starcoder2(draw):
+    f = _implicit_head_dim(draw(llama_like_fields(window=True)))
+    f["norm_epsilon"] = f.pop("rms_norm_eps")
+    f["use_bias"] = draw(st.booleans())
+    f["hidden_act"] = draw(st.sampled_from(["gelu_pytorch_tanh", "gelu"]))
+    if not draw(st.booleans()):
+        f["sliding_window"] = None
+    return transformers.Starcoder2Config(**f)
+
+
+def _olmo2(draw):
+    f = _implicit_head_dim(draw(llama_like_fields(bias=True)))
+    f["pad_token_id"] = 0
+    return transformers.Olmo2Config(**f)
+
+
+def _falcon(draw):
+    f = _implicit_head_dim(draw(llama_like_fields()))
+    new_layout = draw(st.booleans())
+    config = dict(
+        vocab_size=f["vocab_size"],
+        hidden_size=f["hidden_size"],
+        num_hidden_layers=f["num_hidden_layers"],
+        num_attention_heads=f["num_attention_heads"],
+        ffn_hidden_size=f["intermediate_size"],
+        rope_theta=f["rope_theta"],
+        layer_norm_epsilon=f["rms_norm_eps"],
+        tie_word_embeddings=f["tie_word_embeddings"],
+        max_position_embeddings=f["max_position_embeddings"],
+        initializer_range=f["initializer_range"],
+        bias=draw(st.booleans()),
+        new_decoder_architecture=new_layout,
+        activation=draw(st.sampled_from(["gelu", "gelu_pytorch_tanh"])),
+    )
+    if new_layout:  # grouped kv heads; one or two norms in front of the parallel attention + MLP
+        config["num_kv_heads"] = f["num_key_value_heads"]
+        config["num_ln_in_parallel_attn"] = draw(st.sampled_from([None, 1]))
+        config["parallel_attn"] = True
+    else:
+        config["multi_query"] = draw(st.booleans())
+        config["parallel_attn"] = draw(st.booleans())
+    return transformers.FalconConfig(**config)
+
+
+def _moe_fields(draw, f: dict, experts_key: str) -> dict:
+    experts = draw(st.integers(2, 4))
+    f[experts_key] = experts
+    f["num_experts_per_tok"] = draw(st.integers(1, min(2, experts)))
+    return f
+
+
+def _mixtral(draw):
+    f = _moe_fields(draw, draw(llama_like_fields(window=True)), "num_local_experts")
+    return transformers.MixtralConfig(**f)
+
+
+def _qwen_moe_fields(draw, f: dict) -> dict:
+    f = _moe_fields(draw, f, "num_experts")
+    f["moe_intermediate_size"] = draw(st.sampled_from([24, 40]))
+    f["norm_topk_prob"] = draw(st.booleans())
+    f["decoder_sparse_step"] = draw(st.integers(1, 2))
+    f["mlp_only_layers"] = draw(st.lists(st.integers(0, f["num_hidden_layers"] - 1), max_size=1))
+    f["use_sliding_window"] = draw(st.booleans())
+    return f
+
+
+def _qwen3_moe(draw):
+    f = _qwen_moe_fields(draw, draw(llama_like_fields(bias=True, window=True)))
+    return transformers.Qwen3MoeConfig(**f)
+
+
+def _qwen2_moe(draw):
+    f = _qwen_moe_fields(draw, _implicit_head_dim(draw(llama_like_fields(window=True))))
+    f["shared_expert_intermediate_size"] = draw(st.sampled_from([16, 24]))
+    f["max_window_layers"] = draw(st.integers(0, f["num_hidden_layers"]))
+    return transformers.Qwen2MoeConfig(**f)
+
+
+HF_CONFIGS = {
+    "llama": _llama,
+    "mistral": _mistral,
+    "qwen2": _qwen2,
+    "qwen3": _qwen3,
+    "gemma": _gemma,
+    "gemma2": _gemma2,
+    "gemma3_text": _gemma3_text,
+    "phi3": _phi3,
+    "granite": _granite,
+    "cohere": _cohere,
+    "starcoder2": _starcoder2,
+    "olmo2": _olmo2,
+    "falcon": _falcon,
+    "mixtral": _mixtral,
+    "qwen3_moe": _qwen3_moe,
+    "qwen2_moe": _qwen2_moe,
+}
 
 
 @st.composite

@@ -10,14 +10,65 @@ from types import ModuleType
 
 from fnlm.config import ModelConfig
 from fnlm.errors import ConfigError, UnsupportedModelError
-from fnlm.models import llama, mistral, qwen2, qwen3
+from fnlm.models import (
+    cohere,
+    falcon,
+    gemma,
+    gemma2,
+    gemma3,
+    granite,
+    llama,
+    mistral,
+    mixtral,
+    olmo2,
+    phi3,
+    qwen2,
+    qwen2_moe,
+    qwen3,
+    qwen3_moe,
+    starcoder2,
+)
 
 FAMILIES: dict[str, ModuleType] = {
-    t: m for m in (llama, mistral, qwen2, qwen3) for t in m.MODEL_TYPES
+    t: m
+    for m in (
+        llama,
+        mistral,
+        qwen2,
+        qwen3,
+        gemma,
+        gemma2,
+        gemma3,
+        phi3,
+        granite,
+        cohere,
+        starcoder2,
+        olmo2,
+        falcon,
+        mixtral,
+        qwen3_moe,
+        qwen2_moe,
+    )  # fmt: skip
+    for t in m.MODEL_TYPES
+}
+
+# Architectures people ask for that fnlm does not run, with the reason (shown in the error and the
+# README support table) instead of an approximate implementation.
+UNSUPPORTED: dict[str, str] = {
+    "gemma3": "the multimodal Gemma 3 checkpoint (vision tower, language_model.* names); "
+    "text-only gemma3_text checkpoints (Gemma 3 1B, or the text config of a larger one) load",
+    "cohere2": "Command R7B interleaves sliding-window layers without rotary embeddings on the "
+    "global ones; not implemented yet",
+    "phimoe": "Phi-3.5-MoE's sparsemixer router is not implemented",
 }
 
 
 def family(model_type: str) -> ModuleType:
+    """The family module of a transformers model_type; UnsupportedModelError names the reason."""
+    if model_type in UNSUPPORTED:
+        raise UnsupportedModelError(
+            f"model_type {model_type!r} is not supported: {UNSUPPORTED[model_type]}"
+        )
     if model_type not in FAMILIES:
         raise UnsupportedModelError(
             f"model_type {model_type!r} is not supported; supported: {', '.join(sorted(FAMILIES))}"

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from fnlm import kernels, quant
-from fnlm.config import ModelConfig
+from fnlm.config import ACTIVATIONS, ModelConfig
 from fnlm.errors import ArgumentError
 from fnlm.models.rope import rope_tables
 from fnlm.params import Params
@@ -34,8 +34,29 @@ def embedding(tokens: torch.Tensor, w) -> torch.Tensor:
     return F.embedding(tokens, quant.dequantize(w))
 
 
-def norm(config: ModelConfig, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return kernels.rms_norm(x, w, config.norm_eps)
+def norm(
+    config: ModelConfig, w: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The config's norm over the last dim: RMSNorm (scale offset + w) or LayerNorm (bias optional).
+
+    `w` may carry leading dims that broadcast against x (Cohere's per-head q/k norm: [heads, head_dim]).
+    """
+    if config.norm_type == "layer":
+        return layer_norm(x, w, bias, config.norm_eps)
+    return kernels.rms_norm(x, w, config.norm_eps, offset=config.norm_offset)
+
+
+def layer_norm(
+    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, eps: float
+) -> torch.Tensor:
+    """LayerNorm in fp32 with one rounding at the end, as Cohere's; for nn.LayerNorm (StarCoder2,
+    Falcon) it differs only in rounding. Plain torch: fnlm.kernels has no LayerNorm kernel yet."""
+    xf = x.float()
+    centered = xf - xf.mean(-1, keepdim=True)
+    y = centered * torch.rsqrt(centered.pow(2).mean(-1, keepdim=True) + eps) * w.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
 
 
 def attention(
@@ -48,29 +69,141 @@ def attention(
 ) -> torch.Tensor:
     """Self-attention of one layer. `mask` None means plain causal (lets SDPA pick flash)."""
     batch, seq, _ = x.shape
-    q = linear(x, p["q"], p.get("q_bias")).view(batch, seq, config.num_heads, config.head_dim)
-    k = linear(x, p["k"], p.get("k_bias")).view(batch, seq, config.num_kv_heads, config.head_dim)
-    v = linear(x, p["v"], p.get("v_bias")).view(batch, seq, config.num_kv_heads, config.head_dim)
-    if config.qk_norm:  # Qwen3: RMSNorm over each head before RoPE
-        q = kernels.rms_norm(q, p["q_norm"], config.norm_eps)
-        k = kernels.rms_norm(k, p["k_norm"], config.norm_eps)
-    q, k = kernels.apply_rope(q, k, cos, sin)
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2),
-        k.transpose(1, 2),
-        v.transpose(1, 2),
-        attn_mask=mask,
-        is_causal=mask is None and seq > 1,
-        enable_gqa=config.num_kv_heads != config.num_heads,
-    )
+    q, k, v = project_qkv(config, p, x)
+    q, k = kernels.apply_rope(q, k, cos, sin, interleaved=config.rope_interleaved)
+    # [batch, heads, seq, head_dim]
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if config.attention_softcap is None:
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=mask is None and seq > 1,
+            enable_gqa=config.num_kv_heads != config.num_heads,
+            scale=config.attention_scale,
+        )
+    else:
+        out = softcapped_attention(config, q, k, v, mask)
     out = out.transpose(1, 2).reshape(batch, seq, config.num_heads * config.head_dim)
     return linear(out, p["o"], p.get("o_bias"))
 
 
+def project_qkv(
+    config: ModelConfig, p: dict, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q [batch, seq, heads, head_dim] and k, v [batch, seq, kv_heads, head_dim], q/k normed if the
+    config says so. A fused "qkv" leaf (Phi-3, Falcon) is kept fused, as peft adapts it, and sliced."""
+    batch, seq, _ = x.shape
+    heads, kv_heads, d = config.num_heads, config.num_kv_heads, config.head_dim
+    if "qkv" in p:
+        qkv = linear(x, p["qkv"], p.get("qkv_bias"))
+        if config.fused_qkv_grouped:  # Falcon: [kv group: its q heads, then k, then v]
+            qkv = qkv.view(batch, seq, kv_heads, heads // kv_heads + 2, d)
+            q, k, v = qkv[..., :-2, :].flatten(2, 3), qkv[..., -2, :], qkv[..., -1, :]
+        else:
+            q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+    else:
+        q = linear(x, p["q"], p.get("q_bias"))
+        k = linear(x, p["k"], p.get("k_bias"))
+        v = linear(x, p["v"], p.get("v_bias"))
+    if config.qk_norm and config.qk_norm_across_heads:  # OLMo2: one norm over all heads
+        q, k = norm(config, p["q_norm"], q), norm(config, p["k_norm"], k)
+    q = q.reshape(batch, seq, heads, d)
+    k = k.reshape(batch, seq, kv_heads, d)
+    v = v.reshape(batch, seq, kv_heads, d)
+    if config.qk_norm and not config.qk_norm_across_heads:  # Qwen3, Gemma3, Cohere: per head
+        q, k = norm(config, p["q_norm"], q), norm(config, p["k_norm"], k)
+    return q, k, v
+
+
+def softcapped_attention(
+    config: ModelConfig,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """Attention with Gemma2's score soft-capping, written out because SDPA cannot cap scores.
+
+    q [batch, heads, q_len, d], k/v [batch, kv_heads, k_len, d]; mask as for SDPA (None = causal).
+    Scores are capped before the mask and the softmax runs in fp32, as transformers' eager path.
+    """
+    groups = config.num_heads // config.num_kv_heads
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scale = config.attention_scale or config.head_dim**-0.5
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    cap = config.attention_softcap
+    scores = torch.tanh(scores / cap) * cap
+    if mask is None:
+        q_len, k_len = q.shape[-2], k.shape[-2]
+        mask = torch.ones(q_len, k_len, dtype=torch.bool, device=q.device).tril(k_len - q_len)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
+
+
 def mlp(config: ModelConfig, p: dict, x: torch.Tensor) -> torch.Tensor:
-    gate = linear(x, p["gate"], p.get("gate_bias"))
-    up = linear(x, p["up"], p.get("up_bias"))
-    return linear(kernels.swiglu(gate, up), p["down"], p.get("down_bias"))
+    """Gated MLP down(act(gate) * up), ungated down(act(up)), or a mixture of experts ("router")."""
+    if "router" in p:
+        return mixture_of_experts(config, p, x)
+    if not config.mlp_gated:
+        hidden = activation(config, linear(x, p["up"], p.get("up_bias")))
+        return linear(hidden, p["down"], p.get("down_bias"))
+    if "gate_up" in p:  # Phi-3 keeps gate and up fused, as peft adapts them
+        gate, up = linear(x, p["gate_up"], p.get("gate_up_bias")).chunk(2, dim=-1)
+    else:
+        gate, up = linear(x, p["gate"], p.get("gate_bias")), linear(x, p["up"], p.get("up_bias"))
+    return linear(glu(config, gate, up), p["down"], p.get("down_bias"))
+
+
+def glu(config: ModelConfig, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    kind = ACTIVATIONS[config.activation]
+    if kind == "silu":
+        return kernels.swiglu(gate, up)
+    return kernels.geglu(gate, up, approximate="tanh" if kind == "gelu_tanh" else "none")
+
+
+def activation(config: ModelConfig, x: torch.Tensor) -> torch.Tensor:
+    kind = ACTIVATIONS[config.activation]
+    if kind == "silu":
+        return F.silu(x)
+    return F.gelu(x, approximate="tanh" if kind == "gelu_tanh" else "none")
+
+
+def mixture_of_experts(config: ModelConfig, p: dict, x: torch.Tensor) -> torch.Tensor:
+    """Top-k routed experts (+ an optional sigmoid-gated shared expert), summed per token.
+
+    p: {"router": [experts, hidden], "experts": per-expert {"gate", "up", "down"} as a list of dicts
+    (one per expert) or as stacked [experts, out, in] leaves, optional "shared" MLP and
+    "shared_gate" [1, hidden]}. Routing follows transformers: softmax in fp32, top-k, optional
+    renormalisation, weights cast to the compute dtype. A loop over the experts that received tokens
+    (exact on CPU; a grouped GEMM can replace it on GPU).
+    """
+    shape = x.shape
+    x = x.reshape(-1, shape[-1])
+    router_logits = linear(x, p["router"])
+    weights, chosen = torch.topk(
+        torch.softmax(router_logits, dim=-1, dtype=torch.float32), config.experts_per_token, dim=-1
+    )
+    if config.moe_renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    weights = weights.to(x.dtype)
+    out = torch.zeros_like(x)
+    for e in chosen.unique().tolist():
+        tokens, slot = torch.where(chosen == e)
+        y = mlp(config, expert(p["experts"], e), x[tokens]) * weights[tokens, slot, None]
+        out.index_add_(0, tokens, y)
+    if "shared" in p:
+        shared = mlp(config, p["shared"], x)
+        out = out + torch.sigmoid(linear(x, p["shared_gate"])) * shared
+    return out.reshape(shape)
+
+
+def expert(experts, e: int) -> dict:
+    """Expert e's {"gate", "up", "down"} from a list of per-expert dicts or stacked leaves."""
+    if isinstance(experts, list):
+        return experts[e]
+    return {name: w[e] for name, w in experts.items()}
 
 
 def layer_forward(
@@ -81,9 +214,31 @@ def layer_forward(
     sin: torch.Tensor,
     mask: torch.Tensor | None,
 ) -> torch.Tensor:
-    """One pre-norm decoder block: x + attn(norm(x)), then + mlp(norm(.)). Pure; compile/checkpoint unit."""
-    x = x + attention(config, p["attn"], norm(config, p["norm_attn"], x), cos, sin, mask)
-    return x + mlp(config, p["mlp"], norm(config, p["norm_mlp"], x))
+    """One decoder block. Pure; compile/checkpoint unit.
+
+    Pre-norm by default: x + attn(norm(x)), then + mlp(norm(.)); `post_norms` also norms each block
+    output (Gemma2/3), `pre_norms` False drops the input norms (OLMo2), `parallel_block` feeds
+    attention and MLP the same input (Cohere, Falcon; the MLP gets its own norm when the layer has a
+    "norm_mlp", as Falcon-40B). Outputs are scaled by `residual_scale` (Granite) before the add."""
+    if config.parallel_block:
+        h = norm(config, p["norm_attn"], x, p.get("norm_attn_bias"))
+        h_mlp = norm(config, p["norm_mlp"], x, p.get("norm_mlp_bias")) if "norm_mlp" in p else h
+        attn = attention(config, p["attn"], h, cos, sin, mask)
+        return x + attn + mlp(config, p["mlp"], h_mlp)
+    attn = attention(config, p["attn"], block_input(config, p, "norm_attn", x), cos, sin, mask)
+    x = x + block_output(config, p, "norm_attn", attn)
+    out = mlp(config, p["mlp"], block_input(config, p, "norm_mlp", x))
+    return x + block_output(config, p, "norm_mlp", out)
+
+
+def block_input(config: ModelConfig, p: dict, name: str, x: torch.Tensor) -> torch.Tensor:
+    return norm(config, p[name], x, p.get(name + "_bias")) if config.pre_norms else x
+
+
+def block_output(config: ModelConfig, p: dict, name: str, y: torch.Tensor) -> torch.Tensor:
+    if config.post_norms:
+        y = norm(config, p[name + "_post"], y)
+    return y * config.residual_scale if config.residual_scale != 1.0 else y
 
 
 def default_positions(tokens: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -135,18 +290,33 @@ def hidden_states(
     if positions is None:
         positions = default_positions(tokens, attention_mask)
     x = embedding(tokens, params["embed"])
-    cos, sin = rope_tables(config, positions)
+    if config.embedding_scale is not None:
+        # Gemma rounds sqrt(hidden) to the weight dtype before multiplying; transformers does the same.
+        x = x * torch.tensor(config.embedding_scale, dtype=x.dtype)
+    tables = {False: rope_tables(config, positions)}
     masks: dict[int | None, torch.Tensor | None] = {}
     for i, layer in enumerate(params["layers"]):
         window = config.window(i)
+        local = config.local_rope(i)  # Gemma3's sliding layers have their own rope base
+        if local not in tables:
+            tables[local] = rope_tables(config, positions, local=True)
+        cos, sin = tables[local]
         if window not in masks:
             masks[window] = build_mask(positions, attention_mask, segments, window)
         x = layer_fn(config, layer, x, cos, sin, masks[window])
-    return norm(config, params["norm"], x)
+    return norm(config, params["norm"], x, params.get("norm_bias"))
 
 
 def logits_from_hidden(params: Params, x: torch.Tensor) -> torch.Tensor:
-    return linear(x, params["lm_head"])
+    """Logits of final hidden states, with the config's logit scale (Cohere, Granite) and final
+    soft-cap (Gemma2)."""
+    config = params.config
+    logits = linear(x, params["lm_head"])
+    if config.logit_scale != 1.0:
+        logits = logits * config.logit_scale
+    if config.final_softcap is not None:
+        logits = torch.tanh(logits / config.final_softcap) * config.final_softcap
+    return logits
 
 
 def forward(

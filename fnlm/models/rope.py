@@ -3,6 +3,11 @@
 `inverse_frequencies(config)` is computed once per (config, device) and reproduces transformers'
 `ROPE_INIT_FUNCTIONS` for each `rope_type`; `rope_tables(config, positions)` turns explicit per-token
 positions into the `[batch, seq, rotary_dim // 2]` fp32 cos/sin that `fnlm.kernels.apply_rope` takes.
+
+Two rope types depend on the sequence, as transformers' `dynamic_rope_update` does: "dynamic" grows the
+base once max(positions) + 1 passes the native length, "longrope" switches from the short to the long
+factors there. transformers keeps the grown state on the module between calls; fnlm is pure, so each
+call decides from its own positions (the same as a freshly loaded transformers model).
 """
 
 from __future__ import annotations
@@ -29,11 +34,17 @@ def _linear(config: ModelConfig, rope: dict, device) -> tuple[torch.Tensor, floa
     return inv_freq / rope["factor"], 1.0
 
 
+def _original_length(config: ModelConfig, rope: dict) -> int:
+    # transformers fills a missing original_max_position_embeddings (llama3, yarn, longrope) with
+    # max_position_embeddings, the checkpoint's own.
+    return rope.get("original_max_position_embeddings") or config.rope_native_length
+
+
 def _llama3(config: ModelConfig, rope: dict, device) -> tuple[torch.Tensor, float]:
     # Llama 3.1: long wavelengths divided by `factor`, short kept, a smooth blend between.
     inv_freq = _base_inverse_frequencies(config.rope_theta, config.rotary_dim, device)
     factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
-    old_len = rope["original_max_position_embeddings"]
+    old_len = _original_length(config, rope)
     low_wavelen, high_wavelen = old_len / low, old_len / high
     wavelen = 2 * math.pi / inv_freq
     scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
@@ -45,14 +56,43 @@ def _llama3(config: ModelConfig, rope: dict, device) -> tuple[torch.Tensor, floa
 
 def _dynamic(config: ModelConfig, rope: dict, device) -> tuple[torch.Tensor, float]:
     # Dynamic NTK at its initial length behaves as the default rope; `rope_tables` rescales the base
-    # when a sequence runs past max_position_embeddings, as transformers' dynamic_rope_update does.
+    # when a sequence runs past the native length, as transformers' dynamic_rope_update does.
     return _base_inverse_frequencies(config.rope_theta, config.rotary_dim, device), 1.0
+
+
+def _longrope_factors(config: ModelConfig, rope: dict, long: bool, device) -> torch.Tensor:
+    # Phi-3's LongRoPE: one rescale factor per frequency, a "short" set within the original length and
+    # a "long" set beyond it. Same expression as transformers, so fp32 tables match bit for bit.
+    dim = config.rotary_dim
+    factors = torch.tensor(
+        rope["long_factor" if long else "short_factor"], dtype=torch.float32, device=device
+    )
+    if factors.shape != (dim // 2,):
+        raise UnsupportedModelError(
+            f"longrope {'long' if long else 'short'}_factor has {factors.numel()} entries; "
+            f"expected rotary_dim / 2 = {dim // 2}"
+        )
+    exponent = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
+    return 1.0 / (factors * config.rope_theta**exponent)
+
+
+def _longrope(config: ModelConfig, rope: dict, device) -> tuple[torch.Tensor, float]:
+    original = _original_length(config, rope)
+    # Without an explicit factor the attention factor follows the context extension
+    # max_position_embeddings / original (the checkpoint's own, not one raised by max_seq_length).
+    factor = rope.get("factor") or config.rope_native_length / original
+    attention_factor = rope.get("attention_factor")
+    if attention_factor is None:
+        attention_factor = (
+            1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+        )
+    return _longrope_factors(config, rope, False, device), attention_factor
 
 
 def _yarn(config: ModelConfig, rope: dict, device) -> tuple[torch.Tensor, float]:
     base, dim = config.rope_theta, config.rotary_dim
-    original = rope["original_max_position_embeddings"]
-    factor = rope.get("factor") or config.max_position_embeddings / original
+    original = _original_length(config, rope)
+    factor = rope.get("factor") or config.rope_native_length / original
 
     def mscale(scale: float, m: float = 1.0) -> float:
         return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
@@ -95,6 +135,7 @@ ROPE_TYPES = {
     "llama3": _llama3,
     "dynamic": _dynamic,
     "yarn": _yarn,
+    "longrope": _longrope,
 }
 
 
@@ -110,12 +151,34 @@ def inverse_frequencies(config: ModelConfig, device: torch.device) -> tuple[torc
     return ROPE_TYPES[rope_type](config, rope, device)
 
 
-def rope_tables(config: ModelConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape [batch, seq, rotary_dim // 2] (fp32) for integer `positions` [batch, seq]."""
+@functools.lru_cache(maxsize=64)
+def local_config(config: ModelConfig) -> ModelConfig:
+    """The config whose global rope is `config`'s local one (Gemma3's sliding-window layers)."""
+    return config.replace(
+        rope_theta=config.local_rope_theta,
+        rope_scaling=config.local_rope_scaling,
+        local_rope_theta=None,
+        local_rope_scaling=(),
+    )
+
+
+def rope_tables(
+    config: ModelConfig, positions: torch.Tensor, *, local: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape [batch, seq, rotary_dim // 2] (fp32) for integer `positions` [batch, seq].
+
+    local: the tables of the sliding-window layers when they have their own rope
+    (`config.local_rope(layer)`), else the global ones.
+    """
+    if local and config.local_rope_theta is not None:
+        config = local_config(config)
     inv_freq, scaling = inverse_frequencies(config, positions.device)
     rope = config.rope
-    if rope.get("rope_type", rope.get("type")) == "dynamic":
+    rope_type = rope.get("rope_type", rope.get("type"))
+    if rope_type == "dynamic":
         inv_freq = _dynamic_rescale(config, rope, inv_freq, positions)
+    elif rope_type == "longrope" and _longest(positions) > _original_length(config, rope):
+        inv_freq = _longrope_factors(config, rope, True, positions.device)
     angles = positions.to(torch.float32)[..., None] * inv_freq
     cos, sin = angles.cos(), angles.sin()
     if scaling != 1.0:
@@ -123,16 +186,22 @@ def rope_tables(config: ModelConfig, positions: torch.Tensor) -> tuple[torch.Ten
     return cos, sin
 
 
+def _longest(positions: torch.Tensor) -> int:
+    # transformers decides from max(position_ids) + 1 over the whole batch.
+    return int(positions.max()) + 1 if positions.numel() else 0
+
+
 def _dynamic_rescale(
     config: ModelConfig, rope: dict, inv_freq: torch.Tensor, positions: torch.Tensor
 ) -> torch.Tensor:
-    # transformers grows the base once the longest sequence seen exceeds the original length.
-    original = rope.get("original_max_position_embeddings", config.max_position_embeddings)
-    seq_len = int(positions.max()) + 1 if positions.numel() else 0
-    if seq_len <= original:
+    # transformers grows the base once the longest sequence exceeds max_position_embeddings (the
+    # checkpoint's), in fp32 tensor arithmetic; the same operations here keep the tables bit-equal.
+    native = config.rope_native_length
+    seq_len = _longest(positions)
+    if seq_len <= native:
         return inv_freq
-    dim = config.rotary_dim
-    base = config.rope_theta * ((rope["factor"] * seq_len / original) - (rope["factor"] - 1)) ** (
-        dim / (dim - 2)
-    )
-    return _base_inverse_frequencies(base, dim, positions.device)
+    dim, factor = config.rotary_dim, rope["factor"]
+    length = torch.tensor(seq_len, dtype=torch.int64, device=positions.device)
+    base = config.rope_theta * ((factor * length / native) - (factor - 1)) ** (dim / (dim - 2))
+    exponent = torch.arange(0, dim, 2, dtype=torch.int64, device=positions.device).float() / dim
+    return 1.0 / (base**exponent)
