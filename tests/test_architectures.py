@@ -23,10 +23,6 @@ from tests.models import FP32_REL_TOL, build_model, max_rel_error, saved_checkpo
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*no tokenizer.json")
 
-# The rope tables are the same fp32 expressions as transformers'; they may differ by an ulp where
-# the fp32 angle is rounded differently (cos/sin of angles up to ~60 rad, ulp ~4e-6).
-ROPE_TABLE_TOL = 1e-5
-
 # Long enough to pass every sliding window below (3) and the original rope lengths (16).
 SEQ = 10
 LONG_SEQ = 40
@@ -429,9 +425,9 @@ def test_rope_tables_and_logits_match_transformers(class_name, fields, length):
     cos, sin = rope_tables(params.config, positions)
     half = cos.shape[-1]
     assert cos.shape == (1, length, ref_cos.shape[-1] // 2)
-    # transformers' tables repeat the half-dim table twice (rotate_half layout)
-    assert (cos - ref_cos[..., :half]).abs().max() <= ROPE_TABLE_TOL
-    assert (sin - ref_sin[..., :half]).abs().max() <= ROPE_TABLE_TOL
+    # The same fp32 expressions as transformers, so the tables are bit-equal; transformers' repeat
+    # the half-dim table twice (rotate_half layout).
+    assert torch.equal(cos, ref_cos[..., :half]) and torch.equal(sin, ref_sin[..., :half])
     assert max_rel_error(ours, ref) <= FP32_REL_TOL
 
 
@@ -453,6 +449,58 @@ def test_gemma3_local_layers_use_their_own_rope_base():
     local, _ = rope_tables(config, positions, local=True)
     global_, _ = rope_tables(config, positions)
     assert not torch.allclose(local, global_)
+
+
+# Hub checkpoints written by transformers v4 keep rope_scaling / rope_theta / rope_local_base_freq
+# at the top level, where v5 (which wrote every checkpoint above) nests rope_parameters per layer type.
+V4_CONFIGS = [
+    (
+        "Gemma3TextConfig",
+        dict(
+            BASE,
+            rope_theta=1e6,
+            rope_local_base_freq=1e4,
+            sliding_window=512,
+            rope_scaling={"rope_type": "linear", "factor": 8.0},
+        ),
+    ),
+    (
+        "Phi3Config",
+        dict(
+            NO_HEAD_DIM,
+            max_position_embeddings=131072,
+            original_max_position_embeddings=4096,
+            rope_scaling={"type": "longrope", "short_factor": [1.0] * 4, "long_factor": [2.0] * 4},
+        ),
+    ),
+    ("Gemma2Config", dict(BASE, num_hidden_layers=4, sliding_window=4096)),
+    ("CohereConfig", dict(NO_HEAD_DIM, use_qk_norm=True)),
+]
+TRANSLATED_FIELDS = (
+    "rope_theta",
+    "rope",
+    "local_rope_theta",
+    "local_rope_scaling",
+    "layer_types",
+    "sliding_window",
+    "attention_scale",
+    "attention_softcap",
+    "final_softcap",
+    "tie_word_embeddings",
+    "qk_norm",
+)
+
+
+@pytest.mark.parametrize("class_name, fields", V4_CONFIGS, ids=[c[0] for c in V4_CONFIGS])
+def test_v4_config_json_translates_as_transformers_reads_it(class_name, fields):
+    cls = getattr(transformers, class_name)
+    ours = models.config_from_hf({"model_type": cls.model_type, **fields})
+    reference = models.config_from_hf(cls(**fields).to_dict())  # as transformers v5 normalizes it
+    for name in TRANSLATED_FIELDS:
+        a, b = getattr(ours, name), getattr(reference, name)
+        if name == "rope":  # v5 keeps the legacy "type" key beside rope_type
+            a, b = ({k: v for k, v in d.items() if k != "type"} for d in (a, b))
+        assert a == b, name
 
 
 # ----------------------------------------------------------------------------------------------
