@@ -7,10 +7,11 @@ loss = fnlm.loss(params, {"tokens": tokens})   # fused linear + cross-entropy
 
 from fnlm.config import ModelConfig
 from fnlm.errors import FnlmError
+from fnlm.generate import generate
 from fnlm.load import load
 from fnlm.loss import loss
 from fnlm.models.decoder import forward
 from fnlm.params import Params
 
-__all__ = ["FnlmError", "ModelConfig", "Params", "forward", "load", "loss"]
+__all__ = ["FnlmError", "ModelConfig", "Params", "forward", "generate", "load", "loss"]
 __version__ = "0.1.0"

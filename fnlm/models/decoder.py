@@ -66,13 +66,21 @@ def attention(
     cos: torch.Tensor,
     sin: torch.Tensor,
     mask: torch.Tensor | None,
+    kv: tuple | None = None,
 ) -> torch.Tensor:
-    """Self-attention of one layer. `mask` None means plain causal (lets SDPA pick flash)."""
+    """Self-attention of one layer. `mask` None means plain causal (lets SDPA pick flash).
+
+    kv: (k_cache, v_cache, slots) when generating: this call's keys and values are written into the
+    cache [batch, kv_heads, max_len, head_dim] at `slots` [seq] and the queries attend over the whole
+    cache with `mask` [batch, 1, seq, max_len] (see `cache_mask`).
+    """
     batch, seq, _ = x.shape
     q, k, v = project_qkv(config, p, x)
     q, k = kernels.apply_rope(q, k, cos, sin, interleaved=config.rope_interleaved)
     # [batch, heads, seq, head_dim]
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if kv is not None:
+        k, v = update_cache(kv, k, v)
     if config.attention_softcap is None:
         out = F.scaled_dot_product_attention(
             q,
@@ -140,6 +148,22 @@ def softcapped_attention(
         mask = torch.ones(q_len, k_len, dtype=torch.bool, device=q.device).tril(k_len - q_len)
     scores = scores.masked_fill(~mask, float("-inf"))
     return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
+
+
+def update_cache(kv: tuple, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write k, v [batch, kv_heads, seq, head_dim] into the cache at `slots`, in place (the cache is
+    a donated buffer: static addresses let a CUDA graph replay the decode step); return the whole
+    cache in the compute dtype."""
+    k_cache, v_cache, slots = kv
+    for cache, new in ((k_cache, k), (v_cache, v)):
+        if cache.dtype.itemsize == 1 and new.dtype != cache.dtype:
+            # fp8 storage: torch's casts do not promise to saturate (e5m2 overflows to inf), so
+            # clamp; index_copy_ has no fp8 kernels, so copy the bytes.
+            limit = torch.finfo(cache.dtype).max
+            new = new.clamp(-limit, limit).to(cache.dtype).view(torch.uint8)
+            cache = cache.view(torch.uint8)
+        cache.index_copy_(2, slots, new.to(cache.dtype))
+    return k_cache.to(k.dtype), v_cache.to(v.dtype)
 
 
 def mlp(config: ModelConfig, p: dict, x: torch.Tensor) -> torch.Tensor:
@@ -213,19 +237,22 @@ def layer_forward(
     cos: torch.Tensor,
     sin: torch.Tensor,
     mask: torch.Tensor | None,
+    kv: tuple | None = None,
 ) -> torch.Tensor:
     """One decoder block. Pure; compile/checkpoint unit.
 
     Pre-norm by default: x + attn(norm(x)), then + mlp(norm(.)); `post_norms` also norms each block
     output (Gemma2/3), `pre_norms` False drops the input norms (OLMo2), `parallel_block` feeds
     attention and MLP the same input (Cohere, Falcon; the MLP gets its own norm when the layer has a
-    "norm_mlp", as Falcon-40B). Outputs are scaled by `residual_scale` (Granite) before the add."""
+    "norm_mlp", as Falcon-40B). Outputs are scaled by `residual_scale` (Granite) before the add.
+
+    kv: (k_cache, v_cache, slots) of this layer when generating (see `attention`), else None."""
     if config.parallel_block:
         h = norm(config, p["norm_attn"], x, p.get("norm_attn_bias"))
         h_mlp = norm(config, p["norm_mlp"], x, p.get("norm_mlp_bias")) if "norm_mlp" in p else h
-        attn = attention(config, p["attn"], h, cos, sin, mask)
+        attn = attention(config, p["attn"], h, cos, sin, mask, kv)
         return x + attn + mlp(config, p["mlp"], h_mlp)
-    attn = attention(config, p["attn"], block_input(config, p, "norm_attn", x), cos, sin, mask)
+    attn = attention(config, p["attn"], block_input(config, p, "norm_attn", x), cos, sin, mask, kv)
     x = x + block_output(config, p, "norm_attn", attn)
     out = mlp(config, p["mlp"], block_input(config, p, "norm_mlp", x))
     return x + block_output(config, p, "norm_mlp", out)
@@ -275,6 +302,20 @@ def build_mask(
     return mask | torch.eye(seq, dtype=torch.bool, device=positions.device)
 
 
+def cache_mask(slots: torch.Tensor, valid: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Boolean [batch, 1, seq, max_len] mask over a KV cache for queries at cache `slots` [seq].
+
+    A query at slot s sees slot j when j holds a real token (`valid` [batch, max_len], False for left
+    padding), j <= s and, with a sliding window, s - j < window (token index, as `build_mask`).
+    Every query sees itself, so rows of pad queries stay finite.
+    """
+    offset = slots[:, None] - torch.arange(valid.shape[1], device=valid.device)  # [seq, max_len]
+    mask = offset >= 0
+    if window is not None:
+        mask = mask & (offset < window)
+    return (mask[None, None] & valid[:, None, None, :]) | (offset == 0)
+
+
 def hidden_states(
     params: Params,
     tokens: torch.Tensor,
@@ -283,9 +324,16 @@ def hidden_states(
     attention_mask: torch.Tensor | None = None,
     segments: torch.Tensor | None = None,
     layer_fn=layer_forward,
+    cache: dict | None = None,
+    cache_slots: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The final-normed hidden states [batch, seq, hidden]; `layer_fn` lets training wrap each layer
-    (activation checkpointing, torch.compile) without changing the math."""
+    (activation checkpointing, torch.compile) without changing the math.
+
+    cache: a KV cache from `fnlm.generate.init_cache` ({"k": [per layer], "v": [per layer], "valid":
+        [batch, max_len] bool}); the tokens' keys and values are written into it (in place) at
+        `cache_slots` [seq] and attention runs over the cache (see `cache_mask`).
+    """
     config = params.config
     if positions is None:
         positions = default_positions(tokens, attention_mask)
@@ -301,6 +349,12 @@ def hidden_states(
         if local not in tables:
             tables[local] = rope_tables(config, positions, local=True)
         cos, sin = tables[local]
+        if cache is not None:
+            if window not in masks:
+                masks[window] = cache_mask(cache_slots, cache["valid"], window)
+            kv = (cache["k"][i], cache["v"][i], cache_slots)
+            x = layer_fn(config, layer, x, cos, sin, masks[window], kv)
+            continue
         if window not in masks:
             masks[window] = build_mask(positions, attention_mask, segments, window)
         x = layer_fn(config, layer, x, cos, sin, masks[window])

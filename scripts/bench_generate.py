@@ -1,0 +1,413 @@
+"""Decode speed: fnlm.generate vs transformers `generate`, same checkpoint, same GPU, same process.
+
+    python scripts/bench_generate.py --model llama-3.2-1b [--model llama-3.1-8b] [--out $OUT]
+
+For each model: a random-init checkpoint of the real config (transformers from_config on the GPU in
+bf16, save_pretrained to local disk), loaded by fnlm (NF4 double quant and bf16) and by
+transformers (BitsAndBytesConfig NF4 double quant with bf16 compute, and bf16; SDPA). Greedy, a
+128-token random prompt, 256 new tokens (eos disabled so every run makes all of them). Reported:
+- tokens/s at batch 1 (new tokens / wall time of the whole generate call, prefill included), and
+  the ratio to transformers;
+- batch 8 and 32 throughput (batch x new tokens / wall time) for fnlm;
+- time to first token (a generate of one new token: prefill + first choice);
+- step time (decode only: (T(256) - T(1)) / 255) and the fraction of the weight-reading limit:
+  bytes of weights read per step / step time / 3.0 TB/s (an untied embedding table is not
+  counted: a step reads one row of it).
+Prints a table and writes bench_generate.json (to --out, default $OUT or .).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+COPY_BANDWIDTH = 3.0e12  # bytes/s, device-to-device copy measured on the H100 (GPU.md)
+
+
+# The real configs (as scripts/bench_load.py has them; the weights are random).
+REAL_CONFIGS = {
+    "llama-3.1-8b": dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 8192},
+        rms_norm_eps=1e-5, tie_word_embeddings=False,
+    ),
+    "llama-3.2-1b": dict(
+        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=64, vocab_size=128256, max_position_embeddings=131072,
+        rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 8192},
+        rms_norm_eps=1e-5, tie_word_embeddings=True,
+    ),
+}  # fmt: skip
+
+
+def write_checkpoint(name: str, directory: Path) -> None:
+    """A random-init bf16 checkpoint of a real config, built on the GPU (kept if already there)."""
+    import transformers
+
+    if (directory / "config.json").is_file():
+        return
+    config = transformers.LlamaConfig(**REAL_CONFIGS[name])
+    with torch.device("cuda"):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(directory, max_shard_size="5GB")
+    del model
+    clear()
+
+
+def sync_time(fn) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def median_time(fn, args) -> float:
+    return statistics.median(sync_time(fn) for _ in range(args.repeats))
+
+
+def weight_bytes(params) -> int:
+    """Bytes a decode step reads: every distinct weight tensor, minus an untied embedding table."""
+    import torch.utils._pytree as pytree
+
+    skip = set()
+    if params["embed"] is not params["lm_head"]:
+        skip = {id(t) for t in pytree.tree_leaves(params["embed"])}
+    seen, total = set(), 0
+    for t in pytree.tree_leaves(params):
+        if isinstance(t, torch.Tensor) and id(t) not in seen and id(t) not in skip:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def bench_fnlm(directory: Path, quant, prompts, args) -> dict:
+    import fnlm
+    from fnlm.generate import generate_tokens
+
+    params, _ = fnlm.load(directory, quant=quant, dtype=torch.bfloat16, device="cuda")
+    result = {"weight_bytes": weight_bytes(params)}
+    for batch in args.batches:
+        rows = [prompts[i % len(prompts)] for i in range(batch)]
+        out = generate_tokens(params, rows, max_new_tokens=args.new_tokens)  # compile + capture
+        assert all(len(r) == args.new_tokens for r in out), "a row stopped early"
+        full, first = (
+            median_time(
+                lambda n=n, rows=rows: generate_tokens(params, rows, max_new_tokens=n), args
+            )
+            for n in (args.new_tokens, 1)
+        )
+        step = (full - first) / (args.new_tokens - 1)
+        entry = {
+            "tokens_per_s": batch * args.new_tokens / full,
+            "seconds": full,
+            "ttft_ms": first * 1e3,
+            "step_ms": step * 1e3,
+        }
+        if batch == 1:
+            entry["weight_limit_fraction"] = result["weight_bytes"] / step / COPY_BANDWIDTH
+        result[f"batch{batch}"] = entry
+        print(f"  fnlm {quant or 'bf16'} batch {batch}: {entry}", flush=True)
+    result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    if args.profile:
+        profile(lambda: generate_tokens(params, prompts[:1], max_new_tokens=1), "prefill (TTFT)")
+        profile(lambda: generate_tokens(params, prompts[:1], max_new_tokens=64), "64 new tokens")
+    return result
+
+
+def profile(fn, what: str) -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    fn()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    print(f"  profile of {what}:")
+    for key in ("self_cpu_time_total", "self_cuda_time_total"):
+        try:
+            print(prof.key_averages().table(sort_by=key, row_limit=12, max_name_column_width=60))
+        except Exception as e:  # the column's name differs across torch versions
+            print(f"  ({key}: {e})")
+
+
+def bench_reference(directory: Path, quant, prompts, args) -> dict:
+    import transformers
+
+    kwargs = {"dtype": torch.bfloat16, "device_map": "cuda", "attn_implementation": "sdpa"}
+    if quant == "nf4":
+        kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )  # fmt: skip
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, **kwargs).eval()
+    model.generation_config.eos_token_id = None  # random weights: always make all tokens
+    model.generation_config.pad_token_id = 0
+    ids = torch.tensor(prompts[:1], device="cuda")
+
+    def run(n):
+        with torch.no_grad():
+            return model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False
+            )
+
+    run(8)
+    full = sync_time(lambda: run(args.ref_new_tokens))
+    first = median_time(lambda: run(1), args)
+    entry = {
+        "tokens_per_s": args.ref_new_tokens / full,
+        "seconds": full,
+        "new_tokens": args.ref_new_tokens,
+        "ttft_ms": first * 1e3,
+        "step_ms": (full - first) / (args.ref_new_tokens - 1) * 1e3,
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+    }
+    print(f"  transformers {quant or 'bf16'} batch 1: {entry}", flush=True)
+    return {"batch1": entry}
+
+
+def time_on_device(fn, calls: int = 20, replays: int = 5) -> float:
+    """Seconds per call of `fn` on the GPU alone: `calls` calls captured in a CUDA graph, replayed."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / (calls * replays)
+
+
+def bench_linears(name: str) -> dict:
+    """The decode linears of one model alone: fnlm's NF4 linear (fused GEMV up to 8 rows),
+    dequantize + matmul, bitsandbytes' matmul_4bit (its own GEMV at one row) and bf16, in
+    microseconds and GB/s of weight bytes read; plus a sweep of the GEMV kernel's block sizes."""
+    import bitsandbytes as bnb
+    import torch.nn.functional as F
+
+    from fnlm import quant
+
+    c = REAL_CONFIGS[name]
+    hidden, inter = c["hidden_size"], c["intermediate_size"]
+    kv = c["num_key_value_heads"] * c.get("head_dim", hidden // c["num_attention_heads"])
+    shapes = {"q/o": (hidden, hidden), "k/v": (kv, hidden), "gate/up": (inter, hidden),
+              "down": (hidden, inter)}  # fmt: skip
+    results = {}
+    for label, (n_out, n_in) in shapes.items():
+        w = torch.randn(n_out, n_in, device="cuda", dtype=torch.bfloat16) * 0.02
+        q = quant.quantize(w, "nf4", compute_dtype=torch.bfloat16)
+        nbytes = sum(t.numel() * t.element_size() for t in q.tensors())
+        packed, state = bnb.functional.quantize_4bit(
+            w, quant_type="nf4", compress_statistics=True, blocksize=64
+        )
+        for batch in (1, 8):
+            x = torch.randn(batch, n_in, device="cuda", dtype=torch.bfloat16)
+            times = {
+                "fnlm": time_on_device(lambda x=x, q=q: quant.linear(x, q)),
+                "dequant+matmul": time_on_device(lambda x=x, q=q: F.linear(x, q.dequantize())),
+                "bnb": time_on_device(
+                    lambda x=x, p=packed, s=state: bnb.matmul_4bit(x, p.t(), quant_state=s)
+                ),
+                "bf16": time_on_device(lambda x=x, w=w: F.linear(x, w)),
+            }
+            row = {
+                k: {"us": t * 1e6, "GB/s": (nbytes if k != "bf16" else w.numel() * 2) / t / 1e9}
+                for k, t in times.items()
+            }
+            results[f"{label} {n_out}x{n_in} b{batch}"] = row
+            print(f"  {label} {n_out}x{n_in} batch {batch}: " + ", ".join(
+                f"{k} {v['us']:.1f}us {v['GB/s']:.0f}GB/s" for k, v in row.items()), flush=True)  # fmt: skip
+    results["gemv sweep"] = sweep_gemv(hidden, inter)
+    return results
+
+
+def sweep_gemv(hidden: int, inter: int) -> dict:
+    """fnlm's NF4 GEMV kernel on the gate/up shape at batch 1 under other block sizes / warps."""
+    import triton
+
+    from fnlm import quant
+    from fnlm.kernels import nf4
+
+    w = torch.randn(inter, hidden, device="cuda", dtype=torch.bfloat16) * 0.02
+    q = quant.quantize(w, "nf4", compute_dtype=torch.bfloat16)
+    nbytes = sum(t.numel() * t.element_size() for t in q.tensors())
+    x = torch.randn(1, hidden, device="cuda", dtype=torch.bfloat16)
+    y = torch.empty(1, inter, device="cuda", dtype=torch.bfloat16)
+    nested_absmax, nested_code, offset, nested = nf4._nested_args(
+        q.absmax, q.nested_absmax, q.nested_code, q.offset
+    )
+    out = {}
+    for block_n in (2, 4, 8, 16):
+        for block_pairs in (64, 256, 512):
+            for warps in (4, 8):
+
+                def launch(block_n=block_n, block_pairs=block_pairs, warps=warps):
+                    nf4._nf4_gemv_kernel[(triton.cdiv(inter, block_n), 1)](
+                        x, q.packed, q.absmax, q.code, nested_absmax, nested_code, offset, x, y,
+                        1, inter, hidden, x.stride(0), y.stride(0), q.blocksize, q.nested_blocksize,
+                        NESTED=nested, HAS_BIAS=False, W_DTYPE=nf4._TRITON_DTYPES[x.dtype],
+                        USE_DOT=False, DOT_IN_FP32=False, BLOCK_B=1, BLOCK_N=block_n,
+                        BLOCK_PAIRS=block_pairs, num_warps=warps, enable_fp_fusion=False,
+                    )  # fmt: skip
+
+                try:
+                    t = time_on_device(launch)
+                except Exception as e:  # a signature change in the kernel: report and stop
+                    return {"error": f"{type(e).__name__}: {e}"}
+                out[f"n{block_n} p{block_pairs} w{warps}"] = nbytes / t / 1e9
+    best = sorted(out.items(), key=lambda kv: -kv[1])[:8]
+    print("  GEMV sweep (GB/s), best: " + ", ".join(f"{k}: {v:.0f}" for k, v in best), flush=True)
+    print(f"  GEMV current (n8 p64 w4): {out.get('n8 p64 w4', float('nan')):.0f} GB/s", flush=True)
+    return out
+
+
+def route_nf4_through_bitsandbytes() -> None:
+    """Experiment (--nf4-route bnb): NF4 linears with one row go to bitsandbytes' own GEMV
+    (gemv_4bit, on fnlm's NF4 bytes, which are bitsandbytes' layout), 2-8 rows to dequantize +
+    cuBLAS; shows what the decode loop reaches with a fast 4-bit GEMV."""
+    import bitsandbytes as bnb
+    import torch.nn.functional as F
+
+    from fnlm import quant
+
+    original = quant.linear
+
+    def state_of(w):
+        if not hasattr(w, "_bnb_state"):
+            nested = bnb.functional.QuantState(
+                absmax=w.nested_absmax, code=w.nested_code, blocksize=w.nested_blocksize,
+                dtype=torch.float32,
+            )  # fmt: skip
+            w._bnb_state = bnb.functional.QuantState(
+                absmax=w.absmax, shape=w.shape, code=w.code, blocksize=w.blocksize,
+                quant_type="nf4", dtype=w.dtype, offset=w.offset, state2=nested,
+            )  # fmt: skip
+        return w._bnb_state
+
+    def linear(x, w, bias=None):
+        if not isinstance(w, quant.NF4Weight) or not x.is_cuda or x.numel() // x.shape[-1] > 8:
+            return original(x, w, bias)
+        if x.numel() == x.shape[-1]:
+            return bnb.matmul_4bit(x, w.packed.t(), quant_state=state_of(w), bias=bias)
+        return F.linear(x, w.dequantize(), bias)
+
+    quant.linear = linear
+
+
+def clear() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", action="append", choices=sorted(REAL_CONFIGS))
+    parser.add_argument("--quant", action="append", choices=["nf4", "bf16"])
+    parser.add_argument(
+        "--batches", type=lambda s: [int(b) for b in s.split(",")], default=[1, 8, 32]
+    )
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--ref-new-tokens", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--linears", action="store_true", help="also time the decode linears alone")
+    parser.add_argument("--nf4-route", choices=["fnlm", "bnb"], default="fnlm",
+                        help="bnb: experiment, NF4 decode linears through bitsandbytes' GEMV")  # fmt: skip
+    parser.add_argument("--profile", action="store_true", help="profile one prefill and one step")
+    parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "fnlm-bench")
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
+    args = parser.parse_args()
+    models = args.model or ["llama-3.2-1b", "llama-3.1-8b"]
+    quants = args.quant or ["nf4", "bf16"]
+    # One compiled layer per (model, quant, batch, cache length): more than dynamo's default 8.
+    for name in ("recompile_limit", "cache_size_limit"):  # renamed across torch versions
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 64)
+
+    results: dict = {
+        "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+        "nf4_route": args.nf4_route,
+    }  # fmt: skip
+    if args.nf4_route == "bnb":
+        route_nf4_through_bitsandbytes()
+    out_file = args.out / "bench_generate.json"
+    for name in models:
+        if args.linears:
+            results[f"{name} linears"] = bench_linears(name)
+        directory = args.dir / name
+        t = time.perf_counter()
+        write_checkpoint(name, directory)
+        print(f"{name}: checkpoint in {time.perf_counter() - t:.0f}s", flush=True)
+        vocab = REAL_CONFIGS[name]["vocab_size"]
+        g = torch.Generator().manual_seed(0)
+        prompts = torch.randint(0, vocab, (32, args.prompt_tokens), generator=g).tolist()
+        for quant in quants:
+            key = f"{name} {quant}"
+            results[key] = {}
+            for who, fn in (("fnlm", bench_fnlm), ("transformers", bench_reference)):
+                if who == "transformers" and name == "llama-3.1-8b" and quant == "bf16":
+                    continue  # no goal for it, and it costs a minute
+                clear()
+                try:
+                    results[key][who] = fn(
+                        directory, None if quant == "bf16" else quant, prompts, args
+                    )
+                except Exception as e:  # keep the other rows of the table
+                    traceback.print_exc()
+                    results[key][who] = {"error": f"{type(e).__name__}: {e}"}
+                args.out.mkdir(parents=True, exist_ok=True)
+                out_file.write_text(json.dumps(results, indent=2))
+    print_table(results)
+    print(f"wrote {out_file}")
+
+
+def print_table(results: dict) -> None:
+    header = (
+        "| model | weights | fnlm tok/s b1 | transformers tok/s b1 | ratio | fnlm tok/s b8 | "
+        "fnlm tok/s b32 | TTFT ms | step ms | weight-read limit |"
+    )
+    print(header)
+    print("|---" * (header.count("|") - 1) + "|")
+    for key, entry in results.items():
+        if not isinstance(entry, dict) or "fnlm" not in entry:
+            continue
+        ours, ref = entry["fnlm"], entry.get("transformers", {})
+        b1 = ours.get("batch1", {})
+        get = lambda d, k: d.get(k, float("nan"))  # noqa: E731
+        ratio = get(b1, "tokens_per_s") / get(ref.get("batch1", {}), "tokens_per_s")
+        name, quant = key.split()
+        print(
+            f"| {name} | {quant} | {get(b1, 'tokens_per_s'):.1f} | "
+            f"{get(ref.get('batch1', {}), 'tokens_per_s'):.1f} | {ratio:.1f}x | "
+            f"{get(ours.get('batch8', {}), 'tokens_per_s'):.0f} | "
+            f"{get(ours.get('batch32', {}), 'tokens_per_s'):.0f} | {get(b1, 'ttft_ms'):.1f} | "
+            f"{get(b1, 'step_ms'):.2f} | {100 * get(b1, 'weight_limit_fraction'):.0f}% |"
+        )
+
+
+if __name__ == "__main__":
+    main()

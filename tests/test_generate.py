@@ -1,0 +1,403 @@
+"""Generation against transformers' `generate`: greedy tokens, sampling filters, stops, errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import transformers
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers.generation import logits_process as hf_processors
+
+import fnlm
+from fnlm.errors import ArgumentError
+from fnlm.generate import choose, generate_tokens, process_logits
+from tests.models import HF_CONFIGS, hf_configs, saved_checkpoint
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*no tokenizer.json")
+
+# Sampled frequencies from 20,000 seeded draws: a frequency p has standard deviation
+# sqrt(p(1-p)/20000) <= 0.0036, so 0.015 is four deviations (and the draws are deterministic).
+SAMPLE_DRAWS = 20_000
+FREQUENCY_TOL = 0.015
+
+# An fp8 (e4m3) cache rounds keys and values to 3 mantissa bits (relative error <= 1/16); through
+# attention the logits move by a few percent of their scale.
+FP8_CACHE_REL_TOL = 0.1
+
+
+def load_fp32(directory):
+    params, _ = fnlm.load(directory, quant=None, dtype=torch.float32, device="cpu")
+    return params
+
+
+def reference_generate(model, prompts, max_new_tokens, eos):
+    """transformers' greedy generate on a left-padded batch; rows cut after their first eos."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        out = model.generate(
+            ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+            eos_token_id=eos, pad_token_id=0,
+        )[:, width:].tolist()  # fmt: skip
+    rows = []
+    for row in out:
+        if eos is not None and eos in row:
+            row = row[: row.index(eos) + 1]
+        rows.append(row)
+    return rows
+
+
+@st.composite
+def prompt_batches(draw, vocab_size: int, max_batch: int = 3):
+    lengths = draw(st.lists(st.integers(1, 10), min_size=1, max_size=max_batch))
+    ids = st.integers(0, vocab_size - 1)
+    return [draw(st.lists(ids, min_size=n, max_size=n)) for n in lengths]
+
+
+@pytest.mark.parametrize("model_type", sorted(HF_CONFIGS))
+@given(data=st.data())
+def test_greedy_matches_transformers(model_type, data):
+    config = data.draw(hf_configs(model_type))
+    prompts = data.draw(prompt_batches(config.vocab_size))
+    new = data.draw(st.integers(1, 12))
+    eos = data.draw(st.sampled_from([None, 0, 1, 2]))  # 2 is transformers' default eos for Llama
+    with saved_checkpoint(config) as (model, directory):
+        params = load_fp32(directory)
+        ours = generate_tokens(
+            params, prompts, max_new_tokens=new, eos_token_ids=[] if eos is None else [eos]
+        )
+        ref = reference_generate(model, prompts, new, eos)
+        # each row alone (no padding) gives the same tokens as inside the batch
+        alone = generate_tokens(
+            params, prompts[-1:], max_new_tokens=new, eos_token_ids=[] if eos is None else [eos]
+        )
+    assert ours == ref
+    assert alone[0] == ours[-1]
+
+
+def greedy_by_forward(params, prompt, steps, lora=None):
+    """Greedy decoding by recomputing the whole sequence each step: the cache-free reference."""
+    ids = list(prompt)
+    for _ in range(steps):
+        logits = fnlm.forward(params, torch.tensor([ids], device=params["norm"].device), lora=lora)
+        ids.append(int(logits[0, -1].argmax()))
+    return ids[len(prompt) :]
+
+
+def tiny_llama(**overrides):
+    fields = dict(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
+        initializer_range=0.2, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+    )  # fmt: skip
+    fields.update(overrides)
+    return transformers.LlamaConfig(**fields)
+
+
+def random_lora(params):
+    import fnlm.lora
+
+    lora = fnlm.lora.init(params, r=4, alpha=8, seed=1)
+    with torch.no_grad():  # B starts at zero; make the adapters change the output
+        for t in fnlm.lora.parameters(lora):
+            noise = torch.randn(t.shape, generator=torch.Generator().manual_seed(t.numel()))
+            t.copy_(noise * 0.3)
+    return lora
+
+
+def test_nf4_and_lora_decode_equal_full_recompute():
+    """The cached decode path runs the same leaves as `forward`: NF4 weights, LoRA unmerged."""
+    pytest.importorskip("bitsandbytes")
+    with saved_checkpoint(tiny_llama()) as (_, directory):
+        params, _ = fnlm.load(directory, quant="nf4", dtype=torch.float32, device="cpu")
+    prompt = [3, 17, 42, 99, 5]
+    assert generate_tokens(params, [prompt], max_new_tokens=8) == [
+        greedy_by_forward(params, prompt, 8)
+    ]
+    lora = random_lora(params)
+    with_lora = generate_tokens(params, [prompt], lora=lora, max_new_tokens=8)
+    assert with_lora == [greedy_by_forward(params, prompt, 8, lora=lora)]
+
+
+def test_fp8_cache_stays_close():
+    from fnlm.generate import decode_step, init_cache, prefill
+
+    with saved_checkpoint(tiny_llama()) as (_, directory):
+        params = load_fp32(directory)
+    tokens = torch.tensor([[3, 17, 42, 99, 5]])
+    logits = {}
+    for dtype in (torch.float32, torch.float8_e4m3fn):
+        cache = init_cache(params, 1, 8, dtype=dtype)
+        _, cache = prefill(params, tokens, cache)
+        assert cache["k"][0].dtype == dtype
+        logits[dtype] = decode_step(
+            params, cache, torch.tensor([[7]]), torch.tensor([[5]]), torch.tensor([5])
+        )
+    exact, fp8 = logits[torch.float32], logits[torch.float8_e4m3fn]
+    scale = exact.abs().max()
+    assert 0 < (fp8 - exact).abs().max() <= FP8_CACHE_REL_TOL * scale
+    assert (
+        len(generate_tokens(params, tokens.tolist(), max_new_tokens=3, cache_dtype="fp8")[0]) == 3
+    )
+
+
+def test_generation_stops_at_the_context_length():
+    with saved_checkpoint(tiny_llama(max_position_embeddings=12)) as (_, directory):
+        params = load_fp32(directory)
+    out = generate_tokens(params, [[1, 2, 3, 4, 5, 6, 7, 8, 9]], max_new_tokens=50)
+    assert len(out[0]) == 3
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling
+# ----------------------------------------------------------------------------------------------
+
+
+def hf_warped(
+    logits, ids, *, repetition_penalty=1.0, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0
+):
+    """transformers' processors in the order its generate builds them."""
+    chain = hf_processors.LogitsProcessorList()
+    if repetition_penalty != 1.0:
+        chain.append(hf_processors.RepetitionPenaltyLogitsProcessor(repetition_penalty))
+    if temperature != 1.0:
+        chain.append(hf_processors.TemperatureLogitsWarper(temperature))
+    if top_k:
+        chain.append(hf_processors.TopKLogitsWarper(top_k))
+    if top_p < 1.0:
+        chain.append(hf_processors.TopPLogitsWarper(top_p))
+    if min_p:
+        chain.append(hf_processors.MinPLogitsWarper(min_p))
+    return chain(ids, logits.clone())
+
+
+def seen_mask(ids: torch.Tensor, vocab: int) -> torch.Tensor:
+    return torch.zeros(ids.shape[0], vocab, dtype=torch.bool).scatter_(1, ids, True)
+
+
+@given(
+    seed=st.integers(0, 2**16),
+    repetition_penalty=st.sampled_from([1.0, 0.7, 1.3]),
+    temperature=st.sampled_from([1.0, 0.5, 1.7]),
+    top_k=st.sampled_from([0, 1, 5, 40]),
+    top_p=st.sampled_from([1.0, 0.9, 0.3]),
+    min_p=st.sampled_from([0.0, 0.05, 0.5]),
+)
+@settings(max_examples=30)  # each example is a few small tensor ops
+def test_processors_equal_transformers(seed, repetition_penalty, temperature, top_k, top_p, min_p):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(3, 50, generator=g) * 3
+    ids = torch.randint(0, 50, (3, 7), generator=g)
+    args = dict(
+        repetition_penalty=repetition_penalty, temperature=temperature, top_k=top_k,
+        top_p=top_p, min_p=min_p,
+    )  # fmt: skip
+    ours = process_logits(logits, seen=seen_mask(ids, 50), **args)
+    assert torch.equal(ours, hf_warped(logits, ids, **args))
+
+
+def test_filters_keep_exactly_the_crafted_support():
+    probs = torch.tensor([[0.05, 0.5, 0.1, 0.2, 0.15, 0.0]])
+    logits = probs.log()
+    kept = lambda **kw: (process_logits(logits, **kw) > -math.inf)[0].nonzero().flatten().tolist()
+    assert kept(top_k=2) == [1, 3]
+    # sorted 0.5, 0.2, 0.15 reach 0.85 >= 0.8; the 0.1 and 0.05 tail (0.15 <= 0.2) goes
+    assert kept(top_p=0.8) == [1, 3, 4]
+    assert kept(top_p=0.5) == [1]
+    # min_p 0.3 of the top 0.5 = 0.15: 0.15 itself stays (strictly below is removed)
+    assert kept(min_p=0.3) == [1, 3, 4]
+    assert kept(top_k=4, top_p=0.7, min_p=0.25) == [1, 3]
+    seen = torch.tensor([[False, True, False, False, False, False]])
+    penalized = process_logits(
+        torch.tensor([[1.0, 2.0, -1.0]]), seen=seen[:, :3], repetition_penalty=2.0
+    )
+    assert penalized.tolist() == [[1.0, 1.0, -1.0]]
+    penalized = process_logits(
+        torch.tensor([[1.0, -2.0]]), seen=torch.tensor([[False, True]]), repetition_penalty=2.0
+    )
+    assert penalized.tolist() == [[1.0, -4.0]]
+
+
+def test_sampling_draws_from_the_filtered_distribution():
+    probs = torch.tensor([0.45, 0.3, 0.15, 0.06, 0.04])
+    logits = probs.log().expand(SAMPLE_DRAWS, -1)
+    g = torch.Generator().manual_seed(0)
+    drawn = choose(logits, temperature=1.0, top_k=3, generator=g)
+    freq = torch.bincount(drawn, minlength=5).float() / SAMPLE_DRAWS
+    expected = torch.tensor([0.45, 0.3, 0.15, 0.0, 0.0]) / 0.9
+    assert (freq - expected).abs().max() <= FREQUENCY_TOL
+    assert freq[3:].sum() == 0
+
+
+def test_seeded_sampling_is_reproducible():
+    with saved_checkpoint(tiny_llama()) as (_, directory):
+        params = load_fp32(directory)
+    prompts = [[3, 17, 42], [9, 8, 7, 6, 5]]
+    run = lambda seed, **kw: generate_tokens(
+        params, prompts, max_new_tokens=10, temperature=1.5, seed=seed, **kw
+    )
+    first = run(7)
+    assert run(7) == first
+    assert run(8) != first
+    # filters that leave one token turn sampling into greedy decoding
+    greedy = generate_tokens(params, prompts, max_new_tokens=10)
+    assert run(7, top_k=1) == greedy
+    assert run(7, min_p=1.0) == greedy
+
+
+# ----------------------------------------------------------------------------------------------
+# Text: chat, stop strings, streaming
+# ----------------------------------------------------------------------------------------------
+
+
+class CharTokenizer:
+    """One token per ASCII character: enough of fnlm's Tokenizer for the text layer."""
+
+    eos_token_ids = ()
+    pad_token_id = 0
+
+    def encode(self, text, *, add_special_tokens=True):
+        return [ord(c) for c in text]
+
+    def decode(self, ids, *, skip_special_tokens=False):
+        return "".join(chr(i) for i in ids)
+
+    def apply_chat_template(self, messages, *, add_generation_prompt=False, tokenize=False):
+        text = "".join(f"<{m['role']}>{m['content']}\n" for m in messages)
+        return text + "<assistant>" if add_generation_prompt else text
+
+
+def test_stop_strings_and_streaming():
+    tok = CharTokenizer()
+    with saved_checkpoint(tiny_llama(max_position_embeddings=128)) as (_, directory):
+        params = load_fp32(directory)
+    prompts = ["Hello", [{"role": "user", "content": "Hi"}]]
+    full = fnlm.generate(params, tok, prompts, max_new_tokens=30)
+    assert all(len(t) == 30 for t in full)
+    # a conversation is rendered by the chat template
+    chat_ids = tok.encode(tok.apply_chat_template(prompts[1], add_generation_prompt=True))
+    assert full[1] == tok.decode(generate_tokens(params, [chat_ids], max_new_tokens=30)[0])
+    stop = full[0][10:13]
+    pieces: dict[int, list[str]] = {0: [], 1: []}
+    texts, ids = fnlm.generate(
+        params, tok, prompts, max_new_tokens=30, stop=[stop, "\x7f\x7f\x7f"], return_tokens=True,
+        stream=lambda i, piece: pieces[i].append(piece),
+    )  # fmt: skip
+    assert texts[0] == full[0][: full[0].index(stop)]
+    assert len(ids[0]) == full[0].index(stop) + len(stop)  # stops on the token completing it
+    for i in (0, 1):
+        assert "".join(pieces[i]) == texts[i]
+    assert fnlm.generate(params, tok, "Hello", max_new_tokens=30) == full[0]
+
+
+def test_embedded_model_chat_matches_transformers():
+    """The real SmolLM2-135M-Instruct (fp32): same 20 greedy tokens as transformers, and Paris."""
+    from fnlm.default import default_checkpoint
+
+    directory = default_checkpoint()
+    params, tok = fnlm.load(quant=None, dtype=torch.float32, device="cpu")
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    pieces: list[str] = []
+    text, ids = fnlm.generate(
+        params, tok, messages, max_new_tokens=20, return_tokens=True,
+        stream=lambda i, piece: pieces.append(piece),
+    )  # fmt: skip
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(directory)
+    prompt = hf_tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+    prompt = (
+        prompt["input_ids"] if isinstance(prompt, dict | transformers.BatchEncoding) else prompt
+    )
+    with torch.no_grad():
+        ref = model.generate(prompt, max_new_tokens=20, do_sample=False)[0, prompt.shape[1] :]
+    assert ids == ref.tolist()[: len(ids)]
+    assert "Paris" in text
+    assert "".join(pieces) == text
+    assert text == hf_tok.decode(ref, skip_special_tokens=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_params():
+    with saved_checkpoint(tiny_llama(max_position_embeddings=16)) as (_, directory):
+        return load_fp32(directory)
+
+
+@pytest.mark.parametrize(
+    ("prompts", "kwargs", "named"),
+    [
+        ([], {}, "prompts_or_messages"),
+        ("x" * 16, {}, "context"),
+        ("hi", {"temperature": -0.5}, "temperature"),
+        ("hi", {"temperature": float("nan")}, "temperature"),
+        ("hi", {"top_p": 0.0}, "top_p"),
+        ("hi", {"top_p": 1.5}, "top_p"),
+        ("hi", {"top_k": -1}, "top_k"),
+        ("hi", {"top_k": 2.5}, "top_k"),
+        ("hi", {"min_p": 1.5}, "min_p"),
+        ("hi", {"repetition_penalty": 0}, "repetition_penalty"),
+        ("hi", {"max_new_tokens": 0}, "max_new_tokens"),
+        ("hi", {"seed": -1}, "seed"),
+        ("hi", {"stop": [""]}, "stop"),
+        ("hi", {"stop": [3]}, "stop"),
+        ("hi", {"cache_dtype": "int4"}, "cache_dtype"),
+        ([{"role": "user"}], {}, "'role' and 'content'"),
+        (["hi", 3], {}, "prompts_or_messages[1]"),
+        ("", {}, "empty"),
+    ],
+)
+def test_bad_arguments_raise(small_params, prompts, kwargs, named):
+    with pytest.raises(ArgumentError, match=named.replace("[", r"\[").replace("]", r"\]")):
+        fnlm.generate(small_params, CharTokenizer(), prompts, **kwargs)
+
+
+def test_missing_tokenizer_and_bad_token_prompts_raise(small_params):
+    with pytest.raises(ArgumentError, match="tok is None"):
+        fnlm.generate(small_params, None, "hi")
+    with pytest.raises(ArgumentError, match="vocabulary"):
+        generate_tokens(small_params, [[1, 500]])
+    with pytest.raises(ArgumentError, match="prompts"):
+        generate_tokens(small_params, [])
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: the compiled, graph-captured decode step
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+def test_cuda_graph_decode_matches_transformers(model_type):
+    hf_config = tiny_llama() if model_type == "llama" else transformers.Qwen3Config(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
+        initializer_range=0.2, use_sliding_window=True, sliding_window=4, max_window_layers=1,
+    )  # fmt: skip
+    prompts = [[3, 17, 42, 99, 5], [7, 8]]
+    with saved_checkpoint(hf_config) as (model, directory):
+        params, _ = fnlm.load(directory, quant=None, dtype=torch.float32, device="cuda")
+        ref = reference_generate(model, prompts, 12, None)
+    for compile in (False, True):
+        assert generate_tokens(params, prompts, max_new_tokens=12, compile=compile) == ref
+
+
+@pytest.mark.gpu
+def test_cuda_graph_nf4_decode_equals_full_recompute():
+    with saved_checkpoint(tiny_llama(hidden_size=128, intermediate_size=256)) as (_, directory):
+        # fp32 compute: the fused GEMV and the prefill's matmul then agree to rounding, so
+        # greedy tokens cannot flip between the two paths
+        params, _ = fnlm.load(directory, quant="nf4", dtype=torch.float32, device="cuda")
+    prompt = [3, 17, 42, 99, 5]
+    expected = greedy_by_forward(params, prompt, 8)
+    assert generate_tokens(params, [prompt], max_new_tokens=8) == [expected]
+    lora = random_lora(params)
+    expected = greedy_by_forward(params, prompt, 8, lora=lora)
+    assert generate_tokens(params, [prompt], lora=lora, max_new_tokens=8) == [expected]
