@@ -250,8 +250,8 @@ def generate_tokens(
     on_token(row, id) is called for each new non-eos id of a running row; returning True stops
         that row (stop strings). A row also stops at any of `eos_token_ids`, after
         `max_new_tokens`, or at the model's context length (max_position_embeddings).
-    compile: torch.compile the decode step (default: on CUDA). On CUDA the step is always captured
-        in a CUDA graph.
+    compile: torch.compile the decode step's layers (default: on CUDA). On CUDA the step is
+        captured in a CUDA graph unless the model reads device values on the host (`graphable`).
     Sampling arguments as `generate`. Raises ArgumentError naming a bad argument.
     """
     config = params.config
@@ -338,9 +338,20 @@ def generate_tokens(
     return out
 
 
+def graphable(config) -> bool:
+    """Whether a decode step can be one CUDA graph: no host reads of device values inside it.
+    Mixture-of-experts routing picks experts on the host (per token), and dynamic / longrope
+    RoPE pick their tables from the longest position; those models decode step by step."""
+    rope = config.rope
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    return not config.num_experts and rope_type not in ("dynamic", "longrope")
+
+
 def _make_step(params, cache, tokens, positions, slot, *, on_cuda: bool, compile: bool):
-    if on_cuda:
+    if on_cuda and graphable(params.config):
         return _graph_step(params, cache, tokens, positions, slot, compile)
+    if on_cuda:  # host syncs inside: dynamo would break the graph there anyway
+        compile = False
     step = _step_fn(compile)
     return lambda: step(params, cache, tokens, positions, slot)
 

@@ -368,6 +368,22 @@ def test_missing_tokenizer_and_bad_token_prompts_raise(small_params):
         generate_tokens(small_params, [])
 
 
+def test_models_with_host_syncs_are_not_graph_captured():
+    from fnlm import models
+    from fnlm.generate import graphable
+
+    small = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                 num_attention_heads=2, num_key_value_heads=1)  # fmt: skip
+    translate = lambda config: models.config_from_hf(config.to_dict())  # noqa: E731
+    assert graphable(translate(transformers.LlamaConfig(**small)))
+    dynamic = transformers.LlamaConfig(
+        **small, rope_scaling={"rope_type": "dynamic", "factor": 2.0}
+    )
+    assert not graphable(translate(dynamic))
+    mixtral = transformers.MixtralConfig(**small, num_local_experts=4, num_experts_per_tok=2)
+    assert not graphable(translate(mixtral))
+
+
 # ----------------------------------------------------------------------------------------------
 # GPU: the compiled, graph-captured decode step
 # ----------------------------------------------------------------------------------------------
