@@ -1,0 +1,574 @@
+"""Quantized weights and their kernels against bitsandbytes and plain torch.
+
+- NF4: our quantize gives bitsandbytes' bytes; our dequantize (torch reference and Triton kernel)
+  gives bitsandbytes' values bit for bit; the fused GEMV matches dequantize + matmul within the
+  stated rounding bound; the quantized linear and the fused LoRA linear match plain autograd and
+  keep nothing of the weight's size for the backward; all of it inside torch.compile(fullgraph).
+- int8: bitsandbytes' bytes and dequantize formula; fp8: the stated error bounds.
+On CPU the Triton kernels run under TRITON_INTERPRET=1 (conftest); @pytest.mark.gpu repeats the
+bit-exactness and speed-relevant shapes on CUDA against bitsandbytes' CUDA kernels.
+"""
+
+from __future__ import annotations
+
+import bitsandbytes.functional as bnb
+import pytest
+import torch
+import torch.nn.functional as F
+import torch.utils._pytree as pytree
+from hypothesis import given
+from hypothesis import strategies as st
+
+import fnlm.quant as Q
+from fnlm.errors import ArgumentError, CheckpointError, QuantError
+from fnlm.kernels import kernel_backend
+from fnlm.kernels.lora_linear import lora_linear, lora_linear_reference
+from fnlm.kernels.nf4 import dequantize_nf4, dequantize_nf4_reference, nf4_gemv
+from fnlm.quant.fp8 import (
+    FP8_FP32_SLACK,
+    FP8_RELATIVE_ERROR,
+    FP8_SUBNORMAL_ERROR,
+    check_fp8_device,
+)
+from fnlm.quant.int8 import INT8_FP16_ERROR, INT8_FP32_SLACK, INT8_GRID_ERROR
+
+CUDA = torch.cuda.is_available()
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+dtypes = st.sampled_from(FLOAT_DTYPES)
+# Half an ulp relative to the value, the error of one round-to-nearest into the dtype.
+HALF_ULP = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+# Error of an fp32 dot product of n terms: at most n * 2**-24 * sum |x_i w_i| (the classic gamma_n
+# bound of recursive summation; blocked / tensor-core summation only lowers it).
+FP32_DOT_ERROR = 2.0**-24
+# bf16 / fp16 LoRA gradients: ours may exceed plain torch's own error (same dtype, against an fp32
+# truth) by this many ulps of the largest true value. Both do the same matmuls in the same dtype;
+# the slack covers a different order of the rounded operations (PEFT casts the adapter input once,
+# the fused backward reuses the forward's x @ A.T).
+LOWP_ULP_SLACK = 2.0
+
+
+def _weight(shape, dtype, seed=0, device="cpu"):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
+
+
+def _bnb_flat_dequantize(packed, state):
+    """bitsandbytes' own dequantize of the flat weight: its CPU kernel blocks each row on its own
+    (wrong for in_features % blocksize != 0 with even in_features, see the test below); as one
+    row the blocks are the flat blocks its quantizer (and CUDA) use."""
+    n = state.shape.numel()
+    flat = bnb.QuantState(
+        absmax=state.absmax,
+        shape=torch.Size([1, n]),
+        code=state.code,
+        blocksize=state.blocksize,
+        quant_type=state.quant_type,
+        dtype=state.dtype,
+        offset=state.offset,
+        state2=state.state2,
+    )
+    return _bnb_dequantize(packed, flat).reshape(state.shape)
+
+
+def _bnb_dequantize(packed, state):
+    """bnb.dequantize_4bit without the torch.compile that its pure-torch fallback (odd sizes on
+    CPU) wraps itself in: the same ops, minus a recompile per shape (slow on a 2-core CI box)."""
+    with torch._dynamo.config.patch(disable=True):
+        return bnb.dequantize_4bit(packed, state)
+
+
+shapes = st.tuples(st.integers(1, 24), st.integers(1, 160))
+
+
+# ----------------------------------------------------------------------------------------------
+# NF4: bytes and dequantized values
+# ----------------------------------------------------------------------------------------------
+
+
+@given(shape=shapes, dtype=dtypes, compute=dtypes)
+def test_nf4_quantize_is_bitsandbytes(shape, dtype, compute):
+    """Same bytes as bnb.quantize_4bit(nf4, blocksize 64, double quant), same dequantized values."""
+    w = _weight(shape, dtype)
+    q = Q.quantize(w, "nf4", compute_dtype=compute)
+    packed, state = bnb.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    assert isinstance(q, Q.NF4Weight) and q.shape == shape and q.dtype == compute
+    assert torch.equal(q.packed, packed)
+    assert torch.equal(q.absmax, state.absmax)
+    assert torch.equal(q.nested_absmax, state.state2.absmax)
+    assert torch.equal(q.nested_code, state.state2.code)
+    assert torch.equal(q.offset, state.offset)
+    assert (q.blocksize, q.nested_blocksize) == (64, 256)
+
+    state.dtype = compute  # bnb dequantizes to the state's dtype; ours to the compute dtype
+    expected = _bnb_flat_dequantize(packed, state)
+    assert torch.equal(Q.dequantize(q), expected)
+    if shape[1] % 64 == 0 or shape[1] % 2:  # where bnb's CPU kernel is right on the 2-D shape
+        assert torch.equal(Q.dequantize(q), _bnb_dequantize(packed, state))
+
+
+def test_bnb_cpu_dequantize_blocks_rows_on_their_own():
+    """Why _bnb_flat_dequantize exists: bitsandbytes 0.50's CPU dequantize_4bit disagrees with its
+    own quantizer when in_features is even but not a multiple of the blocksize. If this starts
+    failing, bitsandbytes fixed it and the 2-D comparison can cover every shape."""
+    w = _weight((4, 96), torch.float32)
+    packed, state = bnb.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    assert not torch.equal(_bnb_dequantize(packed, state), _bnb_flat_dequantize(packed, state))
+    q = Q.NF4Weight.from_bnb(packed, state)
+    assert torch.equal(q.dequantize(), _bnb_flat_dequantize(packed, state))
+
+
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@given(shape=shapes, blocksize=st.sampled_from([32, 64, 128]))
+def test_nf4_triton_dequantize_bit_exact(shape, blocksize, dtype, nested):
+    w = _weight(shape, torch.float32, seed=1)
+    packed, state = bnb.quantize_4bit(
+        w, blocksize=blocksize, compress_statistics=nested, quant_type="nf4"
+    )
+    state.dtype = dtype
+    q = Q.NF4Weight.from_bnb(packed, state)
+    expected = _bnb_flat_dequantize(packed, state)
+    parts = (q.packed, q.absmax, q.code, q.nested_absmax, q.nested_code, q.offset)
+    meta = (list(shape), blocksize, q.nested_blocksize, dtype)
+    assert torch.equal(dequantize_nf4(*parts, *meta), expected)
+    assert torch.equal(dequantize_nf4_reference(*parts, *meta), expected)
+    with kernel_backend("triton"):
+        assert torch.equal(Q.dequantize(q), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_nf4_dequantize_rounds_ties_to_even(dtype):
+    """Random weights almost never land on a tie, so build ties: a code table of values halfway
+    between two neighbours of the dtype, absmax 1. bitsandbytes (CUDA's cvt.rn) rounds them to
+    even; the kernel must too (the Triton interpreter alone would truncate)."""
+    eps = torch.finfo(dtype).eps
+    ties = torch.tensor([1 + k * eps / 2 for k in range(1, 33, 2)])  # odd halves: all ties
+    q = torch.arange(16, dtype=torch.uint8)
+    packed = (q[0::2] << 4) | q[1::2]  # the 16 codes in order
+    absmax = torch.ones(1)
+    got = dequantize_nf4(packed, absmax, ties, None, None, None, [16], 64, 256, dtype)
+    want = dequantize_nf4_reference(packed, absmax, ties, None, None, None, [16], 64, 256, dtype)
+    assert torch.equal(got, want)
+    assert torch.equal(want, ties.to(dtype))  # torch's own cast rounds to nearest even
+
+
+# ----------------------------------------------------------------------------------------------
+# NF4: fused GEMV
+# ----------------------------------------------------------------------------------------------
+
+
+def _assert_within_dot_bound(name, y, x, w_dense, bias=None):
+    """|y - x @ W.T| <= one rounding into y's dtype + the fp32 dot-product error bound."""
+    truth = x.double() @ w_dense.double().t()
+    if bias is not None:
+        truth = truth + bias.double()
+    magnitude = x.double().abs() @ w_dense.double().abs().t()
+    bound = HALF_ULP[y.dtype] * truth.abs() + FP32_DOT_ERROR * x.shape[1] * magnitude * (1 + 2**-20)
+    error = (y.double() - truth).abs()
+    worst = (error - bound).max().item()
+    assert worst <= 0, f"{name} ({y.dtype}): error exceeds the bound by {worst:.3g}"
+
+
+@pytest.mark.parametrize("batch", [1, 5])  # multiply-and-reduce / tl.dot paths
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@given(out_features=st.integers(1, 40), half_in=st.integers(1, 100), bias=st.booleans())
+def test_nf4_gemv_matches_dequantize_matmul(out_features, half_in, bias, dtype, batch):
+    w = Q.quantize(_weight((out_features, 2 * half_in), dtype, seed=2), "nf4", compute_dtype=dtype)
+    x = _weight((batch, 2 * half_in), dtype, seed=3)
+    b = _weight((out_features,), dtype, seed=4) if bias else None
+    y = nf4_gemv(x, w, b)
+    assert y.shape == (batch, out_features) and y.dtype == dtype
+    w_dense = w.dequantize(triton=False)
+    _assert_within_dot_bound("nf4_gemv", y, x, w_dense, b)
+    # the bound is not loose: torch's own dequantize + matmul meets it too
+    _assert_within_dot_bound("dequantize + F.linear", F.linear(x, w_dense, b), x, w_dense, b)
+
+
+def test_nf4_gemv_rejects_odd_in_features():
+    w = Q.quantize(_weight((4, 7), torch.float32), "nf4", compute_dtype=torch.float32)
+    with pytest.raises(ArgumentError, match="in_features=7"):
+        nf4_gemv(torch.randn(1, 7), w)
+
+
+# ----------------------------------------------------------------------------------------------
+# linear on quantized weights: values, gradients, what is saved, torch.compile
+# ----------------------------------------------------------------------------------------------
+
+MODES_AND_NONE = [None, *Q.MODES]
+
+
+def _quantized(mode, shape, dtype, seed=5):
+    w = _weight(shape, dtype, seed)
+    return Q.quantize(w, mode, compute_dtype=dtype) if mode else w
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("mode", Q.MODES)
+def test_linear_matches_dequantized_autograd(mode, backend):
+    """Forward and grads of x and bias equal F.linear on the dequantized weight (bit for bit on the
+    dequantize + matmul paths; within the dot bound where the Triton GEMV runs: <= 8 rows)."""
+    w = _quantized(mode, (48, 64), torch.float32)
+    w_dense = w.dequantize(triton=False)
+    for rows in (3, 20):  # GEMV on the Triton path / dequantize + matmul
+        x = _weight((rows, 64), torch.float32, seed=6).requires_grad_()
+        bias = _weight((48,), torch.float32, seed=7).requires_grad_()
+        with kernel_backend(backend):
+            y = Q.linear(x.view(1, rows, 64), w, bias)
+        g = _weight(y.shape, torch.float32, seed=8)
+        gx, gb = torch.autograd.grad(y, (x, bias), g)
+        x_ref, bias_ref = x.detach().requires_grad_(), bias.detach().requires_grad_()
+        y_ref = F.linear(x_ref.view(1, rows, 64), w_dense, bias_ref)
+        gx_ref, gb_ref = torch.autograd.grad(y_ref, (x_ref, bias_ref), g)
+        if backend == "triton" and mode == "nf4" and rows <= 8:
+            _assert_within_dot_bound(
+                "linear (gemv)", y[0].detach(), x.detach(), w_dense, bias.detach()
+            )
+        else:
+            assert torch.equal(y, y_ref)
+        assert torch.equal(gx, gx_ref) and torch.equal(gb, gb_ref)
+
+
+def test_linear_plain_tensor_is_f_linear():
+    w, x = torch.randn(5, 3), torch.randn(2, 3)
+    assert torch.equal(Q.linear(x, w), F.linear(x, w))
+    assert Q.dequantize(w) is w
+
+
+class _SavedTensors:
+    """Records the sizes of the float tensors autograd saves inside the block, except `resident`
+    ones (the quantized weight's own tensors, which exist anyway)."""
+
+    def __init__(self, resident=()):
+        self.resident = {t.data_ptr() for t in resident}
+        self.saved = []
+
+    def __enter__(self):
+        def pack(t):
+            if t.data_ptr() not in self.resident:
+                self.saved.append((t.numel(), t.dtype))
+            return t
+
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+        self.hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.hooks.__exit__(*exc)
+
+    def largest_float(self):
+        return max((n for n, dtype in self.saved if dtype.is_floating_point), default=0)
+
+
+@pytest.mark.parametrize("mode", Q.MODES)
+def test_backward_never_saves_the_dequantized_weight(mode):
+    out_features, in_features, tokens = 64, 128, 6
+    w = _quantized(mode, (out_features, in_features), torch.float32)
+    x = torch.randn(tokens, in_features, requires_grad=True)
+    a = torch.randn(4, in_features, requires_grad=True)
+    b = torch.randn(out_features, 4, requires_grad=True)
+    with _SavedTensors(resident=w.tensors()) as saved:
+        Q.linear(x, w)
+        lora_linear(x, w, a, b, 2.0)
+    assert saved.saved, "nothing saved: the hooks did not see the custom ops"  # x, x @ A.T, A, B
+    assert saved.largest_float() < out_features * in_features
+    with _SavedTensors(
+        resident=w.tensors()
+    ) as reference:  # plain autograd does save it: the check can fail
+        lora_linear_reference(x, w, a, b, 2.0)
+    assert reference.largest_float() == out_features * in_features
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_linear_and_lora_compile_fullgraph(backend):
+    """linear and lora_linear on NF4 inside torch.compile(fullgraph=True): no graph break, same
+    values and gradients as eager."""
+    torch._dynamo.reset()
+    w = _quantized("nf4", (32, 64), torch.float32)
+    x = _weight((2, 5, 64), torch.float32, seed=9).requires_grad_()
+    a = _weight((4, 64), torch.float32, seed=10).requires_grad_()
+    b = _weight((32, 4), torch.float32, seed=11).requires_grad_()
+
+    def step(x, w, a, b):
+        h = Q.linear(x, w)
+        return (lora_linear(x, w, a, b, 0.5) * h).sum()
+
+    with kernel_backend(backend):
+        eager = step(x, w, a, b)
+        eager_grads = torch.autograd.grad(eager, (x, a, b))
+        compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(x, w, a, b)
+        compiled_grads = torch.autograd.grad(compiled, (x, a, b))
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    for got, want in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fused LoRA linear
+# ----------------------------------------------------------------------------------------------
+
+
+def _lora_case(mode, dtype, adapter_dtype, tokens, in_features, out_features, rank, seed):
+    w = _quantized(mode, (out_features, in_features), dtype, seed)
+    x = _weight((tokens, in_features), dtype, seed + 1)
+    a = _weight((rank, in_features), adapter_dtype, seed + 2) / in_features**0.5
+    b = _weight((out_features, rank), adapter_dtype, seed + 3)
+    bias = _weight((out_features,), dtype, seed + 4)
+    return w, x, a, b, bias
+
+
+def _run(fn, w, x, a, b, bias, scale, g):
+    x, a, b, bias = (t.detach().requires_grad_() for t in (x, a, b, bias))
+    y = fn(x, w, a, b, scale, bias)
+    return (y, *torch.autograd.grad(y, (x, a, b, bias), g.to(y.dtype)))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("mode", MODES_AND_NONE)
+@given(
+    tokens=st.integers(1, 12),
+    in_features=st.integers(1, 48),
+    out_features=st.integers(1, 40),
+    rank=st.integers(1, 8),
+)
+def test_lora_linear_fp32_matches_autograd(tokens, in_features, out_features, rank, mode, backend):
+    """fp32: the fused op does PEFT's arithmetic; forward and grads of x, A, B, bias match plain
+    autograd (bit for bit on the torch path; within fp32 dot-product rounding with the Triton GEMV)."""
+    w, x, a, b, bias = _lora_case(
+        mode, torch.float32, torch.float32, tokens, in_features, out_features, rank, seed=12
+    )
+    g = _weight((tokens, out_features), torch.float32, 17)
+    with kernel_backend(backend):
+        got = _run(lora_linear, w, x, a, b, bias, 0.75, g)
+    want = _run(lora_linear_reference, w, x, a, b, bias, 0.75, g)
+    # fp32 matmuls of <= 48 terms reassociated (GEMV vs BLAS): a few ulps of the largest value
+    for name, u, v in zip(("y", "grad_x", "grad_a", "grad_b", "grad_bias"), got, want):
+        torch.testing.assert_close(
+            u, v, rtol=4 * 2**-23, atol=64 * 2**-23 * v.abs().max().item(), msg=name
+        )
+
+
+@pytest.mark.parametrize("adapter_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", MODES_AND_NONE)
+def test_lora_linear_bf16_error_is_earned(mode, adapter_dtype):
+    """bf16 base (and fp32 or bf16 adapters): against an fp32 truth on the same values, the fused
+    op's error is at most plain torch's own bf16 error + LOWP_ULP_SLACK ulps."""
+    w, x, a, b, bias = _lora_case(mode, torch.bfloat16, adapter_dtype, 10, 96, 48, 8, seed=20)
+    g = _weight((10, 48), torch.bfloat16, 27)
+    got = _run(lora_linear, w, x, a, b, bias, 2.0, g)
+    lowp = _run(lora_linear_reference, w, x, a, b, bias, 2.0, g)
+    w32 = Q.dequantize(w).float()
+    truth = _run(lora_linear_reference, w32, *(t.float() for t in (x, a, b, bias)), 2.0, g)
+    eps = torch.finfo(torch.bfloat16).eps
+    for name, u, v, t in zip(("y", "grad_x", "grad_a", "grad_b", "grad_bias"), got, lowp, truth):
+        err = (u.double() - t.double()).abs().max().item()
+        err_torch = (v.double() - t.double()).abs().max().item()
+        bound = err_torch + LOWP_ULP_SLACK * eps * t.abs().max().item()
+        assert err <= bound, f"{name}: error {err:.3g} > {bound:.3g} (torch's own {err_torch:.3g})"
+
+
+def test_lora_linear_dropout_only_in_training():
+    w, x, a, b, bias = _lora_case("nf4", torch.float32, torch.float32, 64, 32, 16, 4, seed=30)
+    eval_y = lora_linear(x, w, a, b, 1.0, bias, dropout=0.5, training=False)
+    assert torch.equal(eval_y, lora_linear_reference(x, w, a, b, 1.0, bias))
+    torch.manual_seed(0)
+    train_y = lora_linear(x, w, a, b, 1.0, bias, dropout=0.5, training=True)
+    torch.manual_seed(0)
+    x_lora = F.dropout(x, 0.5, training=True)
+    assert torch.equal(train_y, lora_linear_reference(x, w, a, b, 1.0, bias, x_lora=x_lora))
+    assert not torch.equal(train_y, eval_y)
+
+
+def test_lora_linear_shape_mismatch_names_the_shapes():
+    w, x, a, b, bias = _lora_case("nf4", torch.float32, torch.float32, 2, 32, 16, 4, seed=31)
+    with pytest.raises(ArgumentError, match=r"A \(4, 32\).*B \(4, 16\)"):
+        lora_linear(x, w, a, b.t().contiguous(), 1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# int8 and fp8
+# ----------------------------------------------------------------------------------------------
+
+
+@given(shape=shapes, dtype=dtypes, compute=dtypes)
+def test_int8_is_bitsandbytes_and_within_bound(shape, dtype, compute):
+    w = _weight(shape, dtype, seed=40) * 3
+    w[0] = 0  # an all-zero row: zeros, not bitsandbytes' NaN codes
+    q = Q.quantize(w, "int8", compute_dtype=compute)
+    codes, scale, _ = bnb.int8_vectorwise_quant(w.to(torch.float16).contiguous())
+    assert torch.equal(q.data[1:], codes[1:]) and torch.equal(q.scale, scale)
+    assert torch.equal(q.data[0], torch.zeros_like(q.data[0]))
+    assert torch.equal(q.dequantize(), bnb.int8_vectorwise_dequant(q.data, q.scale).to(compute))
+
+    error = (
+        Q.quantize(w, "int8", compute_dtype=torch.float32).dequantize().double() - w.double()
+    ).abs()
+    absmax = w.double().abs().amax(1, keepdim=True)
+    bound = (INT8_GRID_ERROR * absmax + INT8_FP16_ERROR * w.double().abs()) * (1 + INT8_FP32_SLACK)
+    assert (error <= bound).all()
+
+
+@given(
+    shape=shapes,
+    dtype=dtypes,
+    block_size=st.sampled_from([None, 8, 16, 128]),
+    magnitude=st.sampled_from([1e-3, 1.0, 300.0]),
+)
+def test_fp8_within_bound(shape, dtype, block_size, magnitude):
+    w = _weight(shape, dtype, seed=41) * magnitude
+    w[-1] = 0
+    q = Q.quantize(w, "fp8", compute_dtype=torch.float32, fp8_block_size=block_size)
+    assert q.data.dtype == torch.float8_e4m3fn and q.shape == shape
+    if block_size:
+        assert q.scale.shape == (-(-shape[0] // block_size), -(-shape[1] // block_size))
+    error = (q.dequantize().double() - w.double()).abs()
+    bound = (
+        FP8_RELATIVE_ERROR * w.double().abs() + FP8_SUBNORMAL_ERROR * q.element_scale().double()
+    ) * (1 + FP8_FP32_SLACK)
+    assert (error <= bound).all()
+    assert torch.equal(q.dequantize()[-1], torch.zeros(shape[1]))
+    assert Q.quantize(w, "fp8", compute_dtype=dtype).dequantize().dtype == dtype
+
+
+def test_fp8_refused_on_gpus_without_fp8(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
+    with pytest.raises(QuantError, match=r"fp8.*8\.9.*A100.*8\.0"):
+        check_fp8_device(torch.device("cuda", 0))
+    check_fp8_device(torch.device("cpu"))  # CPU always works
+
+
+# ----------------------------------------------------------------------------------------------
+# Pytree, conversions, errors
+# ----------------------------------------------------------------------------------------------
+
+
+def test_pytree_round_trip_sees_only_tensors():
+    params = {
+        "q": _quantized("nf4", (8, 64), torch.float32),
+        "k": _quantized("int8", (8, 64), torch.float32),
+        "v": _quantized("fp8", (8, 64), torch.float32),
+        "norm": torch.ones(64),
+    }
+    leaves, spec = pytree.tree_flatten(params)
+    assert all(isinstance(t, torch.Tensor) for t in leaves)
+    assert len(leaves) == 6 + 2 + 2 + 1
+    again = pytree.tree_unflatten(leaves, spec)
+    for name in ("q", "k", "v"):
+        assert type(again[name]) is type(params[name])
+        assert torch.equal(again[name].dequantize(), params[name].dequantize())
+    cloned = pytree.tree_map(torch.clone, params)
+    assert cloned["q"].packed.data_ptr() != params["q"].packed.data_ptr()
+    assert torch.equal(cloned["q"].dequantize(), params["q"].dequantize())
+    paths = [pytree.keystr(path) for path, _ in pytree.tree_flatten_with_path(params)[0]]
+    assert "['q'].packed" in paths and "['k'].scale" in paths
+
+
+@pytest.mark.parametrize("mode", Q.MODES)
+def test_weight_attributes(mode):
+    w = _weight((16, 64), torch.float32)
+    q = Q.quantize(w, mode, compute_dtype=torch.bfloat16)
+    assert q.shape == (16, 64) and q.dtype == torch.bfloat16 and q.device == w.device
+    assert q.nbytes == sum(t.nbytes for t in pytree.tree_flatten(q)[0])
+    assert q.nbytes < w.to(torch.bfloat16).nbytes
+    moved = q.to("cpu")
+    assert type(moved) is type(q) and torch.equal(moved.dequantize(), q.dequantize())
+    assert mode in repr(q).lower()
+
+
+def test_nf4_bnb_round_trip_and_state_dict():
+    w = _weight((24, 128), torch.bfloat16)
+    q = Q.quantize(w, "nf4", compute_dtype=torch.bfloat16)
+    packed, state = q.to_bnb()
+    assert torch.equal(bnb.dequantize_4bit(packed, state), q.dequantize())
+    assert torch.equal(Q.NF4Weight.from_bnb(packed, state).dequantize(), q.dequantize())
+    # the layout bnb.nn.Linear4bit writes into safetensors ("-bnb-4bit" checkpoints)
+    prefix = "model.layers.0.self_attn.q_proj."
+    saved = {prefix + "weight": packed}
+    saved.update({prefix + "weight." + k: v for k, v in state.as_dict(packed=True).items()})
+    saved[prefix + "bias"] = torch.zeros(24)
+    loaded = Q.NF4Weight.from_state_dict(saved)
+    assert loaded.dtype == torch.bfloat16 and loaded.shape == (24, 128)
+    assert torch.equal(loaded.dequantize(), q.dequantize())
+    del saved[prefix + "weight.quant_state.bitsandbytes__nf4"]
+    with pytest.raises(CheckpointError, match="quant_state.bitsandbytes__nf4"):
+        Q.NF4Weight.from_state_dict(saved)
+
+
+def test_bad_mode_names_mode_and_choices():
+    with pytest.raises(QuantError, match=r"'nf3'.*\('nf4', 'int8', 'fp8'\)"):
+        Q.quantize(torch.randn(4, 4), "nf3", compute_dtype=torch.float32)
+
+
+def test_bad_weight_is_named():
+    with pytest.raises(ArgumentError, match="3-D"):
+        Q.quantize(torch.randn(2, 4, 4), "nf4", compute_dtype=torch.float32)
+    with pytest.raises(ArgumentError, match="torch.int64"):
+        Q.quantize(torch.ones(4, 4, dtype=torch.long), "int8", compute_dtype=torch.float32)
+    with pytest.raises(ArgumentError, match="expects 64"):
+        Q.linear(torch.randn(2, 32), _quantized("nf4", (8, 64), torch.float32))
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: bit-exactness with bitsandbytes' CUDA kernels at real sizes
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(4096, 4096), (14336, 4096), (1000, 333), (128256 // 64, 4096)])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_gpu_nf4_dequantize_bit_exact_with_bnb_cuda(shape, dtype):
+    w = _weight(shape, dtype, seed=50, device="cuda")
+    q = Q.quantize(w, "nf4", compute_dtype=dtype)
+    packed, state = bnb.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    assert torch.equal(q.packed, packed) and torch.equal(q.absmax, state.absmax)
+    expected = bnb.dequantize_4bit(packed, state)
+    assert torch.equal(q.dequantize(), expected)  # Triton (auto on CUDA)
+    assert torch.equal(q.dequantize(triton=False), expected)  # torch reference
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(4096, 4096), (14336, 4096), (4096, 14336), (300, 98)])
+@pytest.mark.parametrize("batch", [1, 2, 8])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_nf4_gemv(shape, batch, dtype):
+    q = Q.quantize(_weight(shape, dtype, seed=51, device="cuda"), "nf4", compute_dtype=dtype)
+    x = _weight((batch, shape[1]), dtype, seed=52, device="cuda")
+    bias = _weight((shape[0],), dtype, seed=53, device="cuda")
+    _assert_within_dot_bound("nf4_gemv", nf4_gemv(x, q, bias), x, q.dequantize(), bias)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", MODES_AND_NONE)
+def test_gpu_lora_linear_and_compile(mode):
+    torch._dynamo.reset()
+    w, x, a, b, bias = _lora_case(mode, torch.bfloat16, torch.float32, 256, 512, 384, 16, seed=60)
+    w = w.to("cuda")
+    x, a, b, bias = (t.cuda() for t in (x, a, b, bias))
+    g = _weight((256, 384), torch.bfloat16, 61, device="cuda")
+    got = _run(lora_linear, w, x, a, b, bias, 2.0, g)
+    want = _run(lora_linear_reference, w, x, a, b, bias, 2.0, g)
+    for u, v in zip(got, want):  # dequantize is bit-exact, the matmuls are the same cuBLAS calls
+        torch.testing.assert_close(u, v, rtol=0, atol=0)
+    compiled = torch.compile(lora_linear, fullgraph=True)
+    torch.testing.assert_close(compiled(x, w, a, b, 2.0, bias), got[0], rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_gpu_int8_codes_match_bnb_cuda():
+    w = _weight((1024, 4096), torch.bfloat16, seed=70, device="cuda")
+    q = Q.quantize(w, "int8", compute_dtype=torch.bfloat16)
+    codes, scale, _ = bnb.int8_vectorwise_quant(w.to(torch.float16).contiguous())
+    assert torch.equal(q.scale, scale)
+    assert torch.equal(q.data, codes)
+
+
+@pytest.mark.gpu
+def test_gpu_fp8_runs_where_supported():
+    w = _weight((256, 512), torch.bfloat16, seed=71, device="cuda")
+    if torch.cuda.get_device_capability() < (8, 9):
+        with pytest.raises(QuantError, match="fp8"):
+            Q.quantize(w, "fp8", compute_dtype=torch.bfloat16)
+        return
+    q = Q.quantize(w, "fp8", compute_dtype=torch.bfloat16)
+    x = _weight((4, 512), torch.bfloat16, seed=72, device="cuda")
+    torch.testing.assert_close(Q.linear(x, q), F.linear(x, q.dequantize()), rtol=0, atol=0)
