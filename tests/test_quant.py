@@ -23,7 +23,7 @@ import fnlm.quant as Q
 from fnlm.errors import ArgumentError, CheckpointError, QuantError
 from fnlm.kernels import kernel_backend
 from fnlm.kernels.lora_linear import lora_linear, lora_linear_reference
-from fnlm.kernels.nf4 import dequantize_nf4, dequantize_nf4_reference, nf4_gemv
+from fnlm.kernels.nf4 import dequantize_nf4, dequantize_nf4_reference, nf4_gemv, nf4_gemv_fwd
 from fnlm.quant.fp8 import (
     FP8_FP32_SLACK,
     FP8_RELATIVE_ERROR,
@@ -138,18 +138,20 @@ def test_nf4_triton_dequantize_bit_exact(shape, blocksize, dtype, nested):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_nf4_dequantize_rounds_ties_to_even(dtype):
-    """Random weights almost never land on a tie, so build ties: a code table of values halfway
-    between two neighbours of the dtype, absmax 1. bitsandbytes (CUDA's cvt.rn) rounds them to
-    even; the kernel must too (the Triton interpreter alone would truncate)."""
+    """Random weights almost never land on a tie, so build ties: codes +-1 (NF4 15 and 0) times an
+    absmax halfway between two neighbours of the dtype, one block of 2 values each. bitsandbytes
+    (CUDA's cvt.rn) rounds them to even; the kernel must too (the Triton interpreter alone would
+    truncate)."""
     eps = torch.finfo(dtype).eps
-    ties = torch.tensor([1 + k * eps / 2 for k in range(1, 33, 2)])  # odd halves: all ties
-    q = torch.arange(16, dtype=torch.uint8)
-    packed = (q[0::2] << 4) | q[1::2]  # the 16 codes in order
-    absmax = torch.ones(1)
-    got = dequantize_nf4(packed, absmax, ties, None, None, None, [16], 64, 256, dtype)
-    want = dequantize_nf4_reference(packed, absmax, ties, None, None, None, [16], 64, 256, dtype)
+    absmax = torch.tensor([1 + k * eps / 2 for k in range(1, 33, 2)])  # odd halves: all ties
+    packed = torch.full((16,), 0xF0, dtype=torch.uint8)  # (+1, -1) in every block
+    args = (packed, absmax, None, None, None, None, [32], 2, 256, dtype)
+    got = dequantize_nf4(*args)
+    want = dequantize_nf4_reference(packed, absmax, torch.tensor(Q.nf4.NF4_CODE), *args[3:])
     assert torch.equal(got, want)
-    assert torch.equal(want, ties.to(dtype))  # torch's own cast rounds to nearest even
+    assert torch.equal(
+        want, torch.stack([absmax, -absmax], 1).reshape(-1).to(dtype)
+    )  # torch rounds to even
 
 
 # ----------------------------------------------------------------------------------------------
@@ -176,10 +178,24 @@ def test_nf4_gemv_matches_dequantize_matmul(out_features, half_in, bias, dtype, 
     w = Q.quantize(_weight((out_features, 2 * half_in), dtype, seed=2), "nf4", compute_dtype=dtype)
     x = _weight((batch, 2 * half_in), dtype, seed=3)
     b = _weight((out_features,), dtype, seed=4) if bias else None
+    w_dense = w.dequantize(triton=False)
     y = nf4_gemv(x, w, b)
     assert y.shape == (batch, out_features) and y.dtype == dtype
-    w_dense = w.dequantize(triton=False)
     _assert_within_dot_bound("nf4_gemv", y, x, w_dense, b)
+    # the split-K path (CUDA picks it for few output rows): 3 splits, fp32 partial sums
+    parts = (
+        w.packed,
+        w.absmax,
+        w.code,
+        w.nested_absmax,
+        w.nested_code,
+        w.offset,
+        list(w.shape),
+        64,
+        256,
+    )
+    y_split = nf4_gemv_fwd(x, *parts, b, config=(2, 16, 4, 3))
+    _assert_within_dot_bound("nf4_gemv split-K", y_split, x, w_dense, b)
     # the bound is not loose: torch's own dequantize + matmul meets it too
     _assert_within_dot_bound("dequantize + F.linear", F.linear(x, w_dense, b), x, w_dense, b)
 
@@ -204,9 +220,11 @@ def _quantized(mode, shape, dtype, seed=5):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("mode", Q.MODES)
-def test_linear_matches_dequantized_autograd(mode, backend):
+def test_linear_matches_dequantized_autograd(mode, backend, monkeypatch):
     """Forward and grads of x and bias equal F.linear on the dequantized weight (bit for bit on the
-    dequantize + matmul paths; within the dot bound where the Triton GEMV runs: <= 8 rows)."""
+    dequantize + matmul paths; within the dot bound where the Triton GEMV runs: <= 8 rows, with
+    the GEMV dispatch switched on)."""
+    monkeypatch.setattr(Q, "GEMV_MAX_ROWS", 8)
     w = _quantized(mode, (48, 64), torch.float32)
     w_dense = w.dequantize(triton=False)
     for rows in (3, 20):  # GEMV on the Triton path / dequantize + matmul

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from fnlm.errors import ArgumentError, QuantError
-from fnlm.kernels.nf4 import GEMV_MAX_BATCH, nf4_gemv_fwd
+from fnlm.kernels.nf4 import nf4_gemv_fwd
 from fnlm.quant.fp8 import FP8Weight, quantize_fp8
 from fnlm.quant.int8 import Int8Weight, quantize_int8
 from fnlm.quant.nf4 import NF4Weight, quantize_nf4
@@ -36,6 +36,11 @@ MODES = ("nf4", "int8", "fp8")
 QuantizedWeight = NF4Weight | Int8Weight | FP8Weight
 _WEIGHT_TYPES = {"nf4": NF4Weight, "int8": Int8Weight, "fp8": FP8Weight}
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# `linear` sends NF4 inputs of at most this many rows to the fused GEMV on the Triton path. 0 (off)
+# for now: on the H100 (scripts/bench_quant.py) the GEMV is not yet faster than dequantize + cuBLAS
+# (batch 1: 0.90x at 4096x4096, 1.10x at 14336x4096; batch 2-8: 0.3-0.9x) and well behind
+# bitsandbytes' gemv_4bit. Raise it (up to fnlm.kernels.nf4.GEMV_MAX_BATCH) once the kernel wins.
+GEMV_MAX_ROWS = 0
 
 
 def quantize(
@@ -88,7 +93,7 @@ def linear(
     """y = x @ W.T (+ bias) for x [..., in], dispatching on the type of w.
 
     Plain tensors go to F.linear. Quantized weights go through one custom op: on CUDA the Triton
-    NF4 kernels (the fused GEMV when x has at most 8 rows, else dequantize + cuBLAS), elsewhere the
+    NF4 dequantize + cuBLAS (or the fused GEMV for at most GEMV_MAX_ROWS rows), elsewhere the
     plain-torch dequantize + matmul. Backward: grads of x and bias only; the dequantized weight is
     recomputed, never saved. The result has x's dtype (the weight is cast to it, as bitsandbytes does).
     """
@@ -131,13 +136,14 @@ def matmul_weight_t(
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """F.linear(x, W, bias) for x [rows, in] -> [rows, out] in x's dtype, without autograd. NF4 on
-    the Triton path with few rows uses the fused GEMV (weight read once, never materialized)."""
+    the Triton path with at most GEMV_MAX_ROWS rows uses the fused GEMV (weight read once, never
+    materialized)."""
     if not is_quantized(w):
         return F.linear(x, w, bias)
     if (
         triton
         and isinstance(w, NF4Weight)
-        and x.shape[0] <= GEMV_MAX_BATCH
+        and x.shape[0] <= GEMV_MAX_ROWS
         and x.dtype == w.dtype
         and w.shape[1] % 2 == 0
         and w.blocksize % 2 == 0

@@ -78,12 +78,14 @@ class Int8Weight:
 
 
 def quantize_int8(w: torch.Tensor, compute_dtype: torch.dtype) -> Int8Weight:
-    """Row-wise int8 quantization of w [out, in] on w's device, bytes as bitsandbytes' Int8Params."""
-    w16 = w.to(torch.float16)
-    absmax = w16.abs().amax(dim=1).float()
-    # an all-zero row would give 127 / 0 = inf and NaN codes in bitsandbytes; it gets zeros here
-    safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
-    data = torch.round(w16 * (127.0 / safe[:, None])).to(torch.int8)
+    """Row-wise int8 quantization of w [out, in] on w's device, bytes as bitsandbytes' Int8Params
+    (its own kernel: bitsandbytes' CUDA kernel rounds a few values differently from its torch
+    formula round(w * (127 / absmax)), which its CPU backend uses)."""
+    import bitsandbytes.functional as bnb
+
+    data, absmax, _ = bnb.int8_vectorwise_quant(w.to(torch.float16).contiguous())
+    # an all-zero row gives 127 / 0 = inf and garbage codes in bitsandbytes; zeros here
+    data[absmax == 0] = 0
     return Int8Weight(data, absmax, dtype=compute_dtype)
 
 

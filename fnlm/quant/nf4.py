@@ -12,7 +12,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from fnlm.errors import ArgumentError, CheckpointError
-from fnlm.kernels.nf4 import dequantize_nf4_reference, nf4_dequantize_op
+from fnlm.kernels.nf4 import NF4_CODE, dequantize_nf4_reference, nf4_dequantize_op
 
 BLOCKSIZE = 64  # values per absmax, as bitsandbytes' and transformers' 4-bit default
 COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -163,6 +163,11 @@ class NF4Weight:
             )
         if packed.dtype != torch.uint8:
             packed = packed.view(torch.uint8)  # bnb's quant_storage may be another dtype
+        # the Triton kernels hold the NF4 table as constants (one host sync per weight, at load)
+        if not torch.equal(quant_state.code.float().cpu(), torch.tensor(NF4_CODE)):
+            raise CheckpointError(
+                f"NF4Weight.from_bnb: the quant_map is not bitsandbytes' NF4 table: {quant_state.code.tolist()}"
+            )
         dtype = compute_dtype or quant_state.dtype
         if quant_state.nested:
             state2 = quant_state.state2

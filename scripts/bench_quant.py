@@ -1,0 +1,238 @@
+"""GPU micro-benchmark of the NF4 kernels against bitsandbytes, at Llama-3.1-8B shapes.
+
+    python3 -u scripts/bench_quant.py [--sweep] [--out DIR]
+
+- dequantize: fnlm's Triton kernel vs bitsandbytes' CUDA dequantize_4bit (bf16 out), with GB/s
+  counting the packed bytes + absmax read once and the 16-bit weight written once;
+- decode GEMV (batch 1..8): fnlm's fused NF4 GEMV vs bitsandbytes' (matmul_4bit, which runs its
+  gemv_4bit kernel for one row), vs dequantize + matmul, vs a plain bf16 matmul; GB/s counts the
+  NF4 weight read once (the quantity that bounds decode).
+Times are medians of CUDA-graph replays (`triton.testing.do_bench_cudagraph`), so launch overhead
+is excluded as in a graph-captured decode step. --sweep also times other block shapes of the two
+kernels, to choose the launchers' defaults. Writes bench_quant.json to --out (default $OUT or .).
+"""
+
+# ruff: noqa: B023  (the closures are timed at once, inside their loop iteration)
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import bitsandbytes as bnb_module
+import bitsandbytes.functional as bnb
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench_cudagraph
+
+import fnlm.quant as Q
+from fnlm.kernels.nf4 import (
+    _TRITON_DTYPES,
+    _dequantize_nf4_kernel,
+    _gemv_config,
+    nf4_gemv,
+    nf4_gemv_fwd,
+)
+
+COPY_BANDWIDTH = 3.0e12  # bytes/s, device-to-device copy on the H100 (GPU.md)
+SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]
+BATCHES = [1, 2, 4, 8]
+
+
+def bench(fn) -> float:
+    """Median seconds per call, replayed from a CUDA graph."""
+    fn()
+    torch.cuda.synchronize()
+    return do_bench_cudagraph(fn, rep=20, return_mode="median") * 1e-3
+
+
+def weight_bytes(w: Q.NF4Weight) -> int:
+    return w.nbytes
+
+
+def dequantize_rows(args, rows):
+    for shape in SHAPES[:2]:
+        w16 = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+        w = Q.quantize(w16, "nf4", compute_dtype=torch.bfloat16)
+        packed, state = w.to_bnb()
+        assert torch.equal(w.dequantize(), bnb.dequantize_4bit(packed, state)), "not bit-exact"
+        moved = weight_bytes(w) + w16.nbytes
+        t_ours = bench(lambda: w.dequantize())
+        t_bnb = bench(lambda: bnb.dequantize_4bit(packed, state))
+        rows.append(
+            {
+                "bench": "dequantize",
+                "shape": list(shape),
+                "fnlm_us": t_ours * 1e6,
+                "bnb_us": t_bnb * 1e6,
+                "fnlm_GBps": moved / t_ours / 1e9,
+                "bnb_GBps": moved / t_bnb / 1e9,
+                "fnlm_frac_copy": moved / t_ours / COPY_BANDWIDTH,
+                "speedup_vs_bnb": t_bnb / t_ours,
+            }
+        )
+        print_table(rows[-1:])
+        if args.sweep:
+            n = shape[0] * shape[1]
+            out = torch.empty(shape, device="cuda", dtype=torch.bfloat16)
+            for block_bytes in (512, 1024, 2048, 4096):
+                for warps in (4, 8):
+
+                    def run(block_bytes=block_bytes, warps=warps):
+                        _dequantize_nf4_kernel[(triton.cdiv(n // 2, block_bytes),)](
+                            w.packed, w.absmax, w.nested_absmax, w.nested_code, w.offset, out, n,
+                            NESTED=True, OUT_DTYPE=_TRITON_DTYPES[torch.bfloat16], BLOCKSIZE=64,
+                            NESTED_BLOCKSIZE=256, BLOCK_BYTES=block_bytes, num_warps=warps,
+                            enable_fp_fusion=False,
+                        )  # fmt: skip
+
+                    t = bench(run)
+                    rows.append(
+                        {
+                            "bench": "dequantize_sweep",
+                            "shape": list(shape),
+                            "block_bytes": block_bytes,
+                            "warps": warps,
+                            "us": t * 1e6,
+                            "GBps": moved / t / 1e9,
+                        }
+                    )
+
+
+def gemv_rows(args, rows):
+    for shape in SHAPES:
+        w16 = torch.randn(shape, device="cuda", dtype=torch.bfloat16) * 0.02
+        w = Q.quantize(w16, "nf4", compute_dtype=torch.bfloat16)
+        packed, state = w.to_bnb()
+        for batch in BATCHES:
+            x = torch.randn(batch, shape[1], device="cuda", dtype=torch.bfloat16)
+            moved = weight_bytes(w) + x.nbytes + batch * shape[0] * 2
+            times = {
+                "fnlm_gemv": bench(lambda: nf4_gemv(x, w)),
+                "fnlm_dequant_matmul": bench(lambda: F.linear(x, w.dequantize())),
+                "bnb_matmul_4bit": bench(
+                    lambda: bnb_module.matmul_4bit(x, packed.t(), quant_state=state)
+                ),
+                "bf16_matmul": bench(lambda: F.linear(x, w16)),
+            }
+            reference = F.linear(x.float(), w.dequantize().float())
+            error = (nf4_gemv(x, w).float() - reference).abs().max().item()
+            rows.append(
+                {
+                    "bench": "gemv",
+                    "shape": list(shape),
+                    "batch": batch,
+                    **{f"{k}_us": v * 1e6 for k, v in times.items()},
+                    "fnlm_gemv_GBps": moved / times["fnlm_gemv"] / 1e9,
+                    "fnlm_gemv_frac_copy": moved / times["fnlm_gemv"] / COPY_BANDWIDTH,
+                    "speedup_vs_dequant_matmul": times["fnlm_dequant_matmul"] / times["fnlm_gemv"],
+                    "speedup_vs_bnb": times["bnb_matmul_4bit"] / times["fnlm_gemv"],
+                    "max_abs_err_vs_fp32": error,
+                    "config": list(_gemv_config(shape[0], shape[1], batch, x.device)),
+                }
+            )
+            print_table(rows[-1:])
+            if args.sweep and batch in (1, 4) and shape != SHAPES[2]:
+                gemv_sweep(rows, w, x, shape, batch, moved)
+
+
+def gemv_sweep(rows, w, x, shape, batch, moved):
+    """Time (rows per program, byte pairs per step, warps, splits) around the default."""
+    parts = (
+        w.packed,
+        w.absmax,
+        w.code,
+        w.nested_absmax,
+        w.nested_code,
+        w.offset,
+        list(shape),
+        64,
+        256,
+    )
+    pair_choices = (64, 128, 256) if batch == 1 else (32, 64, 128)
+    for config in [(n, p, 4, k) for n in (2, 4, 8) for p in pair_choices for k in (1, 2, 4)] + [
+        (4, pair_choices[1], 8, 2),
+        (4, pair_choices[1], 2, 2),
+    ]:
+        try:
+            t = bench(lambda config=config: nf4_gemv_fwd(x, *parts, None, config=config))
+        except Exception as error:  # e.g. out of registers / shared memory
+            rows.append({"bench": "gemv_sweep", "config": list(config), "error": str(error)[:200]})
+            continue
+        rows.append(
+            {
+                "bench": "gemv_sweep",
+                "shape": list(shape),
+                "batch": batch,
+                "config": list(config),
+                "us": t * 1e6,
+                "GBps": moved / t / 1e9,
+            }
+        )
+
+
+def save(rows, out):
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "bench_quant.json"), "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+
+
+def print_table(rows):
+    """Print the main rows, and the three best configurations of each sweep."""
+    for row in rows:
+        if row["bench"] == "dequantize":
+            print(
+                f"dequantize {row['shape']}: fnlm {row['fnlm_us']:.1f} us ({row['fnlm_GBps']:.0f} GB/s, "
+                f"{row['fnlm_frac_copy']:.0%} of copy) | bnb {row['bnb_us']:.1f} us ({row['bnb_GBps']:.0f} GB/s) "
+                f"| {row['speedup_vs_bnb']:.2f}x"
+            )
+        elif row["bench"] == "gemv":
+            print(
+                f"gemv {row['shape']} b={row['batch']}: fnlm {row['fnlm_gemv_us']:.1f} us "
+                f"({row['fnlm_gemv_GBps']:.0f} GB/s, {row['fnlm_gemv_frac_copy']:.0%}) | dequant+matmul "
+                f"{row['fnlm_dequant_matmul_us']:.1f} us ({row['speedup_vs_dequant_matmul']:.2f}x) | bnb "
+                f"{row['bnb_matmul_4bit_us']:.1f} us ({row['speedup_vs_bnb']:.2f}x) | bf16 matmul "
+                f"{row['bf16_matmul_us']:.1f} us | err {row['max_abs_err_vs_fp32']:.2g} | config {row['config']}"
+            )
+    for kind, keys in (
+        ("dequantize_sweep", ("shape",)),
+        ("gemv_sweep", ("shape", "batch")),
+    ):
+        groups = {}
+        for row in rows:
+            if row["bench"] == kind and "us" in row:
+                groups.setdefault(tuple(str(row[k]) for k in keys), []).append(row)
+        for key, group in groups.items():
+            best = sorted(group, key=lambda r: r["us"])[:3]
+            print(
+                kind,
+                key,
+                "best:",
+                [{k: v for k, v in r.items() if k not in ("bench", *keys)} for r in best],
+            )
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", action="store_true", help="also time other block shapes")
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_quant.py needs a CUDA device")
+    torch.manual_seed(0)
+    rows = []
+    dequantize_rows(args, rows)
+    gemv_rows(args, rows)
+    print(
+        f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}"
+    )
+    print_table(rows)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "bench_quant.json"), "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
