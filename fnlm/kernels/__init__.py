@@ -1,67 +1,215 @@
-"""fnlm kernels: one dispatch switch in front of Triton kernels and their plain-torch references."""
+"""fnlm kernels: one switch in front of the Triton kernels and their plain-torch references.
+
+Every function here has the same signature on both paths and is differentiable. On CUDA tensors
+the Triton kernels run (as torch custom ops, so torch.compile(fullgraph=True) traces them as
+single nodes); elsewhere the references run, except the fused cross-entropy, which always uses its
+chunked algorithm (with torch instead of Triton for the per-row part) so the full logits never exist.
+
+The switch: the environment variable FNLM_KERNELS, read when this module is imported, or the
+`kernel_backend` context manager: "auto" (default: Triton on CUDA, reference elsewhere),
+"triton" (force, e.g. CPU tensors under TRITON_INTERPRET=1 in tests) or "torch" (reference).
+"""
 
 import contextlib
 import os
+from collections.abc import Iterator
 
 import torch
 
 from fnlm.errors import ArgumentError
-from fnlm.kernels.cross_entropy import fused_linear_cross_entropy_reference
-from fnlm.kernels.glu import geglu_reference, swiglu_reference
-from fnlm.kernels.rmsnorm import rms_norm_reference
-from fnlm.kernels.rope import apply_rope_reference
+from fnlm.kernels.cross_entropy import (
+    fused_linear_cross_entropy_op,
+    fused_linear_cross_entropy_reference,
+)
+from fnlm.kernels.glu import geglu_reference, glu_op, swiglu_reference
+from fnlm.kernels.rmsnorm import rms_norm_op, rms_norm_reference
+from fnlm.kernels.rope import apply_rope_reference, rope_op
+
+__all__ = [
+    "apply_rope",
+    "apply_rope_reference",
+    "fused_linear_cross_entropy",
+    "fused_linear_cross_entropy_reference",
+    "geglu",
+    "geglu_reference",
+    "kernel_backend",
+    "rms_norm",
+    "rms_norm_reference",
+    "swiglu",
+    "swiglu_reference",
+    "use_triton",
+]
 
 _BACKENDS = ("auto", "triton", "torch")
-_backend = os.environ.get("FNLM_KERNELS", "auto")
+
+
+def _checked_backend(name: str, where: str) -> str:
+    if name not in _BACKENDS:
+        raise ArgumentError(
+            f"{where}: unknown kernel backend {name!r}; expected one of {', '.join(_BACKENDS)}"
+        )
+    return name
+
+
+_backend = _checked_backend(
+    os.environ.get("FNLM_KERNELS", "auto"), "environment variable FNLM_KERNELS"
+)
 
 
 def use_triton(t: torch.Tensor) -> bool:
-    """Whether the Triton kernel runs for tensor `t` (FNLM_KERNELS / kernel_backend decide)."""
-    return False
+    """Whether the Triton kernel runs for an input tensor `t` under the current backend."""
+    if _backend == "auto":
+        return t.is_cuda
+    return _backend == "triton"
 
 
 @contextlib.contextmanager
-def kernel_backend(name: str):
-    """Force "triton", "torch" or "auto" inside the block."""
+def kernel_backend(name: str) -> Iterator[None]:
+    """Inside the block, force the backend: "triton", "torch" or "auto".
+
+    >>> with kernel_backend("triton"):  # CPU tensors too, under TRITON_INTERPRET=1
+    ...     y = rms_norm(x, w, 1e-6)
+    """
     global _backend
-    if name not in _BACKENDS:
-        raise ArgumentError(
-            f"kernel_backend: unknown backend {name!r}; expected one of {_BACKENDS}"
-        )
-    previous, _backend = _backend, name
+    previous, _backend = _backend, _checked_backend(name, "kernel_backend")
     try:
         yield
     finally:
         _backend = previous
 
 
-def rms_norm(x, weight, eps: float, *, offset: float = 0.0):
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, *, offset: float = 0.0
+) -> torch.Tensor:
+    """RMSNorm over the last dim with transformers' semantics (fp32 statistics).
+
+    offset 0 (Llama, Qwen, Mistral): weight * normalized(x).to(x.dtype), dtype promoted with weight's;
+    offset 1 (Gemma): (normalized(x) * (1 + weight)).to(x.dtype).
+    x: [..., hidden], weight: [hidden]. Raises ArgumentError when the sizes disagree.
+    """
+    if weight.dim() != 1 or x.shape[-1] != weight.shape[0]:
+        raise ArgumentError(
+            f"rms_norm: weight of shape {tuple(weight.shape)} does not match the last dim of x {tuple(x.shape)}"
+        )
+    if use_triton(x):
+        return rms_norm_op(x, weight, float(eps), float(offset))[0]
     return rms_norm_reference(x, weight, eps, offset)
 
 
-def apply_rope(q, k, cos, sin, *, interleaved: bool = False):
+def apply_rope(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    *,
+    interleaved: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embedding of q [batch, seq, q_heads, head_dim] and k [batch, seq, kv_heads, head_dim].
+
+    cos, sin: [batch (or 1), seq, rotary_dim // 2], fp32, one row per token (packed sequences and
+    left padding pass their own positions). The first rotary_dim dims of each head rotate, the rest
+    pass through. Half-split pairs (x[i], x[i + rotary_dim/2]) as transformers' rotate_half, or
+    interleaved pairs (x[2i], x[2i+1]) when interleaved=True. Returns (q, k) in their dtypes.
+    """
+    half = cos.shape[-1]
+    if (
+        q.dim() != 4 or k.dim() != 4 or cos.dim() != 3 or sin.shape != cos.shape
+        or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]
+        or cos.shape[0] not in (1, q.shape[0]) or cos.shape[1] != q.shape[1] or 2 * half > q.shape[-1]
+    ):  # fmt: skip
+        raise ArgumentError(
+            f"apply_rope: expected q [b, s, hq, d], k [b, s, hk, d], cos and sin [b or 1, s, r/2] with r <= d; "
+            f"got q {tuple(q.shape)}, k {tuple(k.shape)}, cos {tuple(cos.shape)}, sin {tuple(sin.shape)}"
+        )
+    if use_triton(q):
+        return rope_op(q, k, cos, sin, interleaved, False)
     return apply_rope_reference(q, k, cos, sin, interleaved)
 
 
-def swiglu(gate, up):
+def _check_glu(name: str, gate: torch.Tensor, up: torch.Tensor) -> None:
+    if gate.shape != up.shape or gate.dtype != up.dtype:
+        raise ArgumentError(
+            f"{name}: gate {tuple(gate.shape)} {gate.dtype} and up {tuple(up.shape)} {up.dtype} "
+            "must have the same shape and dtype"
+        )
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up (Llama, Qwen, Mistral MLP). gate and up: same shape and dtype."""
+    _check_glu("swiglu", gate, up)
+    if use_triton(gate):
+        return glu_op(gate, up, "silu")
     return swiglu_reference(gate, up)
 
 
-def geglu(gate, up, *, approximate: str = "tanh"):
+def geglu(gate: torch.Tensor, up: torch.Tensor, *, approximate: str = "tanh") -> torch.Tensor:
+    """gelu(gate) * up (Gemma MLP); approximate "tanh" (gelu_pytorch_tanh) or "none" (exact gelu)."""
+    _check_glu("geglu", gate, up)
+    if approximate not in ("tanh", "none"):
+        raise ArgumentError(f"geglu: approximate must be 'tanh' or 'none', got {approximate!r}")
+    if use_triton(gate):
+        return glu_op(gate, up, "gelu_tanh" if approximate == "tanh" else "gelu")
     return geglu_reference(gate, up, approximate)
 
 
 def fused_linear_cross_entropy(
-    hidden,
-    weight,
-    labels,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
     *,
-    bias=None,
-    ignore_index=-100,
-    reduction="mean",
-    softcap=None,
-    logit_scale=1.0,
-):
-    return fused_linear_cross_entropy_reference(
-        hidden, weight, labels, bias, ignore_index, reduction, softcap, logit_scale
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    chunk_rows: int = 0,
+) -> torch.Tensor:
+    """Cross-entropy of the logits (hidden @ weight.T (+ bias)) * logit_scale, soft-capped as
+    softcap * tanh(logits / softcap) when softcap is set, without building the [N, vocab] logits.
+
+    hidden [N, H] (or [..., H] with labels [...]), weight [vocab, H], labels int64 with
+    ignore_index for tokens that do not count. reduction "mean": mean over non-ignored tokens (0
+    when there are none); "sum": plain sum, for gradient accumulation with an external normalizer.
+    Returns an fp32 scalar. Gradients flow to hidden, weight and bias where they require grad.
+    chunk_rows: tokens per chunk (0: as many as fit fnlm.kernels.cross_entropy.CHUNK_LOGITS_BYTES).
+    Raises ArgumentError on mismatched shapes or a label outside [0, vocab).
+    """
+    if reduction not in ("mean", "sum"):
+        raise ArgumentError(
+            f"fused_linear_cross_entropy: reduction must be 'mean' or 'sum', got {reduction!r}"
+        )
+    if (
+        weight.dim() != 2 or hidden.shape[-1] != weight.shape[1] or labels.shape != hidden.shape[:-1]
+        or (bias is not None and bias.shape != weight.shape[:1])
+    ):  # fmt: skip
+        raise ArgumentError(
+            "fused_linear_cross_entropy: expected hidden [N, H], weight [vocab, H], labels [N], bias [vocab]; got "
+            f"hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}, labels {tuple(labels.shape)}"
+            + (f", bias {tuple(bias.shape)}" if bias is not None else "")
+        )
+    if hidden.dtype != weight.dtype or labels.dtype != torch.int64:
+        raise ArgumentError(
+            f"fused_linear_cross_entropy: hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype "
+            f"and labels must be int64 (got {labels.dtype})"
+        )
+    if softcap is not None and softcap <= 0:
+        raise ArgumentError(
+            f"fused_linear_cross_entropy: softcap must be positive or None, got {softcap}"
+        )
+    grad_on = torch.is_grad_enabled()
+    loss, *_ = fused_linear_cross_entropy_op(
+        hidden.reshape(-1, hidden.shape[-1]),
+        weight,
+        bias,
+        labels.reshape(-1),
+        int(ignore_index),
+        reduction,
+        None if softcap is None else float(softcap),
+        float(logit_scale),
+        grad_on and hidden.requires_grad,
+        grad_on and weight.requires_grad,
+        grad_on and bias is not None and bias.requires_grad,
+        use_triton(hidden),
+        int(chunk_rows),
     )
+    return loss
