@@ -15,7 +15,6 @@ import contextlib
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -395,14 +394,14 @@ def test_glu_gpu(kind, dtype):
 def lowp_cross_entropy(hidden, weight, labels, bias, reduction, softcap, logit_scale):
     """Plain torch as a model would do it in low precision: the matmul in the dtype, then the
     loss on fp32 logits (transformers upcasts logits before its loss)."""
+    from fnlm.kernels.cross_entropy import cross_entropy_from_logits_reference
+
     logits = hidden @ weight.T
     if bias is not None:
         logits = logits + bias
-    logits = logits.float() * logit_scale
-    if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
-    total = F.cross_entropy(logits, labels, reduction="sum")
-    return total / (labels != -100).sum().clamp(min=1) if reduction == "mean" else total
+    return cross_entropy_from_logits_reference(
+        logits.float(), labels, -100, reduction, softcap, logit_scale
+    )
 
 
 def check_cross_entropy(
@@ -448,13 +447,13 @@ def check_cross_entropy(
 
     n_chunks = -(-n // chunk_rows) if chunk_rows else 1
     # The gradients are sums over d loss / d logits, whose rows sum to zero and so cancel: measure
-    # them against the size of their terms. The reference with weight = identity and hidden =
-    # the fp64 logits gives d loss / d logits.
+    # them against the size of their terms.
+    from fnlm.kernels.cross_entropy import cross_entropy_from_logits_reference
+
     logits = hidden.double() @ weight.double().T + (bias.double() if with_bias else 0.0)
     logits.requires_grad_()
-    eye = torch.eye(vocab, dtype=torch.float64, device=logits.device)
-    ref_loss = K.fused_linear_cross_entropy_reference(
-        logits, eye, labels, None, -100, reduction, softcap, logit_scale
+    ref_loss = cross_entropy_from_logits_reference(
+        logits, labels, -100, reduction, softcap, logit_scale
     )
     (dlogits,) = torch.autograd.grad(ref_loss * 1.7, logits)
     dlogits = dlogits.abs()
@@ -652,7 +651,8 @@ def test_fused_linear_cross_entropy_gpu_memory():
     extra = torch.cuda.max_memory_allocated() - base
     from fnlm.kernels.cross_entropy import CHUNK_LOGITS_BYTES
 
-    assert extra <= CHUNK_LOGITS_BYTES + 2 * hidden.numel() * 2 + 2**20, extra
+    # one chunk of logits, grad_hidden and its scaled copy, and 64 MiB for cuBLAS' workspace
+    assert extra <= CHUNK_LOGITS_BYTES + 2 * hidden.numel() * 2 + 64 * 2**20, extra
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
 
 

@@ -95,13 +95,14 @@ def _block_shape(n_cols: int) -> tuple[int, int, int]:
     """(rows per block, columns per block, warps): at least ~2K elements per block for small rows."""
     block_cols = triton.next_power_of_2(n_cols)
     block_rows = max(1, min(16, 2048 // block_cols))
-    num_warps = min(16, max(1, block_cols * block_rows // 512))
+    num_warps = min(16, max(1, block_cols * block_rows // 256))
     return block_rows, block_cols, num_warps
 
 
 def _num_programs(device: torch.device) -> int:
     if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        # 2 per SM measured best on an H100 at 8192 x 4096 bf16 (86 us; 4 per SM: 98 us)
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
     return 4  # the interpreter runs programs one after another; few keep the Python overhead low
 
 
