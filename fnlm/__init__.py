@@ -5,6 +5,7 @@ logits = fnlm.forward(params, tokens)          # [batch, seq, vocab]
 loss = fnlm.loss(params, {"tokens": tokens})   # fused linear + cross-entropy
 """
 
+from fnlm import lora
 from fnlm.config import ModelConfig
 from fnlm.errors import FnlmError
 from fnlm.generate import generate
@@ -13,5 +14,5 @@ from fnlm.loss import loss
 from fnlm.models.decoder import forward
 from fnlm.params import Params
 
-__all__ = ["FnlmError", "ModelConfig", "Params", "forward", "generate", "load", "loss"]
+__all__ = ["FnlmError", "ModelConfig", "Params", "forward", "generate", "load", "lora", "loss"]
 __version__ = "0.1.0"

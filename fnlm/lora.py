@@ -1,0 +1,1100 @@
+"""LoRA adapters as a second pytree over the params, PEFT-compatible both ways.
+
+    lora = fnlm.lora.init(params, r=16, alpha=16, targets=fnlm.lora.ALL_LINEAR, seed=3407)
+    logits = fnlm.forward(params, tokens, lora=lora)         # adapters applied unmerged
+    loss = fnlm.loss(params, batch, lora=fnlm.lora.train_mode(lora))   # dropout on
+    fnlm.lora.save("out/adapter", lora)                      # PEFT's adapter_config.json + safetensors
+    lora = fnlm.lora.load("out/adapter", params)              # or any adapter PEFT wrote
+    merged = fnlm.lora.merge(params, lora)                    # plain 16-bit params
+
+A `Lora` holds, at the same paths as the params leaves they adapt:
+
+    lora["layers"][i]["attn"]["q"] = {"a": [r, in], "b": [out, r]}     # adapted linear
+    lora["embed"] = {"a": [r, vocab], "b": [hidden, r]}                # PEFT's lora_embedding_A/B
+    lora["lm_head"] = tensor                                            # modules_to_save: a full copy
+    lora["layers"][i]["attn"]["q_bias"] = tensor                        # bias="all" / "lora_only"
+
+Its leaves are the only tensors that require grad; the base params stay frozen (and quantized).
+`attach(params, lora)` swaps each adapted leaf for a `LoraLinear` / `LoraEmbedding` that the
+decoder calls through `.linear` / `.embedding`, and replaced leaves for the lora's copies.
+Paths map to PEFT's key names through the family's `weight_names(config)`, so every
+architecture works without a table of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import torch.utils._pytree as pytree
+
+from fnlm import quant
+from fnlm.config import ModelConfig
+from fnlm.errors import ArgumentError, LoraError
+from fnlm.kernels.lora_linear import lora_linear
+from fnlm.params import Params, get_path, path_name, set_path
+
+__all__ = [
+    "ALL_LINEAR",
+    "Lora",
+    "LoraConfig",
+    "LoraEmbedding",
+    "LoraLinear",
+    "SavedEmbedding",
+    "attach",
+    "init",
+    "load",
+    "merge",
+    "parameters",
+    "save",
+    "target_names",
+    "train_mode",
+]
+
+# Every linear of attention and MLP; "qkv" and "gate_up" are the fused leaves of Phi-3 / Falcon.
+ALL_LINEAR = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down")
+BIAS_MODES = ("none", "all", "lora_only")
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+LEGACY_WEIGHTS_FILE = "adapter_model.bin"
+# PeftModelForCausalLM wraps LoraModel wraps the transformers model: every saved key starts so.
+PEFT_PREFIX = "base_model.model."
+# The adapter_config.json layout written here is that of this peft release.
+PEFT_FORMAT_VERSION = "0.21.2"
+# PEFT's shorthand for "every linear layer except the output layer".
+ALL_LINEAR_SHORTHAND = "all-linear"
+# Base embedding weights stored in an adapter file (PEFT saves them when embed/lm_head are
+# targeted) must equal the base model's; the file may hold an fp32 copy of a bf16 base, so
+# compare to bf16 rounding (relative to the weights' scale).
+BASE_WEIGHT_REL_TOL = 1e-2
+
+# Within a decoder layer, the order transformers creates (and PEFT visits) the modules in; PEFT
+# draws the initial A of each adapter from the global RNG in this order.
+_LAYER_ORDER = (
+    "attn", "mlp", "q", "k", "v", "qkv", "o",
+    "router", "experts", "shared", "shared_gate", "gate", "up", "gate_up", "down",
+)  # fmt: skip
+# Families whose modules transformers creates in another order (Phi-3: o_proj before qkv_proj).
+_LAYER_ORDER_OF = {"phi3": ("attn", "mlp", "o", "qkv", "gate_up", "down")}
+
+
+# ---------------------------------------------------------------------------------------------
+# The Lora pytree and its static config
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """Static description of an adapter (PEFT's LoraConfig fields, in fnlm's names).
+
+    targets: module names as given (fnlm leaf names like "q", HF names like "q_proj", full names,
+    or PEFT's regex string); informational once the adapter exists, the tensors say what is
+    adapted. rank_pattern / alpha_pattern: (pattern, value) pairs matched as PEFT does (a pattern
+    matches a module whose name, fnlm path "layers.0.attn.q" or HF "model.layers.0.self_attn.q_proj",
+    ends with it as a regex); the first match wins, else r / alpha.
+    """
+
+    r: int = 16
+    alpha: float = 16
+    targets: tuple[str, ...] | str = ALL_LINEAR
+    dropout: float = 0.0
+    bias: str = "none"
+    rslora: bool = False
+    modules_to_save: tuple[str, ...] = ()
+    rank_pattern: tuple[tuple[str, int], ...] = ()
+    alpha_pattern: tuple[tuple[str, float], ...] = ()
+    base_model_name_or_path: str | None = None
+
+    def scale(self, r: int, names: tuple[str, ...]) -> float:
+        """The factor on B·A of a module of rank r: alpha/r, or alpha/sqrt(r) with rslora."""
+        alpha = _pattern_value(self.alpha_pattern, names, self.alpha)
+        return alpha / math.sqrt(r) if self.rslora else alpha / r
+
+
+class Lora(dict):
+    """Adapters at the params' paths, with the static `LoraConfig`, the `ModelConfig` they were
+    made for (for names when saving) and `training` (dropout on the adapter inputs when True)."""
+
+    def __init__(
+        self, tree: dict, config: LoraConfig, model_config: ModelConfig, training: bool = False
+    ):
+        super().__init__(tree)
+        self.config = config
+        self.model_config = model_config
+        self.training = training
+
+    def __repr__(self) -> str:
+        adapted = sum(1 for _, node in _entries(self) if isinstance(node, dict))
+        n = sum(t.numel() for t in pytree.tree_leaves(self))
+        mode = ", training" if self.training else ""
+        return (
+            f"Lora(r={self.config.r}, alpha={self.config.alpha}, {adapted} adapted modules, "
+            f"{n:,} trainable elements{mode})"
+        )
+
+
+def _flatten(lora: Lora):
+    keys = tuple(lora.keys())
+    return [lora[k] for k in keys], (keys, lora.config, lora.model_config, lora.training)
+
+
+def _unflatten(values, context) -> Lora:
+    keys, config, model_config, training = context
+    return Lora(dict(zip(keys, values, strict=True)), config, model_config, training)
+
+
+def _flatten_with_keys(lora: Lora):
+    values, context = _flatten(lora)
+    return [(pytree.MappingKey(k), v) for k, v in zip(context[0], values, strict=True)], context
+
+
+pytree.register_pytree_node(
+    Lora,
+    _flatten,
+    _unflatten,
+    serialized_type_name="fnlm.lora.Lora",
+    flatten_with_keys_fn=_flatten_with_keys,
+)
+
+
+def train_mode(lora: Lora, enabled: bool = True) -> Lora:
+    """The same adapters (no copies) with dropout on (`enabled`) or off. forward/loss stay pure:
+    the mode is part of their input. `fnlm.loss(params, batch, lora=train_mode(lora))`."""
+    return Lora(lora, lora.config, lora.model_config, training=enabled)
+
+
+def parameters(lora: Lora) -> list[torch.Tensor]:
+    """The trainable tensors, in a stable order: `torch.optim.AdamW(fnlm.lora.parameters(lora))`."""
+    return pytree.tree_leaves(lora)
+
+
+# ---------------------------------------------------------------------------------------------
+# Adapted leaves: what the decoder sees after `attach`
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class LoraLinear:
+    """A linear weight W (dense or quantized) plus scale·B·A, with dropout on the adapter input
+    in training: y = x W^T + bias + scale · (dropout(x) A^T) B^T, as PEFT's lora.Linear computes it
+    (the adapter path in the adapters' dtype, the sum cast back to the base output's dtype)."""
+
+    weight: Any  # [out, in] tensor or quantized leaf
+    a: torch.Tensor  # [r, in]
+    b: torch.Tensor  # [out, r]
+    scale: float
+    dropout: float = 0.0
+    training: bool = False
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size(self.weight.shape)
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return lora_linear(
+            x, self.weight, self.a, self.b, self.scale, bias,
+            dropout=self.dropout, training=self.training,
+        )  # fmt: skip
+
+    def merged_weight(self) -> torch.Tensor:
+        """W + scale·B·A [out, in] in W's compute dtype (summed in fp32); differentiable in A, B.
+        Used for the lm head by the fused cross-entropy, which never sees the adapter input, so
+        no dropout applies there."""
+        w = quant.dequantize(self.weight)
+        delta = (self.b.float() @ self.a.float()) * self.scale
+        return (w.float() + delta).to(w.dtype)
+
+
+@dataclass(frozen=True, eq=False)
+class LoraEmbedding:
+    """An embedding table W [vocab, hidden] plus PEFT's embedding adapter: rows of A^T [vocab, r]
+    looked up per token, times B^T [r, hidden], times scale. PEFT applies no dropout here."""
+
+    weight: Any  # [vocab, hidden]
+    a: torch.Tensor  # [r, vocab]
+    b: torch.Tensor  # [hidden, r]
+    scale: float
+    padding_idx: int | None = None
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size(self.weight.shape)
+
+    def embedding(self, tokens: torch.Tensor) -> torch.Tensor:
+        base = F.embedding(tokens, quant.dequantize(self.weight))
+        # padding_idx only zeroes the gradient of the pad row, as in transformers' nn.Embedding
+        # (PEFT passes the base layer's padding_idx to the adapter lookup too).
+        after_a = F.embedding(tokens, self.a.t(), padding_idx=self.padding_idx)
+        delta = (after_a @ self.b.t()) * self.scale
+        return (base + delta).to(base.dtype)
+
+    def merged_weight(self) -> torch.Tensor:
+        w = quant.dequantize(self.weight)
+        delta = (self.b.float() @ self.a.float()).t() * self.scale
+        return (w.float() + delta).to(w.dtype)
+
+
+@dataclass(frozen=True, eq=False)
+class SavedEmbedding:
+    """A trainable copy of the embedding table (modules_to_save). transformers' nn.Embedding has
+    padding_idx = pad_token_id, so the pad row gets no gradient; the copy keeps that."""
+
+    weight: torch.Tensor  # [vocab, hidden]
+    padding_idx: int | None = None
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.weight.shape
+
+    def embedding(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.embedding(tokens, self.weight, padding_idx=self.padding_idx)
+
+    def merged_weight(self) -> torch.Tensor:
+        return self.weight
+
+
+pytree.register_pytree_node(
+    SavedEmbedding,
+    lambda e: ([e.weight], e.padding_idx),
+    lambda values, padding_idx: SavedEmbedding(values[0], padding_idx),
+    serialized_type_name="fnlm.lora.SavedEmbedding",
+    flatten_with_keys_fn=lambda e: ([(pytree.GetAttrKey("weight"), e.weight)], e.padding_idx),
+)
+
+
+def _register_adapted(cls, statics: tuple[str, ...]) -> None:
+    def flatten(leaf):
+        return [leaf.weight, leaf.a, leaf.b], tuple(getattr(leaf, s) for s in statics)
+
+    def unflatten(values, context):
+        return cls(*values, **dict(zip(statics, context, strict=True)))
+
+    def flatten_with_keys(leaf):
+        values, context = flatten(leaf)
+        keys = [pytree.GetAttrKey(k) for k in ("weight", "a", "b")]
+        return list(zip(keys, values, strict=True)), context
+
+    pytree.register_pytree_node(
+        cls,
+        flatten,
+        unflatten,
+        serialized_type_name=f"fnlm.lora.{cls.__name__}",
+        flatten_with_keys_fn=flatten_with_keys,
+    )
+
+
+_register_adapted(LoraLinear, ("scale", "dropout", "training"))
+_register_adapted(LoraEmbedding, ("scale", "padding_idx"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Module table: params paths <-> transformers module names, from the family's weight_names
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Module:
+    name: str  # transformers module name, "model.layers.0.self_attn.q_proj"
+    weight: tuple  # param path of its weight, ("layers", 0, "attn", "q")
+    shape: tuple[int, ...]  # weight shape as stored: [out, in], or [vocab, hidden] for embed
+    bias: tuple | None = None  # param path of its bias
+    bias_shape: tuple[int, ...] | None = None
+
+    @property
+    def embedding(self) -> bool:
+        return self.weight == ("embed",)
+
+    @property
+    def names(self) -> tuple[str, str]:
+        """The names patterns and targets match against: fnlm path, then transformers name."""
+        return (path_name(self.weight), self.name)
+
+    def io(self) -> tuple[int, int]:
+        """(in_features, out_features) in PEFT's sense (an embedding's in is the vocabulary)."""
+        if self.embedding:
+            return self.shape[0], self.shape[1]
+        return self.shape[1], self.shape[0]
+
+
+def _order_key(model_type: str):
+    """Sort key putting modules in the order transformers creates them: embed, each layer
+    (attention, then MLP), the rest, lm_head."""
+    order = _LAYER_ORDER_OF.get(model_type, _LAYER_ORDER)
+
+    def key(module: _Module) -> tuple:
+        path = module.weight
+        if path == ("embed",):
+            return (0,)
+        if path[0] != "layers":
+            return (3,) if path == ("lm_head",) else (2,)
+        rank = tuple(
+            part if isinstance(part, int) else order.index(part) if part in order else len(order)
+            for part in path[2:]
+        )
+        return (1, path[1], rank)
+
+    return key
+
+
+@lru_cache(maxsize=32)
+def _modules(config: ModelConfig) -> tuple[_Module, ...]:
+    """Every module with a weight, in the order transformers creates them."""
+    from fnlm.models import family
+
+    weights: dict[str, tuple] = {}
+    biases: dict[str, tuple] = {}
+    for hf_name, (path, shape) in family(config.model_type).weight_names(config).items():
+        module, _, kind = hf_name.rpartition(".")
+        (biases if kind == "bias" else weights)[module] = (tuple(path), tuple(shape))
+    if "lm_head" not in weights:  # tied: same tensor as embed, but PEFT sees a module of its own
+        weights["lm_head"] = (("lm_head",), (config.vocab_size, config.hidden_size))
+    modules = [
+        _Module(
+            name,
+            path,
+            shape,
+            biases.get(name, (None, None))[0],
+            biases.get(name, (None, None))[1],
+        )
+        for name, (path, shape) in weights.items()
+        if not _in_moe_block(config, path)
+    ]
+    return tuple(sorted(modules, key=_order_key(config.model_type)))
+
+
+def _in_moe_block(config: ModelConfig, path: tuple) -> bool:
+    """An MLP module of a mixture-of-experts model. transformers 5 holds the experts as fused 3-D
+    parameters and the router as a plain parameter, and peft 0.21 turns "gate_proj" / "up_proj" /
+    "down_proj" targets of such a model into target_parameters on the experts (so not even a dense
+    layer's or the shared expert's MLP gets them): a LoRA fnlm does not implement, so MLP modules
+    of MoE models are neither targets nor saved modules."""
+    return bool(config.num_experts) and path[0] == "layers" and path[2] == "mlp"
+
+
+def _adaptable(module: _Module) -> bool:
+    """A matrix that is not a norm weight (Cohere's per-head q/k norm weights are 2-D)."""
+    return len(module.shape) == 2 and "norm" not in module.weight[-1]
+
+
+@lru_cache(maxsize=32)
+def _by_path(config: ModelConfig) -> dict[tuple, _Module]:
+    return {m.weight: m for m in _modules(config)}
+
+
+@lru_cache(maxsize=32)
+def _by_name(config: ModelConfig) -> dict[str, _Module]:
+    return {m.name: m for m in _modules(config)}
+
+
+def _short_name(module: _Module, peft_names: bool) -> str:
+    return module.name.rpartition(".")[2] if peft_names else module.weight[-1]
+
+
+def _matches_target(target: str, names: tuple[str, ...]) -> bool:
+    """PEFT's rule for a list entry: the module name equals it or ends with "." + it."""
+    return any(name == target or name.endswith("." + target) for name in names)
+
+
+def _pattern_value(pattern: tuple[tuple[str, Any], ...], names: tuple[str, ...], default: Any):
+    """PEFT's get_pattern_key: the first key that regex-matches the end of a module name."""
+    for key, value in pattern:
+        if any(re.match(rf"(.*\.)?({key})$", name) for name in names):
+            return value
+    return default
+
+
+def _select(config: ModelConfig, targets, what: str) -> list[_Module]:
+    """The modules `targets` names (a list of names, PEFT's regex string, or "all-linear")."""
+    modules = _modules(config)
+    if isinstance(targets, str):
+        if targets == ALL_LINEAR_SHORTHAND:
+            return [m for m in modules if _adaptable(m) and m.weight[0] == "layers"]
+        chosen = [m for m in modules if any(re.fullmatch(targets, n) for n in m.names)]
+        if not chosen:
+            raise LoraError(
+                f"{what} pattern {targets!r} matches no module of this {config.model_type} model"
+            )
+        return chosen
+    # As in PEFT, entries that match nothing are fine (ALL_LINEAR names "gate" and "qkv" for
+    # every family); only a list that matches nothing at all is an error.
+    chosen = [m for m in modules if any(_matches_target(t, m.names) for t in targets)]
+    if not chosen:
+        available = ", ".join(sorted(target_names(config)))
+        raise LoraError(
+            f"{what} {list(targets)} match no module of this {config.model_type} model; "
+            f"names it has: {available}"
+        )
+    return chosen
+
+
+def target_names(config: ModelConfig) -> dict[str, str]:
+    """{fnlm leaf name: transformers module name} of the modules LoRA can adapt in this
+    architecture, e.g. {"q": "q_proj", ..., "embed": "embed_tokens", "lm_head": "lm_head"}.
+    The MLPs of mixture-of-experts layers are left out (see `_in_moe_block`)."""
+    return {m.weight[-1]: _short_name(m, True) for m in _modules(config) if _adaptable(m)}
+
+
+# ---------------------------------------------------------------------------------------------
+# init
+# ---------------------------------------------------------------------------------------------
+
+
+def init(
+    params: Params,
+    r: int = 16,
+    alpha: float = 16,
+    targets: tuple[str, ...] | str = ALL_LINEAR,
+    dropout: float = 0.0,
+    bias: str = "none",
+    rslora: bool = False,
+    seed: int = 3407,
+    modules_to_save: tuple[str, ...] = (),
+    *,
+    rank_pattern: dict[str, int] | None = None,
+    alpha_pattern: dict[str, float] | None = None,
+    dtype: torch.dtype = torch.float32,
+    base_model_name_or_path: str | None = None,
+) -> Lora:
+    """Fresh adapters for `params`, initialised exactly as PEFT does.
+
+    targets: fnlm leaf names ("q", "gate", "embed", "lm_head", or paths "layers.0.attn.q"),
+        transformers names ("q_proj", "model.layers.0.mlp.down_proj"), a regex string, or
+        "all-linear". Linear A is kaiming-uniform(a=sqrt(5)) and B zero; the embedding's A is
+        zero and B standard normal. The values equal PEFT's after `torch.manual_seed(seed);
+        get_peft_model(model, LoraConfig(...))` (drawn from a private CPU generator, in the order
+        PEFT visits the modules), so the global RNG is untouched.
+    scale: alpha / r, or alpha / sqrt(r) with rslora. rank_pattern / alpha_pattern: {pattern: value}
+        per module, matched as PEFT matches them (see `LoraConfig`).
+    bias: "none", "all" (every bias of the model trainable) or "lora_only" (those of adapted modules).
+    modules_to_save: modules trained in full (e.g. ("lm_head",)): a trainable copy replaces them.
+    dtype: of A and B (fp32 by default, as PEFT keeps adapters over a 16-bit base).
+
+    Returns a `Lora` whose tensors (all requiring grad) sit on the base weights' device.
+    Raises LoraError for a target that names no module or a non-matrix weight, ArgumentError for
+    invalid r, dropout or bias.
+    """
+    config = params.config
+    if not isinstance(r, int) or r <= 0:
+        raise ArgumentError(f"lora.init: r must be a positive integer, got {r!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ArgumentError(f"lora.init: dropout must lie in [0, 1), got {dropout!r}")
+    if bias not in BIAS_MODES:
+        raise ArgumentError(f"lora.init: bias must be one of {BIAS_MODES}, got {bias!r}")
+    for name, pattern in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
+        for key, value in (pattern or {}).items():
+            if name == "rank_pattern" and (not isinstance(value, int) or value <= 0):
+                raise ArgumentError(
+                    f"lora.init: {name}[{key!r}] must be a positive integer, got {value!r}"
+                )
+    if isinstance(targets, list):
+        targets = tuple(targets)
+    lora_config = LoraConfig(
+        r=r,
+        alpha=alpha,
+        targets=targets,
+        dropout=float(dropout),
+        bias=bias,
+        rslora=rslora,
+        modules_to_save=tuple(modules_to_save),
+        rank_pattern=tuple((rank_pattern or {}).items()),
+        alpha_pattern=tuple((alpha_pattern or {}).items()),
+        base_model_name_or_path=base_model_name_or_path,
+    )
+    adapted = _select(config, targets, "targets")
+    saved = _select(config, tuple(modules_to_save), "modules_to_save") if modules_to_save else []
+    for module in adapted:
+        if not _adaptable(module):
+            raise LoraError(
+                f"lora.init: target {path_name(module.weight)} ({module.name}) is a norm weight of "
+                f"shape {module.shape}; LoRA adapts linear layers, embed and lm_head (train norms "
+                "with modules_to_save)"
+            )
+        if module in saved:
+            raise LoraError(
+                f"lora.init: {path_name(module.weight)} is both a target and in modules_to_save; pick one"
+            )
+
+    tree: dict = {"layers": [{} for _ in range(config.num_layers)]}
+    generator = torch.Generator().manual_seed(seed)
+    for module in adapted:
+        rank = _pattern_value(lora_config.rank_pattern, module.names, r)
+        a, b = _initial_adapter(module, rank, generator)
+        device = get_path(params, module.weight).device
+        set_path(
+            tree,
+            module.weight,
+            {"a": _trainable(a, dtype, device), "b": _trainable(b, dtype, device)},
+        )
+    for module in saved:
+        for path in (module.weight, module.bias):
+            if path is not None:
+                set_path(tree, path, _trainable_copy(get_path(params, path)))
+    if bias != "none":
+        owners = _modules(config) if bias == "all" else adapted
+        for module in owners:
+            if module.bias is not None and module not in saved:
+                set_path(tree, module.bias, _trainable_copy(get_path(params, module.bias)))
+    return Lora(tree, lora_config, config)
+
+
+def _initial_adapter(module: _Module, r: int, generator: torch.Generator):
+    """(A, B) as PEFT leaves them, consuming the generator exactly as PEFT consumes the global RNG."""
+    in_features, out_features = module.io()
+    if module.embedding:
+        # Embedding.update_layer draws randn A and B, then reset_lora_parameters zeroes A and
+        # redraws B from a standard normal.
+        torch.randn((r, in_features), generator=generator)
+        torch.randn((out_features, r), generator=generator)
+        return torch.zeros(r, in_features), torch.randn((out_features, r), generator=generator)
+    # nn.Linear(in, r) and nn.Linear(r, out) initialise themselves on construction, then
+    # reset_lora_parameters draws A again (kaiming-uniform, a=sqrt(5)) and zeroes B.
+    _kaiming((r, in_features), generator)
+    _kaiming((out_features, r), generator)
+    return _kaiming((r, in_features), generator), torch.zeros(out_features, r)
+
+
+def _kaiming(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+    t = torch.empty(shape)
+    torch.nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=generator)
+    return t
+
+
+def _trainable(t: torch.Tensor, dtype: torch.dtype, device) -> torch.Tensor:
+    return t.to(device=device, dtype=dtype).requires_grad_(True)
+
+
+def _trainable_copy(w) -> torch.Tensor:
+    return quant.dequantize(w).detach().clone().requires_grad_(True)
+
+
+# ---------------------------------------------------------------------------------------------
+# attach / merge
+# ---------------------------------------------------------------------------------------------
+
+
+def _is_adapter(node) -> bool:
+    return isinstance(node, dict) and set(node) == {"a", "b"}
+
+
+def _entries(lora) -> list[tuple[tuple, Any]]:
+    """(path, adapter dict or replacement tensor) of every entry of a lora tree."""
+    out = []
+
+    def walk(node, path):
+        if _is_adapter(node) or isinstance(node, torch.Tensor):
+            out.append((path, node))
+        elif isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, (*path, k))
+        elif isinstance(node, list | tuple):
+            for i, v in enumerate(node):
+                walk(v, (*path, i))
+
+    walk(lora, ())
+    return out
+
+
+def _replace_paths(params: Params, values: dict[tuple, Any], config: ModelConfig) -> Params:
+    """A shallow copy of params with the leaves at `values`' paths replaced (nothing else copied)."""
+
+    def copy(node, path):
+        children = {p[len(path)] for p in values if len(p) > len(path) and p[: len(path)] == path}
+        if not children:
+            return values.get(path, node)
+        new = list(node) if isinstance(node, list | tuple) else dict(node)
+        for key in children:
+            new[key] = copy(node[key], (*path, key))
+        return new
+
+    return Params(copy(dict(params), ()), config)
+
+
+def _base_leaf(params: Params, path: tuple):
+    try:
+        return get_path(params, path)
+    except (KeyError, IndexError, TypeError):
+        raise LoraError(
+            f"the adapter has an entry at {path_name(path)}, which this {params.config.model_type} "
+            f"model ({params.config.num_layers} layers) does not have; was it made for another base model?"
+        ) from None
+
+
+def _check_adapter(path: tuple, node: dict, base, module: _Module | None) -> None:
+    a, b = node["a"], node["b"]
+    shape = tuple(base.shape)
+    if module is not None and module.embedding:
+        want_a, want_b = (a.shape[0], shape[0]), (shape[1], a.shape[0])
+    else:
+        want_a, want_b = (a.shape[0], shape[1]), (shape[0], a.shape[0])
+    if a.dim() != 2 or b.dim() != 2 or tuple(a.shape) != want_a or tuple(b.shape) != want_b:
+        raise LoraError(
+            f"adapter {path_name(path)}: a {tuple(a.shape)} and b {tuple(b.shape)} do not fit the base "
+            f"weight of shape {shape} (expected a (r, {want_a[1]}) and b ({want_b[0]}, r))"
+        )
+
+
+def attach(params: Params, lora: Lora, *, training: bool | None = None) -> Params:
+    """Params whose adapted leaves are `LoraLinear` / `LoraEmbedding` and whose saved modules and
+    trainable biases are the lora's tensors. Cheap: nothing is copied but the containers on the
+    way to a replaced leaf. `fnlm.forward` / `fnlm.loss` call it when given `lora=`.
+
+    training: dropout on the adapter inputs; default `lora.training` (see `train_mode`).
+    Raises LoraError when an entry has no counterpart in params or its shapes do not fit.
+    """
+    training = lora.training if training is None else training
+    config = params.config
+    modules = _by_path(config)
+    values: dict[tuple, Any] = {}
+    for path, node in _entries(lora):
+        base = _base_leaf(params, path)
+        module = modules.get(path)
+        if not _is_adapter(node):
+            if tuple(node.shape) != tuple(base.shape):
+                raise LoraError(
+                    f"adapter entry {path_name(path)} has shape {tuple(node.shape)} but the base "
+                    f"tensor has shape {tuple(base.shape)}"
+                )
+            embed = module is not None and module.embedding
+            values[path] = SavedEmbedding(node, _padding_idx(config)) if embed else node
+            continue
+        _check_adapter(path, node, base, module)
+        names = module.names if module is not None else (path_name(path),)
+        scale = lora.config.scale(node["a"].shape[0], names)
+        if module is not None and module.embedding:
+            values[path] = LoraEmbedding(base, node["a"], node["b"], scale, _padding_idx(config))
+        else:
+            values[path] = LoraLinear(
+                base, node["a"], node["b"], scale, lora.config.dropout, training
+            )
+    return _replace_paths(params, values, config)
+
+
+def _padding_idx(config: ModelConfig) -> int | None:
+    pad = config.pad_token_id
+    return pad if pad is not None and 0 <= pad < config.vocab_size else None
+
+
+def merge(params: Params, lora: Lora) -> Params:
+    """Plain params with the adapters folded in: W + scale·B·A summed in fp32 (quantized bases
+    dequantized first), cast to the base's compute dtype; saved modules and biases copied in.
+    The result needs no lora and holds no tensor that requires grad.
+
+    With tied embeddings, adapting embed or lm_head unties them (the other keeps the base
+    weight, as the unmerged model computes), and the config says tie_word_embeddings=False.
+    """
+    attached = attach(params, lora, training=False)
+    values = {}
+    with torch.no_grad():
+        for path, _ in _entries(lora):
+            leaf = get_path(attached, path)
+            merged = leaf.merged_weight() if hasattr(leaf, "merged_weight") else leaf
+            values[path] = merged.detach().clone()
+    config = params.config
+    touched = {("embed",), ("lm_head",)} & set(values)
+    if config.tie_word_embeddings and touched:
+        config = config.replace(tie_word_embeddings=False)
+    return _replace_paths(params, values, config)
+
+
+# ---------------------------------------------------------------------------------------------
+# save / load in PEFT's format
+# ---------------------------------------------------------------------------------------------
+
+# adapter_config.json as peft 0.21 writes it for a plain LoRA of a causal LM; save fills in the
+# adapter's own fields. Keys are sorted as PEFT sorts them.
+_PEFT_DEFAULTS: dict[str, Any] = {
+    "alora_invocation_tokens": None,
+    "alpha_pattern": {},
+    "arrow_config": None,
+    "auto_mapping": None,
+    "base_model_name_or_path": None,
+    "bias": "none",
+    "corda_config": None,
+    "ensure_weight_tying": False,
+    "eva_config": None,
+    "exclude_modules": None,
+    "fan_in_fan_out": False,
+    "inference_mode": True,
+    "init_lora_weights": True,
+    "kasa_config": None,
+    "layer_replication": None,
+    "layers_pattern": None,
+    "layers_to_transform": None,
+    "loftq_config": {},
+    "lora_alpha": 8,
+    "lora_bias": False,
+    "lora_dropout": 0.0,
+    "lora_ga_config": None,
+    "megatron_config": None,
+    "megatron_core": "megatron.core",
+    "modules_to_save": None,
+    "monteclora_config": None,
+    "peft_type": "LORA",
+    "peft_version": PEFT_FORMAT_VERSION,
+    "qalora_group_size": 16,
+    "r": 8,
+    "rank_pattern": {},
+    "revision": None,
+    "target_modules": None,
+    "target_parameters": None,
+    "task_type": "CAUSAL_LM",
+    "trainable_token_indices": None,
+    "use_bdlora": None,
+    "use_dora": False,
+    "use_qalora": False,
+    "use_rslora": False,
+    "velora_config": None,
+}
+
+# Options of a PEFT LoRA that change its computation in ways fnlm does not implement.
+_UNSUPPORTED = {
+    "use_dora": "DoRA",
+    "lora_bias": "a bias on lora_B",
+    "fan_in_fan_out": "Conv1D (fan_in_fan_out) layers",
+    "layer_replication": "layer replication",
+    "trainable_token_indices": "trainable tokens",
+    "target_parameters": "LoRA on parameters",
+    "alora_invocation_tokens": "activated LoRA",
+    "use_qalora": "QA-LoRA",
+    "use_bdlora": "BD-LoRA",
+    "arrow_config": "Arrow routing",
+    "kasa_config": "KaSA",
+    "velora_config": "VeLoRA",
+    "monteclora_config": "MonteCLoRA",
+}
+
+
+def _names_for(modules: list[_Module], config: ModelConfig) -> list[str]:
+    """Short transformers names ("q_proj") when they pick out exactly `modules`, else full names."""
+    shorts = sorted({_short_name(m, True) for m in modules})
+    covered = [m for m in _modules(config) if any(_matches_target(s, (m.name,)) for s in shorts)]
+    if set(covered) == set(modules):
+        return shorts
+    return sorted(m.name for m in modules)
+
+
+def _json_number(value: float) -> float | int:
+    return int(value) if float(value).is_integer() else float(value)
+
+
+def save(
+    directory: str | os.PathLike,
+    lora: Lora,
+    *,
+    params: Params | None = None,
+    base_model_name_or_path: str | None = None,
+) -> Path:
+    """Write `adapter_config.json` + `adapter_model.safetensors` as PEFT writes them for the
+    transformers model of `lora.model_config`, so `PeftModel.from_pretrained(model, directory)`
+    loads it. Each file is written to a temporary name and renamed into place.
+
+    params: the base; when given and embed / lm_head are adapted, their base weights are stored
+        too, as PEFT does (needed only by readers that check them; fnlm.lora.load does).
+    base_model_name_or_path: recorded in the config (default: the lora config's).
+    Returns the directory.
+    """
+    from safetensors.torch import save_file
+
+    config = lora.model_config
+    by_path = _by_path(config)
+    adapted: list[_Module] = []
+    tensors: dict[str, torch.Tensor] = {}
+    replaced: list[tuple[tuple, torch.Tensor]] = []
+    for path, node in _entries(lora):
+        if _is_adapter(node):
+            if path not in by_path:
+                raise LoraError(f"lora.save: no transformers module for adapter {path_name(path)}")
+            adapted.append(by_path[path])
+        else:
+            replaced.append((path, node))
+    adapted.sort(key=_order_key(config.model_type))
+    for module in adapted:
+        node = get_path(lora, module.weight)
+        kind = (
+            ("lora_embedding_A", "lora_embedding_B")
+            if module.embedding
+            else ("lora_A.weight", "lora_B.weight")
+        )
+        tensors[f"{PEFT_PREFIX}{module.name}.{kind[0]}"] = node["a"]
+        tensors[f"{PEFT_PREFIX}{module.name}.{kind[1]}"] = node["b"]
+
+    weight_owner = {m.weight: m for m in _modules(config)}
+    bias_owner = {m.bias: m for m in _modules(config) if m.bias is not None}
+    saved: list[_Module] = []
+    for path, tensor in replaced:
+        if path in weight_owner:
+            module = weight_owner[path]
+            saved.append(module)
+            tensors[f"{PEFT_PREFIX}{module.name}.weight"] = tensor
+        elif path in bias_owner:
+            module = bias_owner[path]
+            # A bias of an adapted module lives on the LoRA layer's base_layer.
+            inner = ".base_layer" if module in adapted else ""
+            tensors[f"{PEFT_PREFIX}{module.name}{inner}.bias"] = tensor
+        else:
+            raise LoraError(
+                f"lora.save: no transformers tensor for adapter entry {path_name(path)}"
+            )
+
+    target_modules = _names_for(adapted, config) if adapted else []
+    # PEFT's save_embedding_layers="auto": with an embedding layer among target_modules, the
+    # adapted embedding layers' base weights go into the file.
+    if params is not None and {"embed_tokens", "lm_head"} & set(target_modules):
+        for module in adapted:
+            if module.weight in (("embed",), ("lm_head",)):
+                base = quant.dequantize(get_path(params, module.weight))
+                tensors[f"{PEFT_PREFIX}{module.name}.base_layer.weight"] = base
+
+    lc = lora.config
+    rank_pattern, alpha_pattern = {}, {}
+    for module in adapted:
+        rank = get_path(lora, module.weight)["a"].shape[0]
+        alpha = _pattern_value(lc.alpha_pattern, module.names, lc.alpha)
+        if rank != lc.r:
+            rank_pattern[module.name] = rank
+        if alpha != lc.alpha:
+            alpha_pattern[module.name] = _json_number(alpha)
+    doc = dict(_PEFT_DEFAULTS)
+    doc.update(
+        r=lc.r,
+        lora_alpha=_json_number(lc.alpha),
+        lora_dropout=lc.dropout,
+        bias=lc.bias,
+        use_rslora=lc.rslora,
+        target_modules=target_modules,
+        modules_to_save=_names_for(saved, config) if saved else None,
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+        base_model_name_or_path=base_model_name_or_path or lc.base_model_name_or_path,
+    )
+    if config.num_experts:  # peft converts MoE configs for transformers 5, leaving this empty list
+        doc["target_parameters"] = []
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    contiguous, seen = {}, set()
+    for key, tensor in tensors.items():
+        tensor = tensor.detach().contiguous().cpu()
+        if (
+            tensor.data_ptr() in seen
+        ):  # tied embed / lm_head: safetensors refuses aliases, PEFT copies
+            tensor = tensor.clone()
+        seen.add(tensor.data_ptr())
+        contiguous[key] = tensor
+    _atomic_write(
+        directory / WEIGHTS_FILE, lambda p: save_file(contiguous, p, metadata={"format": "pt"})
+    )
+    text = json.dumps(doc, indent=2, sort_keys=True)
+    _atomic_write(directory / CONFIG_FILE, lambda p: Path(p).write_text(text))
+    return directory
+
+
+def _atomic_write(target: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+_LORA_KEYS = {
+    ".lora_A.weight": "a",
+    ".lora_B.weight": "b",
+    ".lora_embedding_A": "a",
+    ".lora_embedding_B": "b",
+}
+
+
+def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    if (directory / WEIGHTS_FILE).exists():
+        from safetensors.torch import load_file
+
+        return load_file(directory / WEIGHTS_FILE)
+    if (directory / LEGACY_WEIGHTS_FILE).exists():
+        return torch.load(directory / LEGACY_WEIGHTS_FILE, map_location="cpu", weights_only=True)
+    raise LoraError(
+        f"{directory} has no {WEIGHTS_FILE} (nor {LEGACY_WEIGHTS_FILE}); is it a PEFT adapter?"
+    )
+
+
+def _read_config(directory: Path) -> dict:
+    path = directory / CONFIG_FILE
+    if not path.exists():
+        raise LoraError(
+            f"{path} does not exist; a PEFT adapter directory holds {CONFIG_FILE} and {WEIGHTS_FILE}"
+        )
+    try:
+        doc = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise LoraError(f"{path} is not valid JSON: {e}") from None
+    if doc.get("peft_type", "LORA") != "LORA":
+        raise LoraError(
+            f"{path}: peft_type is {doc.get('peft_type')!r}; fnlm reads LoRA adapters only"
+        )
+    for key, what in _UNSUPPORTED.items():
+        if doc.get(key):
+            raise LoraError(f"{path}: {key}={doc[key]!r} ({what}) is not supported by fnlm")
+    if doc.get("bias", "none") not in BIAS_MODES:
+        raise LoraError(f"{path}: bias={doc['bias']!r}; expected one of {BIAS_MODES}")
+    return doc
+
+
+def load(
+    directory: str | os.PathLike,
+    params: Params,
+    *,
+    trainable: bool = True,
+    dtype: torch.dtype = torch.float32,
+) -> Lora:
+    """Read a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) for `params`.
+
+    Understands what PEFT writes for a causal LM: lora_A/B of linear layers, lora_embedding_A/B,
+    rank_pattern / alpha_pattern, use_rslora, lora_dropout, modules_to_save and biases
+    (bias="all" / "lora_only"), and the base embedding weights PEFT stores when embed / lm_head
+    are targeted (checked against the base, not used). A and B are loaded in `dtype`, saved
+    modules and biases in the base's dtype, all on the base's device, requiring grad when
+    `trainable`.
+
+    Raises LoraError when a tensor names a module the base lacks, its shape does not fit the
+    base weight (the message names the tensor and both shapes), A and B disagree on the rank,
+    or the config asks for a LoRA variant fnlm does not implement.
+    """
+    directory = Path(directory)
+    doc = _read_config(directory)
+    tensors = _read_tensors(directory)
+    config = params.config
+    by_name = _by_name(config)
+    bias_by_name = {m.name + ".bias": m for m in _modules(config) if m.bias is not None}
+    described = (
+        f"this {config.model_type} model ({config.num_layers} layers, hidden {config.hidden_size})"
+    )
+
+    rank_pattern = tuple((doc.get("rank_pattern") or {}).items())
+    targets = doc.get("target_modules") or ()
+    lora_config = LoraConfig(
+        r=int(doc.get("r", 8)),
+        alpha=doc.get("lora_alpha", 8),
+        targets=targets if isinstance(targets, str) else tuple(targets),
+        dropout=float(doc.get("lora_dropout") or 0.0),
+        bias=doc.get("bias", "none"),
+        rslora=bool(doc.get("use_rslora", False)),
+        modules_to_save=tuple(doc.get("modules_to_save") or ()),
+        rank_pattern=rank_pattern,
+        alpha_pattern=tuple((doc.get("alpha_pattern") or {}).items()),
+        base_model_name_or_path=doc.get("base_model_name_or_path"),
+    )
+
+    def module_of(key: str, name: str) -> _Module:
+        if name not in by_name:
+            raise LoraError(
+                f"adapter tensor {key} belongs to module {name}, which {described} does not have; "
+                "was the adapter trained for another base model?"
+            )
+        return by_name[name]
+
+    def expect(key: str, tensor: torch.Tensor, shape: tuple, base_shape: tuple, base: str) -> None:
+        if tuple(tensor.shape) != tuple(shape):
+            raise LoraError(
+                f"adapter tensor {key} has shape {tuple(tensor.shape)}, but base weight {base} has "
+                f"shape {tuple(base_shape)}, which needs {tuple(shape)}; was the adapter trained for "
+                "another base model?"
+            )
+
+    halves: dict[_Module, dict[str, tuple[str, torch.Tensor]]] = {}
+    tree: dict = {"layers": [{} for _ in range(config.num_layers)]}
+    for key, tensor in tensors.items():
+        name = key.removeprefix(PEFT_PREFIX)
+        suffix = next((s for s in _LORA_KEYS if name.endswith(s)), None)
+        if suffix is not None:
+            module = module_of(key, name.removesuffix(suffix))
+            halves.setdefault(module, {})[_LORA_KEYS[suffix]] = (key, tensor)
+        elif name.endswith(".base_layer.weight"):
+            module = module_of(key, name.removesuffix(".base_layer.weight"))
+            _check_base_copy(key, tensor, params, module)
+        elif name.endswith(".weight") and name.removesuffix(".weight") in by_name:
+            module = by_name[name.removesuffix(".weight")]
+            expect(key, tensor, module.shape, module.shape, module.name + ".weight")
+            set_path(
+                tree, module.weight, _loaded(tensor, get_path(params, module.weight), trainable)
+            )
+        elif name.replace(".base_layer.bias", ".bias") in bias_by_name:
+            module = bias_by_name[name.replace(".base_layer.bias", ".bias")]
+            expect(key, tensor, module.bias_shape, module.bias_shape, module.name + ".bias")
+            set_path(tree, module.bias, _loaded(tensor, get_path(params, module.bias), trainable))
+        elif re.search(r"\.lora_|lora_magnitude_vector", name):
+            raise LoraError(f"adapter tensor {key} is of a LoRA variant fnlm does not implement")
+        else:
+            raise LoraError(
+                f"adapter tensor {key} matches no module of {described}; was the adapter trained for "
+                "another base model?"
+            )
+
+    for module in sorted(halves, key=_order_key(config.model_type)):
+        parts = halves[module]
+        if set(parts) != {"a", "b"}:
+            ((key, _),) = parts.values()
+            raise LoraError(
+                f"adapter tensor {key} has no {'lora_B' if 'a' in parts else 'lora_A'} partner"
+            )
+        (key_a, a), (key_b, b) = parts["a"], parts["b"]
+        in_features, out_features = module.io()
+        if a.dim() != 2 or b.dim() != 2:
+            raise LoraError(
+                f"adapter tensors {key_a} {tuple(a.shape)} and {key_b} {tuple(b.shape)} must be 2-D"
+            )
+        rank = a.shape[0]
+        weight = module.name + ".weight"
+        expect(key_a, a, (rank, in_features), module.shape, weight)
+        expect(key_b, b, (out_features, rank), module.shape, weight)
+        want = _pattern_value(rank_pattern, (module.name,), lora_config.r)
+        if rank != want:
+            raise LoraError(
+                f"adapter tensor {key_a} has rank {rank}, but adapter_config.json gives {module.name} "
+                f"rank {want} (r / rank_pattern)"
+            )
+        device = get_path(params, module.weight).device
+        set_path(
+            tree,
+            module.weight,
+            {
+                "a": a.to(device=device, dtype=dtype).requires_grad_(trainable),
+                "b": b.to(device=device, dtype=dtype).requires_grad_(trainable),
+            },
+        )
+    return Lora(tree, lora_config, config)
+
+
+def _loaded(tensor: torch.Tensor, base, trainable: bool) -> torch.Tensor:
+    return tensor.to(device=base.device, dtype=base.dtype).requires_grad_(trainable)
+
+
+def _check_base_copy(key: str, tensor: torch.Tensor, params: Params, module: _Module) -> None:
+    """PEFT stores targeted embedding layers' base weights; they must be the base model's."""
+    base = quant.dequantize(get_path(params, module.weight))
+    if tuple(tensor.shape) != tuple(base.shape):
+        raise LoraError(
+            f"adapter tensor {key} has shape {tuple(tensor.shape)}, but the base weight "
+            f"{module.name}.weight has shape {tuple(base.shape)}: the adapter was trained on another "
+            "(or a resized) base model"
+        )
+    ref = base.detach().float().cpu()
+    error = (tensor.float() - ref).abs().max().item() / max(ref.abs().max().item(), 1e-12)
+    if error > BASE_WEIGHT_REL_TOL:
+        raise LoraError(
+            f"adapter tensor {key} differs from the base model's {module.name}.weight (relative "
+            f"difference {error:.3g}): the adapter was trained on another base model"
+        )
