@@ -5,7 +5,7 @@ logits = fnlm.forward(params, tokens)          # [batch, seq, vocab]
 loss = fnlm.loss(params, {"tokens": tokens})   # fused linear + cross-entropy
 """
 
-from fnlm import lora
+from fnlm import data, lora, train  # noqa: F401  (fnlm.data, fnlm.train: submodules)
 from fnlm.config import ModelConfig
 from fnlm.errors import FnlmError
 from fnlm.generate import generate
