@@ -118,9 +118,13 @@ def stream_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor, Path]
 
 
 def is_quantizable(path: tuple, tensor: torch.Tensor) -> bool:
-    """Linear weights inside the decoder layers; embeddings, norms, biases and lm_head stay 16-bit."""
+    """Linear weights inside the decoder layers; embeddings, norms, biases, MoE routers and
+    lm_head stay 16-bit."""
     return (
-        path[0] == "layers" and tensor.dim() >= 2 and not str(path[-1]).endswith(("norm", "bias"))
+        path[0] == "layers"
+        and tensor.dim() >= 2
+        and not str(path[-1]).endswith(("norm", "bias"))
+        and path[-1] not in ("router", "shared_gate")
     )
 
 

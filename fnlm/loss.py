@@ -74,6 +74,13 @@ def lm_head_loss(
 
     head = params["lm_head"]
     weight = head.merged_weight() if hasattr(head, "merged_weight") else quant.dequantize(head)
+    config = params.config
     return kernels.fused_linear_cross_entropy(
-        x, weight, targets, ignore_index=IGNORE_INDEX, reduction=reduction
+        x,
+        weight,
+        targets,
+        ignore_index=IGNORE_INDEX,
+        reduction=reduction,
+        softcap=config.final_softcap,
+        logit_scale=config.logit_scale,
     )

@@ -549,11 +549,6 @@ def test_max_seq_length_keeps_the_checkpoint_scaling(case, capsys):
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="fnlm.loss does not pass config.logit_scale / config.final_softcap to "
-    "kernels.fused_linear_cross_entropy yet (change requested from the owner of fnlm/loss.py)",
-)
 @pytest.mark.parametrize(
     "case", ["gemma2-softcaps_window", "cohere-qk_norm", "granite-multipliers"]
 )
@@ -695,11 +690,6 @@ def test_nf4_logits_match_bitsandbytes(case):
     assert max_rel_error(ours, ref) <= FP32_REL_TOL
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="fnlm.load.is_quantizable quantizes every 2-D weight under layers, MoE routers "
-    "included; routers must stay 16-bit (change requested from the owner of fnlm/load.py)",
-)
 def test_nf4_keeps_moe_routers_16_bit():
     _, class_name, fields = next(c for c in FLAG_CASES if c[0] == "qwen2_moe-shared_expert")
     with saved_checkpoint(hf_config(class_name, fields)) as (_, directory):

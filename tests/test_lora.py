@@ -289,13 +289,8 @@ def test_tied_embeddings_with_embed_and_lm_head_adapted():
 # ------------------------------------------------------------------------------------------
 
 
-# fnlm.loss does not yet apply config.logit_scale / final_softcap (Cohere, Granite, Gemma2): the
-# lead is told; drop this set once lm_head_loss passes them to the fused cross-entropy.
-LOSS_WITHOUT_LOGIT_TRANSFORMS = {"cohere", "gemma2", "granite"}
-
-
 @given(
-    model_type=st.sampled_from(sorted(set(HF_CONFIGS) - LOSS_WITHOUT_LOGIT_TRANSFORMS)),
+    model_type=st.sampled_from(sorted(HF_CONFIGS)),
     data=st.data(),
     dropout=st.sampled_from([0.0, 0.25]),
 )

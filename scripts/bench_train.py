@@ -1,0 +1,324 @@
+"""Training speed and memory: fnlm QLoRA vs transformers + peft + bitsandbytes, same GPU, same process.
+
+    python scripts/bench_train.py --model llama-3.2-1b --model llama-3.1-8b [--longest] [--out $OUT]
+
+For each model: a random-init checkpoint of the real config (built as scripts/bench_generate.py
+builds it), LoRA r=16, alpha=16 on q, k, v, o, gate, up, down, random token batches of
+batch x seq (default 2 x 2048) whose labels are the tokens, fused AdamW, median of --steps steps
+after --warmup steps.
+- fnlm: fnlm.load(quant="nf4", bf16), fnlm.lora.init, fnlm.train.train_step with
+  fnlm.train.layer_function (per-layer activation checkpointing, torch.compile of the layer).
+- reference: transformers from_pretrained with BitsAndBytesConfig (NF4, double quant, bf16
+  compute), SDPA attention, peft get_peft_model, gradient checkpointing (non-reentrant),
+  model(input_ids, labels).loss.
+Reported: tokens/s, peak GiB (torch.cuda.max_memory_allocated over the timed steps, weights
+included), MFU = 4 N T / (time x 790e12) (GPU.md; N = parameters of the model), and fnlm / reference
+ratios. --longest: the longest sequence (batch 1) one training step fits in --cap-gib of memory
+(torch.cuda.set_per_process_memory_fraction) for fnlm (activation offload to CPU, MLP tiled) and
+the reference. Prints a table and writes bench_train.json (to --out, default $OUT or .).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
+from bench_generate import REAL_CONFIGS, write_checkpoint  # noqa: E402
+
+PEAK_FLOPS = 790e12  # bf16 matmul 8192^3 measured on the H100 (GPU.md)
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# --longest tries the goal (12x the reference's 4,096), then the stretch goal if it fits, else
+# shorter lengths until one fits; the reference goes up from 4,096 until one fails.
+GOAL, STRETCH, FALLBACKS = 49152, 65536, (32768, 16384, 8192)
+REFERENCE_LENGTHS = (4096, 6144, 8192)
+
+
+def clear() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+
+
+def parameter_count(name: str) -> int:
+    c = REAL_CONFIGS[name]
+    head_dim = c.get("head_dim", c["hidden_size"] // c["num_attention_heads"])
+    attn = (
+        c["hidden_size"] * head_dim * (2 * c["num_attention_heads"] + 2 * c["num_key_value_heads"])
+    )
+    mlp = 3 * c["hidden_size"] * c["intermediate_size"]
+    embed = c["vocab_size"] * c["hidden_size"] * (1 if c["tie_word_embeddings"] else 2)
+    return c["num_hidden_layers"] * (attn + mlp + 2 * c["hidden_size"]) + embed + c["hidden_size"]
+
+
+def batch_of(vocab: int, batch: int, seq: int, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab, (batch, seq), generator=g).cuda()
+    return {"tokens": tokens, "labels": tokens.clone()}
+
+
+def timed_steps(step, steps: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+class FnlmRun:
+    """fnlm QLoRA: params, adapters, optimizer and a step function for one batch."""
+
+    def __init__(self, directory: Path, *, checkpointing: str, compile: bool, mlp_chunk: int = 0):
+        import fnlm
+        from fnlm import train as train_lib
+
+        self.params, _ = fnlm.load(directory, quant="nf4", dtype=torch.bfloat16, device="cuda")
+        self.lora = fnlm.lora.init(self.params, r=16, alpha=16)
+        named = [(str(i), t) for i, t in enumerate(fnlm.lora.parameters(self.lora))]
+        self.tensors = [t for _, t in named]
+        self.optimizer = train_lib.build_optimizer(named, lr=1e-5)
+        self.scheduler = train_lib.build_scheduler(
+            self.optimizer, schedule="constant", total_steps=1
+        )
+        self.layer_fn = train_lib.layer_function(
+            checkpointing, compile=compile, mlp_chunk=mlp_chunk
+        )
+        self.lora_train = fnlm.lora.train_mode(self.lora)
+
+    def step(self, batch: dict) -> float:
+        import fnlm
+        from fnlm import train as train_lib
+
+        loss_fn = lambda b: fnlm.loss(
+            self.params, b, lora=self.lora_train, reduction="sum", layer_fn=self.layer_fn
+        )
+        result = train_lib.train_step(
+            loss_fn, [batch], self.optimizer, self.scheduler, self.tensors, max_grad_norm=1.0
+        )
+        return result["loss"]
+
+
+class ReferenceRun:
+    """transformers + peft + bitsandbytes QLoRA with non-reentrant gradient checkpointing."""
+
+    def __init__(self, directory: Path):
+        import peft
+        import transformers
+
+        quantization = transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )  # fmt: skip
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            directory, quantization_config=quantization, dtype=torch.bfloat16,
+            attn_implementation="sdpa", device_map={"": 0},
+        )  # fmt: skip
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+        config = peft.LoraConfig(r=16, lora_alpha=16, target_modules=TARGETS, task_type="CAUSAL_LM")
+        self.model = peft.get_peft_model(model, config).train()
+        self.tensors = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.tensors, lr=1e-5, fused=True)
+
+    def step(self, batch: dict) -> float:
+        loss = self.model(input_ids=batch["tokens"], labels=batch["labels"]).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.tensors, 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+
+def throughput(run, vocab: int, args, n_params: int) -> dict:
+    batch = batch_of(vocab, args.batch, args.seq)
+    losses = []
+    times = timed_steps(lambda: losses.append(run.step(batch)), args.steps, args.warmup)
+    seconds = statistics.median(times)
+    tokens = args.batch * args.seq
+    return {
+        "tokens_per_s": tokens / seconds,
+        "step_s": seconds,
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "mfu": 4 * n_params * tokens / (seconds * PEAK_FLOPS),
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+    }
+
+
+def try_lengths(run, vocab: int, lengths) -> dict:
+    """Whether one training step at batch 1 x seq fits, for each length (one loaded run)."""
+    out = {}
+    for seq in lengths:
+        try:
+            batch = batch_of(vocab, 1, seq)
+            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            run.step(batch)
+            torch.cuda.synchronize()
+            out[seq] = {"fits": True, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+                        "tokens_per_s": seq / (time.perf_counter() - start)}  # fmt: skip
+        except torch.OutOfMemoryError as e:
+            out[seq] = {"fits": False, "error": str(e).split("\n")[0][:200]}
+        finally:
+            run.optimizer.zero_grad(set_to_none=True)
+            clear()
+        print(f"  {seq}: {out[seq]}", flush=True)
+    return out
+
+
+def longest(name: str, directory: Path, args) -> dict:
+    vocab = REAL_CONFIGS[name]["vocab_size"]
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(args.cap_gib * 2**30 / total)
+    out: dict = {"cap_gib": args.cap_gib, "fnlm": {}, "reference": {}}
+    try:
+        run = FnlmRun(
+            directory, checkpointing="offload", compile=args.compile, mlp_chunk=args.mlp_chunk
+        )
+        print(
+            f"fnlm loaded under the cap: {torch.cuda.memory_allocated() / 2**30:.2f} GiB",
+            flush=True,
+        )
+        out["fnlm"] = try_lengths(run, vocab, [GOAL])
+        if out["fnlm"][GOAL]["fits"]:
+            out["fnlm"].update(try_lengths(run, vocab, [STRETCH]))
+        else:
+            for seq in FALLBACKS:
+                out["fnlm"].update(try_lengths(run, vocab, [seq]))
+                if out["fnlm"][seq]["fits"]:
+                    break
+        del run
+        clear()
+        if not args.skip_reference:
+            run = ReferenceRun(directory)
+            for seq in REFERENCE_LENGTHS:
+                out["reference"].update(try_lengths(run, vocab, [seq]))
+                if not out["reference"][seq]["fits"]:
+                    break
+            del run
+    finally:
+        clear()
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    best = lambda d: max((s for s, e in d.items() if e["fits"]), default=None)
+    out["fnlm_longest"], out["reference_longest"] = best(out["fnlm"]), best(out["reference"])
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", action="append", choices=sorted(REAL_CONFIGS))
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--checkpointing", default="layer", choices=["none", "layer", "offload"])
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--mlp-chunk", type=int, default=8192, help="MLP tile for --longest")
+    parser.add_argument("--longest", action="store_true", help="only the longest-sequence search")
+    parser.add_argument("--longest-model", default="llama-3.1-8b", choices=sorted(REAL_CONFIGS))
+    parser.add_argument("--cap-gib", type=float, default=16.0)
+    parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument(
+        "--checkpoints", default=".cache/bench", help="where the random checkpoints go"
+    )
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = parser.parse_args()
+
+    results: dict = {"device": torch.cuda.get_device_name(0), "args": vars(args), "models": {}}
+    out = Path(args.out) / "bench_train.json"
+    save = lambda: out.write_text(json.dumps(results, indent=2, default=str))
+    models = [] if args.longest else (args.model or ["llama-3.2-1b", "llama-3.1-8b"])
+    for name in models:
+        directory = Path(args.checkpoints) / name
+        started = time.perf_counter()
+        write_checkpoint(name, directory)
+        print(f"{name}: checkpoint ready in {time.perf_counter() - started:.0f} s", flush=True)
+        n_params, vocab = parameter_count(name), REAL_CONFIGS[name]["vocab_size"]
+        entry = results["models"][name] = {"params": n_params}
+        for who, make in (
+            (
+                "fnlm",
+                lambda d=directory: FnlmRun(
+                    d, checkpointing=args.checkpointing, compile=args.compile
+                ),
+            ),
+            ("reference", lambda d=directory: ReferenceRun(d)),
+        ):
+            if who == "reference" and args.skip_reference:
+                continue
+            run = None
+            try:
+                started = time.perf_counter()
+                run = make()
+                entry[who] = throughput(run, vocab, args, n_params)
+                entry[who]["wall_s"] = time.perf_counter() - started
+            except Exception as e:  # keep the other figures when one side fails
+                entry[who] = {"error": f"{type(e).__name__}: {e}"[:500]}
+                traceback.print_exc()
+                if who == "fnlm" and args.compile:  # measure eager rather than nothing
+                    run = None
+                    clear()
+                    try:
+                        run = FnlmRun(directory, checkpointing=args.checkpointing, compile=False)
+                        entry[who] = dict(
+                            throughput(run, vocab, args, n_params),
+                            compile_error=entry[who]["error"],
+                        )
+                    except Exception as e2:
+                        entry[who]["eager_error"] = f"{type(e2).__name__}: {e2}"[:500]
+            finally:
+                del run
+                clear()
+            print(f"  {who}: {entry[who]}", flush=True)
+            save()
+        if "tokens_per_s" in entry.get("fnlm", {}) and "tokens_per_s" in entry.get("reference", {}):
+            entry["speedup"] = entry["fnlm"]["tokens_per_s"] / entry["reference"]["tokens_per_s"]
+            entry["memory_ratio"] = entry["fnlm"]["peak_gib"] / entry["reference"]["peak_gib"]
+        save()
+    if args.longest:
+        name = args.longest_model
+        directory = Path(args.checkpoints) / name
+        write_checkpoint(name, directory)
+        results["longest"] = longest(name, directory, args)
+        save()
+
+    print(f"\n{'model':14} {'who':10} {'tokens/s':>10} {'peak GiB':>9} {'MFU':>6}")
+    for name, entry in results["models"].items():
+        for who in ("fnlm", "reference"):
+            e = entry.get(who, {})
+            if "tokens_per_s" in e:
+                print(
+                    f"{name:14} {who:10} {e['tokens_per_s']:10,.0f} {e['peak_gib']:9.2f} {e['mfu']:6.1%}"
+                )
+            elif e:
+                print(f"{name:14} {who:10} failed: {e['error'][:80]}")
+        if "speedup" in entry:
+            print(f"{name:14} {'ratio':10} {entry['speedup']:9.2f}x {entry['memory_ratio']:8.2f}x")
+    if "longest" in results:
+        r = results["longest"]
+        print(
+            f"\nlongest sequence, batch 1, {r['cap_gib']} GiB cap: fnlm {r['fnlm_longest']}, reference {r['reference_longest']}"
+        )
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
