@@ -1,6 +1,6 @@
 """Load time and peak memory: fnlm.load(quant="nf4") vs transformers + bitsandbytes NF4, same process.
 
-    python scripts/bench_load.py --model llama-3.1-8b --dir /tmp/ckpt-8b [--out $OUT]
+    python scripts/bench_load.py --model llama-3.1-8b [--dir /tmp/fnlm-bench] [--out $OUT]
 
 Writes a random-init checkpoint of the real config once (bf16 safetensors, 5 GB shards), then loads
 it with transformers `from_pretrained(..., quantization_config=BitsAndBytesConfig(nf4, double
@@ -15,42 +15,15 @@ import argparse
 import gc
 import json
 import os
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-REAL_CONFIGS = {
-    "llama-3.1-8b": dict(
-        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 8192},
-        rms_norm_eps=1e-5, tie_word_embeddings=False,
-    ),
-    "llama-3.2-1b": dict(
-        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-        num_key_value_heads=8, head_dim=64, vocab_size=128256, max_position_embeddings=131072,
-        rope_theta=500000.0,
-        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 8192},
-        rms_norm_eps=1e-5, tie_word_embeddings=True,
-    ),
-}  # fmt: skip
-
-
-def write_checkpoint(name: str, directory: Path) -> None:
-    import transformers
-
-    if (directory / "config.json").is_file():
-        return
-    config = transformers.LlamaConfig(**REAL_CONFIGS[name])
-    with torch.device("cuda"):
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(directory, max_shard_size="5GB")
-    del model
-    gc.collect()
-    torch.cuda.empty_cache()
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_generate import REAL_CONFIGS, write_checkpoint  # noqa: E402
 
 
 def host_peak_reset() -> None:
@@ -97,7 +70,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", default="llama-3.1-8b", choices=sorted(REAL_CONFIGS))
-    parser.add_argument("--dir", type=Path, default=Path("/tmp/fnlm-bench-ckpt"))
+    parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "fnlm-bench")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     args = parser.parse_args()
 
