@@ -100,7 +100,10 @@ def randomize_fnlm(lora: fnlm.lora.Lora, seed: int = 1) -> fnlm.lora.Lora:
     """Every adapter tensor perturbed (B starts at zero, the embedding's A too), so nothing is a no-op."""
     g = torch.Generator().manual_seed(seed)
     return pytree.tree_map(
-        lambda t: (t.detach() + 0.3 * torch.randn(t.shape, generator=g)).requires_grad_(True), lora
+        lambda t: (
+            t.detach() + 0.3 * torch.randn(t.shape, generator=g).to(t.device)
+        ).requires_grad_(True),
+        lora,
     )
 
 
