@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -117,6 +119,32 @@ def stream_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor, Path]
             raise CheckpointError(f"{f} is corrupt or truncated: {e}") from None
 
 
+def pinned_ahead(
+    items: Iterator[tuple[str, torch.Tensor, Path]],
+    depth: int | None = None,
+    copy=torch.Tensor.pin_memory,
+) -> Iterator[tuple[str, torch.Tensor, Path]]:
+    """The same stream with each tensor copied into pinned host memory by `depth` worker threads
+    running ahead of the consumer.
+
+    safetensors hands out tensors mapped from the file: touching them faults the pages in, one
+    thread at a time if the copy to the GPU does it. Copying on several threads into pinned
+    memory overlaps the page-cache reads with each other and with the consumer's host-to-device
+    copy (asynchronous from pinned memory) and quantization of earlier tensors. Host memory stays
+    near `depth` tensors. `copy` is the per-tensor work (tests pass a CPU clone)."""
+    depth = depth or max(1, min(8, os.cpu_count() or 1))
+    pending: deque = deque()
+    with ThreadPoolExecutor(max_workers=depth, thread_name_prefix="fnlm-load") as pool:
+        for name, tensor, file in items:
+            pending.append((name, pool.submit(copy, tensor), file))
+            if len(pending) > depth:
+                name, future, file = pending.popleft()
+                yield name, future.result(), file
+        while pending:
+            name, future, file = pending.popleft()
+            yield name, future.result(), file
+
+
 def is_quantizable(path: tuple, tensor: torch.Tensor) -> bool:
     """Linear weights inside the decoder layers; embeddings, norms, biases, MoE routers and
     lm_head stay 16-bit."""
@@ -180,7 +208,10 @@ def load_params(
     expected = models.family(config.model_type).weight_names(config)
     tree: dict = {"layers": [{} for _ in range(config.num_layers)]}
     seen: set[str] = set()
-    for name, tensor, file in stream_tensors(weight_files(directory)):
+    stream = stream_tensors(weight_files(directory))
+    if device.type == "cuda":
+        stream = pinned_ahead(stream)
+    for name, tensor, file in stream:
         if name not in expected:
             if name.endswith(IGNORED_SUFFIXES) or (
                 name == "lm_head.weight" and config.tie_word_embeddings
@@ -196,9 +227,8 @@ def load_params(
                 f"{file.name}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {shape} from config.json"
             )
         seen.add(name)
-        tensor = tensor.to(
-            device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype
-        )
+        tensor = tensor.to(device, non_blocking=True)  # asynchronous from pinned memory
+        tensor = tensor.to(dtype if tensor.is_floating_point() else tensor.dtype)
         if quantize is not None and is_quantizable(path, tensor) and not _skipped(path, skip):
             tensor = quantize(tensor)
         set_path(tree, path, tensor)

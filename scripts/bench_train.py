@@ -162,6 +162,24 @@ def throughput(run, vocab: int, args, n_params: int) -> dict:
     }
 
 
+def profile(run, vocab: int, args, title: str) -> None:
+    """The 25 CUDA kernels with the most self time over two steps, after the timed ones."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    batch = batch_of(vocab, args.batch, args.seq)
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            run.step(batch)
+        torch.cuda.synchronize()
+    print(f"\n{title}: two steps")
+    print(
+        prof.key_averages().table(
+            sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70
+        )
+    )
+
+
 def try_lengths(run, vocab: int, lengths) -> dict:
     """Whether one training step at batch 1 x seq fits, for each length (one loaded run)."""
     out = {}
@@ -237,6 +255,9 @@ def main() -> None:
     parser.add_argument("--cap-gib", type=float, default=16.0)
     parser.add_argument("--skip-reference", action="store_true")
     parser.add_argument(
+        "--profile", action="store_true", help="print the top CUDA kernels of two timed steps"
+    )
+    parser.add_argument(
         "--checkpoints", default=".cache/bench", help="where the random checkpoints go"
     )
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -270,6 +291,8 @@ def main() -> None:
                 run = make()
                 entry[who] = throughput(run, vocab, args, n_params)
                 entry[who]["wall_s"] = time.perf_counter() - started
+                if args.profile:
+                    profile(run, vocab, args, f"{name} {who}")
             except Exception as e:  # keep the other figures when one side fails
                 entry[who] = {"error": f"{type(e).__name__}: {e}"[:500]}
                 traceback.print_exc()

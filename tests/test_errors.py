@@ -155,3 +155,20 @@ def test_tokens_out_of_vocabulary(checkpoint):
         fnlm.forward(params, torch.tensor([[1, 64]]))
     with pytest.raises(ArgumentError, match="integer tensor"):
         fnlm.forward(params, torch.tensor([1.0, 2.0]))
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_read_ahead_keeps_order_and_names_a_truncated_file(copy, depth):
+    """The GPU loader's read-ahead (worker threads copying into pinned memory; a CPU clone here)
+    yields every tensor of the stream, in order and equal, and still names a truncated file."""
+    from fnlm.load import pinned_ahead, stream_tensors, weight_files
+
+    files = weight_files(copy)
+    plain = [(n, t.clone()) for n, t, _ in stream_tensors(files)]
+    ahead = [(n, t) for n, t, _ in pinned_ahead(stream_tensors(files), depth, torch.Tensor.clone)]
+    assert [n for n, _ in ahead] == [n for n, _ in plain]
+    assert all(torch.equal(t, u) for (_, t), (_, u) in zip(ahead, plain))
+    shard = files[0]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match=shard.name):
+        list(pinned_ahead(stream_tensors(files), depth, torch.Tensor.clone))
