@@ -12,7 +12,12 @@ import torch
 import torch.utils._pytree as pytree
 
 from fnlm.errors import ArgumentError, CheckpointError
-from fnlm.kernels.nf4 import NF4_CODE, dequantize_nf4_reference, nf4_dequantize_op
+from fnlm.kernels.nf4 import (
+    NF4_CODE,
+    dequantize_nf4,
+    dequantize_nf4_reference,
+    nf4_dequantize_op,
+)
 
 BLOCKSIZE = 64  # values per absmax, as bitsandbytes' and transformers' 4-bit default
 COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -115,7 +120,15 @@ class NF4Weight:
             from fnlm.kernels import use_triton
 
             triton = use_triton(self.packed)
-        dequantize = nf4_dequantize_op if triton else dequantize_nf4_reference
+        # The custom op is for torch.compile's tracing; run eagerly (as inside the LoRA and linear
+        # custom ops of a compiled training step) the launcher is called directly, which saves the
+        # op dispatch on each of the step's ~20 dequantizes per layer.
+        if not triton:
+            dequantize = dequantize_nf4_reference
+        elif torch.compiler.is_compiling():
+            dequantize = nf4_dequantize_op
+        else:
+            dequantize = dequantize_nf4
         return dequantize(
             self.packed, self.absmax, self.code, self.nested_absmax, self.nested_code, self.offset,
             list(self.shape), self.blocksize, self.nested_blocksize, self.dtype,
