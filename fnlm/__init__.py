@@ -8,11 +8,22 @@ loss = fnlm.loss(params, {"tokens": tokens})   # fused linear + cross-entropy
 from fnlm import data, lora, train  # noqa: F401  (fnlm.data, fnlm.train: submodules)
 from fnlm.config import ModelConfig
 from fnlm.errors import FnlmError
+from fnlm.export import save
 from fnlm.generate import generate
 from fnlm.load import load
 from fnlm.loss import loss
 from fnlm.models.decoder import forward
 from fnlm.params import Params
 
-__all__ = ["FnlmError", "ModelConfig", "Params", "forward", "generate", "load", "lora", "loss"]
+__all__ = [
+    "FnlmError",
+    "ModelConfig",
+    "Params",
+    "forward",
+    "generate",
+    "load",
+    "lora",
+    "loss",
+    "save",
+]
 __version__ = "0.1.0"

@@ -506,6 +506,12 @@ def _unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
+def _permute(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """llama.cpp's `permute` (for writing a GGUF): per head, rows [2, pairs] -> [pairs, 2]."""
+    rows = w.shape[0]
+    return w.reshape(heads, 2, rows // heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
 def _save_streaming(
     out: Path,
     layout: list[tuple[str, torch.dtype, tuple[int, ...]]],

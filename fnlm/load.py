@@ -175,7 +175,8 @@ def load(
         weights of the decoder layers; names in `skip` (e.g. "down", "layers.0.attn.q") stay 16-bit.
     dtype: compute/storage dtype; None picks bf16 on capable GPUs, fp16 on older ones, fp32 on CPU.
     max_seq_length: beyond the native context, RoPE is scaled (linear, factor L / native).
-    Returns (Params, Tokenizer or None when the checkpoint has no tokenizer.json).
+    Returns (Params, Tokenizer or None when the checkpoint has no tokenizer.json); `params.source`
+    is the checkpoint directory read (for `fnlm.save`).
     Raises ModelNotFoundError, OfflineError, ConfigError, UnsupportedModelError, CheckpointError.
     """
     if quant not in QUANT_MODES:
@@ -192,6 +193,9 @@ def load(
     params = load_params(
         directory, config, dtype=dtype, device=device, quantize=quantize, skip=skip
     )
+    # The checkpoint directory, so fnlm.save can merge adapters into its 16-bit weights instead
+    # of dequantized ones. Only this Params object carries it (tree maps build new ones).
+    params.source = directory
     return params, load_tokenizer(directory)
 
 

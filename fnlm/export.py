@@ -1,0 +1,711 @@
+"""`fnlm.save`: a model (and its LoRA) written back in the formats the ecosystem reads.
+
+    fnlm.save("out/adapter", params, tok, lora=lora, format="adapter")   # PEFT adapter + tokenizer
+    fnlm.save("out/merged", params, tok, lora=lora, format="merged")     # transformers checkpoint
+    fnlm.save("out/gguf", params, tok, lora=lora, format="gguf", gguf_type="q8_0")  # llama.cpp
+
+"merged" and "gguf" fold the adapters into the weights (W + scale·B·A in fp32). An NF4 / int8 /
+fp8 base is dequantized for that, unless the 16-bit checkpoint it was loaded from is still on disk
+(`fnlm.load` records it as `params.source`; `base=` names one): then its weights are used, which
+is more exact. Tensors are produced one at a time and streamed into the files, so host memory
+stays near one tensor. Every file is written under a temporary name in its directory and renamed
+into place; a failed write (disk full, no permission) raises ExportError naming the file and
+leaves nothing under the final name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import os
+import re
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fnlm import models, quant
+from fnlm.config import ModelConfig
+from fnlm.errors import ArgumentError, ExportError, FnlmError
+from fnlm.gguf import GLOBAL_TENSORS, LAYER_TENSORS, PRE_TOKENIZER_SPLITS, _permute, _save_streaming
+from fnlm.lora import Lora, LoraEmbedding, LoraLinear, SavedEmbedding, _atomic_write, attach
+from fnlm.params import Params, get_path, path_name
+
+FORMATS = ("adapter", "merged", "gguf")
+GGUF_TYPES = ("f16", "bf16", "q8_0", "q4_0")
+DEFAULT_SHARD_SIZE = "5GB"
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+GENERATION_CONFIG = "generation_config.json"
+
+# A quantized weight and the 16-bit source weight it came from differ by the quantization error:
+# about 10% of the weight's norm for NF4 (4 bits), ~1% for int8 / fp8. Weights of another model
+# differ by ~140%. Above this, the source is not this model's and merging into it would be wrong.
+SOURCE_MATCH_REL_TOL = 0.25
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}  # fmt: skip
+_UNITS = {
+    "": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+    "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
+}  # fmt: skip
+
+
+def save(
+    directory: str | os.PathLike,
+    params: Params,
+    tok=None,
+    lora: Lora | None = None,
+    *,
+    format: str = "merged",
+    dtype: torch.dtype | str | None = None,
+    gguf_type: str = "f16",
+    shard_size: int | str = DEFAULT_SHARD_SIZE,
+    base: str | os.PathLike | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write `params` (+ `lora`) and the tokenizer `tok` as `format`; returns what was written.
+
+    format="adapter": the PEFT adapter (adapter_config.json + adapter_model.safetensors) and the
+        tokenizer files, into `directory`. Needs `lora`.
+    format="merged": a transformers checkpoint in `directory`: config.json (the original, dtype
+        updated), model.safetensors or shards of at most `shard_size` ("5GB", "200MB", bytes)
+        with model.safetensors.index.json, generation_config.json, tokenizer files and chat
+        template. `dtype`: of the weights (default: the params' compute dtype).
+    format="gguf": one llama.cpp file, `directory` itself when it ends in .gguf, else
+        `directory/model-<gguf_type>.gguf`; gguf_type "f16" | "bf16" | "q8_0" | "q4_0" (norms stay
+        F32; rows whose length is not a multiple of 32 stay F16). Llama / Mistral (as llama),
+        Qwen2, Qwen3, with their tokenizer and chat template. Needs `tok`.
+    base: the 16-bit checkpoint (directory or hub id) to merge into instead of dequantizing a
+        quantized base; default `params.source` (recorded by fnlm.load) when it is a directory.
+    overwrite: allow a target directory that is not empty (or an existing .gguf file).
+
+    Raises ArgumentError (bad format / gguf_type / dtype / shard_size, missing lora or tok),
+    ExportError (target not writable, disk full, an architecture or feature the format cannot
+    hold), LoraError (adapter does not fit params).
+
+    >>> fnlm.save("out", params, tok, lora=lora, format="merged", shard_size="2GB")  # doctest: +SKIP
+    """
+    if format not in FORMATS:
+        raise ArgumentError(f"save: format must be one of {FORMATS}, got {format!r}")
+    if not isinstance(params, Params):
+        raise ArgumentError(
+            f"save: params must be the Params that fnlm.load returns, got {type(params).__name__}"
+        )
+    if format == "adapter":
+        if lora is None:
+            raise ArgumentError("save: format='adapter' needs lora=... (the adapters to write)")
+        target = _prepare_dir(Path(directory), overwrite)
+        return _save_adapter(target, params, tok, lora)
+    if format == "merged":
+        out_dtype = _export_dtype(dtype, params)
+        limit = parse_size(shard_size)
+        target = _prepare_dir(Path(directory), overwrite)
+        return _save_merged(target, MergedWeights(params, lora, base), tok, out_dtype, limit)
+    if gguf_type not in GGUF_TYPES:
+        raise ArgumentError(f"save: gguf_type must be one of {GGUF_TYPES}, got {gguf_type!r}")
+    if tok is None:
+        raise ArgumentError("save: format='gguf' needs tok=... (a GGUF carries its tokenizer)")
+    _check_gguf_support(params.config)
+    target = _prepare_gguf_path(Path(directory), gguf_type, overwrite)
+    return _save_gguf(target, MergedWeights(params, lora, base), tok, gguf_type)
+
+
+# ---------------------------------------------------------------------------------------------
+# targets and errors
+
+
+def _prepare_dir(target: Path, overwrite: bool) -> Path:
+    """Create `target` (parents too); refuse a file, or a non-empty directory without overwrite."""
+    if target.exists() and not target.is_dir():
+        raise ExportError(f"cannot export into {target}: it is a file, expected a directory")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise ExportError(
+            f"{target} exists and is not empty; pass overwrite=True (--overwrite) to write into "
+            "it, or choose a new directory"
+        )
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _export_error(target, e) from e
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise ExportError(f"cannot write into {target}: permission denied")
+    return target
+
+
+def _prepare_gguf_path(path: Path, gguf_type: str, overwrite: bool) -> Path:
+    if path.suffix != ".gguf":
+        path = _prepare_dir(path, overwrite) / f"model-{gguf_type}.gguf"
+    if path.exists() and not overwrite:
+        raise ExportError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
+    if path.is_dir():
+        raise ExportError(f"cannot write the GGUF file {path}: it is a directory")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _export_error(path.parent, e) from e
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise ExportError(f"cannot write into {path.parent}: permission denied")
+    return path
+
+
+def _export_error(path: Path, error: OSError) -> ExportError:
+    if error.errno == errno.ENOSPC:
+        why = "the disk is full (no space left on device); free some space or choose another target"
+    elif error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        why = "permission denied (or a read-only file system); choose a writable directory"
+    else:
+        why = f"{error.strerror or error}"
+    return ExportError(f"cannot write {path}: {why}. Nothing was left under that name.")
+
+
+def _write_file(target: Path, write: Callable[[str], None]) -> None:
+    """`write(temp_path)`, then rename into `target`; an OSError becomes an ExportError naming it."""
+    try:
+        _atomic_write(target, write)
+    except OSError as e:
+        raise _export_error(target, e) from e
+
+
+def _write_text(target: Path, text: str) -> None:
+    _write_file(target, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def _save_tokenizer(tok, target: Path) -> None:
+    try:
+        tok.save(target)
+    except OSError as e:
+        raise _export_error(Path(e.filename or target), e) from e
+
+
+# ---------------------------------------------------------------------------------------------
+# adapter
+
+
+def _save_adapter(target: Path, params: Params, tok, lora: Lora) -> Path:
+    from fnlm import lora as lora_lib
+
+    source = getattr(params, "source", None)
+    name = lora.config.base_model_name_or_path or (str(source) if source else None)
+    try:
+        lora_lib.save(target, lora, params=params, base_model_name_or_path=name)
+    except OSError as e:
+        raise _export_error(target / lora_lib.WEIGHTS_FILE, e) from e
+    if tok is not None:
+        _save_tokenizer(tok, target)
+    return target
+
+
+# ---------------------------------------------------------------------------------------------
+# merged weights, one tensor at a time
+
+
+class MergedWeights:
+    """The weights of `params` with `lora` folded in, under the checkpoint's tensor names, each
+    computed on request in fp32: `weights("model.layers.0.self_attn.q_proj.weight")`.
+
+    `config` is the merged model's (adapting a tied embed / lm_head unties them, as
+    fnlm.lora.merge does); `names` maps each tensor name to (param path, shape), in the order
+    the family's weight_names gives. Quantized leaves come from the 16-bit source checkpoint
+    when there is one (`base`, else `params.source`), else from dequantization.
+    """
+
+    def __init__(self, params: Params, lora: Lora | None, base=None):
+        self.params = params
+        self.attached = attach(params, lora, training=False) if lora is not None else params
+        config = params.config
+        tied = [p for p in (("embed",), ("lm_head",)) if _is_replaced(self.attached, params, p)]
+        if config.tie_word_embeddings and tied:
+            config = config.replace(tie_word_embeddings=False)
+        self.config: ModelConfig = config
+        self.names = models.family(config.model_type).weight_names(config)
+        quantized = [p for _, (p, _) in self.names.items() if _quantized(params, p)]
+        self.source = _SourceWeights.find(params, base) if quantized else None
+        if quantized:
+            kind = getattr(get_path(params, quantized[0]), "kind", "quantized")
+            where = (
+                f"the 16-bit weights of {self.source.directory}"
+                if self.source
+                else f"the dequantized {kind} weights (no local 16-bit checkpoint; pass base=...)"
+            )
+            print(f"fnlm.save: {len(quantized)} quantized weights: merging into {where}")
+
+    @torch.no_grad()
+    def __call__(self, name: str) -> torch.Tensor:
+        path = self.names[name][0]
+        leaf = get_path(self.attached, path)
+        if isinstance(leaf, SavedEmbedding):
+            return leaf.weight.detach().float().cpu()
+        adapted = isinstance(leaf, LoraLinear | LoraEmbedding)
+        dense = self._dense(name, path, leaf.weight if adapted else leaf)
+        if adapted:
+            dense = dataclasses.replace(leaf, weight=dense).merged_weight()
+        return dense.detach().float().cpu().contiguous()
+
+    def _dense(self, name: str, path: tuple, leaf) -> torch.Tensor:
+        if not quant.is_quantized(leaf):
+            return leaf.float()
+        dequantized = quant.dequantize(leaf).float()
+        if self.source is None:
+            return dequantized
+        original = self.source.get(path).to(dequantized.device)
+        error = (original - dequantized).norm() / original.norm().clamp_min(1e-12)
+        if tuple(original.shape) != tuple(dequantized.shape) or error > SOURCE_MATCH_REL_TOL:
+            raise ExportError(
+                f"the 16-bit checkpoint {self.source.directory} does not hold the weights of this "
+                f"model: {name} differs from the quantized {path_name(path)} by {float(error):.0%} "
+                f"(quantization explains at most {SOURCE_MATCH_REL_TOL:.0%}); pass base= the "
+                "checkpoint the model was loaded from"
+            )
+        return original
+
+
+def _is_replaced(attached: Params, params: Params, path: tuple) -> bool:
+    try:
+        return get_path(attached, path) is not get_path(params, path)
+    except (KeyError, IndexError):
+        return False
+
+
+def _quantized(params: Params, path: tuple) -> bool:
+    try:
+        return quant.is_quantized(get_path(params, path))
+    except (KeyError, IndexError):
+        return False
+
+
+class _SourceWeights:
+    """Tensors of a local 16-bit checkpoint, read one at a time by param path."""
+
+    def __init__(self, directory: Path, config: ModelConfig):
+        from safetensors import safe_open
+
+        from fnlm.load import weight_files
+
+        self.directory = directory
+        self.file_of: dict[str, Path] = {}
+        for file in weight_files(directory):
+            with safe_open(file, framework="pt") as handle:
+                self.file_of.update(dict.fromkeys(handle.keys(), file))
+        names = models.family(config.model_type).weight_names(config)
+        self.name_of = {path: name for name, (path, _) in names.items()}
+
+    @classmethod
+    def find(cls, params: Params, base) -> _SourceWeights | None:
+        """The checkpoint named by `base`, else params.source when it is a local directory."""
+        if base is not None:
+            from fnlm.hub import resolve
+
+            return cls(resolve(base), params.config)
+        source = getattr(params, "source", None)
+        if source is None or not Path(source, "config.json").is_file():
+            return None
+        try:
+            return cls(Path(source), params.config)
+        except FnlmError:
+            return None
+
+    def get(self, path: tuple) -> torch.Tensor:
+        from safetensors import safe_open
+
+        name = self.name_of.get(path)
+        if name is None or name not in self.file_of:
+            raise ExportError(
+                f"the 16-bit checkpoint {self.directory} has no tensor for {path_name(path)} "
+                f"({name or 'no name'}); pass base= the checkpoint the model was loaded from"
+            )
+        with safe_open(self.file_of[name], framework="pt") as handle:
+            return handle.get_tensor(name).float()
+
+
+# ---------------------------------------------------------------------------------------------
+# merged: a transformers checkpoint
+
+
+def _export_dtype(dtype, params: Params) -> torch.dtype:
+    """The weights' dtype: as asked, else that of the (never quantized) embedding."""
+    if dtype is None:
+        return quant.dequantize(params["embed"]).dtype
+    if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in _DTYPES:
+        return _DTYPES[dtype]
+    raise ArgumentError(f"save: dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+
+
+def parse_size(size: int | str) -> int:
+    """ "5GB" -> 5_000_000_000, "200MiB" -> 209_715_200, 1000 -> 1000 (transformers' units)."""
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", str(size).upper())
+    if not match or float(match.group(1)) <= 0:
+        raise ArgumentError(
+            f"save: shard_size must be a positive byte count or a size like '5GB' / '500MB', got {size!r}"
+        )
+    return int(float(match.group(1)) * _UNITS[match.group(2) or ""])
+
+
+def plan_shards(sizes: dict[str, int], limit: int) -> list[list[str]]:
+    """Tensor names in order, cut into shards of at most `limit` bytes (a bigger tensor alone)."""
+    shards: list[list[str]] = [[]]
+    used = 0
+    for name, size in sizes.items():
+        if shards[-1] and used + size > limit:
+            shards.append([])
+            used = 0
+        shards[-1].append(name)
+        used += size
+    return shards
+
+
+def _shard_names(count: int) -> list[str]:
+    if count == 1:
+        return ["model.safetensors"]
+    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+def _save_merged(
+    target: Path, weights: MergedWeights, tok, dtype: torch.dtype, shard_size: int
+) -> Path:
+    names = weights.names
+    sizes = {n: int(np.prod(shape)) * dtype.itemsize for n, (_, shape) in names.items()}
+    shards = plan_shards(sizes, shard_size)
+    files = _shard_names(len(shards))
+    for file, shard in zip(files, shards, strict=True):
+        _write_file(target / file, _shard_writer(weights, shard, dtype))
+    if len(files) > 1:
+        index = {
+            "metadata": {"total_size": sum(sizes.values())},
+            "weight_map": {n: f for f, shard in zip(files, shards) for n in shard},
+        }
+        _write_text(target / SAFETENSORS_INDEX, json.dumps(index, indent=2) + "\n")
+    _write_text(target / "config.json", json.dumps(hf_config(weights.config, dtype), indent=2))
+    generation = generation_config(weights.config, tok)
+    _write_text(target / GENERATION_CONFIG, json.dumps(generation, indent=2) + "\n")
+    if tok is not None:
+        _save_tokenizer(tok, target)
+    _remove_stale_weights(
+        target, keep=set(files) | ({SAFETENSORS_INDEX} if len(files) > 1 else set())
+    )
+    return target
+
+
+def _shard_writer(weights: MergedWeights, shard: list[str], dtype: torch.dtype):
+    """write(path) of one safetensors shard, header first, then tensor by tensor."""
+    layout = [(n, dtype, weights.names[n][1]) for n in shard]
+    producers = [lambda n=n: weights(n).to(dtype) for n in shard]
+    return lambda path: _save_streaming(Path(path), layout, producers)
+
+
+def _remove_stale_weights(target: Path, keep: set[str]) -> None:
+    """With overwrite, weight files of an earlier export that this one does not use: a stale index
+    or shard would be read in place of the new weights."""
+    for path in target.iterdir():
+        is_weights = path.name == SAFETENSORS_INDEX or re.fullmatch(
+            r"model(-\d{5}-of-\d{5})?\.safetensors", path.name
+        )
+        if is_weights and path.name not in keep:
+            path.unlink()
+
+
+def hf_config(config: ModelConfig, dtype: torch.dtype) -> dict:
+    """The checkpoint's original config.json with the exported dtype and tying."""
+    hf = config.hf_dict()
+    if not hf:
+        raise ExportError(
+            f"the {config.model_type} params carry no original config.json (ModelConfig.hf_config); "
+            "load the model with fnlm.load to export it"
+        )
+    name = str(dtype).removeprefix("torch.")
+    for key in ("dtype", "torch_dtype"):
+        if key in hf:
+            hf[key] = name
+    hf.setdefault("dtype", name)
+    hf["tie_word_embeddings"] = config.tie_word_embeddings
+    return hf
+
+
+def generation_config(config: ModelConfig, tok=None) -> dict:
+    """generation_config.json: bos / eos / pad ids from the model config, else the tokenizer;
+    eos lists the config's ids then the tokenizer's (its eos and the checkpoint's generation eos)."""
+    doc: dict = {}
+    bos = (
+        config.bos_token_id
+        if config.bos_token_id is not None
+        else getattr(tok, "bos_token_id", None)
+    )
+    eos = list(dict.fromkeys([*config.eos_token_id, *getattr(tok, "eos_token_ids", ())]))
+    pad = (
+        config.pad_token_id
+        if config.pad_token_id is not None
+        else getattr(tok, "pad_token_id", None)
+    )
+    if bos is not None:
+        doc["bos_token_id"] = bos
+    if eos:
+        doc["eos_token_id"] = eos[0] if len(eos) == 1 else eos
+    if pad is not None:
+        doc["pad_token_id"] = pad
+    return doc
+
+
+# ---------------------------------------------------------------------------------------------
+# gguf
+
+
+# HF model_type -> GGUF architecture (llama.cpp runs Mistral as llama).
+GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+# llama.cpp's file types, for general.file_type
+_FILE_TYPES = {"f16": 1, "bf16": 32, "q8_0": 7, "q4_0": 2}
+_HF_TO_GGUF = {hf: g for g, hf in GLOBAL_TENSORS.items()}
+_PART_TO_GGUF = {hf: g for g, hf in LAYER_TENSORS.items()}
+# ggml token types
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+
+def _check_gguf_support(config: ModelConfig) -> None:
+    """Refuse what the GGUF architectures readers know cannot express; warn about a window."""
+    arch = GGUF_ARCHITECTURES.get(config.model_type)
+    if arch is None:
+        raise ExportError(
+            f"GGUF export supports {', '.join(sorted(GGUF_ARCHITECTURES))}; "
+            f"{config.model_type} is not one of them (export format='merged' instead)"
+        )
+    problems = []
+    if config.mlp_bias:
+        problems.append("MLP biases")
+    if config.partial_rotary_factor != 1.0:
+        problems.append(f"partial rotary (factor {config.partial_rotary_factor})")
+    if config.rope.get("rope_type", "default") not in ("default", "linear"):
+        problems.append(f"rope scaling {config.rope.get('rope_type')!r}")
+    if problems:
+        raise ExportError(
+            f"GGUF export of this {config.model_type} model: {', '.join(problems)} cannot be written "
+            f"to the {arch} GGUF architecture; export format='merged' instead"
+        )
+    if config.sliding_window is not None:
+        warnings.warn(
+            f"GGUF {arch} has no sliding window: readers of the file attend over the whole context, "
+            f"so outputs differ from this model's beyond {config.sliding_window} tokens",
+            stacklevel=3,
+        )
+
+
+def gguf_name(hf_name: str) -> str:
+    """Inverse of fnlm.gguf's tensor-name map: "model.layers.3.mlp.up_proj.weight" -> "blk.3.ffn_up.weight"."""
+    if hf_name in _HF_TO_GGUF:
+        return _HF_TO_GGUF[hf_name]
+    match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", hf_name)
+    if match and match.group(2) in _PART_TO_GGUF:
+        return f"blk.{match.group(1)}.{_PART_TO_GGUF[match.group(2)]}.{match.group(3)}"
+    raise ExportError(f"tensor {hf_name} has no GGUF name")
+
+
+def _gguf_tensor_type(shape: tuple[int, ...], name: str, gguf_type: str):
+    """The ggml type of one tensor: norms and biases F32; 2-D weights as asked, F16 when the row
+    length is not a multiple of the quantization block; with q4_0 the embedding and output in
+    Q8_0 (llama.cpp keeps those wider too)."""
+    from gguf import GGML_QUANT_SIZES
+    from gguf import GGMLQuantizationType as Q
+
+    if len(shape) < 2:
+        return Q.F32
+    kind = {"f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}[gguf_type]
+    if kind == Q.Q4_0 and name in ("token_embd.weight", "output.weight"):
+        kind = Q.Q8_0
+    if shape[-1] % GGML_QUANT_SIZES[kind][0]:
+        return Q.F16
+    return kind
+
+
+def _gguf_array(tensor: torch.Tensor, kind) -> np.ndarray:
+    from gguf import GGMLQuantizationType as Q
+    from gguf import quants
+
+    values = tensor.float().numpy()
+    if kind == Q.F32:
+        return values
+    if kind == Q.F16:
+        return values.astype(np.float16)
+    return quants.quantize(values, kind)
+
+
+def _save_gguf(target: Path, weights: MergedWeights, tok, gguf_type: str) -> Path:
+    import gguf
+
+    config = weights.config
+    arch = GGUF_ARCHITECTURES[config.model_type]
+    writer = gguf.GGUFWriter(path=None, arch=arch)
+    _gguf_model_metadata(writer, config, arch, gguf_type)
+    _gguf_tokenizer_metadata(writer, tok, config.vocab_size)
+
+    plan = []
+    for hf, (_, shape) in weights.names.items():
+        name = gguf_name(hf)
+        kind = _gguf_tensor_type(shape, name, gguf_type)
+        nbytes = int(np.prod(gguf.quants.quant_shape_to_byte_shape(shape, kind)))
+        raw = (
+            None if kind in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16) else kind
+        )
+        dtype = {
+            gguf.GGMLQuantizationType.F32: np.float32,
+            gguf.GGMLQuantizationType.F16: np.float16,
+        }
+        writer.add_tensor_info(name, shape, np.dtype(dtype.get(kind, np.uint8)), nbytes, raw)
+        plan.append((hf, kind))
+
+    def produce(hf: str) -> torch.Tensor:
+        tensor = weights(hf)
+        if arch == "llama" and ".self_attn.q_proj." in hf:
+            tensor = _permute(tensor, config.num_heads)
+        elif arch == "llama" and ".self_attn.k_proj." in hf:
+            tensor = _permute(tensor, config.num_kv_heads)
+        return tensor
+
+    def write(tmp: str) -> None:
+        try:
+            writer.write_header_to_file(path=Path(tmp))
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            for hf, kind in plan:
+                writer.write_tensor_data(_gguf_array(produce(hf), kind))
+        finally:
+            writer.close()
+
+    _write_file(target, write)
+    return target
+
+
+def _gguf_model_metadata(writer, config: ModelConfig, arch: str, gguf_type: str) -> None:
+    import gguf
+
+    hf = config.hf_dict()
+    writer.add_name(str(hf.get("_name_or_path") or config.model_type))
+    writer.add_file_type(_FILE_TYPES[gguf_type])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_context_length(config.rope_native_length or config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_heads)
+    writer.add_head_count_kv(config.num_kv_heads)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_rope_dimension_count(config.rotary_dim)
+    writer.add_rope_freq_base(config.rope_theta)
+    writer.add_layer_norm_rms_eps(config.norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    rope = config.rope
+    if rope.get("rope_type") == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+
+
+def _gguf_tokenizer_metadata(writer, tok, vocab_size: int) -> None:
+    """tokenizer.ggml.*: the vocabulary by id (padded with unused tokens to the model's
+    vocab_size), token types, merges, special ids, add_bos / add_eos, and the chat template."""
+    spec = json.loads(tok.backend.to_str())
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE":
+        raise ExportError(
+            f"GGUF export needs a BPE tokenizer (byte-level or SentencePiece-style); "
+            f"{tok.name_or_path or 'this tokenizer'} is {model.get('type')!r}"
+        )
+    sentencepiece = bool(model.get("byte_fallback"))
+    by_id = {i: t for t, i in tok.backend.get_vocab(with_added_tokens=True).items()}
+    if len(by_id) and max(by_id) >= vocab_size:
+        raise ExportError(
+            f"the tokenizer has ids up to {max(by_id)}, beyond the model's vocab_size {vocab_size}"
+        )
+    added = tok.backend.get_added_tokens_decoder()
+    tokens, types = [], []
+    for i in range(vocab_size):
+        token = by_id.get(i)
+        if token is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(UNUSED)
+        elif i in added:
+            tokens.append(token)
+            types.append(CONTROL if added[i].special else USER_DEFINED)
+        elif sentencepiece and re.fullmatch(r"<0x[0-9A-F]{2}>", token):
+            tokens.append(token)
+            types.append(BYTE)
+        else:
+            tokens.append(token)
+            types.append(UNKNOWN if token == tok.unk_token else NORMAL)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+
+    writer.add_tokenizer_model("llama" if sentencepiece else "gpt2")
+    writer.add_tokenizer_pre(_pre_tokenizer_name(spec, sentencepiece))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    if sentencepiece:  # llama.cpp's SentencePiece vocabulary merges by score: earlier = better
+        writer.add_token_scores([0.0 if t != NORMAL else -float(i) for i, t in enumerate(types)])
+        writer.add_add_space_prefix(_prepends_space(spec))
+    writer.add_token_merges(merges)
+    for name, add in (
+        ("bos", writer.add_bos_token_id),
+        ("eos", writer.add_eos_token_id),
+        ("unk", writer.add_unk_token_id),
+        ("pad", writer.add_pad_token_id),
+    ):
+        token_id = getattr(tok, f"{name}_token_id")
+        if token_id is not None:
+            add(token_id)
+    writer.add_add_bos_token(bool(tok.add_bos_token))
+    writer.add_add_eos_token(bool(tok.add_eos_token))
+    template = tok.chat_template
+    if isinstance(template, dict):
+        template = template.get("default")
+    if template:
+        writer.add_chat_template(template)
+
+
+def _pre_tokenizer_name(spec: dict, sentencepiece: bool) -> str:
+    """llama.cpp's `tokenizer.ggml.pre` for the backend's split regex ("default": GPT-2's own)."""
+    if sentencepiece:
+        return "default"
+    patterns = [
+        node["pattern"].get("Regex")
+        for node in _walk(spec.get("pre_tokenizer"))
+        if node.get("type") == "Split" and isinstance(node.get("pattern"), dict)
+    ]
+    for name, split in PRE_TOKENIZER_SPLITS.items():
+        if split in patterns:
+            return name
+    plain = [n for n in _walk(spec.get("pre_tokenizer")) if n.get("type") != "Sequence"]
+    if not (
+        len(plain) == 1 and plain[0].get("type") == "ByteLevel" and plain[0].get("use_regex", True)
+    ):
+        warnings.warn(
+            "the tokenizer's pre-tokenizer has no GGUF name; written as 'default' (GPT-2's split), "
+            "so GGUF readers may split some text differently",
+            stacklevel=4,
+        )
+    return "default"
+
+
+def _prepends_space(spec: dict) -> bool:
+    nodes = [*_walk(spec.get("pre_tokenizer")), *_walk(spec.get("normalizer"))]
+    return any(
+        n.get("type") == "Metaspace"
+        and n.get("prepend_scheme", "always") != "never"
+        or n.get("type") == "Prepend"
+        for n in nodes
+    )
+
+
+def _walk(node) -> list[dict]:
+    """A tokenizer.json component and the components of its Sequences, flattened."""
+    if not isinstance(node, dict):
+        return []
+    inner = node.get("pretokenizers") or node.get("normalizers")
+    if node.get("type") == "Sequence" and inner:
+        return [node, *(n for child in inner for n in _walk(child))]
+    return [node]
