@@ -385,7 +385,8 @@ def _save_merged(
             "weight_map": {n: f for f, shard in zip(files, shards) for n in shard},
         }
         _write_text(target / SAFETENSORS_INDEX, json.dumps(index, indent=2) + "\n")
-    _write_text(target / "config.json", json.dumps(hf_config(weights.config, dtype), indent=2))
+    config = hf_config(weights.config, dtype, original_hf_config(weights.params))
+    _write_text(target / "config.json", json.dumps(config, indent=2) + "\n")
     generation = generation_config(weights.config, tok)
     _write_text(target / GENERATION_CONFIG, json.dumps(generation, indent=2) + "\n")
     if tok is not None:
@@ -414,9 +415,21 @@ def _remove_stale_weights(target: Path, keep: set[str]) -> None:
             path.unlink()
 
 
-def hf_config(config: ModelConfig, dtype: torch.dtype) -> dict:
-    """The checkpoint's original config.json with the exported dtype and tying."""
-    hf = config.hf_dict()
+def original_hf_config(params: Params) -> dict:
+    """The config.json params were loaded from: the file itself when `params.source` still holds
+    it, else the copy in the config (`ModelConfig.hf_dict`; empty lists in it read back as {})."""
+    path = Path(getattr(params, "source", None) or "", "config.json")
+    if getattr(params, "source", None) and path.is_file():
+        hf = json.loads(path.read_text())
+        if hf.get("model_type") == params.config.model_type:
+            return hf
+    return params.config.hf_dict()
+
+
+def hf_config(config: ModelConfig, dtype: torch.dtype, original: dict | None = None) -> dict:
+    """The checkpoint's original config.json (`original`, default `config.hf_dict()`) with the
+    exported dtype and tying."""
+    hf = dict(original) if original is not None else config.hf_dict()
     if not hf:
         raise ExportError(
             f"the {config.model_type} params carry no original config.json (ModelConfig.hf_config); "
@@ -549,15 +562,14 @@ def _save_gguf(target: Path, weights: MergedWeights, tok, gguf_type: str) -> Pat
     for hf, (_, shape) in weights.names.items():
         name = gguf_name(hf)
         kind = _gguf_tensor_type(shape, name, gguf_type)
-        nbytes = int(np.prod(gguf.quants.quant_shape_to_byte_shape(shape, kind)))
-        raw = (
-            None if kind in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16) else kind
-        )
-        dtype = {
-            gguf.GGMLQuantizationType.F32: np.float32,
-            gguf.GGMLQuantizationType.F16: np.float16,
-        }
-        writer.add_tensor_info(name, shape, np.dtype(dtype.get(kind, np.uint8)), nbytes, raw)
+        byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, kind)
+        if kind in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            numpy_dtype = np.float32 if kind == gguf.GGMLQuantizationType.F32 else np.float16
+            writer.add_tensor_info(name, shape, np.dtype(numpy_dtype), int(np.prod(byte_shape)))
+        else:  # quantized (and bf16) data are bytes, [rows, bytes per row]
+            writer.add_tensor_info(
+                name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), kind
+            )
         plan.append((hf, kind))
 
     def produce(hf: str) -> torch.Tensor:
@@ -586,7 +598,10 @@ def _gguf_model_metadata(writer, config: ModelConfig, arch: str, gguf_type: str)
     import gguf
 
     hf = config.hf_dict()
-    writer.add_name(str(hf.get("_name_or_path") or config.model_type))
+    # transformers reads a llama file named exactly "mistral" as model_type mistral, which its
+    # gguf package cannot load; llama.cpp names files after the checkpoint directory.
+    name = Path(str(hf.get("_name_or_path") or "")).name or f"fnlm-{config.model_type}"
+    writer.add_name(name if name != "mistral" else "fnlm-mistral")
     writer.add_file_type(_FILE_TYPES[gguf_type])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_context_length(config.rope_native_length or config.max_position_embeddings)
