@@ -673,10 +673,18 @@ def attach(params: Params, lora: Lora, *, training: bool | None = None) -> Param
         if module is not None and module.embedding:
             values[path] = LoraEmbedding(base, node["a"], node["b"], scale, _padding_idx(config))
         else:
-            values[path] = LoraLinear(
-                base, node["a"], node["b"], scale, lora.config.dropout, training
-            )
+            a, b = _compute_copies(node["a"], node["b"], base.dtype)
+            values[path] = LoraLinear(base, a, b, scale, lora.config.dropout, training)
     return _replace_paths(params, values, config)
+
+
+def _compute_copies(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype):
+    """A and B in a 16-bit base's compute dtype (differentiable casts, made once per forward
+    rather than in every recomputed layer): the adapter branch runs in the input's dtype anyway
+    (fnlm.kernels.lora_linear), as under mixed-precision autocast; fp32 bases keep them as is."""
+    if dtype in (torch.bfloat16, torch.float16) and a.dtype != dtype:
+        return a.to(dtype), b.to(dtype)
+    return a, b
 
 
 def _padding_idx(config: ModelConfig) -> int | None:
