@@ -100,6 +100,62 @@ def assert_no_temporary_files(directory: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# the embedded model: SmolLM2-135M-Instruct, merged and as GGUF (first: the slowest tests, so
+# pytest-xdist starts them while the other worker runs the rest)
+
+
+@pytest.fixture(scope="module")
+def smol():
+    params, tok = load_fp32(None)
+    return params, tok
+
+
+SMOL_TEXT = "The capital of France is Paris. <|im_start|>user\nName a colour 123!<|im_end|>"
+
+
+def test_smollm2_merged_with_tokenizer(smol, tmp_path):
+    params, tok = smol
+    lora = perturbed(fnlm.lora.init(params, r=2, targets=("q", "v", "down")), seed=2)
+    lora = pytree.tree_map(lambda t: t * 0.1, lora)  # a nudge, not a different model
+    fnlm.save(tmp_path, params, tok, lora=lora, format="merged")
+    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json"} <= set(
+        file_names(tmp_path)
+    )
+    generation = json.loads((tmp_path / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == tok.eos_token_id == 2 and generation["bos_token_id"] == 1
+
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert hf_tok(SMOL_TEXT).input_ids == tok.encode(SMOL_TEXT)
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    assert hf_tok.apply_chat_template(chat, tokenize=False) == tok.apply_chat_template(
+        chat, tokenize=False
+    )
+    tokens = torch.tensor([tok.encode(SMOL_TEXT)])
+    with torch.no_grad():
+        ours = fnlm.forward(params, tokens, lora=lora)
+        assert max_rel_error(hf_load(tmp_path)(tokens).logits, ours) <= FP32_REL_TOL
+        assert max_rel_error(ours, fnlm.forward(params, tokens)) > 10 * FP32_REL_TOL
+
+
+def test_smollm2_gguf_f16_in_transformers_and_fnlm(smol, tmp_path):
+    params, tok = smol
+    path = fnlm.save(tmp_path, params, tok, format="gguf", gguf_type="f16")
+    assert path == tmp_path / "model-f16.gguf" and file_names(tmp_path) == [path.name]
+    tokens = torch.tensor([tok.encode(SMOL_TEXT)])
+    read_back, tok_back = load_fp32(path)
+    assert tok_back.encode(SMOL_TEXT) == tok.encode(SMOL_TEXT)
+    assert tok_back.chat_template == tok.chat_template
+    for (_, ours), (_, back) in zip(leaf_paths(dict(params)), leaf_paths(dict(read_back))):
+        assert torch.equal(back, ours.half().float() if ours.dim() == 2 else ours)
+    with torch.no_grad():
+        exact = fnlm.forward(params, tokens)
+        rounded = fnlm.forward(read_back, tokens)
+        ref = hf_load(tmp_path, gguf_file=path.name)(tokens).logits
+    assert max_rel_error(ref, rounded) <= FP32_REL_TOL
+    assert max_rel_error(rounded, exact) <= rounding_tol(F16_REL_TOL_PER_LAYER, 30)
+
+
+# ---------------------------------------------------------------------------------------------
 # merged: transformers loads the directory, logits equal fnlm's with the adapters unmerged
 
 
@@ -186,61 +242,6 @@ def test_merged_nf4_base_uses_the_16bit_checkpoint_or_dequantizes(capsys):
         with saved_checkpoint(config, seed=1) as (_, other):
             with pytest.raises(ExportError, match=r"does not hold the weights of this model"):
                 fnlm.save(Path(out, "wrong"), qparams, lora=lora, base=other)
-
-
-# ---------------------------------------------------------------------------------------------
-# the embedded model: SmolLM2-135M-Instruct, merged and as GGUF
-
-
-@pytest.fixture(scope="module")
-def smol():
-    params, tok = load_fp32(None)
-    return params, tok
-
-
-SMOL_TEXT = "The capital of France is Paris. <|im_start|>user\nName a colour 123!<|im_end|>"
-
-
-def test_smollm2_merged_with_tokenizer(smol, tmp_path):
-    params, tok = smol
-    lora = perturbed(fnlm.lora.init(params, r=2, targets=("q", "v", "down")), seed=2)
-    lora = pytree.tree_map(lambda t: t * 0.1, lora)  # a nudge, not a different model
-    fnlm.save(tmp_path, params, tok, lora=lora, format="merged")
-    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json"} <= set(
-        file_names(tmp_path)
-    )
-    generation = json.loads((tmp_path / "generation_config.json").read_text())
-    assert generation["eos_token_id"] == tok.eos_token_id == 2 and generation["bos_token_id"] == 1
-
-    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
-    assert hf_tok(SMOL_TEXT).input_ids == tok.encode(SMOL_TEXT)
-    chat = [{"role": "user", "content": "What is the capital of France?"}]
-    assert hf_tok.apply_chat_template(chat, tokenize=False) == tok.apply_chat_template(
-        chat, tokenize=False
-    )
-    tokens = torch.tensor([tok.encode(SMOL_TEXT)])
-    with torch.no_grad():
-        ours = fnlm.forward(params, tokens, lora=lora)
-        assert max_rel_error(hf_load(tmp_path)(tokens).logits, ours) <= FP32_REL_TOL
-        assert max_rel_error(ours, fnlm.forward(params, tokens)) > 10 * FP32_REL_TOL
-
-
-def test_smollm2_gguf_f16_in_transformers_and_fnlm(smol, tmp_path):
-    params, tok = smol
-    path = fnlm.save(tmp_path, params, tok, format="gguf", gguf_type="f16")
-    assert path == tmp_path / "model-f16.gguf" and file_names(tmp_path) == [path.name]
-    tokens = torch.tensor([tok.encode(SMOL_TEXT)])
-    read_back, tok_back = load_fp32(path)
-    assert tok_back.encode(SMOL_TEXT) == tok.encode(SMOL_TEXT)
-    assert tok_back.chat_template == tok.chat_template
-    for (_, ours), (_, back) in zip(leaf_paths(dict(params)), leaf_paths(dict(read_back))):
-        assert torch.equal(back, ours.half().float() if ours.dim() == 2 else ours)
-    with torch.no_grad():
-        exact = fnlm.forward(params, tokens)
-        rounded = fnlm.forward(read_back, tokens)
-        ref = hf_load(tmp_path, gguf_file=path.name)(tokens).logits
-    assert max_rel_error(ref, rounded) <= FP32_REL_TOL
-    assert max_rel_error(rounded, exact) <= rounding_tol(F16_REL_TOL_PER_LAYER, 30)
 
 
 # ---------------------------------------------------------------------------------------------
