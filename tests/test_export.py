@@ -467,3 +467,33 @@ def test_parse_size_and_plan_shards():
     sizes = {"a": 6, "b": 6, "c": 20, "d": 1}
     assert fnlm.export.plan_shards(sizes, 12) == [["a", "b"], ["c"], ["d"]]
     assert np.sum([len(s) for s in fnlm.export.plan_shards(sizes, 1)]) == 4
+
+
+def test_export_script_merges_an_adapter(tmp_path, capsys):
+    """scripts/export.py: base + PEFT adapter directory -> merged checkpoint with the adapter's logits."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "export_script", Path(__file__).resolve().parent.parent / "scripts" / "export.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    config = transformers.Qwen2Config(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
+    )  # fmt: skip
+    with saved_checkpoint(config) as (_, directory):
+        params, _ = load_fp32(directory)
+        lora = perturbed(fnlm.lora.init(params, r=2, targets=("q", "v", "gate")))
+        fnlm.lora.save(tmp_path / "adapter", lora)
+        out = tmp_path / "merged"
+        script.main(
+            ["--model", str(directory), "--adapter", str(tmp_path / "adapter"), "--out", str(out)]
+        )
+        assert f"wrote {out}" in capsys.readouterr().out
+        with pytest.raises(SystemExit, match="exists and is not empty"):
+            script.main(["--model", str(directory), "--out", str(out)])
+    tokens = tokens_for(96)
+    with torch.no_grad():
+        ours = fnlm.forward(params, tokens, lora=lora)
+        assert max_rel_error(hf_load(out)(tokens).logits, ours) <= FP32_REL_TOL
