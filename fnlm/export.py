@@ -23,6 +23,7 @@ import re
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,7 +31,15 @@ import torch
 from fnlm import models, quant
 from fnlm.config import ModelConfig
 from fnlm.errors import ArgumentError, ExportError, FnlmError
-from fnlm.gguf import GLOBAL_TENSORS, LAYER_TENSORS, PRE_TOKENIZER_SPLITS, _permute, _save_streaming
+from fnlm.gguf import (
+    GLOBAL_TENSORS,
+    LAYER_TENSORS,
+    PRE_TOKENIZER_SPLITS,
+    ROPE_FREQS,
+    _llama3_factors,
+    _permute,
+    _save_streaming,
+)
 from fnlm.lora import Lora, LoraEmbedding, LoraLinear, SavedEmbedding, _atomic_write, attach
 from fnlm.params import Params, get_path, path_name
 
@@ -106,15 +115,18 @@ def save(
     if format == "merged":
         out_dtype = _export_dtype(dtype, params)
         limit = parse_size(shard_size)
-        target = _prepare_dir(Path(directory), overwrite)
-        return _save_merged(target, MergedWeights(params, lora, base), tok, out_dtype, limit)
+        weights = MergedWeights(params, lora, base)  # a lora that does not fit fails here
+        return _save_merged(
+            _prepare_dir(Path(directory), overwrite), weights, tok, out_dtype, limit
+        )
     if gguf_type not in GGUF_TYPES:
         raise ArgumentError(f"save: gguf_type must be one of {GGUF_TYPES}, got {gguf_type!r}")
     if tok is None:
         raise ArgumentError("save: format='gguf' needs tok=... (a GGUF carries its tokenizer)")
     _check_gguf_support(params.config)
+    weights = MergedWeights(params, lora, base)
     target = _prepare_gguf_path(Path(directory), gguf_type, overwrite)
-    return _save_gguf(target, MergedWeights(params, lora, base), tok, gguf_type)
+    return _save_gguf(target, weights, tok, gguf_type)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -495,7 +507,9 @@ def _check_gguf_support(config: ModelConfig) -> None:
         problems.append("MLP biases")
     if config.partial_rotary_factor != 1.0:
         problems.append(f"partial rotary (factor {config.partial_rotary_factor})")
-    if config.rope.get("rope_type", "default") not in ("default", "linear"):
+    if config.rope.get("rope_type", "default") not in ("default", "linear", "llama3") or (
+        config.rope.get("rope_type") == "llama3" and arch != "llama"
+    ):
         problems.append(f"rope scaling {config.rope.get('rope_type')!r}")
     if problems:
         raise ExportError(
@@ -558,10 +572,16 @@ def _save_gguf(target: Path, weights: MergedWeights, tok, gguf_type: str) -> Pat
     _gguf_model_metadata(writer, config, arch, gguf_type)
     _gguf_tokenizer_metadata(writer, tok, config.vocab_size)
 
-    plan = []
+    # (gguf name, ggml type, shape, producer of the fp32 tensor in llama.cpp's layout)
+    plan: list[tuple[str, Any, tuple[int, ...], Callable[[], torch.Tensor]]] = []
     for hf, (_, shape) in weights.names.items():
         name = gguf_name(hf)
         kind = _gguf_tensor_type(shape, name, gguf_type)
+        plan.append((name, kind, shape, _gguf_producer(weights, hf)))
+    if config.rope.get("rope_type") == "llama3":
+        factors = llama3_rope_factors(config)
+        plan.append((ROPE_FREQS, gguf.GGMLQuantizationType.F32, factors.shape, lambda: factors))
+    for name, kind, shape, _ in plan:
         byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, kind)
         if kind in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
             numpy_dtype = np.float32 if kind == gguf.GGMLQuantizationType.F32 else np.float16
@@ -570,28 +590,43 @@ def _save_gguf(target: Path, weights: MergedWeights, tok, gguf_type: str) -> Pat
             writer.add_tensor_info(
                 name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), kind
             )
-        plan.append((hf, kind))
-
-    def produce(hf: str) -> torch.Tensor:
-        tensor = weights(hf)
-        if arch == "llama" and ".self_attn.q_proj." in hf:
-            tensor = _permute(tensor, config.num_heads)
-        elif arch == "llama" and ".self_attn.k_proj." in hf:
-            tensor = _permute(tensor, config.num_kv_heads)
-        return tensor
 
     def write(tmp: str) -> None:
         try:
             writer.write_header_to_file(path=Path(tmp))
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
-            for hf, kind in plan:
-                writer.write_tensor_data(_gguf_array(produce(hf), kind))
+            for _, kind, _, produce in plan:
+                writer.write_tensor_data(_gguf_array(produce(), kind))
         finally:
             writer.close()
 
     _write_file(target, write)
     return target
+
+
+def _gguf_producer(weights: MergedWeights, hf: str) -> Callable[[], torch.Tensor]:
+    """The merged tensor `hf`, with llama's q / k rows permuted as llama.cpp stores them."""
+    config = weights.config
+    heads = {".self_attn.q_proj.": config.num_heads, ".self_attn.k_proj.": config.num_kv_heads}
+    permuted = GGUF_ARCHITECTURES[config.model_type] == "llama"
+    for part, count in heads.items():
+        if permuted and part in hf:
+            return lambda: _permute(weights(hf), count)
+    return lambda: weights(hf)
+
+
+def llama3_rope_factors(config: ModelConfig) -> torch.Tensor:
+    """llama.cpp's rope_freqs for Llama 3 rope scaling: per rotary frequency, the divisor that
+    `rope_type: llama3` applies (fnlm.gguf reads the scaling back from these)."""
+    rope = config.rope
+    dim = config.rotary_dim
+    inv_freq = config.rope_theta ** -(np.arange(0, dim, 2, dtype=np.float64) / dim)
+    factors = _llama3_factors(
+        2 * np.pi / inv_freq, rope["factor"], rope.get("low_freq_factor", 1.0),
+        rope.get("high_freq_factor", 4.0), rope["original_max_position_embeddings"],
+    )  # fmt: skip
+    return torch.from_numpy(factors.astype(np.float32))
 
 
 def _gguf_model_metadata(writer, config: ModelConfig, arch: str, gguf_type: str) -> None:

@@ -497,3 +497,27 @@ def test_export_script_merges_an_adapter(tmp_path, capsys):
     with torch.no_grad():
         ours = fnlm.forward(params, tokens, lora=lora)
         assert max_rel_error(hf_load(out)(tokens).logits, ours) <= FP32_REL_TOL
+
+
+def test_gguf_llama3_rope_scaling_round_trips(tokenizers, tmp_path):
+    """Llama 3.x rope scaling goes into rope_freqs as llama.cpp writes it; fnlm's reader recovers
+    the same scaling (transformers' GGUF loader ignores rope_freqs, so it is not the reference)."""
+    tok = tokenizers["byte_level"]
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 2048}  # fmt: skip
+    config = transformers.LlamaConfig(
+        vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=64, initializer_range=0.2,
+        max_position_embeddings=16384, rope_scaling=dict(rope), rope_theta=10000.0,
+    )  # fmt: skip
+    with saved_checkpoint(config) as (_, directory):
+        params, _ = load_fp32(directory)
+    assert params.config.rope["rope_type"] == "llama3"
+    path = fnlm.save(tmp_path, params, tok, format="gguf", gguf_type="f16")
+    read_back, _ = load_fp32(path)
+    for key, value in rope.items():
+        assert read_back.config.rope[key] == pytest.approx(value, rel=1e-4), key
+    tokens = tokens_for(tok.vocab_size)
+    with torch.no_grad():
+        error = max_rel_error(fnlm.forward(read_back, tokens), fnlm.forward(params, tokens))
+    assert error <= rounding_tol(F16_REL_TOL_PER_LAYER, 2)
