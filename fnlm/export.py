@@ -246,7 +246,8 @@ class MergedWeights:
                 if self.source
                 else f"the dequantized {kind} weights (no local 16-bit checkpoint; pass base=...)"
             )
-            print(f"fnlm.save: {len(quantized)} quantized weights: merging into {where}")
+            verb = "merging into" if lora is not None else "writing"
+            print(f"fnlm.save: {len(quantized)} quantized weights: {verb} {where}")
 
     @torch.no_grad()
     def __call__(self, name: str) -> torch.Tensor:
@@ -267,11 +268,14 @@ class MergedWeights:
         if self.source is None:
             return dequantized
         original = self.source.get(path).to(dequantized.device)
-        error = (original - dequantized).norm() / original.norm().clamp_min(1e-12)
-        if tuple(original.shape) != tuple(dequantized.shape) or error > SOURCE_MATCH_REL_TOL:
+        if original.shape != dequantized.shape:
+            error = float("inf")
+        else:
+            error = float((original - dequantized).norm() / original.norm().clamp_min(1e-12))
+        if error > SOURCE_MATCH_REL_TOL:
             raise ExportError(
                 f"the 16-bit checkpoint {self.source.directory} does not hold the weights of this "
-                f"model: {name} differs from the quantized {path_name(path)} by {float(error):.0%} "
+                f"model: {name} differs from the quantized {path_name(path)} by {error:.0%} "
                 f"(quantization explains at most {SOURCE_MATCH_REL_TOL:.0%}); pass base= the "
                 "checkpoint the model was loaded from"
             )
