@@ -123,7 +123,7 @@ class ModelConfig:
     # the checkpoint's own dtype name ("bfloat16", ...), kept for export
     torch_dtype: str | None = None
     # the original config.json, frozen, so exports can write it back
-    hf_config: tuple = field(default=(), compare=False, repr=False)
+    hf_config: str = field(default="", compare=False, repr=False)  # config.json text (`hf_dict`)
 
     def __post_init__(self) -> None:
         for name in (
@@ -188,13 +188,19 @@ class ModelConfig:
 
     def hf_dict(self) -> dict:
         """The original transformers config.json as a dict."""
-        return _thaw(self.hf_config) if self.hf_config else {}
+        return json.loads(self.hf_config) if self.hf_config else {}
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), default=str)
+
+
+def hf_text(config: dict) -> str:
+    """The transformers config as kept on ModelConfig.hf_config: JSON text, exact and hashable
+    (frozen tuples cannot tell an empty list from an empty dict)."""
+    return json.dumps(config, sort_keys=True)
 
 
 def freeze(value: Any) -> tuple:

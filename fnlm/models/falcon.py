@@ -4,7 +4,7 @@ multi-query ([q heads, k, v]: one group), the original multi-head ([q, k, v] per
 head) and the new decoder architecture (Falcon-40B/180B: [q heads of the group, k, v] per kv group,
 with separate attention and MLP norms)."""
 
-from fnlm.config import ModelConfig, freeze
+from fnlm.config import ModelConfig, hf_text
 from fnlm.errors import UnsupportedModelError
 from fnlm.models import llama
 
@@ -60,7 +60,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
         eos_token_id=llama.token_ids(hf.get("eos_token_id")),
         pad_token_id=hf.get("pad_token_id"),
         torch_dtype=hf.get("dtype") or hf.get("torch_dtype"),
-        hf_config=freeze(hf),
+        hf_config=hf_text(hf),
         **llama.rope_fields(hf),
     )
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fnlm.config import ModelConfig, freeze
+from fnlm.config import ModelConfig, freeze, hf_text
 from fnlm.errors import ConfigError
 
 MODEL_TYPES = ("llama",)
@@ -65,7 +65,7 @@ def translate(hf: dict, **overrides: Any) -> ModelConfig:
                 "partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)
             )
         ),
-        hf_config=freeze(hf),
+        hf_config=hf_text(hf),
         **rope_fields(hf),
     )
     fields.update(overrides)
