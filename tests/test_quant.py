@@ -171,18 +171,24 @@ def _assert_within_dot_bound(name, y, x, w_dense, bias=None):
     assert worst <= 0, f"{name} ({y.dtype}): error exceeds the bound by {worst:.3g}"
 
 
-@pytest.mark.parametrize("batch", [1, 5])  # multiply-and-reduce / tl.dot paths
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-@given(out_features=st.integers(1, 40), half_in=st.integers(1, 100), bias=st.booleans())
-def test_nf4_gemv_matches_dequantize_matmul(out_features, half_in, bias, dtype, batch):
-    w = Q.quantize(_weight((out_features, 2 * half_in), dtype, seed=2), "nf4", compute_dtype=dtype)
-    x = _weight((batch, 2 * half_in), dtype, seed=3)
+GEMV_DTYPES = (torch.bfloat16, torch.float16)  # what the fused GEMV takes (16-bit compute)
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+@pytest.mark.parametrize("dtype", GEMV_DTYPES)
+@given(out_features=st.integers(1, 40), blocks=st.integers(1, 5), bias=st.booleans())
+def test_nf4_gemv_matches_dequantize_matmul(out_features, blocks, bias, dtype, batch):
+    """Whole quantization blocks per row (in_features % 64 == 0), with and without bias; the
+    weights the kernel builds from its byte tables are the dequantized ones, rounded to dtype."""
+    w = Q.quantize(_weight((out_features, 64 * blocks), dtype, seed=2), "nf4", compute_dtype=dtype)
+    x = _weight((batch, 64 * blocks), dtype, seed=3)
     b = _weight((out_features,), dtype, seed=4) if bias else None
     w_dense = w.dequantize(triton=False)
     y = nf4_gemv(x, w, b)
     assert y.shape == (batch, out_features) and y.dtype == dtype
     _assert_within_dot_bound("nf4_gemv", y, x, w_dense, b)
-    # the split-K path (CUDA picks it for few output rows): 3 splits, fp32 partial sums
+    # several steps per split, a last step past the split's end, and split-K (fp32 partial sums):
+    # 2 blocks per step, 2 splits
     parts = (
         w.packed,
         w.absmax,
@@ -194,16 +200,34 @@ def test_nf4_gemv_matches_dequantize_matmul(out_features, half_in, bias, dtype, 
         64,
         256,
     )
-    y_split = nf4_gemv_fwd(x, *parts, b, config=(2, 16, 4, 3))
+    y_split = nf4_gemv_fwd(x, *parts, b, config=(64, 2, 4, 2))
     _assert_within_dot_bound("nf4_gemv split-K", y_split, x, w_dense, b)
     # the bound is not loose: torch's own dequantize + matmul meets it too
     _assert_within_dot_bound("dequantize + F.linear", F.linear(x, w_dense, b), x, w_dense, b)
 
 
-def test_nf4_gemv_rejects_odd_in_features():
-    w = Q.quantize(_weight((4, 7), torch.float32), "nf4", compute_dtype=torch.float32)
-    with pytest.raises(ArgumentError, match="in_features=7"):
-        nf4_gemv(torch.randn(1, 7), w)
+@pytest.mark.parametrize("dtype", GEMV_DTYPES)
+def test_nf4_gemv_every_code_and_no_double_quant(dtype):
+    """Every NF4 code in every nibble position of a word, and plain fp32 absmax (no double
+    quantization): exactly the dequantized weights' products (x is one-hot)."""
+    in_features = 128
+    packed = torch.arange(256, dtype=torch.uint8).repeat(in_features * 16 // 2 // 256 + 1)
+    packed = packed[: 16 * in_features // 2].reshape(-1, 1)
+    absmax = torch.linspace(0.5, 3.0, 16 * in_features // 64)
+    code = torch.tensor(Q.nf4.NF4_CODE)
+    w = Q.NF4Weight(packed, absmax, code, None, None, None, shape=(16, in_features), dtype=dtype)
+    w_dense = w.dequantize(triton=False)
+    x = torch.eye(in_features, dtype=dtype)[:8]
+    assert torch.equal(nf4_gemv(x, w), w_dense[:, :8].t().contiguous())
+
+
+def test_nf4_gemv_rejects_what_it_does_not_take():
+    w = Q.quantize(_weight((4, 96), torch.bfloat16), "nf4", compute_dtype=torch.bfloat16)
+    with pytest.raises(ArgumentError, match="in_features=96"):  # 1.5 blocks per row
+        nf4_gemv(torch.randn(1, 96, dtype=torch.bfloat16), w)
+    w = Q.quantize(_weight((4, 64), torch.float32), "nf4", compute_dtype=torch.float32)
+    with pytest.raises(ArgumentError, match="float32"):
+        nf4_gemv(torch.randn(1, 64), w)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -221,9 +245,8 @@ def _quantized(mode, shape, dtype, seed=5):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("mode", Q.MODES)
 def test_linear_matches_dequantized_autograd(mode, backend, monkeypatch):
-    """Forward and grads of x and bias equal F.linear on the dequantized weight (bit for bit on the
-    dequantize + matmul paths; within the dot bound where the Triton GEMV runs: <= 8 rows, with
-    the GEMV dispatch switched on)."""
+    """Forward and grads of x and bias equal F.linear on the dequantized weight, bit for bit (fp32:
+    the fused GEMV, which takes 16-bit x only, stays out even when switched on for 8 rows)."""
     monkeypatch.setattr(Q, "GEMV_MAX_ROWS", 8)
     w = _quantized(mode, (48, 64), torch.float32)
     w_dense = w.dequantize(triton=False)
@@ -237,13 +260,21 @@ def test_linear_matches_dequantized_autograd(mode, backend, monkeypatch):
         x_ref, bias_ref = x.detach().requires_grad_(), bias.detach().requires_grad_()
         y_ref = F.linear(x_ref.view(1, rows, 64), w_dense, bias_ref)
         gx_ref, gb_ref = torch.autograd.grad(y_ref, (x_ref, bias_ref), g)
-        if backend == "triton" and mode == "nf4" and rows <= 8:
-            _assert_within_dot_bound(
-                "linear (gemv)", y[0].detach(), x.detach(), w_dense, bias.detach()
-            )
-        else:
-            assert torch.equal(y, y_ref)
+        assert torch.equal(y, y_ref)
         assert torch.equal(gx, gx_ref) and torch.equal(gb, gb_ref)
+
+
+def test_linear_sends_few_16bit_rows_to_the_gemv(monkeypatch):
+    """NF4, bf16, Triton path: at most GEMV_MAX_ROWS rows go to the fused GEMV, more to
+    dequantize + matmul; in_features not a whole number of blocks always to the latter."""
+    monkeypatch.setattr(Q, "GEMV_MAX_ROWS", 4)
+    for in_features, rows, gemv in ((128, 4, True), (128, 5, False), (96, 2, False)):
+        w = _quantized("nf4", (24, in_features), torch.bfloat16)
+        x = _weight((rows, in_features), torch.bfloat16, seed=9)
+        with kernel_backend("triton"):
+            y = Q.linear(x, w)
+        want = nf4_gemv(x, w) if gemv else F.linear(x, w.dequantize(triton=False))
+        assert torch.equal(y, want), (in_features, rows)
 
 
 def test_linear_plain_tensor_is_f_linear():
@@ -545,8 +576,10 @@ def test_gpu_nf4_dequantize_bit_exact_with_bnb_cuda(shape, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("shape", [(4096, 4096), (14336, 4096), (4096, 14336), (300, 98)])
-@pytest.mark.parametrize("batch", [1, 2, 8])
+@pytest.mark.parametrize(
+    "shape", [(4096, 4096), (14336, 4096), (4096, 14336), (300, 192), (40, 8192)]
+)
+@pytest.mark.parametrize("batch", [1, 2, 5, 8])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_nf4_gemv(shape, batch, dtype):
     q = Q.quantize(_weight(shape, dtype, seed=51, device="cuda"), "nf4", compute_dtype=dtype)

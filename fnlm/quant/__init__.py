@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from fnlm.errors import ArgumentError, QuantError
-from fnlm.kernels.nf4 import nf4_gemv_fwd
+from fnlm.kernels.nf4 import gemv_supported, nf4_gemv_fwd
 from fnlm.quant.fp8 import FP8Weight, quantize_fp8
 from fnlm.quant.int8 import Int8Weight, quantize_int8
 from fnlm.quant.nf4 import NF4Weight, quantize_nf4
@@ -36,11 +36,15 @@ MODES = ("nf4", "int8", "fp8")
 QuantizedWeight = NF4Weight | Int8Weight | FP8Weight
 _WEIGHT_TYPES = {"nf4": NF4Weight, "int8": Int8Weight, "fp8": FP8Weight}
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# `linear` sends NF4 inputs of at most this many rows to the fused GEMV on the Triton path. 0 (off)
-# for now: on the H100 (scripts/bench_quant.py) the GEMV is not yet faster than dequantize + cuBLAS
-# (batch 1: 0.90x at 4096x4096, 1.10x at 14336x4096; batch 2-8: 0.3-0.9x) and well behind
-# bitsandbytes' gemv_4bit. Raise it (up to fnlm.kernels.nf4.GEMV_MAX_BATCH) once the kernel wins.
-GEMV_MAX_ROWS = 0
+# `linear` sends NF4 inputs of at most this many rows (bf16/fp16, whole quantization blocks per
+# row) to the fused GEMV on the Triton path. On the H200 (scripts/bench_quant.py --sweep, 2026-12-03,
+# us, best config) it beats dequantize + cuBLAS at every measured shape up to 8 rows:
+#   4096x4096    b1 10.2 vs 40.0, b4 20.3 vs 39.6, b8 28.7 vs 38.8 (bnb gemv_4bit b1: 10.4)
+#   14336x4096   b1 23.4 vs 131,  b4 51.5 vs 132,  b8 83.7 vs 131  (bnb b1: 28.7)
+#   4096x14336   b1 28.1 vs 131,  b4 53.7 vs 131,  b8 81.1 vs 131  (bnb b1: 28.8)
+#   128256x2048  b1 84.8 vs 547,  b4 155 vs 550,   b8 405 vs 549   (bnb b1: 116)
+# 8 is also the most rows fnlm.kernels.nf4.GEMV_MAX_BATCH takes in one launch.
+GEMV_MAX_ROWS = 8
 
 
 def quantize(
@@ -145,8 +149,7 @@ def matmul_weight_t(
         and isinstance(w, NF4Weight)
         and x.shape[0] <= GEMV_MAX_ROWS
         and x.dtype == w.dtype
-        and w.shape[1] % 2 == 0
-        and w.blocksize % 2 == 0
+        and gemv_supported(x.dtype, w.shape, w.blocksize)
     ):
         return nf4_gemv_fwd(
             x, w.packed, w.absmax, w.code, w.nested_absmax, w.nested_code, w.offset,
