@@ -240,48 +240,8 @@ def bench_linears(name: str) -> dict:
             results[f"{label} {n_out}x{n_in} b{batch}"] = row
             print(f"  {label} {n_out}x{n_in} batch {batch}: " + ", ".join(
                 f"{k} {v['us']:.1f}us {v['GB/s']:.0f}GB/s" for k, v in row.items()), flush=True)  # fmt: skip
-    results["gemv sweep"] = sweep_gemv(hidden, inter)
+    # the GEMV kernel's own tile sweep: scripts/bench_quant.py --gemv-only --sweep
     return results
-
-
-def sweep_gemv(hidden: int, inter: int) -> dict:
-    """fnlm's NF4 GEMV kernel on the gate/up shape at batch 1 under other block sizes / warps."""
-    import triton
-
-    from fnlm import quant
-    from fnlm.kernels import nf4
-
-    w = torch.randn(inter, hidden, device="cuda", dtype=torch.bfloat16) * 0.02
-    q = quant.quantize(w, "nf4", compute_dtype=torch.bfloat16)
-    nbytes = sum(t.numel() * t.element_size() for t in q.tensors())
-    x = torch.randn(1, hidden, device="cuda", dtype=torch.bfloat16)
-    y = torch.empty(1, inter, device="cuda", dtype=torch.bfloat16)
-    nested_absmax, nested_code, offset, nested = nf4._nested_args(
-        q.absmax, q.nested_absmax, q.nested_code, q.offset
-    )
-    out = {}
-    for block_n in (2, 4, 8, 16):
-        for block_pairs in (64, 256, 512):
-            for warps in (4, 8):
-
-                def launch(block_n=block_n, block_pairs=block_pairs, warps=warps):
-                    nf4._nf4_gemv_kernel[(triton.cdiv(inter, block_n), 1)](
-                        x, q.packed, q.absmax, q.code, nested_absmax, nested_code, offset, x, y,
-                        1, inter, hidden, x.stride(0), y.stride(0), q.blocksize, q.nested_blocksize,
-                        NESTED=nested, HAS_BIAS=False, W_DTYPE=nf4._TRITON_DTYPES[x.dtype],
-                        USE_DOT=False, DOT_IN_FP32=False, BLOCK_B=1, BLOCK_N=block_n,
-                        BLOCK_PAIRS=block_pairs, num_warps=warps, enable_fp_fusion=False,
-                    )  # fmt: skip
-
-                try:
-                    t = time_on_device(launch)
-                except Exception as e:  # a signature change in the kernel: report and stop
-                    return {"error": f"{type(e).__name__}: {e}"}
-                out[f"n{block_n} p{block_pairs} w{warps}"] = nbytes / t / 1e9
-    best = sorted(out.items(), key=lambda kv: -kv[1])[:8]
-    print("  GEMV sweep (GB/s), best: " + ", ".join(f"{k}: {v:.0f}" for k, v in best), flush=True)
-    print(f"  GEMV current (n8 p64 w4): {out.get('n8 p64 w4', float('nan')):.0f} GB/s", flush=True)
-    return out
 
 
 def route_nf4_through_bitsandbytes() -> None:
