@@ -670,6 +670,7 @@ def bnb_nf4(model: torch.nn.Module) -> torch.nn.Module:
 # 64-element block (its output is off by far more than NF4's own error; fnlm's is not), so the NF4
 # cases use widths that are multiples of 64.
 NF4_WIDTHS = dict(hidden_size=64, intermediate_size=128)
+NF4_WIDTHS_16 = dict(NF4_WIDTHS, head_dim=16)
 
 
 @pytest.mark.parametrize("case", NF4_CASES)
@@ -686,6 +687,59 @@ def test_nf4_logits_match_bitsandbytes(case):
             ref = bnb_nf4(model)(tokens).logits
     ours = fnlm.forward(params, tokens)
     # the reference really is quantized: NF4 moves the logits far more than the tolerance
+    assert max_rel_error(ref, full) > 100 * FP32_REL_TOL
+    assert max_rel_error(ours, ref) <= FP32_REL_TOL
+
+
+CORE_NF4_CASES = {
+    "llama-untied": transformers.LlamaConfig(**dict(BASE, **NF4_WIDTHS_16)),
+    "llama-tied": transformers.LlamaConfig(**dict(BASE, **NF4_WIDTHS_16), tie_word_embeddings=True),
+    "mistral-window": transformers.MistralConfig(**dict(BASE, **NF4_WIDTHS_16), sliding_window=3),
+    "qwen2-qkv_bias": transformers.Qwen2Config(**dict(BASE, **NF4_WIDTHS_16)),
+    "qwen3-qk_norm": transformers.Qwen3Config(**dict(BASE, **NF4_WIDTHS_16)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CORE_NF4_CASES))
+def test_nf4_logits_of_the_core_families_match_bitsandbytes(case):
+    """As above for the core issue's families (the MoE families' experts are fused 3-D tensors in
+    transformers, which bitsandbytes' Linear4bit cannot stand in for)."""
+    pytest.importorskip("bitsandbytes")
+    config = CORE_NF4_CASES[case]
+    with saved_checkpoint(config) as (model, directory):
+        params, _ = fnlm.load(directory, quant="nf4", dtype=torch.float32, device="cpu")
+        tokens = random_tokens(config.vocab_size, (2, SEQ))
+        with torch.no_grad():
+            full = model(tokens).logits
+            ref = bnb_nf4(model)(tokens).logits
+    ours = fnlm.forward(params, tokens)
+    assert max_rel_error(ref, full) > 100 * FP32_REL_TOL
+    assert max_rel_error(ours, ref) <= FP32_REL_TOL
+
+
+@pytest.mark.parametrize(
+    "case", ["mixtral-top2_of_4_window", "qwen3_moe-renormalized", "qwen2_moe-shared_expert"]
+)
+def test_nf4_moe_logits_match_transformers_on_the_dequantized_weights(case, tmp_path):
+    """transformers holds MoE experts as fused 3-D tensors, which bitsandbytes' Linear4bit cannot
+    stand in for; so the NF4 params (quantization itself is checked bit-exact against bitsandbytes
+    in test_quant), exported dequantized, are what transformers runs: same logits as fnlm's NF4
+    forward, and far from the unquantized model's."""
+    _, class_name, fields = next(c for c in FLAG_CASES if c[0] == case)
+    config = hf_config(class_name, fields)
+    with saved_checkpoint(config) as (model, directory):
+        params, _ = fnlm.load(directory, quant="nf4", dtype=torch.float32, device="cpu")
+        tokens = random_tokens(config.vocab_size, (2, SEQ))
+        with torch.no_grad():
+            full = model(tokens).logits
+    params.source = None  # export the dequantized NF4 values, not the 16-bit checkpoint
+    fnlm.save(tmp_path / "dequantized", params, format="merged")
+    reference = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "dequantized", dtype=torch.float32
+    ).eval()
+    with torch.no_grad():
+        ref = reference(tokens).logits
+    ours = fnlm.forward(params, tokens)
     assert max_rel_error(ref, full) > 100 * FP32_REL_TOL
     assert max_rel_error(ours, ref) <= FP32_REL_TOL
 

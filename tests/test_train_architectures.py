@@ -23,7 +23,7 @@ LOSS_REL_TOL = 2e-6
 
 
 @pytest.mark.parametrize("model_type", sorted(HF_CONFIGS))
-@settings(max_examples=2, deadline=None)  # 16 families x 2 drawn configs keep CI fast
+@settings(max_examples=max(2, settings.default.max_examples // 8), deadline=None)  # 16 families
 @given(data=st.data())
 def test_lora_training_matches_peft(model_type, data, tmp_path_factory):
     config = data.draw(hf_configs(model_type))
