@@ -401,7 +401,7 @@ def _save_merged(
             "weight_map": {n: f for f, shard in zip(files, shards) for n in shard},
         }
         _write_text(target / SAFETENSORS_INDEX, json.dumps(index, indent=2) + "\n")
-    config = hf_config(weights.config, dtype, original_hf_config(weights.params))
+    config = hf_config(weights.config, dtype)
     _write_text(target / "config.json", json.dumps(config, indent=2) + "\n")
     generation = generation_config(weights.config, tok)
     _write_text(target / GENERATION_CONFIG, json.dumps(generation, indent=2) + "\n")
@@ -431,21 +431,10 @@ def _remove_stale_weights(target: Path, keep: set[str]) -> None:
             path.unlink()
 
 
-def original_hf_config(params: Params) -> dict:
-    """The config.json params were loaded from: the file itself when `params.source` still holds
-    it, else the copy in the config (`ModelConfig.hf_dict`; empty lists in it read back as {})."""
-    path = Path(getattr(params, "source", None) or "", "config.json")
-    if getattr(params, "source", None) and path.is_file():
-        hf = json.loads(path.read_text())
-        if hf.get("model_type") == params.config.model_type:
-            return hf
-    return params.config.hf_dict()
-
-
-def hf_config(config: ModelConfig, dtype: torch.dtype, original: dict | None = None) -> dict:
-    """The checkpoint's original config.json (`original`, default `config.hf_dict()`) with the
-    exported dtype and tying."""
-    hf = dict(original) if original is not None else config.hf_dict()
+def hf_config(config: ModelConfig, dtype: torch.dtype) -> dict:
+    """The checkpoint's original config.json (`config.hf_dict()`) with the exported dtype and
+    tying."""
+    hf = config.hf_dict()
     if not hf:
         raise ExportError(
             f"the {config.model_type} params carry no original config.json (ModelConfig.hf_config); "

@@ -102,9 +102,8 @@ class TrainConfig:
     seed: int = 3407
     # speed and memory
     checkpointing: str = "auto"  # "none" | "layer" | "offload" (saved inputs to pinned CPU memory)
-    compile: bool | str | None = (
-        None  # torch.compile each layer (a str names the backend); None: CUDA only
-    )
+    # torch.compile each layer (a str names the backend); None: on CUDA only
+    compile: bool | str | None = None
     mlp_chunk: int = 0  # tile the MLP along the sequence in chunks of this many tokens (0: off)
     # bookkeeping
     save_every: int = 0  # steps between checkpoints (0: only at the end)

@@ -678,7 +678,11 @@ def test_nf4_logits_match_bitsandbytes(case):
     pytest.importorskip("bitsandbytes")
     _, class_name, fields = next(c for c in FLAG_CASES if c[0] == case)
     fields = {**fields, **NF4_WIDTHS, **({"head_dim": 16} if "head_dim" in fields else {})}
-    config = hf_config(class_name, fields)
+    assert_nf4_matches_bitsandbytes(hf_config(class_name, fields))
+
+
+def assert_nf4_matches_bitsandbytes(config) -> None:
+    """fnlm's NF4 logits equal transformers' with bitsandbytes Linear4bit in place of its linears."""
     with saved_checkpoint(config) as (model, directory):
         params, _ = fnlm.load(directory, quant="nf4", dtype=torch.float32, device="cpu")
         tokens = random_tokens(config.vocab_size, (2, SEQ))
@@ -705,16 +709,7 @@ def test_nf4_logits_of_the_core_families_match_bitsandbytes(case):
     """As above for the core issue's families (the MoE families' experts are fused 3-D tensors in
     transformers, which bitsandbytes' Linear4bit cannot stand in for)."""
     pytest.importorskip("bitsandbytes")
-    config = CORE_NF4_CASES[case]
-    with saved_checkpoint(config) as (model, directory):
-        params, _ = fnlm.load(directory, quant="nf4", dtype=torch.float32, device="cpu")
-        tokens = random_tokens(config.vocab_size, (2, SEQ))
-        with torch.no_grad():
-            full = model(tokens).logits
-            ref = bnb_nf4(model)(tokens).logits
-    ours = fnlm.forward(params, tokens)
-    assert max_rel_error(ref, full) > 100 * FP32_REL_TOL
-    assert max_rel_error(ours, ref) <= FP32_REL_TOL
+    assert_nf4_matches_bitsandbytes(CORE_NF4_CASES[case])
 
 
 @pytest.mark.parametrize(

@@ -268,11 +268,18 @@ def test_linear_sends_few_16bit_rows_to_the_gemv(monkeypatch):
     """NF4, bf16, Triton path: at most GEMV_MAX_ROWS rows go to the fused GEMV, more to
     dequantize + matmul; in_features not a whole number of blocks always to the latter."""
     monkeypatch.setattr(Q, "GEMV_MAX_ROWS", 4)
+    calls = []
+    real_gemv = Q.nf4_gemv_fwd
+    monkeypatch.setattr(
+        Q, "nf4_gemv_fwd", lambda x, *a, **k: calls.append(x.shape) or real_gemv(x, *a, **k)
+    )
     for in_features, rows, gemv in ((128, 4, True), (128, 5, False), (96, 2, False)):
         w = _quantized("nf4", (24, in_features), torch.bfloat16)
         x = _weight((rows, in_features), torch.bfloat16, seed=9)
+        calls.clear()
         with kernel_backend("triton"):
             y = Q.linear(x, w)
+        assert len(calls) == int(gemv), (in_features, rows)
         want = nf4_gemv(x, w) if gemv else F.linear(x, w.dequantize(triton=False))
         assert torch.equal(y, want), (in_features, rows)
 
