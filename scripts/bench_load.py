@@ -30,16 +30,10 @@ def host_peak_reset() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (peak RSS) for this process
 
 
-def host_peak_bytes() -> int:
+def host_bytes(field: str) -> int:
+    """A memory figure of this process from /proc/self/status: "VmRSS" (now), "VmHWM" (peak)."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def host_rss_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024
     return 0
 
@@ -49,7 +43,7 @@ def measure(load_fn) -> dict:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     base_device = torch.cuda.memory_allocated()
-    base_host = host_rss_bytes()
+    base_host = host_bytes("VmRSS")
     host_peak_reset()
     start = time.perf_counter()
     obj = load_fn()
@@ -59,7 +53,7 @@ def measure(load_fn) -> dict:
         "seconds": seconds,
         "weights_bytes": torch.cuda.memory_allocated() - base_device,
         "peak_device_bytes": torch.cuda.max_memory_allocated() - base_device,
-        "peak_host_growth_bytes": host_peak_bytes() - base_host,
+        "peak_host_growth_bytes": host_bytes("VmHWM") - base_host,
     }
     del obj
     return result

@@ -21,7 +21,6 @@ the reference. Prints a table and writes bench_train.json (to --out, default $OU
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import statistics
@@ -34,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
-from bench_generate import REAL_CONFIGS, write_checkpoint  # noqa: E402
+from bench_generate import REAL_CONFIGS, clear, write_checkpoint  # noqa: E402
 
 PEAK_FLOPS = 790e12  # bf16 matmul 8192^3 measured on the H100 (GPU.md)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -42,12 +41,6 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 # shorter lengths until one fits; the reference goes up from 4,096 until one fails.
 GOAL, STRETCH, FALLBACKS = 49152, 65536, (32768, 16384, 8192)
 REFERENCE_LENGTHS = (4096, 6144, 8192)
-
-
-def clear() -> None:
-    gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
 
 
 def parameter_count(name: str) -> int:
