@@ -16,6 +16,7 @@ from fnlm import models
 from fnlm.config import ModelConfig, freeze
 from fnlm.errors import CheckpointError, ConfigError, QuantError
 from fnlm.hub import resolve
+from fnlm.models import moe
 from fnlm.params import Params, path_name, set_path
 
 # Tensors a checkpoint may carry that the functional model recomputes instead.
@@ -212,6 +213,7 @@ def load_params(
     expected = models.family(config.model_type).weight_names(config)
     tree: dict = {"layers": [{} for _ in range(config.num_layers)]}
     seen: set[str] = set()
+    stacks = _Stacks(config)
     stream = stream_tensors(weight_files(directory))
     if device.type == "cuda":
         stream = pinned_ahead(stream)
@@ -233,8 +235,13 @@ def load_params(
         seen.add(name)
         tensor = tensor.to(device, non_blocking=True)  # asynchronous from pinned memory
         tensor = tensor.to(dtype if tensor.is_floating_point() else tensor.dtype)
+        slot = moe.stack_slot(path)
+        if slot is not None:
+            path, tensor = slot.stack, stacks.add(slot, tensor)
+            if tensor is None:  # the stack still lacks other experts' matrices
+                continue
         if quantize is not None and is_quantizable(path, tensor) and not _skipped(path, skip):
-            tensor = quantize(tensor)
+            tensor = moe.quantize_stack(tensor, quantize) if slot else quantize(tensor)
         set_path(tree, path, tensor)
     missing = [n for n in expected if n not in seen]
     if missing:
@@ -245,6 +252,30 @@ def load_params(
     if config.tie_word_embeddings:
         tree["lm_head"] = tree["embed"]
     return Params(tree, config)
+
+
+class _Stacks:
+    """Mixture-of-experts stacks being assembled from per-expert checkpoint tensors. A stack is
+    allocated (16-bit, on the target device) when its first expert arrives and handed out once
+    complete, so at most a few stacks of one layer are held unquantized at a time."""
+
+    def __init__(self, config: ModelConfig):
+        self.config = config
+        self.pending: dict[tuple, tuple[torch.Tensor, int]] = {}
+
+    def add(self, slot: moe.Slot, tensor: torch.Tensor) -> torch.Tensor | None:
+        stack, missing = self.pending.get(slot.stack, (None, 0))
+        if stack is None:
+            name = slot.stack[-1]
+            shape = moe.stack_shape(self.config, name)
+            stack = tensor.new_empty(shape)
+            missing = shape[0] * (2 if name == "gate_up" else 1)
+        moe.rows(slot, stack).copy_(tensor)
+        if missing == 1:
+            del self.pending[slot.stack]
+            return stack
+        self.pending[slot.stack] = (stack, missing - 1)
+        return None
 
 
 def _skipped(path: tuple, skip: tuple[str, ...]) -> bool:

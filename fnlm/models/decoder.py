@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from fnlm import kernels, quant
 from fnlm.config import ACTIVATIONS, ModelConfig
 from fnlm.errors import ArgumentError
+from fnlm.models import moe
 from fnlm.models.rope import rope_tables
 from fnlm.params import Params
 
@@ -197,37 +198,31 @@ def activation(config: ModelConfig, x: torch.Tensor) -> torch.Tensor:
 def mixture_of_experts(config: ModelConfig, p: dict, x: torch.Tensor) -> torch.Tensor:
     """Top-k routed experts (+ an optional sigmoid-gated shared expert), summed per token.
 
-    p: {"router": [experts, hidden], "experts": per-expert {"gate", "up", "down"} as a list of dicts
-    (one per expert) or as stacked [experts, out, in] leaves, optional "shared" MLP and
-    "shared_gate" [1, hidden]}. Routing follows transformers: softmax in fp32, top-k, optional
-    renormalisation, weights cast to the compute dtype. A loop over the experts that received tokens
-    (exact on CPU; a grouped GEMM can replace it on GPU).
+    p: {"router": [experts, hidden], "experts": {"gate_up", "down"} stacks (see fnlm.models.moe),
+    optional "shared" MLP and "shared_gate" [1, hidden]}. Routing follows transformers (softmax in
+    fp32, top-k, optional renormalisation, weights in the compute dtype); the token/expert pairs are
+    sorted by expert on the device and each stack multiplies its experts' rows in one grouped GEMM.
     """
     shape = x.shape
     x = x.reshape(-1, shape[-1])
-    router_logits = linear(x, p["router"])
-    weights, chosen = torch.topk(
-        torch.softmax(router_logits, dim=-1, dtype=torch.float32), config.experts_per_token, dim=-1
-    )
-    if config.moe_renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    weights = weights.to(x.dtype)
-    out = torch.zeros_like(x)
-    for e in chosen.unique().tolist():
-        tokens, slot = torch.where(chosen == e)
-        y = mlp(config, expert(p["experts"], e), x[tokens]) * weights[tokens, slot, None]
-        out.index_add_(0, tokens, y)
+    route = moe.route(config, linear(x, p["router"]), x.dtype)
+    experts = p["experts"]
+    rows = x[route.tokens]
+    gate, up = expert_matmul(route, rows, experts["gate_up"]).chunk(2, dim=-1)
+    y = expert_matmul(route, glu(config, gate, up), experts["down"])
+    out = moe.combine(route, y * route.weights[:, None], x.shape[0])
     if "shared" in p:
         shared = mlp(config, p["shared"], x)
         out = out + torch.sigmoid(linear(x, p["shared_gate"])) * shared
     return out.reshape(shape)
 
 
-def expert(experts, e: int) -> dict:
-    """Expert e's {"gate", "up", "down"} from a list of per-expert dicts or stacked leaves."""
-    if isinstance(experts, list):
-        return experts[e]
-    return {name: w[e] for name, w in experts.items()}
+def expert_matmul(route, rows: torch.Tensor, w) -> torch.Tensor:
+    """Sorted rows times their experts' matrices, for a stack leaf (LoRA-adapted stacks carry
+    their own)."""
+    if hasattr(w, "expert_matmul"):
+        return w.expert_matmul(route, rows)
+    return moe.matmul(route, rows, w)
 
 
 def layer_forward(

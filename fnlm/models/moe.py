@@ -1,0 +1,176 @@
+"""Mixture-of-experts MLPs over stacked expert weights, routed without host syncs.
+
+Each MoE layer holds its experts as two stacks, laid out as transformers 5 holds them (and as
+peft's `target_parameters` adapts them):
+
+    params["layers"][n]["mlp"]["experts"] = {"gate_up": [E, 2·I, H], "down": [E, H, I]}
+
+A 16-bit stack is a 3-D tensor; a quantized stack is the quantized [E·out, in] matrix (NF4's blocks
+of 64 never straddle two experts when `in` is a multiple of 64), so the quantizers stay 2-D.
+Checkpoints name each expert's matrices separately ("...experts.3.gate_proj.weight"); the family's
+`weight_names` maps them to per-expert paths ("layers", n, "mlp", "experts", 3, "gate") and
+`stack_slot` says where each lands in the stack (used by the loader and the exporter).
+
+Routing (`route`) sorts the token/expert pairs by expert with device ops only, so a decode step
+with MoE layers can be captured in a CUDA graph. `matmul` then multiplies each expert's rows by
+that expert's matrix: one `torch._grouped_mm` on CUDA in bf16 (differentiable in the rows and in
+dense stacks, e.g. LoRA factors), else a loop over the experts (it reads the row counts on the
+host; used on CPU and in fp32/fp16).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fnlm import quant
+from fnlm.config import ModelConfig
+from fnlm.errors import ArgumentError
+
+# per-expert leaf name -> (stack name, which half of the stack's rows; None for the whole)
+EXPERT_PARTS = {"gate": ("gate_up", 0), "up": ("gate_up", 1), "down": ("down", None)}
+STACKS = ("gate_up", "down")
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where one expert's matrix lands in its stack: stack[expert, rows]."""
+
+    stack: tuple  # the stack's param path ("layers", n, "mlp", "experts", "gate_up")
+    expert: int
+    half: int | None  # 0 = gate rows, 1 = up rows, None = all rows
+
+
+def stack_slot(path: tuple) -> Slot | None:
+    """The Slot of a per-expert checkpoint path ("layers", n, "mlp", "experts", e, "gate"), or None
+    for any other path."""
+    if len(path) == 6 and path[3] == "experts" and isinstance(path[4], int):
+        stack, half = EXPERT_PARTS[path[5]]
+        return Slot((*path[:4], stack), path[4], half)
+    return None
+
+
+def stack_shape(config: ModelConfig, name: str) -> tuple[int, int, int]:
+    """[E, out, in] of the "gate_up" or "down" stack."""
+    e, h, i = config.num_experts, config.hidden_size, config.expert_size
+    return (e, 2 * i, h) if name == "gate_up" else (e, h, i)
+
+
+def rows(slot: Slot, stack: torch.Tensor) -> torch.Tensor:
+    """The view of `stack` [E, out, in] that holds this slot's expert matrix."""
+    block = stack[slot.expert]
+    if slot.half is None:
+        return block
+    half = block.shape[0] // 2
+    return block[slot.half * half : (slot.half + 1) * half]
+
+
+def dense(w, experts: int) -> torch.Tensor:
+    """A stack as a [E, out, in] tensor in its compute dtype (quantized stacks dequantized)."""
+    if isinstance(w, torch.Tensor):
+        return w
+    return quant.dequantize(w).view(experts, -1, w.shape[1])
+
+
+def quantize_stack(stack: torch.Tensor, quantize) -> object:
+    """Quantize a [E, out, in] stack as the [E·out, in] matrix."""
+    return quantize(stack.reshape(-1, stack.shape[-1]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Routing
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Route:
+    """The token/expert pairs of one MoE layer, sorted by expert (stable: tokens ascending).
+
+    order: [P] pair index (token · k + slot) of each sorted row; tokens: [P] its token;
+    weights: [P] its routing weight (compute dtype); offsets: [E] int32, end row of each expert.
+    """
+
+    order: torch.Tensor
+    tokens: torch.Tensor
+    weights: torch.Tensor
+    offsets: torch.Tensor
+    experts: int
+    per_token: int
+
+
+def route(config: ModelConfig, router_logits: torch.Tensor, dtype: torch.dtype) -> Route:
+    """transformers' routing: softmax in fp32, top-k, optional renormalisation, weights cast to the
+    compute dtype; then the pairs sorted by expert. No host reads."""
+    k = config.experts_per_token
+    weights, chosen = torch.topk(torch.softmax(router_logits, dim=-1, dtype=torch.float32), k, -1)
+    if config.moe_renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    flat = chosen.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=config.num_experts)
+    return Route(
+        order=order,
+        tokens=order // k,
+        weights=weights.to(dtype).reshape(-1)[order],
+        offsets=torch.cumsum(counts, 0).to(torch.int32),
+        experts=config.num_experts,
+        per_token=k,
+    )
+
+
+def combine(route: Route, y: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Sum each token's k expert outputs (sorted rows y [P, H], already weighted) into [T, H]:
+    the rows go back to pair order, then k-sums per token (deterministic, unlike index_add_)."""
+    unsorted = torch.empty_like(y).index_copy_(0, route.order, y)
+    return unsorted.view(tokens, route.per_token, -1).sum(dim=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Grouped matmul
+# ----------------------------------------------------------------------------------------------
+
+
+def grouped_available(x: torch.Tensor, stack: torch.Tensor) -> bool:
+    """Whether `torch._grouped_mm` serves x [P, in] @ stack [E, out, in]^T: CUDA, bf16, sm90+, and
+    rows of 16-byte multiples (its alignment rule)."""
+    return (
+        x.is_cuda
+        and x.dtype == stack.dtype == torch.bfloat16
+        and hasattr(torch, "_grouped_mm")
+        and x.shape[-1] % 8 == 0
+        and stack.shape[1] % 8 == 0
+        and torch.cuda.get_device_capability(x.device) >= (9, 0)
+    )
+
+
+def matmul(route: Route, x: torch.Tensor, w, *, grouped: bool | None = None) -> torch.Tensor:
+    """Rows x [P, in] in route order times their expert's matrix: [P, out], row i = x[i] @ W[e]^T.
+
+    w: a stack (dense [E, out, in] or quantized [E·out, in]); differentiable in x and in a dense
+    w. grouped: force the grouped GEMM on or off (None: on where `grouped_available`)."""
+    stack = dense(w, route.experts)
+    if stack.shape[-1] != x.shape[-1]:
+        raise ArgumentError(
+            f"moe.matmul: rows have {x.shape[-1]} features, the expert stack {tuple(stack.shape)} "
+            f"expects {stack.shape[-1]}"
+        )
+    stack = stack.to(x.dtype)
+    if grouped is None:
+        grouped = grouped_available(x, stack)
+    if grouped:
+        return torch._grouped_mm(x, stack.transpose(-2, -1), offs=route.offsets)
+    return _looped(route, x, stack)
+
+
+def _looped(route: Route, x: torch.Tensor, stack: torch.Tensor) -> torch.Tensor:
+    """One matmul per expert that has rows (reads the counts on the host)."""
+    ends = route.offsets.tolist()
+    pieces, start = [], 0
+    for e, end in enumerate(ends):
+        if end > start:
+            pieces.append(x[start:end] @ stack[e].t())
+        start = end
+    if not pieces:
+        return x.new_zeros(0, stack.shape[1])
+    return torch.cat(pieces)
