@@ -41,6 +41,7 @@ from fnlm.gguf import (
     _save_streaming,
 )
 from fnlm.lora import Lora, LoraEmbedding, LoraLinear, SavedEmbedding, _atomic_write, attach
+from fnlm.models import moe
 from fnlm.params import Params, get_path, path_name
 
 FORMATS = ("adapter", "merged", "gguf")
@@ -239,8 +240,9 @@ class MergedWeights:
         self.names = models.family(config.model_type).weight_names(config)
         quantized = [p for _, (p, _) in self.names.items() if _quantized(params, p)]
         self.source = _SourceWeights.find(params, base) if quantized else None
+        self._stack_cache: tuple = (None,)
         if quantized:
-            kind = getattr(get_path(params, quantized[0]), "kind", "quantized")
+            kind = getattr(_leaf(params, quantized[0]), "kind", "quantized")
             where = (
                 f"the 16-bit weights of {self.source.directory}"
                 if self.source
@@ -252,6 +254,9 @@ class MergedWeights:
     @torch.no_grad()
     def __call__(self, name: str) -> torch.Tensor:
         path = self.names[name][0]
+        slot = moe.stack_slot(path)
+        if slot is not None:
+            return self._expert(name, path, slot)
         leaf = get_path(self.attached, path)
         if isinstance(leaf, SavedEmbedding):
             return leaf.weight.detach().float().cpu()
@@ -264,7 +269,11 @@ class MergedWeights:
     def _dense(self, name: str, path: tuple, leaf) -> torch.Tensor:
         if not quant.is_quantized(leaf):
             return leaf.float()
-        dequantized = quant.dequantize(leaf).float()
+        return self._original(name, path, quant.dequantize(leaf).float())
+
+    def _original(self, name: str, path: tuple, dequantized: torch.Tensor) -> torch.Tensor:
+        """The source checkpoint's 16-bit tensor for a dequantized weight, after checking that it
+        is the weight that was quantized; the dequantized weight when there is no source."""
         if self.source is None:
             return dequantized
         original = self.source.get(path).to(dequantized.device)
@@ -281,19 +290,50 @@ class MergedWeights:
             )
         return original
 
+    def _expert(self, name: str, path: tuple, slot: moe.Slot) -> torch.Tensor:
+        """One expert's matrix, cut from its (merged) stack; the stack is computed once for all
+        its experts' names."""
+        if self._stack_cache[0] != slot.stack:
+            self._stack_cache = (slot.stack, *self._stack(slot.stack))
+        _, base, delta, quantized = self._stack_cache
+        piece = moe.rows(slot, base)
+        if quantized:
+            piece = self._original(name, path, piece)
+        if delta is not None:
+            piece = piece + moe.rows(slot, delta)
+        return piece.cpu().contiguous()
+
+    def _stack(self, path: tuple) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+        """(base [E, out, in] fp32, LoRA delta fp32 or None, whether the base is quantized)."""
+        leaf = get_path(self.attached, path)
+        adapted = hasattr(leaf, "expert_matmul")
+        weight = leaf.weight if adapted else leaf
+        base = moe.dense(weight, self.config.num_experts).detach().float()
+        delta = None
+        if adapted:
+            delta = dataclasses.replace(leaf, weight=torch.zeros_like(base)).merged_weight()
+            delta = delta.detach().float()
+        return base, delta, quant.is_quantized(weight)
+
 
 def _is_replaced(attached: Params, params: Params, path: tuple) -> bool:
     try:
-        return get_path(attached, path) is not get_path(params, path)
+        return _leaf(attached, path) is not _leaf(params, path)
     except (KeyError, IndexError):
         return False
 
 
 def _quantized(params: Params, path: tuple) -> bool:
     try:
-        return quant.is_quantized(get_path(params, path))
+        return quant.is_quantized(_leaf(params, path))
     except (KeyError, IndexError):
         return False
+
+
+def _leaf(params: Params, path: tuple):
+    """The leaf holding a checkpoint tensor's weight (an expert's: its stack)."""
+    slot = moe.stack_slot(path)
+    return get_path(params, slot.stack if slot else path)
 
 
 class _SourceWeights:

@@ -13,10 +13,14 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
+from hypothesis import given
+from hypothesis import strategies as st
 
 import fnlm
 from fnlm import models
+from fnlm.config import ModelConfig
 from fnlm.errors import UnsupportedModelError
+from fnlm.models import moe
 from fnlm.models.rope import rope_tables
 from fnlm.params import Params
 from tests.models import FP32_REL_TOL, build_model, max_rel_error, saved_checkpoint
@@ -569,30 +573,83 @@ def test_loss_applies_logit_scale_and_softcap_like_transformers(case):
 # ----------------------------------------------------------------------------------------------
 
 
-def stack_experts(params: Params) -> Params:
-    """The same weights with each MoE layer's experts as stacked [experts, out, in] tensors."""
-    layers = []
-    for layer in params["layers"]:
-        mlp = dict(layer["mlp"])
-        experts = mlp.get("experts")
-        if isinstance(experts, list):
-            mlp["experts"] = {
-                w: torch.stack([e[w] for e in experts]) for w in ("gate", "up", "down")
-            }
-        layers.append({**layer, "mlp": mlp})
-    return Params({**params, "layers": layers}, params.config)
-
-
 @pytest.mark.parametrize("case", ["mixtral-top2_of_4_window", "qwen2_moe-shared_expert"])
-def test_stacked_experts_give_the_same_logits(case):
+def test_experts_load_as_transformers_stacks(case):
+    """The per-expert checkpoint tensors land in [E, 2I, H] / [E, H, I] stacks equal to the fused
+    parameters transformers builds from the same checkpoint."""
     _, class_name, fields = next(c for c in FLAG_CASES if c[0] == case)
     config = hf_config(class_name, fields)
-    with saved_checkpoint(config) as (_, directory):
+    with saved_checkpoint(config) as (model, directory):
         params = load_fp32(directory)
-    tokens = random_tokens(config.vocab_size, (2, SEQ))
-    stacked = stack_experts(params)
-    assert stacked["layers"][-1]["mlp"]["experts"]["gate"].dim() == 3
-    assert torch.equal(fnlm.forward(stacked, tokens), fnlm.forward(params, tokens))
+    assert params.config.moe_layers
+    for n in params.config.moe_layers:
+        layer = model.model.layers[n]
+        experts = getattr(layer, "block_sparse_moe", layer.mlp).experts
+        ours = params["layers"][n]["mlp"]["experts"]
+        assert torch.equal(ours["gate_up"], experts.gate_up_proj.detach())
+        assert torch.equal(ours["down"], experts.down_proj.detach())
+
+
+@st.composite
+def routed_rows(draw):
+    experts = draw(st.integers(1, 6))
+    k = draw(st.integers(1, experts))
+    tokens = draw(st.integers(1, 12))
+    seed = draw(st.integers(0, 2**16))
+    return experts, k, tokens, seed
+
+
+@given(routed_rows())
+def test_grouped_expert_matmul_matches_the_loop(case):
+    """The grouped GEMM (torch._grouped_mm, on CPU in bf16 here) and the per-expert loop give the
+    same rows and the same grads of rows and stack, whatever the routing (experts without rows
+    included). bf16: both round the same fp32 sums, so they agree within one bf16 ulp (2^-7 rel)."""
+    experts, k, tokens, seed = case
+    generator = torch.Generator().manual_seed(seed)
+    config = ModelConfig(
+        model_type="mixtral", vocab_size=8, hidden_size=16, intermediate_size=16, num_layers=1,
+        num_heads=2, num_kv_heads=1, head_dim=8, num_experts=experts, experts_per_token=k,
+        moe_layers=(0,),
+    )  # fmt: skip
+    route = moe.route(config, torch.randn(tokens, experts, generator=generator), torch.bfloat16)
+    x = torch.randn(tokens, 16, generator=generator).bfloat16()
+    stack = torch.randn(experts, 24, 16, generator=generator).bfloat16()
+    grad = torch.randn(tokens * k, 24, generator=generator).bfloat16()
+    results = []
+    for grouped in (True, False):
+        rows = x[route.tokens].requires_grad_()
+        w = stack.clone().requires_grad_()
+        y = moe.matmul(route, rows, w, grouped=grouped)
+        y.backward(grad)
+        results.append((y.float(), rows.grad.float(), w.grad.float()))
+    for ours, loop in zip(*results, strict=True):
+        assert (ours - loop).abs().max() <= 2**-7 * loop.abs().max()
+    owner = torch.bucketize(torch.arange(tokens * k), route.offsets.long(), right=True)
+    expected = torch.stack(
+        [x[t].float() @ stack[e].float().t() for t, e in zip(route.tokens, owner, strict=True)]
+    )
+    assert (results[1][0] - expected).abs().max() <= 2**-7 * expected.abs().max()
+
+
+def test_routing_matches_transformers_top_k():
+    """Routing weights and expert choices as transformers' Qwen3-MoE router computes them, sorted by
+    expert with tokens ascending within an expert."""
+    config = ModelConfig(
+        model_type="qwen3_moe", vocab_size=8, hidden_size=16, intermediate_size=16, num_layers=1,
+        num_heads=2, num_kv_heads=1, head_dim=8, num_experts=5, experts_per_token=2,
+        moe_layers=(0,), moe_renormalize=True,
+    )  # fmt: skip
+    logits = torch.randn(7, 5, generator=torch.Generator().manual_seed(0))
+    route = moe.route(config, logits, torch.float32)
+    probs = torch.softmax(logits, -1)
+    top, chosen = probs.topk(2, -1)
+    top = top / top.sum(-1, keepdim=True)
+    pairs = sorted((int(chosen[t, s]), t, float(top[t, s])) for t in range(7) for s in range(2))
+    assert route.tokens.tolist() == [t for _, t, _ in pairs]
+    assert torch.allclose(route.weights, torch.tensor([w for *_, w in pairs]), rtol=0, atol=0)
+    assert (
+        route.offsets.tolist() == torch.bincount(chosen.flatten(), minlength=5).cumsum(0).tolist()
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -745,7 +802,7 @@ def test_nf4_keeps_moe_routers_16_bit():
         params, _ = fnlm.load(directory, quant="nf4", dtype=torch.float32, device="cpu")
     mlp = params["layers"][1]["mlp"]
     assert type(mlp["router"]) is torch.Tensor and type(mlp["shared_gate"]) is torch.Tensor
-    assert type(mlp["experts"][0]["gate"]) is not torch.Tensor  # experts are quantized
+    assert type(mlp["experts"]["gate_up"]) is not torch.Tensor  # experts are quantized
 
 
 # ----------------------------------------------------------------------------------------------
