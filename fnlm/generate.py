@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from fnlm.errors import ArgumentError
+from fnlm.models import moe
 from fnlm.models.decoder import (
     default_positions,
     hidden_states,
@@ -338,17 +339,20 @@ def generate_tokens(
     return out
 
 
-def graphable(config) -> bool:
+def graphable(config, grouped_experts: bool = False) -> bool:
     """Whether a decode step can be one CUDA graph: no host reads of device values inside it.
-    Mixture-of-experts routing picks experts on the host (per token), and dynamic / longrope
-    RoPE pick their tables from the longest position; those models decode step by step."""
+    Mixture-of-experts layers qualify when their matmuls all take the grouped GEMM
+    (`grouped_experts`, see fnlm.models.moe.grouped_everywhere; the per-expert loop reads row
+    counts on the host); dynamic / longrope RoPE pick their tables from the longest position."""
     rope = config.rope
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    return not config.num_experts and rope_type not in ("dynamic", "longrope")
+    moe_ok = not config.num_experts or grouped_experts
+    return moe_ok and rope_type not in ("dynamic", "longrope")
 
 
 def _make_step(params, cache, tokens, positions, slot, *, on_cuda: bool, compile: bool):
-    if on_cuda and graphable(params.config):
+    grouped = bool(params.config.num_experts) and on_cuda and moe.grouped_everywhere(params)
+    if on_cuda and graphable(params.config, grouped):
         return _graph_step(params, cache, tokens, positions, slot, compile)
     if on_cuda:  # host syncs inside: dynamo would break the graph there anyway
         compile = False

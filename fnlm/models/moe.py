@@ -108,7 +108,9 @@ def route(config: ModelConfig, router_logits: torch.Tensor, dtype: torch.dtype) 
         weights = weights / weights.sum(dim=-1, keepdim=True)
     flat = chosen.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=config.num_experts)
+    # bincount would read its max on the host; a scatter-add of ones does not
+    counts = torch.zeros(config.num_experts, dtype=torch.int64, device=flat.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
     return Route(
         order=order,
         tokens=order // k,
@@ -132,16 +134,37 @@ def combine(route: Route, y: torch.Tensor, tokens: int) -> torch.Tensor:
 
 
 def grouped_available(x: torch.Tensor, stack: torch.Tensor) -> bool:
-    """Whether `torch._grouped_mm` serves x [P, in] @ stack [E, out, in]^T: CUDA, bf16, sm90+, and
-    rows of 16-byte multiples (its alignment rule)."""
+    """Whether `torch._grouped_mm` serves x [P, in] @ stack [E, out, in]^T."""
+    return x.dtype == stack.dtype and _grouped_case(x, stack.shape[1], stack.shape[2])
+
+
+def _grouped_case(x: torch.Tensor, out: int, inner: int) -> bool:
+    """CUDA, bf16, sm90+, and rows of 16-byte multiples (its alignment rule)."""
     return (
         x.is_cuda
-        and x.dtype == stack.dtype == torch.bfloat16
+        and x.dtype == torch.bfloat16
         and hasattr(torch, "_grouped_mm")
-        and x.shape[-1] % 8 == 0
-        and stack.shape[1] % 8 == 0
+        and out % 8 == 0
+        and inner % 8 == 0
         and torch.cuda.get_device_capability(x.device) >= (9, 0)
     )
+
+
+def grouped_everywhere(params) -> bool:
+    """Whether every expert matmul of `params` (LoRA factors included) takes the grouped GEMM,
+    so a forward reads nothing on the host and can be captured in a CUDA graph."""
+    config = params.config
+    for n in config.moe_layers:
+        for w in params["layers"][n]["mlp"]["experts"].values():
+            stack = getattr(w, "weight", w)
+            shapes = [(stack.shape[0] // config.num_experts if stack.dim() == 2 else stack.shape[1],
+                       stack.shape[-1])]  # fmt: skip
+            shapes += [tuple(f.shape[1:]) for f in (getattr(w, "a", None), getattr(w, "b", None))
+                       if f is not None]  # fmt: skip
+            probe = torch.empty(0, device=stack.device, dtype=stack.dtype)
+            if not all(_grouped_case(probe, out, inner) for out, inner in shapes):
+                return False
+    return True
 
 
 def matmul(route: Route, x: torch.Tensor, w, *, grouped: bool | None = None) -> torch.Tensor:
