@@ -3,13 +3,14 @@
     python scripts/bench_moe.py [--out DIR] [--reps 20] [--shapes qwen3-30b-a3b,mixtral-8x7b]
 
 One MoE block (router + experts) of a real config, random bf16 weights, random inputs, in one
-process: fnlm's `mixture_of_experts` with every expert matmul through `torch._grouped_mm`
-("grouped"), the same with the per-expert loop ("loop", what fnlm did before), and transformers'
-own block for the same config with its default experts implementation ("transformers"). Token
-counts: 1 and 8 (decode; fnlm also as a captured CUDA graph, as `fnlm.generate` runs it) and
-4096 (prefill / training, forward and forward+backward to the input). fnlm NF4 stacks are timed
-too (dequantized per call; the reference has no NF4 for fused experts, so their ratio is against
-transformers in bf16). Times are wall-clock medians per call including host work (the loop's
+process: fnlm's `mixture_of_experts` as it dispatches ("fnlm": bf16 stacks through
+`torch._grouped_mm`), the same forced onto the per-expert loop ("fnlm loop", what fnlm did
+before), fnlm with NF4 stacks ("fnlm nf4": the expert GEMV for at most 64 rows without grad, else
+dequantize + grouped GEMM), and transformers' block for the same config with its default experts
+implementation ("transformers": grouped_mm) and with "eager". Token counts: 1 and 8 (decode;
+fnlm also as a captured CUDA graph, as `fnlm.generate` runs it) and 4096 (prefill / training,
+forward and forward+backward to the input). The reference has no NF4 for fused experts, so NF4
+ratios are against transformers in bf16. Times are wall-clock medians per call including host work (the loop's
 cost is on the host), in ms. Writes bench_moe.json to --out (default $OUT or the cwd).
 """
 
@@ -142,15 +143,15 @@ def measure(config, variants: dict, references, tokens: int, reps: int) -> dict[
     forward = {
         "transformers": lambda x: reference(x),
         "transformers eager": lambda x: references["eager"](x),
-        "grouped": lambda x: decoder.mixture_of_experts(config, variants["bf16"], x),
-        "grouped nf4": lambda x: decoder.mixture_of_experts(config, variants["nf4"], x),
+        "fnlm": lambda x: decoder.mixture_of_experts(config, variants["bf16"], x),
+        "fnlm nf4": lambda x: decoder.mixture_of_experts(config, variants["nf4"], x),
     }
-    forward["loop"] = lambda x: with_loop(lambda: forward["grouped"](x))()
+    forward["fnlm loop"] = lambda x: with_loop(lambda: forward["fnlm"](x))()
     times = {}
     with torch.no_grad():
         for name, fn in forward.items():
             times[name] = wall_ms(lambda fn=fn: fn(x), reps)
-            if tokens <= 8 and name.startswith("grouped") and DEVICE == "cuda":
+            if tokens <= 8 and name in ("fnlm", "fnlm nf4") and DEVICE == "cuda":
                 times[name + " graph"] = wall_ms(graphed(lambda fn=fn: fn(x)), reps)
     if tokens >= 1024:  # training: forward + backward to the input
         xg, grad = x.detach().requires_grad_(), torch.randn_like(x)
@@ -158,7 +159,7 @@ def measure(config, variants: dict, references, tokens: int, reps: int) -> dict[
             step = lambda fn=fn: torch.autograd.backward(fn(xg), grad)  # noqa: E731
             times[name + " fwd+bwd"] = wall_ms(step, reps)
     with torch.no_grad():
-        ours, ref = forward["grouped"](x).float(), reference(x).float()
+        ours, ref = forward["fnlm"](x).float(), reference(x).float()
     times["rel_error"] = float((ours - ref).abs().max() / ref.abs().max())
     return times
 

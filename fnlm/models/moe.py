@@ -24,11 +24,16 @@ from dataclasses import dataclass
 
 import torch
 
-from fnlm import quant
+from fnlm import kernels, quant
 from fnlm.config import ModelConfig
 from fnlm.errors import ArgumentError
+from fnlm.kernels import nf4_moe
 
 # per-expert leaf name -> (stack name, which half of the stack's rows; None for the whole)
+# rows (tokens x experts per token) up to which an NF4 stack's matmul is the expert GEMV, which
+# reads each row's expert once per row, rather than dequantize-everything + grouped GEMM
+EXPERT_GEMV_MAX_ROWS = 64
+
 EXPERT_PARTS = {"gate": ("gate_up", 0), "up": ("gate_up", 1), "down": ("down", None)}
 STACKS = ("gate_up", "down")
 
@@ -172,6 +177,11 @@ def matmul(route: Route, x: torch.Tensor, w, *, grouped: bool | None = None) -> 
 
     w: a stack (dense [E, out, in] or quantized [E·out, in]); differentiable in x and in a dense
     w. grouped: force the grouped GEMM on or off (None: on where `grouped_available`)."""
+    if grouped is None and _expert_gemv_case(route, x, w):
+        owner = torch.bucketize(
+            torch.arange(x.shape[0], device=x.device), route.offsets.long(), right=True
+        )
+        return nf4_moe.expert_gemv(x, owner, w, route.experts)
     stack = dense(w, route.experts)
     if stack.shape[-1] != x.shape[-1]:
         raise ArgumentError(
@@ -184,6 +194,17 @@ def matmul(route: Route, x: torch.Tensor, w, *, grouped: bool | None = None) -> 
     if grouped:
         return torch._grouped_mm(x, stack.transpose(-2, -1), offs=route.offsets)
     return _looped(route, x, stack)
+
+
+def _expert_gemv_case(route: Route, x: torch.Tensor, w) -> bool:
+    """A few rows without grad against an NF4 stack on the Triton path: the expert GEMV reads only
+    the chosen experts' bytes (the grouped GEMM would dequantize every expert first)."""
+    return (
+        x.shape[0] <= EXPERT_GEMV_MAX_ROWS
+        and not (torch.is_grad_enabled() and x.requires_grad)
+        and kernels.use_triton(x)
+        and nf4_moe.expert_gemv_supported(x, w, route.experts)
+    )
 
 
 def _looped(route: Route, x: torch.Tensor, stack: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,100 @@
+"""NF4 expert GEMV: each row times its own expert's matrix, read from a quantized expert stack.
+
+A mixture-of-experts decode step has a few rows (tokens x experts per token), each for one of many
+experts. Dequantizing the whole stack for a grouped GEMM reads and writes every expert; this
+kernel reads only the chosen experts' 4-bit bytes, dequantizes them in registers (rounded to the
+compute dtype, as dequantize-then-matmul would) and accumulates in fp32. The expert of each row is
+read on the device, so a decode step that calls it can be captured in a CUDA graph.
+
+The stack is the NF4 matrix [E·out, in] of `fnlm.models.moe` (see `fnlm.kernels.nf4` for the
+layout); expert e's rows are e·out .. (e+1)·out - 1.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fnlm.errors import ArgumentError
+from fnlm.kernels.nf4 import _block_absmax, _nf4_value, _round_to
+
+_OUT_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+
+
+@triton.jit
+def _expert_gemv_kernel(
+    X, OWNER, PACKED, ABSMAX, NESTED_ABSMAX, NESTED_CODE, OFFSET, OUT, N, K,
+    NESTED: tl.constexpr, OUT_DTYPE: tl.constexpr, BLOCKSIZE: tl.constexpr,
+    NESTED_BLOCKSIZE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
+    # One program: row `row` of x times BN output features of its expert's matrix. Each packed
+    # byte holds an even element (high nibble) and the next odd one (low nibble), so a [BN, BK/2]
+    # tile of bytes meets the even and odd halves of a BK-wide slice of x.
+    row = tl.program_id(0).to(tl.int64)
+    n = tl.program_id(1) * BN + tl.arange(0, BN)
+    n_ok = n < N
+    expert = tl.load(OWNER + row).to(tl.int64)
+    first = (expert * N + n.to(tl.int64)) * K  # flat index of each output feature's row
+    acc = tl.zeros([BN], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        even = k0 + 2 * tl.arange(0, BK // 2)
+        k_ok = even < K
+        x_even = tl.load(X + row * K + even, mask=k_ok, other=0.0).to(tl.float32)
+        x_odd = tl.load(X + row * K + even + 1, mask=k_ok, other=0.0).to(tl.float32)
+        flat = first[:, None] + even[None, :]
+        ok = n_ok[:, None] & k_ok[None, :]
+        byte = tl.load(PACKED + flat // 2, mask=ok, other=0)
+        scale = _block_absmax(
+            flat // BLOCKSIZE, ok, ABSMAX, NESTED_ABSMAX, NESTED_CODE, OFFSET, NESTED,
+            NESTED_BLOCKSIZE,
+        )  # fmt: skip
+        high = _round_to(_nf4_value(byte >> 4) * scale, OUT_DTYPE).to(tl.float32)
+        low = _round_to(_nf4_value(byte & 0xF) * scale, OUT_DTYPE).to(tl.float32)
+        acc += tl.sum(high * x_even[None, :] + low * x_odd[None, :], axis=1)
+    tl.store(OUT + row * N + n, _round_to(acc, OUT_DTYPE), mask=n_ok)
+
+
+def expert_gemv_supported(x: torch.Tensor, w, experts: int) -> bool:
+    """Whether `expert_gemv` takes x [rows, in] with the NF4 stack w: whole quantization blocks
+    per row of each expert (in % blocksize == 0) and a float x."""
+    return (
+        getattr(w, "kind", None) == "nf4"
+        and x.dtype in _OUT_DTYPES
+        and x.dim() == 2
+        and x.shape[1] == w.shape[1]
+        and w.shape[1] % w.blocksize == 0
+        and w.blocksize % 2 == 0
+        and w.shape[0] % experts == 0
+    )
+
+
+def expert_gemv(x: torch.Tensor, owner: torch.Tensor, w, experts: int) -> torch.Tensor:
+    """out[i] = x[i] @ W[owner[i]]^T for x [rows, in], owner [rows] expert indices (on x's
+    device), w an NF4 stack [E·out, in]; out [rows, out] in x's dtype. Not differentiable (a
+    decode kernel): callers use it without grad."""
+    if not expert_gemv_supported(x, w, experts):
+        raise ArgumentError(
+            f"expert_gemv: needs x [rows, {w.shape[1]}] (float) and an NF4 stack [E·out, in] with "
+            f"in % blocksize == 0; got x {list(x.shape)} {x.dtype}, stack {list(w.shape)} "
+            f"(blocksize {getattr(w, 'blocksize', None)}) for {experts} experts"
+        )
+    if owner.shape != (x.shape[0],):
+        raise ArgumentError(f"expert_gemv: owner must be [{x.shape[0]}], got {list(owner.shape)}")
+    n_out = w.shape[0] // experts
+    x = x.contiguous()
+    out = torch.empty(x.shape[0], n_out, dtype=x.dtype, device=x.device)
+    if x.shape[0] == 0:
+        return out
+    nested = w.nested
+    dummy = w.absmax  # unused pointers when not nested
+    block_n = 64
+    grid = (x.shape[0], triton.cdiv(n_out, block_n))
+    _expert_gemv_kernel[grid](
+        x, owner, w.packed, w.absmax,
+        w.nested_absmax if nested else dummy, w.nested_code if nested else dummy,
+        w.offset if nested else dummy, out, n_out, x.shape[1],
+        NESTED=nested, OUT_DTYPE=_OUT_DTYPES[x.dtype], BLOCKSIZE=w.blocksize,
+        NESTED_BLOCKSIZE=w.nested_blocksize, BN=block_n, BK=128, num_warps=4,
+    )  # fmt: skip
+    return out
