@@ -796,6 +796,24 @@ def test_nf4_moe_logits_match_transformers_on_the_dequantized_weights(case, tmp_
     assert max_rel_error(ours, ref) <= FP32_REL_TOL
 
 
+def test_nf4_moe_merged_export_cuts_the_checkpoint_experts_back_out(tmp_path):
+    """An NF4 MoE model exported merged: each expert's matrix, cut from its stack, is the 16-bit
+    checkpoint's own tensor (fnlm.save reads it back after checking the quantized stack matches),
+    bit for bit, under the checkpoint's per-expert names."""
+    from safetensors.torch import load_file
+
+    _, class_name, fields = next(c for c in FLAG_CASES if c[0] == "qwen3_moe-renormalized")
+    with saved_checkpoint(hf_config(class_name, fields)) as (_, directory):
+        params, _ = fnlm.load(directory, quant="nf4", dtype=torch.float32, device="cpu")
+        fnlm.save(tmp_path / "merged", params, format="merged")
+        original = load_file(directory / "model.safetensors")
+    exported = load_file(tmp_path / "merged" / "model.safetensors")
+    experts = [n for n in original if ".experts." in n]
+    assert experts and set(exported) == set(original)
+    for name in experts:
+        assert torch.equal(exported[name], original[name].float()), name
+
+
 def test_nf4_keeps_moe_routers_16_bit():
     _, class_name, fields = next(c for c in FLAG_CASES if c[0] == "qwen2_moe-shared_expert")
     with saved_checkpoint(hf_config(class_name, fields)) as (_, directory):
