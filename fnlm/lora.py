@@ -13,6 +13,14 @@ A `Lora` holds, at the same paths as the params leaves they adapt:
     lora["embed"] = {"a": [r, vocab], "b": [hidden, r]}                # PEFT's lora_embedding_A/B
     lora["lm_head"] = tensor                                            # modules_to_save: a full copy
     lora["layers"][i]["attn"]["q_bias"] = tensor                        # bias="all" / "lora_only"
+    lora["layers"][i]["mlp"]["experts"]["gate_up"] = {"a": [E, r, in], "b": [E, out, r]}  # MoE
+    lora["layers"][i]["mlp"]["router"] = {"a": [r, hidden], "b": [experts, r]}
+
+Mixture-of-experts layers are adapted as peft 0.21 adapts transformers 5's fused experts
+(`target_parameters`, peft's `ParamWrapper`): one low-rank pair per expert for each stack
+("gate_up", "down"; see fnlm.models.moe), applied by a `LoraExperts` leaf, saved in peft's layout
+(lora_A [E·r, in], lora_B [out, r·E], nested wrappers when both stacks of a layer are adapted).
+Which targets reach the experts follows peft: see `_select`.
 
 Its leaves are the only tensors that require grad; the base params stay frozen (and quantized).
 `attach(params, lora)` swaps each adapted leaf for a `LoraLinear` / `LoraEmbedding` that the
@@ -41,6 +49,7 @@ from fnlm import quant
 from fnlm.config import ModelConfig
 from fnlm.errors import ArgumentError, LoraError
 from fnlm.kernels.lora_linear import lora_linear
+from fnlm.models import moe
 from fnlm.params import Params, get_path, path_name, set_path
 
 __all__ = [
@@ -48,6 +57,7 @@ __all__ = [
     "Lora",
     "LoraConfig",
     "LoraEmbedding",
+    "LoraExperts",
     "LoraLinear",
     "SavedEmbedding",
     "attach",
@@ -245,6 +255,37 @@ class LoraEmbedding:
 
 
 @dataclass(frozen=True, eq=False)
+class LoraExperts:
+    """An expert stack W (dense [E, out, in] or quantized [E·out, in]) plus, per expert e,
+    scale·B_e·A_e: each sorted row x of expert e gives x W_e^T + scale · (x A_e^T) B_e^T, the
+    adapter path in the adapters' dtype and the sum cast back to the base output's dtype (as
+    LoraLinear). The decoder calls `expert_matmul` instead of `moe.matmul` for such a leaf.
+    peft's ParamWrapper adds the same delta to W before its matmul; no dropout (peft refuses it)."""
+
+    weight: Any  # [E, out, in] tensor or quantized [E·out, in]
+    a: torch.Tensor  # [E, r, in]
+    b: torch.Tensor  # [E, out, r]
+    scale: float
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size(self.weight.shape)
+
+    def expert_matmul(self, route: moe.Route, rows: torch.Tensor) -> torch.Tensor:
+        """rows [P, in] sorted by expert (see moe.Route) -> [P, out]; differentiable in rows, a, b."""
+        base = moe.matmul(route, rows, self.weight)
+        after_a = moe.matmul(route, rows.to(self.a.dtype), self.a)
+        delta = moe.matmul(route, after_a, self.b) * self.scale
+        return (base + delta).to(base.dtype)
+
+    def merged_weight(self) -> torch.Tensor:
+        """W + scale·B_e·A_e per expert, [E, out, in] in W's compute dtype (summed in fp32)."""
+        w = moe.dense(self.weight, self.a.shape[0])
+        delta = torch.einsum("eor,eri->eoi", self.b.float(), self.a.float()) * self.scale
+        return (w.float() + delta).to(w.dtype)
+
+
+@dataclass(frozen=True, eq=False)
 class SavedEmbedding:
     """A trainable copy of the embedding table (modules_to_save). transformers' nn.Embedding has
     padding_idx = pad_token_id, so the pad row gets no gradient; the copy keeps that."""
@@ -295,6 +336,7 @@ def _register_adapted(cls, statics: tuple[str, ...]) -> None:
 
 _register_adapted(LoraLinear, ("scale", "dropout", "training"))
 _register_adapted(LoraEmbedding, ("scale", "padding_idx"))
+_register_adapted(LoraExperts, ("scale",))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,33 +348,65 @@ _register_adapted(LoraEmbedding, ("scale", "padding_idx"))
 class _Module:
     name: str  # transformers module name, "model.layers.0.self_attn.q_proj"
     weight: tuple  # param path of its weight, ("layers", 0, "attn", "q")
-    shape: tuple[int, ...]  # weight shape as stored: [out, in], or [vocab, hidden] for embed
+    shape: tuple[
+        int, ...
+    ]  # weight shape as stored: [out, in], [vocab, hidden] for embed, [E, out, in]
     bias: tuple | None = None  # param path of its bias
     bias_shape: tuple[int, ...] | None = None
+    # peft adapts the parameter `parameter` of module `name` (target_parameters, ParamWrapper):
+    # "gate_up_proj" / "down_proj" of "model.layers.0.mlp.experts", "weight" of a router
+    parameter: str | None = None
+    experts: int = 0  # an expert stack's E
 
     @property
     def embedding(self) -> bool:
         return self.weight == ("embed",)
 
     @property
+    def target(self) -> str:
+        """The name peft matches targets and rank/alpha patterns against (for a parameter target
+        its full name, "model.layers.0.mlp.experts.gate_up_proj")."""
+        return f"{self.name}.{self.parameter}" if self.parameter else self.name
+
+    @property
     def names(self) -> tuple[str, str]:
         """The names patterns and targets match against: fnlm path, then transformers name."""
-        return (path_name(self.weight), self.name)
+        return (path_name(self.weight), self.target)
 
     def io(self) -> tuple[int, int]:
-        """(in_features, out_features) in PEFT's sense (an embedding's in is the vocabulary)."""
+        """(in_features, out_features) in PEFT's sense (an embedding's in is the vocabulary; an
+        expert stack's are one expert's)."""
         if self.embedding:
             return self.shape[0], self.shape[1]
-        return self.shape[1], self.shape[0]
+        return self.shape[-1], self.shape[-2]
+
+
+# Families whose per-expert targets peft 0.21 rewrites into target_parameters on transformers 5's
+# fused experts (peft.utils.transformers_weight_conversion: its per-expert names -> fnlm's parts).
+# qwen2_moe is not among them: transformers maps no conversion pattern to qwen2_moe itself (only to
+# the families built like it), so peft adapts a qwen2_moe's shared expert and dense MLPs as plain
+# linear layers and reaches its experts only through explicit target_parameters.
+_PEFT_EXPERT_NAMES = {
+    "mixtral": {"w1": "gate", "w3": "up", "w2": "down"},
+    "qwen3_moe": {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"},
+}
+# Within a MoE layer, the order peft visits its parameter targets: transformers' module order
+# (Mixtral and Qwen2-MoE create the router before the experts, Qwen3-MoE after), then the experts'
+# parameters as defined (gate_up_proj, then down_proj: the first one targeted is the inner wrapper).
+_PARAMETER_ORDER = ("router", "gate_up", "down")
+_PARAMETER_ORDER_OF = {"qwen3_moe": ("gate_up", "down", "router")}
 
 
 def _order_key(model_type: str):
-    """Sort key putting modules in the order transformers creates them: embed, each layer
-    (attention, then MLP), the rest, lm_head."""
+    """Sort key putting modules in the order PEFT visits them: embed, each layer (attention, then
+    MLP), the rest, lm_head; then the parameter targets (routers, expert stacks) layer by layer."""
     order = _LAYER_ORDER_OF.get(model_type, _LAYER_ORDER)
+    parameter_order = _PARAMETER_ORDER_OF.get(model_type, _PARAMETER_ORDER)
 
     def key(module: _Module) -> tuple:
         path = module.weight
+        if module.parameter is not None:
+            return (4, path[1], parameter_order.index(path[-1]))
         if path == ("embed",):
             return (0,)
         if path[0] != "layers":
@@ -348,14 +422,18 @@ def _order_key(model_type: str):
 
 @lru_cache(maxsize=32)
 def _modules(config: ModelConfig) -> tuple[_Module, ...]:
-    """Every module with a weight, in the order transformers creates them."""
+    """Every module with a weight, in the order PEFT visits them; MoE layers contribute their
+    router and their two expert stacks as parameter targets (under transformers 5's names)."""
     from fnlm.models import family
 
     weights: dict[str, tuple] = {}
     biases: dict[str, tuple] = {}
     for hf_name, (path, shape) in family(config.model_type).weight_names(config).items():
+        path = tuple(path)
+        if moe.stack_slot(path) is not None or path[2:] == ("mlp", "router"):
+            continue  # one expert's matrix, or a router: added below as parameter targets
         module, _, kind = hf_name.rpartition(".")
-        (biases if kind == "bias" else weights)[module] = (tuple(path), tuple(shape))
+        (biases if kind == "bias" else weights)[module] = (path, tuple(shape))
     if "lm_head" not in weights:  # tied: same tensor as embed, but PEFT sees a module of its own
         weights["lm_head"] = (("lm_head",), (config.vocab_size, config.hidden_size))
     modules = [
@@ -367,22 +445,40 @@ def _modules(config: ModelConfig) -> tuple[_Module, ...]:
             biases.get(name, (None, None))[1],
         )
         for name, (path, shape) in weights.items()
-        if not _in_moe_block(config, path)
+        if not _dense_mlp_peft_skips(config, path)
     ]
+    for n in config.moe_layers:
+        mlp = f"model.layers.{n}.mlp"  # transformers 5's name in every MoE family (Mixtral too)
+        router = ("layers", n, "mlp", "router")
+        modules.append(
+            _Module(
+                f"{mlp}.gate", router, (config.num_experts, config.hidden_size), parameter="weight"
+            )
+        )
+        for stack in moe.STACKS:
+            modules.append(
+                _Module(
+                    f"{mlp}.experts",
+                    ("layers", n, "mlp", "experts", stack),
+                    moe.stack_shape(config, stack),
+                    parameter=f"{stack}_proj",
+                    experts=config.num_experts,
+                )
+            )
     return tuple(sorted(modules, key=_order_key(config.model_type)))
 
 
-def _in_moe_block(config: ModelConfig, path: tuple) -> bool:
-    """An MLP module of a mixture-of-experts model. transformers 5 holds the experts as fused 3-D
-    parameters and the router as a plain parameter, and peft 0.21 turns "gate_proj" / "up_proj" /
-    "down_proj" targets of such a model into target_parameters on the experts (so not even a dense
-    layer's or the shared expert's MLP gets them): a LoRA fnlm does not implement, so MLP modules
-    of MoE models are neither targets nor saved modules."""
-    return bool(config.num_experts) and path[0] == "layers" and path[2] == "mlp"
+def _dense_mlp_peft_skips(config: ModelConfig, path: tuple) -> bool:
+    """A dense MLP module (Qwen3-MoE's mlp_only_layers) of a family whose MLP targets peft turns
+    into expert target_parameters: peft drops them from target_modules, so it never adapts these."""
+    return config.model_type in _PEFT_EXPERT_NAMES and path[0] == "layers" and path[2] == "mlp"
 
 
 def _adaptable(module: _Module) -> bool:
-    """A matrix that is not a norm weight (Cohere's per-head q/k norm weights are 2-D)."""
+    """A matrix that is not a norm weight (Cohere's per-head q/k norm weights are 2-D), or an
+    expert stack."""
+    if module.experts:
+        return True
     return len(module.shape) == 2 and "norm" not in module.weight[-1]
 
 
@@ -393,11 +489,19 @@ def _by_path(config: ModelConfig) -> dict[tuple, _Module]:
 
 @lru_cache(maxsize=32)
 def _by_name(config: ModelConfig) -> dict[str, _Module]:
-    return {m.name: m for m in _modules(config)}
+    """Modules (not parameter targets) by transformers name."""
+    return {m.name: m for m in _modules(config) if m.parameter is None}
 
 
 def _short_name(module: _Module, peft_names: bool) -> str:
     return module.name.rpartition(".")[2] if peft_names else module.weight[-1]
+
+
+def _short_parameter(module: _Module) -> str:
+    """The short target_parameters entry of a parameter target: "gate_up_proj", "gate.weight"."""
+    if module.parameter == "weight":
+        return f"{module.name.rpartition('.')[2]}.weight"
+    return module.parameter
 
 
 def _matches_target(target: str, names: tuple[str, ...]) -> bool:
@@ -413,21 +517,73 @@ def _pattern_value(pattern: tuple[tuple[str, Any], ...], names: tuple[str, ...],
     return default
 
 
+def _expert_parts(config: ModelConfig, targets) -> set[str]:
+    """The expert parts ("gate", "up", "down") that per-expert target names ask for, in a family
+    whose per-expert targets peft converts: fnlm's names or the family's transformers names, bare
+    or ending a longer name (peft's rule; "model.layers.0.mlp.down_proj" adapts every layer's down
+    stack there too); "all-linear" asks for all three."""
+    names = _PEFT_EXPERT_NAMES.get(config.model_type)
+    if not names:
+        return set()
+    if isinstance(targets, str):
+        return {"gate", "up", "down"} if targets == ALL_LINEAR_SHORTHAND else set()
+    aliases = {**names, "gate": "gate", "up": "up", "down": "down"}
+    return {
+        part
+        for target in targets
+        for alias, part in aliases.items()
+        if target == alias or target.endswith("." + alias)
+    }
+
+
 def _select(config: ModelConfig, targets, what: str) -> list[_Module]:
-    """The modules `targets` names (a list of names, PEFT's regex string, or "all-linear")."""
+    """The modules `targets` names (a list of names, PEFT's regex string, or "all-linear").
+
+    Mixture-of-experts layers follow peft 0.21 under transformers 5: in Mixtral and Qwen3-MoE,
+    per-expert names (fnlm "gate"/"up"/"down", "w1"/"w3"/"w2", "gate_proj"/"up_proj"/"down_proj")
+    adapt the expert stacks of every MoE layer, gate and up only together (they share the
+    "gate_up" stack; `init` gives it rank 2r and alpha 2·alpha, as peft does), and "all-linear" adds
+    the routers. In every MoE family a stack is also named by its own path ("experts.gate_up",
+    "experts.down_proj", ...: names containing "experts", or "gate_up_proj"; peft's
+    target_parameters) and a router by "router" or "gate.weight". In Qwen2-MoE the per-expert names
+    adapt the shared expert and dense MLPs as linear layers (peft does not convert that family).
+    A regex string is matched against each module's names, the stacks' own included."""
     modules = _modules(config)
+    linear = [m for m in modules if m.parameter is None]
+    parts = _expert_parts(config, targets)
+    if {"gate", "up"} & parts and not {"gate", "up"} <= parts:
+        one, other = ("gate", "up") if "gate" in parts else ("up", "gate")
+        raise LoraError(
+            f"{what} {targets!r} adapt the experts' {one} projections but not their {other} "
+            f"projections; this {config.model_type} model holds both in one stack "
+            "(mlp.experts.gate_up_proj), which peft adapts as a whole: name both or neither"
+        )
+    stacks = {"down"} if "down" in parts else set()
+    if {"gate", "up"} <= parts:
+        stacks.add("gate_up")
+    by_part = [m for m in modules if m.experts and m.weight[-1] in stacks]
     if isinstance(targets, str):
         if targets == ALL_LINEAR_SHORTHAND:
-            return [m for m in modules if _adaptable(m) and m.weight[0] == "layers"]
+            chosen = [m for m in linear if _adaptable(m) and m.weight[0] == "layers"]
+            if config.model_type in _PEFT_EXPERT_NAMES:
+                chosen += [m for m in modules if m.parameter is not None]
+            return sorted(chosen, key=_order_key(config.model_type))
         chosen = [m for m in modules if any(re.fullmatch(targets, n) for n in m.names)]
         if not chosen:
             raise LoraError(
                 f"{what} pattern {targets!r} matches no module of this {config.model_type} model"
             )
         return chosen
-    # As in PEFT, entries that match nothing are fine (ALL_LINEAR names "gate" and "qkv" for
+    # As in PEFT, entries that match nothing are fine (ALL_LINEAR names "gate_up" and "qkv" for
     # every family); only a list that matches nothing at all is an error.
-    chosen = [m for m in modules if any(_matches_target(t, m.names) for t in targets)]
+    chosen = [m for m in linear if any(_matches_target(t, m.names) for t in targets)]
+    for m in modules:
+        if m.parameter is None or m in by_part:
+            continue
+        named = [t for t in targets if not m.experts or "experts" in t or "gate_up_proj" in t]
+        if any(_matches_target(t, m.names) for t in named):
+            by_part.append(m)
+    chosen = sorted(chosen + by_part, key=_order_key(config.model_type))
     if not chosen:
         available = ", ".join(sorted(target_names(config)))
         raise LoraError(
@@ -437,11 +593,29 @@ def _select(config: ModelConfig, targets, what: str) -> list[_Module]:
     return chosen
 
 
-def target_names(config: ModelConfig) -> dict[str, str]:
+def target_names(config: ModelConfig, *, experts: bool = False) -> dict[str, str]:
     """{fnlm leaf name: transformers module name} of the modules LoRA can adapt in this
-    architecture, e.g. {"q": "q_proj", ..., "embed": "embed_tokens", "lm_head": "lm_head"}.
-    The MLPs of mixture-of-experts layers are left out (see `_in_moe_block`)."""
-    return {m.weight[-1]: _short_name(m, True) for m in _modules(config) if _adaptable(m)}
+    architecture, e.g. {"q": "q_proj", ..., "embed": "embed_tokens", "lm_head": "lm_head"}; each
+    name works alone as a target, in fnlm and in peft's target_modules alike. Qwen2-MoE lists
+    its shared expert and dense MLPs here (peft adapts them as linear layers).
+
+    experts: also the mixture-of-experts parameter targets, {fnlm target: peft target_parameters
+        entry}: {"experts.gate_up": "gate_up_proj", "experts.down": "down_proj", "router":
+        "gate.weight"}. They are apart because peft adapts them through its ParamWrapper, which
+        refuses dropout, and because in Mixtral / Qwen3-MoE the per-expert names ("gate", "up",
+        "down", "w1"...) reach them too (gate and up only together; see `_select`).
+    """
+    names = {
+        m.weight[-1]: _short_name(m, True)
+        for m in _modules(config)
+        if m.parameter is None and _adaptable(m)
+    }
+    if experts:
+        for m in _modules(config):
+            if m.parameter is not None:
+                fnlm_name = "router" if m.weight[-1] == "router" else f"experts.{m.weight[-1]}"
+                names[fnlm_name] = _short_parameter(m)
+    return names
 
 
 # ---------------------------------------------------------------------------------------------
@@ -498,6 +672,15 @@ def init(
                 )
     if isinstance(targets, list):
         targets = tuple(targets)
+    adapted = _select(config, targets, "targets")
+    saved = _select(config, tuple(modules_to_save), "modules_to_save") if modules_to_save else []
+    rank_pattern, alpha_pattern = dict(rank_pattern or {}), dict(alpha_pattern or {})
+    if {"gate", "up"} <= _expert_parts(config, targets) and config.moe_layers:
+        # peft's conversion: the gate and up adapters of each expert, fused, are one adapter of
+        # twice the rank (alpha doubled too, keeping alpha / r) on the gate_up stack.
+        fused = r".*\.gate_up_proj"
+        rank_pattern.setdefault(fused, 2 * r)
+        alpha_pattern.setdefault(fused, 2 * alpha)
     lora_config = LoraConfig(
         r=r,
         alpha=alpha,
@@ -506,13 +689,17 @@ def init(
         bias=bias,
         rslora=rslora,
         modules_to_save=tuple(modules_to_save),
-        rank_pattern=tuple((rank_pattern or {}).items()),
-        alpha_pattern=tuple((alpha_pattern or {}).items()),
+        rank_pattern=tuple(rank_pattern.items()),
+        alpha_pattern=tuple(alpha_pattern.items()),
         base_model_name_or_path=base_model_name_or_path,
     )
-    adapted = _select(config, targets, "targets")
-    saved = _select(config, tuple(modules_to_save), "modules_to_save") if modules_to_save else []
     for module in adapted:
+        if module.parameter is not None and dropout:
+            raise LoraError(
+                f"lora.init: dropout={dropout} with target {path_name(module.weight)} "
+                f"({module.target}): peft adapts routers and expert stacks through its ParamWrapper, "
+                "which refuses dropout; use dropout=0 or leave them out of targets"
+            )
         if not _adaptable(module):
             raise LoraError(
                 f"lora.init: target {path_name(module.weight)} ({module.name}) is a norm weight of "
@@ -523,12 +710,20 @@ def init(
             raise LoraError(
                 f"lora.init: {path_name(module.weight)} is both a target and in modules_to_save; pick one"
             )
+    for module in saved:
+        if module.parameter is not None:
+            raise LoraError(
+                f"lora.init: modules_to_save names {path_name(module.weight)} ({module.target}), a "
+                "router or expert stack; modules_to_save takes whole modules such as lm_head"
+            )
 
     tree: dict = {"layers": [{} for _ in range(config.num_layers)]}
     generator = torch.Generator().manual_seed(seed)
     for module in adapted:
         rank = _pattern_value(lora_config.rank_pattern, module.names, r)
         a, b = _initial_adapter(module, rank, generator)
+        if module.experts:
+            a, b = _from_peft_layout(a, b, module.experts)
         device = get_path(params, module.weight).device
         set_path(
             tree,
@@ -548,8 +743,10 @@ def init(
 
 
 def _initial_adapter(module: _Module, r: int, generator: torch.Generator):
-    """(A, B) as PEFT leaves them, consuming the generator exactly as PEFT consumes the global RNG."""
+    """(A, B) as PEFT leaves them, consuming the generator exactly as PEFT consumes the global RNG
+    (an expert stack's in peft's layout: A [E·r, in], B [out, r·E], see `_from_peft_layout`)."""
     in_features, out_features = module.io()
+    r = r * max(module.experts, 1)  # ParamWrapper: nn.Linear(in, r·E), nn.Linear(r·E, out)
     if module.embedding:
         # Embedding.update_layer draws randn A and B, then reset_lora_parameters zeroes A and
         # redraws B from a standard normal.
@@ -561,6 +758,23 @@ def _initial_adapter(module: _Module, r: int, generator: torch.Generator):
     _kaiming((r, in_features), generator)
     _kaiming((out_features, r), generator)
     return _kaiming((r, in_features), generator), torch.zeros(out_features, r)
+
+
+def _from_peft_layout(a: torch.Tensor, b: torch.Tensor, experts: int):
+    """peft's ParamWrapper factors (lora_A [E·r, in], lora_B [out, r·E]) -> fnlm's per-expert
+    ([E, r, in], [E, out, r]): expert e's A is rows e·r..(e+1)·r of lora_A, its B the columns
+    e, e+E, e+2E, ... of lora_B (peft reshapes B to [out, r, E])."""
+    rank = a.shape[0] // experts
+    return (
+        a.reshape(experts, rank, a.shape[1]),
+        b.reshape(b.shape[0], rank, experts).permute(2, 0, 1).contiguous(),
+    )
+
+
+def _to_peft_layout(a: torch.Tensor, b: torch.Tensor):
+    """fnlm's per-expert factors -> peft's ParamWrapper layout (inverse of `_from_peft_layout`)."""
+    experts, rank, _ = a.shape
+    return a.reshape(experts * rank, -1), b.permute(1, 2, 0).reshape(b.shape[1], rank * experts)
 
 
 def _kaiming(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
@@ -643,10 +857,29 @@ def _check_adapter(path: tuple, node: dict, base, module: _Module | None) -> Non
         )
 
 
+def _check_expert_adapter(path: tuple, node: dict, base, module: _Module) -> None:
+    a, b = node["a"], node["b"]
+    experts, out_features, in_features = module.shape
+    stored = (experts * out_features, in_features) if quant.is_quantized(base) else module.shape
+    if tuple(base.shape) != tuple(stored):
+        raise LoraError(
+            f"adapter {path_name(path)}: the base expert stack has shape {tuple(base.shape)}, "
+            f"expected {tuple(stored)} for this model's config"
+        )
+    rank = a.shape[1] if a.dim() == 3 else None
+    want_a, want_b = (experts, rank, in_features), (experts, out_features, rank)
+    if a.dim() != 3 or b.dim() != 3 or tuple(a.shape) != want_a or tuple(b.shape) != want_b:
+        raise LoraError(
+            f"adapter {path_name(path)}: a {tuple(a.shape)} and b {tuple(b.shape)} do not fit the "
+            f"expert stack [{experts}, {out_features}, {in_features}] (expected a ({experts}, r, "
+            f"{in_features}) and b ({experts}, {out_features}, r))"
+        )
+
+
 def attach(params: Params, lora: Lora, *, training: bool | None = None) -> Params:
-    """Params whose adapted leaves are `LoraLinear` / `LoraEmbedding` and whose saved modules and
-    trainable biases are the lora's tensors. Cheap: nothing is copied but the containers on the
-    way to a replaced leaf. `fnlm.forward` / `fnlm.loss` call it when given `lora=`.
+    """Params whose adapted leaves are `LoraLinear` / `LoraEmbedding` / `LoraExperts` and whose
+    saved modules and trainable biases are the lora's tensors. Cheap: nothing is copied but the
+    containers on the way to a replaced leaf. `fnlm.forward` / `fnlm.loss` call it when given `lora=`.
 
     training: dropout on the adapter inputs; default `lora.training` (see `train_mode`).
     Raises LoraError when an entry has no counterpart in params or its shapes do not fit.
@@ -667,8 +900,14 @@ def attach(params: Params, lora: Lora, *, training: bool | None = None) -> Param
             embed = module is not None and module.embedding
             values[path] = SavedEmbedding(node, _padding_idx(config)) if embed else node
             continue
-        _check_adapter(path, node, base, module)
         names = module.names if module is not None else (path_name(path),)
+        if module is not None and module.experts:
+            _check_expert_adapter(path, node, base, module)
+            scale = lora.config.scale(node["a"].shape[1], names)
+            a, b = _compute_copies(node["a"], node["b"], base.dtype)
+            values[path] = LoraExperts(base, a, b, scale)
+            continue
+        _check_adapter(path, node, base, module)
         scale = lora.config.scale(node["a"].shape[0], names)
         if module is not None and module.embedding:
             values[path] = LoraEmbedding(base, node["a"], node["b"], scale, _padding_idx(config))
@@ -771,7 +1010,6 @@ _UNSUPPORTED = {
     "fan_in_fan_out": "Conv1D (fan_in_fan_out) layers",
     "layer_replication": "layer replication",
     "trainable_token_indices": "trainable tokens",
-    "target_parameters": "LoRA on parameters",
     "alora_invocation_tokens": "activated LoRA",
     "use_qalora": "QA-LoRA",
     "use_bdlora": "BD-LoRA",
@@ -828,6 +1066,14 @@ def save(
     adapted.sort(key=_order_key(config.model_type))
     for module in adapted:
         node = get_path(lora, module.weight)
+        if module.parameter is not None:
+            key = _parameter_key(module, adapted)
+            a, b = (
+                _to_peft_layout(node["a"], node["b"]) if module.experts else (node["a"], node["b"])
+            )
+            tensors[f"{PEFT_PREFIX}{key}.lora_A.weight"] = a
+            tensors[f"{PEFT_PREFIX}{key}.lora_B.weight"] = b
+            continue
         kind = (
             ("lora_embedding_A", "lora_embedding_B")
             if module.embedding
@@ -854,7 +1100,9 @@ def save(
                 f"lora.save: no transformers tensor for adapter entry {path_name(path)}"
             )
 
-    target_modules = _names_for(adapted, config) if adapted else []
+    linear = [m for m in adapted if m.parameter is None]
+    parameters = [m for m in adapted if m.parameter is not None]
+    target_modules = _names_for(linear, config) if linear else []
     # PEFT's save_embedding_layers="auto": with an embedding layer among target_modules, the
     # adapted embedding layers' base weights go into the file.
     if params is not None and {"embed_tokens", "lm_head"} & set(target_modules):
@@ -865,13 +1113,14 @@ def save(
 
     lc = lora.config
     rank_pattern, alpha_pattern = {}, {}
-    for module in adapted:
+    for module in linear:
         rank = get_path(lora, module.weight)["a"].shape[0]
         alpha = _pattern_value(lc.alpha_pattern, module.names, lc.alpha)
         if rank != lc.r:
             rank_pattern[module.name] = rank
         if alpha != lc.alpha:
             alpha_pattern[module.name] = _json_number(alpha)
+    _parameter_patterns(parameters, adapted, lora, rank_pattern, alpha_pattern)
     doc = dict(_PEFT_DEFAULTS)
     doc.update(
         r=lc.r,
@@ -885,7 +1134,9 @@ def save(
         alpha_pattern=alpha_pattern,
         base_model_name_or_path=base_model_name_or_path or lc.base_model_name_or_path,
     )
-    if config.num_experts:  # peft converts MoE configs for transformers 5, leaving this empty list
+    if parameters:
+        doc["target_parameters"] = _parameter_names(parameters, config)
+    elif config.model_type in _PEFT_EXPERT_NAMES:  # peft's conversion leaves an empty list
         doc["target_parameters"] = []
 
     directory = Path(directory)
@@ -905,6 +1156,56 @@ def save(
     text = json.dumps(doc, indent=2, sort_keys=True)
     _atomic_write(directory / CONFIG_FILE, lambda p: Path(p).write_text(text))
     return directory
+
+
+def _parameter_key(module: _Module, adapted: list[_Module]) -> str:
+    """The saved-key prefix of a parameter target's factors. peft wraps each targeted parameter
+    of one module in a ParamWrapper of its own, nested in the order it visits them, so all but
+    the last one targeted sit under ".base_layer" once per wrapper outside them:
+    "model.layers.0.mlp.experts.base_layer" (gate_up) and "model.layers.0.mlp.experts" (down)."""
+    siblings = [m for m in adapted if m.name == module.name]  # in visiting order
+    return module.name + ".base_layer" * (len(siblings) - 1 - siblings.index(module))
+
+
+def _parameter_names(parameters: list[_Module], config: ModelConfig) -> list[str]:
+    """target_parameters: short names ("gate_up_proj", "down_proj", "gate.weight") when they pick
+    out exactly `parameters`, else full names."""
+    shorts = sorted({_short_parameter(m) for m in parameters})
+    every = [m for m in _modules(config) if m.parameter is not None]
+    covered = [m for m in every if any(_matches_target(t, (m.target,)) for t in shorts)]
+    if set(covered) == set(parameters):
+        return shorts
+    return sorted(m.target for m in parameters)
+
+
+def _parameter_patterns(
+    parameters: list[_Module], adapted: list[_Module], lora: Lora, ranks: dict, alphas: dict
+) -> None:
+    """rank_pattern / alpha_pattern entries of the parameter targets whose rank or alpha is not
+    the adapter's r / alpha: one ".*\\.gate_up_proj" entry when every such stack agrees (as peft's
+    conversion writes it) and it matches no other adapted module, else one per full name."""
+    lc = lora.config
+    for pattern, values, default in ((ranks, "rank", lc.r), (alphas, "alpha", lc.alpha)):
+        groups: dict[str, list[tuple[_Module, Any]]] = {}
+        for module in parameters:
+            a = get_path(lora, module.weight)["a"]
+            if values == "rank":
+                value = a.shape[1] if module.experts else a.shape[0]
+            else:
+                value = _json_number(_pattern_value(lc.alpha_pattern, module.names, lc.alpha))
+            groups.setdefault(_short_parameter(module), []).append((module, value))
+        for short, members in groups.items():
+            distinct = {value for _, value in members}
+            if distinct == {default}:
+                continue
+            key = rf".*\.{re.escape(short)}"
+            others = [m for m in adapted if m not in {module for module, _ in members}]
+            if len(distinct) == 1 and not any(re.match(rf"{key}$", m.target) for m in others):
+                pattern[key] = distinct.pop()
+                continue
+            for module, value in members:
+                if value != default:
+                    pattern[module.target] = value
 
 
 def _atomic_write(target: Path, write) -> None:
@@ -1006,7 +1307,17 @@ def load(
         base_model_name_or_path=doc.get("base_model_name_or_path"),
     )
 
+    parameter_keys = _parameter_keys(config, doc.get("target_parameters") or ())
+
     def module_of(key: str, name: str) -> _Module:
+        if name in parameter_keys:
+            return parameter_keys[name]
+        if re.search(r"\.mlp\.(experts|gate)(\.base_layer)*$", name) and config.moe_layers:
+            raise LoraError(
+                f"adapter tensor {key} adapts an expert stack or router, but adapter_config.json's "
+                f"target_parameters ({doc.get('target_parameters')}) do not account for it (peft "
+                "names the innermost of a module's targeted parameters ...base_layer.lora_A)"
+            )
         if name not in by_name:
             raise LoraError(
                 f"adapter tensor {key} belongs to module {name}, which {described} does not have; "
@@ -1060,6 +1371,11 @@ def load(
             )
         (key_a, a), (key_b, b) = parts["a"], parts["b"]
         in_features, out_features = module.io()
+        if module.parameter is not None:
+            _load_parameter_adapter(
+                tree, module, parts, rank_pattern, lora_config.r, params, dtype, trainable
+            )
+            continue
         if a.dim() != 2 or b.dim() != 2:
             raise LoraError(
                 f"adapter tensors {key_a} {tuple(a.shape)} and {key_b} {tuple(b.shape)} must be 2-D"
@@ -1084,6 +1400,56 @@ def load(
             },
         )
     return Lora(tree, lora_config, config)
+
+
+def _parameter_keys(config: ModelConfig, target_parameters) -> dict[str, _Module]:
+    """{saved-key prefix: parameter target} for the parameters `target_parameters` names (peft's
+    rule: a full name equals an entry or ends with "." + it), nested as peft nests them."""
+    targeted = [
+        m
+        for m in _modules(config)
+        if m.parameter is not None
+        and any(_matches_target(t, (m.target,)) for t in target_parameters)
+    ]
+    return {_parameter_key(m, targeted): m for m in targeted}
+
+
+def _load_parameter_adapter(
+    tree: dict, module: _Module, parts: dict, rank_pattern, r: int, params, dtype, trainable: bool
+) -> None:
+    """Check a router's or expert stack's lora_A / lora_B (peft's ParamWrapper layout) and set
+    them into `tree` (an expert stack's as [E, r, in], [E, out, r])."""
+    (key_a, a), (key_b, b) = parts["a"], parts["b"]
+    in_features, out_features = module.io()
+    experts = max(module.experts, 1)
+    if a.dim() != 2 or b.dim() != 2 or a.shape[0] % experts:
+        raise LoraError(
+            f"adapter tensors {key_a} {tuple(a.shape)} and {key_b} {tuple(b.shape)} must be 2-D, "
+            f"lora_A with a multiple of {experts} rows (rank x experts)"
+        )
+    rank = a.shape[0] // experts
+    want_a, want_b = (rank * experts, in_features), (out_features, rank * experts)
+    for key, tensor, want in ((key_a, a, want_a), (key_b, b, want_b)):
+        if tuple(tensor.shape) != want:
+            raise LoraError(
+                f"adapter tensor {key} has shape {tuple(tensor.shape)}, but {module.target} of shape "
+                f"{module.shape} with {experts} expert(s) needs {want} (rank {rank}); was the adapter "
+                "trained for another base model?"
+            )
+    want = _pattern_value(rank_pattern, (module.target,), r)
+    if rank != want:
+        raise LoraError(
+            f"adapter tensor {key_a} has rank {rank}, but adapter_config.json gives {module.target} "
+            f"rank {want} (r / rank_pattern)"
+        )
+    if module.experts:
+        a, b = _from_peft_layout(a, b, experts)
+    device = get_path(params, module.weight).device
+    adapter = {
+        "a": a.to(device=device, dtype=dtype).requires_grad_(trainable),
+        "b": b.to(device=device, dtype=dtype).requires_grad_(trainable),
+    }
+    set_path(tree, module.weight, adapter)
 
 
 def _loaded(tensor: torch.Tensor, base, trainable: bool) -> torch.Tensor:
