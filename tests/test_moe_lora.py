@@ -210,6 +210,43 @@ def test_init_and_saved_files_equal_peft(family):
     assert all("router" not in p for p, _ in _adapters(lora))  # the router stays unadapted
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_all_linear_adapts_routers_and_experts_as_peft(family):
+    """peft's "all-linear" on the families it converts: attention, both stacks (gate_up at rank
+    2r) and the routers ("gate.weight"), drawn in peft's order (Mixtral's router before its
+    experts, Qwen3-MoE's after)."""
+    config = CASES[family][0]()
+    with saved_checkpoint(config) as (model, directory), tempfile.TemporaryDirectory() as out:
+        params = load_fp32(directory)
+        lora = fnlm.lora.init(params, R, ALPHA, "all-linear")
+        fnlm.lora.save(Path(out) / "ours", lora)
+        torch.manual_seed(3407)
+        settings = peft.LoraConfig(
+            r=R, lora_alpha=ALPHA, target_modules="all-linear", task_type="CAUSAL_LM"
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            peft_model = peft.get_peft_model(model, settings)
+        peft_save(peft_model, Path(out) / "peft")
+        ours_doc, ours = read_adapter(Path(out) / "ours")
+        ref_doc, ref = read_adapter(Path(out) / "peft")
+        assert comparable(ours_doc) == comparable(ref_doc)
+        assert "gate.weight" in ref_doc["target_parameters"]
+        assert ours.keys() == ref.keys()
+        for key in ref:
+            assert torch.equal(ours[key], ref[key]), key
+
+        randomize_peft(peft_model)
+        peft_save(peft_model, Path(out) / "trained")
+        loaded = fnlm.lora.load(Path(out) / "trained", params)
+        tokens = tokens_for(config.vocab_size, seed=2)
+        with torch.no_grad():
+            ref_logits = peft_model.eval()(tokens).logits
+            ours_logits = fnlm.forward(params, tokens, lora=loaded)
+    assert max_rel_error(ours_logits, ref_logits) <= FP32_REL_TOL
+    assert isinstance(get_path(loaded, ("layers", 1, "mlp", "router")), dict)
+
+
 # ------------------------------------------------------------------------------------------------
 # fnlm -> peft and peft -> fnlm: same logits; peft re-saves exactly our files
 # ------------------------------------------------------------------------------------------------
