@@ -489,3 +489,21 @@ def test_bad_expert_targets_and_tensors_raise_lora_error():
         save_file(tensors, Path(out) / "adapter_model.safetensors")
         with pytest.raises(LoraError, match=key.replace(".", r"\.")):
             fnlm.lora.load(out, params)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_merged_export_with_expert_lora_loads_in_transformers(family):
+    """fnlm.save(format="merged") folds the expert (and router) adapters into per-expert
+    checkpoint tensors that transformers loads back to the adapted model's logits."""
+    config = CASES[family][0]()
+    targets = CASES[family][2] if family == "qwen2_moe" else "all-linear"
+    with saved_checkpoint(config) as (_, directory), tempfile.TemporaryDirectory() as out:
+        params = load_fp32(directory)
+        lora = randomize_fnlm(fnlm.lora.init(params, R, ALPHA, targets))
+        fnlm.save(out, params, lora=lora, format="merged")
+        model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+        tokens = tokens_for(config.vocab_size, seed=4)
+        with torch.no_grad():
+            ref = model(tokens).logits
+            ours = fnlm.forward(params, tokens, lora=lora)
+    assert max_rel_error(ref, ours) <= FP32_REL_TOL
