@@ -647,6 +647,10 @@ def init(
         zero and B standard normal. The values equal PEFT's after `torch.manual_seed(seed);
         get_peft_model(model, LoraConfig(...))` (drawn from a private CPU generator, in the order
         PEFT visits the modules), so the global RNG is untouched.
+        Mixture-of-experts models: per-expert names adapt the expert stacks as peft 0.21 does
+        (Mixtral, Qwen3-MoE: gate and up together, as one "gate_up" adapter of rank 2r and alpha
+        2·alpha, recorded in rank_pattern / alpha_pattern as peft records it); "all-linear" adds the
+        routers there; stacks are also named "experts.gate_up" / "experts.down" (see `_select`).
     scale: alpha / r, or alpha / sqrt(r) with rslora. rank_pattern / alpha_pattern: {pattern: value}
         per module, matched as PEFT matches them (see `LoraConfig`).
     bias: "none", "all" (every bias of the model trainable) or "lora_only" (those of adapted modules).
@@ -654,8 +658,9 @@ def init(
     dtype: of A and B (fp32 by default, as PEFT keeps adapters over a 16-bit base).
 
     Returns a `Lora` whose tensors (all requiring grad) sit on the base weights' device.
-    Raises LoraError for a target that names no module or a non-matrix weight, ArgumentError for
-    invalid r, dropout or bias.
+    Raises LoraError for a target that names no module or a non-matrix weight, for only one of an
+    MoE model's gate / up expert projections, or for dropout on routers or experts (peft refuses
+    it there); ArgumentError for invalid r, dropout or bias.
     """
     config = params.config
     if not isinstance(r, int) or r <= 0:
@@ -1271,7 +1276,8 @@ def load(
 ) -> Lora:
     """Read a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) for `params`.
 
-    Understands what PEFT writes for a causal LM: lora_A/B of linear layers, lora_embedding_A/B,
+    Understands what PEFT writes for a causal LM: lora_A/B of linear layers and of the routers and
+    expert stacks named by target_parameters (peft's ParamWrapper layout), lora_embedding_A/B,
     rank_pattern / alpha_pattern, use_rslora, lora_dropout, modules_to_save and biases
     (bias="all" / "lora_only"), and the base embedding weights PEFT stores when embed / lm_head
     are targeted (checked against the base, not used). A and B are loaded in `dtype`, saved
