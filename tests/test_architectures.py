@@ -814,6 +814,26 @@ def test_nf4_moe_merged_export_cuts_the_checkpoint_experts_back_out(tmp_path):
         assert torch.equal(exported[name], original[name].float()), name
 
 
+@pytest.mark.parametrize("quant", [None, "nf4"])
+def test_expert_matmul_shapes_decide_the_grouped_path(quant, monkeypatch):
+    """What `grouped_everywhere` (CUDA-graph decode or not) checks: every expert matrix as
+    [out, in], for 16-bit [E, out, in] and quantized [E·out, in] stacks alike."""
+    _, class_name, fields = next(c for c in FLAG_CASES if c[0] == "qwen3_moe-renormalized")
+    with saved_checkpoint(hf_config(class_name, fields)) as (_, directory):
+        params, _ = fnlm.load(directory, quant=quant, dtype=torch.bfloat16, device="cpu")
+    h, i = params.config.hidden_size, params.config.expert_size
+    shapes = moe.matmul_shapes(params)
+    assert sorted(s[:2] for s in shapes) == sorted(
+        [(2 * i, h), (h, i)] * len(params.config.moe_layers)
+    )
+    assert not moe.grouped_everywhere(params)  # CPU: the loop
+    seen = []
+    monkeypatch.setattr(
+        moe, "_grouped_case", lambda x, out, inner: seen.append((out, inner)) or True
+    )
+    assert moe.grouped_everywhere(params) and seen == [s[:2] for s in shapes]
+
+
 def test_nf4_keeps_moe_routers_16_bit():
     _, class_name, fields = next(c for c in FLAG_CASES if c[0] == "qwen2_moe-shared_expert")
     with saved_checkpoint(hf_config(class_name, fields)) as (_, directory):

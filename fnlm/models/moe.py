@@ -158,18 +158,27 @@ def _grouped_case(x: torch.Tensor, out: int, inner: int) -> bool:
 def grouped_everywhere(params) -> bool:
     """Whether every expert matmul of `params` (LoRA factors included) takes the grouped GEMM,
     so a forward reads nothing on the host and can be captured in a CUDA graph."""
-    config = params.config
+    return all(
+        _grouped_case(torch.empty(0, device=device, dtype=dtype), out, inner)
+        for out, inner, dtype, device in matmul_shapes(params)
+    )
+
+
+def matmul_shapes(params) -> list[tuple[int, int, torch.dtype, torch.device]]:
+    """(out, in, compute dtype, device) of each expert matrix a forward multiplies by: every
+    stack's experts, and the A [r, in] and B [out, r] of LoRA-adapted stacks."""
+    config, shapes = params.config, []
     for n in config.moe_layers:
         for w in params["layers"][n]["mlp"]["experts"].values():
             stack = getattr(w, "weight", w)
-            shapes = [(stack.shape[0] // config.num_experts if stack.dim() == 2 else stack.shape[1],
-                       stack.shape[-1])]  # fmt: skip
-            shapes += [tuple(f.shape[1:]) for f in (getattr(w, "a", None), getattr(w, "b", None))
-                       if f is not None]  # fmt: skip
-            probe = torch.empty(0, device=stack.device, dtype=stack.dtype)
-            if not all(_grouped_case(probe, out, inner) for out, inner in shapes):
-                return False
-    return True
+            out, inner = stack.shape[-2:]
+            if len(stack.shape) == 2:  # quantized: [E·out, in]
+                out //= config.num_experts
+            shapes.append((out, inner, stack.dtype, stack.device))
+            for factor in getattr(w, "a", None), getattr(w, "b", None):
+                if factor is not None:
+                    shapes.append((*factor.shape[1:], factor.dtype, factor.device))
+    return shapes
 
 
 def matmul(route: Route, x: torch.Tensor, w, *, grouped: bool | None = None) -> torch.Tensor:
