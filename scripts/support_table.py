@@ -32,7 +32,7 @@ COLUMNS = {
         and name.startswith(("test_logits", "test_left_padded", "test_flag_combinations"))
     ),
     "NF4": lambda file, name: "nf4" in name,
-    "LoRA": lambda file, name: file == "test_lora",
+    "LoRA": lambda file, name: file in ("test_lora", "test_moe_lora"),
     "train": lambda file, name: file.startswith("test_train") or "train" in name,
     "generate": lambda file, name: file.startswith("test_generate"),
     "export": lambda file, name: file.startswith("test_export") or "export" in name,
