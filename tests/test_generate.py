@@ -445,6 +445,9 @@ def test_cuda_graph_moe_decode_equals_eager_steps(quant, monkeypatch):
     monkeypatch.setattr(gen, "_graph_step", lambda *a: captured.append(1) or graph_step(*a))
     graphed = generate_tokens(params, prompts, max_new_tokens=10, compile=False)
     assert captured
+    # torch.compile'd layers in the graph too (inductor may round differently: lengths only)
+    compiled = generate_tokens(params, prompts, max_new_tokens=10, compile=True)
+    assert len(captured) == 2 and [len(r) for r in compiled] == [10, 10]
     monkeypatch.setattr(gen, "graphable", lambda config, grouped=False: False)
     assert generate_tokens(params, prompts, max_new_tokens=10, compile=False) == graphed
 

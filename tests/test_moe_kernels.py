@@ -123,3 +123,26 @@ def test_expert_gemv_on_cuda(dtype):
     dense = w.dequantize(triton=False).view(experts, -1, 256).cpu()
     for i, e in enumerate(owner.tolist()):
         _assert_within_dot_bound(f"row {i}", y[i : i + 1], x[i : i + 1].cpu(), dense[e])
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_quantized_stack_grads_recompute_the_dequantized_stack(grouped):
+    """A frozen NF4 stack: the grad of the rows equals autograd through the dequantized stack, and
+    backward keeps only the 4-bit parts (no 16-bit expert matrix is saved). bf16 (the
+    grouped GEMM's dtype, on CPU too); both sides round the same fp32 sums: within one bf16 ulp."""
+    route = _route(4, 2, 6, 3)
+    w = _stack(4, 32, 64, torch.bfloat16, 4)
+    g = torch.Generator().manual_seed(5)
+    rows = torch.randn(12, 64, generator=g).bfloat16().requires_grad_()
+    grad = torch.randn(12, 32, generator=g).bfloat16()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = moe.matmul(route, rows, w, grouped=grouped)
+    assert all(t.numel() < 32 * 64 or not t.is_floating_point() for t in saved)  # one expert
+    y.backward(grad)
+    reference_rows = rows.detach().clone().requires_grad_()
+    stack = w.dequantize(triton=False).view(4, 32, 64)
+    y_ref = moe.matmul(route, reference_rows, stack, grouped=False)
+    y_ref.backward(grad)
+    for ours, ref in ((y, y_ref), (rows.grad, reference_rows.grad)):
+        assert (ours.float() - ref.float()).abs().max() <= 2**-7 * ref.float().abs().max()

@@ -72,7 +72,7 @@ def expert_gemv_supported(x: torch.Tensor, w, experts: int) -> bool:
 def expert_gemv(x: torch.Tensor, owner: torch.Tensor, w, experts: int) -> torch.Tensor:
     """out[i] = x[i] @ W[owner[i]]^T for x [rows, in], owner [rows] expert indices (on x's
     device), w an NF4 stack [E·out, in]; out [rows, out] in x's dtype. Not differentiable (a
-    decode kernel): callers use it without grad."""
+    decode kernel): callers use it without grad. One custom op, opaque to torch.compile."""
     if not expert_gemv_supported(x, w, experts):
         raise ArgumentError(
             f"expert_gemv: needs x [rows, {w.shape[1]}] (float) and an NF4 stack [E·out, in] with "
@@ -81,20 +81,31 @@ def expert_gemv(x: torch.Tensor, owner: torch.Tensor, w, experts: int) -> torch.
         )
     if owner.shape != (x.shape[0],):
         raise ArgumentError(f"expert_gemv: owner must be [{x.shape[0]}], got {list(owner.shape)}")
-    n_out = w.shape[0] // experts
-    x = x.contiguous()
+    return expert_gemv_op(x.contiguous(), owner, w.tensors(), w.meta(), experts)
+
+
+@torch.library.custom_op("fnlm::nf4_expert_gemv", mutates_args=())
+def expert_gemv_op(
+    x: torch.Tensor, owner: torch.Tensor, weight: list[torch.Tensor], meta: list[int], experts: int
+) -> torch.Tensor:
+    """`expert_gemv` over the NF4 parts of `NF4Weight.tensors()` / `.meta()`."""
+    rows, features, blocksize, nested_blocksize, nested = meta
+    packed, absmax = weight[0], weight[1]
+    nested_absmax, nested_code, offset = weight[3:6] if nested else (absmax, absmax, absmax)
+    n_out = rows // experts
     out = torch.empty(x.shape[0], n_out, dtype=x.dtype, device=x.device)
     if x.shape[0] == 0:
         return out
-    nested = w.nested
-    dummy = w.absmax  # unused pointers when not nested
     block_n = 64
     grid = (x.shape[0], triton.cdiv(n_out, block_n))
     _expert_gemv_kernel[grid](
-        x, owner, w.packed, w.absmax,
-        w.nested_absmax if nested else dummy, w.nested_code if nested else dummy,
-        w.offset if nested else dummy, out, n_out, x.shape[1],
-        NESTED=nested, OUT_DTYPE=_OUT_DTYPES[x.dtype], BLOCKSIZE=w.blocksize,
-        NESTED_BLOCKSIZE=w.nested_blocksize, BN=block_n, BK=128, num_warps=4,
+        x, owner, packed, absmax, nested_absmax, nested_code, offset, out, n_out, features,
+        NESTED=bool(nested), OUT_DTYPE=_OUT_DTYPES[x.dtype], BLOCKSIZE=blocksize,
+        NESTED_BLOCKSIZE=nested_blocksize, BN=block_n, BK=128, num_warps=4,
     )  # fmt: skip
     return out
+
+
+@expert_gemv_op.register_fake
+def _(x, owner, weight, meta, experts):
+    return x.new_empty((x.shape[0], meta[0] // experts))

@@ -185,24 +185,95 @@ def matmul(route: Route, x: torch.Tensor, w, *, grouped: bool | None = None) -> 
     """Rows x [P, in] in route order times their expert's matrix: [P, out], row i = x[i] @ W[e]^T.
 
     w: a stack (dense [E, out, in] or quantized [E·out, in]); differentiable in x and in a dense
-    w. grouped: force the grouped GEMM on or off (None: on where `grouped_available`)."""
+    w. A quantized stack is frozen: its matmul is one custom op whose backward dequantizes again
+    rather than keep the 16-bit stack. grouped: force the grouped GEMM on or off (None: on where
+    `grouped_available`)."""
+    if w.shape[-1] != x.shape[-1]:
+        raise ArgumentError(
+            f"moe.matmul: rows have {x.shape[-1]} features, the expert stack {tuple(w.shape)} "
+            f"expects {w.shape[-1]}"
+        )
     if grouped is None and _expert_gemv_case(route, x, w):
         owner = torch.bucketize(
             torch.arange(x.shape[0], device=x.device), route.offsets.long(), right=True
         )
         return nf4_moe.expert_gemv(x, owner, w, route.experts)
-    stack = dense(w, route.experts)
-    if stack.shape[-1] != x.shape[-1]:
-        raise ArgumentError(
-            f"moe.matmul: rows have {x.shape[-1]} features, the expert stack {tuple(stack.shape)} "
-            f"expects {stack.shape[-1]}"
+    if quant.is_quantized(w):
+        kind, tensors, meta, dtype = quant.weight_parts(w)
+        if grouped is None:
+            grouped = w.dtype == x.dtype and _grouped_case(
+                x, w.shape[0] // route.experts, w.shape[1]
+            )
+        return quant_stack_matmul_op(
+            x, route.offsets, tensors, kind, meta, dtype, route.experts, False, grouped
         )
-    stack = stack.to(x.dtype)
+    stack = w.to(x.dtype)
     if grouped is None:
         grouped = grouped_available(x, stack)
+    return _stack_matmul(x, route.offsets, stack, grouped)
+
+
+def _stack_matmul(
+    x: torch.Tensor, offsets: torch.Tensor, stack: torch.Tensor, grouped: bool
+) -> torch.Tensor:
+    """x [P, in] (rows sorted by expert, `offsets` their ends) @ stack[e]^T per expert."""
     if grouped:
-        return torch._grouped_mm(x, stack.transpose(-2, -1), offs=route.offsets)
-    return _looped(route, x, stack)
+        return torch._grouped_mm(x, stack.transpose(-2, -1), offs=offsets)
+    ends = offsets.tolist()  # the loop reads the counts on the host
+    pieces, start = [], 0
+    for e, end in enumerate(ends):
+        if end > start:
+            pieces.append(x[start:end] @ stack[e].t())
+        start = end
+    if not pieces:
+        return x.new_zeros(0, stack.shape[1])
+    return torch.cat(pieces)
+
+
+@torch.library.custom_op("fnlm::quant_stack_matmul", mutates_args=())
+def quant_stack_matmul_op(
+    x: torch.Tensor,
+    offsets: torch.Tensor,
+    weight: list[torch.Tensor],
+    kind: str,
+    meta: list[int],
+    dtype: torch.dtype,
+    experts: int,
+    transpose: bool,
+    grouped: bool,
+) -> torch.Tensor:
+    """`_stack_matmul` over a quantized stack given by `quant.weight_parts`, dequantized inside;
+    transpose: multiply by W_e instead of W_e^T (the input gradient)."""
+    stack = dense(quant.weight_from_parts(kind, weight, meta, dtype), experts).to(x.dtype)
+    if transpose:
+        stack = stack.transpose(-2, -1)
+    return _stack_matmul(x, offsets, stack, grouped)
+
+
+@quant_stack_matmul_op.register_fake
+def _(x, offsets, weight, kind, meta, dtype, experts, transpose, grouped):
+    rows, features = quant.weight_from_parts(kind, weight, meta, dtype).shape
+    return x.new_empty((x.shape[0], features if transpose else rows // experts))
+
+
+def _setup_context(ctx, inputs, output):
+    x, offsets, weight, *args = inputs
+    ctx.save_for_backward(offsets, *weight)
+    ctx.args = args
+
+
+def _backward(ctx, grad):
+    offsets, *weight = ctx.saved_tensors
+    kind, meta, dtype, experts, transpose, grouped = ctx.args
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        grad_x = quant_stack_matmul_op(
+            grad.contiguous(), offsets, weight, kind, meta, dtype, experts, not transpose, grouped
+        )
+    return grad_x, None, [None] * len(weight), None, None, None, None, None, None
+
+
+quant_stack_matmul_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _expert_gemv_case(route: Route, x: torch.Tensor, w) -> bool:
@@ -214,16 +285,3 @@ def _expert_gemv_case(route: Route, x: torch.Tensor, w) -> bool:
         and kernels.use_triton(x)
         and nf4_moe.expert_gemv_supported(x, w, route.experts)
     )
-
-
-def _looped(route: Route, x: torch.Tensor, stack: torch.Tensor) -> torch.Tensor:
-    """One matmul per expert that has rows (reads the counts on the host)."""
-    ends = route.offsets.tolist()
-    pieces, start = [], 0
-    for e, end in enumerate(ends):
-        if end > start:
-            pieces.append(x[start:end] @ stack[e].t())
-        start = end
-    if not pieces:
-        return x.new_zeros(0, stack.shape[1])
-    return torch.cat(pieces)
