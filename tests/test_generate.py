@@ -428,8 +428,11 @@ def test_cuda_graph_moe_decode_equals_eager_steps(quant, monkeypatch):
     """bf16 on sm90+: every expert matmul takes the grouped GEMM, routing stays on the device, so
     the MoE decode step is captured in a CUDA graph; its tokens equal the eager step-by-step
     decode's (same kernels, so bit-equal logits), and the grouped rows equal the loop's."""
-    from fnlm import generate as gen
+    import importlib
+
     from fnlm.models import moe
+
+    gen = importlib.import_module("fnlm.generate")  # `fnlm.generate` the attribute is the function
 
     hf_config = transformers.Qwen3MoeConfig(
         vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
