@@ -5,8 +5,8 @@
 One MoE block (router + experts) of a real config, random bf16 weights, random inputs, in one
 process: fnlm's `mixture_of_experts` as it dispatches ("fnlm": bf16 stacks through
 `torch._grouped_mm`), the same forced onto the per-expert loop ("fnlm loop", what fnlm did
-before), fnlm with NF4 stacks ("fnlm nf4": the expert GEMV for at most 64 rows without grad, else
-dequantize + grouped GEMM), and transformers' block for the same config with its default experts
+before), fnlm with NF4 stacks ("fnlm nf4": the expert GEMV for few rows without grad, else
+dequantize + grouped GEMM; at decode sizes both are also timed forced, "gemv" / "dequant"), and transformers' block for the same config with its default experts
 implementation ("transformers": grouped_mm) and with "eager". Token counts: 1 and 8 (decode;
 fnlm also as a captured CUDA graph, as `fnlm.generate` runs it) and 4096 (prefill / training,
 forward and forward+backward to the input). The reference has no NF4 for fused experts, so NF4
@@ -17,6 +17,7 @@ cost is on the host), in ms. Writes bench_moe.json to --out (default $OUT or the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import json
@@ -136,6 +137,17 @@ def with_loop(fn):
     return run
 
 
+@contextlib.contextmanager
+def gemv_rows(limit: int):
+    """Rows up to which NF4 stacks take the expert GEMV, overriding both of moe's limits."""
+    saved = moe.EXPERT_GEMV_MAX_ROWS, moe.EXPERT_GEMV_MAX_ROWS_PER_EXPERT
+    moe.EXPERT_GEMV_MAX_ROWS, moe.EXPERT_GEMV_MAX_ROWS_PER_EXPERT = limit, limit
+    try:
+        yield
+    finally:
+        moe.EXPERT_GEMV_MAX_ROWS, moe.EXPERT_GEMV_MAX_ROWS_PER_EXPERT = saved
+
+
 def measure(config, variants: dict, references, tokens: int, reps: int) -> dict[str, float]:
     """Wall ms per call of each implementation at one token count."""
     x = torch.randn(1, tokens, config.hidden_size, device=DEVICE, dtype=torch.bfloat16)
@@ -153,6 +165,12 @@ def measure(config, variants: dict, references, tokens: int, reps: int) -> dict[
             times[name] = wall_ms(lambda fn=fn: fn(x), reps)
             if tokens <= 8 and name in ("fnlm", "fnlm nf4") and DEVICE == "cuda":
                 times[name + " graph"] = wall_ms(graphed(lambda fn=fn: fn(x)), reps)
+        if tokens <= 8 and DEVICE == "cuda":  # NF4 decode: the expert GEMV vs dequantize + grouped
+            nf4_step = lambda: forward["fnlm nf4"](x)  # noqa: E731
+            for name, rows in (("gemv", 10**9), ("dequant", 0)):
+                with gemv_rows(rows):
+                    replay = graphed(nf4_step)
+                times[f"fnlm nf4 {name} graph"] = wall_ms(replay, reps)
     if tokens >= 1024:  # training: forward + backward to the input
         xg, grad = x.detach().requires_grad_(), torch.randn_like(x)
         for name, fn in forward.items():

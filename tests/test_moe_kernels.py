@@ -89,23 +89,25 @@ def _route(experts, k, tokens, seed):
 
 
 def test_matmul_takes_the_expert_gemv_for_few_rows_without_grad(monkeypatch):
-    """On the Triton path, an NF4 stack with at most EXPERT_GEMV_MAX_ROWS rows and no grad goes
-    to the expert GEMV (same values as the per-expert loop); rows that need grad do not."""
-    route = _route(4, 2, 5, 0)
-    w = _stack(4, 24, 64, torch.bfloat16, 1)
+    """On the Triton path, an NF4 stack with few rows (at most EXPERT_GEMV_MAX_ROWS, and at most
+    experts x EXPERT_GEMV_MAX_ROWS_PER_EXPERT) and no grad goes to the expert GEMV, with the values
+    of dequantize-then-matmul; rows that need grad, or too many rows, do not."""
+    w = _stack(8, 24, 64, torch.bfloat16, 1)
     rows = torch.randn(10, 64, generator=torch.Generator().manual_seed(2)).bfloat16()
     calls = []
     gemv = nf4_moe.expert_gemv
     monkeypatch.setattr(nf4_moe, "expert_gemv", lambda *a: calls.append(1) or gemv(*a))
     with kernel_backend("triton"):
-        y = moe.matmul(route, rows, w)
+        route = _route(8, 1, 2, 0)  # 2 rows for 8 experts
+        y = moe.matmul(route, rows[:2], w)
         assert calls
-        owner = torch.bucketize(torch.arange(10), route.offsets.long(), right=True)
-        dense = w.dequantize(triton=False).view(4, 24, 64)
+        owner = torch.bucketize(torch.arange(2), route.offsets.long(), right=True)
+        dense = w.dequantize(triton=False).view(8, 24, 64)
         for i, e in enumerate(owner.tolist()):
             _assert_within_dot_bound("matmul row", y[i : i + 1], rows[i : i + 1], dense[e])
         calls.clear()
-        moe.matmul(route, rows.requires_grad_(), w)
+        moe.matmul(route, rows[:2].clone().requires_grad_(), w)
+        moe.matmul(_route(8, 2, 5, 0), rows, w)  # 10 rows for 8 experts
         assert not calls
 
 

@@ -26,32 +26,38 @@ _OUT_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.flo
 def _expert_gemv_kernel(
     X, OWNER, PACKED, ABSMAX, NESTED_ABSMAX, NESTED_CODE, OFFSET, OUT, N, K,
     NESTED: tl.constexpr, OUT_DTYPE: tl.constexpr, BLOCKSIZE: tl.constexpr,
-    NESTED_BLOCKSIZE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    NESTED_BLOCKSIZE: tl.constexpr, BN: tl.constexpr, BLOCKS: tl.constexpr,
 ):  # fmt: skip
-    # One program: row `row` of x times BN output features of its expert's matrix. Each packed
-    # byte holds an even element (high nibble) and the next odd one (low nibble), so a [BN, BK/2]
-    # tile of bytes meets the even and odd halves of a BK-wide slice of x.
+    # One program: row `row` of x times BN output features of its expert's matrix, BLOCKS whole
+    # quantization blocks of K per step as a [BN, BLOCKS, BLOCKSIZE / 2] tile of bytes: one absmax
+    # per (feature, block), and each byte's high / low nibble meets x's even / odd element.
+    HALF: tl.constexpr = BLOCKSIZE // 2
     row = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1) * BN + tl.arange(0, BN)
     n_ok = n < N
     expert = tl.load(OWNER + row).to(tl.int64)
-    first = (expert * N + n.to(tl.int64)) * K  # flat index of each output feature's row
+    blocks_per_row = K // BLOCKSIZE
+    first_block = (expert * N + n.to(tl.int64)) * blocks_per_row  # [BN]
+    b = tl.arange(0, BLOCKS)
+    j = tl.arange(0, HALF)
     acc = tl.zeros([BN], dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        even = k0 + 2 * tl.arange(0, BK // 2)
-        k_ok = even < K
-        x_even = tl.load(X + row * K + even, mask=k_ok, other=0.0).to(tl.float32)
-        x_odd = tl.load(X + row * K + even + 1, mask=k_ok, other=0.0).to(tl.float32)
-        flat = first[:, None] + even[None, :]
-        ok = n_ok[:, None] & k_ok[None, :]
-        byte = tl.load(PACKED + flat // 2, mask=ok, other=0)
+    for k_block in range(0, blocks_per_row, BLOCKS):
+        kb = k_block + b  # [BLOCKS]
+        b_ok = kb < blocks_per_row
+        even = kb[:, None] * BLOCKSIZE + 2 * j[None, :]  # [BLOCKS, HALF] element index in the row
+        x_even = tl.load(X + row * K + even, mask=b_ok[:, None], other=0.0).to(tl.float32)
+        x_odd = tl.load(X + row * K + even + 1, mask=b_ok[:, None], other=0.0).to(tl.float32)
+        block = first_block[:, None] + kb[None, :]  # [BN, BLOCKS] flat block index
+        ok = n_ok[:, None] & b_ok[None, :]
         scale = _block_absmax(
-            flat // BLOCKSIZE, ok, ABSMAX, NESTED_ABSMAX, NESTED_CODE, OFFSET, NESTED,
-            NESTED_BLOCKSIZE,
-        )  # fmt: skip
+            block, ok, ABSMAX, NESTED_ABSMAX, NESTED_CODE, OFFSET, NESTED, NESTED_BLOCKSIZE
+        )[:, :, None]
+        byte_index = block[:, :, None] * HALF + j[None, None, :]
+        byte = tl.load(PACKED + byte_index, mask=ok[:, :, None], other=0)
         high = _round_to(_nf4_value(byte >> 4) * scale, OUT_DTYPE).to(tl.float32)
         low = _round_to(_nf4_value(byte & 0xF) * scale, OUT_DTYPE).to(tl.float32)
-        acc += tl.sum(high * x_even[None, :] + low * x_odd[None, :], axis=1)
+        part = high * x_even[None, :, :] + low * x_odd[None, :, :]
+        acc += tl.sum(tl.sum(part, axis=2), axis=1)
     tl.store(OUT + row * N + n, _round_to(acc, OUT_DTYPE), mask=n_ok)
 
 
@@ -64,7 +70,8 @@ def expert_gemv_supported(x: torch.Tensor, w, experts: int) -> bool:
         and x.dim() == 2
         and x.shape[1] == w.shape[1]
         and w.shape[1] % w.blocksize == 0
-        and w.blocksize % 2 == 0
+        and w.blocksize >= 2
+        and w.blocksize & (w.blocksize - 1) == 0
         and w.shape[0] % experts == 0
     )
 
@@ -96,12 +103,13 @@ def expert_gemv_op(
     out = torch.empty(x.shape[0], n_out, dtype=x.dtype, device=x.device)
     if x.shape[0] == 0:
         return out
-    block_n = 64
+    block_n = 32
     grid = (x.shape[0], triton.cdiv(n_out, block_n))
     _expert_gemv_kernel[grid](
         x, owner, packed, absmax, nested_absmax, nested_code, offset, out, n_out, features,
         NESTED=bool(nested), OUT_DTYPE=_OUT_DTYPES[x.dtype], BLOCKSIZE=blocksize,
-        NESTED_BLOCKSIZE=nested_blocksize, BN=block_n, BK=128, num_warps=4,
+        NESTED_BLOCKSIZE=nested_blocksize, BN=block_n, BLOCKS=max(1, 128 // blocksize),
+        num_warps=4,
     )  # fmt: skip
     return out
 

@@ -31,8 +31,11 @@ from fnlm.kernels import nf4_moe
 
 # per-expert leaf name -> (stack name, which half of the stack's rows; None for the whole)
 # rows (tokens x experts per token) up to which an NF4 stack's matmul is the expert GEMV, which
-# reads each row's expert once per row, rather than dequantize-everything + grouped GEMM
+# reads each row's expert once per row, rather than dequantize-everything + grouped GEMM (which
+# reads every expert once, 4-bit, and writes and reads it again in 16 bits). With the first
+# kernel, on the H200 (scripts/bench_moe.py, 2026-12-03), the GEMV won up to about experts / 3 rows.
 EXPERT_GEMV_MAX_ROWS = 64
+EXPERT_GEMV_MAX_ROWS_PER_EXPERT = 1 / 3
 
 EXPERT_PARTS = {"gate": ("gate_up", 0), "up": ("gate_up", 1), "down": ("down", None)}
 STACKS = ("gate_up", "down")
@@ -280,7 +283,7 @@ def _expert_gemv_case(route: Route, x: torch.Tensor, w) -> bool:
     """A few rows without grad against an NF4 stack on the Triton path: the expert GEMV reads only
     the chosen experts' bytes (the grouped GEMM would dequantize every expert first)."""
     return (
-        x.shape[0] <= EXPERT_GEMV_MAX_ROWS
+        x.shape[0] <= min(EXPERT_GEMV_MAX_ROWS, route.experts * EXPERT_GEMV_MAX_ROWS_PER_EXPERT)
         and not (torch.is_grad_enabled() and x.requires_grad)
         and kernels.use_triton(x)
         and nf4_moe.expert_gemv_supported(x, w, route.experts)
