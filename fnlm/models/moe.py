@@ -15,7 +15,9 @@ Routing (`route`) sorts the token/expert pairs by expert with device ops only, s
 with MoE layers can be captured in a CUDA graph. `matmul` then multiplies each expert's rows by
 that expert's matrix: one `torch._grouped_mm` on CUDA in bf16 (differentiable in the rows and in
 dense stacks, e.g. LoRA factors), else a loop over the experts (it reads the row counts on the
-host; used on CPU and in fp32/fp16).
+host; used on CPU and in fp32/fp16). A quantized stack's matmul is one custom op that dequantizes
+inside (and again in backward: the 16-bit stack is never saved); decode-sized rows over an NF4
+stack go to the Triton expert GEMV (fnlm.kernels.nf4_moe), which reads only the chosen experts.
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ from fnlm.config import ModelConfig
 from fnlm.errors import ArgumentError
 from fnlm.kernels import nf4_moe
 
-# per-expert leaf name -> (stack name, which half of the stack's rows; None for the whole)
 # rows (tokens x experts per token) up to which an NF4 stack's matmul is the expert GEMV, which
 # reads each row's expert once per row, rather than dequantize-everything + grouped GEMM (which
 # reads every expert once, 4-bit, and writes and reads it again in 16 bits). H200, CUDA graph,
@@ -40,6 +41,7 @@ from fnlm.kernels import nf4_moe
 EXPERT_GEMV_MAX_ROWS = 64
 EXPERT_GEMV_MAX_ROWS_PER_EXPERT = 1
 
+# per-expert leaf name -> (stack name, which half of the stack's rows; None for the whole)
 EXPERT_PARTS = {"gate": ("gate_up", 0), "up": ("gate_up", 1), "down": ("down", None)}
 STACKS = ("gate_up", "down")
 
