@@ -631,25 +631,32 @@ def test_grouped_expert_matmul_matches_the_loop(case):
     assert (results[1][0] - expected).abs().max() <= 2**-7 * expected.abs().max()
 
 
-def test_routing_matches_transformers_top_k():
-    """Routing weights and expert choices as transformers' Qwen3-MoE router computes them, sorted by
-    expert with tokens ascending within an expert."""
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_routing_matches_transformers_top_k(renormalize):
+    """Routing weights and expert choices equal those of transformers' own Qwen3-MoE router module
+    (bit for bit, fp32), sorted by expert with tokens ascending within an expert."""
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter
+
+    hf = transformers.Qwen3MoeConfig(
+        hidden_size=16, num_experts=5, num_experts_per_tok=2, norm_topk_prob=renormalize
+    )
+    router = Qwen3MoeTopKRouter(hf)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(5, 16, generator=generator))
+        x = torch.randn(7, 16, generator=generator)
+        logits, weights, chosen = router(x)
     config = ModelConfig(
         model_type="qwen3_moe", vocab_size=8, hidden_size=16, intermediate_size=16, num_layers=1,
         num_heads=2, num_kv_heads=1, head_dim=8, num_experts=5, experts_per_token=2,
-        moe_layers=(0,), moe_renormalize=True,
+        moe_layers=(0,), moe_renormalize=renormalize,
     )  # fmt: skip
-    logits = torch.randn(7, 5, generator=torch.Generator().manual_seed(0))
     route = moe.route(config, logits, torch.float32)
-    probs = torch.softmax(logits, -1)
-    top, chosen = probs.topk(2, -1)
-    top = top / top.sum(-1, keepdim=True)
-    pairs = sorted((int(chosen[t, s]), t, float(top[t, s])) for t in range(7) for s in range(2))
+    pairs = sorted((int(chosen[t, s]), t, float(weights[t, s])) for t in range(7) for s in range(2))
     assert route.tokens.tolist() == [t for _, t, _ in pairs]
-    assert torch.allclose(route.weights, torch.tensor([w for *_, w in pairs]), rtol=0, atol=0)
-    assert (
-        route.offsets.tolist() == torch.bincount(chosen.flatten(), minlength=5).cumsum(0).tolist()
-    )
+    assert route.weights.tolist() == [w for *_, w in pairs]
+    counts = torch.bincount(chosen.flatten(), minlength=5)
+    assert route.offsets.tolist() == counts.cumsum(0).tolist()
 
 
 # ----------------------------------------------------------------------------------------------
