@@ -40,7 +40,15 @@ from fnlm.gguf import (
     _permute,
     _save_streaming,
 )
-from fnlm.lora import Lora, LoraEmbedding, LoraLinear, SavedEmbedding, _atomic_write, attach
+from fnlm.lora import (
+    Lora,
+    LoraEmbedding,
+    LoraExperts,
+    LoraLinear,
+    SavedEmbedding,
+    _atomic_write,
+    attach,
+)
 from fnlm.models import moe
 from fnlm.params import Params, get_path, path_name
 
@@ -291,29 +299,19 @@ class MergedWeights:
         return original
 
     def _expert(self, name: str, path: tuple, slot: moe.Slot) -> torch.Tensor:
-        """One expert's matrix, cut from its (merged) stack; the stack is computed once for all
-        its experts' names."""
-        if self._stack_cache[0] != slot.stack:
-            self._stack_cache = (slot.stack, *self._stack(slot.stack))
-        _, base, delta, quantized = self._stack_cache
-        piece = moe.rows(slot, base)
-        if quantized:
-            piece = self._original(name, path, piece)
-        if delta is not None:
-            piece = piece + moe.rows(slot, delta)
-        return piece.cpu().contiguous()
-
-    def _stack(self, path: tuple) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
-        """(base [E, out, in] fp32, LoRA delta fp32 or None, whether the base is quantized)."""
-        leaf = get_path(self.attached, path)
-        adapted = hasattr(leaf, "expert_matmul")
+        """One expert's matrix, cut from its stack (dequantized once for all its experts' names),
+        plus that expert's LoRA delta."""
+        leaf = get_path(self.attached, slot.stack)
+        adapted = isinstance(leaf, LoraExperts)
         weight = leaf.weight if adapted else leaf
-        base = moe.dense(weight, self.config.num_experts).detach().float()
-        delta = None
+        if self._stack_cache[0] != slot.stack:
+            self._stack_cache = (slot.stack, moe.dense(weight, self.config.num_experts).detach())
+        piece = moe.rows(slot, self._stack_cache[1]).float()
+        if quant.is_quantized(weight):
+            piece = self._original(name, path, piece)
         if adapted:
-            delta = dataclasses.replace(leaf, weight=torch.zeros_like(base)).merged_weight()
-            delta = delta.detach().float()
-        return base, delta, quant.is_quantized(weight)
+            piece = piece + moe.half(slot, leaf.delta(slot.expert).detach())
+        return piece.cpu().contiguous()
 
 
 def _is_replaced(attached: Params, params: Params, path: tuple) -> bool:

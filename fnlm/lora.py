@@ -278,11 +278,16 @@ class LoraExperts:
         delta = moe.matmul(route, after_a, self.b) * self.scale
         return (base + delta).to(base.dtype)
 
+    def delta(self, expert: int | None = None) -> torch.Tensor:
+        """scale·B_e·A_e in fp32: [out, in] of one expert, or [E, out, in] of all (None)."""
+        if expert is not None:
+            return (self.b[expert].float() @ self.a[expert].float()) * self.scale
+        return torch.einsum("eor,eri->eoi", self.b.float(), self.a.float()) * self.scale
+
     def merged_weight(self) -> torch.Tensor:
         """W + scale·B_e·A_e per expert, [E, out, in] in W's compute dtype (summed in fp32)."""
         w = moe.dense(self.weight, self.a.shape[0])
-        delta = torch.einsum("eor,eri->eoi", self.b.float(), self.a.float()) * self.scale
-        return (w.float() + delta).to(w.dtype)
+        return (w.float() + self.delta()).to(w.dtype)
 
 
 @dataclass(frozen=True, eq=False)

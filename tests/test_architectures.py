@@ -821,6 +821,33 @@ def test_nf4_moe_merged_export_cuts_the_checkpoint_experts_back_out(tmp_path):
         assert torch.equal(exported[name], original[name].float()), name
 
 
+def test_nf4_moe_merged_export_with_expert_lora_folds_into_the_checkpoint(tmp_path):
+    """NF4 base + LoRA on the experts, exported merged: each expert is the 16-bit checkpoint's
+    tensor plus its own delta, so transformers' logits equal fnlm's fp32 model with the adapter."""
+    import torch.utils._pytree as pytree
+
+    _, class_name, fields = next(c for c in FLAG_CASES if c[0] == "qwen3_moe-renormalized")
+    config = hf_config(class_name, fields)
+    with saved_checkpoint(config) as (_, directory):
+        params, _ = fnlm.load(directory, quant="nf4", dtype=torch.float32, device="cpu")
+        dense = load_fp32(directory)
+        lora = fnlm.lora.init(params, r=2, alpha=4, targets="all-linear")
+        g = torch.Generator().manual_seed(3)
+        lora = pytree.tree_map(lambda t: t + 0.3 * torch.randn(t.shape, generator=g), lora)
+        assert isinstance(lora["layers"][1]["mlp"]["experts"]["gate_up"], dict)
+        fnlm.save(tmp_path / "merged", params, lora=lora, format="merged")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "merged", dtype=torch.float32
+    )
+    tokens = random_tokens(config.vocab_size, (2, SEQ))
+    with torch.no_grad():
+        ref = model.eval()(tokens).logits
+        ours = fnlm.forward(dense, tokens, lora=lora)
+        base = fnlm.forward(dense, tokens)
+    assert max_rel_error(ref, base) > 100 * FP32_REL_TOL  # the adapter moved the logits
+    assert max_rel_error(ref, ours) <= FP32_REL_TOL
+
+
 @pytest.mark.parametrize("quant", [None, "nf4"])
 def test_expert_matmul_shapes_decide_the_grouped_path(quant, monkeypatch):
     """What `grouped_everywhere` (CUDA-graph decode or not) checks: every expert matrix as

@@ -59,8 +59,8 @@ def stack_slot(path: tuple) -> Slot | None:
     """The Slot of a per-expert checkpoint path ("layers", n, "mlp", "experts", e, "gate"), or None
     for any other path."""
     if len(path) == 6 and path[3] == "experts" and isinstance(path[4], int):
-        stack, half = EXPERT_PARTS[path[5]]
-        return Slot((*path[:4], stack), path[4], half)
+        stack, part = EXPERT_PARTS[path[5]]
+        return Slot((*path[:4], stack), path[4], part)
     return None
 
 
@@ -72,11 +72,15 @@ def stack_shape(config: ModelConfig, name: str) -> tuple[int, int, int]:
 
 def rows(slot: Slot, stack: torch.Tensor) -> torch.Tensor:
     """The view of `stack` [E, out, in] that holds this slot's expert matrix."""
-    block = stack[slot.expert]
+    return half(slot, stack[slot.expert])
+
+
+def half(slot: Slot, block: torch.Tensor) -> torch.Tensor:
+    """The rows of one expert's [out, in] block that this slot holds (gate or up of gate_up)."""
     if slot.half is None:
         return block
-    half = block.shape[0] // 2
-    return block[slot.half * half : (slot.half + 1) * half]
+    size = block.shape[0] // 2
+    return block[slot.half * size : (slot.half + 1) * size]
 
 
 def dense(w, experts: int) -> torch.Tensor:
