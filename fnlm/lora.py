@@ -1344,14 +1344,6 @@ def load(
             )
         return by_name[name]
 
-    def expect(key: str, tensor: torch.Tensor, shape: tuple, base_shape: tuple, base: str) -> None:
-        if tuple(tensor.shape) != tuple(shape):
-            raise LoraError(
-                f"adapter tensor {key} has shape {tuple(tensor.shape)}, but base weight {base} has "
-                f"shape {tuple(base_shape)}, which needs {tuple(shape)}; was the adapter trained for "
-                "another base model?"
-            )
-
     halves: dict[_Module, dict[str, tuple[str, torch.Tensor]]] = {}
     tree: dict = {"layers": [{} for _ in range(config.num_layers)]}
     for key, tensor in tensors.items():
@@ -1365,13 +1357,13 @@ def load(
             _check_base_copy(key, tensor, params, module)
         elif name.endswith(".weight") and name.removesuffix(".weight") in by_name:
             module = by_name[name.removesuffix(".weight")]
-            expect(key, tensor, module.shape, module.shape, module.name + ".weight")
+            _expect_shape(key, tensor, module.shape, f"base weight {module.name}.weight")
             set_path(
                 tree, module.weight, _loaded(tensor, get_path(params, module.weight), trainable)
             )
         elif name.replace(".base_layer.bias", ".bias") in bias_by_name:
             module = bias_by_name[name.replace(".base_layer.bias", ".bias")]
-            expect(key, tensor, module.bias_shape, module.bias_shape, module.name + ".bias")
+            _expect_shape(key, tensor, module.bias_shape, f"base bias {module.name}.bias")
             set_path(tree, module.bias, _loaded(tensor, get_path(params, module.bias), trainable))
         elif re.search(r"\.lora_|lora_magnitude_vector", name):
             raise LoraError(f"adapter tensor {key} is of a LoRA variant fnlm does not implement")
@@ -1400,15 +1392,12 @@ def load(
                 f"adapter tensors {key_a} {tuple(a.shape)} and {key_b} {tuple(b.shape)} must be 2-D"
             )
         rank = a.shape[0]
-        weight = module.name + ".weight"
-        expect(key_a, a, (rank, in_features), module.shape, weight)
-        expect(key_b, b, (out_features, rank), module.shape, weight)
-        want = _pattern_value(rank_pattern, (module.name,), lora_config.r)
-        if rank != want:
-            raise LoraError(
-                f"adapter tensor {key_a} has rank {rank}, but adapter_config.json gives {module.name} "
-                f"rank {want} (r / rank_pattern)"
-            )
+        base = f"base weight {module.name}.weight of shape {tuple(module.shape)}"
+        _expect_shape(key_a, a, (rank, in_features), base)
+        _expect_shape(key_b, b, (out_features, rank), base)
+        _expect_rank(
+            key_a, rank, _pattern_value(rank_pattern, (module.name,), lora_config.r), module.name
+        )
         device = get_path(params, module.weight).device
         set_path(
             tree,
@@ -1448,19 +1437,10 @@ def _load_parameter_adapter(
         )
     rank = a.shape[0] // experts
     want_a, want_b = (rank * experts, in_features), (out_features, rank * experts)
-    for key, tensor, want in ((key_a, a, want_a), (key_b, b, want_b)):
-        if tuple(tensor.shape) != want:
-            raise LoraError(
-                f"adapter tensor {key} has shape {tuple(tensor.shape)}, but {module.target} of shape "
-                f"{module.shape} with {experts} expert(s) needs {want} (rank {rank}); was the adapter "
-                "trained for another base model?"
-            )
-    want = _pattern_value(rank_pattern, (module.target,), r)
-    if rank != want:
-        raise LoraError(
-            f"adapter tensor {key_a} has rank {rank}, but adapter_config.json gives {module.target} "
-            f"rank {want} (r / rank_pattern)"
-        )
+    base = f"{module.target} of shape {module.shape} with {experts} expert(s) (rank {rank})"
+    _expect_shape(key_a, a, want_a, base)
+    _expect_shape(key_b, b, want_b, base)
+    _expect_rank(key_a, rank, _pattern_value(rank_pattern, (module.target,), r), module.target)
     if module.experts:
         a, b = _from_peft_layout(a, b, experts)
     device = get_path(params, module.weight).device
@@ -1576,23 +1556,13 @@ def _convert_legacy_experts(
             )
         (key_a, a), (key_b, b) = factor.a, factor.b
         rank = a.shape[0] if a.dim() == 2 else -1
-        for key, tensor, want in (
-            (key_a, a, (rank, in_features)),
-            (key_b, b, (out_features, rank)),
-        ):
-            if tuple(tensor.shape) != want:
-                raise LoraError(
-                    f"adapter tensor {key} has shape {tuple(tensor.shape)}, but {factor.name} of "
-                    f"this {config.model_type} model (in {in_features}, out {out_features}) needs "
-                    f"{want} (lora_A [r, in], lora_B [out, r]); was the adapter trained for "
-                    "another base model?"
-                )
-        want = _pattern_value(legacy_ranks, (factor.name,), r)
-        if rank != want:
-            raise LoraError(
-                f"adapter tensor {key_a} has rank {rank}, but adapter_config.json gives "
-                f"{factor.name} rank {want} (r / rank_pattern)"
-            )
+        base = (
+            f"{factor.name} of this {config.model_type} model (in {in_features}, out "
+            f"{out_features}; lora_A [r, in], lora_B [out, r])"
+        )
+        _expect_shape(key_a, a, (rank, in_features), base)
+        _expect_shape(key_b, b, (out_features, rank), base)
+        _expect_rank(key_a, rank, _pattern_value(legacy_ranks, (factor.name,), r), factor.name)
         return a, b, rank, _pattern_value(legacy_alphas, (factor.name,), alpha)
 
     def scale(rank: int, alpha_value: float) -> float:
@@ -1663,6 +1633,24 @@ def _convert_legacy_experts(
         old = doc.get(field) or {}
         doc[field] = {**entries, **{k: v for k, v in old.items() if k not in entries}}
     return kept, doc
+
+
+def _expect_shape(key: str, tensor: torch.Tensor, want: tuple, base: str) -> None:
+    """LoraError unless the adapter tensor `key` has shape `want` (what `base` needs)."""
+    if tuple(tensor.shape) != tuple(want):
+        raise LoraError(
+            f"adapter tensor {key} has shape {tuple(tensor.shape)}, but {base} needs "
+            f"{tuple(want)}; was the adapter trained for another base model?"
+        )
+
+
+def _expect_rank(key: str, rank: int, want: int, name: str) -> None:
+    """LoraError unless lora_A `key`'s rank is the one adapter_config.json gives `name`."""
+    if rank != want:
+        raise LoraError(
+            f"adapter tensor {key} has rank {rank}, but adapter_config.json gives {name} rank "
+            f"{want} (r / rank_pattern)"
+        )
 
 
 def _loaded(tensor: torch.Tensor, base, trainable: bool) -> torch.Tensor:
