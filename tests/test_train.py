@@ -99,7 +99,7 @@ def reference_run(model, tensors, config: train_lib.TrainConfig, data, total_ste
         "linear": transformers.get_linear_schedule_with_warmup,
     }[config.schedule]
     scheduler = make(optimizer, config.warmup_steps, total_steps)
-    stream = train_lib._Stream(data, config, 0, torch.device("cpu"))
+    stream = train_lib.Stream(data, config, 0, torch.device("cpu"))
     position, losses = {"epoch": 0, "index": 0}, []
     for _ in range(total_steps):
         batches, position = stream.take(position, config.grad_accum)

@@ -1,0 +1,46 @@
+"""Single-GPU fine-tuning: QLoRA (default), LoRA on 16-bit weights, or full fine-tuning.
+
+    result = fnlm.train.train(fnlm.train.TrainConfig(model=None, data="data/demo.jsonl",
+                                                     out="runs/demo", mode="lora", max_steps=60))
+    result.lora, result.run_dir, result.losses
+
+The pieces are library functions a user can recombine: `build_optimizer`, `build_scheduler`,
+`layer_function` (activation checkpointing, CPU offload, torch.compile, MLP tiling), `train_step`
+(gradient accumulation normalised by the step's trained tokens), `evaluate`, `save_checkpoint` /
+`load_checkpoint` (atomic directories), `plot_losses` (a PNG without matplotlib).
+
+A run directory holds config.json, metrics.jsonl (one line per step and per evaluation),
+loss.png, checkpoints/step-NNNNNNNN/ (trainable tensors, optimizer, scheduler, RNG and data
+position; the adapter in PEFT format) and, at the end, adapter/ (LoRA modes) or model/ (full).
+"""
+
+from fnlm.train.checkpoint import (
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+    save_full_model,
+)
+from fnlm.train.config import (
+    CHECKPOINT_PREFIX,
+    CHECKPOINTING,
+    MODES,
+    OPTIMIZERS,
+    SCHEDULES,
+    TMP_PREFIX,
+    NonFiniteLossError,
+    TrainConfig,
+    TrainResult,
+)
+from fnlm.train.layers import layer_function, tiled_layer_forward
+from fnlm.train.optim import build_optimizer, build_scheduler, lr_factor
+from fnlm.train.plot import plot_losses
+from fnlm.train.run import Stream, load_for_training, train
+from fnlm.train.step import Trainable, evaluate, train_step
+
+__all__ = [
+    "CHECKPOINTING", "CHECKPOINT_PREFIX", "MODES", "OPTIMIZERS", "SCHEDULES", "TMP_PREFIX",
+    "NonFiniteLossError", "Stream", "TrainConfig", "TrainResult", "Trainable", "build_optimizer",
+    "build_scheduler", "evaluate", "layer_function", "list_checkpoints", "load_checkpoint",
+    "load_for_training", "lr_factor", "plot_losses", "save_checkpoint", "save_full_model",
+    "tiled_layer_forward", "train", "train_step",
+]  # fmt: skip

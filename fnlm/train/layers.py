@@ -1,0 +1,164 @@
+"""The layer function a training loss runs: activation checkpointing (torch's, or with the saved
+input offloaded to pinned CPU memory), torch.compile of the layer, MLP tiling."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.utils.checkpoint
+
+from fnlm.errors import ArgumentError
+from fnlm.models import decoder
+
+
+class _OffloadedCheckpoint(torch.autograd.Function):
+    """Activation checkpointing whose one saved tensor, the layer input, waits in pinned CPU memory.
+
+    Forward runs the layer without a graph and copies its input to the host on a side stream (the
+    copy overlaps the next layers' compute); backward brings it back, reruns the layer with the
+    same RNG state and backpropagates through it. The gradients of the tensors the layer closes
+    over (adapters, or weights in full fine-tuning) accumulate through that inner backward, which
+    is why this runs under `.backward()` (not `torch.autograd.grad`), like reentrant checkpointing.
+    What Unsloth calls use_gradient_checkpointing="unsloth".
+    """
+
+    @staticmethod
+    def forward(ctx, run, slot, x, anchor):
+        ctx.run, ctx.device = run, x.device
+        ctx.cpu_rng = torch.get_rng_state()
+        ctx.cuda_rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
+        if x.is_cuda:
+            host = _pinned_buffer(slot, x)
+            stream = _side_stream(x.device)
+            stream.wait_stream(torch.cuda.current_stream(x.device))
+            with torch.cuda.stream(stream):
+                host.copy_(x, non_blocking=True)
+                ctx.copied = torch.cuda.Event()
+                ctx.copied.record(stream)
+            x.record_stream(stream)  # x's memory is not reused before the copy has read it
+        else:
+            host, ctx.copied = x.detach(), None
+        ctx.host = host
+        with torch.no_grad():
+            return run(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.copied is not None:
+            torch.cuda.current_stream(ctx.device).wait_event(ctx.copied)
+            x = ctx.host.to(ctx.device, non_blocking=True)
+        else:
+            x = ctx.host
+        x = x.detach().requires_grad_(True)
+        devices = [ctx.device] if ctx.cuda_rng is not None else []
+        with torch.random.fork_rng(devices=devices, device_type=ctx.device.type):
+            torch.set_rng_state(ctx.cpu_rng)
+            if ctx.cuda_rng is not None:
+                torch.cuda.set_rng_state(ctx.cuda_rng, ctx.device)
+            with torch.enable_grad():
+                y = ctx.run(x)
+        torch.autograd.backward(y, grad)
+        ctx.host = None
+        return None, None, x.grad, None
+
+
+_PINNED: dict[tuple, torch.Tensor] = {}
+_STREAMS: dict[torch.device, Any] = {}
+
+
+def _pinned_buffer(slot: int, x: torch.Tensor) -> torch.Tensor:
+    """One reusable pinned host buffer per layer slot (pinning allocations are slow)."""
+    key = (slot, tuple(x.shape), x.dtype)
+    if key not in _PINNED:
+        for old in [k for k in _PINNED if k[0] == slot]:
+            del _PINNED[old]
+        _PINNED[key] = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+    return _PINNED[key]
+
+
+def _side_stream(device: torch.device):
+    if device not in _STREAMS:
+        _STREAMS[device] = torch.cuda.Stream(device)
+    return _STREAMS[device]
+
+
+def tiled_layer_forward(config, p, x, cos, sin, mask, *, chunk: int):
+    """`decoder.layer_forward` with the MLP run over `chunk`-token pieces of the sequence, each
+    checkpointed, so only one piece's MLP activations ([chunk, intermediate]) are alive at a time.
+    The MLP is token-wise, so the result is the same; parallel blocks fall back to the plain layer."""
+    if config.parallel_block or x.shape[1] <= chunk:
+        return decoder.layer_forward(config, p, x, cos, sin, mask)
+    attn = decoder.attention(
+        config, p["attn"], decoder.block_input(config, p, "norm_attn", x), cos, sin, mask
+    )
+    x = x + decoder.block_output(config, p, "norm_attn", attn)
+
+    def mlp_piece(piece):
+        out = decoder.mlp(config, p["mlp"], decoder.block_input(config, p, "norm_mlp", piece))
+        return piece + decoder.block_output(config, p, "norm_mlp", out)
+
+    pieces = [
+        torch.utils.checkpoint.checkpoint(mlp_piece, piece, use_reentrant=False)
+        if torch.is_grad_enabled()
+        else mlp_piece(piece)
+        for piece in x.split(chunk, dim=1)
+    ]
+    return torch.cat(pieces, dim=1)
+
+
+def layer_function(
+    checkpointing: str = "none", *, compile: bool | str = False, mlp_chunk: int = 0
+) -> Callable:
+    """The `layer_fn` for `fnlm.loss`: decoder.layer_forward, optionally MLP-tiled, compiled and
+    checkpointed.
+
+    checkpointing: "none" (keep all activations), "layer" (keep each layer's input, recompute the
+    layer in backward; torch's non-reentrant checkpoint) or "offload" (as "layer", with the input
+    kept in pinned CPU memory, copied on a side stream).
+    compile: torch.compile the layer (one graph reused by every layer of the same shapes); a
+    string names the compile backend (e.g. "aot_eager" for tests on CPU).
+    mlp_chunk: > 0 tiles the MLP along the sequence (see `tiled_layer_forward`).
+    """
+    if checkpointing not in ("none", "layer", "offload"):
+        raise ArgumentError(
+            f"checkpointing must be 'none', 'layer' or 'offload', got {checkpointing!r}"
+        )
+    inner = decoder.layer_forward
+    if mlp_chunk:
+
+        def inner(config, p, x, cos, sin, mask):
+            return tiled_layer_forward(config, p, x, cos, sin, mask, chunk=mlp_chunk)
+
+    if compile:
+        backend = compile if isinstance(compile, str) else "inductor"
+        # Shapes vary with packing / padding: after the first change the length becomes symbolic.
+        inner = torch.compile(inner, backend=backend)
+    if checkpointing == "none":
+        return inner
+    if checkpointing == "layer":
+
+        def checkpointed(config, p, x, cos, sin, mask):
+            if not torch.is_grad_enabled():
+                return inner(config, p, x, cos, sin, mask)
+            return torch.utils.checkpoint.checkpoint(
+                inner, config, p, x, cos, sin, mask, use_reentrant=False
+            )
+
+        return checkpointed
+
+    anchor = torch.empty(0, requires_grad=True)  # makes backward run even when x needs no grad
+    calls = [0]
+
+    def offloaded(config, p, x, cos, sin, mask):
+        if not torch.is_grad_enabled():
+            return inner(config, p, x, cos, sin, mask)
+        # Layers run in order, once per forward (the recompute in backward calls `inner`
+        # directly), so the call count numbers them; each number reuses one pinned buffer.
+        slot = calls[0] % config.num_layers
+        calls[0] += 1
+        run = lambda h: inner(config, p, h, cos, sin, mask)
+        return _OffloadedCheckpoint.apply(run, slot, x, anchor)
+
+    return offloaded

@@ -1,0 +1,138 @@
+"""One optimizer step over micro-batches, evaluation, and what is trained (`Trainable`)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+
+from fnlm import data as data_lib
+from fnlm import lora as lora_lib
+from fnlm.errors import ArgumentError
+from fnlm.params import Params, leaf_paths, path_name, tree_map
+
+
+def train_step(
+    loss_fn: Callable[[dict], torch.Tensor],
+    batches: Sequence[dict],
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    tensors: Sequence[torch.Tensor],
+    *,
+    max_grad_norm: float | None = 1.0,
+) -> dict:
+    """One optimizer step over several micro-batches (gradient accumulation).
+
+    loss_fn(batch) returns the SUMMED token loss of a micro-batch; each is divided by the number
+    of trained tokens of the whole step before its backward, so the gradient equals that of one
+    big batch holding all micro-batches (not an average of per-micro-batch means).
+    Returns {"loss", "grad_norm", "lr", "trained_tokens", "tokens"}; when the loss or gradient
+    norm is not finite, no update is made and the returned loss says so.
+    """
+    total_tokens = sum(data_lib.trained_tokens(b) for b in batches)
+    denominator = max(total_tokens, 1)
+    summed = None
+    for batch in batches:
+        loss = loss_fn(batch)
+        (loss / denominator).backward()
+        summed = loss.detach() if summed is None else summed + loss.detach()
+    mean = float(summed) / denominator
+    lr = optimizer.param_groups[0]["lr"]
+    if not math.isfinite(mean):
+        optimizer.zero_grad(set_to_none=True)
+        return {"loss": mean, "grad_norm": float("nan"), "lr": lr, "trained_tokens": total_tokens}
+    limit = max_grad_norm if max_grad_norm else float("inf")
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(tensors, limit))
+    if not math.isfinite(grad_norm):
+        optimizer.zero_grad(set_to_none=True)
+        return {
+            "loss": float("nan"),
+            "grad_norm": grad_norm,
+            "lr": lr,
+            "trained_tokens": total_tokens,
+        }
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"loss": mean, "grad_norm": grad_norm, "lr": lr, "trained_tokens": total_tokens}
+
+
+@torch.no_grad()
+def evaluate(loss_fn: Callable[[dict], torch.Tensor], batches: Iterator[dict]) -> float:
+    """Mean token loss over batches (summed losses / trained tokens), without gradients."""
+    total, tokens = 0.0, 0
+    for batch in batches:
+        total += float(loss_fn(batch))
+        tokens += data_lib.trained_tokens(batch)
+    return total / max(tokens, 1)
+
+
+class Trainable:
+    """The trainable tensors of a run, and the (params, lora) a loss call sees.
+
+    LoRA modes: the adapter tensors. Full mode: every floating tensor of params (tied weights
+    once); with fp32 master weights the optimizer holds fp32 copies and each step casts them
+    to the params' dtype, so gradients flow through the cast into the fp32 copies.
+    """
+
+    def __init__(self, params: Params, lora, *, full: bool, fp32_master: bool):
+        self.params, self.lora, self.full = params, lora, full
+        self.master: dict[int, torch.Tensor] | None = None
+        if not full:
+            self.named = [(path_name(p), t) for p, t in leaf_paths(dict(lora))]
+            return
+        self.named, seen = [], set()
+        for path, leaf in leaf_paths(dict(params)):
+            if not isinstance(leaf, torch.Tensor):
+                raise ArgumentError(
+                    f"full fine-tuning needs 16/32-bit weights, but {path_name(path)} is "
+                    f"{type(leaf).__name__}; load the model with quant=None (mode='full' does)"
+                )
+            if id(leaf) in seen or not leaf.is_floating_point():
+                continue
+            seen.add(id(leaf))
+            self.named.append((path_name(path), leaf))
+        if fp32_master and any(t.dtype != torch.float32 for _, t in self.named):
+            self.master = {}
+            named = []
+            for name, leaf in self.named:
+                copy = leaf.detach().float().requires_grad_(True)
+                self.master[id(leaf)] = copy
+                named.append((name, copy))
+            self.named = named
+        else:
+            for _, leaf in self.named:
+                leaf.requires_grad_(True)
+
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for _, t in self.named]
+
+    def model(self, training: bool):
+        """(params, lora) for one loss call."""
+        if not self.full:
+            return self.params, lora_lib.train_mode(self.lora, training)
+        if self.master is None:
+            return self.params, None
+        casts: dict[int, torch.Tensor] = {}
+
+        def cast(t):
+            if id(t) not in self.master:
+                return t
+            if id(t) not in casts:  # a tied weight is cast once and shared
+                casts[id(t)] = self.master[id(t)].to(t.dtype)
+            return casts[id(t)]
+
+        return tree_map(cast, self.params), None
+
+    def final_params(self) -> Params:
+        """Full mode: the params with the trained values (master weights cast back)."""
+        if self.master is None:
+            return self.params
+        with torch.no_grad():
+            for t in {
+                id(t): t for _, t in leaf_paths(dict(self.params)) if id(t) in self.master
+            }.values():
+                t.copy_(self.master[id(t)])
+        return self.params
