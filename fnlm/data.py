@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import random
-import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from typing import Any
 
 import torch
 
+from fnlm import files
 from fnlm.errors import ArgumentError, DataError, TokenizerError
 
 IGNORE_INDEX = -100
@@ -544,14 +544,7 @@ def _save_cache(path: Path, data: TokenizedData) -> None:
         "stats": data.stats,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    files.write_atomic(path, lambda tmp: torch.save(payload, tmp))
 
 
 def _load_cache(path: Path, source: str) -> TokenizedData:
