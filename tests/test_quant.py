@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 import fnlm.quant as Q
 from fnlm.errors import ArgumentError, CheckpointError, QuantError
 from fnlm.kernels import kernel_backend
-from fnlm.kernels.lora_linear import lora_linear, lora_linear_reference
 from fnlm.kernels.nf4 import dequantize_nf4, dequantize_nf4_reference, nf4_gemv, nf4_gemv_fwd
+from fnlm.lora.linear import lora_linear, lora_linear_reference
 from fnlm.quant.fp8 import (
     FP8_FP32_SLACK,
     FP8_RELATIVE_ERROR,

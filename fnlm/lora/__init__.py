@@ -48,7 +48,7 @@ import torch.utils._pytree as pytree
 from fnlm import quant
 from fnlm.config import ModelConfig
 from fnlm.errors import ArgumentError, LoraError
-from fnlm.kernels.lora_linear import lora_linear
+from fnlm.lora.linear import lora_linear
 from fnlm.models import moe
 from fnlm.params import Params, get_path, path_name, set_path
 
@@ -930,7 +930,7 @@ def attach(params: Params, lora: Lora, *, training: bool | None = None) -> Param
 def _compute_copies(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype):
     """A and B in a 16-bit base's compute dtype (differentiable casts, made once per forward
     rather than in every recomputed layer): the adapter branch runs in the input's dtype anyway
-    (fnlm.kernels.lora_linear), as under mixed-precision autocast; fp32 bases keep them as is."""
+    (fnlm.lora.linear), as under mixed-precision autocast; fp32 bases keep them as is."""
     if dtype in (torch.bfloat16, torch.float16) and a.dtype != dtype:
         return a.to(dtype), b.to(dtype)
     return a, b
