@@ -16,15 +16,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import struct
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from fnlm import files
 from fnlm.errors import (
     CheckpointError,
     ConfigError,
@@ -167,18 +166,12 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
     config.update(_config_from_tensors(reader, config, gguf_path))
     tokenizer, tokenizer_config = hf_tokenizer(metadata, gguf_path)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
-        _write_json(work / "config.json", config)
-        _write_json(work / "generation_config.json", _generation_config(config))
+    with files.atomic_directory(out_dir) as work:
+        files.write_json(work / "config.json", config, fsync=False)
+        files.write_json(work / "generation_config.json", _generation_config(config), fsync=False)
         tokenizer.save(str(work / "tokenizer.json"))
-        _write_json(work / "tokenizer_config.json", tokenizer_config)
+        files.write_json(work / "tokenizer_config.json", tokenizer_config, fsync=False)
         _write_weights(reader, config, gguf_path, work / "model.safetensors")
-        _move_into_place(work, out_dir)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -738,33 +731,3 @@ def _bytes_to_unicode() -> dict[int, str]:
             chars.append(256 + extra)
             extra += 1
     return {b: chr(c) for b, c in zip(printable, chars)}
-
-
-# ---------------------------------------------------------------------------------------------
-# files
-
-
-def _write_json(path: Path, value: dict) -> None:
-    path.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def _move_into_place(work: Path, out_dir: Path) -> None:
-    """Atomically rename the finished directory to `out_dir`, replacing what was there."""
-    if out_dir.exists():
-        # rename cannot replace a non-empty directory: move the old one aside first
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
-        try:
-            os.replace(out_dir, old / "x")
-        except FileNotFoundError:
-            pass  # another process replaced it meanwhile
-        try:
-            os.replace(work, out_dir)
-        finally:
-            shutil.rmtree(old, ignore_errors=True)
-        return
-    try:
-        os.replace(work, out_dir)
-    except OSError:
-        if not (out_dir / "model.safetensors").is_file():
-            raise
-        shutil.rmtree(work, ignore_errors=True)  # another process finished the same conversion
