@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fnlm import models, quant
+from fnlm import files, models, quant
 from fnlm.config import ModelConfig
 from fnlm.errors import ArgumentError, ExportError, FnlmError
 from fnlm.gguf import (
@@ -46,7 +46,6 @@ from fnlm.lora import (
     LoraExperts,
     LoraLinear,
     SavedEmbedding,
-    _atomic_write,
     attach,
 )
 from fnlm.models import moe
@@ -186,10 +185,10 @@ def _export_error(path: Path, error: OSError) -> ExportError:
     return ExportError(f"cannot write {path}: {why}. Nothing was left under that name.")
 
 
-def _write_file(target: Path, write: Callable[[str], None]) -> None:
+def _write_file(target: Path, write: Callable[[Path], None]) -> None:
     """`write(temp_path)`, then rename into `target`; an OSError becomes an ExportError naming it."""
     try:
-        _atomic_write(target, write)
+        files.write_atomic(target, write)
     except OSError as e:
         raise _export_error(target, e) from e
 
