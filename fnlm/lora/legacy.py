@@ -1,0 +1,204 @@
+"""Adapters trained under transformers 4, where each expert was an nn.Linear of its own,
+converted to the stacked layout peft 0.21 reads (a family declares its transformers-4 names in
+fnlm.models.<family>.LEGACY_EXPERTS)."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+
+from fnlm.config import ModelConfig
+from fnlm.errors import LoraError
+from fnlm.lora.peft_format import (
+    PEFT_PREFIX,
+    expect_rank,
+    expect_shape,
+    json_number,
+    parameter_keys,
+    to_peft_layout,
+)
+from fnlm.lora.targets import Module, modules_by_path
+from fnlm.lora.tree import pattern_value
+from fnlm.models import moe
+
+# Per family: the MoE block's name under transformers 4, and each expert projection's name there
+# -> the part of fnlm's stack it became ("gate" / "up": the rows of "gate_up", gate first).
+_LEGACY_EXPERTS = {
+    "mixtral": ("block_sparse_moe", {"w1": "gate", "w3": "up", "w2": "down"}),
+    "qwen2_moe": ("mlp", {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}),
+    "qwen3_moe": ("mlp", {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}),
+}
+_STACK_OF_PART = {"gate": "gate_up", "up": "gate_up", "down": "down"}
+
+
+@dataclass
+class _LegacyFactor:
+    """One transformers-4 expert Linear's (or router's) lora_A / lora_B as read from the file."""
+
+    name: str  # its transformers 4 module name, which the file's rank/alpha patterns match
+    a: tuple[str, torch.Tensor] | None = None  # (key, [r, in])
+    b: tuple[str, torch.Tensor] | None = None  # (key, [out, r])
+
+
+def convert_legacy_experts(
+    tensors: dict[str, torch.Tensor], doc: dict, config: ModelConfig
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """Rewrite a transformers-4 adapter's per-expert factors (".experts.3.w1.lora_A.weight",
+    ".experts.3.gate_proj.lora_A.weight") and routers (Mixtral's ".block_sparse_moe.gate") into the
+    stacked layout peft 0.21 reads: (tensors, adapter_config) as if peft had written them.
+
+    As peft.utils.transformers_weight_conversion does: expert e of the gate_up stack gets
+    A_e = [A_gate_e; A_up_e] and B_e = blockdiag(B_gate_e, B_up_e), at rank r_gate + r_up with
+    alpha scaled alike, so that alpha/r is unchanged; the down stack takes A_e, B_e as they are.
+    Beyond peft, the result is always what the adapter computed under transformers 4: with
+    use_rslora the stack's alpha keeps alpha/sqrt(rank) (peft's 2·alpha multiplies gate and up by
+    sqrt(2)); an expert or a projection absent from the file contributes zero rows (peft refuses
+    such a file); rank_pattern / alpha_pattern apply per transformers-4 module, and where the
+    experts of a stack differ in rank or scale, the factors are zero-padded to the largest rank
+    and B carries the ratio of the expert's scale to the stack's (peft ignores those patterns);
+    Qwen2-MoE is converted too (peft 0.21 drops its experts' factors, keeping the shared expert's).
+    The new entries go first in rank_pattern / alpha_pattern, under each stack's full name.
+    """
+    legacy = _LEGACY_EXPERTS.get(config.model_type)
+    if legacy is None or not config.moe_layers:
+        return tensors, doc
+    block, projections = legacy
+    expert_key = re.compile(
+        rf"model\.layers\.(\d+)\.{block}\.experts\.(\d+)\.({'|'.join(projections)})"
+        r"\.lora_([AB])\.weight"
+    )
+    router_key = re.compile(rf"model\.layers\.(\d+)\.{block}\.gate\.lora_([AB])\.weight")
+    covered = set(parameter_keys(config, doc.get("target_parameters") or ()).values())
+    by_path = modules_by_path(config)
+
+    def moe_layer(key: str, layer: int) -> int:
+        if layer not in config.moe_layers:
+            raise LoraError(
+                f"adapter tensor {key} adapts an expert of layer {layer}, but layer {layer} of this "
+                f"{config.model_type} model is not a mixture-of-experts layer (those are "
+                f"{list(config.moe_layers)}); was the adapter trained for another base model?"
+            )
+        return layer
+
+    # (layer, part) -> expert -> factor; layer -> router factor
+    experts: dict[tuple[int, str], dict[int, _LegacyFactor]] = {}
+    routers: dict[int, _LegacyFactor] = {}
+    kept: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        name = key.removeprefix(PEFT_PREFIX)
+        if match := expert_key.fullmatch(name):
+            layer, expert, projection, half = match.groups()
+            layer, expert = moe_layer(key, int(layer)), int(expert)
+            if expert >= config.num_experts:
+                raise LoraError(
+                    f"adapter tensor {key} adapts expert {expert}, but this {config.model_type} "
+                    f"model has {config.num_experts} experts per layer (0..{config.num_experts - 1})"
+                )
+            slot = experts.setdefault((layer, projections[projection]), {})
+            factor = slot.setdefault(expert, _LegacyFactor(name.rpartition(".lora_")[0]))
+        elif (match := router_key.fullmatch(name)) and (
+            by_path.get(("layers", int(match.group(1)), "mlp", "router")) not in covered
+        ):
+            layer, half = moe_layer(key, int(match.group(1))), match.group(2)
+            factor = routers.setdefault(layer, _LegacyFactor(name.rpartition(".lora_")[0]))
+        else:
+            kept[key] = tensor
+            continue
+        setattr(factor, half.lower(), (key, tensor))
+    if not experts and not routers:
+        return tensors, doc
+
+    r, alpha = int(doc.get("r", 8)), doc.get("lora_alpha", 8)
+    rslora = bool(doc.get("use_rslora", False))
+    legacy_ranks = tuple((doc.get("rank_pattern") or {}).items())
+    legacy_alphas = tuple((doc.get("alpha_pattern") or {}).items())
+
+    def checked(factor: _LegacyFactor, in_features: int, out_features: int):
+        """(A, B, rank, alpha) of one transformers-4 Linear, checked against its config."""
+        if factor.a is None or factor.b is None:
+            key, _ = factor.a or factor.b
+            raise LoraError(
+                f"adapter tensor {key} has no {'lora_B' if factor.a else 'lora_A'} partner"
+            )
+        (key_a, a), (key_b, b) = factor.a, factor.b
+        rank = a.shape[0] if a.dim() == 2 else -1
+        base = (
+            f"{factor.name} of this {config.model_type} model (in {in_features}, out "
+            f"{out_features}; lora_A [r, in], lora_B [out, r])"
+        )
+        expect_shape(key_a, a, (rank, in_features), base)
+        expect_shape(key_b, b, (out_features, rank), base)
+        expect_rank(key_a, rank, pattern_value(legacy_ranks, (factor.name,), r), factor.name)
+        return a, b, rank, pattern_value(legacy_alphas, (factor.name,), alpha)
+
+    def scale(rank: int, alpha_value: float) -> float:
+        return alpha_value / math.sqrt(rank) if rslora else alpha_value / rank
+
+    hidden, inner = config.hidden_size, config.expert_size
+    io = {"gate": (hidden, inner), "up": (hidden, inner), "down": (inner, hidden)}
+    stacked: dict[Module, tuple[torch.Tensor, torch.Tensor]] = {}  # fnlm's [E, R, in], [E, out, R]
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    for layer in sorted({layer for layer, _ in experts}):
+        for stack in moe.STACKS:
+            parts = [p for p in ("gate", "up", "down") if _STACK_OF_PART[p] == stack]
+            factors = {
+                p: {e: checked(f, *io[p]) for e, f in experts.get((layer, p), {}).items()}
+                for p in parts
+            }
+            part_ranks = {p: max((f[2] for f in factors[p].values()), default=0) for p in parts}
+            total = sum(part_ranks.values())
+            if not total:
+                continue
+            # The stack's scale is the first factor's; its alpha is chosen so that alpha/rank
+            # (alpha/sqrt(rank) with rslora) gives it: 2·alpha at rank 2r, as peft writes it.
+            reference = next(f for p in parts for f in factors[p].values())
+            ref_rank, ref_alpha = reference[2], reference[3]
+            stack_alpha = (
+                ref_alpha * math.sqrt(total / ref_rank) if rslora else ref_alpha * total / ref_rank
+            )
+            module = by_path[("layers", layer, "mlp", "experts", stack)]
+            experts_n, out_features, in_features = module.shape
+            a = torch.zeros(experts_n, total, in_features, dtype=reference[0].dtype)
+            b = torch.zeros(experts_n, out_features, total, dtype=reference[1].dtype)
+            row = column = 0
+            for p in parts:
+                rows = io[p][1]
+                for e, (a_e, b_e, rank, alpha_e) in factors[p].items():
+                    if (rank, alpha_e) != (ref_rank, ref_alpha):
+                        b_e = b_e * (scale(rank, alpha_e) / scale(ref_rank, ref_alpha))
+                    a[e, column : column + rank] = a_e
+                    b[e, row : row + rows, column : column + rank] = b_e
+                row, column = row + rows, column + part_ranks[p]
+            stacked[module] = (a, b)
+            ranks[re.escape(module.target)] = total
+            alphas[re.escape(module.target)] = json_number(stack_alpha)
+    for layer, factor in routers.items():
+        module = by_path[("layers", layer, "mlp", "router")]
+        a, b, rank, alpha_value = checked(factor, hidden, config.num_experts)
+        stacked[module] = (a, b)
+        ranks[re.escape(module.target)] = rank
+        alphas[re.escape(module.target)] = json_number(alpha_value)
+
+    target_parameters = list(doc.get("target_parameters") or ()) + [m.target for m in stacked]
+    keys = {m: key for key, m in parameter_keys(config, target_parameters).items()}
+    for module, (a, b) in stacked.items():
+        if module.experts:
+            a, b = to_peft_layout(a, b)
+        for half, tensor in (("lora_A", a), ("lora_B", b)):
+            key = f"{PEFT_PREFIX}{keys[module]}.{half}.weight"
+            if key in kept:
+                raise LoraError(
+                    f"adapter tensor {key} is in the file, and so are the per-expert tensors that "
+                    f"make up {module.target}; a file holds one or the other"
+                )
+            kept[key] = tensor
+    doc = dict(doc)
+    doc["target_parameters"] = target_parameters
+    for field, entries in (("rank_pattern", ranks), ("alpha_pattern", alphas)):
+        old = doc.get(field) or {}
+        doc[field] = {**entries, **{k: v for k, v in old.items() if k not in entries}}
+    return kept, doc
