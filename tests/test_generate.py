@@ -13,7 +13,7 @@ from transformers.generation import logits_process as hf_processors
 
 import fnlm
 from fnlm.errors import ArgumentError
-from fnlm.generate import choose, generate_tokens, process_logits
+from fnlm.generate import Sampling, choose, generate_tokens, process_logits
 from tests.models import HF_CONFIGS, hf_configs, saved_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*no tokenizer.json")
@@ -152,6 +152,40 @@ def test_generation_stops_at_the_context_length():
     assert len(out[0]) == 3
 
 
+def test_second_call_at_a_new_length_compiles_nothing(monkeypatch):
+    """The compiled decode layer takes the cache length as a dynamic dimension: calls whose cache
+    lengths fall in different buckets share one compiled graph, and give the eager tokens."""
+    import importlib
+
+    step = importlib.import_module("fnlm.generate.step")
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    monkeypatch.setattr(step, "COMPILE_BACKEND", counting_backend)
+    with saved_checkpoint(tiny_llama(max_position_embeddings=1024)) as (_, directory):
+        params = load_fp32(directory)
+    short, long = [3, 17, 42], list(range(1, 121)) * 3  # cache buckets 256 and 512
+    assert step.cache_length(len(short) + 6) == 256 and step.cache_length(len(long) + 6) == 512
+    torch._dynamo.reset()
+    for prompt in (short, long, short[:2]):
+        compiled = generate_tokens(params, [prompt], max_new_tokens=6, compile=True)
+        assert compiled == generate_tokens(params, [prompt], max_new_tokens=6)
+    assert len(graphs) == 1
+
+
+def test_cache_length_buckets():
+    from fnlm.generate import cache_length
+
+    assert [cache_length(n) for n in (1, 256, 257, 384, 1500, 2049, 5000)] == [
+        256, 256, 512, 512, 1536, 2560, 5120,
+    ]  # fmt: skip
+    for n in range(1, 20000, 37):
+        assert n <= cache_length(n) <= max(256, 1.25 * n + 256)
+
+
 # ----------------------------------------------------------------------------------------------
 # Sampling
 # ----------------------------------------------------------------------------------------------
@@ -196,14 +230,16 @@ def test_processors_equal_transformers(seed, repetition_penalty, temperature, to
         repetition_penalty=repetition_penalty, temperature=temperature, top_k=top_k,
         top_p=top_p, min_p=min_p,
     )  # fmt: skip
-    ours = process_logits(logits, seen=seen_mask(ids, 50), **args)
+    ours = process_logits(logits, Sampling(**args), seen=seen_mask(ids, 50))
     assert torch.equal(ours, hf_warped(logits, ids, **args))
 
 
 def test_filters_keep_exactly_the_crafted_support():
     probs = torch.tensor([[0.05, 0.5, 0.1, 0.2, 0.15, 0.0]])
     logits = probs.log()
-    kept = lambda **kw: (process_logits(logits, **kw) > -math.inf)[0].nonzero().flatten().tolist()
+    kept = lambda **kw: (
+        (process_logits(logits, Sampling(**kw)) > -math.inf)[0].nonzero().flatten().tolist()
+    )
     assert kept(top_k=2) == [1, 3]
     # sorted 0.5, 0.2, 0.15 reach 0.85 >= 0.8; the 0.1 and 0.05 tail (0.15 <= 0.2) goes
     assert kept(top_p=0.8) == [1, 3, 4]
@@ -212,12 +248,11 @@ def test_filters_keep_exactly_the_crafted_support():
     assert kept(min_p=0.3) == [1, 3, 4]
     assert kept(top_k=4, top_p=0.7, min_p=0.25) == [1, 3]
     seen = torch.tensor([[False, True, False, False, False, False]])
-    penalized = process_logits(
-        torch.tensor([[1.0, 2.0, -1.0]]), seen=seen[:, :3], repetition_penalty=2.0
-    )
+    penalize = Sampling(repetition_penalty=2.0)
+    penalized = process_logits(torch.tensor([[1.0, 2.0, -1.0]]), penalize, seen=seen[:, :3])
     assert penalized.tolist() == [[1.0, 1.0, -1.0]]
     penalized = process_logits(
-        torch.tensor([[1.0, -2.0]]), seen=torch.tensor([[False, True]]), repetition_penalty=2.0
+        torch.tensor([[1.0, -2.0]]), penalize, seen=torch.tensor([[False, True]])
     )
     assert penalized.tolist() == [[1.0, -4.0]]
 
@@ -226,7 +261,7 @@ def test_sampling_draws_from_the_filtered_distribution():
     probs = torch.tensor([0.45, 0.3, 0.15, 0.06, 0.04])
     logits = probs.log().expand(SAMPLE_DRAWS, -1)
     g = torch.Generator().manual_seed(0)
-    drawn = choose(logits, temperature=1.0, top_k=3, generator=g)
+    drawn = choose(logits, Sampling(temperature=1.0, top_k=3), generator=g)
     freq = torch.bincount(drawn, minlength=5).float() / SAMPLE_DRAWS
     expected = torch.tensor([0.45, 0.3, 0.15, 0.0, 0.0]) / 0.9
     assert (freq - expected).abs().max() <= FREQUENCY_TOL
@@ -432,7 +467,7 @@ def test_cuda_graph_moe_decode_equals_eager_steps(quant, monkeypatch):
 
     from fnlm.models import moe
 
-    gen = importlib.import_module("fnlm.generate")  # `fnlm.generate` the attribute is the function
+    gen = importlib.import_module("fnlm.generate.step")
 
     hf_config = transformers.Qwen3MoeConfig(
         vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
@@ -444,8 +479,9 @@ def test_cuda_graph_moe_decode_equals_eager_steps(quant, monkeypatch):
     assert moe.grouped_everywhere(params)
     prompts = [[3, 17, 42, 99, 5], [7, 8]]
     captured = []
-    graph_step = gen._graph_step
-    monkeypatch.setattr(gen, "_graph_step", lambda *a: captured.append(1) or graph_step(*a))
+    graph_step = gen.graph_step
+    gen.release_graphs()
+    monkeypatch.setattr(gen, "graph_step", lambda *a: captured.append(1) or graph_step(*a))
     graphed = generate_tokens(params, prompts, max_new_tokens=10, compile=False)
     assert captured
     # torch.compile'd layers in the graph too (inductor may round differently: lengths only)

@@ -1,0 +1,289 @@
+"""The KV cache, the two model passes, and the decode step as it runs: compiled, graph-captured,
+and kept across calls.
+
+`init_cache`, `prefill` and `decode_step` are pure functions of (params, cache, tokens); the cache
+is a dict of tensors passed in and returned, updated in place like a donated buffer so that a CUDA
+graph can replay a step on the same addresses.
+
+No compile or capture on a second call: the compiled layer treats the cache length as a dynamic
+dimension (one compile serves every length), cache lengths are rounded up to a few buckets, and
+the CUDA graph of a step is kept with its cache and input buffers (`DecodeState`) in a small cache
+keyed by the model's tensors, the batch and the cache length, so a later call of the same shape
+only replays it.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+from collections.abc import Callable
+
+import torch
+import torch.utils._pytree as pytree
+
+from fnlm.models import moe
+from fnlm.models.decoder import (
+    default_positions,
+    hidden_states,
+    layer_forward,
+    logits_from_hidden,
+)
+from fnlm.params import Params
+
+# Cache lengths are rounded up to a multiple of this (or of a quarter of their power of two, if
+# larger), so calls of similar lengths share one captured graph; extra slots are masked out.
+CACHE_BUCKET = 256
+
+# Runs of the compiled step before CUDA graph capture: the first compiles and autotunes, the
+# second runs with every lazy initialization (cuBLAS workspaces, Triton launchers) done.
+GRAPH_WARMUP_RUNS = 2
+
+# Decode states (a captured graph with its cache) kept across calls, for the last model used.
+GRAPH_CACHE_SIZE = 4
+
+# torch.compile's backend for the decode layer (tests swap in a counting one).
+COMPILE_BACKEND = "inductor"
+
+
+def cache_length(needed: int) -> int:
+    """The bucketed cache length for `needed` slots: a multiple of CACHE_BUCKET, or of a quarter
+    of needed's power of two when that is larger (at most 25% extra, log-many buckets)."""
+    step = max(CACHE_BUCKET, 1 << max(needed.bit_length() - 3, 0))
+    return -(-needed // step) * step
+
+
+def init_cache(
+    params: Params,
+    batch: int,
+    max_len: int,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
+) -> dict:
+    """A zeroed KV cache: {"k": [per layer [batch, kv_heads, max_len, head_dim]], "v": same,
+    "valid": [batch, max_len] bool}.
+
+    `valid` marks the slots attention may read: False for the left padding of the prompt (from
+    `attention_mask` [batch, prompt_len], 1 = real token), True elsewhere (future slots are hidden
+    by causality until written). `dtype` defaults to the params' dtype; torch.float8_e4m3fn
+    halves the cache's memory.
+    """
+    config = params.config
+    device = params["norm"].device
+    dtype = dtype or params["norm"].dtype
+    shape = (batch, config.num_kv_heads, max_len, config.head_dim)
+    valid = torch.ones(batch, max_len, dtype=torch.bool, device=device)
+    if attention_mask is not None:
+        valid[:, : attention_mask.shape[1]] = attention_mask.bool()
+    return {
+        "k": [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)],
+        "v": [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)],
+        "valid": valid,
+    }
+
+
+def prefill(
+    params: Params,
+    tokens: torch.Tensor,
+    cache: dict,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    layer_fn=layer_forward,
+) -> tuple[torch.Tensor, dict]:
+    """Run the prompt `tokens` [batch, prompt_len] (left padded, `attention_mask` 1 = real) in one
+    pass, writing cache slots 0..prompt_len-1. Returns (fp32 logits [batch, vocab] of the last
+    position, cache)."""
+    positions = default_positions(tokens, attention_mask)
+    slots = torch.arange(tokens.shape[1], device=tokens.device)
+    x = hidden_states(
+        params, tokens, positions=positions, cache=cache, cache_slots=slots, layer_fn=layer_fn
+    )
+    return logits_from_hidden(params, x[:, -1]).float(), cache
+
+
+def decode_step(
+    params: Params,
+    cache: dict,
+    tokens: torch.Tensor,
+    positions: torch.Tensor,
+    slot: torch.Tensor,
+    *,
+    layer_fn=layer_forward,
+) -> torch.Tensor:
+    """One token per sequence: `tokens` [batch, 1] at rotary `positions` [batch, 1] go into cache
+    `slot` [1] (a tensor, so one compiled graph serves every step). Returns fp32 logits
+    [batch, vocab]; the cache is updated in place. `layer_fn` as in `hidden_states`."""
+    x = hidden_states(
+        params, tokens, positions=positions, cache=cache, cache_slots=slot, layer_fn=layer_fn
+    )
+    return logits_from_hidden(params, x[:, -1]).float()
+
+
+@functools.cache
+def _compiled_layer(backend) -> Callable:
+    # One layer is compiled, not the whole step: every layer has the same shapes, so one compiled
+    # graph serves them all and compiling takes seconds, not minutes, for a 32-layer model. The
+    # CUDA graph around the whole step removes the per-layer launch overhead anyway.
+    return torch.compile(layer_forward, backend=backend, dynamic=False)
+
+
+def compiled_layer() -> Callable:
+    """layer_forward compiled with the cache length (the last dim of the mask and the slot dim
+    of the cache) as a dynamic dimension, every other shape static: one compile serves every
+    cache length."""
+    compiled = _compiled_layer(COMPILE_BACKEND)
+
+    def layer(config, p, x, cos, sin, mask, kv=None):
+        if kv is not None:
+            torch._dynamo.maybe_mark_dynamic(kv[0], 2)
+            torch._dynamo.maybe_mark_dynamic(kv[1], 2)
+            torch._dynamo.maybe_mark_dynamic(mask, 3)
+        return compiled(config, p, x, cos, sin, mask, kv)
+
+    return layer
+
+
+def step_fn(compile: bool) -> Callable:
+    """decode_step, with compiled layers when `compile`."""
+    if not compile:
+        return decode_step
+    return functools.partial(decode_step, layer_fn=compiled_layer())
+
+
+def graph_step(params: Params, cache: dict, tokens, positions, slot, compile: bool) -> Callable:
+    """A CUDA graph of one decode step over static input buffers: calling it replays the graph
+    and returns the (static, overwritten by the next call) logits."""
+    step = step_fn(compile)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        # Each run writes this step's k, v into cache `slot`; the replay writes the same values.
+        for _ in range(GRAPH_WARMUP_RUNS):
+            step(params, cache, tokens, positions, slot)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        logits = step(params, cache, tokens, positions, slot)
+
+    def replay() -> torch.Tensor:
+        graph.replay()
+        return logits
+
+    return replay
+
+
+def graphable(config, grouped_experts: bool = False) -> bool:
+    """Whether a decode step can be one CUDA graph: no host reads of device values inside it.
+    Mixture-of-experts layers qualify when their matmuls all take the grouped GEMM
+    (`grouped_experts`, see fnlm.models.moe.grouped_everywhere; the per-expert loop reads row
+    counts on the host); dynamic / longrope RoPE pick their tables from the longest position."""
+    rope = config.rope
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    moe_ok = not config.num_experts or grouped_experts
+    return moe_ok and rope_type not in ("dynamic", "longrope")
+
+
+def will_capture(params: Params) -> bool:
+    """Whether decode steps of these params run as CUDA graphs."""
+    on_cuda = params["norm"].device.type == "cuda"
+    grouped = bool(params.config.num_experts) and on_cuda and moe.grouped_everywhere(params)
+    return on_cuda and graphable(params.config, grouped)
+
+
+def make_step(params, cache, tokens, positions, slot, *, compile: bool) -> Callable:
+    """A no-argument callable running one decode step over the given buffers: a CUDA graph
+    replay where the model allows it, else the (compiled) step."""
+    if will_capture(params):
+        return graph_step(params, cache, tokens, positions, slot, compile)
+    if params["norm"].device.type == "cuda":  # host syncs inside: dynamo would break there anyway
+        compile = False
+    step = step_fn(compile)
+    return lambda: step(params, cache, tokens, positions, slot)
+
+
+@dataclasses.dataclass
+class DecodeState:
+    """A decode step's cache and static input buffers, and the step over them once made.
+
+    tokens [batch, 1], positions [batch, 1] (next rotary position per row), slot [1] (the cache
+    slot the step writes); `step()` runs one step and returns fp32 logits [batch, vocab]."""
+
+    params: Params
+    cache: dict
+    tokens: torch.Tensor
+    positions: torch.Tensor
+    slot: torch.Tensor
+    compile: bool
+    step: Callable | None = None
+
+    def run(self) -> torch.Tensor:
+        if self.step is None:
+            self.step = make_step(
+                self.params, self.cache, self.tokens, self.positions, self.slot,
+                compile=self.compile,
+            )  # fmt: skip
+        return self.step()
+
+
+# key -> DecodeState, most recent last; every entry belongs to one base model (`_graphs_model`)
+_graphs: collections.OrderedDict = collections.OrderedDict()
+_graphs_model: list = [None]
+
+
+def _leaf_ids(tree) -> tuple[int, ...]:
+    return tuple(id(t) for t in pytree.tree_leaves(tree) if isinstance(t, torch.Tensor))
+
+
+def decode_state(
+    params: Params,
+    base: Params,
+    batch: int,
+    max_len: int,
+    *,
+    attention_mask: torch.Tensor | None,
+    dtype: torch.dtype,
+    compile: bool,
+) -> DecodeState:
+    """A DecodeState for `batch` rows and `max_len` cache slots, its `valid` set from
+    `attention_mask` [batch, prompt_len]. Where steps are graph-captured, the state (graph, cache,
+    buffers) is taken from the graph cache when one of this shape exists for the same tensors
+    (`params`: the weights the step reads, adapters attached; `base`: the model without them,
+    whose change empties the cache) and kept there for the next call."""
+    device = params["norm"].device
+    if not will_capture(params):
+        return _new_state(params, batch, max_len, attention_mask, dtype, compile)
+    model = _leaf_ids(base)
+    if _graphs_model[0] != model:
+        release_graphs()
+        _graphs_model[0] = model
+    key = (batch, max_len, dtype, compile, _leaf_ids(params))
+    state = _graphs.pop(key, None)
+    if state is None:
+        while len(_graphs) >= GRAPH_CACHE_SIZE:
+            _graphs.popitem(last=False)
+        state = _new_state(params, batch, max_len, attention_mask, dtype, compile)
+    else:
+        valid = state.cache["valid"]
+        valid.fill_(True)
+        if attention_mask is not None:
+            valid[:, : attention_mask.shape[1]] = attention_mask.to(device).bool()
+    _graphs[key] = state
+    return state
+
+
+def _new_state(params, batch, max_len, attention_mask, dtype, compile) -> DecodeState:
+    device = params["norm"].device
+    cache = init_cache(params, batch, max_len, attention_mask=attention_mask, dtype=dtype)
+    return DecodeState(
+        params=params, cache=cache, compile=compile,
+        tokens=torch.zeros((batch, 1), dtype=torch.long, device=device),
+        positions=torch.zeros((batch, 1), dtype=torch.long, device=device),
+        slot=torch.zeros(1, dtype=torch.long, device=device),
+    )  # fmt: skip
+
+
+def release_graphs() -> None:
+    """Drop every kept decode graph and its cache (their device memory is freed)."""
+    _graphs.clear()
+    _graphs_model[0] = None
