@@ -120,6 +120,10 @@ class ModelConfig:
     eos_token_id: tuple[int, ...] = ()
     pad_token_id: int | None = None
 
+    # the multimodal checkpoint this is the text tower of ("gemma3", "mistral3"; None = a text
+    # checkpoint): its language-model tensors are renamed to the text model's, the others skipped
+    text_tower_of: str | None = None
+
     # the checkpoint's own dtype name ("bfloat16", ...), kept for export
     torch_dtype: str | None = None
     # the original config.json, frozen, so exports can write it back

@@ -342,10 +342,11 @@ class _SourceWeights:
         from fnlm.load import weight_files
 
         self.directory = directory
-        self.file_of: dict[str, Path] = {}
+        self.file_of: dict[str, tuple[Path, str]] = {}  # weight_names' name -> (file, its key)
         for file in weight_files(directory):
             with safe_open(file, framework="pt") as handle:
-                self.file_of.update(dict.fromkeys(handle.keys(), file))
+                for key in handle.keys():
+                    self.file_of[models.checkpoint_name(config, key) or key] = (file, key)
         names = models.family(config.model_type).weight_names(config)
         self.name_of = {path: name for name, (path, _) in names.items()}
 
@@ -373,8 +374,9 @@ class _SourceWeights:
                 f"the 16-bit checkpoint {self.directory} has no tensor for {path_name(path)} "
                 f"({name or 'no name'}); pass base= the checkpoint the model was loaded from"
             )
-        with safe_open(self.file_of[name], framework="pt") as handle:
-            return handle.get_tensor(name).float()
+        file, key = self.file_of[name]
+        with safe_open(file, framework="pt") as handle:
+            return handle.get_tensor(key).float()
 
 
 # ---------------------------------------------------------------------------------------------

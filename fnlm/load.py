@@ -217,7 +217,12 @@ def load_params(
     stream = stream_tensors(weight_files(directory))
     if device.type == "cuda":
         stream = pinned_ahead(stream)
+    skipped = 0
     for name, tensor, file in stream:
+        name = models.checkpoint_name(config, name)
+        if name is None:  # a multimodal checkpoint's vision tower
+            skipped += 1
+            continue
         if name not in expected:
             if name.endswith(IGNORED_SUFFIXES) or (
                 name == "lm_head.weight" and config.tie_word_embeddings
@@ -243,6 +248,10 @@ def load_params(
         if quantize is not None and is_quantizable(path, tensor) and not _skipped(path, skip):
             tensor = moe.quantize_stack(tensor, quantize) if slot else quantize(tensor)
         set_path(tree, path, tensor)
+    if skipped:
+        print(
+            f"fnlm: {config.text_tower_of} checkpoint: loaded its text model, skipped {skipped} vision tensors"
+        )
     missing = [n for n in expected if n not in seen]
     if missing:
         raise CheckpointError(

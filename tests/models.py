@@ -219,6 +219,42 @@ def _qwen2_moe(draw):
     return transformers.Qwen2MoeConfig(**f)
 
 
+# Tiny vision towers: never run (the tests feed text), only built, saved and skipped on load.
+GEMMA3_VISION = dict(
+    hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+    image_size=28, patch_size=14,
+)  # fmt: skip
+PIXTRAL_VISION = dict(GEMMA3_VISION, head_dim=8)
+
+
+def _multimodal(config):
+    """The shared tests read config.vocab_size; a multimodal config keeps it in text_config."""
+    config.vocab_size = config.get_text_config().vocab_size
+    return config
+
+
+def _gemma3(draw):
+    text = _gemma3_text(draw).to_dict()
+    config = transformers.Gemma3Config(
+        text_config=text,
+        vision_config=GEMMA3_VISION,
+        mm_tokens_per_image=4,
+        tie_word_embeddings=text["tie_word_embeddings"],
+    )
+    return _multimodal(config)
+
+
+def _mistral3(draw):
+    text = _mistral(draw).to_dict()
+    config = transformers.Mistral3Config(
+        text_config=text,
+        vision_config=PIXTRAL_VISION,
+        image_token_index=10**6,  # outside the tiny vocabulary: no text token is an image slot
+        tie_word_embeddings=text["tie_word_embeddings"],
+    )
+    return _multimodal(config)
+
+
 HF_CONFIGS = {
     "llama": _llama,
     "mistral": _mistral,
@@ -236,6 +272,14 @@ HF_CONFIGS = {
     "mixtral": _mixtral,
     "qwen3_moe": _qwen3_moe,
     "qwen2_moe": _qwen2_moe,
+    "gemma3": _gemma3,
+    "mistral3": _mistral3,
+}
+
+# multimodal model_type -> its transformers class (AutoModelForCausalLM does not build Mistral3)
+MULTIMODAL = {
+    "gemma3": "Gemma3ForConditionalGeneration",
+    "mistral3": "Mistral3ForConditionalGeneration",
 }
 
 
@@ -246,7 +290,10 @@ def hf_configs(draw, model_type: str):
 
 def build_model(config, seed: int = 0):
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if config.model_type in MULTIMODAL:
+        model = getattr(transformers, MULTIMODAL[config.model_type])(config).float()
+    else:
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # norms start at 1 (or 0); make them random so a missed norm shows up
         for name, p in model.named_parameters():
             if "norm" in name or name.endswith("bias"):
@@ -254,10 +301,31 @@ def build_model(config, seed: int = 0):
     return model.eval()
 
 
+def text_model(model):
+    """A multimodal model's language model as transformers' text model (Gemma3ForCausalLM, ...)
+    with the same weights: the reference fnlm's text-tower params are tested against (peft adapts
+    and transformers loads exports of the text model); any other model as it is."""
+    if model.config.model_type not in MULTIMODAL:
+        return model
+    config = model.config.get_text_config()
+    config.tie_word_embeddings = model.config.tie_word_embeddings
+    text = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    prefix = "model.language_model."
+    state = {
+        ("model." + k[len(prefix) :] if k.startswith(prefix) else k): v
+        for k, v in model.state_dict().items()
+        if k.startswith(prefix) or k == "lm_head.weight"
+    }
+    text.load_state_dict(state, strict=True)
+    return text.eval()
+
+
 @contextmanager
 def saved_checkpoint(config, seed: int = 0):
-    """(model, directory) of a random model saved with save_pretrained; removed afterwards."""
+    """(model, directory) of a random model saved with save_pretrained; removed afterwards. For a
+    multimodal config the directory holds the multimodal checkpoint and the model is its text
+    model (`text_model`)."""
     model = build_model(config, seed)
     with tempfile.TemporaryDirectory() as d:
         model.save_pretrained(d)
-        yield model, Path(d)
+        yield text_model(model), Path(d)

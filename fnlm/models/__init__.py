@@ -20,6 +20,7 @@ from fnlm.models import (
     llama,
     mistral,
     mixtral,
+    multimodal,
     olmo2,
     phi3,
     qwen2,
@@ -48,6 +49,7 @@ FAMILIES: dict[str, ModuleType] = {
         mixtral,
         qwen3_moe,
         qwen2_moe,
+        multimodal,
     )  # fmt: skip
     for t in m.MODEL_TYPES
 }
@@ -55,8 +57,6 @@ FAMILIES: dict[str, ModuleType] = {
 # Architectures people ask for that fnlm does not run, with the reason (shown in the error and the
 # README support table) instead of an approximate implementation.
 UNSUPPORTED: dict[str, str] = {
-    "gemma3": "the multimodal Gemma 3 checkpoint (vision tower, language_model.* names); "
-    "text-only gemma3_text checkpoints (Gemma 3 1B, or the text config of a larger one) load",
     "cohere2": "Command R7B interleaves sliding-window layers without rotary embeddings on the "
     "global ones; not implemented yet",
     "phimoe": "Phi-3.5-MoE's sparsemixer router is not implemented",
@@ -86,3 +86,11 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
         return family(hf["model_type"]).config_from_hf(hf)
     except ConfigError as e:
         raise type(e)(f"{source}: {e}") from None
+
+
+def checkpoint_name(config: ModelConfig, name: str) -> str | None:
+    """The name `weight_names(config)` knows a checkpoint tensor by: `name` itself, or for the text
+    tower of a multimodal checkpoint its text-model name, None for the vision tower's tensors."""
+    if config.text_tower_of is None:
+        return name
+    return multimodal.text_name(name)

@@ -1,0 +1,174 @@
+"""The families added for the models people fine-tune now (issue 18), beyond what the shared
+per-family tests check through tests/models.py's HF_CONFIGS (logits, left padding, LoRA against
+peft, training, greedy generation, merged export): a fixed tiny case per behaviour flag, NF4
+against bitsandbytes, and the multimodal checkpoints read for their text model.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+import fnlm
+from fnlm import models
+from tests.models import (
+    FP32_REL_TOL,
+    GEMMA3_VISION,
+    PIXTRAL_VISION,
+    build_model,
+    max_rel_error,
+    saved_checkpoint,
+)
+from tests.test_architectures import (
+    BASE,
+    SEQ,
+    assert_nf4_matches_bitsandbytes,
+    load_fp32,
+    random_tokens,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*no tokenizer.json")
+
+GEMMA3_TEXT = dict(
+    BASE, num_hidden_layers=3, sliding_window=3, sliding_window_pattern=2,
+    rope_local_base_freq=10.0, query_pre_attn_scalar=16, model_type="gemma3_text",
+)  # fmt: skip
+MISTRAL_TEXT = dict(BASE, sliding_window=3, model_type="mistral")
+
+
+def gemma3(text=GEMMA3_TEXT, tie=True):
+    config = transformers.Gemma3Config(
+        text_config=text, vision_config=GEMMA3_VISION, mm_tokens_per_image=4,
+        tie_word_embeddings=tie,
+    )  # fmt: skip
+    config.vocab_size = text["vocab_size"]
+    return config
+
+
+def mistral3(text=MISTRAL_TEXT, tie=False):
+    config = transformers.Mistral3Config(
+        text_config=text, vision_config=PIXTRAL_VISION, image_token_index=10**6,
+        tie_word_embeddings=tie,
+    )  # fmt: skip
+    config.vocab_size = text["vocab_size"]
+    return config
+
+
+# (id, config builder): one case per behaviour each new family switches on. The id's first part
+# names the family (the README support table and test_every_family_has_a_flag_case read it).
+NEW_FLAG_CASES = [
+    ("gemma3-tied_local_rope", lambda: gemma3()),
+    ("gemma3-untied", lambda: gemma3(tie=False)),
+    ("mistral3-untied_window", lambda: mistral3()),
+    ("mistral3-tied", lambda: mistral3(tie=True)),
+]
+CASES = dict(NEW_FLAG_CASES)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_flag_combinations_match_transformers(case):
+    """Logits with and without left padding equal transformers' text model's."""
+    config = CASES[case]()
+    pads = [0, 3, 7]
+    mask = torch.tensor([[0] * p + [1] * (SEQ - p) for p in pads])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with saved_checkpoint(config) as (model, directory):
+        params = load_fp32(directory)
+        tokens = random_tokens(config.vocab_size, mask.shape)
+        with torch.no_grad():
+            ref = model(tokens).logits
+            ref_padded = model(tokens, attention_mask=mask, position_ids=positions).logits
+        ours = fnlm.forward(params, tokens)
+        ours_padded = fnlm.forward(params, tokens, attention_mask=mask)
+    assert max_rel_error(ours, ref) <= FP32_REL_TOL
+    real = mask.bool()
+    assert max_rel_error(ours_padded[real], ref_padded[real]) <= FP32_REL_TOL
+
+
+NF4_WIDTHS = dict(hidden_size=64, intermediate_size=128, head_dim=16)  # bitsandbytes' CPU blocks
+
+
+@pytest.mark.parametrize("case", ["gemma3", "mistral3"])
+def test_nf4_logits_match_bitsandbytes(case):
+    pytest.importorskip("bitsandbytes")
+    if case == "gemma3":
+        config = gemma3({**GEMMA3_TEXT, **NF4_WIDTHS})
+    else:
+        config = mistral3({**MISTRAL_TEXT, **NF4_WIDTHS})
+    assert_nf4_matches_bitsandbytes(config)
+
+
+# ----------------------------------------------------------------------------------------------
+# multimodal checkpoints: the text model of the multimodal reference, vision skipped in one line
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["gemma3-tied_local_rope", "mistral3-untied_window"])
+def test_multimodal_checkpoint_logits_equal_the_references_text_logits(case, capsys):
+    config = CASES[case]()
+    multimodal = build_model(config)
+    tokens = random_tokens(config.vocab_size, (2, SEQ))
+    with tempfile.TemporaryDirectory() as d:
+        multimodal.save_pretrained(d)
+        capsys.readouterr()
+        params = load_fp32(d)
+        printed = capsys.readouterr().out.strip().splitlines()
+    with torch.no_grad():
+        ref = multimodal(input_ids=tokens).logits
+    assert max_rel_error(fnlm.forward(params, tokens), ref) <= FP32_REL_TOL
+    vision = [
+        n for n in multimodal.state_dict() if "language_model" not in n and "lm_head" not in n
+    ]
+    assert printed == [
+        f"fnlm: {config.model_type} checkpoint: loaded its text model, skipped {len(vision)} vision tensors"
+    ]
+    text_type = config.get_text_config().model_type
+    assert params.config.model_type == text_type
+    assert params.config.text_tower_of == config.model_type
+
+
+@pytest.mark.parametrize("quant", [None, "nf4"])
+@pytest.mark.parametrize("case", ["gemma3-tied_local_rope", "mistral3-untied_window"])
+def test_multimodal_merged_export_is_the_text_model(case, quant, tmp_path):
+    """A merged export of a multimodal checkpoint's text model is a text checkpoint: transformers
+    loads it as Gemma3ForCausalLM / MistralForCausalLM with fnlm's adapted logits. With NF4 the
+    weights come from the multimodal source checkpoint (renamed), not from dequantization."""
+    text = GEMMA3_TEXT if case.startswith("gemma3") else MISTRAL_TEXT
+    config = (
+        CASES[case]()
+        if quant is None
+        else (gemma3 if case[0] == "g" else mistral3)({**text, **NF4_WIDTHS})
+    )
+    with saved_checkpoint(config) as (_, directory):
+        params, _ = fnlm.load(directory, quant=quant, dtype=torch.float32, device="cpu")
+        lora = fnlm.lora.init(params, r=2, targets=("q", "v", "down"))
+        lora = torch.utils._pytree.tree_map(lambda t: t.detach() + 0.3, lora)
+        fnlm.save(tmp_path, params, lora=lora, format="merged")
+        exact = load_fp32(directory)
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert written["model_type"] == config.get_text_config().model_type
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    assert type(reloaded).__name__.endswith("ForCausalLM")
+    tokens = random_tokens(config.vocab_size, (2, SEQ))
+    with torch.no_grad():
+        ref = reloaded(tokens).logits
+    # NF4: the export merged into the 16-bit source weights, so it equals the fp32 model + adapter
+    ours = fnlm.forward(exact, tokens, lora=lora)
+    assert max_rel_error(ref, ours) <= FP32_REL_TOL
+
+
+def test_multimodal_types_are_registered():
+    for model_type in ("gemma3", "mistral3"):
+        assert models.family(model_type).MODEL_TYPES
+        assert model_type not in models.UNSUPPORTED
+
+
+def test_multimodal_config_without_text_config_names_the_file(tmp_path):
+    Path(tmp_path, "config.json").write_text(json.dumps({"model_type": "gemma3"}))
+    with pytest.raises(fnlm.errors.ConfigError, match="config.json.*text_config"):
+        fnlm.load(tmp_path, quant=None, device="cpu")
