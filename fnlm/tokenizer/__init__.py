@@ -1,0 +1,31 @@
+"""The tokenizer package; `fnlm.tokenizer.Tokenizer` is its public face."""
+
+from fnlm.tokenizer.tokenizer import (
+    ADDED_TOKENS_FILE,
+    CHAT_TEMPLATE_DIR,
+    CHAT_TEMPLATE_FILE,
+    CHAT_TEMPLATE_JSON_FILE,
+    GENERATION_CONFIG_FILE,
+    NAMED_SPECIAL_TOKENS,
+    PAD_TOKEN_CANDIDATES,
+    SPECIAL_TOKENS_MAP_FILE,
+    TOKENIZER_CONFIG_FILE,
+    TOKENIZER_FILE,
+    UNLIMITED_MODEL_MAX_LENGTH,
+    Tokenizer,
+)
+
+__all__ = [
+    "ADDED_TOKENS_FILE",
+    "CHAT_TEMPLATE_DIR",
+    "CHAT_TEMPLATE_FILE",
+    "CHAT_TEMPLATE_JSON_FILE",
+    "GENERATION_CONFIG_FILE",
+    "NAMED_SPECIAL_TOKENS",
+    "PAD_TOKEN_CANDIDATES",
+    "SPECIAL_TOKENS_MAP_FILE",
+    "TOKENIZER_CONFIG_FILE",
+    "TOKENIZER_FILE",
+    "UNLIMITED_MODEL_MAX_LENGTH",
+    "Tokenizer",
+]
