@@ -20,17 +20,10 @@ from fnlm.lora.peft_format import (
     parameter_keys,
     to_peft_layout,
 )
-from fnlm.lora.targets import Module, modules_by_path
+from fnlm.lora.targets import Module, family_naming, modules_by_path
 from fnlm.lora.tree import pattern_value
 from fnlm.models import moe
 
-# Per family: the MoE block's name under transformers 4, and each expert projection's name there
-# -> the part of fnlm's stack it became ("gate" / "up": the rows of "gate_up", gate first).
-_LEGACY_EXPERTS = {
-    "mixtral": ("block_sparse_moe", {"w1": "gate", "w3": "up", "w2": "down"}),
-    "qwen2_moe": ("mlp", {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}),
-    "qwen3_moe": ("mlp", {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}),
-}
 _STACK_OF_PART = {"gate": "gate_up", "up": "gate_up", "down": "down"}
 
 
@@ -62,7 +55,8 @@ def convert_legacy_experts(
     Qwen2-MoE is converted too (peft 0.21 drops its experts' factors, keeping the shared expert's).
     The new entries go first in rank_pattern / alpha_pattern, under each stack's full name.
     """
-    legacy = _LEGACY_EXPERTS.get(config.model_type)
+    # (the MoE block's name under transformers 4, {expert projection's name there: fnlm part})
+    legacy = family_naming(config.model_type, "LEGACY_EXPERTS")
     if legacy is None or not config.moe_layers:
         return tensors, doc
     block, projections = legacy

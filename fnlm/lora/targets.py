@@ -2,7 +2,7 @@
 
 Paths map to PEFT's names through the family's `weight_names(config)`, so every architecture
 works without a table of its own; a family whose PEFT naming differs declares it in its own file
-(fnlm.models.<family>: PEFT_LAYER_ORDER, PEFT_PARAMETER_ORDER, PEFT_EXPERT_NAMES).
+(see `family_naming`), so the lora package reads models and models never import lora.
 """
 
 from __future__ import annotations
@@ -20,22 +20,38 @@ from fnlm.params import path_name
 ALL_LINEAR_SHORTHAND = "all-linear"
 
 # Within a decoder layer, the order transformers creates (and PEFT visits) the modules in; PEFT
-# draws the initial A of each adapter from the global RNG in this order.
-_LAYER_ORDER = (
+# draws the initial A of each adapter from the global RNG in this order. A family created in
+# another order declares its own (fnlm.models.phi3.PEFT_LAYER_ORDER).
+LAYER_ORDER = (
     "attn", "mlp", "q", "k", "v", "qkv", "o",
     "router", "experts", "shared", "shared_gate", "gate", "up", "gate_up", "down",
 )  # fmt: skip
-# Families whose modules transformers creates in another order (Phi-3: o_proj before qkv_proj).
-_LAYER_ORDER_OF = {"phi3": ("attn", "mlp", "o", "qkv", "gate_up", "down")}
+# Within a MoE layer, the order peft visits its parameter targets: transformers' module order
+# (Mixtral and Qwen2-MoE create the router before the experts), then the experts' parameters as
+# defined (gate_up_proj, then down_proj: the first one targeted is the inner wrapper). Qwen3-MoE
+# creates its router after the experts (fnlm.models.qwen3_moe.PEFT_PARAMETER_ORDER).
+PARAMETER_ORDER = ("router", "gate_up", "down")
+
+
+def family_naming(model_type: str, name: str, default=None):
+    """The PEFT naming a family declares beside its model code (`fnlm.models.<family>`:
+    PEFT_LAYER_ORDER, PEFT_PARAMETER_ORDER, PEFT_EXPERT_NAMES, LEGACY_EXPERTS), else `default`."""
+    return getattr(family(model_type), name, default)
+
+
+def peft_expert_names(model_type: str) -> dict[str, str] | None:
+    """{transformers per-expert name: fnlm part} of a family whose per-expert targets peft 0.21
+    rewrites into target_parameters on transformers 5's fused experts
+    (peft.utils.transformers_weight_conversion), else None."""
+    return family_naming(model_type, "PEFT_EXPERT_NAMES")
 
 
 @dataclass(frozen=True)
 class Module:
     name: str  # transformers module name, "model.layers.0.self_attn.q_proj"
     weight: tuple  # param path of its weight, ("layers", 0, "attn", "q")
-    shape: tuple[
-        int, ...
-    ]  # weight shape as stored: [out, in], [vocab, hidden] for embed, [E, out, in]
+    # weight shape as stored: [out, in], [vocab, hidden] for embed, [E, out, in]
+    shape: tuple[int, ...]
     bias: tuple | None = None  # param path of its bias
     bias_shape: tuple[int, ...] | None = None
     # peft adapts the parameter `parameter` of module `name` (target_parameters, ParamWrapper):
@@ -66,33 +82,11 @@ class Module:
         return self.shape[-1], self.shape[-2]
 
 
-# Families whose per-expert targets peft 0.21 rewrites into target_parameters on transformers 5's
-# fused experts (peft.utils.transformers_weight_conversion: its per-expert names -> fnlm's parts).
-# qwen2_moe is not among them: transformers maps no conversion pattern to qwen2_moe itself (only to
-# the families built like it), so peft adapts a qwen2_moe's shared expert and dense MLPs as plain
-# linear layers and reaches its experts only through explicit target_parameters.
-_PEFT_EXPERT_NAMES = {
-    "mixtral": {"w1": "gate", "w3": "up", "w2": "down"},
-    "qwen3_moe": {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"},
-}
-# Within a MoE layer, the order peft visits its parameter targets: transformers' module order
-# (Mixtral and Qwen2-MoE create the router before the experts, Qwen3-MoE after), then the experts'
-# parameters as defined (gate_up_proj, then down_proj: the first one targeted is the inner wrapper).
-_PARAMETER_ORDER = ("router", "gate_up", "down")
-_PARAMETER_ORDER_OF = {"qwen3_moe": ("gate_up", "down", "router")}
-
-
-def peft_expert_names(model_type: str) -> dict[str, str] | None:
-    """{transformers per-expert name: fnlm part} of a family whose per-expert targets peft
-    converts to target_parameters, else None."""
-    return _PEFT_EXPERT_NAMES.get(model_type)
-
-
 def order_key(model_type: str):
     """Sort key putting modules in the order PEFT visits them: embed, each layer (attention, then
     MLP), the rest, lm_head; then the parameter targets (routers, expert stacks) layer by layer."""
-    order = _LAYER_ORDER_OF.get(model_type, _LAYER_ORDER)
-    parameter_order = _PARAMETER_ORDER_OF.get(model_type, _PARAMETER_ORDER)
+    order = family_naming(model_type, "PEFT_LAYER_ORDER", LAYER_ORDER)
+    parameter_order = family_naming(model_type, "PEFT_PARAMETER_ORDER", PARAMETER_ORDER)
 
     def key(module: Module) -> tuple:
         path = module.weight

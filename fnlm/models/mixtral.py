@@ -5,6 +5,14 @@ from fnlm.models import llama
 
 MODEL_TYPES = ("mixtral",)
 
+# transformers 4's MoE block and per-expert Linear names (the checkpoint's) -> fnlm's parts.
+MOE_BLOCK = "block_sparse_moe"
+EXPERT_NAMES = {"w1": "gate", "w3": "up", "w2": "down"}
+# Read by fnlm.lora: peft 0.21 rewrites these per-expert targets into target_parameters on
+# transformers 5's fused experts; adapters trained under transformers 4 name each expert's Linear.
+PEFT_EXPERT_NAMES = EXPERT_NAMES
+LEGACY_EXPERTS = (MOE_BLOCK, EXPERT_NAMES)
+
 
 def config_from_hf(hf: dict) -> ModelConfig:
     return llama.translate(
@@ -39,8 +47,8 @@ def weight_names(config: ModelConfig) -> dict[str, tuple[tuple, tuple[int, ...]]
         names |= moe_names(
             config,
             n,
-            f"model.layers.{n}.block_sparse_moe.",
-            {"w1": "gate", "w3": "up", "w2": "down"},
+            f"model.layers.{n}.{MOE_BLOCK}.",
+            EXPERT_NAMES,
             "gate.weight",
         )
     return names

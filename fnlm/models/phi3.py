@@ -6,6 +6,10 @@ from fnlm.models import llama
 
 MODEL_TYPES = ("phi3",)
 
+# Read by fnlm.lora: the order transformers creates a layer's modules in (o_proj before qkv_proj),
+# which is the order peft draws their initial adapters in.
+PEFT_LAYER_ORDER = ("attn", "mlp", "o", "qkv", "gate_up", "down")
+
 
 def config_from_hf(hf: dict) -> ModelConfig:
     config = llama.translate(

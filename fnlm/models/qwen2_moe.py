@@ -8,6 +8,12 @@ from fnlm.models.qwen3_moe import QWEN_EXPERTS, moe_fields
 
 MODEL_TYPES = ("qwen2_moe",)
 
+# Read by fnlm.lora: adapters trained under transformers 4 name each expert's Linear under "mlp".
+# No PEFT_EXPERT_NAMES: transformers maps no conversion pattern to qwen2_moe itself, so peft 0.21
+# adapts its shared expert and dense MLPs as plain linear layers and reaches its experts only
+# through explicit target_parameters.
+LEGACY_EXPERTS = ("mlp", QWEN_EXPERTS)
+
 
 def sliding_fields(hf: dict) -> dict:
     """transformers' Qwen2-MoE rule: with use_sliding_window, even layers below max_window_layers slide."""

@@ -8,6 +8,12 @@ from fnlm.models.mixtral import moe_names
 MODEL_TYPES = ("qwen3_moe",)
 
 QWEN_EXPERTS = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
+# Read by fnlm.lora: peft 0.21 rewrites these per-expert targets into target_parameters on
+# transformers 5's fused experts, visiting the experts' parameters before the router (created
+# after them); adapters trained under transformers 4 name each expert's Linear under "mlp".
+PEFT_EXPERT_NAMES = QWEN_EXPERTS
+PEFT_PARAMETER_ORDER = ("gate_up", "down", "router")
+LEGACY_EXPERTS = ("mlp", QWEN_EXPERTS)
 
 
 def moe_fields(hf: dict) -> dict:
