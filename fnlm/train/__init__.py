@@ -34,13 +34,15 @@ from fnlm.train.config import (
 from fnlm.train.layers import layer_function, tiled_layer_forward
 from fnlm.train.optim import build_optimizer, build_scheduler, lr_factor
 from fnlm.train.plot import plot_losses
-from fnlm.train.run import Stream, load_for_training, train
+from fnlm.train.run import train
+from fnlm.train.setup import Run, load_for_training, start
 from fnlm.train.step import Trainable, evaluate, train_step
+from fnlm.train.stream import Stream
 
 __all__ = [
     "CHECKPOINTING", "CHECKPOINT_PREFIX", "MODES", "OPTIMIZERS", "SCHEDULES", "TMP_PREFIX",
-    "NonFiniteLossError", "Stream", "TrainConfig", "TrainResult", "Trainable", "build_optimizer",
+    "NonFiniteLossError", "Run", "Stream", "TrainConfig", "TrainResult", "Trainable", "build_optimizer",
     "build_scheduler", "evaluate", "layer_function", "list_checkpoints", "load_checkpoint",
     "load_for_training", "lr_factor", "plot_losses", "save_checkpoint", "save_full_model",
-    "tiled_layer_forward", "train", "train_step",
+    "start", "tiled_layer_forward", "train", "train_step",
 ]  # fmt: skip
