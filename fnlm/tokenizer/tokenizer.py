@@ -15,41 +15,29 @@ globals). transformers is the reference in the tests, never a dependency here.
 
 from __future__ import annotations
 
-import json
 import operator
 import os
-import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
-from datetime import datetime
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import torch
-from tokenizers import AddedToken, processors
+from tokenizers import AddedToken
 from tokenizers import Tokenizer as BackendTokenizer
 
+from fnlm import files
 from fnlm.errors import ArgumentError, TokenizerError
-
-TOKENIZER_FILE = "tokenizer.json"
-TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
-SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
-ADDED_TOKENS_FILE = "added_tokens.json"
-GENERATION_CONFIG_FILE = "generation_config.json"
-CHAT_TEMPLATE_FILE = "chat_template.jinja"
-CHAT_TEMPLATE_JSON_FILE = "chat_template.json"
-CHAT_TEMPLATE_DIR = "additional_chat_templates"
-
-# The named special tokens of transformers' PreTrainedTokenizerBase, in its order.
-NAMED_SPECIAL_TOKENS = (
-    "bos_token",
-    "eos_token",
-    "unk_token",
-    "sep_token",
-    "pad_token",
-    "cls_token",
-    "mask_token",
+from fnlm.tokenizer import chat_template as chat_template_lib
+from fnlm.tokenizer import checkpoint
+from fnlm.tokenizer.checkpoint import (
+    CHAT_TEMPLATE_DIR,
+    CHAT_TEMPLATE_FILE,
+    GENERATION_CONFIG_FILE,
+    TOKENIZER_CONFIG_FILE,
+    TOKENIZER_FILE,
+    added_token_fields,
+    token_content,
 )
 
 # Pad tokens people expect when a checkpoint names none, best first: Llama-3.1's reserved pad,
@@ -71,10 +59,6 @@ PAD_TOKEN_CANDIDATES = (
 # int(1e20) as unset.
 UNLIMITED_MODEL_MAX_LENGTH = int(1e30)
 _UNSET_MAX_LENGTH_THRESHOLD = int(1e20)
-
-# Chat templates come from the Hub and are untrusted code; older jinja2 has sandbox escapes, which
-# is why transformers refuses to render with anything below 3.1.6. So do we.
-_MIN_JINJA_VERSION = (3, 1, 6)
 
 
 class Tokenizer:
@@ -175,186 +159,7 @@ class Tokenizer:
 
         Raises TokenizerError naming the file when a file is missing or malformed.
         """
-        directory = Path(path)
-        if not directory.is_dir():
-            what = "is a file, not a directory" if directory.exists() else "does not exist"
-            raise TokenizerError(
-                f"tokenizer directory {str(directory)!r} {what}; pass the checkpoint directory "
-                f"that holds {TOKENIZER_FILE}"
-            )
-        tokenizer_file = directory / TOKENIZER_FILE
-        if not tokenizer_file.is_file():
-            raise TokenizerError(
-                f"{tokenizer_file} is missing: fnlm needs the fast-tokenizer file {TOKENIZER_FILE} "
-                "(re-save the tokenizer with transformers' save_pretrained to produce it)"
-            )
-        tokenizer_json = _read_json(tokenizer_file)
-        if not isinstance(tokenizer_json, dict) or "model" not in tokenizer_json:
-            raise TokenizerError(
-                f"{tokenizer_file} is not a tokenizers file: it has no 'model' entry"
-            )
-        try:
-            backend = BackendTokenizer.from_str(json.dumps(tokenizer_json))
-        except Exception as error:
-            raise TokenizerError(
-                f"{tokenizer_file} could not be read by the tokenizers library: {error}"
-            ) from error
-
-        config = _read_json_object(directory / TOKENIZER_CONFIG_FILE, default={})
-        init = dict(config)
-        for key in ("tokenizer_class", "init_inputs", "add_bos_token", "add_eos_token"):
-            init.pop(key, None)
-
-        templates = _read_chat_templates(directory)
-        if templates:
-            init["chat_template"] = (
-                templates["default"] if list(templates) == ["default"] else templates
-            )
-        elif init.get("chat_template") is None:
-            template_json = _read_json_object(directory / CHAT_TEMPLATE_JSON_FILE, default={})
-            if template_json.get("chat_template") is not None:
-                init["chat_template"] = template_json["chat_template"]
-
-        if "additional_special_tokens" in init and not init.get("extra_special_tokens"):
-            init["extra_special_tokens"] = init.pop("additional_special_tokens")
-        model_specific = {
-            key: init.pop(key)
-            for key in list(init)
-            if key not in NAMED_SPECIAL_TOKENS
-            and key.endswith("_token")
-            and isinstance(init[key], str)
-        }
-        if isinstance(init.get("extra_special_tokens"), dict):
-            model_specific.update(init.pop("extra_special_tokens"))
-
-        # Tokens that transformers re-adds to the backend, and the map used to keep a named
-        # token's flags (lstrip, normalized...) when the config names it by its string.
-        added_tokens_decoder: dict[int, AddedToken] = {}
-        if "added_tokens_decoder" in init:
-            for index, token in init.pop("added_tokens_decoder").items():
-                added_tokens_decoder[int(index)] = _as_added_token(
-                    token, directory / TOKENIZER_CONFIG_FILE
-                )
-        else:
-            special_map_file = directory / SPECIAL_TOKENS_MAP_FILE
-            for key, value in _read_json_object(special_map_file, default={}).items():
-                if isinstance(value, dict) and key != "extra_special_tokens":
-                    value = {k: v for k, v in value.items() if k != "special"}
-                    value = _as_added_token({**value, "special": True}, special_map_file)
-                elif key == "extra_special_tokens" and isinstance(value, list):
-                    merged = list(init.get("extra_special_tokens") or [])
-                    for token in value:
-                        token = (
-                            _as_added_token({**token, "special": True}, special_map_file)
-                            if isinstance(token, dict)
-                            else token
-                        )
-                        if token not in merged:
-                            merged.append(token)
-                    value = merged
-                init[key] = value
-            if isinstance(init.get("extra_special_tokens"), dict):
-                model_specific.update(init.pop("extra_special_tokens"))
-            legacy_added = _read_json_object(directory / ADDED_TOKENS_FILE, default={})
-            if legacy_added:
-                named = {str(_token_content(init[k])) for k in NAMED_SPECIAL_TOKENS if init.get(k)}
-                named |= {str(_token_content(t)) for t in init.get("extra_special_tokens") or []}
-                for content, index in legacy_added.items():
-                    special = content in named
-                    added_tokens_decoder[int(index)] = AddedToken(
-                        content, normalized=not special, special=special
-                    )
-            for token in tokenizer_json.get("added_tokens") or []:
-                fields = {k: v for k, v in token.items() if k != "id"}
-                added_tokens_decoder[int(token["id"])] = AddedToken(**fields)
-
-        init = _convert_typed_added_tokens(init, directory / TOKENIZER_CONFIG_FILE)
-        if "additional_special_tokens" in init and "extra_special_tokens" not in init:
-            init["extra_special_tokens"] = init.pop("additional_special_tokens")
-        for key in list(init):
-            if (
-                key not in NAMED_SPECIAL_TOKENS
-                and key.endswith("_token")
-                and isinstance(init[key], AddedToken)
-            ):
-                model_specific[key] = init.pop(key)
-        padding = backend.padding
-        if padding is not None and "pad_token" not in init and padding.get("pad_token"):
-            # transformers takes the pad token of a tokenizer.json padding block as a default.
-            init["pad_token"] = padding["pad_token"]
-        added_by_content = {str(t): t for t in added_tokens_decoder.values()}
-        special: dict[str, str | AddedToken] = {}
-        for key in NAMED_SPECIAL_TOKENS:
-            value = init.get(key)
-            if value is not None:
-                special[key] = added_by_content.get(str(_token_content(value)), value)
-        for key, value in model_specific.items():
-            if value is not None:
-                special[key] = _convert_typed_added_tokens(value, directory / TOKENIZER_CONFIG_FILE)
-        for key, value in list(special.items()):
-            if not isinstance(value, (str, AddedToken)):
-                raise TokenizerError(
-                    f"{directory / TOKENIZER_CONFIG_FILE}: {key} must be a string or an AddedToken "
-                    f"object, got {value!r}"
-                )
-        extra = init.get("extra_special_tokens") or []
-        if not isinstance(extra, list):
-            raise TokenizerError(
-                f"{directory / TOKENIZER_CONFIG_FILE}: extra_special_tokens must be a list or a "
-                f"dict, got {type(extra).__name__}"
-            )
-        extra = [_convert_typed_added_tokens(t, directory / TOKENIZER_CONFIG_FILE) for t in extra]
-
-        _add_special_tokens_to_backend(backend, added_tokens_decoder, special, extra)
-        backend.no_padding()
-        backend.no_truncation()
-        backend.encode_special_tokens = bool(init.get("split_special_tokens", False))
-        if backend.post_processor is None:
-            # transformers installs an identity template here; do the same so that a saved
-            # tokenizer.json is byte-for-byte what transformers would write.
-            backend.post_processor = processors.TemplateProcessing(
-                single="$A:0", pair="$A:0 $B:1", special_tokens=[]
-            )
-
-        generation = _read_json_object(directory / GENERATION_CONFIG_FILE, default={})
-        generation_eos = generation.get("eos_token_id")
-        generation_eos = (
-            []
-            if generation_eos is None
-            else list(generation_eos)
-            if isinstance(generation_eos, list)
-            else [generation_eos]
-        )
-        if not all(isinstance(i, int) for i in generation_eos):
-            raise TokenizerError(
-                f"{directory / GENERATION_CONFIG_FILE}: eos_token_id must be an int or a list of "
-                f"ints, got {generation.get('eos_token_id')!r}"
-            )
-        generation_pad = generation.get("pad_token_id")
-        if isinstance(generation_pad, list):
-            generation_pad = generation_pad[0] if generation_pad else None
-
-        chat_template = init.get("chat_template")
-        if isinstance(chat_template, list):
-            chat_template = {item["name"]: item["template"] for item in chat_template}
-        if chat_template is not None and not isinstance(chat_template, (str, dict)):
-            raise TokenizerError(
-                f"{directory / TOKENIZER_CONFIG_FILE}: chat_template must be a string or a list of "
-                f"{{'name', 'template'}} objects, got {type(chat_template).__name__}"
-            )
-        model_max_length = init.get("model_max_length", init.get("max_len"))
-        return cls(
-            backend,
-            special_tokens=special,
-            extra_special_tokens=extra,
-            chat_template=chat_template,
-            model_max_length=int(model_max_length) if model_max_length is not None else None,
-            generation_eos_token_ids=generation_eos,
-            generation_pad_token_id=generation_pad if isinstance(generation_pad, int) else None,
-            clean_up_tokenization_spaces=init.get("clean_up_tokenization_spaces", False),
-            truncation_side=init.get("truncation_side", "right"),
-            name_or_path=str(directory),
-        )
+        return cls(**checkpoint.read(Path(path)))
 
     # ------------------------------------------------------------------ special tokens
 
@@ -364,12 +169,12 @@ class Tokenizer:
 
         A pad token chosen by fnlm is not in it; see `pad_token`.
         """
-        return {name: str(_token_content(token)) for name, token in self._special_tokens.items()}
+        return {name: str(token_content(token)) for name, token in self._special_tokens.items()}
 
     @property
     def extra_special_tokens(self) -> list[str]:
         """The additional special tokens (additional_special_tokens / extra_special_tokens)."""
-        return [str(_token_content(t)) for t in self._extra_special_tokens]
+        return [str(token_content(t)) for t in self._extra_special_tokens]
 
     @property
     def all_special_ids(self) -> list[int]:
@@ -382,7 +187,7 @@ class Tokenizer:
 
     def _named(self, name: str) -> str | None:
         token = self._special_tokens.get(name)
-        return None if token is None else str(_token_content(token))
+        return None if token is None else str(token_content(token))
 
     def _named_id(self, name: str) -> int | None:
         token = self._named(name)
@@ -416,7 +221,7 @@ class Tokenizer:
         self, generation_pad_token_id: int | None
     ) -> tuple[str | None, int | None]:
         if self._checkpoint_pad_token is not None:
-            token = str(_token_content(self._checkpoint_pad_token))
+            token = str(token_content(self._checkpoint_pad_token))
             return token, self.token_to_id(token)
         choice = None
         if (
@@ -586,7 +391,7 @@ class Tokenizer:
 
             tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
         """
-        template = self._select_chat_template(chat_template, tools)
+        template = chat_template_lib.select(self.chat_template, chat_template, tools, self._where())
         if not isinstance(messages, (list, tuple)) or not messages:
             raise ArgumentError("apply_chat_template takes a non-empty list of message dicts")
         if any(not isinstance(m, Mapping) for m in messages):
@@ -606,96 +411,19 @@ class Tokenizer:
                         f"tools must be JSON-schema dicts ({{'type': 'function', 'function': "
                         f"{{...}}}}), got {type(tool).__name__}"
                     )
-        chat = _plain_template_data(
-            [{k: v for k, v in m.items() if v is not None} for m in messages]
+        rendered = chat_template_lib.render(
+            template,
+            messages,
+            {**self.special_tokens_map, **template_kwargs},
+            add_generation_prompt=add_generation_prompt,
+            tools=tools,
+            documents=documents,
+            continue_final_message=continue_final_message,
+            where=self._where(),
         )
-        chat = _alias_reasoning_fields(chat)
-        variables = _plain_template_data({**self.special_tokens_map, **template_kwargs})
-        try:
-            compiled = _compile_chat_template(template)
-        except TokenizerError as error:
-            raise TokenizerError(f"{self._where()}: {error}") from error
-
-        final_text = None
-        if continue_final_message:
-            field = continue_final_message if isinstance(continue_final_message, str) else "content"
-            final_text = chat[-1].get(field)
-            if final_text is None:
-                raise ArgumentError(
-                    f'continue_final_message is set but the final message has no "{field}" to continue'
-                )
-            fields = [field]
-            if field in _REASONING_FIELDS:
-                fields = [f for f in _REASONING_FIELDS if chat[-1].get(f) == final_text]
-            if not any(f in template for f in fields):
-                raise ArgumentError(
-                    f'continue_final_message is set to "{field}" but the chat template never reads it'
-                )
-            if isinstance(final_text, (list, tuple)):
-                for block in reversed(final_text):
-                    if "text" in block:
-                        final_text = block["text"]
-                        block["text"] = block["text"] + _CONTINUE_TAG
-                        break
-                else:
-                    raise ArgumentError(
-                        "continue_final_message is set but the final message has no text to continue"
-                    )
-            else:
-                for f in fields:
-                    chat[-1][f] = chat[-1][f] + _CONTINUE_TAG
-        try:
-            rendered = compiled.render(
-                messages=chat,
-                tools=_plain_template_data(tools),
-                documents=_plain_template_data(documents),
-                add_generation_prompt=add_generation_prompt,
-                **variables,
-            )
-        except Exception as error:
-            raise TokenizerError(
-                f"the chat template of {self._where()} failed to render: "
-                f"{type(error).__name__}: {error}"
-            ) from error
-        if final_text is not None:
-            if final_text.strip() not in rendered or _CONTINUE_TAG.strip() not in rendered:
-                raise TokenizerError(
-                    "continue_final_message is set but the chat template dropped part of the final "
-                    "message, so it cannot be left open"
-                )
-            at = rendered.rindex(_CONTINUE_TAG.strip())
-            if rendered[at : at + len(_CONTINUE_TAG)] == _CONTINUE_TAG:
-                rendered = rendered[:at]
-            else:
-                rendered = rendered[:at].rstrip()
         if tokenize:
             return self.encode(rendered, add_special_tokens=False)
         return rendered
-
-    def _select_chat_template(self, name_or_template: str | None, tools) -> str:
-        templates = self.chat_template
-        if isinstance(templates, dict):
-            if name_or_template is not None and name_or_template in templates:
-                return templates[name_or_template]
-            if name_or_template is not None:
-                return name_or_template
-            if tools is not None and "tool_use" in templates:
-                return templates["tool_use"]
-            if "default" in templates:
-                return templates["default"]
-            raise TokenizerError(
-                f"{self._where()} has several chat templates ({', '.join(sorted(templates))}) and "
-                "none named 'default'; pass chat_template=<name>"
-            )
-        if name_or_template is not None:
-            return name_or_template
-        if templates is None:
-            raise TokenizerError(
-                f"{self._where()} has no chat template (no {CHAT_TEMPLATE_FILE} and no "
-                f"chat_template in {TOKENIZER_CONFIG_FILE}); pass chat_template=<jinja string>, or "
-                "use a chat/instruct checkpoint"
-            )
-        return templates
 
     # ------------------------------------------------------------------ saving
 
@@ -737,7 +465,7 @@ class Tokenizer:
             config["additional_special_tokens"] = self.extra_special_tokens
         # With added_tokens_decoder present, transformers ignores any stale special_tokens_map.json.
         config["added_tokens_decoder"] = {
-            str(index): _added_token_fields(token)
+            str(index): added_token_fields(token)
             for index, token in sorted(self.backend.get_added_tokens_decoder().items())
         }
         extra_template_files: dict[str, str] = {}
@@ -749,18 +477,15 @@ class Tokenizer:
             ]
             extra_template_files = {n: t for n, t in self.chat_template.items() if n != "default"}
 
-        _write_atomically(target / TOKENIZER_FILE, self.backend.to_str(pretty=True))
-        _write_atomically(
-            target / TOKENIZER_CONFIG_FILE,
-            json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n",
-        )
+        files.write_text(target / TOKENIZER_FILE, self.backend.to_str(pretty=True))
+        files.write_json(target / TOKENIZER_CONFIG_FILE, config, sort_keys=True)
         default_template = (
             self.chat_template
             if isinstance(self.chat_template, str)
             else (self.chat_template or {}).get("default")
         )
         if default_template is not None:
-            _write_atomically(target / CHAT_TEMPLATE_FILE, default_template)
+            files.write_text(target / CHAT_TEMPLATE_FILE, default_template)
         elif (target / CHAT_TEMPLATE_FILE).exists():
             (target / CHAT_TEMPLATE_FILE).unlink()
         for name, text in extra_template_files.items():
@@ -768,7 +493,7 @@ class Tokenizer:
             path = target / CHAT_TEMPLATE_DIR / f"{name}.jinja"
             if path.resolve().parent != (target / CHAT_TEMPLATE_DIR).resolve():
                 raise TokenizerError(f"chat template name {name!r} is not a plain file name")
-            _write_atomically(path, text)
+            files.write_text(path, text)
 
     def __repr__(self) -> str:
         return (
@@ -776,133 +501,6 @@ class Tokenizer:
             f"special_tokens={self.special_tokens_map}, pad_token={self.pad_token!r}, "
             f"chat_template={'yes' if self.chat_template else 'no'})"
         )
-
-
-# ---------------------------------------------------------------------- file reading
-
-
-def _read_json(path: Path):
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise TokenizerError(f"{path} could not be read: {error}") from error
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as error:
-        hint = (
-            " (it looks like a Git LFS pointer: fetch the real file)"
-            if text.startswith("version https://git-lfs")
-            else ""
-        )
-        raise TokenizerError(
-            f"{path} is not valid JSON: {error.msg} at line {error.lineno} column {error.colno}{hint}"
-        ) from error
-
-
-def _read_json_object(path: Path, *, default: dict) -> dict:
-    if not path.is_file():
-        return default
-    value = _read_json(path)
-    if not isinstance(value, dict):
-        raise TokenizerError(f"{path} must hold a JSON object, got {type(value).__name__}")
-    return value
-
-
-def _read_chat_templates(directory: Path) -> dict[str, str]:
-    templates = {}
-    for name, path in [("default", directory / CHAT_TEMPLATE_FILE)] + [
-        (p.name.removesuffix(".jinja"), p)
-        for p in sorted((directory / CHAT_TEMPLATE_DIR).glob("*.jinja"))
-    ]:
-        if path.is_file():
-            try:
-                templates[name] = path.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as error:
-                raise TokenizerError(f"{path} could not be read: {error}") from error
-    return templates
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    handle = tempfile.NamedTemporaryFile(
-        "w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
-    )
-    try:
-        with handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
-
-
-# ---------------------------------------------------------------------- special tokens
-
-_ADDED_TOKEN_FIELDS = ("content", "single_word", "lstrip", "rstrip", "normalized", "special")
-
-
-def _as_added_token(value, source: Path) -> AddedToken:
-    if isinstance(value, AddedToken):
-        return value
-    if isinstance(value, str):
-        return AddedToken(value, special=True)
-    if not isinstance(value, dict) or "content" not in value:
-        raise TokenizerError(f"{source}: expected a token object with a 'content', got {value!r}")
-    fields = {k: v for k, v in value.items() if k in _ADDED_TOKEN_FIELDS}
-    return AddedToken(**fields)
-
-
-def _convert_typed_added_tokens(value, source: Path):
-    # transformers' convert_added_tokens: {"__type": "AddedToken", ...} anywhere becomes an
-    # AddedToken; a bare {"content": ...} in a token slot is read the same way.
-    if isinstance(value, dict) and value.get("__type") == "AddedToken":
-        return _as_added_token({k: v for k, v in value.items() if k != "__type"}, source)
-    if isinstance(value, list):
-        return [_convert_typed_added_tokens(v, source) for v in value]
-    if isinstance(value, dict):
-        if "content" in value and set(value) <= set(_ADDED_TOKEN_FIELDS):
-            return _as_added_token(value, source)
-        return {k: _convert_typed_added_tokens(v, source) for k, v in value.items()}
-    return value
-
-
-def _token_content(token):
-    return token.content if isinstance(token, AddedToken) else token
-
-
-def _added_token_fields(token: AddedToken) -> dict:
-    return {field: getattr(token, field) for field in _ADDED_TOKEN_FIELDS}
-
-
-def _add_special_tokens_to_backend(
-    backend: BackendTokenizer,
-    added_tokens_decoder: dict[int, AddedToken],
-    special: dict[str, str | AddedToken],
-    extra: list[str | AddedToken],
-) -> None:
-    # transformers' TokenizersBackend.__init__: the config's added tokens are re-added (its
-    # "already present" test compares against dict keys, so it never matches), then every named or
-    # extra special token that is not yet an added token is added as a special one. A token that
-    # is already in the base vocabulary keeps its id but becomes an added token, so it is matched
-    # whole in text and dropped by decode(skip_special_tokens=True).
-    to_add: list[str | AddedToken] = [token for _, token in sorted(added_tokens_decoder.items())]
-    present = [t.content for t in backend.get_added_tokens_decoder().values()]
-    present += [str(_token_content(t)) for t in to_add]
-    for token in [*special.values(), *extra]:
-        if str(_token_content(token)) not in present and token not in to_add:
-            to_add.append(token)
-    if not to_add:
-        return
-    named = [str(_token_content(t)) for t in special.values()]
-    tokens = []
-    for token in to_add:
-        if isinstance(token, str):
-            token = AddedToken(token, special=True)
-        elif not token.special and token.content in named:
-            token.special = True
-        tokens.append(token)
-    backend.add_tokens(tokens)
 
 
 def _clean_up_tokenization(text: str) -> str:
@@ -921,140 +519,3 @@ def _clean_up_tokenization(text: str) -> str:
     ):
         text = text.replace(spaced, joined)
     return text
-
-
-# ---------------------------------------------------------------------- chat templates
-
-# transformers marks the end of the message to continue with this tag, renders, and cuts there.
-_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
-# Names a message's reasoning is passed under; the first is the one templates read.
-_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
-
-
-def _alias_reasoning_fields(chat: list) -> list:
-    # transformers fills reasoning_content from older names, and thinking for gpt-oss templates.
-    aliased = []
-    for message in chat:
-        if isinstance(message, dict):
-            reasoning = next(
-                (message[key] for key in _REASONING_FIELDS if message.get(key) is not None), None
-            )
-            if reasoning is not None:
-                message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
-        aliased.append(message)
-    return aliased
-
-
-def _plain_template_data(value):
-    # As transformers does: the sandbox only sees plain JSON-like data; anything else (tensors,
-    # images) becomes an inert "<TypeName>" placeholder, which templates never read.
-    if value is None or type(value) in (str, int, float, bool):
-        return value
-    if isinstance(value, str):
-        return str.__str__(value)
-    if isinstance(value, int):
-        return int.__int__(value)
-    if isinstance(value, float):
-        return float.__float__(value)
-    if isinstance(value, Mapping):
-        return {_plain_template_data(k): _plain_template_data(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain_template_data(v) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_plain_template_data(v) for v in value)
-    if (
-        type(value).__module__ == "numpy"
-        and hasattr(value, "item")
-        and getattr(value, "ndim", 1) == 0
-    ):
-        return _plain_template_data(value.item())
-    return f"<{type(value).__name__}>"
-
-
-@lru_cache(maxsize=32)
-def _compile_chat_template(template: str):
-    """Compile `template` in transformers' chat-template Jinja environment (cached by text)."""
-    import jinja2
-    import jinja2.ext
-    import jinja2.nodes
-    import jinja2.utils
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    version = tuple(int(part) for part in jinja2.__version__.split(".")[:3] if part.isdigit())
-    if version < _MIN_JINJA_VERSION:
-        raise TokenizerError(
-            f"chat templates need jinja2>=3.1.6 (older versions have sandbox escapes); found "
-            f"{jinja2.__version__}: pip install -U jinja2"
-        )
-
-    class GenerationTag(jinja2.ext.Extension):
-        # `{% generation %}...{% endgeneration %}` marks assistant text for transformers'
-        # assistant-token masks; rendering it is just its body.
-        tags = {"generation"}
-
-        def parse(self, parser):
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(
-                lineno
-            )
-
-        def _render(self, caller):
-            return caller()
-
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        # Jinja's own tojson escapes HTML characters; transformers replaces it with plain dumps.
-        return json.dumps(
-            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
-        )
-
-    def strftime_now(format):
-        return datetime.now().strftime(format)
-
-    class TemplateDict:
-        # dict() for templates without exposing the dict type itself.
-        def __call__(self, *args, **kwargs):
-            return dict(*args, **kwargs)
-
-        def fromkeys(self, *args, **kwargs):
-            return dict.fromkeys(*args, **kwargs)
-
-    class TemplateNamespace(jinja2.utils.Namespace):
-        # Namespaces that refuse underscore attributes, so templates cannot reach interpreter
-        # internals through them.
-        def __init__(*args, **kwargs):
-            self, args = args[0], args[1:]
-            attributes = dict(*args, **kwargs)
-            for name in attributes:
-                TemplateNamespace._check_name(name)
-            jinja2.utils.Namespace.__init__(self, attributes)
-
-        def __setitem__(self, name, value):
-            TemplateNamespace._check_name(name)
-            jinja2.utils.Namespace.__setitem__(self, name, value)
-
-        @staticmethod
-        def _check_name(name):
-            if isinstance(name, str) and name.startswith("_"):
-                raise jinja2.exceptions.SecurityError(
-                    f"Chat templates cannot store underscore-prefixed attributes on a namespace, "
-                    f"but got {name!r}."
-                )
-
-    environment = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, jinja2.ext.loopcontrols]
-    )
-    environment.filters["tojson"] = tojson
-    environment.globals["raise_exception"] = raise_exception
-    environment.globals["strftime_now"] = strftime_now
-    environment.globals["dict"] = TemplateDict()
-    environment.globals["namespace"] = TemplateNamespace
-    try:
-        return environment.from_string(template)
-    except jinja2.exceptions.TemplateSyntaxError as error:
-        raise TokenizerError(
-            f"the chat template does not compile: {error.message} (template line {error.lineno})"
-        ) from error
