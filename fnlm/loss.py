@@ -6,6 +6,7 @@ import torch
 
 from fnlm import kernels
 from fnlm.errors import ArgumentError
+from fnlm.lora import Lora, with_adapters
 from fnlm.models.decoder import check_tokens, hidden_states
 from fnlm.params import Params
 
@@ -22,7 +23,7 @@ def loss(
     params: Params,
     batch: dict,
     *,
-    lora=None,
+    lora: Lora | None = None,
     reduction: str = "mean",
     layer_fn=None,
 ) -> torch.Tensor:
@@ -33,6 +34,7 @@ def loss(
     with padding ignored), optional "positions", "attention_mask", "segments" as in `fnlm.forward`}.
     reduction: "mean" over predicted tokens, or "sum" (divide by an external token count when
     accumulating gradients over micro-batches).
+    lora: adapters applied unmerged (`fnlm.lora.with_adapters`); `fnlm.lora.train_mode` for dropout.
     """
     if "tokens" not in batch:
         raise ArgumentError(f"batch needs a 'tokens' entry; got keys {sorted(batch)}")
@@ -49,10 +51,7 @@ def loss(
         raise ArgumentError(
             f"labels shape {tuple(labels.shape)} differs from tokens shape {tuple(tokens.shape)}"
         )
-    if lora is not None:
-        from fnlm.lora import attach
-
-        params = attach(params, lora)
+    params = with_adapters(params, lora)
     extra = {"layer_fn": layer_fn} if layer_fn is not None else {}
     x = hidden_states(
         params,

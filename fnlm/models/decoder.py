@@ -375,7 +375,6 @@ def forward(
     positions: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
     segments: torch.Tensor | None = None,
-    lora=None,
 ) -> torch.Tensor:
     """Logits [batch, seq, vocab] for `tokens` [batch, seq]. Pure: no state is read or written.
 
@@ -383,15 +382,11 @@ def forward(
         counted over real tokens when `attention_mask` is given (left padding).
     attention_mask: [batch, seq], 1 for real tokens, 0 for padding.
     segments: [batch, seq] example ids for packed rows; attention stays within an example.
-    lora: an adapter pytree from `fnlm.lora.init` / `fnlm.lora.load`, applied unmerged.
+    Adapters arrive attached to `params` (`fnlm.lora.with_adapters`; `fnlm.forward` takes lora=).
 
     Raises ArgumentError for tokens that are not a 2-D integer tensor or lie outside the vocabulary.
     """
     check_tokens(params.config, tokens)
-    if lora is not None:
-        from fnlm.lora import attach
-
-        params = attach(params, lora)
     x = hidden_states(
         params, tokens, positions=positions, attention_mask=attention_mask, segments=segments
     )
