@@ -151,26 +151,31 @@ def step_fn(compile: bool) -> Callable:
     return functools.partial(decode_step, layer_fn=compiled_layer())
 
 
-def graph_step(params: Params, cache: dict, tokens, positions, slot, compile: bool) -> Callable:
-    """A CUDA graph of one decode step over static input buffers: calling it replays the graph
-    and returns the (static, overwritten by the next call) logits."""
-    step = step_fn(compile)
+def capture(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """A CUDA graph of `fn` (device work on static buffers, no host reads): calling the result
+    replays the graph and returns `fn`'s (static, overwritten by the next call) output."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        # Each run writes this step's k, v into cache `slot`; the replay writes the same values.
+        # A decode step writes its k, v into the cache slot; the replay writes the same values.
         for _ in range(GRAPH_WARMUP_RUNS):
-            step(params, cache, tokens, positions, slot)
+            fn()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        logits = step(params, cache, tokens, positions, slot)
+        out = fn()
 
     def replay() -> torch.Tensor:
         graph.replay()
-        return logits
+        return out
 
     return replay
+
+
+def graph_step(params: Params, cache: dict, tokens, positions, slot, compile: bool) -> Callable:
+    """A CUDA graph of one decode step over static input buffers (see `capture`)."""
+    step = step_fn(compile)
+    return capture(lambda: step(params, cache, tokens, positions, slot))
 
 
 def graphable(config, grouped_experts: bool = False) -> bool:

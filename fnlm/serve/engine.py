@@ -1,0 +1,357 @@
+"""Continuous batching: many requests share one running decode over a static cache of slots.
+
+    engine = Engine(params, tok, adapters={"pirate": lora}, slots=8)
+    engine.submit(Request(prompt=ids, max_tokens=64, on_event=print))
+    ...
+    engine.close()
+
+The cache has `slots` rows of `context` positions each, used as rings: decode step t writes
+every row's new key and value at the same position t mod context (one `decode_step` of fnlm's
+decoder, compiled and CUDA-graphed once for the engine's life), and each row's attention mask
+admits only the positions holding its own request's tokens (the last `count` before t, plus t),
+and on sliding-window layers only the last `window` of them. A request joins between two steps:
+its prompt is prefilled alone (the same `prefill` as `fnlm.generate`, on a cache of its own),
+its keys and values are copied into a free row's ring just behind t, and the next step decodes
+it with the others; it leaves when done and its row is free for the next one.
+
+Rows on different adapters (chosen per request by name) run as separate passes of the same step,
+one per adapter in use, each pass's cache writes kept only for its own rows; rows on the same
+adapter share one pass. Everything on the device runs in one engine thread; `on_event` is
+called from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import threading
+import traceback
+from collections.abc import Callable
+
+import torch
+
+from fnlm.errors import ArgumentError
+from fnlm.generate.sampling import Sampling, choose
+from fnlm.generate.step import (
+    cache_length,
+    capture,
+    compiled_layer,
+    decode_step,
+    init_cache,
+    prefill,
+    will_capture,
+)
+from fnlm.generate.text import TextRow
+from fnlm.models.decoder import layer_forward
+from fnlm.params import Params
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    """One generation: prompt token ids, at most `max_tokens` new tokens (None: up to the
+    context), `sampling`, `stop` strings, the adapter name (None: the base model), and
+    `on_event(kind, data)`, called from the engine thread with ("piece", str) for each new piece
+    of text when `stream`, then once ("done", Result) or ("error", str)."""
+
+    prompt: list[int]
+    on_event: Callable[[str, object], None]
+    max_tokens: int | None = None
+    sampling: Sampling = Sampling()
+    stop: list[str] = dataclasses.field(default_factory=list)
+    adapter: str | None = None
+    stream: bool = False
+    cancelled: bool = False  # set by the caller (a closed connection): the row is freed
+
+
+@dataclasses.dataclass
+class Result:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str  # "stop" (eos or a stop string) or "length"
+
+
+@dataclasses.dataclass(eq=False)
+class _Row:
+    request: Request
+    text: TextRow
+    budget: int  # new tokens allowed
+    count: int  # tokens of this request in the cache
+    generator: torch.Generator | None
+    seen: torch.Tensor | None
+    ids: list[int] = dataclasses.field(default_factory=list)
+    last: int = 0  # the newest token, the input of the next step
+
+
+class Engine:
+    """Serves `Request`s from a thread of its own, `slots` at a time (see the module docstring).
+
+    params, tok: from fnlm.load (tok None: token ids only, no text, no stop strings). adapters: {name: Lora}. context: positions per request, prompt
+    included (default and maximum: the model's max_position_embeddings). compile: torch.compile
+    the decode layers (default on CUDA). cache_dtype: as fnlm.generate.
+    """
+
+    def __init__(
+        self,
+        params: Params,
+        tok,
+        adapters: dict | None = None,
+        *,
+        slots: int = 8,
+        context: int | None = None,
+        compile: bool | None = None,
+        cache_dtype: torch.dtype | None = None,
+    ):
+        from fnlm.lora import attach
+
+        config = params.config
+        if not isinstance(slots, int) or slots < 1:
+            raise ArgumentError(f"slots must be a positive integer, got {slots!r}")
+        limit = config.max_position_embeddings
+        context = limit if context is None else context
+        if not isinstance(context, int) or not 2 <= context <= limit:
+            raise ArgumentError(
+                f"context must be an integer in [2, {limit}] (the model's max_position_embeddings),"
+                f" got {context!r}"
+            )
+        self.params, self.tok, self.slots, self.context = params, tok, slots, context
+        self.device = params["norm"].device
+        on_cuda = self.device.type == "cuda"
+        self.compile = (on_cuda if compile is None else compile) and (
+            not on_cuda or will_capture(params)  # host syncs inside: dynamo would break there
+        )
+        self.eos = set(getattr(tok, "eos_token_ids", ()) or ())
+        self.models: dict[str | None, Params] = {None: params}
+        for name, lora in (adapters or {}).items():
+            self.models[name] = attach(params, lora)
+        self.cache_dtype = cache_dtype
+        self.cache = init_cache(params, slots, context, dtype=cache_dtype)
+        # static buffers of the step: each row's input token and rotary position (= its tokens
+        # already in the cache), and the ring position t every row writes
+        self.tokens = torch.zeros((slots, 1), dtype=torch.long, device=self.device)
+        self.positions = torch.zeros((slots, 1), dtype=torch.long, device=self.device)
+        self.slot = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.t = 0
+        self._steps: dict[str | None, Callable[[], torch.Tensor]] = {}
+        self.rows: list[_Row | None] = [None] * slots
+        self.most_rows = 0  # the most rows decoded together so far (for tests and logs)
+        self.steps_run = 0
+        self._queue: queue.Queue = queue.Queue()
+        self._pending: list[Request] = []
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="fnlm-engine", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------------------------------
+    # The caller's side
+
+    def submit(self, request: Request) -> None:
+        """Queue a request; it joins the running decode at the next step with a free row.
+        Raises ArgumentError for an unknown adapter or a prompt that leaves no room."""
+        if request.adapter not in self.models:
+            raise ArgumentError(f"unknown adapter {request.adapter!r}; known: {self.adapter_names}")
+        if not request.prompt or len(request.prompt) >= self.context:
+            raise ArgumentError(
+                f"the prompt has {len(request.prompt)} tokens; it needs at least one and fewer "
+                f"than the server's context of {self.context}"
+            )
+        if self._closed.is_set():
+            raise ArgumentError("the engine is closed")
+        self._queue.put(request)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return [name for name in self.models if name is not None]
+
+    def close(self) -> None:
+        """Stop the engine thread; requests still running get an "error" event."""
+        self._closed.set()
+        self._queue.put(None)
+        self._thread.join()
+
+    # ------------------------------------------------------------------------------------------
+    # The engine thread
+
+    def _loop(self) -> None:
+        while not self._closed.is_set():
+            busy = any(row is not None for row in self.rows) or self._pending
+            try:
+                item = self._queue.get(block=not busy)
+            except queue.Empty:
+                item = None
+            while item is not None:
+                self._pending.append(item)
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    item = None
+            if self._closed.is_set():
+                break
+            try:
+                with torch.no_grad():
+                    self._admit()
+                    if any(row is not None for row in self.rows):
+                        self._step()
+            except Exception as e:  # fail the running requests, keep serving
+                traceback.print_exc()
+                for i, row in enumerate(self.rows):
+                    if row is not None:
+                        self.rows[i] = None
+                        row.request.on_event("error", f"{type(e).__name__}: {e}")
+        for row in self.rows:
+            if row is not None:
+                row.request.on_event("error", "the server is shutting down")
+        for request in self._pending:
+            request.on_event("error", "the server is shutting down")
+
+    def _admit(self) -> None:
+        """Prefill pending requests into free rows, each alone, its cache copied behind t."""
+        for i in range(self.slots):
+            if self.rows[i] is not None or not self._pending:
+                continue
+            request = self._pending.pop(0)
+            if request.cancelled:
+                continue
+            params = self.models[request.adapter]
+            prompt = request.prompt
+            budget = self.context - len(prompt)
+            if request.max_tokens is not None:
+                budget = min(budget, request.max_tokens)
+            tokens = torch.tensor([prompt], device=self.device)
+            # the cache length fnlm.generate would use for this request alone
+            needed = len(prompt) + budget
+            length = cache_length(needed) if self.compile or self.device.type == "cuda" else needed
+            own = init_cache(params, 1, length, dtype=self.cache_dtype)
+            logits, own = prefill(params, tokens, own)
+            ring = (torch.arange(len(prompt), device=self.device) + self.t - len(prompt)) % (
+                self.context
+            )
+            for layer in range(len(self.cache["k"])):
+                for name in ("k", "v"):
+                    self.cache[name][layer][i].index_copy_(
+                        1, ring, own[name][layer][0, :, : len(prompt)]
+                    )
+            seen = None
+            if request.sampling.repetition_penalty != 1.0:
+                seen = torch.zeros(logits.shape, dtype=torch.bool, device=self.device)
+                seen[0, tokens[0]] = True
+            row = _Row(
+                request=request, budget=budget, count=len(prompt), seen=seen,
+                generator=request.sampling.generator(self.device),
+                text=None if self.tok is None else TextRow(
+                    self.tok, request.stop, self._streamer(request), 0
+                ),
+            )  # fmt: skip
+            self.rows[i] = row
+            token = int(choose(logits, request.sampling, seen=seen, generator=row.generator)[0])
+            self._push(i, token)
+
+    def _streamer(self, request: Request):
+        if not request.stream:
+            return None
+        return lambda _index, piece: request.on_event("piece", piece)
+
+    def _step(self) -> None:
+        """One decode step for every running row (one pass per adapter in use)."""
+        groups: dict[str | None, list[int]] = {}
+        tokens, positions = self.tokens.new_zeros(self.slots, 2, device="cpu").unbind(1)
+        for i, row in enumerate(self.rows):
+            if row is not None:
+                groups.setdefault(row.request.adapter, []).append(i)
+                tokens[i], positions[i] = row.last, row.count
+        self.tokens.copy_(tokens[:, None])
+        self.positions.copy_(positions[:, None])
+        self.most_rows = max(self.most_rows, sum(len(g) for g in groups.values()))
+        chosen: dict[int, int] = {}
+        kept = []  # per pass: its rows and their k, v at slot t, when passes must not mix
+        for adapter, members in groups.items():
+            logits = self._step_fn(adapter)()
+            if len(groups) > 1:
+                index = torch.tensor(members, device=self.device)
+                kept.append((index, [(k[index, :, self.t].clone(), v[index, :, self.t].clone())
+                                     for k, v in zip(self.cache["k"], self.cache["v"])]))  # fmt: skip
+            chosen.update(self._choose(logits, members))
+        for index, values in kept:
+            for (k, v), (k_rows, v_rows) in zip(zip(self.cache["k"], self.cache["v"]), values):
+                k[index, :, self.t] = k_rows
+                v[index, :, self.t] = v_rows
+        self.t = (self.t + 1) % self.context
+        self.slot.fill_(self.t)
+        self.steps_run += 1
+        for i, token in chosen.items():
+            self.rows[i].count += 1
+            self._push(i, token)
+
+    def _choose(self, logits: torch.Tensor, members: list[int]) -> dict[int, int]:
+        """Next tokens of `members` from step logits [slots, vocab]; plain greedy rows together."""
+        plain = [i for i in members if self.rows[i].request.sampling == Sampling()]
+        chosen = {}
+        if plain:
+            picked = logits[torch.tensor(plain, device=self.device)].argmax(-1).tolist()
+            chosen.update(zip(plain, picked))
+        for i in members:
+            if i in chosen:
+                continue
+            row = self.rows[i]
+            token = choose(
+                logits[i : i + 1], row.request.sampling, seen=row.seen, generator=row.generator
+            )
+            chosen[i] = int(token[0])
+        return chosen
+
+    def _push(self, i: int, token: int) -> None:
+        """Record row i's new token; finish the row on eos, a stop string or its budget."""
+        row = self.rows[i]
+        request = row.request
+        if row.seen is not None:
+            row.seen[0, token] = True
+        row.ids.append(token)
+        row.last = token
+        reason = None
+        if token in self.eos:
+            reason = "stop"
+        elif row.text is not None and row.text.push(token):
+            reason = "stop"
+        elif len(row.ids) >= row.budget:
+            reason = "length"
+        if request.cancelled:
+            self.rows[i] = None
+            return
+        if reason is None:
+            return
+        self.rows[i] = None
+        text_ids = row.ids[:-1] if token in self.eos else row.ids
+        text = "" if row.text is None else row.text.finish(text_ids)
+        request.on_event("done", Result(text, row.ids, len(request.prompt), reason))
+
+    def _step_fn(self, adapter: str | None) -> Callable[[], torch.Tensor]:
+        """The decode step of one adapter over the engine's buffers: fnlm's decode_step with
+        ring masks, CUDA-graphed where the model allows."""
+        if adapter in self._steps:
+            return self._steps[adapter]
+        params = self.models[adapter]
+        config = params.config
+        layer = compiled_layer() if self.compile else layer_forward
+        windows = {id(p): config.window(i) for i, p in enumerate(params["layers"])}
+        distinct = set(windows.values())
+        span = torch.arange(self.context, device=self.device)
+
+        def step() -> torch.Tensor:
+            # age of each ring position relative to the written one t: 0 is t itself
+            age = (self.slot - span) % self.context  # [context]
+            seen = age[None, :] <= self.positions  # [slots, context]: the row's tokens and t
+            masks = {
+                w: (seen if w is None else seen & (age < w)[None, :])[:, None, None, :]
+                for w in distinct
+            }
+
+            def ring_layer(config, p, x, cos, sin, _mask, kv):
+                return layer(config, p, x, cos, sin, masks[windows[id(p)]], kv)
+
+            return decode_step(
+                params, self.cache, self.tokens, self.positions, self.slot, layer_fn=ring_layer
+            )
+
+        run = capture(step) if will_capture(self.params) else step
+        self._steps[adapter] = run
+        return run
