@@ -20,10 +20,8 @@ import errno
 import json
 import os
 import re
-import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -31,15 +29,8 @@ import torch
 from fnlm import files, models, quant
 from fnlm.config import ModelConfig
 from fnlm.errors import ArgumentError, ExportError, FnlmError
-from fnlm.gguf import (
-    GLOBAL_TENSORS,
-    LAYER_TENSORS,
-    PRE_TOKENIZER_SPLITS,
-    ROPE_FREQS,
-    _llama3_factors,
-    _permute,
-    _save_streaming,
-)
+from fnlm.gguf.read import save_streaming
+from fnlm.gguf.write import GGUF_TYPES, check_gguf_support, write_gguf
 from fnlm.lora import (
     Lora,
     LoraEmbedding,
@@ -52,7 +43,6 @@ from fnlm.models import moe
 from fnlm.params import Params, get_path, path_name
 
 FORMATS = ("adapter", "merged", "gguf")
-GGUF_TYPES = ("f16", "bf16", "q8_0", "q4_0")
 DEFAULT_SHARD_SIZE = "5GB"
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -131,10 +121,11 @@ def save(
         raise ArgumentError(f"save: gguf_type must be one of {GGUF_TYPES}, got {gguf_type!r}")
     if tok is None:
         raise ArgumentError("save: format='gguf' needs tok=... (a GGUF carries its tokenizer)")
-    _check_gguf_support(params.config)
+    check_gguf_support(params.config)
     weights = MergedWeights(params, lora, base)
     target = _prepare_gguf_path(Path(directory), gguf_type, overwrite)
-    return _save_gguf(target, weights, tok, gguf_type)
+    _write_file(target, lambda tmp: write_gguf(Path(tmp), weights, tok, gguf_type))
+    return target
 
 
 # ---------------------------------------------------------------------------------------------
@@ -456,7 +447,7 @@ def _shard_writer(weights: MergedWeights, shard: list[str], dtype: torch.dtype):
     """write(path) of one safetensors shard, header first, then tensor by tensor."""
     layout = [(n, dtype, weights.names[n][1]) for n in shard]
     producers = [lambda n=n: weights(n).to(dtype) for n in shard]
-    return lambda path: _save_streaming(Path(path), layout, producers)
+    return lambda path: save_streaming(Path(path), layout, producers)
 
 
 def _remove_stale_weights(target: Path, keep: set[str]) -> None:
@@ -510,284 +501,3 @@ def generation_config(config: ModelConfig, tok=None) -> dict:
     if pad is not None:
         doc["pad_token_id"] = pad
     return doc
-
-
-# ---------------------------------------------------------------------------------------------
-# gguf
-
-
-# HF model_type -> GGUF architecture (llama.cpp runs Mistral as llama).
-GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
-# llama.cpp's file types, for general.file_type
-_FILE_TYPES = {"f16": 1, "bf16": 32, "q8_0": 7, "q4_0": 2}
-_HF_TO_GGUF = {hf: g for g, hf in GLOBAL_TENSORS.items()}
-_PART_TO_GGUF = {hf: g for g, hf in LAYER_TENSORS.items()}
-# ggml token types
-NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
-
-
-def _check_gguf_support(config: ModelConfig) -> None:
-    """Refuse what the GGUF architectures readers know cannot express; warn about a window."""
-    arch = GGUF_ARCHITECTURES.get(config.model_type)
-    if arch is None:
-        raise ExportError(
-            f"GGUF export supports {', '.join(sorted(GGUF_ARCHITECTURES))}; "
-            f"{config.model_type} is not one of them (export format='merged' instead)"
-        )
-    problems = []
-    if config.mlp_bias:
-        problems.append("MLP biases")
-    if config.partial_rotary_factor != 1.0:
-        problems.append(f"partial rotary (factor {config.partial_rotary_factor})")
-    if config.rope.get("rope_type", "default") not in ("default", "linear", "llama3") or (
-        config.rope.get("rope_type") == "llama3" and arch != "llama"
-    ):
-        problems.append(f"rope scaling {config.rope.get('rope_type')!r}")
-    if problems:
-        raise ExportError(
-            f"GGUF export of this {config.model_type} model: {', '.join(problems)} cannot be written "
-            f"to the {arch} GGUF architecture; export format='merged' instead"
-        )
-    if config.sliding_window is not None:
-        warnings.warn(
-            f"GGUF {arch} has no sliding window: readers of the file attend over the whole context, "
-            f"so outputs differ from this model's beyond {config.sliding_window} tokens",
-            stacklevel=3,
-        )
-
-
-def gguf_name(hf_name: str) -> str:
-    """Inverse of fnlm.gguf's tensor-name map: "model.layers.3.mlp.up_proj.weight" -> "blk.3.ffn_up.weight"."""
-    if hf_name in _HF_TO_GGUF:
-        return _HF_TO_GGUF[hf_name]
-    match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", hf_name)
-    if match and match.group(2) in _PART_TO_GGUF:
-        return f"blk.{match.group(1)}.{_PART_TO_GGUF[match.group(2)]}.{match.group(3)}"
-    raise ExportError(f"tensor {hf_name} has no GGUF name")
-
-
-def _gguf_tensor_type(shape: tuple[int, ...], name: str, gguf_type: str):
-    """The ggml type of one tensor: norms and biases F32; 2-D weights as asked, F16 when the row
-    length is not a multiple of the quantization block; with q4_0 the embedding and output in
-    Q8_0 (llama.cpp keeps those wider too)."""
-    from gguf import GGML_QUANT_SIZES
-    from gguf import GGMLQuantizationType as Q
-
-    if len(shape) < 2:
-        return Q.F32
-    kind = {"f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}[gguf_type]
-    if kind == Q.Q4_0 and name in ("token_embd.weight", "output.weight"):
-        kind = Q.Q8_0
-    if shape[-1] % GGML_QUANT_SIZES[kind][0]:
-        return Q.F16
-    return kind
-
-
-def _gguf_array(tensor: torch.Tensor, kind) -> np.ndarray:
-    from gguf import GGMLQuantizationType as Q
-    from gguf import quants
-
-    values = tensor.float().numpy()
-    if kind == Q.F32:
-        return values
-    if kind == Q.F16:
-        return values.astype(np.float16)
-    return quants.quantize(values, kind)
-
-
-def _save_gguf(target: Path, weights: MergedWeights, tok, gguf_type: str) -> Path:
-    import gguf
-
-    config = weights.config
-    arch = GGUF_ARCHITECTURES[config.model_type]
-    writer = gguf.GGUFWriter(path=None, arch=arch)
-    _gguf_model_metadata(writer, config, arch, gguf_type)
-    _gguf_tokenizer_metadata(writer, tok, config.vocab_size)
-
-    # (gguf name, ggml type, shape, producer of the fp32 tensor in llama.cpp's layout)
-    plan: list[tuple[str, Any, tuple[int, ...], Callable[[], torch.Tensor]]] = []
-    for hf, (_, shape) in weights.names.items():
-        name = gguf_name(hf)
-        kind = _gguf_tensor_type(shape, name, gguf_type)
-        plan.append((name, kind, shape, _gguf_producer(weights, hf)))
-    if config.rope.get("rope_type") == "llama3":
-        factors = llama3_rope_factors(config)
-        plan.append((ROPE_FREQS, gguf.GGMLQuantizationType.F32, factors.shape, lambda: factors))
-    for name, kind, shape, _ in plan:
-        byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, kind)
-        if kind in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-            numpy_dtype = np.float32 if kind == gguf.GGMLQuantizationType.F32 else np.float16
-            writer.add_tensor_info(name, shape, np.dtype(numpy_dtype), int(np.prod(byte_shape)))
-        else:  # quantized (and bf16) data are bytes, [rows, bytes per row]
-            writer.add_tensor_info(
-                name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), kind
-            )
-
-    def write(tmp: str) -> None:
-        try:
-            writer.write_header_to_file(path=Path(tmp))
-            writer.write_kv_data_to_file()
-            writer.write_ti_data_to_file()
-            for _, kind, _, produce in plan:
-                writer.write_tensor_data(_gguf_array(produce(), kind))
-        finally:
-            writer.close()
-
-    _write_file(target, write)
-    return target
-
-
-def _gguf_producer(weights: MergedWeights, hf: str) -> Callable[[], torch.Tensor]:
-    """The merged tensor `hf`, with llama's q / k rows permuted as llama.cpp stores them."""
-    config = weights.config
-    heads = {".self_attn.q_proj.": config.num_heads, ".self_attn.k_proj.": config.num_kv_heads}
-    permuted = GGUF_ARCHITECTURES[config.model_type] == "llama"
-    for part, count in heads.items():
-        if permuted and part in hf:
-            return lambda: _permute(weights(hf), count)
-    return lambda: weights(hf)
-
-
-def llama3_rope_factors(config: ModelConfig) -> torch.Tensor:
-    """llama.cpp's rope_freqs for Llama 3 rope scaling: per rotary frequency, the divisor that
-    `rope_type: llama3` applies (fnlm.gguf reads the scaling back from these)."""
-    rope = config.rope
-    dim = config.rotary_dim
-    inv_freq = config.rope_theta ** -(np.arange(0, dim, 2, dtype=np.float64) / dim)
-    factors = _llama3_factors(
-        2 * np.pi / inv_freq, rope["factor"], rope.get("low_freq_factor", 1.0),
-        rope.get("high_freq_factor", 4.0), rope["original_max_position_embeddings"],
-    )  # fmt: skip
-    return torch.from_numpy(factors.astype(np.float32))
-
-
-def _gguf_model_metadata(writer, config: ModelConfig, arch: str, gguf_type: str) -> None:
-    import gguf
-
-    hf = config.hf_dict()
-    # transformers reads a llama file named exactly "mistral" as model_type mistral, which its
-    # gguf package cannot load; llama.cpp names files after the checkpoint directory.
-    name = Path(str(hf.get("_name_or_path") or "")).name or f"fnlm-{config.model_type}"
-    writer.add_name(name if name != "mistral" else "fnlm-mistral")
-    writer.add_file_type(_FILE_TYPES[gguf_type])
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    writer.add_context_length(config.rope_native_length or config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_heads)
-    writer.add_head_count_kv(config.num_kv_heads)
-    writer.add_key_length(config.head_dim)
-    writer.add_value_length(config.head_dim)
-    writer.add_rope_dimension_count(config.rotary_dim)
-    writer.add_rope_freq_base(config.rope_theta)
-    writer.add_layer_norm_rms_eps(config.norm_eps)
-    writer.add_vocab_size(config.vocab_size)
-    rope = config.rope
-    if rope.get("rope_type") == "linear":
-        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(float(rope["factor"]))
-
-
-def _gguf_tokenizer_metadata(writer, tok, vocab_size: int) -> None:
-    """tokenizer.ggml.*: the vocabulary by id (padded with unused tokens to the model's
-    vocab_size), token types, merges, special ids, add_bos / add_eos, and the chat template."""
-    spec = json.loads(tok.backend.to_str())
-    model = spec.get("model") or {}
-    if model.get("type") != "BPE":
-        raise ExportError(
-            f"GGUF export needs a BPE tokenizer (byte-level or SentencePiece-style); "
-            f"{tok.name_or_path or 'this tokenizer'} is {model.get('type')!r}"
-        )
-    sentencepiece = bool(model.get("byte_fallback"))
-    by_id = {i: t for t, i in tok.backend.get_vocab(with_added_tokens=True).items()}
-    if len(by_id) and max(by_id) >= vocab_size:
-        raise ExportError(
-            f"the tokenizer has ids up to {max(by_id)}, beyond the model's vocab_size {vocab_size}"
-        )
-    added = tok.backend.get_added_tokens_decoder()
-    tokens, types = [], []
-    for i in range(vocab_size):
-        token = by_id.get(i)
-        if token is None:
-            tokens.append(f"[PAD{i}]")
-            types.append(UNUSED)
-        elif i in added:
-            tokens.append(token)
-            types.append(CONTROL if added[i].special else USER_DEFINED)
-        elif sentencepiece and re.fullmatch(r"<0x[0-9A-F]{2}>", token):
-            tokens.append(token)
-            types.append(BYTE)
-        else:
-            tokens.append(token)
-            types.append(UNKNOWN if token == tok.unk_token else NORMAL)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
-
-    writer.add_tokenizer_model("llama" if sentencepiece else "gpt2")
-    writer.add_tokenizer_pre(_pre_tokenizer_name(spec, sentencepiece))
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    if sentencepiece:  # llama.cpp's SentencePiece vocabulary merges by score: earlier = better
-        writer.add_token_scores([0.0 if t != NORMAL else -float(i) for i, t in enumerate(types)])
-        writer.add_add_space_prefix(_prepends_space(spec))
-    writer.add_token_merges(merges)
-    for name, add in (
-        ("bos", writer.add_bos_token_id),
-        ("eos", writer.add_eos_token_id),
-        ("unk", writer.add_unk_token_id),
-        ("pad", writer.add_pad_token_id),
-    ):
-        token_id = getattr(tok, f"{name}_token_id")
-        if token_id is not None:
-            add(token_id)
-    writer.add_add_bos_token(bool(tok.add_bos_token))
-    writer.add_add_eos_token(bool(tok.add_eos_token))
-    template = tok.chat_template
-    if isinstance(template, dict):
-        template = template.get("default")
-    if template:
-        writer.add_chat_template(template)
-
-
-def _pre_tokenizer_name(spec: dict, sentencepiece: bool) -> str:
-    """llama.cpp's `tokenizer.ggml.pre` for the backend's split regex ("default": GPT-2's own)."""
-    if sentencepiece:
-        return "default"
-    patterns = [
-        node["pattern"].get("Regex")
-        for node in _walk(spec.get("pre_tokenizer"))
-        if node.get("type") == "Split" and isinstance(node.get("pattern"), dict)
-    ]
-    for name, split in PRE_TOKENIZER_SPLITS.items():
-        if split in patterns:
-            return name
-    plain = [n for n in _walk(spec.get("pre_tokenizer")) if n.get("type") != "Sequence"]
-    if not (
-        len(plain) == 1 and plain[0].get("type") == "ByteLevel" and plain[0].get("use_regex", True)
-    ):
-        warnings.warn(
-            "the tokenizer's pre-tokenizer has no GGUF name; written as 'default' (GPT-2's split), "
-            "so GGUF readers may split some text differently",
-            stacklevel=4,
-        )
-    return "default"
-
-
-def _prepends_space(spec: dict) -> bool:
-    nodes = [*_walk(spec.get("pre_tokenizer")), *_walk(spec.get("normalizer"))]
-    return any(
-        n.get("type") == "Metaspace"
-        and n.get("prepend_scheme", "always") != "never"
-        or n.get("type") == "Prepend"
-        for n in nodes
-    )
-
-
-def _walk(node) -> list[dict]:
-    """A tokenizer.json component and the components of its Sequences, flattened."""
-    if not isinstance(node, dict):
-        return []
-    inner = node.get("pretokenizers") or node.get("normalizers")
-    if node.get("type") == "Sequence" and inner:
-        return [node, *(n for child in inner for n in _walk(child))]
-    return [node]

@@ -8,7 +8,9 @@ so `fnlm.load` reads a GGUF through the same code path as any local checkpoint.
 
 transformers is the reference: the config, the tensors (Q/K rows un-permuted as its GGUF loader
 does) and the tokenizer are those `from_pretrained(..., gguf_file=...)` builds from the same file;
-the few places where we deliberately differ say so where they happen.
+the few places where we deliberately differ say so where they happen. The largest: a byte-level
+vocabulary is cut into words as llama.cpp reads its `tokenizer.ggml.pre` (fnlm.gguf.pretokenizers),
+so fnlm runs the file as llama.cpp does, where transformers reads most names as GPT-2's split.
 """
 
 from __future__ import annotations
@@ -28,12 +30,12 @@ from fnlm.errors import (
     CheckpointError,
     ConfigError,
     ModelNotFoundError,
-    TokenizerError,
     UnsupportedModelError,
 )
+from fnlm.gguf.tokenizer import hf_tokenizer
 
 # Part of the cache key: bump it whenever the converted files change, so old caches are rebuilt.
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2  # 2: tokenizer.ggml.pre read with llama.cpp's meaning
 
 # GGUF `general.architecture` -> HF model_type. llama.cpp writes Mistral and SmolLM2 as "llama".
 ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
@@ -93,41 +95,6 @@ ROPE_FREQS = "rope_freqs.weight"
 # How far the factors rebuilt from the recovered llama3 parameters may sit from the file's: they
 # were computed in fp32 by llama.cpp's converter, so a few ulps near 1..32 is all a true fit leaves.
 ROPE_FACTOR_RTOL = 1e-4
-
-# ggml token types (llama.cpp's llama_token_type)
-CONTROL_TOKEN, USER_DEFINED_TOKEN = 3, 4
-
-TOKENIZER_TYPES = ("gpt2", "llama")
-
-# `tokenizer.ggml.pre` -> the split regex its merges were learned with; the same table as
-# transformers' GGUF tokenizer builder. Any other value keeps GPT-2's own byte-level split.
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_TEKKEN_SPLIT = (
-    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
-    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
-    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_GPT4O_SPLIT = (
-    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN2_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-_QWEN35_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-PRE_TOKENIZER_SPLITS = {
-    **dict.fromkeys(
-        ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2")
-        + ("jina-v5-nano", "dbrx", "smaug-bpe"),
-        _LLAMA3_SPLIT,
-    ),
-    "tekken": _TEKKEN_SPLIT,
-    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez"), _QWEN2_SPLIT),
-    "qwen35": _QWEN35_SPLIT,
-    **dict.fromkeys(("gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"), _GPT4O_SPLIT),
-}
 
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
@@ -396,7 +363,7 @@ def _llama3_rope(factors: np.ndarray, config: dict, gguf_path: Path) -> dict:
         "high_freq_factor": float(high),
         "original_max_position_embeddings": int(round(original)),
     }
-    rebuilt = _llama3_factors(wavelen, factor, low, high, round(original))
+    rebuilt = llama3_factors(wavelen, factor, low, high, round(original))
     if not np.allclose(rebuilt, factors, rtol=ROPE_FACTOR_RTOL, atol=0):
         raise UnsupportedModelError(
             f"{gguf_path}: rope_freqs does not follow llama3 rope scaling; not supported"
@@ -404,7 +371,7 @@ def _llama3_rope(factors: np.ndarray, config: dict, gguf_path: Path) -> dict:
     return scaling
 
 
-def _llama3_factors(wavelen, factor, low, high, original) -> np.ndarray:
+def llama3_factors(wavelen, factor, low, high, original) -> np.ndarray:
     """llama.cpp's rope factors for Llama 3 scaling (convert_hf_to_gguf.py, LlamaModel)."""
     low_wavelen, high_wavelen = original / low, original / high
     smooth = np.clip((original / wavelen - low) / (high - low), 0.0, 1.0)
@@ -456,7 +423,7 @@ def _write_weights(reader, config: dict, gguf_path: Path, out: Path) -> None:
         for t in tensors
     ]
     producers = [lambda t=t: _hf_tensor(t, config, gguf_path) for t in tensors]
-    _save_streaming(out, layout, producers)
+    save_streaming(out, layout, producers)
 
 
 def _tensor(tensor, gguf_path: Path) -> torch.Tensor:
@@ -499,13 +466,7 @@ def _unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def _permute(w: torch.Tensor, heads: int) -> torch.Tensor:
-    """llama.cpp's `permute` (for writing a GGUF): per head, rows [2, pairs] -> [pairs, 2]."""
-    rows = w.shape[0]
-    return w.reshape(heads, 2, rows // heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
-
-
-def _save_streaming(
+def save_streaming(
     out: Path,
     layout: list[tuple[str, torch.dtype, tuple[int, ...]]],
     producers: list[Callable[[], torch.Tensor]],
@@ -539,195 +500,3 @@ def _save_streaming(
                     f"expected {dtype} {shape}"
                 )
             f.write(tensor.contiguous().view(torch.uint8).numpy().tobytes())
-
-
-# ---------------------------------------------------------------------------------------------
-# tokenizer
-
-
-def hf_tokenizer(metadata: dict, gguf_path: Path | str = "<gguf>"):
-    """`(tokenizers.Tokenizer, tokenizer_config dict)` for the tokenizer in the GGUF metadata.
-
-    Built as transformers' GGUF tokenizer builder does: byte-level BPE for `gpt2` vocabularies
-    (with the split regex of `tokenizer.ggml.pre`), sentencepiece-style BPE with byte fallback
-    for `llama` ones; control tokens become special added tokens, user-defined ones plain added
-    tokens; BOS/EOS are added by the post-processor as `add_bos_token`/`add_eos_token` say.
-    """
-    from tokenizers import AddedToken
-
-    kind = metadata.get("tokenizer.ggml.model")
-    tokens = metadata.get("tokenizer.ggml.tokens")
-    if kind not in TOKENIZER_TYPES or not tokens:
-        raise UnsupportedModelError(
-            f"{gguf_path}: tokenizer type {kind!r} is not supported (supported: "
-            f"{', '.join(TOKENIZER_TYPES)})"
-            + ("" if tokens else "; the file has no tokenizer.ggml.tokens")
-        )
-    token_types = metadata.get("tokenizer.ggml.token_type") or []
-    try:
-        if kind == "gpt2":
-            tokenizer = _byte_level_bpe(metadata)
-        else:
-            tokenizer = _sentencepiece_bpe(metadata)
-    except Exception as e:  # the tokenizers library rejects malformed vocabularies or merges
-        raise TokenizerError(f"{gguf_path}: cannot build its tokenizer: {e}") from None
-
-    if kind == "gpt2":
-        # In a byte-level vocabulary every real token is spelled in the byte alphabet; a control
-        # token spelled otherwise is a llama.cpp mislabel, and transformers skips it.
-        alphabet = set(_bytes_to_unicode().values())
-        is_spelled = lambda token: set(token) <= alphabet
-    else:
-        is_spelled = lambda token: True
-    control = [
-        t for t, kind_ in zip(tokens, token_types) if kind_ == CONTROL_TOKEN and is_spelled(t)
-    ]
-    tokenizer.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in control])
-    vocab = tokenizer.get_vocab()
-    user_defined = [
-        t for t, k in zip(tokens, token_types) if k == USER_DEFINED_TOKEN and t in vocab
-    ]
-    tokenizer.add_tokens([AddedToken(t, normalized=False, special=False) for t in user_defined])
-
-    config: dict = {"tokenizer_class": "PreTrainedTokenizerFast"}
-    for name, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding")):
-        token_id = metadata.get(f"tokenizer.ggml.{key}_token_id")
-        config[f"{name}_token"] = tokens[token_id] if token_id is not None else None
-    # transformers adds the named special tokens that are not added tokens yet (an sp <unk>).
-    added = {str(t.content) for t in tokenizer.get_added_tokens_decoder().values()}
-    for name in ("bos", "eos", "unk", "pad"):
-        token = config[f"{name}_token"]
-        if token is not None and token not in added:
-            tokenizer.add_special_tokens([AddedToken(token, normalized=False, special=True)])
-            added.add(token)
-
-    # llama.cpp adds BOS to a sentencepiece vocabulary that does not say otherwise.
-    add_bos = metadata.get("tokenizer.ggml.add_bos_token", kind == "llama")
-    add_eos = metadata.get("tokenizer.ggml.add_eos_token", False)
-    config["add_bos_token"] = bool(add_bos and config["bos_token"] is not None)
-    config["add_eos_token"] = bool(add_eos and config["eos_token"] is not None)
-    tokenizer.post_processor = _post_processor(tokenizer, config)
-    if "tokenizer.chat_template" in metadata:
-        config["chat_template"] = metadata["tokenizer.chat_template"]
-    config["clean_up_tokenization_spaces"] = False
-    return tokenizer, config
-
-
-def _byte_level_bpe(metadata: dict):
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-
-    spelling = _bytes_to_unicode()
-    alphabet = set(spelling.values())
-    # Tokens outside the byte alphabet (rare, hand-added ones) are respelled from their UTF-8
-    # bytes, as transformers does.
-    vocab = {
-        (t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8"))): i
-        for i, t in enumerate(metadata["tokenizer.ggml.tokens"])
-    }
-    merges = _merges(metadata, vocab)
-    tokenizer = Tokenizer(
-        models.BPE(
-            vocab=vocab,
-            merges=merges,
-            dropout=None,
-            continuing_subword_prefix="",
-            end_of_word_suffix="",
-            fuse_unk=False,
-        )
-    )
-    split = PRE_TOKENIZER_SPLITS.get(metadata.get("tokenizer.ggml.pre"))
-    if split is None:
-        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    else:
-        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-            [
-                pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-            ]
-        )
-    tokenizer.decoder = decoders.ByteLevel()
-    return tokenizer
-
-
-def _sentencepiece_bpe(metadata: dict):
-    """transformers' LlamaTokenizer shape: Metaspace prepended to the first word only (not
-    `tokenizer.ggml.add_space_prefix`, which transformers ignores too), byte fallback."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    vocab = {t: i for i, t in enumerate(metadata["tokenizer.ggml.tokens"])}
-    tokenizer = Tokenizer(
-        models.BPE(
-            vocab=vocab,
-            merges=_merges(metadata, vocab),
-            fuse_unk=True,
-            byte_fallback=True,
-            dropout=None,
-        )
-    )
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(
-        replacement="\u2581", prepend_scheme="first", split=False
-    )
-    tokenizer.decoder = decoders.Sequence(
-        [
-            decoders.Replace("\u2581", " "),
-            decoders.ByteFallback(),
-            decoders.Fuse(),
-            decoders.Strip(content=" ", left=1, right=0),
-        ]
-    )
-    return tokenizer
-
-
-def _merges(metadata: dict, vocab: dict[str, int]) -> list[tuple[str, str]]:
-    """The file's merges, or (sentencepiece files list none) the ones its vocabulary and scores
-    imply: every split of a token into two tokens, best score first (transformers'
-    `generate_merges`)."""
-    if "tokenizer.ggml.merges" in metadata:
-        return [tuple(m.split(" ")) for m in metadata["tokenizer.ggml.merges"]]
-    scores = metadata.get("tokenizer.ggml.scores")
-    if scores is None:
-        scored, reverse = vocab, False
-    else:
-        scored, reverse = dict(zip(metadata["tokenizer.ggml.tokens"], scores)), True
-    merges = []
-    for token, score in scored.items():
-        local = [
-            (token[:i], token[i:], score)
-            for i in range(1, len(token))
-            if token[:i] in vocab and token[i:] in vocab
-        ]
-        merges.extend(sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]])))
-    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=reverse)
-    return [(left, right) for left, right, _ in merges]
-
-
-def _post_processor(tokenizer, config: dict):
-    """BOS/EOS around every sequence, as transformers' `update_post_processor` writes it."""
-    from tokenizers import processors
-
-    bos, eos = config["bos_token"], config["eos_token"]
-    use_bos, use_eos = config["add_bos_token"], config["add_eos_token"]
-    single = f"{bos + ':0 ' if use_bos else ''}$A:0{' ' + eos + ':0' if use_eos else ''}"
-    pair = (
-        f"{single}{' ' + bos + ':1' if use_bos else ''} $B:1{' ' + eos + ':1' if use_eos else ''}"
-    )
-    special = []
-    if use_bos:
-        special.append((bos, tokenizer.token_to_id(bos)))
-    if use_eos:
-        special.append((eos, tokenizer.token_to_id(eos)))
-    return processors.TemplateProcessing(single=single, pair=pair, special_tokens=special)
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table, which byte-level vocabularies are spelled in."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
-    printable += range(ord("®"), ord("ÿ") + 1)
-    chars = list(printable)
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return {b: chr(c) for b, c in zip(printable, chars)}

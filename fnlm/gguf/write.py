@@ -1,0 +1,316 @@
+"""GGUF files written for llama.cpp: a model's merged weights, config and tokenizer.
+
+`fnlm.save(..., format="gguf")` calls `write_gguf` with the merged weights it streams; the reader
+beside this file (read.py) reads such files back. What llama.cpp does with every key is the
+reference (its `convert_hf_to_gguf.py` writes the same ones for the same checkpoint): the
+architecture's metadata, the tensors in its names and layouts (llama's q / k rows permuted), and
+the tokenizer — vocabulary, token types, merges, special ids, add_bos / add_eos, chat template and
+`tokenizer.ggml.pre`, the name of the pre-tokenizer whose meaning in llama.cpp is the tokenizer's
+own (pretokenizers.py), so llama.cpp cuts text into the same tokens fnlm does.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from fnlm.config import ModelConfig
+from fnlm.errors import ExportError
+from fnlm.gguf.pretokenizers import pre_tokenizer_name
+from fnlm.gguf.read import GLOBAL_TENSORS, LAYER_TENSORS, ROPE_FREQS, llama3_factors
+
+if TYPE_CHECKING:
+    from fnlm.export import MergedWeights
+
+GGUF_TYPES = ("f16", "bf16", "q8_0", "q4_0")
+
+# HF model_type -> GGUF architecture (llama.cpp runs Mistral as llama).
+GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+# llama.cpp's file types, for general.file_type
+_FILE_TYPES = {"f16": 1, "bf16": 32, "q8_0": 7, "q4_0": 2}
+_HF_TO_GGUF = {hf: g for g, hf in GLOBAL_TENSORS.items()}
+_PART_TO_GGUF = {hf: g for g, hf in LAYER_TENSORS.items()}
+# ggml token types
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+
+def check_gguf_support(config: ModelConfig) -> None:
+    """Refuse what the GGUF architectures readers know cannot express; warn about a window."""
+    arch = GGUF_ARCHITECTURES.get(config.model_type)
+    if arch is None:
+        raise ExportError(
+            f"GGUF export supports {', '.join(sorted(GGUF_ARCHITECTURES))}; "
+            f"{config.model_type} is not one of them (export format='merged' instead)"
+        )
+    problems = []
+    if config.mlp_bias:
+        problems.append("MLP biases")
+    if config.partial_rotary_factor != 1.0:
+        problems.append(f"partial rotary (factor {config.partial_rotary_factor})")
+    if config.rope.get("rope_type", "default") not in ("default", "linear", "llama3") or (
+        config.rope.get("rope_type") == "llama3" and arch != "llama"
+    ):
+        problems.append(f"rope scaling {config.rope.get('rope_type')!r}")
+    if problems:
+        raise ExportError(
+            f"GGUF export of this {config.model_type} model: {', '.join(problems)} cannot be written "
+            f"to the {arch} GGUF architecture; export format='merged' instead"
+        )
+    if config.sliding_window is not None:
+        warnings.warn(
+            f"GGUF {arch} has no sliding window: readers of the file attend over the whole context, "
+            f"so outputs differ from this model's beyond {config.sliding_window} tokens",
+            stacklevel=3,
+        )
+
+
+def gguf_name(hf_name: str) -> str:
+    """Inverse of fnlm.gguf's tensor-name map: "model.layers.3.mlp.up_proj.weight" -> "blk.3.ffn_up.weight"."""
+    if hf_name in _HF_TO_GGUF:
+        return _HF_TO_GGUF[hf_name]
+    match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", hf_name)
+    if match and match.group(2) in _PART_TO_GGUF:
+        return f"blk.{match.group(1)}.{_PART_TO_GGUF[match.group(2)]}.{match.group(3)}"
+    raise ExportError(f"tensor {hf_name} has no GGUF name")
+
+
+def _gguf_tensor_type(shape: tuple[int, ...], name: str, gguf_type: str):
+    """The ggml type of one tensor: norms and biases F32; 2-D weights as asked, F16 when the row
+    length is not a multiple of the quantization block; with q4_0 the embedding and output in
+    Q8_0 (llama.cpp keeps those wider too)."""
+    from gguf import GGML_QUANT_SIZES
+    from gguf import GGMLQuantizationType as Q
+
+    if len(shape) < 2:
+        return Q.F32
+    kind = {"f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}[gguf_type]
+    if kind == Q.Q4_0 and name in ("token_embd.weight", "output.weight"):
+        kind = Q.Q8_0
+    if shape[-1] % GGML_QUANT_SIZES[kind][0]:
+        return Q.F16
+    return kind
+
+
+def _gguf_array(tensor: torch.Tensor, kind) -> np.ndarray:
+    from gguf import GGMLQuantizationType as Q
+    from gguf import quants
+
+    values = tensor.float().numpy()
+    if kind == Q.F32:
+        return values
+    if kind == Q.F16:
+        return values.astype(np.float16)
+    return quants.quantize(values, kind)
+
+
+def write_gguf(path: Path, weights: MergedWeights, tok, gguf_type: str) -> None:
+    """Write the GGUF file `path` (a fresh name: fnlm.save renames it into place) holding the
+    merged `weights` in `gguf_type`, with the tokenizer `tok`. Raises ExportError for a tokenizer
+    llama.cpp cannot run as `tok` runs."""
+    import gguf
+
+    config = weights.config
+    arch = GGUF_ARCHITECTURES[config.model_type]
+    writer = gguf.GGUFWriter(path=None, arch=arch)
+    _gguf_model_metadata(writer, config, arch, gguf_type)
+    _gguf_tokenizer_metadata(writer, tok, config.vocab_size)
+
+    # (gguf name, ggml type, shape, producer of the fp32 tensor in llama.cpp's layout)
+    plan: list[tuple[str, Any, tuple[int, ...], Callable[[], torch.Tensor]]] = []
+    for hf, (_, shape) in weights.names.items():
+        name = gguf_name(hf)
+        kind = _gguf_tensor_type(shape, name, gguf_type)
+        plan.append((name, kind, shape, _gguf_producer(weights, hf)))
+    if config.rope.get("rope_type") == "llama3":
+        factors = llama3_rope_factors(config)
+        plan.append((ROPE_FREQS, gguf.GGMLQuantizationType.F32, factors.shape, lambda: factors))
+    for name, kind, shape, _ in plan:
+        byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, kind)
+        if kind in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            numpy_dtype = np.float32 if kind == gguf.GGMLQuantizationType.F32 else np.float16
+            writer.add_tensor_info(name, shape, np.dtype(numpy_dtype), int(np.prod(byte_shape)))
+        else:  # quantized (and bf16) data are bytes, [rows, bytes per row]
+            writer.add_tensor_info(
+                name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), kind
+            )
+
+    try:
+        writer.write_header_to_file(path=Path(path))
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for _, kind, _, produce in plan:
+            writer.write_tensor_data(_gguf_array(produce(), kind))
+    finally:
+        writer.close()
+
+
+def _permute(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """llama.cpp's `permute` (for writing a GGUF): per head, rows [2, pairs] -> [pairs, 2]."""
+    rows = w.shape[0]
+    return w.reshape(heads, 2, rows // heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _gguf_producer(weights: MergedWeights, hf: str) -> Callable[[], torch.Tensor]:
+    """The merged tensor `hf`, with llama's q / k rows permuted as llama.cpp stores them."""
+    config = weights.config
+    heads = {".self_attn.q_proj.": config.num_heads, ".self_attn.k_proj.": config.num_kv_heads}
+    permuted = GGUF_ARCHITECTURES[config.model_type] == "llama"
+    for part, count in heads.items():
+        if permuted and part in hf:
+            return lambda: _permute(weights(hf), count)
+    return lambda: weights(hf)
+
+
+def llama3_rope_factors(config: ModelConfig) -> torch.Tensor:
+    """llama.cpp's rope_freqs for Llama 3 rope scaling: per rotary frequency, the divisor that
+    `rope_type: llama3` applies (fnlm.gguf reads the scaling back from these)."""
+    rope = config.rope
+    dim = config.rotary_dim
+    inv_freq = config.rope_theta ** -(np.arange(0, dim, 2, dtype=np.float64) / dim)
+    factors = llama3_factors(
+        2 * np.pi / inv_freq, rope["factor"], rope.get("low_freq_factor", 1.0),
+        rope.get("high_freq_factor", 4.0), rope["original_max_position_embeddings"],
+    )  # fmt: skip
+    return torch.from_numpy(factors.astype(np.float32))
+
+
+def _gguf_model_metadata(writer, config: ModelConfig, arch: str, gguf_type: str) -> None:
+    import gguf
+
+    hf = config.hf_dict()
+    # transformers reads a llama file named exactly "mistral" as model_type mistral, which its
+    # gguf package cannot load; llama.cpp names files after the checkpoint directory.
+    name = Path(str(hf.get("_name_or_path") or "")).name or f"fnlm-{config.model_type}"
+    writer.add_name(name if name != "mistral" else "fnlm-mistral")
+    writer.add_file_type(_FILE_TYPES[gguf_type])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_context_length(config.rope_native_length or config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_heads)
+    writer.add_head_count_kv(config.num_kv_heads)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_rope_dimension_count(config.rotary_dim)
+    writer.add_rope_freq_base(config.rope_theta)
+    writer.add_layer_norm_rms_eps(config.norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    rope = config.rope
+    if rope.get("rope_type") == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+
+
+def _gguf_tokenizer_metadata(writer, tok, vocab_size: int) -> None:
+    """tokenizer.ggml.*: the vocabulary by id (padded with unused tokens to the model's
+    vocab_size), token types, merges, special ids, add_bos / add_eos, and the chat template."""
+    spec = json.loads(tok.backend.to_str())
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE":
+        raise ExportError(
+            f"GGUF export needs a BPE tokenizer (byte-level or SentencePiece-style); "
+            f"{tok.name_or_path or 'this tokenizer'} is {model.get('type')!r}"
+        )
+    sentencepiece = bool(model.get("byte_fallback"))
+    by_id = {i: t for t, i in tok.backend.get_vocab(with_added_tokens=True).items()}
+    if len(by_id) and max(by_id) >= vocab_size:
+        raise ExportError(
+            f"the tokenizer has ids up to {max(by_id)}, beyond the model's vocab_size {vocab_size}"
+        )
+    added = tok.backend.get_added_tokens_decoder()
+    tokens, types = [], []
+    for i in range(vocab_size):
+        token = by_id.get(i)
+        if token is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(UNUSED)
+        elif i in added:
+            tokens.append(token)
+            types.append(CONTROL if added[i].special else USER_DEFINED)
+        elif sentencepiece and re.fullmatch(r"<0x[0-9A-F]{2}>", token):
+            tokens.append(token)
+            types.append(BYTE)
+        else:
+            tokens.append(token)
+            types.append(UNKNOWN if token == tok.unk_token else NORMAL)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+
+    writer.add_tokenizer_model("llama" if sentencepiece else "gpt2")
+    # llama.cpp's SentencePiece tokenizer has no pre-tokenizer: any name reads as "default"
+    writer.add_tokenizer_pre("default" if sentencepiece else _pre_tokenizer(spec, tok))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    if sentencepiece:  # llama.cpp's SentencePiece vocabulary merges by score: earlier = better
+        writer.add_token_scores([0.0 if t != NORMAL else -float(i) for i, t in enumerate(types)])
+        writer.add_add_space_prefix(_prepends_space(spec))
+    writer.add_token_merges(merges)
+    for name, add in (
+        ("bos", writer.add_bos_token_id),
+        ("eos", writer.add_eos_token_id),
+        ("unk", writer.add_unk_token_id),
+        ("pad", writer.add_pad_token_id),
+    ):
+        token_id = getattr(tok, f"{name}_token_id")
+        if token_id is not None:
+            add(token_id)
+    writer.add_add_bos_token(bool(tok.add_bos_token))
+    writer.add_add_eos_token(bool(tok.add_eos_token))
+    template = tok.chat_template
+    if isinstance(template, dict):
+        template = template.get("default")
+    if template:
+        writer.add_chat_template(template)
+
+
+def _pre_tokenizer(spec: dict, tok) -> str:
+    """`tokenizer.ggml.pre` for a byte-level tokenizer: the name whose meaning in llama.cpp is
+    the tokenizer's own split (pretokenizers.py). Raises ExportError when llama.cpp has none."""
+    model = spec.get("model") or {}
+    name = pre_tokenizer_name(
+        spec.get("pre_tokenizer"),
+        ignore_merges=bool(model.get("ignore_merges")),
+        clean_spaces=bool(tok.clean_up_tokenization_spaces),
+    )
+    if name is None:
+        raise ExportError(
+            f"GGUF export: llama.cpp has no pre-tokenizer that splits text as "
+            f"{tok.name_or_path or 'this tokenizer'} does (its pre_tokenizer is "
+            f"{json.dumps(spec.get('pre_tokenizer'))[:300]}), so llama.cpp would tokenize text "
+            f"differently; export format='merged' instead"
+        )
+    if spec.get("normalizer") is not None:
+        warnings.warn(
+            f"GGUF export: llama.cpp does not apply the tokenizer's normalizer "
+            f"({spec['normalizer'].get('type')}) to byte-level vocabularies; text it would change "
+            f"is tokenized differently there",
+            stacklevel=4,
+        )
+    return name
+
+
+def _prepends_space(spec: dict) -> bool:
+    nodes = [*_walk(spec.get("pre_tokenizer")), *_walk(spec.get("normalizer"))]
+    return any(
+        n.get("type") == "Metaspace"
+        and n.get("prepend_scheme", "always") != "never"
+        or n.get("type") == "Prepend"
+        for n in nodes
+    )
+
+
+def _walk(node) -> list[dict]:
+    """A tokenizer.json component and the components of its Sequences, flattened."""
+    if not isinstance(node, dict):
+        return []
+    inner = node.get("pretokenizers") or node.get("normalizers")
+    if node.get("type") == "Sequence" and inner:
+        return [node, *(n for child in inner for n in _walk(child))]
+    return [node]
