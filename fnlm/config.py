@@ -74,6 +74,7 @@ class ModelConfig:
     attention_softcap: float | None = None
 
     # rope
+    nope_layers: tuple[int, ...] = ()  # layers whose q, k get no rotary embedding (SmolLM3)
     rope_theta: float = 10000.0
     rope_scaling: tuple = ()  # frozen HF rope parameters beyond theta (rope_type, factor, ...)
     partial_rotary_factor: float = 1.0

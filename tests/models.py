@@ -219,6 +219,36 @@ def _qwen2_moe(draw):
     return transformers.Qwen2MoeConfig(**f)
 
 
+def _smollm3(draw):
+    f = draw(llama_like_fields(bias=True, window=True))
+    f["mlp_bias"] = draw(st.booleans())
+    f["no_rope_layer_interval"] = draw(st.integers(1, 3))
+    f["use_sliding_window"] = draw(st.booleans())
+    f["pad_token_id"] = None  # the defaults lie outside the tiny vocabulary
+    f["bos_token_id"] = f["eos_token_id"] = None
+    return transformers.SmolLM3Config(**f)
+
+
+def _olmo3(draw):
+    f = _implicit_head_dim(draw(llama_like_fields(bias=True, window=True)))
+    f["pad_token_id"] = 0
+    f["eos_token_id"] = None
+    f["rope_scaling"] = draw(st.sampled_from([None, {"rope_type": "linear", "factor": 4.0}]))
+    return transformers.Olmo3Config(**f)
+
+
+def _ministral(draw):
+    f = draw(llama_like_fields(window=True))
+    f["layer_types"] = draw(
+        st.lists(
+            st.sampled_from(["sliding_attention", "full_attention"]),
+            min_size=f["num_hidden_layers"],
+            max_size=f["num_hidden_layers"],
+        )
+    )
+    return transformers.MinistralConfig(**f)
+
+
 # Tiny vision towers: never run (the tests feed text), only built, saved and skipped on load.
 GEMMA3_VISION = dict(
     hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -274,6 +304,9 @@ HF_CONFIGS = {
     "qwen2_moe": _qwen2_moe,
     "gemma3": _gemma3,
     "mistral3": _mistral3,
+    "smollm3": _smollm3,
+    "olmo3": _olmo3,
+    "ministral": _ministral,
 }
 
 # multimodal model_type -> its transformers class (AutoModelForCausalLM does not build Mistral3)

@@ -59,6 +59,22 @@ def mistral3(text=MISTRAL_TEXT, tie=False):
     return config
 
 
+NO_HEAD_DIM = {k: v for k, v in BASE.items() if k != "head_dim"}
+SMOLLM3 = dict(
+    BASE, num_hidden_layers=4, no_rope_layer_interval=2, use_sliding_window=True,
+    sliding_window=3, attention_bias=True, mlp_bias=True, pad_token_id=None,
+    bos_token_id=None, eos_token_id=None,
+)  # fmt: skip
+OLMO3 = dict(
+    NO_HEAD_DIM, num_hidden_layers=4, sliding_window=3, attention_bias=True, pad_token_id=0,
+    eos_token_id=None, rope_theta=1e4, rope_scaling={"rope_type": "linear", "factor": 4.0},
+)  # fmt: skip
+MINISTRAL = dict(
+    BASE, num_hidden_layers=3, sliding_window=3,
+    layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+)  # fmt: skip
+
+
 # (id, config builder): one case per behaviour each new family switches on. The id's first part
 # names the family (the README support table and test_every_family_has_a_flag_case read it).
 NEW_FLAG_CASES = [
@@ -66,6 +82,15 @@ NEW_FLAG_CASES = [
     ("gemma3-untied", lambda: gemma3(tie=False)),
     ("mistral3-untied_window", lambda: mistral3()),
     ("mistral3-tied", lambda: mistral3(tie=True)),
+    ("smollm3-nope_layers_window_biases", lambda: transformers.SmolLM3Config(**SMOLLM3)),
+    (
+        "smollm3-rope_everywhere_no_window",
+        lambda: transformers.SmolLM3Config(
+            **dict(SMOLLM3, no_rope_layer_interval=100, use_sliding_window=False)
+        ),
+    ),
+    ("olmo3-window_scaled_full_rope", lambda: transformers.Olmo3Config(**OLMO3)),
+    ("ministral-mixed_layer_types", lambda: transformers.MinistralConfig(**MINISTRAL)),
 ]
 CASES = dict(NEW_FLAG_CASES)
 
@@ -93,14 +118,21 @@ def test_flag_combinations_match_transformers(case):
 NF4_WIDTHS = dict(hidden_size=64, intermediate_size=128, head_dim=16)  # bitsandbytes' CPU blocks
 
 
-@pytest.mark.parametrize("case", ["gemma3", "mistral3"])
+NF4_CASES = {
+    "gemma3": lambda: gemma3({**GEMMA3_TEXT, **NF4_WIDTHS}),
+    "mistral3": lambda: mistral3({**MISTRAL_TEXT, **NF4_WIDTHS}),
+    "smollm3": lambda: transformers.SmolLM3Config(**dict(SMOLLM3, **NF4_WIDTHS)),
+    "olmo3": lambda: transformers.Olmo3Config(
+        **dict(OLMO3, **NF4_WIDTHS, num_attention_heads=4, num_key_value_heads=2)
+    ),
+    "ministral": lambda: transformers.MinistralConfig(**dict(MINISTRAL, **NF4_WIDTHS)),
+}
+
+
+@pytest.mark.parametrize("case", list(NF4_CASES))
 def test_nf4_logits_match_bitsandbytes(case):
     pytest.importorskip("bitsandbytes")
-    if case == "gemma3":
-        config = gemma3({**GEMMA3_TEXT, **NF4_WIDTHS})
-    else:
-        config = mistral3({**MISTRAL_TEXT, **NF4_WIDTHS})
-    assert_nf4_matches_bitsandbytes(config)
+    assert_nf4_matches_bitsandbytes(NF4_CASES[case]())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,6 +192,12 @@ def test_multimodal_merged_export_is_the_text_model(case, quant, tmp_path):
     # NF4: the export merged into the 16-bit source weights, so it equals the fp32 model + adapter
     ours = fnlm.forward(exact, tokens, lora=lora)
     assert max_rel_error(ref, ours) <= FP32_REL_TOL
+
+
+def test_smollm3_nope_layers_follow_the_interval():
+    config = models.config_from_hf(transformers.SmolLM3Config(**SMOLLM3).to_dict())
+    assert config.nope_layers == (1, 3)
+    assert [config.window(i) for i in range(4)] == [None, 3, None, 3]
 
 
 def test_multimodal_types_are_registered():

@@ -18,15 +18,18 @@ from fnlm.models import (
     gemma3,
     granite,
     llama,
+    ministral,
     mistral,
     mixtral,
     multimodal,
     olmo2,
+    olmo3,
     phi3,
     qwen2,
     qwen2_moe,
     qwen3,
     qwen3_moe,
+    smollm3,
     starcoder2,
 )
 
@@ -50,6 +53,9 @@ FAMILIES: dict[str, ModuleType] = {
         qwen3_moe,
         qwen2_moe,
         multimodal,
+        smollm3,
+        olmo3,
+        ministral,
     )  # fmt: skip
     for t in m.MODEL_TYPES
 }

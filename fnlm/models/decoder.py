@@ -64,8 +64,8 @@ def attention(
     config: ModelConfig,
     p: dict,
     x: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
     mask: torch.Tensor | None,
     kv: tuple | None = None,
 ) -> torch.Tensor:
@@ -77,7 +77,8 @@ def attention(
     """
     batch, seq, _ = x.shape
     q, k, v = project_qkv(config, p, x)
-    q, k = kernels.apply_rope(q, k, cos, sin, interleaved=config.rope_interleaved)
+    if cos is not None:  # None: a layer without rotary embeddings (SmolLM3's NoPE layers)
+        q, k = kernels.apply_rope(q, k, cos, sin, interleaved=config.rope_interleaved)
     # [batch, heads, seq, head_dim]
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if kv is not None:
@@ -229,8 +230,8 @@ def layer_forward(
     config: ModelConfig,
     p: dict,
     x: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
     mask: torch.Tensor | None,
     kv: tuple | None = None,
 ) -> torch.Tensor:
@@ -343,7 +344,7 @@ def hidden_states(
         local = config.local_rope(i)  # Gemma3's sliding layers have their own rope base
         if local not in tables:
             tables[local] = rope_tables(config, positions, local=True)
-        cos, sin = tables[local]
+        cos, sin = tables[local] if i not in config.nope_layers else (None, None)
         if cache is not None:
             if window not in masks:
                 masks[window] = cache_mask(cache_slots, cache["valid"], window)
