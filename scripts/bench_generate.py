@@ -13,6 +13,11 @@ transformers (BitsAndBytesConfig NF4 double quant with bf16 compute, and bf16; S
 - step time (decode only: (T(256) - T(1)) / 255) and the fraction of the weight-reading limit:
   bytes of weights read per step / step time / 3.0 TB/s (an untied embedding table is not
   counted: a step reads one row of it).
+With --parts first-call (issue 19): a repeat call's time against the first call at a new prompt
+length in the same cache-length bucket and at a new bucket (nothing compiles after the process's
+first call: the compiled layer takes the cache length as a dynamic dimension; a new bucket only
+captures a CUDA graph). With --parts serve: fnlm.serve's Engine (continuous batching, no HTTP),
+one stream alone vs --serve-streams concurrent streams of the same length, aggregate tokens/s.
 Prints a table and writes bench_generate.json (to --out, default $OUT or .).
 """
 
@@ -125,6 +130,81 @@ def bench_fnlm(directory: Path, quant, prompts, args) -> dict:
     if args.profile:
         profile(lambda: generate_tokens(params, prompts[:1], max_new_tokens=1), "prefill (TTFT)")
         profile(lambda: generate_tokens(params, prompts[:1], max_new_tokens=64), "64 new tokens")
+    return result
+
+
+def bench_first_call(directory: Path, quant, prompts, args) -> dict:
+    """Seconds of a repeat call vs the first call at a new prompt length (same cache bucket), and
+    vs the first call at a new bucket (then its repeat), batch 1, args.new_tokens new tokens."""
+    import fnlm
+    from fnlm.generate import cache_length, generate_tokens
+
+    params, _ = fnlm.load(directory, quant=quant, dtype=torch.bfloat16, device="cuda")
+    vocab, n = params.config.vocab_size, args.new_tokens
+    g = torch.Generator().manual_seed(1)
+    prompt = lambda length: torch.randint(0, vocab, (1, length), generator=g).tolist()  # noqa: E731
+    call = lambda p: (lambda: generate_tokens(params, p, max_new_tokens=n))  # noqa: E731
+    base = prompts[:1]
+    t_process_first = sync_time(call(base))  # compiles once for the process
+    repeat = median_time(call(base), args)
+    same_bucket = args.prompt_tokens + 72
+    new_bucket = args.prompt_tokens + 472
+    assert cache_length(same_bucket + n) == cache_length(args.prompt_tokens + n)
+    assert cache_length(new_bucket + n) != cache_length(args.prompt_tokens + n)
+    first_same = sync_time(call(prompt(same_bucket)))
+    repeat_same = median_time(call(prompt(same_bucket)), args)
+    fresh = prompt(new_bucket)
+    first_new = sync_time(call(fresh))
+    repeat_new = median_time(call(fresh), args)
+    result = {
+        "process_first_call_s": t_process_first,
+        "repeat_s": repeat, "repeat_tokens_per_s": n / repeat,
+        "new_length_same_bucket": {"prompt": same_bucket, "first_s": first_same,
+                                   "repeat_s": repeat_same, "first_over_repeat": first_same / repeat_same},
+        "new_bucket": {"prompt": new_bucket, "first_s": first_new, "repeat_s": repeat_new,
+                       "first_over_repeat": first_new / repeat_new,
+                       "first_tokens_per_s": n / first_new},
+    }  # fmt: skip
+    print(f"  fnlm {quant or 'bf16'} first call vs repeat: {result}", flush=True)
+    return result
+
+
+def bench_serve(directory: Path, quant, prompts, args) -> dict:
+    """fnlm.serve's Engine: one stream alone vs args.serve_streams streams submitted together,
+    each args.new_tokens greedy tokens after a args.prompt_tokens prompt; aggregate tokens/s."""
+    import threading
+
+    import fnlm
+    from fnlm.serve import Engine, Request
+
+    params, _ = fnlm.load(directory, quant=quant, dtype=torch.bfloat16, device="cuda")
+    streams, n = args.serve_streams, args.new_tokens
+    engine = Engine(params, None, slots=streams, context=args.prompt_tokens + n)
+
+    def run(count: int) -> float:
+        done = threading.Semaphore(0)
+        lengths = []
+        start = time.perf_counter()
+        for i in range(count):
+            on_event = lambda kind, data: (lengths.append(len(data.token_ids)), done.release())  # noqa: E731
+            engine.submit(Request(prompt=prompts[i % len(prompts)], max_tokens=n, on_event=on_event))
+        for _ in range(count):
+            assert done.acquire(timeout=300), "a request did not finish"
+        assert lengths == [n] * count, lengths
+        return time.perf_counter() - start
+
+    try:
+        run(2)  # compile and capture
+        single = statistics.median(run(1) for _ in range(args.repeats))
+        many = statistics.median(run(streams) for _ in range(args.repeats))
+    finally:
+        engine.close()
+    result = {
+        "streams": streams, "single_tokens_per_s": n / single,
+        "aggregate_tokens_per_s": streams * n / many, "ratio": streams * single / many,
+        "most_rows": engine.most_rows,
+    }  # fmt: skip
+    print(f"  fnlm.serve {quant or 'bf16'}: {result}", flush=True)
     return result
 
 
@@ -298,6 +378,9 @@ def main() -> None:
     parser.add_argument("--nf4-route", choices=["fnlm", "bnb"], default="fnlm",
                         help="bnb: experiment, NF4 decode linears through bitsandbytes' GEMV")  # fmt: skip
     parser.add_argument("--profile", action="store_true", help="profile one prefill and one step")
+    parser.add_argument("--parts", type=lambda s: s.split(","), default=["fnlm", "transformers"],
+                        help="comma list of fnlm, transformers, first-call, serve")
+    parser.add_argument("--serve-streams", type=int, default=32)
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "fnlm-bench")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     args = parser.parse_args()
@@ -328,7 +411,10 @@ def main() -> None:
         for quant in quants:
             key = f"{name} {quant}"
             results[key] = {}
-            for who, fn in (("fnlm", bench_fnlm), ("transformers", bench_reference)):
+            parts = {"fnlm": bench_fnlm, "transformers": bench_reference,
+                     "first-call": bench_first_call, "serve": bench_serve}  # fmt: skip
+            for who in args.parts:
+                fn = parts[who]
                 if who == "transformers" and name == "llama-3.1-8b" and quant == "bf16":
                     continue  # no goal for it, and it costs a minute
                 clear()
