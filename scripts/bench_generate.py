@@ -143,7 +143,7 @@ def bench_first_call(directory: Path, quant, prompts, args) -> dict:
     vocab, n = params.config.vocab_size, args.new_tokens
     g = torch.Generator().manual_seed(1)
     prompt = lambda length: torch.randint(0, vocab, (1, length), generator=g).tolist()  # noqa: E731
-    call = lambda p: (lambda: generate_tokens(params, p, max_new_tokens=n))  # noqa: E731
+    call = lambda p: lambda: generate_tokens(params, p, max_new_tokens=n)  # noqa: E731
     base = prompts[:1]
     t_process_first = sync_time(call(base))  # compiles once for the process
     repeat = median_time(call(base), args)
@@ -187,7 +187,9 @@ def bench_serve(directory: Path, quant, prompts, args) -> dict:
         start = time.perf_counter()
         for i in range(count):
             on_event = lambda kind, data: (lengths.append(len(data.token_ids)), done.release())  # noqa: E731
-            engine.submit(Request(prompt=prompts[i % len(prompts)], max_tokens=n, on_event=on_event))
+            engine.submit(
+                Request(prompt=prompts[i % len(prompts)], max_tokens=n, on_event=on_event)
+            )
         for _ in range(count):
             assert done.acquire(timeout=300), "a request did not finish"
         assert lengths == [n] * count, lengths
@@ -378,8 +380,12 @@ def main() -> None:
     parser.add_argument("--nf4-route", choices=["fnlm", "bnb"], default="fnlm",
                         help="bnb: experiment, NF4 decode linears through bitsandbytes' GEMV")  # fmt: skip
     parser.add_argument("--profile", action="store_true", help="profile one prefill and one step")
-    parser.add_argument("--parts", type=lambda s: s.split(","), default=["fnlm", "transformers"],
-                        help="comma list of fnlm, transformers, first-call, serve")
+    parser.add_argument(
+        "--parts",
+        type=lambda s: s.split(","),
+        default=["fnlm", "transformers"],
+        help="comma list of fnlm, transformers, first-call, serve",
+    )
     parser.add_argument("--serve-streams", type=int, default=32)
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "fnlm-bench")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))

@@ -497,3 +497,23 @@ def test_cuda_graph_moe_decode_equals_eager_steps(quant, monkeypatch):
     grouped = moe.matmul(route, rows, stack, grouped=True).float()
     looped = moe.matmul(route, rows, stack, grouped=False).float()
     assert (grouped - looped).abs().max() <= 2**-7 * looped.abs().max()
+
+
+@pytest.mark.gpu
+def test_cuda_second_call_replays_the_kept_graph(monkeypatch):
+    """A second call of the same batch and cache bucket (another prompt length) captures nothing
+    and gives the tokens of a fresh capture; a new bucket captures once more."""
+    import importlib
+
+    step = importlib.import_module("fnlm.generate.step")
+    with saved_checkpoint(tiny_llama(max_position_embeddings=1024)) as (_, directory):
+        params, _ = fnlm.load(directory, quant=None, dtype=torch.float32, device="cuda")
+    captured = []
+    graph_step = step.graph_step
+    monkeypatch.setattr(step, "graph_step", lambda *a: captured.append(1) or graph_step(*a))
+    step.release_graphs()
+    prompts = [[3, 17, 42, 99, 5], [7, 8, 9, 10, 11, 12, 13, 14, 15], list(range(1, 121)) * 3]
+    runs = [generate_tokens(params, [p], max_new_tokens=8, compile=False) for p in prompts]
+    assert len(captured) == 2  # buckets 256 (twice) and 512
+    for prompt, tokens in zip(prompts, runs):
+        assert tokens == [greedy_by_forward(params, prompt, 8)]

@@ -192,7 +192,10 @@ def test_concurrent_clients_share_the_decode(tiny, server):
     ]  # fmt: skip
     expected = {
         (prompt, model): fnlm.generate(
-            params, tok, prompt, max_new_tokens=LOAD_TOKENS,
+            params,
+            tok,
+            prompt,
+            max_new_tokens=LOAD_TOKENS,
             lora=lora if model == "tiny-pirate" else None,
         )  # fmt: skip
         for prompt, model in jobs
@@ -278,6 +281,24 @@ def test_engine_rows_equal_generate_tokens(family):
         assert result.token_ids == expected
         assert result.finish_reason == "length"
     assert len(results[6].token_ids) == 48 - len(jobs[6][0])  # up to the context
+
+
+@pytest.mark.gpu
+def test_engine_on_cuda_equals_generate_tokens():
+    """The graph-captured ring step on CUDA: rows joining mid-decode get generate_tokens' ids."""
+    with saved_checkpoint(tiny_llama(max_position_embeddings=64)) as (_, directory):
+        params, _ = fnlm.load(directory, quant=None, dtype=torch.float32, device="cuda")
+    engine = Engine(params, None, slots=3, compile=False)
+    try:
+        jobs = [
+            ([i + 1, 2 * i + 3, 7][: 1 + i % 3], [20, 6, 9][i % 3], Sampling()) for i in range(7)
+        ]
+        results = run_engine(engine, jobs)
+        assert engine._steps  # captured
+    finally:
+        engine.close()
+    for (prompt, max_tokens, _), result in zip(jobs, results, strict=True):
+        assert result.token_ids == generate_tokens(params, [prompt], max_new_tokens=max_tokens)[0]
 
 
 def test_engine_refuses_bad_requests(tiny):

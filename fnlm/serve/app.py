@@ -200,8 +200,10 @@ def _options(body: dict, chat: bool) -> dict:
         raise ApiError(400, str(e), param=str(e).split()[0], code="invalid_value") from None
     stop = body.get("stop")
     stops = [stop] if isinstance(stop, str) else ([] if stop is None else stop)
-    if not isinstance(stops, list) or len(stops) > MAX_STOPS or not all(
-        isinstance(s, str) and s for s in stops
+    if (
+        not isinstance(stops, list)
+        or len(stops) > MAX_STOPS
+        or not all(isinstance(s, str) and s for s in stops)
     ):
         raise ApiError(400, f"stop must be a non-empty string or a list of at most {MAX_STOPS}",
                        param="stop")  # fmt: skip
