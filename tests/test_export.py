@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 import fnlm
 import fnlm.export
 import fnlm.lora
+from fnlm import default
 from fnlm.errors import ArgumentError, ExportError
 from fnlm.params import leaf_paths
 from tests.models import FP32_REL_TOL, HF_CONFIGS, hf_configs, max_rel_error, saved_checkpoint
@@ -153,6 +154,18 @@ def test_smollm2_gguf_f16_in_transformers_and_fnlm(smol, tmp_path):
         ref = hf_load(tmp_path, gguf_file=path.name)(tokens).logits
     assert max_rel_error(ref, rounded) <= FP32_REL_TOL
     assert max_rel_error(rounded, exact) <= rounding_tol(F16_REL_TOL_PER_LAYER, 30)
+
+    # read from a GGUF, written to one: the tokenizer metadata is the source file's, key for key
+    # (add_eos_token is written where the source left llama.cpp's default, false, implied)
+    source = tokenizer_metadata(Path(default.default_gguf()))
+    written = tokenizer_metadata(path)
+    assert written.pop("tokenizer.ggml.add_eos_token") is False
+    assert written == source and source["tokenizer.ggml.pre"] == "smollm"
+
+
+def tokenizer_metadata(path: Path) -> dict:
+    fields = gguf.GGUFReader(path).fields
+    return {k: f.contents() for k, f in fields.items() if k.startswith("tokenizer.")}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -250,7 +250,8 @@ def _gguf_tokenizer_metadata(writer, tok, vocab_size: int) -> None:
     writer.add_token_types(types)
     if sentencepiece:  # llama.cpp's SentencePiece vocabulary merges by score: earlier = better
         writer.add_token_scores([0.0 if t != NORMAL else -float(i) for i, t in enumerate(types)])
-        writer.add_add_space_prefix(_prepends_space(spec))
+    # (a byte-level one never prepends a space: _pre_tokenizer refuses a ByteLevel that would)
+    writer.add_add_space_prefix(sentencepiece and _prepends_space(spec))
     writer.add_token_merges(merges)
     for name, add in (
         ("bos", writer.add_bos_token_id),
