@@ -171,6 +171,26 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, cli
     assert len(answer.choices[0].text) > 0
 
 
+def test_a_client_leaving_a_stream_frees_its_row(server, client):
+    import time
+
+    engine, _ = server
+    before = engine.steps_run
+    stream = client.completions.create(
+        model="tiny", prompt="Hello", max_tokens=CONTEXT - 6, temperature=0, stream=True,
+        stop=["\x7f\x7f\x7f"],
+    )  # fmt: skip
+    next(iter(stream))
+    stream.close()
+    deadline = time.monotonic() + 30
+    while any(row is not None for row in engine.rows) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(row is None for row in engine.rows)
+    assert engine.steps_run - before < CONTEXT - 7  # left before its last token
+    answer = client.completions.create(model="tiny", prompt="ok", max_tokens=3, temperature=0)
+    assert answer.choices[0].text
+
+
 def raw_request(url: str, body: bytes | None = None) -> tuple[int, dict]:
     """(status, the error object) of a request the openai client would not send."""
     request = urllib.request.Request(url, data=body, headers={"content-type": "application/json"})

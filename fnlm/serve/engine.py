@@ -155,6 +155,11 @@ class Engine:
                 f"the prompt has {len(request.prompt)} tokens; it needs at least one and fewer "
                 f"than the server's context of {self.context}"
             )
+        max_tokens = request.max_tokens
+        if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
+            raise ArgumentError(
+                f"max_tokens must be None or a positive integer, got {max_tokens!r}"
+            )
         if self._closed.is_set():
             raise ArgumentError("the engine is closed")
         self._queue.put(request)
@@ -205,46 +210,52 @@ class Engine:
             request.on_event("error", "the server is shutting down")
 
     def _admit(self) -> None:
-        """Prefill pending requests into free rows, each alone, its cache copied behind t."""
+        """Prefill pending requests into free rows; a request that fails there fails alone."""
         for i in range(self.slots):
-            if self.rows[i] is not None or not self._pending:
-                continue
-            request = self._pending.pop(0)
-            if request.cancelled:
-                continue
-            params = self.models[request.adapter]
-            prompt = request.prompt
-            budget = self.context - len(prompt)
-            if request.max_tokens is not None:
-                budget = min(budget, request.max_tokens)
-            tokens = torch.tensor([prompt], device=self.device)
-            # the cache length fnlm.generate would use for this request alone
-            needed = len(prompt) + budget
-            length = cache_length(needed) if self.compile or self.device.type == "cuda" else needed
-            own = init_cache(params, 1, length, dtype=self.cache_dtype)
-            logits, own = prefill(params, tokens, own)
-            ring = (torch.arange(len(prompt), device=self.device) + self.t - len(prompt)) % (
-                self.context
-            )
-            for layer in range(len(self.cache["k"])):
-                for name in ("k", "v"):
-                    self.cache[name][layer][i].index_copy_(
-                        1, ring, own[name][layer][0, :, : len(prompt)]
-                    )
-            seen = None
-            if request.sampling.repetition_penalty != 1.0:
-                seen = torch.zeros(logits.shape, dtype=torch.bool, device=self.device)
-                seen[0, tokens[0]] = True
-            row = _Row(
-                request=request, budget=budget, count=len(prompt), seen=seen,
-                generator=request.sampling.generator(self.device),
-                text=None if self.tok is None else TextRow(
-                    self.tok, request.stop, self._streamer(request), 0
-                ),
-            )  # fmt: skip
-            self.rows[i] = row
-            token = int(choose(logits, request.sampling, seen=seen, generator=row.generator)[0])
-            self._push(i, token)
+            while self.rows[i] is None and self._pending:
+                request = self._pending.pop(0)
+                if request.cancelled:
+                    continue
+                try:
+                    self._join(i, request)
+                except Exception as e:
+                    traceback.print_exc()
+                    self.rows[i] = None
+                    request.on_event("error", f"{type(e).__name__}: {e}")
+
+    def _join(self, i: int, request: Request) -> None:
+        """Prefill `request` alone (as fnlm.generate would), copy its keys and values into row i's
+        ring just behind t, and choose its first token."""
+        params = self.models[request.adapter]
+        prompt = request.prompt
+        budget = self.context - len(prompt)
+        if request.max_tokens is not None:
+            budget = min(budget, request.max_tokens)
+        tokens = torch.tensor([prompt], device=self.device)
+        # the cache length fnlm.generate would use for this request alone
+        needed = len(prompt) + budget
+        length = cache_length(needed) if self.compile or self.device.type == "cuda" else needed
+        own = init_cache(params, 1, length, dtype=self.cache_dtype)
+        logits, own = prefill(params, tokens, own)
+        ring = (torch.arange(len(prompt), device=self.device) + self.t - len(prompt)) % self.context
+        for layer in range(len(self.cache["k"])):
+            for name in ("k", "v"):
+                self.cache[name][layer][i].index_copy_(
+                    1, ring, own[name][layer][0, :, : len(prompt)]
+                )
+        seen = None
+        if request.sampling.repetition_penalty != 1.0:
+            seen = torch.zeros(logits.shape, dtype=torch.bool, device=self.device)
+            seen[0, tokens[0]] = True
+        stream = self._streamer(request)
+        row = _Row(
+            request=request, budget=budget, count=len(prompt), seen=seen,
+            generator=request.sampling.generator(self.device),
+            text=None if self.tok is None else TextRow(self.tok, request.stop, stream, 0),
+        )  # fmt: skip
+        self.rows[i] = row
+        token = int(choose(logits, request.sampling, seen=seen, generator=row.generator)[0])
+        self._push(i, token)
 
     def _streamer(self, request: Request):
         if not request.stream:
