@@ -10,9 +10,10 @@ every row's new key and value at the same position t mod context (one `decode_st
 decoder, compiled and CUDA-graphed once for the engine's life), and each row's attention mask
 admits only the positions holding its own request's tokens (the last `count` before t, plus t),
 and on sliding-window layers only the last `window` of them. A request joins between two steps:
-its prompt is prefilled alone (the same `prefill` as `fnlm.generate`, on a cache of its own),
-its keys and values are copied into a free row's ring just behind t, and the next step decodes
-it with the others; it leaves when done and its row is free for the next one.
+its prompt is prefilled (the same `prefill` as `fnlm.generate`, on a cache of its own, batched
+with the other requests joining at that step), its keys and values are copied into a free row's
+ring just behind t, and the next step decodes it with the others; it leaves when done and its
+row is free for the next one.
 
 Rows on different adapters (chosen per request by name) run as separate passes of the same step,
 one per adapter in use, each pass's cache writes kept only for its own rows; rows on the same
@@ -210,52 +211,67 @@ class Engine:
             request.on_event("error", "the server is shutting down")
 
     def _admit(self) -> None:
-        """Prefill pending requests into free rows; a request that fails there fails alone."""
-        for i in range(self.slots):
-            while self.rows[i] is None and self._pending:
+        """Prefill pending requests into free rows, those on one adapter as one batch (the
+        prefill is host-bound for small batches: joining together costs what one costs)."""
+        while self._pending and None in self.rows:
+            free = [i for i, row in enumerate(self.rows) if row is None]
+            joining: dict[str | None, list[tuple[int, Request]]] = {}
+            while free and self._pending:
                 request = self._pending.pop(0)
-                if request.cancelled:
-                    continue
+                if not request.cancelled:
+                    joining.setdefault(request.adapter, []).append((free.pop(0), request))
+            for group in joining.values():
                 try:
-                    self._join(i, request)
-                except Exception as e:
+                    self._join(group)
+                except Exception as e:  # these requests fail, the running ones go on
                     traceback.print_exc()
-                    self.rows[i] = None
-                    request.on_event("error", f"{type(e).__name__}: {e}")
+                    for i, request in group:
+                        self.rows[i] = None
+                        request.on_event("error", f"{type(e).__name__}: {e}")
 
-    def _join(self, i: int, request: Request) -> None:
-        """Prefill `request` alone (as fnlm.generate would), copy its keys and values into row i's
-        ring just behind t, and choose its first token."""
-        params = self.models[request.adapter]
-        prompt = request.prompt
-        budget = self.context - len(prompt)
-        if request.max_tokens is not None:
-            budget = min(budget, request.max_tokens)
-        tokens = torch.tensor([prompt], device=self.device)
-        # the cache length fnlm.generate would use for this request alone
-        needed = len(prompt) + budget
+    def _join(self, group: list[tuple[int, Request]]) -> None:
+        """Prefill the requests of one adapter together (left padded, as fnlm.generate batches
+        prompts; one request alone is exactly fnlm.generate's prefill), copy each one's keys and
+        values into its row's ring just behind t, and choose its first token."""
+        params = self.models[group[0][1].adapter]
+        prompts = [request.prompt for _, request in group]
+        width = max(len(p) for p in prompts)
+        budgets = [
+            min(self.context - len(r.prompt), r.max_tokens or self.context) for _, r in group
+        ]
+        tokens = torch.zeros((len(group), width), dtype=torch.long)
+        mask = torch.zeros((len(group), width), dtype=torch.long)
+        for r, prompt in enumerate(prompts):
+            tokens[r, width - len(prompt) :] = torch.tensor(prompt)
+            mask[r, width - len(prompt) :] = 1
+        tokens, mask = tokens.to(self.device), mask.to(self.device)
+        padded = None if len(group) == 1 else mask  # one prompt: no padding, as generate
+        # the cache length fnlm.generate would use for these prompts
+        needed = width + max(budgets)
         length = cache_length(needed) if self.compile or self.device.type == "cuda" else needed
-        own = init_cache(params, 1, length, dtype=self.cache_dtype)
-        logits, own = prefill(params, tokens, own)
-        ring = (torch.arange(len(prompt), device=self.device) + self.t - len(prompt)) % self.context
-        for layer in range(len(self.cache["k"])):
-            for name in ("k", "v"):
-                self.cache[name][layer][i].index_copy_(
-                    1, ring, own[name][layer][0, :, : len(prompt)]
-                )
-        seen = None
-        if request.sampling.repetition_penalty != 1.0:
-            seen = torch.zeros(logits.shape, dtype=torch.bool, device=self.device)
-            seen[0, tokens[0]] = True
-        stream = self._streamer(request)
-        row = _Row(
-            request=request, budget=budget, count=len(prompt), seen=seen,
-            generator=request.sampling.generator(self.device),
-            text=None if self.tok is None else TextRow(self.tok, request.stop, stream, 0),
-        )  # fmt: skip
-        self.rows[i] = row
-        token = int(choose(logits, request.sampling, seen=seen, generator=row.generator)[0])
-        self._push(i, token)
+        own = init_cache(params, len(group), length, attention_mask=padded, dtype=self.cache_dtype)
+        logits, own = prefill(params, tokens, own, attention_mask=padded)
+        for r, ((i, request), budget) in enumerate(zip(group, budgets, strict=True)):
+            n = len(request.prompt)
+            ring = (torch.arange(n, device=self.device) + self.t - n) % self.context
+            for layer in range(len(self.cache["k"])):
+                for name in ("k", "v"):
+                    self.cache[name][layer][i].index_copy_(
+                        1, ring, own[name][layer][r, :, width - n : width]
+                    )
+            seen = None
+            if request.sampling.repetition_penalty != 1.0:
+                seen = torch.zeros((1, logits.shape[-1]), dtype=torch.bool, device=self.device)
+                seen[0, tokens[r, width - n :]] = True
+            stream = self._streamer(request)
+            row = _Row(
+                request=request, budget=budget, count=n, seen=seen,
+                generator=request.sampling.generator(self.device),
+                text=None if self.tok is None else TextRow(self.tok, request.stop, stream, 0),
+            )  # fmt: skip
+            self.rows[i] = row
+            first = choose(logits[r : r + 1], request.sampling, seen=seen, generator=row.generator)
+            self._push(i, int(first[0]))
 
     def _streamer(self, request: Request):
         if not request.stream:
