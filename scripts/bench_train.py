@@ -1,6 +1,6 @@
 """Training speed and memory: fnlm QLoRA vs transformers + peft + bitsandbytes, same GPU, same process.
 
-    python scripts/bench_train.py --model llama-3.2-1b --model llama-3.1-8b [--longest] [--out $OUT]
+    python scripts/bench_train.py --model llama-3.2-1b --model llama-3.1-8b [--trainer] [--longest] [--out $OUT]
 
 For each model: a random-init checkpoint of the real config (built as scripts/bench_generate.py
 builds it), LoRA r=16, alpha=16 on q, k, v, o, gate, up, down, random token batches of
@@ -11,9 +11,14 @@ after --warmup steps.
 - reference: transformers from_pretrained with BitsAndBytesConfig (NF4, double quant, bf16
   compute), SDPA attention, peft get_peft_model, gradient checkpointing (non-reentrant),
   model(input_ids, labels).loss.
+--trainer also times `fnlm.train.train` as a user runs it: a packed synthetic dataset (random
+token documents of 400-2,000 tokens, as text of 300-1,500 words tokenizes), batch x seq packed
+rows, tokens per wall second over the steps after the warm-up (data, logging and the optimizer
+included), and its ratio to the step benchmark above.
 Reported: tokens/s, peak GiB (torch.cuda.max_memory_allocated over the timed steps, weights
 included), MFU = 4 N T / (time x 790e12) (GPU.md; N = parameters of the model), and fnlm / reference
-ratios. --longest: the longest sequence (batch 1) one training step fits in --cap-gib of memory
+ratios, and the GPU-busy fraction of two profiled steps (kernel time, overlaps merged, over the
+span from the first kernel to the last). --longest: the longest sequence (batch 1) one training step fits in --cap-gib of memory
 (torch.cuda.set_per_process_memory_fraction) for fnlm (activation offload to CPU, MLP tiled) and
 the reference. Prints a table and writes bench_train.json (to --out, default $OUT or .).
 """
@@ -33,9 +38,62 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
-from bench_generate import REAL_CONFIGS, clear, write_checkpoint  # noqa: E402
+from bench_generate import clear  # noqa: E402
 
-PEAK_FLOPS = 790e12  # bf16 matmul 8192^3 measured on the H100 (GPU.md)
+PEAK_FLOPS = 790e12  # bf16 matmul 8192^3 measured on the H200 (GPU.md)
+
+# The real configs of the models the training goals name (random weights).
+_LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+REAL_CONFIGS = {
+    "llama-3.2-1b": dict(
+        model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256,
+        max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5,
+        rope_scaling=dict(_LLAMA3_ROPE, factor=32.0), tie_word_embeddings=True,
+    ),
+    "llama-3.1-8b": dict(
+        model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+        max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5,
+        rope_scaling=dict(_LLAMA3_ROPE, factor=8.0), tie_word_embeddings=False,
+    ),
+    "qwen3-4b": dict(
+        model_type="qwen3", hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+        max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+    ),
+    "gemma2-2b": dict(
+        model_type="gemma2", hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+        num_attention_heads=8, num_key_value_heads=4, head_dim=256, vocab_size=256000,
+        max_position_embeddings=8192, rope_theta=10000.0, rms_norm_eps=1e-6,
+        query_pre_attn_scalar=256, sliding_window=4096, attn_logit_softcapping=50.0,
+        final_logit_softcapping=30.0, hidden_activation="gelu_pytorch_tanh",
+        tie_word_embeddings=True,
+    ),
+}  # fmt: skip
+
+
+def write_checkpoint(name: str, directory: Path) -> None:
+    """A random-init bf16 checkpoint of a real config, built on the GPU (kept if already there)."""
+    import transformers
+
+    if (directory / "config.json").is_file():
+        return
+    values = dict(REAL_CONFIGS[name])
+    config = transformers.AutoConfig.for_model(values.pop("model_type"), **values)
+    with torch.device("cuda"):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(directory, max_shard_size="5GB")
+    del model
+    clear()
+
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # --longest tries the goal (12x the reference's 4,096), then the stretch goal if it fits, else
 # shorter lengths until one fits; the reference goes up from 4,096 until one fails.
@@ -44,14 +102,14 @@ REFERENCE_LENGTHS = (4096, 6144, 8192)
 
 
 def parameter_count(name: str) -> int:
-    c = REAL_CONFIGS[name]
-    head_dim = c.get("head_dim", c["hidden_size"] // c["num_attention_heads"])
-    attn = (
-        c["hidden_size"] * head_dim * (2 * c["num_attention_heads"] + 2 * c["num_key_value_heads"])
-    )
-    mlp = 3 * c["hidden_size"] * c["intermediate_size"]
-    embed = c["vocab_size"] * c["hidden_size"] * (1 if c["tie_word_embeddings"] else 2)
-    return c["num_hidden_layers"] * (attn + mlp + 2 * c["hidden_size"]) + embed + c["hidden_size"]
+    """Parameters of the model (a tied embedding counted once), from its config on no device."""
+    import transformers
+
+    values = dict(REAL_CONFIGS[name])
+    config = transformers.AutoConfig.for_model(values.pop("model_type"), **values)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
 
 
 def batch_of(vocab: int, batch: int, seq: int, seed: int = 0) -> dict:
@@ -78,7 +136,15 @@ def timed_steps(step, steps: int, warmup: int) -> list[float]:
 class FnlmRun:
     """fnlm QLoRA: params, adapters, optimizer and a step function for one batch."""
 
-    def __init__(self, directory: Path, *, checkpointing: str, compile: bool, mlp_chunk: int = 0):
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        checkpointing: str,
+        compile: bool,
+        mlp_chunk: int = 0,
+        graphs: bool = False,
+    ):
         import fnlm
         from fnlm import train as train_lib
 
@@ -91,9 +157,13 @@ class FnlmRun:
             self.optimizer, schedule="constant", total_steps=1
         )
         self.layer_fn = train_lib.layer_function(
-            checkpointing, compile=compile, mlp_chunk=mlp_chunk
+            checkpointing, compile=compile, mlp_chunk=mlp_chunk, preserve_rng=False
         )
         self.lora_train = fnlm.lora.train_mode(self.lora)
+        self.graphs = None
+        if graphs:
+            vocab = self.params.config.vocab_size
+            self.graphs = train_lib.StepGraphs(self.tensors, vocab_size=vocab)
 
     def step(self, batch: dict) -> float:
         import fnlm
@@ -103,8 +173,9 @@ class FnlmRun:
             self.params, b, lora=self.lora_train, reduction="sum", layer_fn=self.layer_fn
         )
         result = train_lib.train_step(
-            loss_fn, [batch], self.optimizer, self.scheduler, self.tensors, max_grad_norm=1.0
-        )
+            loss_fn, [batch], self.optimizer, self.scheduler, self.tensors, max_grad_norm=1.0,
+            graphs=self.graphs,
+        )  # fmt: skip
         return result["loss"]
 
 
@@ -171,6 +242,83 @@ def profile(run, vocab: int, args, title: str) -> None:
             sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70
         )
     )
+
+
+def gpu_busy(run, vocab: int, args) -> float:
+    """Fraction of two steps' GPU timeline with a kernel running (overlapping kernels merged),
+    from the first kernel's start to the last one's end; the host gaps between steps count."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    batch = batch_of(vocab, args.batch, args.seq)
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            run.step(batch)
+        torch.cuda.synchronize()
+    spans = sorted(
+        (e.time_range.start, e.time_range.end)
+        for e in prof.events()
+        if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start
+    )
+    if not spans:
+        return float("nan")
+    busy, (start, end) = 0.0, spans[0]
+    for s, e in spans[1:]:
+        if s > end:
+            busy, start = busy + end - start, s
+        end = max(end, e)
+    busy += end - start
+    return busy / (spans[-1][1] - spans[0][0]) if len(spans) > 1 else 1.0
+
+
+def synthetic_documents(vocab: int, count: int, seed: int = 0):
+    """Token documents of 400-2,000 tokens (what text of 300-1,500 words becomes), every token
+    learned: the packed dataset the trainer benchmark runs on."""
+    from fnlm import data as data_lib
+
+    g = torch.Generator().manual_seed(seed)
+    examples = []
+    for _ in range(count):
+        n = int(torch.randint(400, 2001, (1,), generator=g))
+        tokens = torch.randint(0, vocab, (n,), generator=g, dtype=torch.int32)
+        examples.append(data_lib.Example(tokens=tokens, labels=tokens.clone()))
+    return data_lib.TokenizedData(examples, "synthetic", {"examples": count})
+
+
+def trainer(name: str, directory: Path, args, n_params: int) -> dict:
+    """`fnlm.train.train` end to end on packed synthetic documents: tokens per wall second
+    between the end of the warm-up and the end of the last step (callback timestamps)."""
+    import tempfile
+
+    import fnlm
+    from fnlm import train as train_lib
+
+    vocab = REAL_CONFIGS[name]["vocab_size"]
+    steps = args.warmup + args.trainer_steps
+    # ~1,200 tokens a document: enough documents for the steps, packed into batch x seq rows
+    data = synthetic_documents(vocab, int(steps * args.batch * args.seq / 1200 * 1.3) + 8)
+    params, _ = fnlm.load(directory, quant="nf4", dtype=torch.bfloat16, device="cuda")
+    marks: list[tuple[float, int]] = []
+    with tempfile.TemporaryDirectory() as out:
+        config = train_lib.TrainConfig(
+            mode="qlora", out=out, batch_size=args.batch, grad_accum=1,
+            max_seq_length=args.seq, max_steps=steps, checkpointing=args.checkpointing,
+            lr=1e-5, progress=False, save_total_limit=1,
+        )  # fmt: skip
+        torch.cuda.reset_peak_memory_stats()
+        callback = lambda entry: marks.append((time.perf_counter(), entry["tokens"]))
+        train_lib.train(config, params=params, data=data, callback=callback)
+    timed = marks[args.warmup :]
+    seconds = timed[-1][0] - marks[args.warmup - 1][0]
+    tokens = sum(n for _, n in timed)
+    return {
+        "tokens_per_s": tokens / seconds,
+        "step_s": seconds / len(timed),
+        "real_tokens_per_step": tokens / len(timed),
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "mfu": 4 * n_params * tokens / (seconds * PEAK_FLOPS),
+    }
 
 
 def try_lengths(run, vocab: int, lengths) -> dict:
@@ -242,11 +390,19 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--checkpointing", default="layer", choices=["none", "layer", "offload"])
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument(
+        "--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+        help="replay forward + backward as CUDA graphs (what fnlm.train.train does on CUDA)",
+    )  # fmt: skip
     parser.add_argument("--mlp-chunk", type=int, default=8192, help="MLP tile for --longest")
     parser.add_argument("--longest", action="store_true", help="only the longest-sequence search")
     parser.add_argument("--longest-model", default="llama-3.1-8b", choices=sorted(REAL_CONFIGS))
     parser.add_argument("--cap-gib", type=float, default=16.0)
     parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument(
+        "--trainer", action="store_true", help="also time fnlm.train.train on packed documents"
+    )
+    parser.add_argument("--trainer-steps", type=int, default=12)
     parser.add_argument(
         "--profile", action="store_true", help="print the top CUDA kernels of two timed steps"
     )
@@ -271,8 +427,11 @@ def main() -> None:
             (
                 "fnlm",
                 lambda d=directory: FnlmRun(
-                    d, checkpointing=args.checkpointing, compile=args.compile
-                ),
+                    d,
+                    checkpointing=args.checkpointing,
+                    compile=args.compile,
+                    graphs=args.cuda_graphs and args.checkpointing != "offload",
+                ),  # fmt: skip
             ),
             ("reference", lambda d=directory: ReferenceRun(d)),
         ):
@@ -284,6 +443,7 @@ def main() -> None:
                 run = make()
                 entry[who] = throughput(run, vocab, args, n_params)
                 entry[who]["wall_s"] = time.perf_counter() - started
+                entry[who]["gpu_busy"] = gpu_busy(run, vocab, args)
                 if args.profile:
                     profile(run, vocab, args, f"{name} {who}")
             except Exception as e:  # keep the other figures when one side fails
@@ -305,6 +465,15 @@ def main() -> None:
                 clear()
             print(f"  {who}: {entry[who]}", flush=True)
             save()
+        if args.trainer:
+            try:
+                entry["trainer"] = trainer(name, directory, args, n_params)
+            except Exception as e:
+                entry["trainer"] = {"error": f"{type(e).__name__}: {e}"[:500]}
+                traceback.print_exc()
+            finally:
+                clear()
+            print(f"  trainer: {entry['trainer']}", flush=True)
         if "tokens_per_s" in entry.get("fnlm", {}) and "tokens_per_s" in entry.get("reference", {}):
             entry["speedup"] = entry["fnlm"]["tokens_per_s"] / entry["reference"]["tokens_per_s"]
             entry["memory_ratio"] = entry["fnlm"]["peak_gib"] / entry["reference"]["peak_gib"]
@@ -316,18 +485,22 @@ def main() -> None:
         results["longest"] = longest(name, directory, args)
         save()
 
-    print(f"\n{'model':14} {'who':10} {'tokens/s':>10} {'peak GiB':>9} {'MFU':>6}")
+    print(f"\n{'model':14} {'who':10} {'tokens/s':>10} {'peak GiB':>9} {'MFU':>6} {'GPU busy':>9}")
     for name, entry in results["models"].items():
-        for who in ("fnlm", "reference"):
+        for who in ("fnlm", "reference", "trainer"):
             e = entry.get(who, {})
             if "tokens_per_s" in e:
+                busy = f"{e['gpu_busy']:9.1%}" if "gpu_busy" in e else f"{'':9}"
                 print(
-                    f"{name:14} {who:10} {e['tokens_per_s']:10,.0f} {e['peak_gib']:9.2f} {e['mfu']:6.1%}"
+                    f"{name:14} {who:10} {e['tokens_per_s']:10,.0f} {e['peak_gib']:9.2f} {e['mfu']:6.1%} {busy}"
                 )
             elif e:
                 print(f"{name:14} {who:10} failed: {e['error'][:80]}")
         if "speedup" in entry:
             print(f"{name:14} {'ratio':10} {entry['speedup']:9.2f}x {entry['memory_ratio']:8.2f}x")
+        if "tokens_per_s" in entry.get("trainer", {}) and "tokens_per_s" in entry.get("fnlm", {}):
+            share = entry["trainer"]["tokens_per_s"] / entry["fnlm"]["tokens_per_s"]
+            print(f"{name:14} {'trainer/step':12} {share:7.2f}x")
     if "longest" in results:
         r = results["longest"]
         print(

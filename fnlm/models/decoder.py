@@ -406,9 +406,14 @@ def check_tokens(config: ModelConfig, tokens: torch.Tensor) -> None:
             else type(tokens).__name__
         )
         raise ArgumentError(f"tokens must be an integer tensor [batch, seq]; got {got}")
-    if tokens.numel() and not torch.compiler.is_compiling():
+    # (no host sync while compiling or capturing a CUDA graph: the trainer checks ids before)
+    if tokens.numel() and not torch.compiler.is_compiling() and not _capturing():
         low, high = int(tokens.min()), int(tokens.max())
         if low < 0 or high >= config.vocab_size:
             raise ArgumentError(
                 f"token ids must lie in [0, {config.vocab_size}) for this model; got ids from {low} to {high}"
             )
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+

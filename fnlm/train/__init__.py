@@ -31,6 +31,7 @@ from fnlm.train.config import (
     TrainConfig,
     TrainResult,
 )
+from fnlm.train.graphs import StepGraphs
 from fnlm.train.layers import layer_function, tiled_layer_forward
 from fnlm.train.optim import build_optimizer, build_scheduler, lr_factor
 from fnlm.train.plot import plot_losses
@@ -41,7 +42,7 @@ from fnlm.train.stream import Stream
 
 __all__ = [
     "CHECKPOINTING", "CHECKPOINT_PREFIX", "MODES", "OPTIMIZERS", "SCHEDULES", "TMP_PREFIX",
-    "NonFiniteLossError", "Run", "Stream", "TrainConfig", "TrainResult", "Trainable", "build_optimizer",
+    "NonFiniteLossError", "Run", "StepGraphs", "Stream", "TrainConfig", "TrainResult", "Trainable", "build_optimizer",
     "build_scheduler", "evaluate", "layer_function", "list_checkpoints", "load_checkpoint",
     "load_for_training", "lr_factor", "plot_losses", "save_checkpoint", "save_full_model",
     "start", "tiled_layer_forward", "train", "train_step",

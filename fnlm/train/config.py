@@ -71,6 +71,9 @@ class TrainConfig:
     # torch.compile each layer (a str names the backend); None: on CUDA only
     compile: bool | str | None = None
     mlp_chunk: int = 0  # tile the MLP along the sequence in chunks of this many tokens (0: off)
+    # replay each micro-batch's forward + backward as a CUDA graph (one per batch shape);
+    # None: on CUDA when possible (no LoRA dropout, no offload)
+    cuda_graphs: bool | None = None
     # bookkeeping
     save_every: int = 0  # steps between checkpoints (0: only at the end)
     save_total_limit: int = 2  # checkpoints kept (the newest ones)

@@ -109,7 +109,11 @@ def tiled_layer_forward(config, p, x, cos, sin, mask, *, chunk: int):
 
 
 def layer_function(
-    checkpointing: str = "none", *, compile: bool | str = False, mlp_chunk: int = 0
+    checkpointing: str = "none",
+    *,
+    compile: bool | str = False,
+    mlp_chunk: int = 0,
+    preserve_rng: bool = True,
 ) -> Callable:
     """The `layer_fn` for `fnlm.loss`: decoder.layer_forward, optionally MLP-tiled, compiled and
     checkpointed.
@@ -120,6 +124,8 @@ def layer_function(
     compile: torch.compile the layer (one graph reused by every layer of the same shapes); a
     string names the compile backend (e.g. "aot_eager" for tests on CPU).
     mlp_chunk: > 0 tiles the MLP along the sequence (see `tiled_layer_forward`).
+    preserve_rng: "layer" recomputes with the forward's RNG state (needed for dropout only; off,
+    the step can be captured as a CUDA graph, where reading the RNG state is not allowed).
     """
     if checkpointing not in ("none", "layer", "offload"):
         raise ArgumentError(
@@ -143,8 +149,9 @@ def layer_function(
             if not torch.is_grad_enabled():
                 return inner(config, p, x, cos, sin, mask)
             return torch.utils.checkpoint.checkpoint(
-                inner, config, p, x, cos, sin, mask, use_reentrant=False
-            )
+                inner, config, p, x, cos, sin, mask, use_reentrant=False,
+                preserve_rng_state=preserve_rng,
+            )  # fmt: skip
 
         return checkpointed
 

@@ -95,7 +95,7 @@ def advance(run: Run, started: float) -> dict:
     try:
         result = train_step(
             run.loss, batches, run.optimizer, run.scheduler, run.trainable.tensors,
-            max_grad_norm=run.config.max_grad_norm,
+            max_grad_norm=run.config.max_grad_norm, graphs=run.graphs,
         )  # fmt: skip
     except torch.OutOfMemoryError as e:
         shape = "x".join(str(n) for n in batches[0]["tokens"].shape)

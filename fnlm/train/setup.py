@@ -20,6 +20,7 @@ from fnlm.models import decoder
 from fnlm.params import Params, leaf_paths
 from fnlm.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from fnlm.train.config import TrainConfig
+from fnlm.train.graphs import StepGraphs
 from fnlm.train.layers import layer_function
 from fnlm.train.monitor import out_of_memory, report_data, truncate_metrics
 from fnlm.train.optim import build_optimizer, build_scheduler
@@ -55,6 +56,7 @@ class Run:
     layer_fn: object
     device: torch.device
     total_steps: int
+    graphs: StepGraphs | None = None
     step: int = 0
     position: dict = field(default_factory=lambda: {"epoch": 0, "index": 0})
     last_checkpoint: Path | None = None
@@ -89,6 +91,19 @@ class Run:
             keep=self.config.save_total_limit,
         )  # fmt: skip
         return self.last_checkpoint
+
+
+def use_graphs(config: TrainConfig, device: torch.device, checkpointing: str, dropout: bool):
+    """Whether the step runs as CUDA graphs: asked for, or unset and possible (CUDA, no adapter
+    dropout, whose recomputation needs the RNG state, and no offload, which syncs streams)."""
+    possible = device.type == "cuda" and not dropout and checkpointing != "offload"
+    if config.cuda_graphs and not possible:
+        raise ArgumentError(
+            "cuda_graphs=True needs a CUDA device, lora_dropout=0 and checkpointing other than "
+            f"'offload' (device {device.type}, lora_dropout {config.lora_dropout}, "
+            f"checkpointing {checkpointing!r})"
+        )
+    return possible if config.cuda_graphs is None else config.cuda_graphs
 
 
 def prepare_run_dir(config: TrainConfig) -> Path | None:
@@ -168,7 +183,13 @@ def start(config: TrainConfig, *, params=None, tokenizer=None, lora=None, data=N
     if checkpointing == "auto":
         checkpointing = "layer" if device.type == "cuda" else "none"
     compile_layers = device.type == "cuda" if config.compile is None else config.compile
-    layer_fn = layer_function(checkpointing, compile=compile_layers, mlp_chunk=config.mlp_chunk)
+    dropout = config.lora_dropout > 0 and not full
+    layer_fn = layer_function(
+        checkpointing, compile=compile_layers, mlp_chunk=config.mlp_chunk, preserve_rng=dropout
+    )
+    graphs = None
+    if use_graphs(config, device, checkpointing, dropout):
+        graphs = StepGraphs(trainable.tensors, vocab_size=params.config.vocab_size)
 
     pad_id = getattr(tokenizer, "pad_token_id", None)
     stream = Stream(data, config, 0 if pad_id is None else pad_id, device)
@@ -189,6 +210,7 @@ def start(config: TrainConfig, *, params=None, tokenizer=None, lora=None, data=N
         config=config, run_dir=run_dir, params=params, tokenizer=tokenizer, lora=lora, data=data,
         eval_data=eval_data, trainable=trainable, stream=stream, optimizer=optimizer,
         scheduler=scheduler, layer_fn=layer_fn, device=device, total_steps=total_steps,
+        graphs=graphs,
     )  # fmt: skip
     if resume_from is not None:
         state = load_checkpoint(

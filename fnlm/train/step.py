@@ -11,6 +11,7 @@ from fnlm import data as data_lib
 from fnlm import lora as lora_lib
 from fnlm.errors import ArgumentError
 from fnlm.params import Params, leaf_paths, path_name, tree_map
+from fnlm.train.graphs import StepGraphs
 
 
 def train_step(
@@ -21,12 +22,15 @@ def train_step(
     tensors: Sequence[torch.Tensor],
     *,
     max_grad_norm: float | None = 1.0,
+    graphs: StepGraphs | None = None,
 ) -> dict:
     """One optimizer step over several micro-batches (gradient accumulation).
 
     loss_fn(batch) returns the SUMMED token loss of a micro-batch; each is divided by the number
     of trained tokens of the whole step before its backward, so the gradient equals that of one
     big batch holding all micro-batches (not an average of per-micro-batch means).
+    graphs: run each micro-batch's forward + backward through CUDA graphs (`StepGraphs`); the
+    gradients are then zeroed in place instead of dropped.
     Returns {"loss", "grad_norm", "lr", "trained_tokens", "tokens"}; when the loss or gradient
     norm is not finite, no update is made and the returned loss says so.
     """
@@ -34,18 +38,23 @@ def train_step(
     denominator = max(total_tokens, 1)
     summed = None
     for batch in batches:
-        loss = loss_fn(batch)
-        (loss / denominator).backward()
-        summed = loss.detach() if summed is None else summed + loss.detach()
+        if graphs is not None:
+            loss = graphs.backward(loss_fn, batch, denominator)
+        else:
+            loss = loss_fn(batch)
+            (loss / denominator).backward()
+            loss = loss.detach()
+        summed = loss if summed is None else summed + loss
     mean = float(summed) / denominator
     lr = optimizer.param_groups[0]["lr"]
+    set_to_none = graphs is None  # a captured backward adds into the same .grad tensors
     if not math.isfinite(mean):
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=set_to_none)
         return {"loss": mean, "grad_norm": float("nan"), "lr": lr, "trained_tokens": total_tokens}
     limit = max_grad_norm if max_grad_norm else float("inf")
     grad_norm = float(torch.nn.utils.clip_grad_norm_(tensors, limit))
     if not math.isfinite(grad_norm):
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=set_to_none)
         return {
             "loss": float("nan"),
             "grad_norm": grad_norm,
@@ -54,7 +63,7 @@ def train_step(
         }
     optimizer.step()
     scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=set_to_none)
     return {"loss": mean, "grad_norm": grad_norm, "lr": lr, "trained_tokens": total_tokens}
 
 

@@ -1,0 +1,132 @@
+"""The training step's speed machinery keeps the math: CUDA-graph bookkeeping (static inputs,
+in-place gradient accumulation, fallbacks) checked on a CPU by a capture that replays by calling
+the step again, and the GPU path itself under `@pytest.mark.gpu`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from models import saved_checkpoint
+from test_train import load_fp32, random_data, tiny_config
+
+from fnlm import lora as lora_lib
+from fnlm import train as train_lib
+from fnlm.errors import ArgumentError
+from fnlm.loss import loss as model_loss
+
+
+def replaying_capture(fn, pool, stream):
+    """A stand-in for CUDA graph capture: nothing runs at capture time (as on a GPU); each replay
+    runs `fn` again on the same static inputs and writes its output into the captured tensor."""
+    out = torch.zeros(())
+    return (lambda: out.copy_(fn())), out, pool
+
+
+def failing_capture(fn, pool, stream):
+    raise RuntimeError("operation not permitted when stream is capturing")
+
+
+def batches_of(data, config, steps):
+    stream = train_lib.Stream(data, config, 0, torch.device("cpu"))
+    position, out = {"epoch": 0, "index": 0}, []
+    for _ in range(steps):
+        batches, position = stream.take(position, config.grad_accum)
+        out.append(batches)
+    return out
+
+
+def run_steps(params, config, steps, *, capture=None):
+    lora = lora_lib.init(params, r=4, alpha=8, seed=0)
+    named = [(str(i), t) for i, t in enumerate(lora_lib.parameters(lora))]
+    tensors = [t for _, t in named]
+    optimizer = train_lib.build_optimizer(named, lr=3e-3)
+    scheduler = train_lib.build_scheduler(optimizer, schedule="constant", total_steps=steps)
+    graphs = None
+    if capture is not None:
+        graphs = train_lib.StepGraphs(tensors, vocab_size=96, warmup=1, capture=capture)
+    training = lora_lib.train_mode(lora)
+    loss_fn = lambda b: model_loss(params, b, lora=training, reduction="sum")
+    losses = [
+        train_lib.train_step(loss_fn, batches, optimizer, scheduler, tensors, graphs=graphs)["loss"]
+        for batches in steps
+    ]
+    return losses, [t.detach().clone() for t in tensors], graphs
+
+
+def test_graphed_steps_equal_eager_steps():
+    """Batches of two shapes, two micro-batches a step: after the warm-up each shape is captured
+    once and replayed with new data; losses and adapters equal the eager run bit for bit."""
+    data = random_data(n=40)
+    config = train_lib.TrainConfig(
+        out="unused", batch_size=2, grad_accum=2, max_seq_length=32, packing=True,
+        pad_to_multiple=32, progress=False,
+    )  # fmt: skip
+    steps = batches_of(data, config, 6)
+    assert len({train_lib.graphs.signature(b) for s in steps for b in s}) >= 1
+    with saved_checkpoint(tiny_config()) as (_, directory):
+        params = load_fp32(directory)
+        eager_losses, eager_tensors, _ = run_steps(params, config, steps)
+        graph_losses, graph_tensors, graphs = run_steps(
+            params, config, steps, capture=replaying_capture
+        )
+    assert graphs.captured and graphs.failed is None
+    assert graph_losses == eager_losses
+    assert all(torch.equal(a, b) for a, b in zip(graph_tensors, eager_tensors))
+
+
+def test_a_failed_capture_falls_back_to_eager_once():
+    data = random_data(n=16)
+    config = train_lib.TrainConfig(out="unused", batch_size=2, grad_accum=1, max_seq_length=32,
+                                   pad_to_multiple=32, progress=False)  # fmt: skip
+    steps = batches_of(data, config, 4)
+    with saved_checkpoint(tiny_config()) as (_, directory):
+        params = load_fp32(directory)
+        eager_losses, eager_tensors, _ = run_steps(params, config, steps)
+        with pytest.warns(UserWarning, match="could not be captured as a CUDA graph"):
+            losses, tensors, graphs = run_steps(params, config, steps, capture=failing_capture)
+    assert graphs.failed.startswith("RuntimeError") and not graphs.captured
+    assert losses == eager_losses
+    assert all(torch.equal(a, b) for a, b in zip(tensors, eager_tensors))
+
+
+def test_graphed_step_checks_token_ids_before_replay():
+    data = random_data(n=8)
+    config = train_lib.TrainConfig(out="unused", batch_size=2, grad_accum=1, max_seq_length=32,
+                                   pad_to_multiple=32, progress=False)  # fmt: skip
+    steps = batches_of(data, config, 3)
+    steps[2][0]["tokens"][0, 3] = 500  # outside the 96-token vocabulary
+    with saved_checkpoint(tiny_config()) as (_, directory):
+        params = load_fp32(directory)
+        with pytest.raises(ArgumentError, match=r"token ids must lie in \[0, 96\).*500"):
+            run_steps(params, config, steps, capture=replaying_capture)
+
+
+def test_cuda_graphs_option_is_checked():
+    config = train_lib.TrainConfig(out="unused", cuda_graphs=True)
+    with pytest.raises(ArgumentError, match="cuda_graphs=True needs a CUDA device"):
+        train_lib.setup.use_graphs(config, torch.device("cpu"), "none", False)
+    assert not train_lib.setup.use_graphs(
+        train_lib.TrainConfig(out="unused"), torch.device("cpu"), "none", False
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_graphed_training_on_gpu_equals_eager(tmp_path):
+    """fnlm.train.train with CUDA graphs (the default on CUDA) and without: same losses within
+    bf16 rounding of one step's replay (same kernels, same order: equal in practice)."""
+    data = random_data(n=48, longest=60)
+    with saved_checkpoint(tiny_config()) as (_, directory):
+        results = {}
+        for graphs in (False, True):
+            params = load_fp32(directory)
+            params = torch.utils._pytree.tree_map(
+                lambda t: t.cuda() if isinstance(t, torch.Tensor) else t, params
+            )
+            config = train_lib.TrainConfig(
+                out=str(tmp_path / str(graphs)), mode="lora", max_steps=8, batch_size=2,
+                grad_accum=2, max_seq_length=64, progress=False, cuda_graphs=graphs, compile=False,
+            )  # fmt: skip
+            result = train_lib.train(config, params=params, data=data)
+            results[graphs] = result.losses
+    assert results[True] == pytest.approx(results[False], rel=1e-6)
