@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,8 +16,15 @@ MODES = ("qlora", "lora", "full")
 SCHEDULES = ("constant", "linear", "cosine")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit", "paged_adamw32bit")
 CHECKPOINTING = ("auto", "none", "layer", "offload")
+METHODS = ("sft", "dpo", "orpo", "grpo")  # fnlm.train.methods
+TRACKERS = ("tensorboard", "wandb", "mlflow")  # report_to also takes "none" and "all"
 CHECKPOINT_PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
+
+
+def option(default, help: str, *, choices: tuple | None = None):
+    """A TrainConfig field with its `--help` text (and allowed values) as metadata."""
+    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 class NonFiniteLossError(FnlmError):
@@ -25,69 +33,164 @@ class NonFiniteLossError(FnlmError):
 
 @dataclass
 class TrainConfig:
-    """Everything a run needs; `scripts/train.py` fills it from flags or a TOML / YAML file."""
+    """Everything a run needs; `fnlm train` fills it from flags or a TOML / YAML file, whose
+    `--help` shows each field's `help` metadata. transformers / TRL / peft spellings of the
+    options are accepted by `from_dict` (see ALIASES)."""
 
     # what to train on
-    model: str | None = None  # hub id, local dir, .gguf; None: the embedded SmolLM2-135M-Instruct
-    data: str | None = None  # JSONL / JSON / Parquet file, directory, or `datasets` name
-    out: str = "runs/fnlm"
-    eval_data: str | None = None  # a held-out source; else eval_fraction of `data`
-    eval_fraction: float = 0.0
+    model: str | None = option(
+        None, "hub id, local checkpoint directory or .gguf file; unset: the embedded "
+        "SmolLM2-135M-Instruct (offline)",
+    )  # fmt: skip
+    data: str | None = option(
+        None, "training data: a JSONL / JSON / Parquet file, a directory of them, or a `datasets` "
+        "name; rows in chat (messages), ShareGPT (conversations), Alpaca or text format",
+    )  # fmt: skip
+    out: str = option(
+        "runs/fnlm", "the run directory: checkpoints, metrics, final adapter or model"
+    )
+    eval_data: str | None = option(None, "held-out data, as `data`; else eval_fraction of `data`")
+    eval_fraction: float = option(0.0, "fraction of `data` held out for the eval loss, in [0, 1)")
     # model and adapters
-    mode: str = "qlora"  # "qlora" (NF4 base + LoRA) | "lora" (16-bit base + LoRA) | "full"
-    dtype: str | None = None  # None: bf16 on capable GPUs, fp16 on older, fp32 on CPU
-    device: str | None = None
-    fp32_master_weights: bool = False  # full mode on a 16-bit model: optimize fp32 copies
-    r: int = 16
-    alpha: float = 16
-    lora_dropout: float = 0.0
-    targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
-    modules_to_save: tuple[str, ...] = ()  # e.g. ("embed", "lm_head"): trained in full
-    rslora: bool = False
+    mode: str = option(
+        "qlora", "qlora: LoRA over an NF4 base; lora: LoRA over a 16-bit base; full: every weight "
+        "trained", choices=MODES,
+    )  # fmt: skip
+    dtype: str | None = option(
+        None, "compute dtype (bfloat16, float16, float32); unset: bf16 on GPUs that have it, fp16 "
+        "on older GPUs, fp32 on CPU",
+    )  # fmt: skip
+    device: str | None = option(None, "cuda, cuda:1, cpu ...; unset: cuda when available")
+    fp32_master_weights: bool = option(
+        False, "full mode on a 16-bit model: the optimizer updates fp32 copies of the weights"
+    )
+    r: int = option(16, "LoRA rank")
+    alpha: float = option(
+        16, "LoRA alpha; the update is scaled by alpha / r (alpha / sqrt(r) with rslora)"
+    )
+    lora_dropout: float = option(0.0, "dropout on the LoRA input, in [0, 1)")
+    targets: tuple[str, ...] | str = option(
+        ("q", "k", "v", "o", "gate", "up", "down"),
+        "modules given adapters: fnlm names (q k v o gate up down), transformers names (q_proj ...), "
+        "'all-linear', or one regex",
+    )  # fmt: skip
+    modules_to_save: tuple[str, ...] = option(
+        (), "modules trained in full beside the adapters, e.g. embed lm_head"
+    )
+    rslora: bool = option(False, "rank-stabilized LoRA: scale by alpha / sqrt(r)")
     # data
-    max_seq_length: int = 2048
-    packing: bool = True
-    train_on_responses_only: bool = True
-    truncation: bool = True
-    pad_to_multiple: int = 8
+    max_seq_length: int = option(2048, "tokens per row; longer examples are truncated")
+    packing: bool = option(True, "pack several examples into each row (attention kept within each)")
+    train_on_responses_only: bool = option(
+        True, "chat data: the loss counts only the assistant's tokens"
+    )
+    truncation: bool = option(True, "cut examples longer than max_seq_length (else an error)")
+    pad_to_multiple: int = option(8, "pad each batch's length to a multiple of this")
     # optimization
-    optimizer: str = "adamw"
-    lr: float = 2e-4
-    weight_decay: float = 0.0  # never applied to norms and biases (1-D tensors)
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    schedule: str = "linear"
-    warmup_steps: int = 0
-    warmup_ratio: float = 0.0  # used when warmup_steps is 0
-    min_lr_ratio: float = 0.0  # floor of the linear / cosine decay, as a fraction of lr
-    max_grad_norm: float | None = 1.0
-    batch_size: int = 2  # rows per micro-batch
-    grad_accum: int = 4  # micro-batches per optimizer step
-    epochs: float = 1.0
-    max_steps: int | None = None  # overrides epochs
-    seed: int = 3407
+    optimizer: str = option(
+        "adamw", "adamw (torch, fused on CUDA) or bitsandbytes' 8-bit / paged AdamW; transformers' "
+        "names (adamw_torch, adamw_8bit, paged_adamw_8bit) are accepted too", choices=OPTIMIZERS,
+    )  # fmt: skip
+    lr: float = option(2e-4, "peak learning rate")
+    weight_decay: float = option(0.0, "AdamW weight decay, never applied to norms and biases")
+    betas: tuple[float, float] = option((0.9, 0.999), "AdamW betas (two numbers)")
+    eps: float = option(1e-8, "AdamW epsilon")
+    schedule: str = option(
+        "linear", "learning-rate decay after the warm-up, as transformers' schedules",
+        choices=SCHEDULES,
+    )  # fmt: skip
+    warmup_steps: int = option(0, "steps of linear warm-up from 0 to lr")
+    warmup_ratio: float = option(0.0, "warm-up as a fraction of the steps (when warmup_steps is 0)")
+    min_lr_ratio: float = option(0.0, "floor of the linear / cosine decay, as a fraction of lr")
+    max_grad_norm: float | None = option(1.0, "clip the gradient norm to this (unset: no clipping)")
+    batch_size: int = option(2, "rows per micro-batch")
+    grad_accum: int = option(4, "micro-batches per optimizer step")
+    epochs: float = option(1.0, "passes over the data (fractions allowed)")
+    max_steps: int | None = option(None, "optimizer steps to run; overrides epochs")
+    seed: int = option(3407, "seed of the adapters' initialization, the shuffling and dropout")
     # speed and memory
-    checkpointing: str = "auto"  # "none" | "layer" | "offload" (saved inputs to pinned CPU memory)
-    # torch.compile each layer (a str names the backend); None: on CUDA only
-    compile: bool | str | None = None
-    mlp_chunk: int = 0  # tile the MLP along the sequence in chunks of this many tokens (0: off)
-    # replay each micro-batch's forward + backward as a CUDA graph (one per batch shape);
-    # None: on CUDA when possible (no LoRA dropout, no offload)
-    cuda_graphs: bool | None = None
+    checkpointing: str = option(
+        "auto", "activation checkpointing: none, layer (recompute each layer in the backward), "
+        "offload (also keep the saved inputs in pinned CPU memory); auto: layer on CUDA, none on CPU",
+        choices=CHECKPOINTING,
+    )  # fmt: skip
+    compile: bool | str | None = option(
+        None, "torch.compile each layer (a value names the backend); unset: on CUDA only"
+    )
+    mlp_chunk: int = option(
+        0, "tile the MLP along the sequence in chunks of this many tokens (0: off)"
+    )
+    cuda_graphs: bool | None = option(
+        None, "replay each micro-batch's forward + backward as a CUDA graph (one per batch shape); "
+        "unset: on CUDA when possible (no LoRA dropout, no offload)",
+    )  # fmt: skip
     # bookkeeping
-    save_every: int = 0  # steps between checkpoints (0: only at the end)
-    save_total_limit: int = 2  # checkpoints kept (the newest ones)
-    eval_every: int = 0
-    log_every: int = 1
-    resume: bool | str = False  # True: the newest checkpoint of `out`; a path: that checkpoint
-    overwrite: bool = False  # allow a fresh run in an `out` that already has checkpoints
-    progress: bool = True
-    cache_dir: str | None = None
+    save_every: int = option(0, "steps between checkpoints (0: only at the end)")
+    save_total_limit: int = option(2, "checkpoints kept (the newest ones)")
+    eval_every: int = option(0, "steps between eval-loss measurements (0: only at the end)")
+    log_every: int = option(1, "steps between lines of metrics.jsonl (and tracker logs)")
+    report_to: tuple[str, ...] = option(
+        (), "experiment trackers that also get the metrics: tensorboard, wandb, mlflow (each its "
+        "own optional package), none, or all (those installed)",
+    )  # fmt: skip
+    run_name: str | None = option(None, "the run's name in the trackers (default: out's name)")
+    resume: bool | str = option(
+        False, "continue the newest checkpoint of `out`, or the checkpoint directory given"
+    )
+    overwrite: bool = option(False, "start afresh in an `out` that already holds checkpoints")
+    progress: bool = option(True, "show a progress bar")
+    cache_dir: str | None = option(None, "where tokenized data is cached (default: fnlm's cache)")
+    # method: supervised, preference (DPO, ORPO) or RL (GRPO) fine-tuning (fnlm.train.methods)
+    method: str = option(
+        "sft", "sft (supervised), dpo or orpo (prompt / chosen / rejected rows), grpo (prompt "
+        "rows, completions sampled and scored by reward functions)", choices=METHODS,
+    )  # fmt: skip
+    beta: float | None = option(
+        None, "dpo / orpo: weight of the preference term (default 0.1); grpo: KL coefficient "
+        "to the reference, adapters off (default 0: no KL)",
+    )  # fmt: skip
+    loss_type: str | None = option(
+        None, "dpo: sigmoid (default), ipo, hinge, robust; grpo: grpo (default), dr_grpo, bnpo"
+    )
+    label_smoothing: float = option(
+        0.0, "dpo: conservative-DPO smoothing (sigmoid) or label flip rate (robust), in [0, 0.5)"
+    )
+    precompute_ref_log_probs: bool = option(
+        False, "dpo: reference log-probs of every pair computed once before training (always in "
+        "full mode without ref_model)",
+    )  # fmt: skip
+    ref_model: str | None = option(
+        None, "dpo / grpo: a reference checkpoint (default: adapters off, or in full mode the "
+        "starting weights)",
+    )  # fmt: skip
+    rewards: tuple[str, ...] = option(
+        (), "grpo: reward functions, 'package.module:function' or 'file.py:function'"
+    )
+    reward_weights: tuple[float, ...] = option((), "grpo: one weight per reward (default 1 each)")
+    num_generations: int = option(8, "grpo: completions sampled per prompt (one group)")
+    max_prompt_length: int = option(512, "grpo: prompt tokens kept (the last ones)")
+    max_completion_length: int = option(256, "grpo: new tokens per completion at most")
+    temperature: float = option(
+        1.0, "grpo: sampling temperature (the loss's log-probs use it too, as TRL's do)"
+    )
+    top_p: float = option(1.0, "grpo: nucleus sampling (1: off)")
+    top_k: int = option(0, "grpo: top-k sampling (0: off)")
+    num_iterations: int = option(1, "grpo: optimizer steps on each batch of rollouts")
+    epsilon: float = option(0.2, "grpo: clipping range of the probability ratio")
+    epsilon_high: float | None = option(None, "grpo: upper clipping range (default: epsilon)")
+    scale_rewards: str = option(
+        "group", "grpo: advantages divided by the group's reward std (group), the batch's "
+        "(batch) or not at all (none)",
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
-        self.targets = tuple(self.targets)
+        # a string is PEFT's "all-linear" or a regex, as fnlm.lora.init takes it
+        self.targets = self.targets if isinstance(self.targets, str) else tuple(self.targets)
+        self.report_to = report_targets(self.report_to)
         self.modules_to_save = tuple(self.modules_to_save)
         self.betas = tuple(self.betas)
+        self.optimizer = OPTIMIZER_ALIASES.get(self.optimizer, self.optimizer)
+        self.schedule = SCHEDULE_ALIASES.get(self.schedule, self.schedule)
         choices = {
             "mode": MODES,
             "schedule": SCHEDULES,
@@ -99,40 +202,55 @@ class TrainConfig:
                 raise ArgumentError(
                     f"TrainConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}"
                 )
-        for name in ("batch_size", "grad_accum", "max_seq_length", "r", "log_every"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ArgumentError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
-        if self.max_steps is not None and (
-            not isinstance(self.max_steps, int) or self.max_steps < 1
-        ):
-            raise ArgumentError(
-                f"TrainConfig.max_steps must be a positive integer, got {self.max_steps!r}"
-            )
-        if self.max_steps is None and not self.epochs > 0:
-            raise ArgumentError(f"TrainConfig.epochs must be positive, got {self.epochs!r}")
-        if not self.lr > 0:
-            raise ArgumentError(f"TrainConfig.lr must be positive, got {self.lr!r}")
-        if not 0.0 <= self.eval_fraction < 1.0:
-            raise ArgumentError(
-                f"TrainConfig.eval_fraction must lie in [0, 1), got {self.eval_fraction!r}"
-            )
-        if self.eval_every and not (self.eval_data or self.eval_fraction):
-            raise ArgumentError("TrainConfig.eval_every needs eval_data or eval_fraction")
+        check_numbers(self)
+        from fnlm.train.methods.options import check_method  # the methods import fnlm.train
+
+        check_method(self)
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
-        """A config from a dict (e.g. a parsed TOML / YAML file); unknown keys are an error that
-        names them and the closest valid keys."""
+        """A config from a dict (a parsed TOML / YAML file, or flags). Keys may be spelled with
+        dashes, and transformers / TRL / peft names are accepted for the options that have one
+        (`ALIASES`: learning_rate, output_dir, per_device_train_batch_size, lora_r, optim, ...).
+        Raises ArgumentError for unknown keys (naming the closest valid ones), for an option given
+        under two names, and for invalid values (naming the fnlm option and the key it came as)."""
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = [k for k in values if k.replace("-", "_") not in known]
+        given: dict[str, str] = {}  # fnlm name -> the key it was given as
+        options: dict[str, Any] = {}
+        unknown = []
+        for key, value in values.items():
+            name = key.replace("-", "_")
+            if name in known:
+                target = name
+            elif name in ALIASES:
+                target, value = translate_alias(name, value)
+            else:
+                unknown.append(key)
+                continue
+            if target in given:
+                raise ArgumentError(
+                    f"training option {target!r} given twice (as {given[target]!r} and {key!r}); "
+                    "keep one"
+                )
+            given[target] = key
+            options[target] = value
         if unknown:
-            hints = {k: difflib.get_close_matches(k.replace("-", "_"), known, n=1) for k in unknown}
+            names = sorted(known | set(ALIASES))
+            hints = {k: difflib.get_close_matches(k.replace("-", "_"), names, n=1) for k in unknown}
             text = ", ".join(
                 f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items()
             )
             raise ArgumentError(f"unknown training option(s) {text}")
-        return cls(**{k.replace("-", "_"): v for k, v in values.items()})
+        if "betas" in options and isinstance(options["betas"], dict):  # adam_beta1 / adam_beta2
+            options["betas"] = tuple(options["betas"].get(i, d) for i, d in ((0, 0.9), (1, 0.999)))
+        try:
+            return cls(**options)
+        except ArgumentError as e:
+            renamed = [f"{name} (given as {key!r})" for name, key in given.items()
+                       if key.replace("-", "_") != name and f".{name} " in str(e)]  # fmt: skip
+            if not renamed:
+                raise
+            raise ArgumentError(f"{e}; {', '.join(renamed)}") from None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -153,3 +271,175 @@ class TrainResult:
     metrics: Path
     plot: Path | None
     eval_losses: list[tuple[int, float]] = field(default_factory=list)
+
+
+# The transformers TrainingArguments / TRL SFTConfig / peft LoraConfig / Unsloth spelling of an
+# option -> fnlm's name (and, for some, a translation of the value: see translate_alias).
+ALIASES = {
+    "model_name_or_path": "model",
+    "dataset_name": "data",
+    "output_dir": "out",
+    "overwrite_output_dir": "overwrite",
+    "resume_from_checkpoint": "resume",
+    "learning_rate": "lr",
+    "per_device_train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "num_train_epochs": "epochs",
+    "lr_scheduler_type": "schedule",
+    "optim": "optimizer",
+    "adam_beta1": "betas",
+    "adam_beta2": "betas",
+    "adam_epsilon": "eps",
+    "logging_steps": "log_every",
+    "save_steps": "save_every",
+    "eval_steps": "eval_every",
+    "gradient_checkpointing": "checkpointing",
+    "use_gradient_checkpointing": "checkpointing",
+    "torch_compile": "compile",
+    "bf16": "dtype",
+    "fp16": "dtype",
+    "disable_tqdm": "progress",
+    "max_length": "max_seq_length",
+    "assistant_only_loss": "train_on_responses_only",
+    "lora_r": "r",
+    "lora_alpha": "alpha",
+    "target_modules": "targets",
+    "use_rslora": "rslora",
+}
+
+# transformers' names of the optimizers and schedules fnlm has.
+OPTIMIZER_ALIASES = {
+    "adamw_torch": "adamw",
+    "adamw_torch_fused": "adamw",
+    "adamw_8bit": "adamw8bit",
+    "adamw_bnb_8bit": "adamw8bit",
+    "paged_adamw_8bit": "paged_adamw8bit",
+    "paged_adamw_32bit": "paged_adamw32bit",
+}
+SCHEDULE_ALIASES = {"constant_with_warmup": "constant"}  # fnlm's warm-up applies to every schedule
+
+
+def translate_alias(alias: str, value: Any) -> tuple[str, Any]:
+    """(fnlm name, fnlm value) for an option given under its transformers / TRL / peft name."""
+    name = ALIASES[alias]
+    if alias in ("adam_beta1", "adam_beta2"):
+        return name, {int(alias[-1]) - 1: value}
+    if alias in ("gradient_checkpointing", "use_gradient_checkpointing"):
+        # Unsloth's use_gradient_checkpointing="unsloth" offloads the saved inputs to CPU memory.
+        table = {True: "layer", False: "none", "unsloth": "offload"}
+        return name, table.get(value, value) if isinstance(value, bool | str) else value
+    if alias in ("bf16", "fp16"):
+        return name, ({"bf16": "bfloat16", "fp16": "float16"}[alias] if value else None)
+    if alias == "disable_tqdm":
+        return name, not value
+    if (
+        alias == "target_modules"
+        and isinstance(value, list | tuple)
+        and list(value) == ["all-linear"]
+    ):
+        return name, "all-linear"
+    return name, value
+
+
+def report_targets(value) -> tuple[str, ...]:
+    """report_to as a tuple of tracker names: accepts a name, a comma-separated string, a list,
+    "none" (or None / empty) and "all" (every tracker that is installed)."""
+    if value is None:
+        return ()
+    items = [value] if isinstance(value, str) else list(value)
+    names = [n.strip() for item in items for n in str(item).split(",") if n.strip()]
+    if names == ["none"] or not names:
+        return ()
+    if names == ["all"]:
+        import importlib.util
+
+        return tuple(t for t in TRACKERS if importlib.util.find_spec(t) is not None)
+    bad = [n for n in names if n not in TRACKERS]
+    if bad:
+        raise ArgumentError(
+            f"TrainConfig.report_to: unknown tracker(s) {bad}; expected some of {TRACKERS}, "
+            "'none' or 'all'"
+        )
+    return tuple(dict.fromkeys(names))
+
+
+# The numeric options and the values they accept: (kind, low, high, low_open, high_open); kind
+# "int" (bools refused) or "float"; None bounds are unbounded. Each mistake of sign or range
+# (a negative max_grad_norm turns every step into gradient ascent) is refused up front.
+NUMBER_RANGES = {
+    "batch_size": ("int", 1, None),
+    "grad_accum": ("int", 1, None),
+    "max_seq_length": ("int", 1, None),
+    "r": ("int", 1, None),
+    "log_every": ("int", 1, None),
+    "pad_to_multiple": ("int", 1, None),
+    "warmup_steps": ("int", 0, None),
+    "save_every": ("int", 0, None),
+    "save_total_limit": ("int", 0, None),
+    "eval_every": ("int", 0, None),
+    "mlp_chunk": ("int", 0, None),
+    "seed": ("int", None, None),
+    "lr": ("float", 0.0, None, "open"),
+    "alpha": ("float", 0.0, None, "open"),
+    "eps": ("float", 0.0, None, "open"),
+    "weight_decay": ("float", 0.0, None),
+    "warmup_ratio": ("float", 0.0, 1.0),
+    "min_lr_ratio": ("float", 0.0, 1.0),
+    "lora_dropout": ("float", 0.0, 1.0, "high-open"),
+    "eval_fraction": ("float", 0.0, 1.0, "high-open"),
+}
+
+
+def check_numbers(config: TrainConfig) -> None:
+    """ArgumentError naming the option unless every numeric option is of its kind and range
+    (NUMBER_RANGES; also max_steps, epochs, max_grad_norm, betas)."""
+    for name, (kind, low, high, *how) in NUMBER_RANGES.items():
+        _check_number(name, getattr(config, name), kind, low, high, how[0] if how else "")
+    if config.max_steps is not None:
+        _check_number("max_steps", config.max_steps, "int", 1, None, "")
+    elif not _is_number(config.epochs) or not 0 < config.epochs < math.inf:
+        raise ArgumentError(f"TrainConfig.epochs must be positive, got {config.epochs!r}")
+    if config.max_grad_norm is not None:
+        # 0 keeps the meaning transformers gives it (no clipping); a negative norm would make
+        # clip_grad_norm_ flip every gradient (gradient ascent).
+        value = config.max_grad_norm
+        if not _is_number(value) or not 0 <= value < math.inf:
+            raise ArgumentError(
+                f"TrainConfig.max_grad_norm must be a positive number (None or 0: no clipping), "
+                f"got {value!r}"
+            )
+    if len(config.betas) != 2:
+        raise ArgumentError(f"TrainConfig.betas must be two numbers, got {config.betas!r}")
+    for beta in config.betas:
+        _check_number("betas", beta, "float", 0.0, 1.0, "high-open")
+    if config.eval_every and not (config.eval_data or config.eval_fraction):
+        raise ArgumentError("TrainConfig.eval_every needs eval_data or eval_fraction")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_number(name: str, value, kind: str, low, high, how: str) -> None:
+    if kind == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        what = "an integer"
+    else:
+        ok = _is_number(value) and math.isfinite(value)
+        what = "a finite number"
+    low_open, high_open = how == "open", how in ("open", "high-open")
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if ok:
+        return
+    if low is not None and high is not None:
+        what += f" in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    elif (kind, low) == ("int", 1):
+        what = "a positive integer"
+    elif low == 0 and low_open:
+        what = "positive"
+    elif low == 0:
+        what += " >= 0"
+    raise ArgumentError(f"TrainConfig.{name} must be {what}, got {value!r}")

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 
 from fnlm.errors import ArgumentError
-from fnlm.train.config import OPTIMIZERS, SCHEDULES
+from fnlm.train.config import OPTIMIZER_ALIASES, OPTIMIZERS, SCHEDULE_ALIASES, SCHEDULES
 
 
 def build_optimizer(
@@ -26,8 +26,10 @@ def build_optimizer(
 
     name: "adamw" (torch; fused kernel on CUDA), or bitsandbytes' "adamw8bit", "paged_adamw",
     "paged_adamw8bit", "paged_adamw32bit" (paged optimizers move their state to CPU under memory
-    pressure). Raises ArgumentError for an unknown name or no trainable tensors.
+    pressure); transformers' names ("adamw_torch", "adamw_8bit", "paged_adamw_8bit", ...) too.
+    Raises ArgumentError for an unknown name or no trainable tensors.
     """
+    name = OPTIMIZER_ALIASES.get(name, name)
     tensors = [t for _, t in named]
     if not tensors:
         raise ArgumentError("build_optimizer: there are no trainable tensors")
@@ -87,6 +89,7 @@ def build_scheduler(
     min_lr_ratio: float = 0.0,
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR following `lr_factor`; call `.step()` after each optimizer step."""
+    schedule = SCHEDULE_ALIASES.get(schedule, schedule)
     if schedule not in SCHEDULES:
         raise ArgumentError(f"unknown schedule {schedule!r}; expected one of {SCHEDULES}")
     return torch.optim.lr_scheduler.LambdaLR(
