@@ -1,4 +1,4 @@
-"""The NF4 expert GEMV (fnlm.kernels.nf4_moe) and its place in fnlm.models.moe.matmul.
+"""The NF4 expert GEMV (fnlm.kernels.nf4_expert_gemv) and its place in fnlm.models.moe.matmul.
 
 Each row times its own expert's matrix from an NF4 stack [E·out, in]: equal to dequantize-then-
 matmul within one rounding into the output dtype plus the fp32 dot-product bound (the bound of
@@ -14,9 +14,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import fnlm.quant as Q
+from fnlm import kernels
 from fnlm.config import ModelConfig
 from fnlm.errors import ArgumentError
-from fnlm.kernels import kernel_backend, nf4_moe
+from fnlm.kernels import kernel_backend
 from fnlm.models import moe
 from tests.test_quant import _assert_within_dot_bound
 
@@ -39,11 +40,15 @@ def _stack(experts, out_features, in_features, dtype, seed, nested=True, device=
 
 
 def _check(w, x, owner, experts):
-    y = nf4_moe.expert_gemv(x, owner, w, experts)
-    assert y.shape == (x.shape[0], w.shape[0] // experts) and y.dtype == x.dtype
     dense = w.dequantize(triton=False).view(experts, -1, w.shape[1])
-    for i, e in enumerate(owner.tolist()):
-        _assert_within_dot_bound(f"expert_gemv row {i}", y[i : i + 1], x[i : i + 1], dense[e])
+    for backend in ("triton", "torch"):  # the kernel (interpreter on CPU), the reference
+        with kernel_backend(backend):
+            y = kernels.nf4_expert_gemv(x, owner, w, experts)
+        assert y.shape == (x.shape[0], w.shape[0] // experts) and y.dtype == x.dtype
+        for i, e in enumerate(owner.tolist()):
+            _assert_within_dot_bound(
+                f"expert_gemv ({backend}) row {i}", y[i : i + 1], x[i : i + 1], dense[e]
+            )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -68,12 +73,12 @@ def test_expert_gemv_matches_dequantize_matmul(
 def test_expert_gemv_rejects_what_it_does_not_take():
     w = _stack(2, 4, 96, torch.bfloat16, 0)  # 1.5 blocks per row
     with pytest.raises(ArgumentError, match="in % blocksize"):
-        nf4_moe.expert_gemv(
+        kernels.nf4_expert_gemv(
             torch.randn(1, 96, dtype=torch.bfloat16), torch.zeros(1, dtype=torch.long), w, 2
         )
     w = _stack(2, 4, 64, torch.bfloat16, 0)
     with pytest.raises(ArgumentError, match="owner"):
-        nf4_moe.expert_gemv(
+        kernels.nf4_expert_gemv(
             torch.randn(3, 64, dtype=torch.bfloat16), torch.zeros(2, dtype=torch.long), w, 2
         )
 
@@ -95,8 +100,8 @@ def test_matmul_takes_the_expert_gemv_for_few_rows_without_grad(monkeypatch):
     w = _stack(8, 24, 64, torch.bfloat16, 1)
     rows = torch.randn(10, 64, generator=torch.Generator().manual_seed(2)).bfloat16()
     calls = []
-    gemv = nf4_moe.expert_gemv
-    monkeypatch.setattr(nf4_moe, "expert_gemv", lambda *a: calls.append(1) or gemv(*a))
+    gemv = kernels.nf4_expert_gemv
+    monkeypatch.setattr(kernels, "nf4_expert_gemv", lambda *a: calls.append(1) or gemv(*a))
     with kernel_backend("triton"):
         route = _route(8, 1, 2, 0)  # 2 rows for 8 experts
         y = moe.matmul(route, rows[:2], w)
@@ -121,7 +126,7 @@ def test_expert_gemv_on_cuda(dtype):
     g = torch.Generator().manual_seed(4)
     x = torch.randn(rows, 256, generator=g).to("cuda", dtype)
     owner = torch.randint(0, experts, (rows,), generator=g).cuda()
-    y = nf4_moe.expert_gemv(x, owner, w, experts).cpu()
+    y = kernels.nf4_expert_gemv(x, owner, w, experts).cpu()
     dense = w.dequantize(triton=False).view(experts, -1, 256).cpu()
     for i, e in enumerate(owner.tolist()):
         _assert_within_dot_bound(f"row {i}", y[i : i + 1], x[i : i + 1].cpu(), dense[e])

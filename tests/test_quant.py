@@ -20,9 +20,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import fnlm.quant as Q
+from fnlm import kernels
 from fnlm.errors import ArgumentError, CheckpointError, QuantError
 from fnlm.kernels import kernel_backend
-from fnlm.kernels.nf4 import dequantize_nf4, dequantize_nf4_reference, nf4_gemv, nf4_gemv_fwd
+from fnlm.kernels.nf4 import NF4_CODE, dequantize_nf4, dequantize_nf4_reference, nf4_gemv_fwd
 from fnlm.lora.linear import lora_linear, lora_linear_reference
 from fnlm.quant.fp8 import (
     FP8_FP32_SLACK,
@@ -147,7 +148,7 @@ def test_nf4_dequantize_rounds_ties_to_even(dtype):
     packed = torch.full((16,), 0xF0, dtype=torch.uint8)  # (+1, -1) in every block
     args = (packed, absmax, None, None, None, None, [32], 2, 256, dtype)
     got = dequantize_nf4(*args)
-    want = dequantize_nf4_reference(packed, absmax, torch.tensor(Q.nf4.NF4_CODE), *args[3:])
+    want = dequantize_nf4_reference(packed, absmax, torch.tensor(NF4_CODE), *args[3:])
     assert torch.equal(got, want)
     assert torch.equal(
         want, torch.stack([absmax, -absmax], 1).reshape(-1).to(dtype)
@@ -174,6 +175,11 @@ def _assert_within_dot_bound(name, y, x, w_dense, bias=None):
 GEMV_DTYPES = (torch.bfloat16, torch.float16)  # what the fused GEMV takes (16-bit compute)
 
 
+def nf4_gemv(x, w, bias=None):
+    """The door's GEMV on its Triton path (the interpreter on CPU)."""
+    return kernels.nf4_gemv(x, w, bias, triton=True)
+
+
 @pytest.mark.parametrize("batch", [1, 5])
 @pytest.mark.parametrize("dtype", GEMV_DTYPES)
 @given(out_features=st.integers(1, 40), blocks=st.integers(1, 5), bias=st.booleans())
@@ -187,6 +193,8 @@ def test_nf4_gemv_matches_dequantize_matmul(out_features, blocks, bias, dtype, b
     y = nf4_gemv(x, w, b)
     assert y.shape == (batch, out_features) and y.dtype == dtype
     _assert_within_dot_bound("nf4_gemv", y, x, w_dense, b)
+    y_reference = kernels.nf4_gemv(x, w, b, triton=False)
+    _assert_within_dot_bound("nf4_gemv reference", y_reference, x, w_dense, b)
     # several steps per split, a last step past the split's end, and split-K (fp32 partial sums):
     # 2 blocks per step, 2 splits
     parts = (
@@ -214,7 +222,7 @@ def test_nf4_gemv_every_code_and_no_double_quant(dtype):
     packed = torch.arange(256, dtype=torch.uint8).repeat(in_features * 16 // 2 // 256 + 1)
     packed = packed[: 16 * in_features // 2].reshape(-1, 1)
     absmax = torch.linspace(0.5, 3.0, 16 * in_features // 64)
-    code = torch.tensor(Q.nf4.NF4_CODE)
+    code = torch.tensor(NF4_CODE)
     w = Q.NF4Weight(packed, absmax, code, None, None, None, shape=(16, in_features), dtype=dtype)
     w_dense = w.dequantize(triton=False)
     x = torch.eye(in_features, dtype=dtype)[:8]
@@ -228,6 +236,8 @@ def test_nf4_gemv_rejects_what_it_does_not_take():
     w = Q.quantize(_weight((4, 64), torch.float32), "nf4", compute_dtype=torch.float32)
     with pytest.raises(ArgumentError, match="float32"):
         nf4_gemv(torch.randn(1, 64), w)
+    with pytest.raises(ArgumentError, match="float32"):  # the reference takes the same cases
+        kernels.nf4_gemv(torch.randn(1, 64), w, triton=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,7 +257,7 @@ def _quantized(mode, shape, dtype, seed=5):
 def test_linear_matches_dequantized_autograd(mode, backend, monkeypatch):
     """Forward and grads of x and bias equal F.linear on the dequantized weight, bit for bit (fp32:
     the fused GEMV, which takes 16-bit x only, stays out even when switched on for 8 rows)."""
-    monkeypatch.setattr(Q, "GEMV_MAX_ROWS", 8)
+    monkeypatch.setattr(Q.matmul, "GEMV_MAX_ROWS", 8)
     w = _quantized(mode, (48, 64), torch.float32)
     w_dense = w.dequantize(triton=False)
     for rows in (3, 20):  # GEMV on the Triton path / dequantize + matmul
@@ -267,11 +277,11 @@ def test_linear_matches_dequantized_autograd(mode, backend, monkeypatch):
 def test_linear_sends_few_16bit_rows_to_the_gemv(monkeypatch):
     """NF4, bf16, Triton path: at most GEMV_MAX_ROWS rows go to the fused GEMV, more to
     dequantize + matmul; in_features not a whole number of blocks always to the latter."""
-    monkeypatch.setattr(Q, "GEMV_MAX_ROWS", 4)
+    monkeypatch.setattr(Q.matmul, "GEMV_MAX_ROWS", 4)
     calls = []
-    real_gemv = Q.nf4_gemv_fwd
+    real_gemv = kernels.nf4_gemv
     monkeypatch.setattr(
-        Q, "nf4_gemv_fwd", lambda x, *a, **k: calls.append(x.shape) or real_gemv(x, *a, **k)
+        kernels, "nf4_gemv", lambda x, *a, **k: calls.append(x.shape) or real_gemv(x, *a, **k)
     )
     for in_features, rows, gemv in ((128, 4, True), (128, 5, False), (96, 2, False)):
         w = _quantized("nf4", (24, in_features), torch.bfloat16)

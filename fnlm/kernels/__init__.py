@@ -1,6 +1,13 @@
-"""fnlm kernels: one switch in front of the Triton kernels and their plain-torch references.
+"""fnlm kernels: the one door to every Triton kernel, in front of their plain-torch references.
 
-Every function here has the same signature on both paths and is differentiable. On CUDA tensors
+One file per op (Liger-Kernel's `ops/` layout): its `@triton.jit` kernels, a launcher per
+direction, the torch custom-op registration and the plain-torch reference. The rest of fnlm calls
+the functions here, never those files: rms_norm, apply_rope, swiglu, geglu,
+fused_linear_cross_entropy (differentiable), and the frozen-weight NF4 ops nf4_dequantize, nf4_gemv
+and nf4_expert_gemv (no autograd: fnlm.quant builds the differentiable linear on them). Kernels
+read quantized weights through their attributes (`nf4.NF4Layout`) and never import fnlm.quant.
+
+Every function here has the same signature on both paths. On CUDA tensors
 the Triton kernels run (as torch custom ops, so torch.compile(fullgraph=True) traces them as
 single nodes); elsewhere the references run, except the fused cross-entropy, which always uses its
 chunked algorithm (with torch instead of Triton for the per-row part) so the full logits never exist.
@@ -22,10 +29,32 @@ from fnlm.kernels.cross_entropy import (
     fused_linear_cross_entropy_reference,
 )
 from fnlm.kernels.glu import geglu_reference, glu_op, swiglu_reference
+from fnlm.kernels.nf4 import (
+    GEMV_MAX_BATCH,
+    NF4_CODE,
+    NF4Layout,
+    dequantize_nf4,
+    dequantize_nf4_reference,
+    nf4_args,
+    nf4_dequantize_op,
+    nf4_gemv_fwd,
+    nf4_gemv_op,
+    nf4_gemv_reference,
+)
+from fnlm.kernels.nf4 import gemv_supported as nf4_gemv_supported
+from fnlm.kernels.nf4_moe import (
+    check_expert_gemv,
+    expert_gemv_op,
+    expert_gemv_reference,
+)
+from fnlm.kernels.nf4_moe import expert_gemv_supported as nf4_expert_gemv_supported
 from fnlm.kernels.rmsnorm import rms_norm_op, rms_norm_reference
 from fnlm.kernels.rope import apply_rope_reference, rope_op
 
 __all__ = [
+    "GEMV_MAX_BATCH",
+    "NF4_CODE",
+    "NF4Layout",
     "apply_rope",
     "apply_rope_reference",
     "fused_linear_cross_entropy",
@@ -33,6 +62,11 @@ __all__ = [
     "geglu",
     "geglu_reference",
     "kernel_backend",
+    "nf4_dequantize",
+    "nf4_expert_gemv",
+    "nf4_expert_gemv_supported",
+    "nf4_gemv",
+    "nf4_gemv_supported",
     "rms_norm",
     "rms_norm_reference",
     "swiglu",
@@ -213,3 +247,56 @@ def fused_linear_cross_entropy(
         int(chunk_rows),
     )
     return loss
+
+
+def nf4_dequantize(w: NF4Layout, *, triton: bool | None = None) -> torch.Tensor:
+    """w's weight [out, in] in w.dtype, bit-exact with bitsandbytes' dequantize_4bit.
+
+    triton: force the kernel (True) or the reference (False); None: `use_triton(w.packed)`.
+    Under torch.compile the kernel is its custom op; run eagerly (as inside the linear and LoRA
+    custom ops of a compiled training step) the launcher is called directly, which saves the op
+    dispatch on each of the step's ~20 dequantizes per layer.
+    """
+    if triton is None:
+        triton = use_triton(w.packed)
+    args = (*nf4_args(w), w.dtype)
+    if not triton:
+        return dequantize_nf4_reference(*args)
+    if torch.compiler.is_compiling():
+        return nf4_dequantize_op(*args)
+    return dequantize_nf4(*args)
+
+
+def nf4_gemv(
+    x: torch.Tensor,
+    w: NF4Layout,
+    bias: torch.Tensor | None = None,
+    *,
+    triton: bool | None = None,
+) -> torch.Tensor:
+    """Fused NF4 GEMV for decode: x [batch <= ~8, in] @ dequantize(w).T (+ bias) -> [batch, out]
+    in x's dtype, reading each weight byte once and never materializing the 16-bit weight; the
+    weights are rounded to x's dtype first, as dequantize-then-matmul would see them.
+
+    triton: as in `nf4_dequantize` (None: `use_triton(x)`). Raises ArgumentError unless
+    `nf4_gemv_supported(x.dtype, w.shape, w.blocksize)` (bf16/fp16 x, whole blocks per row).
+    """
+    if triton is None:
+        triton = use_triton(x)
+    if not triton:
+        return nf4_gemv_reference(x, *nf4_args(w), bias)
+    if torch.compiler.is_compiling():
+        return nf4_gemv_op(x, *nf4_args(w), bias)
+    return nf4_gemv_fwd(x, *nf4_args(w), bias)
+
+
+def nf4_expert_gemv(x: torch.Tensor, owner: torch.Tensor, w, experts: int) -> torch.Tensor:
+    """out[i] = x[i] @ W[owner[i]]^T for x [rows, in], owner [rows] expert indices (on x's
+    device), w an NF4 stack [E·out, in] (an NF4Weight: its tensors() and meta() are read); out
+    [rows, out] in x's dtype. Reads only the chosen experts' bytes; the expert of each row is read
+    on the device (CUDA-graph capturable). Not differentiable (a decode kernel). Raises
+    ArgumentError unless `nf4_expert_gemv_supported(x, w, experts)` and owner is [rows]."""
+    check_expert_gemv(x, owner, w, experts)
+    if use_triton(x):
+        return expert_gemv_op(x.contiguous(), owner, w.tensors(), w.meta(), experts)
+    return expert_gemv_reference(x, owner, w.tensors(), w.meta(), experts)

@@ -15,9 +15,17 @@ absmax as a separate multiply and add (no fused multiply-add: bitsandbytes runs 
 and one round-to-nearest-even into the output dtype at the end. The kernels hold the NF4 table as
 constants (a select tree, as bitsandbytes' CUDA kernel does); `fnlm.quant.NF4Weight` checks a
 loaded table against it.
+
+Reached through `fnlm.kernels` (`nf4_dequantize`, `nf4_gemv`), which switches between the Triton
+launchers, their custom ops (under torch.compile) and the plain-torch references below. The
+kernels read a weight through the attributes of `NF4Layout` (fnlm.quant.NF4Weight has them);
+this file never imports fnlm.quant.
 """
 
+from typing import Protocol
+
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -30,6 +38,32 @@ NF4_CODE = (
     0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
 )  # fmt: skip
+
+
+class NF4Layout(Protocol):
+    """What the NF4 kernels read of a weight (the bitsandbytes layout above); `dtype` is the
+    compute dtype, `nested_*` and `offset` are None without double quantization."""
+
+    packed: torch.Tensor
+    absmax: torch.Tensor
+    code: torch.Tensor
+    nested_absmax: torch.Tensor | None
+    nested_code: torch.Tensor | None
+    offset: torch.Tensor | None
+    shape: torch.Size
+    dtype: torch.dtype
+    blocksize: int
+    nested_blocksize: int
+
+
+def nf4_args(w: NF4Layout) -> tuple:
+    """The launchers' and custom ops' leading arguments for w: (packed, absmax, code,
+    nested_absmax, nested_code, offset, shape, blocksize, nested_blocksize)."""
+    return (
+        w.packed, w.absmax, w.code, w.nested_absmax, w.nested_code, w.offset,
+        list(w.shape), w.blocksize, w.nested_blocksize,
+    )  # fmt: skip
+
 
 # ----------------------------------------------------------------------------------------------
 # Triton kernels
@@ -482,6 +516,21 @@ def gemv_supported(x_dtype: torch.dtype, shape, blocksize: int) -> bool:
     )
 
 
+def check_gemv(x: torch.Tensor, shape, blocksize: int, nested_blocksize: int) -> None:
+    """Raise ArgumentError unless the GEMV takes x [batch, in] for a weight of `shape`."""
+    _check(x.dtype, blocksize, nested_blocksize, "nf4_gemv")
+    n_in = shape[1]
+    if x.dim() != 2 or x.shape[1] != n_in:
+        raise ArgumentError(
+            f"nf4_gemv: x must be [batch, {n_in}] for a weight of shape {list(shape)}, got {list(x.shape)}"
+        )
+    if not gemv_supported(x.dtype, shape, blocksize):
+        raise ArgumentError(
+            f"nf4_gemv: needs a bf16/fp16 x and whole quantization blocks per row, got {x.dtype}, "
+            f"in_features={n_in}, blocksize={blocksize}; use dequantize + matmul instead"
+        )
+
+
 def nf4_gemv_fwd(
     x: torch.Tensor,
     packed: torch.Tensor,
@@ -500,17 +549,8 @@ def nf4_gemv_fwd(
     W given as NF4 parts (see `dequantize_nf4`) with in % blocksize == 0 (`gemv_supported`). The
     weight is dequantized in registers, rounded to x's dtype first, as dequantize-then-matmul
     would. `config` overrides `_gemv_config` (benchmarks, tests). Raises ArgumentError otherwise."""
-    _check(x.dtype, blocksize, nested_blocksize, "nf4_gemv")
+    check_gemv(x, shape, blocksize, nested_blocksize)
     n_out, n_in = shape
-    if x.dim() != 2 or x.shape[1] != n_in:
-        raise ArgumentError(
-            f"nf4_gemv: x must be [batch, {n_in}] for a weight of shape {list(shape)}, got {list(x.shape)}"
-        )
-    if not gemv_supported(x.dtype, shape, blocksize):
-        raise ArgumentError(
-            f"nf4_gemv: needs a bf16/fp16 x and whole quantization blocks per row, got {x.dtype}, "
-            f"in_features={n_in}, blocksize={blocksize}; use dequantize + matmul instead"
-        )
     if packed.data_ptr() % 4:
         raise ArgumentError("nf4_gemv: the packed weight must start on a 4-byte boundary")
     if x.stride(1) != 1 or x.stride(0) % 4 or x.data_ptr() % 8:
@@ -551,22 +591,10 @@ def nf4_gemv_fwd(
     return y
 
 
-def nf4_gemv(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Fused NF4 GEMV for decode: x [batch <= ~8, in] @ dequantize(w).T (+ bias) -> [batch, out],
-    reading each weight byte once and never materializing the 16-bit weight. `w` is an `NF4Weight`."""
-    return nf4_gemv_fwd(x, *_weight_parts(w), bias)
-
-
-def _weight_parts(w) -> tuple:
-    return (
-        w.packed, w.absmax, w.code, w.nested_absmax, w.nested_code, w.offset,
-        list(w.shape), w.blocksize, w.nested_blocksize,
-    )  # fmt: skip
-
-
 # ----------------------------------------------------------------------------------------------
 # Custom ops (opaque to torch.compile; no autograd: the quantized weight is frozen, and the
-# differentiable linear ops in fnlm.quant / fnlm.kernels.lora_linear call the launchers directly)
+# differentiable linear ops of fnlm.quant.matmul / fnlm.lora.linear run eagerly inside their own
+# custom ops, where fnlm.kernels calls the launchers directly)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -694,3 +722,27 @@ def dequantize_nf4_reference(
     values = torch.nn.functional.pad(values, (0, blocks * blocksize - n))
     values = (values.view(blocks, blocksize) * absmax[:, None]).view(-1)[:n]
     return values.to(dtype).view(shape)
+
+
+def nf4_gemv_reference(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    nested_absmax: torch.Tensor | None,
+    nested_code: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    shape: list[int],
+    blocksize: int,
+    nested_blocksize: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Plain-torch GEMV with the kernel's arithmetic: the weight dequantized and rounded to x's
+    dtype, products summed in fp32 (bias added there), one rounding into x's dtype."""
+    check_gemv(x, shape, blocksize, nested_blocksize)
+    w = dequantize_nf4_reference(
+        packed, absmax, code, nested_absmax, nested_code, offset, shape, blocksize,
+        nested_blocksize, x.dtype,
+    )  # fmt: skip
+    y = F.linear(x.float(), w.float(), None if bias is None else bias.float())
+    return y.to(x.dtype)

@@ -7,7 +7,9 @@ compute dtype, as dequantize-then-matmul would) and accumulates in fp32. The exp
 read on the device, so a decode step that calls it can be captured in a CUDA graph.
 
 The stack is the NF4 matrix [E·out, in] of `fnlm.models.moe` (see `fnlm.kernels.nf4` for the
-layout); expert e's rows are e·out .. (e+1)·out - 1.
+layout); expert e's rows are e·out .. (e+1)·out - 1. It is given as `NF4Weight.tensors()` and
+`.meta()`: [packed, absmax, code (, nested_absmax, nested_code, offset)] and
+[rows, in, blocksize, nested_blocksize, nested]. Reached through `fnlm.kernels.nf4_expert_gemv`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import triton
 import triton.language as tl
 
 from fnlm.errors import ArgumentError
-from fnlm.kernels.nf4 import _block_absmax, _nf4_value, _round_to
+from fnlm.kernels.nf4 import _block_absmax, _nf4_value, _round_to, dequantize_nf4_reference
 
 _OUT_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
@@ -76,10 +78,8 @@ def expert_gemv_supported(x: torch.Tensor, w, experts: int) -> bool:
     )
 
 
-def expert_gemv(x: torch.Tensor, owner: torch.Tensor, w, experts: int) -> torch.Tensor:
-    """out[i] = x[i] @ W[owner[i]]^T for x [rows, in], owner [rows] expert indices (on x's
-    device), w an NF4 stack [E·out, in]; out [rows, out] in x's dtype. Not differentiable (a
-    decode kernel): callers use it without grad. One custom op, opaque to torch.compile."""
+def check_expert_gemv(x: torch.Tensor, owner: torch.Tensor, w, experts: int) -> None:
+    """Raise ArgumentError unless `expert_gemv_supported` and owner is [rows]."""
     if not expert_gemv_supported(x, w, experts):
         raise ArgumentError(
             f"expert_gemv: needs x [rows, {w.shape[1]}] (float) and an NF4 stack [E·out, in] with "
@@ -88,14 +88,12 @@ def expert_gemv(x: torch.Tensor, owner: torch.Tensor, w, experts: int) -> torch.
         )
     if owner.shape != (x.shape[0],):
         raise ArgumentError(f"expert_gemv: owner must be [{x.shape[0]}], got {list(owner.shape)}")
-    return expert_gemv_op(x.contiguous(), owner, w.tensors(), w.meta(), experts)
 
 
-@torch.library.custom_op("fnlm::nf4_expert_gemv", mutates_args=())
-def expert_gemv_op(
+def expert_gemv_fwd(
     x: torch.Tensor, owner: torch.Tensor, weight: list[torch.Tensor], meta: list[int], experts: int
 ) -> torch.Tensor:
-    """`expert_gemv` over the NF4 parts of `NF4Weight.tensors()` / `.meta()`."""
+    """Launch the kernel: out[i] = x[i] @ W[owner[i]]^T, [rows, out] in x's dtype (x contiguous)."""
     rows, features, blocksize, nested_blocksize, nested = meta
     packed, absmax = weight[0], weight[1]
     nested_absmax, nested_code, offset = weight[3:6] if nested else (absmax, absmax, absmax)
@@ -114,6 +112,29 @@ def expert_gemv_op(
     return out
 
 
+@torch.library.custom_op("fnlm::nf4_expert_gemv", mutates_args=())
+def expert_gemv_op(
+    x: torch.Tensor, owner: torch.Tensor, weight: list[torch.Tensor], meta: list[int], experts: int
+) -> torch.Tensor:
+    """`expert_gemv_fwd` as a custom op (opaque to torch.compile, capturable in a CUDA graph)."""
+    return expert_gemv_fwd(x, owner, weight, meta, experts)
+
+
 @expert_gemv_op.register_fake
 def _(x, owner, weight, meta, experts):
     return x.new_empty((x.shape[0], meta[0] // experts))
+
+
+def expert_gemv_reference(
+    x: torch.Tensor, owner: torch.Tensor, weight: list[torch.Tensor], meta: list[int], experts: int
+) -> torch.Tensor:
+    """Plain torch with the kernel's arithmetic: the stack dequantized and rounded to x's dtype,
+    each row's products summed in fp32, one rounding into x's dtype."""
+    rows, features, blocksize, nested_blocksize, nested = meta
+    packed, absmax, code = weight[:3]
+    nested_parts = weight[3:6] if nested else (None, None, None)
+    stack = dequantize_nf4_reference(
+        packed, absmax, code, *nested_parts, [rows, features], blocksize, nested_blocksize, x.dtype
+    ).view(experts, rows // experts, features)
+    y = torch.bmm(stack[owner].float(), x.float()[:, :, None])  # [rows of x, out, 1]
+    return y[:, :, 0].to(x.dtype)

@@ -15,9 +15,10 @@ Routing (`route`) sorts the token/expert pairs by expert with device ops only, s
 with MoE layers can be captured in a CUDA graph. `matmul` then multiplies each expert's rows by
 that expert's matrix: one `torch._grouped_mm` on CUDA in bf16 (differentiable in the rows and in
 dense stacks, e.g. LoRA factors), else a loop over the experts (it reads the row counts on the
-host; used on CPU and in fp32/fp16). A quantized stack's matmul is one custom op that dequantizes
-inside (and again in backward: the 16-bit stack is never saved); decode-sized rows over an NF4
-stack go to the Triton expert GEMV (fnlm.kernels.nf4_moe), which reads only the chosen experts.
+host; used on CPU and in fp32/fp16): `fnlm.quant.stack_matmul`, where a quantized stack's matmul
+is one custom op that dequantizes inside (and again in backward: the 16-bit stack is never saved).
+Decode-sized rows over an NF4 stack go to the expert GEMV (`fnlm.kernels.nf4_expert_gemv`), which
+reads only the chosen experts.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ import torch
 from fnlm import kernels, quant
 from fnlm.config import ModelConfig
 from fnlm.errors import ArgumentError
-from fnlm.kernels import nf4_moe
 
 # rows (tokens x experts per token) up to which an NF4 stack's matmul is the expert GEMV, which
 # reads each row's expert once per row, rather than dequantize-everything + grouped GEMM (which
@@ -209,83 +209,14 @@ def matmul(route: Route, x: torch.Tensor, w, *, grouped: bool | None = None) -> 
         owner = torch.bucketize(
             torch.arange(x.shape[0], device=x.device), route.offsets.long(), right=True
         )
-        return nf4_moe.expert_gemv(x, owner, w, route.experts)
-    if quant.is_quantized(w):
-        kind, tensors, meta, dtype = quant.weight_parts(w)
-        if grouped is None:
-            grouped = w.dtype == x.dtype and _grouped_case(
-                x, w.shape[0] // route.experts, w.shape[1]
-            )
-        return quant_stack_matmul_op(
-            x, route.offsets, tensors, kind, meta, dtype, route.experts, False, grouped
-        )
-    stack = w.to(x.dtype)
+        return kernels.nf4_expert_gemv(x, owner, w, route.experts)
     if grouped is None:
-        grouped = grouped_available(x, stack)
-    return _stack_matmul(x, route.offsets, stack, grouped)
-
-
-def _stack_matmul(
-    x: torch.Tensor, offsets: torch.Tensor, stack: torch.Tensor, grouped: bool
-) -> torch.Tensor:
-    """x [P, in] (rows sorted by expert, `offsets` their ends) @ stack[e]^T per expert."""
-    if grouped:
-        return torch._grouped_mm(x, stack.transpose(-2, -1), offs=offsets)
-    ends = offsets.tolist()  # the loop reads the counts on the host
-    pieces, start = [], 0
-    for e, end in enumerate(ends):
-        if end > start:
-            pieces.append(x[start:end] @ stack[e].t())
-        start = end
-    if not pieces:
-        return x.new_zeros(0, stack.shape[1])
-    return torch.cat(pieces)
-
-
-@torch.library.custom_op("fnlm::quant_stack_matmul", mutates_args=())
-def quant_stack_matmul_op(
-    x: torch.Tensor,
-    offsets: torch.Tensor,
-    weight: list[torch.Tensor],
-    kind: str,
-    meta: list[int],
-    dtype: torch.dtype,
-    experts: int,
-    transpose: bool,
-    grouped: bool,
-) -> torch.Tensor:
-    """`_stack_matmul` over a quantized stack given by `quant.weight_parts`, dequantized inside;
-    transpose: multiply by W_e instead of W_e^T (the input gradient)."""
-    stack = dense(quant.weight_from_parts(kind, weight, meta, dtype), experts).to(x.dtype)
-    if transpose:
-        stack = stack.transpose(-2, -1)
-    return _stack_matmul(x, offsets, stack, grouped)
-
-
-@quant_stack_matmul_op.register_fake
-def _(x, offsets, weight, kind, meta, dtype, experts, transpose, grouped):
-    rows, features = quant.weight_from_parts(kind, weight, meta, dtype).shape
-    return x.new_empty((x.shape[0], features if transpose else rows // experts))
-
-
-def _setup_context(ctx, inputs, output):
-    x, offsets, weight, *args = inputs
-    ctx.save_for_backward(offsets, *weight)
-    ctx.args = args
-
-
-def _backward(ctx, grad):
-    offsets, *weight = ctx.saved_tensors
-    kind, meta, dtype, experts, transpose, grouped = ctx.args
-    grad_x = None
-    if ctx.needs_input_grad[0]:
-        grad_x = quant_stack_matmul_op(
-            grad.contiguous(), offsets, weight, kind, meta, dtype, experts, not transpose, grouped
-        )
-    return grad_x, None, [None] * len(weight), None, None, None, None, None, None
-
-
-quant_stack_matmul_op.register_autograd(_backward, setup_context=_setup_context)
+        if quant.is_quantized(w):  # [E·out, in], dequantized to its compute dtype
+            out = w.shape[0] // route.experts
+            grouped = w.dtype == x.dtype and _grouped_case(x, out, w.shape[1])
+        else:  # cast to x's dtype
+            grouped = _grouped_case(x, w.shape[1], w.shape[2])
+    return quant.stack_matmul(x, route.offsets, w, route.experts, grouped)
 
 
 def _expert_gemv_case(route: Route, x: torch.Tensor, w) -> bool:
@@ -295,5 +226,5 @@ def _expert_gemv_case(route: Route, x: torch.Tensor, w) -> bool:
         x.shape[0] <= min(EXPERT_GEMV_MAX_ROWS, route.experts * EXPERT_GEMV_MAX_ROWS_PER_EXPERT)
         and not (torch.is_grad_enabled() and x.requires_grad)
         and kernels.use_triton(x)
-        and nf4_moe.expert_gemv_supported(x, w, route.experts)
+        and kernels.nf4_expert_gemv_supported(x, w, route.experts)
     )

@@ -3,7 +3,7 @@
 `quantize_nf4` calls bitsandbytes itself, so the bytes are exactly those of `bnb.nn.Linear4bit` /
 transformers `BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
 bnb_4bit_use_double_quant=True)`. Dequantizing never calls bitsandbytes: on CUDA the Triton kernel
-of `fnlm.kernels.nf4`, elsewhere its plain-torch reference, both bit-exact with bitsandbytes.
+(`fnlm.kernels.nf4_dequantize`), elsewhere its plain-torch reference, both bit-exact with bitsandbytes.
 """
 
 from __future__ import annotations
@@ -11,13 +11,8 @@ from __future__ import annotations
 import torch
 import torch.utils._pytree as pytree
 
+from fnlm import kernels
 from fnlm.errors import ArgumentError, CheckpointError
-from fnlm.kernels.nf4 import (
-    NF4_CODE,
-    dequantize_nf4,
-    dequantize_nf4_reference,
-    nf4_dequantize_op,
-)
 
 BLOCKSIZE = 64  # values per absmax, as bitsandbytes' and transformers' 4-bit default
 COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -116,23 +111,7 @@ class NF4Weight:
         `triton` forces the kernel (True) or the plain-torch reference (False); None lets
         `fnlm.kernels.use_triton` decide (Triton on CUDA).
         """
-        if triton is None:
-            from fnlm.kernels import use_triton
-
-            triton = use_triton(self.packed)
-        # The custom op is for torch.compile's tracing; run eagerly (as inside the LoRA and linear
-        # custom ops of a compiled training step) the launcher is called directly, which saves the
-        # op dispatch on each of the step's ~20 dequantizes per layer.
-        if not triton:
-            dequantize = dequantize_nf4_reference
-        elif torch.compiler.is_compiling():
-            dequantize = nf4_dequantize_op
-        else:
-            dequantize = dequantize_nf4
-        return dequantize(
-            self.packed, self.absmax, self.code, self.nested_absmax, self.nested_code, self.offset,
-            list(self.shape), self.blocksize, self.nested_blocksize, self.dtype,
-        )  # fmt: skip
+        return kernels.nf4_dequantize(self, triton=triton)
 
     # -- bitsandbytes interchange ---------------------------------------------------------------
 
@@ -177,7 +156,7 @@ class NF4Weight:
         if packed.dtype != torch.uint8:
             packed = packed.view(torch.uint8)  # bnb's quant_storage may be another dtype
         # the Triton kernels hold the NF4 table as constants (one host sync per weight, at load)
-        if not torch.equal(quant_state.code.float().cpu(), torch.tensor(NF4_CODE)):
+        if not torch.equal(quant_state.code.float().cpu(), torch.tensor(kernels.NF4_CODE)):
             raise CheckpointError(
                 f"NF4Weight.from_bnb: the quant_map is not bitsandbytes' NF4 table: {quant_state.code.tolist()}"
             )
