@@ -335,6 +335,27 @@ def test_gguf_in_transformers_and_fnlm(model_type, tokenizer, gguf_type, tokeniz
     assert types["blk.0.ffn_up.weight"] == gguf_type.upper()
 
 
+def test_gguf_tokenizer_llama_cpp_would_read_otherwise(tmp_path, tokenizers):
+    """A SentencePiece Metaspace that prepends to the first word only is written with a warning
+    (llama.cpp prefixes a space after every special token); a byte-level pre-tokenizer llama.cpp
+    has no name for is refused."""
+    from tokenizers import pre_tokenizers
+
+    from fnlm.tokenizer import Tokenizer
+
+    vocab = max(tok.vocab_size for tok in tokenizers.values())
+    config = tiny_config("llama", vocab + 4, seed=1)
+    with saved_checkpoint(config) as (_, directory):
+        params, _ = load_fp32(directory)
+    with pytest.warns(UserWarning, match="after every special token"):
+        fnlm.save(tmp_path / "sp.gguf", params, tokenizers["metaspace"], format="gguf")
+    whitespace = Tokenizer.from_dir(write_byte_level_bpe(tmp_path / "ws"))
+    whitespace.backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    with pytest.raises(ExportError, match="llama.cpp has no pre-tokenizer that splits text as"):
+        fnlm.save(tmp_path / "ws.gguf", params, whitespace, format="gguf")
+    assert not (tmp_path / "ws.gguf").exists()
+
+
 def test_gguf_refuses_what_it_cannot_hold(tmp_path, tokenizers):
     tok = tokenizers["byte_level"]
     gemma = transformers.GemmaConfig(

@@ -250,6 +250,7 @@ def _gguf_tokenizer_metadata(writer, tok, vocab_size: int) -> None:
     writer.add_token_types(types)
     if sentencepiece:  # llama.cpp's SentencePiece vocabulary merges by score: earlier = better
         writer.add_token_scores([0.0 if t != NORMAL else -float(i) for i, t in enumerate(types)])
+        _check_space_prefix(spec, tok)
     # (a byte-level one never prepends a space: _pre_tokenizer refuses a ByteLevel that would)
     writer.add_add_space_prefix(sentencepiece and _prepends_space(spec))
     writer.add_token_merges(merges)
@@ -295,6 +296,25 @@ def _pre_tokenizer(spec: dict, tok) -> str:
             stacklevel=4,
         )
     return name
+
+
+def _check_space_prefix(spec: dict, tok) -> None:
+    """llama.cpp's SentencePiece tokenizer prefixes a space to the text after every special token
+    (`add_space_prefix`), as Llama 2's and Mistral's tokenizer.json do with a Prepend normalizer;
+    a Metaspace that prepends to the first word only cannot be written."""
+    first = [
+        n
+        for n in _walk(spec.get("pre_tokenizer"))
+        if n.get("type") == "Metaspace" and n.get("prepend_scheme") == "first"
+    ]
+    if first:
+        warnings.warn(
+            f"GGUF export: {tok.name_or_path or 'the tokenizer'} prefixes a space to the first "
+            f"word only (Metaspace prepend_scheme 'first'); llama.cpp prefixes one after every "
+            f"special token too, so text that follows a special token is tokenized differently "
+            f"there",
+            stacklevel=5,
+        )
 
 
 def _prepends_space(spec: dict) -> bool:
