@@ -176,6 +176,49 @@ def test_second_call_at_a_new_length_compiles_nothing(monkeypatch):
     assert len(graphs) == 1
 
 
+def test_kept_decode_states_are_reused_per_shape_and_model(monkeypatch):
+    """The graph cache's bookkeeping, on CPU with capture stood in by the plain step: a second
+    call of the same batch and cache bucket takes the kept state (no new capture) and gives the
+    same tokens; adapters, batch and bucket each get their own; a state in use is never shared;
+    another model empties the cache."""
+    import importlib
+
+    step = importlib.import_module("fnlm.generate.step")
+    captures = []
+    monkeypatch.setattr(step, "will_capture", lambda params: True)
+    monkeypatch.setattr(step, "capture", lambda fn: captures.append(fn) or fn)
+    monkeypatch.setattr(step, "COMPILE_BACKEND", lambda gm, inputs: gm.forward)
+    step.release_graphs()
+    with saved_checkpoint(tiny_llama(max_position_embeddings=1024)) as (_, directory):
+        params = load_fp32(directory)
+        other = load_fp32(directory)
+    lora = random_lora(params)
+    run = lambda prompt, **kw: generate_tokens(
+        params, [prompt], max_new_tokens=6, compile=True, **kw
+    )
+    first = run([3, 17, 42])
+    assert len(captures) == 1
+    assert run([5, 6, 7, 8, 9]) == [greedy_by_forward(params, [5, 6, 7, 8, 9], 6)]
+    assert run([3, 17, 42]) == first and len(captures) == 1  # same bucket: kept state
+    adapted = run([3, 17, 42], lora=lora)
+    assert adapted == [greedy_by_forward(params, [3, 17, 42], 6, lora=lora)]
+    assert len(captures) == 2
+    run(list(range(1, 121)) * 3)  # bucket 512
+    generate_tokens(params, [[1, 2], [3]], max_new_tokens=6, compile=True)  # batch 2
+    assert len(captures) == 4
+    assert run([3, 17, 42], lora=lora) == adapted and run([3, 17, 42]) == first
+    assert len(captures) == 4
+    # a state in use is not handed out twice
+    args = dict(attention_mask=None, dtype=torch.float32, compile=True)
+    taken = step.decode_state(params, params, 1, 256, **args)
+    assert taken.step is not None
+    assert step.decode_state(params, params, 1, 256, **args).step is None
+    step.keep(taken)
+    generate_tokens(other, [[3, 17, 42]], max_new_tokens=6, compile=True)
+    assert all(state.params is other for state in step._graphs.values())
+    step.release_graphs()
+
+
 def test_cache_length_buckets():
     from fnlm.generate import cache_length
 

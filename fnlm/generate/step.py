@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import threading
 from collections.abc import Callable
 
 import torch
@@ -212,7 +213,8 @@ class DecodeState:
     """A decode step's cache and static input buffers, and the step over them once made.
 
     tokens [batch, 1], positions [batch, 1] (next rotary position per row), slot [1] (the cache
-    slot the step writes); `step()` runs one step and returns fp32 logits [batch, vocab]."""
+    slot the step writes); `run()` runs one step and returns fp32 logits [batch, vocab]. `key`:
+    where the graph cache keeps it (None: not kept)."""
 
     params: Params
     cache: dict
@@ -221,6 +223,8 @@ class DecodeState:
     slot: torch.Tensor
     compile: bool
     step: Callable | None = None
+    key: tuple | None = None
+    model: tuple | None = None  # the base model's tensor ids
 
     def run(self) -> torch.Tensor:
         if self.step is None:
@@ -231,9 +235,11 @@ class DecodeState:
         return self.step()
 
 
-# key -> DecodeState, most recent last; every entry belongs to one base model (`_graphs_model`)
+# key -> DecodeState not in use, most recent last; all of one base model (`_graphs_model`).
+# A state is taken out while a call uses it, so concurrent calls never share buffers.
 _graphs: collections.OrderedDict = collections.OrderedDict()
 _graphs_model: list = [None]
+_graphs_lock = threading.Lock()
 
 
 def _leaf_ids(tree) -> tuple[int, ...]:
@@ -254,27 +260,38 @@ def decode_state(
     `attention_mask` [batch, prompt_len]. Where steps are graph-captured, the state (graph, cache,
     buffers) is taken from the graph cache when one of this shape exists for the same tensors
     (`params`: the weights the step reads, adapters attached; `base`: the model without them,
-    whose change empties the cache) and kept there for the next call."""
-    device = params["norm"].device
+    whose change empties the cache); hand it back with `keep` when the call is done."""
     if not will_capture(params):
         return _new_state(params, batch, max_len, attention_mask, dtype, compile)
-    model = _leaf_ids(base)
-    if _graphs_model[0] != model:
-        release_graphs()
-        _graphs_model[0] = model
     key = (batch, max_len, dtype, compile, _leaf_ids(params))
-    state = _graphs.pop(key, None)
+    with _graphs_lock:
+        model = _leaf_ids(base)
+        if _graphs_model[0] != model:
+            _graphs.clear()
+            _graphs_model[0] = model
+        state = _graphs.pop(key, None)
     if state is None:
-        while len(_graphs) >= GRAPH_CACHE_SIZE:
-            _graphs.popitem(last=False)
         state = _new_state(params, batch, max_len, attention_mask, dtype, compile)
-    else:
-        valid = state.cache["valid"]
-        valid.fill_(True)
-        if attention_mask is not None:
-            valid[:, : attention_mask.shape[1]] = attention_mask.to(device).bool()
-    _graphs[key] = state
+        state.key, state.model = key, model
+        return state
+    valid = state.cache["valid"]
+    valid.fill_(True)
+    if attention_mask is not None:
+        valid[:, : attention_mask.shape[1]] = attention_mask.to(valid.device).bool()
     return state
+
+
+def keep(state: DecodeState) -> None:
+    """Put a state from `decode_state` back into the graph cache (the oldest of more than
+    GRAPH_CACHE_SIZE are dropped), unless it is not cacheable or its model was replaced."""
+    if state.key is None or state.step is None:
+        return
+    with _graphs_lock:
+        if _graphs_model[0] != state.model:
+            return
+        _graphs[state.key] = state
+        while len(_graphs) > GRAPH_CACHE_SIZE:
+            _graphs.popitem(last=False)
 
 
 def _new_state(params, batch, max_len, attention_mask, dtype, compile) -> DecodeState:
@@ -290,5 +307,6 @@ def _new_state(params, batch, max_len, attention_mask, dtype, compile) -> Decode
 
 def release_graphs() -> None:
     """Drop every kept decode graph and its cache (their device memory is freed)."""
-    _graphs.clear()
-    _graphs_model[0] = None
+    with _graphs_lock:
+        _graphs.clear()
+        _graphs_model[0] = None

@@ -8,13 +8,14 @@ as transformers does with an attention mask.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 
 import torch
 
 from fnlm.errors import ArgumentError
 from fnlm.generate.sampling import Sampling, check_max_new_tokens, choose
-from fnlm.generate.step import cache_length, decode_state, prefill
+from fnlm.generate.step import cache_length, decode_state, keep, prefill
 from fnlm.params import Params
 
 CACHE_DTYPES = {"fp8": torch.float8_e4m3fn, "float8_e4m3fn": torch.float8_e4m3fn}
@@ -81,10 +82,10 @@ def generate_tokens(
 
     out: list[list[int]] = [[] for _ in range(batch)]
     running = [True] * batch
-    with torch.no_grad():
-        state = decode_state(
-            params, base, batch, max_len, attention_mask=padded, dtype=dtype, compile=compile
-        )
+    state = decode_state(
+        params, base, batch, max_len, attention_mask=padded, dtype=dtype, compile=compile
+    )
+    with torch.no_grad(), _kept(state):
         logits, _ = prefill(params, tokens, state.cache, attention_mask=padded)
         seen = None
         if sampling.repetition_penalty != 1.0:
@@ -120,6 +121,15 @@ def generate_tokens(
             if not any(running):
                 break
     return out
+
+
+@contextlib.contextmanager
+def _kept(state):
+    """Hand the decode state back to the graph cache when the call ends, however it ends."""
+    try:
+        yield state
+    finally:
+        keep(state)
 
 
 def check_prompts(prompts, vocab_size: int, context: int) -> list[list[int]]:
