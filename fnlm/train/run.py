@@ -92,9 +92,10 @@ def advance(run: Run, started: float) -> dict:
     Raises NonFiniteLossError (after logging the bad step) when the loss is NaN or infinite."""
     tick = time.perf_counter()
     batches, next_position = run.stream.take(run.position, run.config.grad_accum)
+    count = data_lib.trained_tokens if run.method is None else run.method.count
     try:
         result = train_step(
-            run.loss, batches, run.optimizer, run.scheduler, run.trainable.tensors,
+            run.loss, batches, run.optimizer, run.scheduler, run.trainable.tensors, count=count,
             max_grad_norm=run.config.max_grad_norm, graphs=run.graphs,
         )  # fmt: skip
     except torch.OutOfMemoryError as e:
@@ -108,6 +109,7 @@ def advance(run: Run, started: float) -> dict:
         stop_on_non_finite(run, result)
     run.step, run.position = run.step + 1, next_position
     tokens = sum(real_tokens(b) for b in batches)
+    extra = {} if run.method is None else run.method.metrics()
     return {
         "step": run.step,
         "epoch": run.stream.epoch_fraction(run.position),
@@ -119,6 +121,7 @@ def advance(run: Run, started: float) -> dict:
         "tokens_per_s": tokens / seconds,
         "peak_mem_gib": round(peak_memory_gib(run.device), 3),
         "elapsed_s": round(time.perf_counter() - started, 3),
+        **extra,
     }
 
 

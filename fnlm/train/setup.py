@@ -18,6 +18,7 @@ from fnlm.load import load as load_model
 from fnlm.loss import loss as model_loss
 from fnlm.models import decoder
 from fnlm.params import Params, leaf_paths
+from fnlm.train import methods
 from fnlm.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from fnlm.train.config import TrainConfig
 from fnlm.train.graphs import StepGraphs
@@ -60,6 +61,7 @@ class Run:
     step: int = 0
     position: dict = field(default_factory=lambda: {"epoch": 0, "index": 0})
     last_checkpoint: Path | None = None
+    method: object = None  # fnlm.train.methods: None for sft
 
     @property
     def metrics_path(self) -> Path:
@@ -67,11 +69,15 @@ class Run:
 
     def loss(self, batch: dict, training: bool = True) -> torch.Tensor:
         """The summed token loss of a micro-batch (the trainer's layer function when training)."""
+        if self.method is not None:
+            return self.method.loss(self, batch, training)
         run_params, run_lora = self.trainable.model(training)
         layer_fn = self.layer_fn if training else decoder.layer_forward
         return model_loss(run_params, batch, lora=run_lora, reduction="sum", layer_fn=layer_fn)
 
     def eval_loss(self) -> float:
+        if self.method is not None:
+            return self.method.eval_loss(self)
         c = self.config
         batches = (
             {k: v.to(self.device) for k, v in b.items()}
@@ -168,7 +174,12 @@ def start(config: TrainConfig, *, params=None, tokenizer=None, lora=None, data=N
     if tokenizer is None and data is None:
         raise ArgumentError("train: the model has no tokenizer; pass tokenizer= or tokenized data=")
     device = next(t.device for _, t in leaf_paths(dict(params)) if isinstance(t, torch.Tensor))
-    data, eval_data = prepare_data(config, tokenizer, data, eval_data)
+    method = methods.build(config)  # None: supervised fine-tuning
+    if method is None:
+        data, eval_data = prepare_data(config, tokenizer, data, eval_data)
+    else:
+        data, eval_data = method.prepare(config, tokenizer, data, eval_data)
+        report_data(data, eval_data)
 
     full = config.mode == "full"
     if not full and lora is None:
@@ -188,12 +199,16 @@ def start(config: TrainConfig, *, params=None, tokenizer=None, lora=None, data=N
         checkpointing, compile=compile_layers, mlp_chunk=config.mlp_chunk, preserve_rng=dropout
     )
     graphs = None
-    if use_graphs(config, device, checkpointing, dropout):
+    if method is None and use_graphs(config, device, checkpointing, dropout):
         graphs = StepGraphs(trainable.tensors, vocab_size=params.config.vocab_size)
 
     pad_id = getattr(tokenizer, "pad_token_id", None)
-    stream = Stream(data, config, 0 if pad_id is None else pad_id, device)
-    per_epoch = len(stream.plan(0))
+    pad_id = 0 if pad_id is None else pad_id
+    if method is None:
+        stream = Stream(data, config, pad_id, device)
+    else:
+        stream = method.stream(data, config, pad_id, device)
+    per_epoch = len(stream.plan(0)) * (config.num_iterations if config.method == "grpo" else 1)
     total_steps = config.max_steps or max(
         1, math.ceil(config.epochs * per_epoch / config.grad_accum)
     )
@@ -212,6 +227,9 @@ def start(config: TrainConfig, *, params=None, tokenizer=None, lora=None, data=N
         scheduler=scheduler, layer_fn=layer_fn, device=device, total_steps=total_steps,
         graphs=graphs,
     )  # fmt: skip
+    if method is not None:
+        run.method = method
+        method.bind(run)  # before a resume restores the weights: references are the starting ones
     if resume_from is not None:
         state = load_checkpoint(
             resume_from, named=trainable.named, optimizer=optimizer, scheduler=scheduler

@@ -22,6 +22,7 @@ def train_step(
     tensors: Sequence[torch.Tensor],
     *,
     max_grad_norm: float | None = 1.0,
+    count: Callable[[dict], int] = data_lib.trained_tokens,
     graphs: StepGraphs | None = None,
 ) -> dict:
     """One optimizer step over several micro-batches (gradient accumulation).
@@ -29,12 +30,14 @@ def train_step(
     loss_fn(batch) returns the SUMMED token loss of a micro-batch; each is divided by the number
     of trained tokens of the whole step before its backward, so the gradient equals that of one
     big batch holding all micro-batches (not an average of per-micro-batch means).
+    count(batch): what a micro-batch's loss is a sum over (default its trained tokens; the
+    preference methods count pairs, GRPO sequences or completion tokens).
     graphs: run each micro-batch's forward + backward through CUDA graphs (`StepGraphs`); the
     gradients are then zeroed in place instead of dropped.
     Returns {"loss", "grad_norm", "lr", "trained_tokens", "tokens"}; when the loss or gradient
     norm is not finite, no update is made and the returned loss says so.
     """
-    total_tokens = sum(data_lib.trained_tokens(b) for b in batches)
+    total_tokens = sum(count(b) for b in batches)
     denominator = max(total_tokens, 1)
     summed = None
     for batch in batches:

@@ -1,0 +1,248 @@
+"""Data of the preference and RL methods: preference pairs (DPO, ORPO) and prompts (GRPO).
+
+Preference rows, in TRL's formats (each row checked; a bad one is a DataError naming it):
+
+    {"prompt": "2+2?", "chosen": " 4", "rejected": " 5"}                        standard
+    {"prompt": [{"role": "user", ...}], "chosen": [{"role": "assistant", ...}],
+     "rejected": [{"role": "assistant", ...}]}                                  conversational
+    {"chosen": [user, assistant], "rejected": [user, assistant']}               implicit prompt
+
+Tokenized as TRL's DPOTrainer does: conversational rows render prompt (with the generation
+prompt) and prompt + completion with the chat template; standard rows are encoded with the
+tokenizer's special tokens and eos is appended to the completions; the completion starts where
+the tokenized prompt and prompt + completion diverge. Prompt rows for GRPO: {"prompt": str or
+messages, ...}; the other columns reach the reward functions.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from fnlm.data import IGNORE_INDEX, Row, _turns, read_rows
+from fnlm.errors import ArgumentError, DataError, TokenizerError
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One preference pair: prompt, chosen and rejected completion ids (int32)."""
+
+    prompt: torch.Tensor
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+
+    def __len__(self) -> int:
+        return 2 * self.prompt.numel() + self.chosen.numel() + self.rejected.numel()
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One GRPO prompt: its ids, the prompt as written (str or messages) and the row's other
+    columns (passed to the reward functions)."""
+
+    tokens: torch.Tensor
+    prompt: Any
+    columns: dict
+
+    def __len__(self) -> int:
+        return self.tokens.numel()
+
+
+@dataclass
+class MethodData:
+    """Pairs or prompts, with the source and counts for the log (TokenizedData's interface)."""
+
+    examples: list
+    source: str
+    stats: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def split(self, fraction: float, seed: int = 3407) -> tuple[MethodData, MethodData]:
+        """(train, held-out) with `fraction` of the examples (at least one) held out, seeded."""
+        if not 0.0 < fraction < 1.0:
+            raise ArgumentError(f"eval fraction must lie in (0, 1), got {fraction!r}")
+        if len(self.examples) < 2:
+            raise DataError(f"{self.source}: {len(self)} example(s) cannot be split for evaluation")
+        order = list(range(len(self.examples)))
+        random.Random(seed).shuffle(order)
+        held = set(order[: min(len(order) - 1, max(1, round(fraction * len(order))))])
+        keep = [e for i, e in enumerate(self.examples) if i not in held]
+        out = [self.examples[i] for i in sorted(held)]
+        return (MethodData(keep, self.source, dict(self.stats)),
+                MethodData(out, f"{self.source} (held out)"))  # fmt: skip
+
+
+def _conversational(value) -> bool:
+    return isinstance(value, list) and all(isinstance(m, dict) for m in value)
+
+
+def _messages(row: Row, value, key: str) -> list[dict]:
+    return _turns(row, value, "role", "content", key)
+
+
+def preference_row(row: Row) -> tuple[Any, Any, Any]:
+    """(prompt, chosen, rejected) of one row, all strings or all message lists; an implicit prompt
+    (no 'prompt' key, or a standard prompt beside conversational completions) is the longest
+    common prefix of chosen and rejected, as TRL's extract_prompt takes it."""
+    value = row.value
+    if not isinstance(value, dict) or "chosen" not in value or "rejected" not in value:
+        keys = sorted(value) if isinstance(value, dict) else type(value).__name__
+        raise DataError(
+            f"{row.where}: a preference row needs 'chosen' and 'rejected' (and usually 'prompt'); "
+            f"found {keys}"
+        )
+    chosen, rejected, prompt = value["chosen"], value["rejected"], value.get("prompt")
+    kinds = {_conversational(chosen), _conversational(rejected)}
+    if len(kinds) != 1 or not (
+        kinds == {True} or (isinstance(chosen, str) and isinstance(rejected, str))
+    ):
+        raise DataError(
+            f"{row.where}: 'chosen' and 'rejected' must both be strings or both be lists of "
+            f"messages, got {type(chosen).__name__} and {type(rejected).__name__}"
+        )
+    conversational = kinds == {True}
+    if prompt is None or _conversational(prompt) != conversational:
+        cut = 0
+        while cut < min(len(chosen), len(rejected)) and chosen[cut] == rejected[cut]:
+            cut += 1
+        if not conversational and cut < len(chosen) and cut > 0 and chosen[cut - 1] == " ":
+            cut -= 1
+        prompt, chosen, rejected = chosen[:cut], chosen[cut:], rejected[cut:]
+    elif not conversational and not isinstance(prompt, str):
+        raise DataError(f"{row.where}: 'prompt' must be a string, got {type(prompt).__name__}")
+    if conversational:
+        prompt, chosen, rejected = (
+            _messages(row, v, k) if v else v
+            for v, k in ((prompt, "prompt"), (chosen, "chosen"), (rejected, "rejected"))
+        )
+    if not prompt or not chosen or not rejected:
+        empty = [
+            k for k, v in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)) if not v
+        ]
+        raise DataError(
+            f"{row.where}: empty {', '.join(empty)} (after taking out the shared prompt)"
+        )
+    return prompt, chosen, rejected
+
+
+def _ids(tok, where: str, value, *, generation_prompt: bool = False) -> list[int]:
+    if isinstance(value, str):
+        return list(tok.encode(value, add_special_tokens=True))
+    try:
+        text = tok.apply_chat_template(
+            value, add_generation_prompt=generation_prompt, tokenize=False
+        )
+    except TokenizerError as e:
+        raise DataError(f"{where}: the chat template failed: {e}") from None
+    return list(tok.encode(text, add_special_tokens=False))
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def tokenize_pair(tok, row: Row, max_seq_length: int) -> Pair | None:
+    """The pair of one preference row; None when the prompt alone fills max_seq_length (TRL
+    drops those too). Completions longer than the room left are cut at their end."""
+    prompt, chosen, rejected = preference_row(row)
+    if isinstance(prompt, str):
+        eos = tok.eos_token or ""
+        chosen = chosen if chosen.endswith(eos) else chosen + eos
+        rejected = rejected if rejected.endswith(eos) else rejected + eos
+        full_chosen, full_rejected = prompt + chosen, prompt + rejected
+    else:
+        if not getattr(tok, "chat_template", None):
+            raise DataError(
+                f"{row.where}: conversational rows need a tokenizer with a chat template"
+            )
+        full_chosen, full_rejected = prompt + chosen, prompt + rejected
+    prompt_ids = _ids(tok, row.where, prompt, generation_prompt=True)
+    chosen_ids, rejected_ids = (
+        _ids(tok, row.where, full_chosen),
+        _ids(tok, row.where, full_rejected),
+    )
+    cut = min(_common_prefix(prompt_ids, chosen_ids), _common_prefix(prompt_ids, rejected_ids))
+    chosen_ids, rejected_ids = chosen_ids[cut:], rejected_ids[cut:]
+    if cut >= max_seq_length:
+        return None
+    room = max_seq_length - cut
+    as_tensor = lambda ids: torch.tensor(ids, dtype=torch.int32)
+    return Pair(
+        as_tensor(prompt_ids[:cut]), as_tensor(chosen_ids[:room]), as_tensor(rejected_ids[:room])
+    )
+
+
+def prepare_pairs(source: str, tok, *, max_seq_length: int) -> MethodData:
+    """Preference pairs from a JSONL / JSON / Parquet file, directory or `datasets` name."""
+    pairs, dropped, empty = [], 0, []
+    for row in read_rows(source):
+        pair = tokenize_pair(tok, row, max_seq_length)
+        if pair is None:
+            dropped += 1
+        elif not pair.chosen.numel() or not pair.rejected.numel():
+            empty.append(row.where)
+        else:
+            pairs.append(pair)
+    if empty:
+        raise DataError(
+            f"{empty[0]}: a completion tokenizes to nothing ({len(empty)} row(s) in all)"
+        )
+    if not pairs:
+        raise DataError(f"{source}: no preference pair fits max_seq_length={max_seq_length}")
+    return MethodData(pairs, str(source), {"dropped": dropped})
+
+
+def prepare_prompts(source: str, tok, *, max_prompt_length: int) -> MethodData:
+    """GRPO prompts ({"prompt": str or messages, ...other columns}); prompts longer than
+    max_prompt_length keep their last tokens (TRL's GRPO truncates on the left too)."""
+    prompts, cut = [], 0
+    for row in read_rows(source):
+        value = row.value
+        if not isinstance(value, dict) or "prompt" not in value:
+            keys = sorted(value) if isinstance(value, dict) else type(value).__name__
+            raise DataError(
+                f"{row.where}: a GRPO row needs a 'prompt' (string or messages); found {keys}"
+            )
+        prompt = value["prompt"]
+        if _conversational(prompt):
+            prompt = _messages(row, prompt, "prompt")
+        elif not isinstance(prompt, str) or not prompt:
+            raise DataError(
+                f"{row.where}: 'prompt' must be a non-empty string or a list of messages"
+            )
+        ids = _ids(tok, row.where, prompt, generation_prompt=True)
+        cut += len(ids) > max_prompt_length
+        columns = {k: v for k, v in value.items() if k != "prompt"}
+        prompts.append(
+            Prompt(torch.tensor(ids[-max_prompt_length:], dtype=torch.int32), prompt, columns)
+        )
+    return MethodData(prompts, str(source), {"truncated": cut, "tokens_cut": 0})
+
+
+def collate_pairs(pairs: list[Pair], *, pad_id: int, pad_to_multiple: int = 1) -> dict:
+    """[chosen rows; rejected rows] right-padded: {"tokens", "labels" (completion tokens),
+    "prompt_labels" (the chosen rows' prompt tokens, for ORPO's NLL), "attention_mask"}."""
+    rows = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
+    longest = max(len(a) + len(b) for a, b in rows)
+    seq = -(-longest // pad_to_multiple) * pad_to_multiple
+    tokens = torch.full((len(rows), seq), pad_id, dtype=torch.int64)
+    labels = torch.full((len(rows), seq), IGNORE_INDEX, dtype=torch.int64)
+    prompt_labels = labels.clone()
+    mask = torch.zeros((len(rows), seq), dtype=torch.int64)
+    for r, (prompt, completion) in enumerate(rows):
+        n, m = prompt.numel(), completion.numel()
+        tokens[r, :n], tokens[r, n : n + m] = prompt, completion
+        labels[r, n : n + m] = completion
+        if r < len(pairs):
+            prompt_labels[r, :n] = prompt
+        mask[r, : n + m] = 1
+    return {"tokens": tokens, "labels": labels, "prompt_labels": prompt_labels,
+            "attention_mask": mask}  # fmt: skip

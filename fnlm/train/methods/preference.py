@@ -1,0 +1,197 @@
+"""DPO and ORPO: preference losses over the same params / adapter pytrees as supervised training.
+
+The formulas are TRL 1.15's (trl/trainer/dpo_trainer.py `DPOTrainer._compute_loss`,
+trl/experimental/orpo/orpo_trainer.py `ORPOTrainer.odds_ratio_loss` / `concatenated_forward`),
+and the tests compare losses and gradients with those trainers on the same model and batch.
+
+    losses, stats = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1)
+
+DPO's reference model is the same base with the adapters off (lora=None): no second copy of the
+weights. In full fine-tuning the reference log-probs are computed once, before the first update,
+from the starting weights (`precompute_ref_log_probs`, optional in the LoRA modes).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from fnlm import kernels
+from fnlm.errors import ArgumentError
+from fnlm.train.methods.data import collate_pairs
+from fnlm.train.methods.logprobs import final_hidden, head_weight, sequence_logprobs
+
+DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust")
+
+
+def dpo_loss(
+    chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor, *, beta: float, loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0, chosen_tokens: torch.Tensor | None = None,
+    rejected_tokens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict]:  # fmt: skip
+    """Per-pair DPO losses [b] and the detached rewards, from summed completion log-probs [b].
+
+    loss_type: "sigmoid" -logsigmoid(beta * d), with label_smoothing e the conservative DPO of
+        TRL < 1.0 (-(1 - e) logsigmoid(beta d) - e logsigmoid(-beta d)); "hinge" relu(1 - beta d);
+        "ipo" (d_avg - 1 / (2 beta))^2 with d_avg the per-token log-ratio difference (needs the
+        token counts); "robust" TRL's robust DPO with flip rate label_smoothing in [0, 0.5).
+    d = (chosen - ref_chosen) - (rejected - ref_rejected).
+    """
+    chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected
+    delta = chosen_ratio - rejected_ratio
+    e = label_smoothing
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(beta * delta)
+        if e:
+            losses = (1 - e) * losses - e * F.logsigmoid(-beta * delta)
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * delta)
+    elif loss_type == "ipo":
+        if chosen_tokens is None or rejected_tokens is None:
+            raise ArgumentError("dpo_loss: loss_type='ipo' needs chosen_tokens and rejected_tokens")
+        average = chosen_ratio / chosen_tokens.clamp(
+            min=1
+        ) - rejected_ratio / rejected_tokens.clamp(min=1)
+        losses = (average - 1 / (2 * beta)) ** 2
+    elif loss_type == "robust":
+        clean = -(1 - e) * F.logsigmoid(beta * delta)
+        flipped = -e * F.logsigmoid(-beta * delta)
+        losses = (clean - flipped) / (1 - 2 * e)
+    else:
+        raise ArgumentError(f"dpo_loss: loss_type must be one of {DPO_LOSSES}, got {loss_type!r}")
+    rewards_chosen, rewards_rejected = beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+    return losses, {"rewards_chosen": rewards_chosen, "rewards_rejected": rewards_rejected}
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, stable on both sides of -ln 2."""
+    return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def orpo_loss(chosen_mean: torch.Tensor, rejected_mean: torch.Tensor, *, beta: float):
+    """(per-pair odds-ratio term [b] to subtract from the NLL, log-odds [b]) from the mean
+    per-token completion log-probs: beta * logsigmoid(log odds(chosen) - log odds(rejected))."""
+    chosen_mean, rejected_mean = chosen_mean.float(), rejected_mean.float()
+    log_odds = (chosen_mean - rejected_mean) - (log1mexp(chosen_mean) - log1mexp(rejected_mean))
+    return beta * F.logsigmoid(log_odds), log_odds
+
+
+class Preference:
+    """The DPO / ORPO method of a run: its data, batches, loss and metrics."""
+
+    def __init__(self, config):
+        self.config = config
+        self.name = config.method
+        self.reference = None  # params of a given reference model (TrainConfig.ref_model)
+        self.ref_cache: dict[int, tuple[float, float]] = {}
+        self.stats: list[dict] = []
+
+    # data -------------------------------------------------------------------------------
+    def collate(self, pairs, pad_id: int) -> dict:
+        batch = collate_pairs(pairs, pad_id=pad_id, pad_to_multiple=self.config.pad_to_multiple)
+        batch["pair_keys"] = torch.tensor([id(p) for p in pairs], dtype=torch.int64)
+        return batch
+
+    @staticmethod
+    def count(batch: dict) -> int:
+        """What a step's loss is averaged over: pairs."""
+        return batch["tokens"].shape[0] // 2
+
+    # loss -------------------------------------------------------------------------------
+    def reference_logprobs(self, run, batch: dict) -> torch.Tensor:
+        """Summed completion log-probs [2b] of the reference: a given reference model, else the
+        base with the adapters off (LoRA modes), else the starting weights (full mode, whose
+        values are precomputed before the first update)."""
+        keys = batch["pair_keys"].tolist()
+        if all(k in self.ref_cache for k in keys):
+            pairs = [self.ref_cache[k] for k in keys]
+            values = [c for c, _ in pairs] + [r for _, r in pairs]
+            return torch.tensor(values, dtype=torch.float32, device=batch["tokens"].device)
+        if self.reference is None and run.config.mode == "full":
+            raise ArgumentError("full-mode DPO: the reference log-probs were not precomputed")
+        params = run.params if self.reference is None else self.reference
+        with torch.no_grad():
+            sums, _ = sequence_logprobs(params, batch, lora=None)
+        return sums.float()
+
+    def precompute(self, run, batches) -> None:
+        """Reference log-probs of every pair, computed now (before the first update)."""
+        params = run.trainable.model(False)[0] if self.reference is None else self.reference
+        with torch.no_grad():
+            for batch in batches:
+                sums, _ = sequence_logprobs(params, batch, lora=None)
+                b = self.count(batch)
+                for i, key in enumerate(batch["pair_keys"].tolist()):
+                    self.ref_cache[key] = (float(sums[i]), float(sums[b + i]))
+
+    def loss(self, run, batch: dict, training: bool) -> torch.Tensor:
+        """The summed per-pair loss of a micro-batch (train_step divides by the step's pairs)."""
+        params, lora = run.trainable.model(training)
+        layer_fn = run.layer_fn if training else None
+        c = self.config
+        b = self.count(batch)
+        if self.name == "orpo":
+            return self.orpo(params, lora, batch, layer_fn, b)
+        sums, counts = sequence_logprobs(params, batch, lora=lora, layer_fn=layer_fn)
+        ref = self.reference_logprobs(run, batch)
+        losses, rewards = dpo_loss(
+            sums[:b], sums[b:], ref[:b], ref[b:], beta=c.beta, loss_type=c.loss_type,
+            label_smoothing=c.label_smoothing, chosen_tokens=counts[:b], rejected_tokens=counts[b:],
+        )  # fmt: skip
+        chosen_r, rejected_r = rewards["rewards_chosen"], rewards["rewards_rejected"]
+        self.stats.append({
+            "pairs": b, "rewards_chosen": float(chosen_r.sum()),
+            "rewards_rejected": float(rejected_r.sum()),
+            "margin": float((chosen_r - rejected_r).sum()),
+            "accuracy": float((chosen_r > rejected_r).float().sum()),
+            "logps_chosen": float(sums[:b].detach().sum()),
+            "logps_rejected": float(sums[b:].detach().sum()),
+        })  # fmt: skip
+        return losses.sum()
+
+    def orpo(self, params, lora, batch: dict, layer_fn, b: int) -> torch.Tensor:
+        """NLL of the chosen rows (prompt and completion, as TRL's ORPO) minus the odds-ratio term."""
+        model, x, targets = final_hidden(params, batch, lora=lora, layer_fn=layer_fn)
+        weight = head_weight(model).to(x.dtype)
+        config = model.config
+        prompt_targets = torch.cat([batch["prompt_labels"][:, 1:],
+                                    torch.full_like(batch["prompt_labels"][:, :1], -100)], 1)  # fmt: skip
+
+        def summed(i, t):
+            keep = t[i] != -100
+            return -kernels.fused_linear_cross_entropy(
+                x[i][keep], weight, t[i][keep], reduction="sum", softcap=config.final_softcap,
+                logit_scale=config.logit_scale,
+            )  # fmt: skip
+
+        completion = torch.stack([summed(i, targets) for i in range(2 * b)])
+        counts = (targets != -100).sum(1).clamp(min=1)
+        prompt = torch.stack([summed(i, prompt_targets) for i in range(b)])
+        nll_tokens = counts[:b].sum() + (prompt_targets[:b] != -100).sum()
+        nll = -(completion[:b].sum() + prompt.sum()) / nll_tokens.clamp(min=1)
+        means = completion / counts
+        ratio, log_odds = orpo_loss(means[:b], means[b:], beta=self.config.beta)
+        chosen_r, rejected_r = (
+            self.config.beta * means[:b].detach(),
+            self.config.beta * means[b:].detach(),
+        )
+        self.stats.append({
+            "pairs": b, "rewards_chosen": float(chosen_r.sum()),
+            "rewards_rejected": float(rejected_r.sum()),
+            "margin": float((chosen_r - rejected_r).sum()),
+            "accuracy": float((chosen_r > rejected_r).float().sum()),
+            "nll": float(nll.detach()) * b, "log_odds_ratio": float(log_odds.detach().sum()),
+        })  # fmt: skip
+        return nll * b - ratio.sum()
+
+    def metrics(self) -> dict:
+        """The step's logged metrics (means over its pairs); resets for the next step."""
+        stats, self.stats = self.stats, []
+        pairs = sum(s["pairs"] for s in stats)
+        if not pairs:
+            return {}
+        keys = [k for k in stats[0] if k != "pairs"]
+        return {k: round(sum(s[k] for s in stats) / pairs, 6) for k in keys}
