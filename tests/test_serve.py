@@ -5,6 +5,8 @@ bad requests answered 4xx with OpenAI-style errors while the server keeps servin
 from __future__ import annotations
 
 import asyncio
+import importlib
+import importlib.util
 import json
 import threading
 import urllib.error
@@ -17,14 +19,19 @@ import transformers
 import fnlm
 from fnlm.errors import ArgumentError
 from fnlm.generate import Sampling, generate_tokens
+from fnlm.serve import Engine, Request, Server
 from tests.models import saved_checkpoint
 from tests.test_generate import CharTokenizer, random_lora, tiny_llama
 
-openai = pytest.importorskip("openai")
-pytest.importorskip("starlette")
-pytest.importorskip("uvicorn")
+# The HTTP tests need the test extra's openai, starlette and uvicorn; the engine's do not.
+HTTP = all(importlib.util.find_spec(name) for name in ("openai", "starlette", "uvicorn"))
+openai = importlib.import_module("openai") if HTTP else None
 
-from fnlm.serve import Engine, Request, Server  # noqa: E402  (needs the serve extra)
+
+def need_http() -> None:
+    if not HTTP:
+        pytest.skip("needs openai, starlette and uvicorn (pip install -e '.[test]')")
+
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*no tokenizer.json")
 
@@ -48,6 +55,7 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def server(tiny):
+    need_http()
     params, tok, lora = tiny
     engine = Engine(params, tok, adapters={"tiny-pirate": lora}, slots=SLOTS)
     with Server(engine, "tiny") as url:
@@ -339,6 +347,7 @@ def test_engine_refuses_bad_requests(tiny):
 
 def test_embedded_model_chat_over_http_equals_generate():
     """The real SmolLM2-135M-Instruct (fp32): the chat answer over HTTP is fnlm.generate's."""
+    need_http()
     params, tok = fnlm.load(quant=None, dtype=torch.float32, device="cpu")
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     expected = fnlm.generate(params, tok, messages, max_new_tokens=16)
