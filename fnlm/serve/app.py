@@ -78,6 +78,10 @@ def create_app(engine: Engine, name: str) -> Starlette:
     async def http_error(_request, exc: HTTPException) -> JSONResponse:
         return ApiError(exc.status_code, str(exc.detail)).response()
 
+    async def server_error(_request, exc: Exception) -> JSONResponse:
+        message = f"{type(exc).__name__}: {exc}"
+        return ApiError(500, message, kind="server_error").response()
+
     routes = [
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", get_model, methods=["GET"]),
@@ -85,7 +89,8 @@ def create_app(engine: Engine, name: str) -> Starlette:
         Route("/v1/completions", completions, methods=["POST"]),
     ]
     return Starlette(
-        routes=routes, exception_handlers={ApiError: api_error, HTTPException: http_error}
+        routes=routes,
+        exception_handlers={ApiError: api_error, HTTPException: http_error, 500: server_error},
     )
 
 
@@ -249,8 +254,13 @@ async def _complete(engine: Engine, models: dict, body: dict, *, chat: bool):
             max_tokens=options["max_tokens"], sampling=options["sampling"], stop=options["stop"],
             stream=options["stream"],
         ))  # fmt: skip
-    for request in requests:
-        engine.submit(request)
+    try:
+        for request in requests:
+            engine.submit(request)
+    except ArgumentError as e:
+        for request in requests:
+            request.cancelled = True
+        raise ApiError(400, str(e)) from None
     answer = _Answer(model, chat, len(requests))
     if options["stream"]:
         return StreamingResponse(

@@ -89,7 +89,8 @@ class Engine:
 
     params, tok: from fnlm.load (tok None: token ids only, no text, no stop strings). adapters: {name: Lora}. context: positions per request, prompt
     included (default and maximum: the model's max_position_embeddings). compile: torch.compile
-    the decode layers (default on CUDA). cache_dtype: as fnlm.generate.
+    the decode layers (default on CUDA). cache_dtype: as fnlm.generate. warm: compile and capture
+    the base model's step in the engine thread before the first request (adapters' on first use).
     """
 
     def __init__(
@@ -102,6 +103,7 @@ class Engine:
         context: int | None = None,
         compile: bool | None = None,
         cache_dtype: torch.dtype | None = None,
+        warm: bool = True,
     ):
         from fnlm.lora import attach
 
@@ -139,6 +141,7 @@ class Engine:
         self.steps_run = 0
         self._queue: queue.Queue = queue.Queue()
         self._pending: list[Request] = []
+        self._warm = warm
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="fnlm-engine", daemon=True)
         self._thread.start()
@@ -179,6 +182,12 @@ class Engine:
     # The engine thread
 
     def _loop(self) -> None:
+        if self._warm:  # every row is free: the step's writes land in rows nobody reads
+            try:
+                with torch.no_grad():
+                    self._step_fn(None)()
+            except Exception:  # the first request's step will fail with the same error
+                traceback.print_exc()
         while not self._closed.is_set():
             busy = any(row is not None for row in self.rows) or self._pending
             try:
