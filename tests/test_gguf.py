@@ -435,8 +435,19 @@ def test_tiny_tokenizer_matches_transformers(tiny_tokenizers, text):
 
 @pytest.fixture(scope="module")
 def tiny_tokenizers(tiny):
-    path, converted, _, _ = tiny
-    return transformers.AutoTokenizer.from_pretrained(converted), hf_gguf_tokenizer(path)
+    """(fnlm's, the reference): transformers' GGUF tokenizer, whose SentencePiece one is given
+    llama.cpp's cut — a ▁ before the text and after every special token, as Llama 2's own
+    tokenizer.json — where transformers prepends one to the first word only."""
+    from tokenizers import normalizers
+
+    path, converted, _, vocab = tiny
+    ref = hf_gguf_tokenizer(path)
+    if vocab["model"] == "llama":
+        ref.backend_tokenizer.normalizer = normalizers.Sequence(
+            [normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")]
+        )
+        ref.backend_tokenizer.pre_tokenizer = None
+    return transformers.AutoTokenizer.from_pretrained(converted), ref
 
 
 def test_tiny_tokenizer_settings(tiny, tiny_tokenizers):

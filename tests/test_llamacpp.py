@@ -383,14 +383,15 @@ def smol(scratch):
 
 @pytest.fixture(scope="module")
 def families(scratch):
-    """(family, tokenizer) -> (params read back from the f16 export, tok, the export)."""
+    """(family, tokenizer) -> (params and tokenizer read back from the f16 export by fnlm, the
+    tokenizer it was written with, the export)."""
     built = {}
     for index, (model_type, name, _) in enumerate(FAMILIES):
         tok = Tokenizer.from_dir(TOKENIZERS[name](scratch / f"tok-{model_type}-{name}"))
         with saved_checkpoint(tiny_config(model_type, tok.vocab_size + 4, seed=index)) as (_, d):
             params, _ = load_fp32(d)
         path = fnlm.save(scratch / f"{model_type}-{name}.gguf", params, tok, format="gguf")
-        built[model_type, name] = (load_fp32(path)[0], tok, path)
+        built[model_type, name] = (*load_fp32(path), tok, path)
     return built
 
 
@@ -421,18 +422,20 @@ def test_the_exports_name_the_pre_tokenizers(smol, families):
 
     assert pre(smol[2]) == "smollm"
     for model_type, name, expected in FAMILIES:
-        assert pre(families[model_type, name][2]) == expected, (model_type, name)
+        assert pre(families[model_type, name][3]) == expected, (model_type, name)
 
 
 @pytest.mark.parametrize("family", [f[:2] for f in FAMILIES], ids="-".join)
 @given(text=TEXT, chat=CHAT)
 def test_tiny_family_tokens(families, scratch, family, text, chat):
-    _, tok, path = families[family]
-    assert llama_tokenize(path, text, scratch) == tok.encode(text)
+    """The tokenizer exported and the one fnlm reads back from the file both give llama.cpp's ids."""
+    _, read_back, tok, path = families[family]
+    ids = llama_tokenize(path, text, scratch)
+    assert ids == tok.encode(text) and ids == read_back.encode(text)
     rendered = tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
-    assert llama_tokenize(path, rendered, scratch, bos=False) == tok.encode(
-        rendered, add_special_tokens=False
-    )
+    ids = llama_tokenize(path, rendered, scratch, bos=False)
+    assert ids == tok.encode(rendered, add_special_tokens=False)
+    assert ids == read_back.encode(rendered, add_special_tokens=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -447,7 +450,7 @@ def test_smollm2_greedy_text(smol, scratch):
 
 @pytest.mark.parametrize("family", [f[:2] for f in FAMILIES], ids="-".join)
 def test_tiny_family_greedy_text(families, scratch, family):
-    params, tok, path = families[family]
+    params, _, tok, path = families[family]
     prompts = ["The quick brown fox", "Hello world! 1234", [{"role": "user", "content": "Hi"}]]
     agreed = [assert_same_greedy(params, tok, path, prompt, scratch) for prompt in prompts]
     print(f"\nllamacpp: {'-'.join(family)} greedy, continuation tokens equal: {agreed}")

@@ -130,9 +130,11 @@ def _byte_level_bpe(metadata: dict):
 
 
 def _sentencepiece_bpe(metadata: dict):
-    """transformers' LlamaTokenizer shape: Metaspace prepended to the first word only (not
-    `tokenizer.ggml.add_space_prefix`, which transformers ignores too), byte fallback."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    """SentencePiece BPE with byte fallback, cut as llama.cpp cuts it: no pre-tokenizer, spaces
+    as ▁ and, with `tokenizer.ggml.add_space_prefix` (default true), a ▁ before the text and
+    after every special token — Llama 2's and Mistral's own tokenizer.json (a Prepend
+    normalizer). transformers' GGUF reader prepends to the first word only and ignores the key."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
 
     vocab = {t: i for i, t in enumerate(metadata["tokenizer.ggml.tokens"])}
     tokenizer = Tokenizer(
@@ -144,16 +146,14 @@ def _sentencepiece_bpe(metadata: dict):
             dropout=None,
         )
     )
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(
-        replacement="\u2581", prepend_scheme="first", split=False
+    prefix = bool(metadata.get("tokenizer.ggml.add_space_prefix", True))
+    spaces = [normalizers.Replace(" ", "\u2581")]
+    tokenizer.normalizer = normalizers.Sequence(
+        [normalizers.Prepend("\u2581"), *spaces] if prefix else spaces
     )
+    pieces = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
     tokenizer.decoder = decoders.Sequence(
-        [
-            decoders.Replace("\u2581", " "),
-            decoders.ByteFallback(),
-            decoders.Fuse(),
-            decoders.Strip(content=" ", left=1, right=0),
-        ]
+        [*pieces, decoders.Strip(content=" ", left=1, right=0)] if prefix else pieces
     )
     return tokenizer
 
