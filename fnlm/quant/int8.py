@@ -81,6 +81,7 @@ def quantize_int8(w: torch.Tensor, compute_dtype: torch.dtype) -> Int8Weight:
     """Row-wise int8 quantization of w [out, in] on w's device, bytes as bitsandbytes' Int8Params
     (its own kernel: bitsandbytes' CUDA kernel rounds a few values differently from its torch
     formula round(w * (127 / absmax)), which its CPU backend uses)."""
+    # bitsandbytes here only: it takes seconds to import, and dequantizing never needs it
     import bitsandbytes.functional as bnb
 
     data, absmax, _ = bnb.int8_vectorwise_quant(w.to(torch.float16).contiguous())

@@ -117,6 +117,8 @@ class NF4Weight:
 
     def to_bnb(self):
         """(packed uint8, `bitsandbytes.functional.QuantState`) as bnb's quantize_4bit returns them."""
+        # bitsandbytes here only: it takes seconds to import (it probes its backends), and
+        # loading or running quantized weights never needs it
         from bitsandbytes.functional import QuantState
 
         state2 = None
@@ -193,6 +195,8 @@ class NF4Weight:
         "weight.quant_map", "weight.quant_state.bitsandbytes__nf4" (and "weight.nested_absmax",
         "weight.nested_quant_map" with double quantization), with any common prefix.
         """
+        # bitsandbytes here only: it takes seconds to import (it probes its backends), and
+        # loading or running quantized weights never needs it
         from bitsandbytes.functional import QuantState
 
         marker = "weight.quant_state.bitsandbytes__nf4"
@@ -231,6 +235,7 @@ class NF4Weight:
 def quantize_nf4(w: torch.Tensor, compute_dtype: torch.dtype) -> NF4Weight:
     """Quantize a 16/32-bit weight [out, in] with bitsandbytes (NF4, blocksize 64, double quant)
     on w's device."""
+    # bitsandbytes here only: it takes seconds to import, and dequantizing never needs it
     import bitsandbytes.functional as bnb
 
     if compute_dtype not in COMPUTE_DTYPES:
