@@ -255,15 +255,17 @@ def decode_state(
     attention_mask: torch.Tensor | None,
     dtype: torch.dtype,
     compile: bool,
+    variant=None,
 ) -> DecodeState:
     """A DecodeState for `batch` rows and `max_len` cache slots, its `valid` set from
     `attention_mask` [batch, prompt_len]. Where steps are graph-captured, the state (graph, cache,
     buffers) is taken from the graph cache when one of this shape exists for the same tensors
     (`params`: the weights the step reads, adapters attached; `base`: the model without them,
-    whose change empties the cache); hand it back with `keep` when the call is done."""
+    whose change empties the cache; `variant`: anything else the step depends on, such as the
+    adapters' dropout mode); hand it back with `keep` when the call is done."""
     if not will_capture(params):
         return _new_state(params, batch, max_len, attention_mask, dtype, compile)
-    key = (batch, max_len, dtype, compile, _leaf_ids(params))
+    key = (batch, max_len, dtype, compile, variant, _leaf_ids(params))
     with _graphs_lock:
         model = _leaf_ids(base)
         if _graphs_model[0] != model:

@@ -83,8 +83,9 @@ def generate_tokens(
     out: list[list[int]] = [[] for _ in range(batch)]
     running = [True] * batch
     state = decode_state(
-        params, base, batch, max_len, attention_mask=padded, dtype=dtype, compile=compile
-    )
+        params, base, batch, max_len, attention_mask=padded, dtype=dtype, compile=compile,
+        variant=getattr(lora, "training", None),  # adapters' dropout on or off
+    )  # fmt: skip
     with torch.no_grad(), _kept(state):
         logits, _ = prefill(params, tokens, state.cache, attention_mask=padded)
         seen = None
