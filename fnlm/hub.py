@@ -18,6 +18,7 @@ HUB_FILES = [
     "special_tokens_map.json",
     "chat_template.jinja",
     "chat_template.json",
+    "adapter_config.json",  # a LoRA adapter repository (its weights are *.safetensors)
 ]
 
 
@@ -26,12 +27,15 @@ def resolve(
 ) -> Path:
     """A local directory holding config.json + safetensors (+ tokenizer) for `name_or_path`.
 
-    None -> the embedded default model; an existing directory -> itself; a `.gguf` file -> its
+    None or EMBEDDED_ID -> the embedded default model; an existing directory (a checkpoint, or a
+    LoRA adapter: adapter_config.json without config.json) -> itself; a `.gguf` file -> its
     converted cache directory; anything else -> a Hugging Face hub id, downloaded (only the files in
     HUB_FILES) into the normal hub cache honouring `revision`, `token` and HF_HUB_OFFLINE.
     Raises ModelNotFoundError or OfflineError with what to do.
     """
-    if name_or_path is None:
+    from fnlm.default import EMBEDDED_ID
+
+    if name_or_path is None or name_or_path == EMBEDDED_ID:
         from fnlm.default import default_checkpoint
 
         return default_checkpoint()
@@ -44,7 +48,7 @@ def resolve(
 
         return cached_checkpoint(path)
     if path.is_dir():
-        if not (path / "config.json").is_file():
+        if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
             raise ModelNotFoundError(
                 f"{path} is a directory but holds no config.json; expected a transformers checkpoint"
             )

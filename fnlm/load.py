@@ -14,7 +14,7 @@ import torch
 
 from fnlm import models
 from fnlm.config import ModelConfig, freeze
-from fnlm.errors import CheckpointError, ConfigError, QuantError
+from fnlm.errors import CheckpointError, ConfigError, LoraError, ModelNotFoundError, QuantError
 from fnlm.hub import resolve
 from fnlm.models import moe
 from fnlm.params import Params, path_name, set_path
@@ -22,7 +22,7 @@ from fnlm.params import Params, path_name, set_path
 # Tensors a checkpoint may carry that the functional model recomputes instead.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
-QUANT_MODES = ("nf4", "int8", "fp8", None)
+QUANT_MODES = ("auto", "nf4", "int8", "fp8", None)
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -160,7 +160,7 @@ def is_quantizable(path: tuple, tensor: torch.Tensor) -> bool:
 def load(
     name_or_path: str | os.PathLike | None = None,
     *,
-    quant: str | None = "nf4",
+    quant: str | None = "auto",
     dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
     max_seq_length: int | None = None,
@@ -171,9 +171,14 @@ def load(
     """Load a model and its tokenizer: `params, tok = fnlm.load("Qwen/Qwen2.5-0.5B-Instruct")`.
 
     name_or_path: local checkpoint directory, hub id, `.gguf` file, or None for the embedded
-        default (SmolLM2-135M-Instruct, offline).
-    quant: "nf4" (bitsandbytes NF4, double quant), "int8", "fp8" or None (16-bit) for the linear
-        weights of the decoder layers; names in `skip` (e.g. "down", "layers.0.attn.q") stay 16-bit.
+        default (SmolLM2-135M-Instruct, offline). A LoRA adapter directory (adapter_config.json,
+        as peft or `fnlm train` write it) loads the base it names (`base_model_name_or_path`)
+        with the adapter attached (`fnlm.lora.attach`), as peft's AutoPeftModel does; the
+        adapter's own tokenizer, when it has one, is returned.
+    quant: "auto" (NF4 on CUDA, 16-bit elsewhere: NF4 matmuls on a CPU are several times
+        slower), "nf4" (bitsandbytes NF4, double quant), "int8", "fp8" or None (16-bit) for the
+        linear weights of the decoder layers; names in `skip` (e.g. "down", "layers.0.attn.q")
+        stay 16-bit.
     dtype: compute/storage dtype; None picks bf16 on capable GPUs, fp16 on older ones, fp32 on CPU.
     max_seq_length: beyond the native context, RoPE is scaled (linear, factor L / native).
     Returns (Params, Tokenizer or None when the checkpoint has no tokenizer.json); `params.source`
@@ -182,9 +187,15 @@ def load(
     """
     if quant not in QUANT_MODES:
         raise QuantError(f"quant must be one of {QUANT_MODES}; got {quant!r}")
+    options = dict(quant=quant, dtype=dtype, device=device, max_seq_length=max_seq_length,
+                   revision=revision, token=token, skip=skip)  # fmt: skip
     device = resolve_device(device)
+    if quant == "auto":
+        quant = "nf4" if device.type == "cuda" else None
     dtype = resolve_dtype(dtype, device)
     directory = resolve(name_or_path, revision=revision, token=token)
+    if is_adapter_directory(directory):
+        return load_adapter_directory(directory, **options)
     config = read_config(directory, max_seq_length)
     quantize = None
     if quant is not None:
@@ -198,6 +209,65 @@ def load(
     # of dequantized ones. Only this Params object carries it (tree maps build new ones).
     params.source = directory
     return params, load_tokenizer(directory)
+
+
+def model_id(name_or_path: str | os.PathLike | None) -> str:
+    """A stable name for a model, to record as an adapter's base_model_name_or_path: the hub id
+    as given, a local path made absolute, and for the embedded default `EMBEDDED_ID` (which
+    `fnlm.load` resolves back to it)."""
+    if name_or_path is None:
+        from fnlm.default import EMBEDDED_ID
+
+        return EMBEDDED_ID
+    path = Path(name_or_path).expanduser()
+    return str(path.resolve()) if path.exists() else os.fspath(name_or_path)
+
+
+def is_adapter_directory(directory: Path) -> bool:
+    """A LoRA adapter (adapter_config.json) rather than a model (config.json)."""
+    return (directory / "adapter_config.json").is_file() and not (
+        directory / "config.json"
+    ).is_file()
+
+
+def adapter_base(directory: str | os.PathLike) -> str:
+    """The base model an adapter directory names: adapter_config.json's base_model_name_or_path.
+    Raises LoraError naming the file when it is missing or names no base."""
+    path = Path(directory) / "adapter_config.json"
+    try:
+        base = json.loads(path.read_text()).get("base_model_name_or_path")
+    except FileNotFoundError:
+        raise LoraError(f"{path} not found; {directory} is not a LoRA adapter directory") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise LoraError(f"{path} is not a valid adapter config: {e}") from None
+    if not base:
+        raise LoraError(
+            f"{path} names no base model (base_model_name_or_path is empty); load the base "
+            "yourself and pass it with the adapter (fnlm.lora.load(directory, params), or --model)"
+        )
+    return base
+
+
+def load_adapter_directory(directory: Path, **options):
+    """(params with the adapter attached, tokenizer) for an adapter directory: its base loaded
+    as `load` loads a model, then the adapter on it. The result's `.adapter` is the Lora and
+    `.source` the base's checkpoint directory."""
+    from fnlm import lora as lora_lib
+
+    base = adapter_base(directory)
+    try:
+        params, tok = load(base, **options)
+    except ModelNotFoundError as e:
+        raise ModelNotFoundError(
+            f"{directory / 'adapter_config.json'} names the base model {base!r}, which cannot be "
+            f"loaded: {e}"
+        ) from None
+    adapter = lora_lib.load(directory, params, trainable=False)
+    attached = lora_lib.attach(params, adapter)
+    attached.source, attached.adapter = params.source, adapter
+    if (directory / "tokenizer.json").is_file():
+        tok = load_tokenizer(directory)
+    return attached, tok
 
 
 def load_params(

@@ -24,32 +24,89 @@ from collections.abc import Iterator
 import torch
 
 from fnlm.errors import ArgumentError
-from fnlm.kernels.cross_entropy import (
-    fused_linear_cross_entropy_op,
-    fused_linear_cross_entropy_reference,
-)
-from fnlm.kernels.glu import geglu_reference, glu_op, swiglu_reference
-from fnlm.kernels.nf4 import (
-    GEMV_MAX_BATCH,
-    NF4_CODE,
-    NF4Layout,
-    dequantize_nf4,
-    dequantize_nf4_reference,
-    nf4_args,
-    nf4_dequantize_op,
-    nf4_gemv_fwd,
-    nf4_gemv_op,
-    nf4_gemv_reference,
-)
-from fnlm.kernels.nf4 import gemv_supported as nf4_gemv_supported
-from fnlm.kernels.nf4_moe import (
-    check_expert_gemv,
-    expert_gemv_op,
-    expert_gemv_reference,
-)
-from fnlm.kernels.nf4_moe import expert_gemv_supported as nf4_expert_gemv_supported
-from fnlm.kernels.rmsnorm import rms_norm_op, rms_norm_reference
-from fnlm.kernels.rope import apply_rope_reference, rope_op
+
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:  # macOS, Windows, CPU-only installs: the plain-torch references run
+    HAS_TRITON = False
+
+
+class _NoTriton:
+    """Stands in for a triton object while the kernel files are imported without triton: their
+    decorators (`@triton.jit`) and constants (`tl.constexpr(...)`, `tl.float16`) only need to
+    exist; launching a kernel (`kernel[grid](...)`) raises."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr: str):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        return _NoTriton(f"{self._name}.{attr}")
+
+    def __call__(self, *args, **kwargs):
+        return _NoTriton(self._name)
+
+    def __getitem__(self, grid):
+        raise ArgumentError(
+            f"{self._name}: Triton is not installed, so its kernels cannot run; install triton "
+            "(Linux with a GPU) or use the plain-torch path (FNLM_KERNELS=torch, the default off CUDA)"
+        )
+
+
+@contextlib.contextmanager
+def _triton_stand_in() -> Iterator[None]:
+    """Without triton, a stand-in `triton` / `triton.language` in sys.modules while the kernel
+    files are imported, removed afterwards so that nothing else (torch included) sees it."""
+    if HAS_TRITON:
+        yield
+        return
+    import sys
+    import types
+
+    modules = {}
+    for name in ("triton", "triton.language"):
+        module = types.ModuleType(name)
+        module.__getattr__ = _NoTriton(name).__getattr__  # __file__ etc. stay absent
+        modules[name] = module
+    modules["triton"].language = modules["triton.language"]
+    sys.modules.update(modules)
+    try:
+        yield
+    finally:
+        for name in modules:
+            sys.modules.pop(name, None)
+
+
+with _triton_stand_in():
+    from fnlm.kernels.cross_entropy import (
+        fused_linear_cross_entropy_op,
+        fused_linear_cross_entropy_reference,
+    )
+    from fnlm.kernels.glu import geglu_reference, glu_op, swiglu_reference
+    from fnlm.kernels.nf4 import (
+        GEMV_MAX_BATCH,
+        NF4_CODE,
+        NF4Layout,
+        dequantize_nf4,
+        dequantize_nf4_reference,
+        nf4_args,
+        nf4_dequantize_op,
+        nf4_gemv_fwd,
+        nf4_gemv_op,
+        nf4_gemv_reference,
+    )
+    from fnlm.kernels.nf4 import gemv_supported as nf4_gemv_supported
+    from fnlm.kernels.nf4_moe import (
+        check_expert_gemv,
+        expert_gemv_op,
+        expert_gemv_reference,
+    )
+    from fnlm.kernels.nf4_moe import expert_gemv_supported as nf4_expert_gemv_supported
+    from fnlm.kernels.rmsnorm import rms_norm_op, rms_norm_reference
+    from fnlm.kernels.rope import apply_rope_reference, rope_op
 
 __all__ = [
     "GEMV_MAX_BATCH",
@@ -82,6 +139,8 @@ def _checked_backend(name: str, where: str) -> str:
         raise ArgumentError(
             f"{where}: unknown kernel backend {name!r}; expected one of {', '.join(_BACKENDS)}"
         )
+    if name == "triton" and not HAS_TRITON:
+        raise ArgumentError(f"{where}: backend 'triton' asked for, but triton is not installed")
     return name
 
 
@@ -91,7 +150,10 @@ _backend = _checked_backend(
 
 
 def use_triton(t: torch.Tensor) -> bool:
-    """Whether the Triton kernel runs for an input tensor `t` under the current backend."""
+    """Whether the Triton kernel runs for an input tensor `t` under the current backend (never
+    without triton installed)."""
+    if not HAS_TRITON:
+        return False
     if _backend == "auto":
         return t.is_cuda
     return _backend == "triton"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -227,6 +229,9 @@ class TrainConfig:
             else:
                 unknown.append(key)
                 continue
+            if target in given and isinstance(value, dict) and isinstance(options[target], dict):
+                options[target] = {**options[target], **value}  # adam_beta1 and adam_beta2
+                continue
             if target in given:
                 raise ArgumentError(
                     f"training option {target!r} given twice (as {given[target]!r} and {key!r}); "
@@ -251,6 +256,15 @@ class TrainConfig:
             if not renamed:
                 raise
             raise ArgumentError(f"{e}; {', '.join(renamed)}") from None
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, **overrides) -> TrainConfig:
+        """A config from a TOML or YAML file (its [train] table / train: key when it has one),
+        `overrides` winning; names as `from_dict` takes them.
+
+        >>> TrainConfig.from_file("examples/qlora-sft.toml", max_steps=10)  # doctest: +SKIP
+        """
+        return cls.from_dict({**read_config_file(path), **overrides})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -443,3 +457,35 @@ def _check_number(name: str, value, kind: str, low, high, how: str) -> None:
     elif low == 0:
         what += " >= 0"
     raise ArgumentError(f"TrainConfig.{name} must be {what}, got {value!r}")
+
+
+def read_config_file(path: str | os.PathLike) -> dict:
+    """A TOML or YAML (PyYAML installed) file of training options as a dict: its [train] table /
+    train: key when it has one, else the whole file. Raises ArgumentError naming the file."""
+    file = Path(path)
+    if not file.is_file():
+        raise ArgumentError(f"config file {file} does not exist")
+    if file.suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ArgumentError(
+                f"{file} is YAML, which needs PyYAML (`pip install pyyaml`); or write it as TOML"
+            ) from None
+        try:
+            values = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ArgumentError(f"{file} is not valid YAML: {e}") from None
+    elif file.suffix == ".toml":
+        try:
+            values = tomllib.loads(file.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ArgumentError(f"{file} is not valid TOML: {e}") from None
+    else:
+        raise ArgumentError(f"config file {file}: expected a .toml, .yaml or .yml file")
+    if not isinstance(values, dict):
+        raise ArgumentError(f"{file} must hold a table of options, got {type(values).__name__}")
+    values = values.get("train", values)
+    if not isinstance(values, dict):
+        raise ArgumentError(f"{file}: [train] must be a table of options")
+    return values

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from fnlm import data as data_lib
 from fnlm import lora as lora_lib
+from fnlm.load import model_id
 from fnlm.params import Params
 from fnlm.train.checkpoint import save_full_model
 from fnlm.train.config import CHECKPOINT_PREFIX, NonFiniteLossError, TrainConfig, TrainResult
@@ -172,7 +173,7 @@ def finish(run: Run, status: str, losses: list, eval_losses: list) -> TrainResul
         save_full_model(run.run_dir / "model", run.trainable.final_params(), run.tokenizer)
     else:
         lora_lib.save(run.run_dir / "adapter", run.lora, params=run.params,
-                      base_model_name_or_path=run.config.model)  # fmt: skip
+                      base_model_name_or_path=model_id(run.config.model))  # fmt: skip
     return TrainResult(
         run_dir=run.run_dir, step=run.step, status=status, losses=losses,
         params=run.trainable.final_params() if full else run.params, lora=run.lora,

@@ -15,6 +15,7 @@ from fnlm import data as data_lib
 from fnlm import lora as lora_lib
 from fnlm.errors import ArgumentError
 from fnlm.load import load as load_model
+from fnlm.load import model_id
 from fnlm.loss import loss as model_loss
 from fnlm.models import decoder
 from fnlm.params import Params, leaf_paths
@@ -186,7 +187,7 @@ def start(config: TrainConfig, *, params=None, tokenizer=None, lora=None, data=N
         lora = lora_lib.init(
             params, r=config.r, alpha=config.alpha, targets=config.targets,
             dropout=config.lora_dropout, rslora=config.rslora, seed=config.seed,
-            modules_to_save=config.modules_to_save, base_model_name_or_path=config.model,
+            modules_to_save=config.modules_to_save, base_model_name_or_path=model_id(config.model),
         )  # fmt: skip
     trainable = Trainable(params, lora, full=full, fp32_master=config.fp32_master_weights)
 
