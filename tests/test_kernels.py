@@ -11,7 +11,9 @@ magnitude of the truth.
 
 from __future__ import annotations
 
+import ast
 import contextlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -149,6 +151,32 @@ def triton_backend():
 def randn(*shape, seed, scale=1.0, device=DEVICE):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(*shape, generator=g) * scale).to(device)
+
+
+# ------------------------------------------------------------------------------------------------
+# The door: one file per op, each with its four parts
+# ------------------------------------------------------------------------------------------------
+
+
+def test_every_kernel_file_has_kernels_launchers_a_custom_op_and_a_reference():
+    """Liger-Kernel's layout: a kernel file holds its @triton.jit kernels, the custom-op
+    registration and a plain-torch reference (a function named *_reference); fnlm.kernels is the
+    door, so each file's reference is reachable and tested from here."""
+    folder = Path(K.__file__).parent
+    for path in sorted(folder.glob("*.py")):
+        if path.name == "__init__.py":
+            continue
+        source = path.read_text(encoding="utf-8")
+        tree = ast.parse(source)
+        functions = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)]
+        decorators = [ast.unparse(d) for f in functions for d in f.decorator_list]
+        assert "triton.jit" in decorators, f"{path.name} has no @triton.jit kernel"
+        assert any(d.startswith("torch.library.custom_op") for d in decorators), (
+            f"{path.name} registers no torch custom op"
+        )
+        assert any(f.name.endswith("_reference") for f in functions), (
+            f"{path.name} has no plain-torch *_reference"
+        )
 
 
 # ------------------------------------------------------------------------------------------------

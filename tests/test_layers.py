@@ -5,7 +5,9 @@ Each fnlm module may import only from its own layer or the layers below it:
     errors, config, files, params  <  kernels  <  quant  <  models  <  lora
         <  tokenizer, data, hub, default, gguf, load, loss, generate, export  <  train, serve  <  cli
 
-so models never import lora, train, generate or export, and kernels never import quant. No module
+so models never import lora, train, generate or export, and kernels never import quant. Outside
+fnlm/kernels/, the kernels are reached through their one door, `fnlm.kernels`, never a kernel
+file (`fnlm.kernels.nf4`). No module
 inside the package imports its face (`import fnlm`, or `from fnlm import load` where the face has
 bound `load` to a function): the face imports everything, so such an import is a cycle waiting to
 happen. Function-local imports count too. A module that breaks a rule today and is being fixed is
@@ -101,6 +103,8 @@ def _violations(module: str, path: Path) -> list[str]:
             problems.append(f"{where} imports the package face fnlm; import the submodule instead")
             continue
         target = name.split(".")[1]
+        if target == "kernels" and name != "fnlm.kernels" and part != "kernels":
+            problems.append(f"{where} imports {name}; call the door, fnlm.kernels, instead")
         if target not in RANK:
             continue  # checked by test_every_module_has_a_layer
         if RANK[target] > RANK[part]:
@@ -152,6 +156,8 @@ def test_known_violations_are_modules():
         ("from ..lora import tree", ["imports fnlm.lora (layer 4)"]),
         ("from .decoder import forward", []),
         ("from fnlm.quant import linear", []),
+        ("from fnlm.kernels import rms_norm", []),
+        ("from fnlm.kernels.nf4 import nf4_gemv_fwd", ["call the door"]),
     ],
 )
 def test_the_checker_sees_what_it_should(monkeypatch, source, expected):
