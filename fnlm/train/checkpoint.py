@@ -3,8 +3,11 @@ position, the adapter in PEFT format) and the fully fine-tuned model as a transf
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import pickle
+import re
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -13,11 +16,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from fnlm import files, models
 from fnlm import lora as lora_lib
-from fnlm import models
 from fnlm.errors import CheckpointError
 from fnlm.params import Params, get_path
 from fnlm.train.config import CHECKPOINT_PREFIX, TMP_PREFIX
+
+# Checkpoints that may hold the update a run diverged on (see run.stop_diverged).
+DIVERGED_PREFIX = "diverged-"
 
 
 def save_checkpoint(
@@ -39,12 +45,60 @@ def save_checkpoint(
     Holds trainable.safetensors (the trained tensors by fnlm path name), optimizer.pt,
     scheduler.pt, rng.pt (CPU and CUDA generators), state.json (step, data position, `extra`)
     and, for LoRA runs, adapter/ in PEFT's format. keep > 0 removes all but the newest `keep`.
+    A failed write (disk full, no permission) raises CheckpointError naming the checkpoint; the
+    earlier checkpoints are left as they were.
     """
     root = Path(run_dir) / "checkpoints"
+    final = root / f"{CHECKPOINT_PREFIX}{step:08d}"
+    try:
+        _write_checkpoint(
+            root, final, step, named, optimizer, scheduler, position, extra, lora, params
+        )
+    except OSError as e:
+        raise CheckpointError(
+            f"could not write checkpoint {final}: {_why(e)}; the earlier checkpoints "
+            f"{[p.name for p in list_checkpoints(run_dir)]} are intact"
+        ) from e
+    if keep > 0:
+        prune_checkpoints(run_dir, keep)
+    return final
+
+
+def _why(error: OSError) -> str:
+    if error.errno == errno.ENOSPC:
+        return "the disk is full (no space left on device); free some space and resume"
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "permission denied (or a read-only file system)"
+    return f"{error.strerror or error}" + (f" ({error.filename})" if error.filename else "")
+
+
+def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> None:
+    """Remove all but the newest `keep` checkpoints of a run (keep <= 0: remove none)."""
+    if keep > 0:
+        for old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def set_aside_checkpoints(run_dir: str | os.PathLike, *, after: int) -> list[Path]:
+    """Rename the checkpoints of steps > `after` to diverged-step-NNNNNNNN: kept for a look, but
+    no longer resumed from or pruned (`list_checkpoints` does not see them). Returns the new paths."""
+    moved = []
+    for path in list_checkpoints(run_dir):
+        if int(path.name[len(CHECKPOINT_PREFIX) :]) > after:
+            target = path.with_name(DIVERGED_PREFIX + path.name)
+            if target.exists():  # from an earlier divergence at the same step
+                shutil.rmtree(target)
+            os.replace(path, target)
+            moved.append(target)
+    return moved
+
+
+def _write_checkpoint(
+    root, final, step, named, optimizer, scheduler, position, extra, lora, params
+):
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(TMP_PREFIX + "*"):  # left by a crash during an earlier save
         shutil.rmtree(stale, ignore_errors=True)
-    final = root / f"{CHECKPOINT_PREFIX}{step:08d}"
     work = Path(tempfile.mkdtemp(dir=root, prefix=f"{TMP_PREFIX}{final.name}-"))
     try:
         save_file(
@@ -70,10 +124,6 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    if keep > 0:
-        for old in list_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def _fsync_tree(directory: Path) -> None:
@@ -127,15 +177,34 @@ def load_checkpoint(
                 )
             tensor.copy_(saved[name])
     device = named[0][1].device
-    optimizer.load_state_dict(
-        torch.load(path / "optimizer.pt", map_location=device, weights_only=True)
-    )
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    rng = torch.load(path / "rng.pt", weights_only=False)
+    state = files.read_json(path / "state.json", error=CheckpointError, expect=dict)
+    optimizer.load_state_dict(load_tensors_file(path / "optimizer.pt", map_location=device))
+    scheduler.load_state_dict(load_tensors_file(path / "scheduler.pt"))
+    rng = load_tensors_file(path / "rng.pt")
+    if not isinstance(rng, dict) or not isinstance(rng.get("cpu"), torch.Tensor):
+        raise CheckpointError(f"{path / 'rng.pt'} holds no CPU generator state ('cpu' tensor)")
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    return json.loads((path / "state.json").read_text())
+    return state
+
+
+def load_tensors_file(path: Path, map_location=None):
+    """torch.load of a checkpoint's .pt file with weights_only=True: tensors, numbers, strings
+    and containers only, never code. Anything else (a pickled object, a corrupt file) raises
+    CheckpointError naming the file."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        detail = f"it refers to {found.group(1)}" if found else "unsupported content"
+        raise CheckpointError(
+            f"{path} holds more than tensors and plain values ({detail[:200]}); fnlm never "
+            "unpickles objects from a checkpoint. Was the file written by fnlm? If not, remove "
+            "that checkpoint"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"{path} is corrupt or truncated: {e}") from None
 
 
 def save_full_model(directory: str | os.PathLike, params: Params, tokenizer=None) -> Path:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import resource
 import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -31,6 +32,12 @@ class StopFlag:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
+        print(
+            "\nfnlm.train: Ctrl-C: finishing this step, then saving a checkpoint; "
+            "Ctrl-C again aborts without saving",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def __exit__(self, *exc):
         if self.previous is not None:
@@ -66,12 +73,21 @@ def log(path: Path, entry: dict) -> None:
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop what an interrupted run logged after its checkpoint."""
+    """On resume, drop what an interrupted run logged after its checkpoint, and a line torn by a
+    crash while it was written (it is not valid JSON)."""
     if not path.exists():
         return
-    kept = [
-        line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step
-    ]
+    kept, torn = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            entry = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            entry, torn = None, torn + 1
+        if isinstance(entry, dict) and isinstance(entry.get("step"), int | float):
+            if entry["step"] <= step:
+                kept.append(line)
+    if torn:
+        print(f"fnlm.train: {path}: dropped {torn} torn line(s) (not valid JSON)")
     path.write_text("".join(line + "\n" for line in kept))
 
 

@@ -14,7 +14,7 @@ from fnlm import data as data_lib
 from fnlm import lora as lora_lib
 from fnlm.load import model_id
 from fnlm.params import Params
-from fnlm.train.checkpoint import save_full_model
+from fnlm.train.checkpoint import list_checkpoints, save_full_model, set_aside_checkpoints
 from fnlm.train.config import CHECKPOINT_PREFIX, NonFiniteLossError, TrainConfig, TrainResult
 from fnlm.train.monitor import StopFlag, log, out_of_memory, peak_memory_gib
 from fnlm.train.plot import plot_losses
@@ -108,6 +108,7 @@ def advance(run: Run, started: float) -> dict:
     seconds = time.perf_counter() - tick
     if not math.isfinite(result["loss"]):
         stop_on_non_finite(run, result)
+    check_divergence(run, result)
     run.step, run.position = run.step + 1, next_position
     tokens = sum(real_tokens(b) for b in batches)
     extra = {} if run.method is None else run.method.metrics()
@@ -127,19 +128,77 @@ def advance(run: Run, started: float) -> dict:
 
 
 def stop_on_non_finite(run: Run, result: dict) -> None:
+    """Stop on a NaN / infinite loss, as `stop_diverged` says."""
+    stop_diverged(
+        run, result, f"the loss is {result['loss']} (gradient norm {result['grad_norm']})",
+        first_bad=run.step + 1,
+    )  # fmt: skip
+
+
+# A loss above ln |V| (worse than a uniform guess) and this many times its running level, twice
+# in a row, is a divergence; a fine-tuned model's loss sits far below ln |V|.
+SPIKE_FACTOR = 2.0
+# Weight of the newest loss in the running level (an exponential moving average).
+LEVEL_WEIGHT = 0.1
+
+
+def check_divergence(run: Run, result: dict) -> None:
+    """Stop (`stop_diverged`) when the finite loss of step run.step + 1 shows a dead or diverged
+    model: a collapse to a uniform output (loss = ln |V| with a gradient norm of exactly 0: the
+    model no longer learns), or a spike far above the running level of the loss, two steps in a
+    row. A step that passes lets `Run.checkpoint`'s deferred pruning go ahead."""
+    if getattr(run, "method", None) is not None:  # the watch reads a token cross-entropy (SFT)
+        run.prune_checkpoints()
+        return
+    vocab = run.params.config.vocab_size
+    uniform = math.log(vocab)
+    loss, step = result["loss"], run.step + 1
+    if result["grad_norm"] == 0.0 and abs(loss - uniform) <= 1e-3 * uniform:
+        stop_diverged(
+            run, result, f"the model collapsed to a uniform output: loss {loss:.4f} = ln |V| "
+            f"({vocab} tokens) with a gradient norm of 0", first_bad=step,
+        )  # fmt: skip
+    level = run.loss_level
+    if level is not None and loss > uniform and loss > SPIKE_FACTOR * level:
+        if run.spike_since is not None:
+            stop_diverged(
+                run, result, f"the loss spiked to {loss:.4f} from a running level of {level:.4f} "
+                f"(above ln |V| = {uniform:.2f}) for steps {run.spike_since}-{step}",
+                first_bad=run.spike_since,
+            )  # fmt: skip
+        run.spike_since = step
+        return
+    run.spike_since = None
+    run.loss_level = loss if level is None else (1 - LEVEL_WEIGHT) * level + LEVEL_WEIGHT * loss
+    run.prune_checkpoints()
+
+
+def stop_diverged(run: Run, result: dict, what: str, *, first_bad: int) -> None:
+    """Log the bad step, set aside the checkpoints that may hold the bad update and raise
+    NonFiniteLossError naming the last good checkpoint.
+
+    The loss of step t is computed with the weights of checkpoint step-(t-1), so when step
+    `first_bad` went wrong, checkpoints from step first_bad - 1 on hold the update that broke the
+    model: they are renamed diverged-step-N (kept, but neither resumed from nor pruned), and the
+    newest earlier one is the last good checkpoint, which `resume` then continues from."""
     log(run.metrics_path, {"step": run.step + 1, "loss": result["loss"],
                            "grad_norm": result["grad_norm"]})  # fmt: skip
     plot_losses(run.metrics_path, run.run_dir / "loss.png")
+    aside = set_aside_checkpoints(run.run_dir, after=first_bad - 2)
+    good = list_checkpoints(run.run_dir)
+    run.last_checkpoint = good[-1] if good else None
     kept = (
         f"the last good checkpoint is {run.last_checkpoint}"
         if run.last_checkpoint
-        else "no checkpoint had been written yet"
+        else "no checkpoint from before it exists"
     )
+    if aside:
+        names = [p.name for p in aside]
+        kept += f" (later ones, which may hold the bad update, were renamed {names})"
     raise NonFiniteLossError(
-        f"the loss is {result['loss']} (gradient norm {result['grad_norm']}) at step "
-        f"{run.step + 1} (epoch {run.position['epoch']}, micro-batch {run.position['index']}); "
-        f"training stopped and {kept}. Lower the learning rate (now {result['lr']:.3g}), "
-        "keep max_grad_norm set, or check the data of this step"
+        f"{what} at step {run.step + 1} (epoch {run.position['epoch']}, micro-batch "
+        f"{run.position['index']}); training stopped and {kept}. Lower the learning rate (now "
+        f"{result['lr']:.3g}) and resume, keep max_grad_norm set, or check the data of this step"
     )
 
 
@@ -162,6 +221,7 @@ def finish(run: Run, status: str, losses: list, eval_losses: list) -> TrainResul
     last = run.last_checkpoint
     if last is None or last.name != f"{CHECKPOINT_PREFIX}{run.step:08d}":
         run.checkpoint()
+    run.prune_checkpoints()
     plot = plot_losses(run.metrics_path, run.run_dir / "loss.png")
     full = run.config.mode == "full"
     if not complete:

@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from fnlm import data as data_lib
+from fnlm import files
 from fnlm import lora as lora_lib
 from fnlm.errors import ArgumentError
 from fnlm.load import load as load_model
@@ -20,8 +22,13 @@ from fnlm.loss import loss as model_loss
 from fnlm.models import decoder
 from fnlm.params import Params, leaf_paths
 from fnlm.train import methods
-from fnlm.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from fnlm.train.config import TrainConfig
+from fnlm.train.checkpoint import (
+    list_checkpoints,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
+from fnlm.train.config import TMP_PREFIX, TrainConfig
 from fnlm.train.graphs import StepGraphs
 from fnlm.train.layers import layer_function
 from fnlm.train.monitor import out_of_memory, report_data, truncate_metrics
@@ -61,6 +68,13 @@ class Run:
     graphs: StepGraphs | None = None
     step: int = 0
     position: dict = field(default_factory=lambda: {"epoch": 0, "index": 0})
+    # divergence watch (run.check_divergence): running loss level, first step of a loss spike
+    loss_level: float | None = None
+    spike_since: int | None = None
+    # a checkpoint written whose pruning of older ones waits for the next step to pass the watch
+    unpruned: bool = False
+    # with overwrite: where the directory's earlier contents wait until the first new checkpoint
+    replaced: Path | None = None
     last_checkpoint: Path | None = None
     method: object = None  # fnlm.train.methods: None for sft
 
@@ -91,13 +105,27 @@ class Run:
         return evaluate(lambda b: self.loss(b, training=False), batches)
 
     def checkpoint(self) -> Path:
+        """Write a checkpoint of the current step. Older ones are pruned to save_total_limit only
+        once the next step has passed the divergence watch (`prune_checkpoints`), so the last
+        checkpoint from before a bad update is never pruned."""
+        options = json.loads(json.dumps(self.config.to_dict(), default=str))
         self.last_checkpoint = save_checkpoint(
             self.run_dir, self.step, named=self.trainable.named, optimizer=self.optimizer,
             scheduler=self.scheduler, position=self.position,
-            extra={"total_steps": self.total_steps}, lora=self.lora, params=self.params,
-            keep=self.config.save_total_limit,
+            extra={"total_steps": self.total_steps, "config": options}, lora=self.lora,
+            params=self.params,
         )  # fmt: skip
+        self.unpruned = True
+        if self.replaced is not None:  # the new run has a checkpoint: the old one can go
+            shutil.rmtree(self.replaced, ignore_errors=True)
+            self.replaced = None
         return self.last_checkpoint
+
+    def prune_checkpoints(self) -> None:
+        """Prune to save_total_limit after a step that passed the divergence watch, and at the end."""
+        if self.unpruned:
+            prune_checkpoints(self.run_dir, self.config.save_total_limit)
+            self.unpruned = False
 
 
 def use_graphs(config: TrainConfig, device: torch.device, checkpointing: str, dropout: bool):
@@ -114,27 +142,67 @@ def use_graphs(config: TrainConfig, device: torch.device, checkpointing: str, dr
 
 
 def prepare_run_dir(config: TrainConfig) -> Path | None:
-    """Check `config.out` against resume / overwrite; returns the checkpoint to resume from."""
+    """Check `config.out` against resume / overwrite; returns the checkpoint to resume from.
+
+    A fresh run refuses a directory holding checkpoints, and a non-empty directory that is not an
+    fnlm run (a merged export, a data directory: training would replace its config.json ...),
+    unless `overwrite`. Nothing is removed here: with overwrite, `start` moves the earlier
+    contents aside once the new run has loaded its model and data, and the first checkpoint of
+    the new run removes them."""
     run_dir = Path(config.out)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ArgumentError(f"out {run_dir} is a file; expected a (new or run) directory")
     checkpoints = list_checkpoints(run_dir)
-    resume_from = None
     if config.resume:
-        resume_from = (
-            Path(config.resume)
-            if isinstance(config.resume, str)
-            else (checkpoints[-1] if checkpoints else None)
-        )
-        if resume_from is None:
-            print(f"fnlm.train: no checkpoint in {run_dir} to resume from; starting fresh")
-    elif checkpoints and not config.overwrite:
+        if isinstance(config.resume, str):
+            return Path(config.resume)
+        if checkpoints:
+            return checkpoints[-1]
+        print(f"fnlm.train: no checkpoint in {run_dir} to resume from; starting fresh")
+    if config.overwrite:
+        return None
+    if checkpoints:
         raise ArgumentError(
             f"{run_dir} already holds checkpoints (newest {checkpoints[-1].name}); pass resume=True "
             "(--resume) to continue that run, overwrite=True to start over, or another out directory"
         )
-    elif checkpoints:
-        shutil.rmtree(run_dir / "checkpoints")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return resume_from
+    contents = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else []
+    if contents and not is_run_dir(run_dir):
+        raise ArgumentError(
+            f"{run_dir} is not empty ({', '.join(contents[:5])}{', ...' if len(contents) > 5 else ''}) "
+            "and is not an fnlm run directory: training would replace its config.json, "
+            "metrics.jsonl, adapter/ or model/. Choose a new out directory, or pass "
+            "overwrite=True (--overwrite) to replace its contents"
+        )
+    return None
+
+
+def is_run_dir(directory: Path) -> bool:
+    """Whether `directory` was made by fnlm.train: it has checkpoints/, or its config.json holds a
+    TrainConfig (a run stopped before its first checkpoint)."""
+    if (directory / "checkpoints").is_dir():
+        return True
+    try:
+        saved = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and {"mode", "grad_accum", "save_total_limit"} <= set(saved)
+
+
+def replace_contents(run_dir: Path) -> Path | None:
+    """overwrite=True: move what `run_dir` holds into a temporary directory inside it (a rename:
+    nothing is deleted yet); `Run.checkpoint` removes it once the new run has a checkpoint."""
+    old = list(run_dir.iterdir())  # an earlier run's set-aside contents too
+    if not old:
+        return None
+    aside = Path(tempfile.mkdtemp(dir=run_dir, prefix=TMP_PREFIX + "replaced-"))
+    for path in old:
+        path.rename(aside / path.name)
+    print(
+        f"fnlm.train: overwrite: the earlier contents of {run_dir} wait in {aside} until this "
+        "run writes its first checkpoint"
+    )
+    return aside
 
 
 def prepare_data(config: TrainConfig, tokenizer, data, eval_data):
@@ -231,15 +299,73 @@ def start(config: TrainConfig, *, params=None, tokenizer=None, lora=None, data=N
     if method is not None:
         run.method = method
         method.bind(run)  # before a resume restores the weights: references are the starting ones
+    run_dir.mkdir(parents=True, exist_ok=True)
+    options = json.loads(json.dumps(config.to_dict(), default=str))
     if resume_from is not None:
         state = load_checkpoint(
             resume_from, named=trainable.named, optimizer=optimizer, scheduler=scheduler
         )
         run.step, run.position, run.last_checkpoint = state["step"], state["position"], resume_from
         truncate_metrics(run.metrics_path, run.step)
-        print(f"fnlm.train: resumed from {resume_from} (step {run.step})")
+        changed = apply_changed_options(run, saved_options(state, run_dir), options)
+        print(f"fnlm.train: resumed from {resume_from} (step {run.step}){changed}")
     else:
+        if config.overwrite:
+            run.replaced = replace_contents(run_dir)
         torch.manual_seed(config.seed)
         run.metrics_path.write_text("")
-        (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
+    files.write_json(run_dir / "config.json", options)
     return run
+
+
+# Options that change which rows make up a step: the checkpoint's data position then points into
+# another order than the one it was saved in.
+DATA_OPTIONS = ("data", "eval_data", "eval_fraction", "batch_size", "grad_accum", "max_seq_length",
+                "packing", "train_on_responses_only", "truncation", "pad_to_multiple", "seed")  # fmt: skip
+# Options whose change means nothing for the continued run.
+UNTRACKED_OPTIONS = ("resume", "overwrite", "progress", "out")
+
+
+def saved_options(state: dict, run_dir: Path) -> dict:
+    """The options the checkpoint was trained with: its state.json's, else the run's config.json."""
+    if isinstance(state.get("config"), dict):
+        return state["config"]
+    try:
+        saved = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return saved if isinstance(saved, dict) else {}
+
+
+def apply_changed_options(run: Run, saved: dict, options: dict) -> str:
+    """On resume: the restored optimizer and schedule take this run's lr, betas, eps and
+    weight_decay (the checkpoint's state would silently keep the old ones); returns the report of
+    the options that differ from the checkpoint's ("" when none)."""
+    c = run.config
+    for group in run.optimizer.param_groups:
+        decays = any(t.dim() >= 2 for t in group["params"])
+        group.update(betas=tuple(c.betas), eps=c.eps, initial_lr=c.lr,
+                     weight_decay=c.weight_decay if decays else 0.0)  # fmt: skip
+    scheduler = run.scheduler
+    scheduler.base_lrs = [c.lr for _ in run.optimizer.param_groups]
+    for group, base, factor in zip(
+        run.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True
+    ):
+        group["lr"] = base * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in run.optimizer.param_groups]
+    changed = {
+        k: (saved[k], v)
+        for k, v in options.items()
+        if k in saved and saved[k] != v and k not in UNTRACKED_OPTIONS
+    }
+    if not changed:
+        return ""
+    text = "; options changed since the checkpoint, applied from here: " + ", ".join(
+        f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()
+    )
+    if any(k in DATA_OPTIONS for k in changed):
+        text += (
+            " (the checkpoint's data position refers to the earlier data order, so the rows of "
+            "the coming steps differ from an uninterrupted run's)"
+        )
+    return text
