@@ -332,3 +332,98 @@ def test_import_and_cpu_path_without_triton(tiny_model):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert "True" in done.stdout and "refused: " in done.stdout and "triton" in done.stdout
+
+
+# ------------------------------------------------------------------------------------------
+# trackers and the loss plot
+
+
+def tiny_run(tiny_model, tmp_path, **options):
+    """Three LoRA steps on tiny_model with random data; returns the TrainResult."""
+    from fnlm import data as data_lib
+
+    g = torch.Generator().manual_seed(0)
+    examples = [
+        data_lib.Example(
+            t := torch.randint(0, 200, (12,), generator=g, dtype=torch.int32), t.clone()
+        )
+        for _ in range(8)
+    ]
+    data = data_lib.TokenizedData(examples, "random")
+    config = TrainConfig(
+        out=str(tmp_path / "run"), mode="lora", max_steps=3, batch_size=2, grad_accum=1,
+        max_seq_length=32, r=2, targets=("q", "v"), device="cpu", progress=False, **options,
+    )  # fmt: skip
+    params, tok = fnlm.load(tiny_model, quant=None, device="cpu")
+    return fnlm.train.train(config, params=params, tokenizer=tok, data=data)
+
+
+def test_tensorboard_event_files_hold_the_losses(tiny_model, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = tiny_run(tiny_model, tmp_path, report_to="tensorboard", run_name="tb")
+    events = EventAccumulator(str(result.run_dir / "runs" / "tb"))
+    events.Reload()
+    logged = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert logged == [
+        (i + 1, pytest.approx(loss, rel=1e-6)) for i, loss in enumerate(result.losses)
+    ]
+    assert {"train/learning_rate", "train/grad_norm"} <= set(events.Tags()["scalars"])
+
+
+def test_mlflow_file_store_holds_the_losses(tiny_model, tmp_path, monkeypatch):
+    mlflow = pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # mlflow 3.x: file stores opt-in
+    result = tiny_run(tiny_model, tmp_path, report_to=["mlflow"], run_name="ml")
+    client = mlflow.tracking.MlflowClient()
+    run = client.search_runs(experiment_ids=["0"], filter_string="tags.`mlflow.runName` = 'ml'")[0]
+    history = client.get_metric_history(run.info.run_id, "train/loss")
+    assert [(m.step, m.value) for m in history] == [
+        (i + 1, pytest.approx(loss, rel=1e-6)) for i, loss in enumerate(result.losses)
+    ]
+    assert run.data.params["lr"] == str(TrainConfig().lr) and run.info.status == "FINISHED"
+
+
+def test_wandb_offline_run_holds_the_losses(tiny_model, tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    result = tiny_run(tiny_model, tmp_path, report_to="wandb", run_name="wb")
+    summary = json.loads(
+        next(tmp_path.glob("wandb/offline-run-*/files/wandb-summary.json")).read_text()
+    )
+    assert summary["train/loss"] == pytest.approx(result.losses[-1], rel=1e-6)
+    assert wandb.run is None  # finished
+
+
+def test_a_missing_tracker_package_says_how_to_install_it(monkeypatch):
+    import importlib
+
+    from fnlm.train import trackers
+
+    real = importlib.import_module
+    monkeypatch.setattr(
+        importlib, "import_module",
+        lambda name, *a: (_ for _ in ()).throw(ImportError(name)) if name == "wandb" else real(name, *a),
+    )  # fmt: skip
+    with pytest.raises(ArgumentError, match=r"pip install 'fnlm\[wandb\]'"):
+        trackers.require("wandb")
+
+
+def test_loss_plot_is_drawn_with_matplotlib(tmp_path):
+    pytest.importorskip("matplotlib")
+    from fnlm.train.plot import plot_losses
+
+    metrics = tmp_path / "metrics.jsonl"
+    lines = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0}, {"step": 2, "eval_loss": 2.5}]
+    metrics.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    png = plot_losses(metrics, tmp_path / "loss.png")
+    from PIL import Image
+
+    with Image.open(png) as image:
+        assert image.format == "PNG" and image.size == (640, 400)
+    metrics.write_text("")
+    assert plot_losses(metrics, tmp_path / "empty.png") is None

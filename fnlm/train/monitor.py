@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from fnlm.errors import DeviceMemoryError
+from fnlm.train import trackers
 
 
 class StopFlag:
@@ -67,9 +68,10 @@ def out_of_memory(e: Exception, what: str, device: torch.device) -> DeviceMemory
 
 
 def log(path: Path, entry: dict) -> None:
-    """Append one JSON line to the metrics file."""
+    """Append one JSON line to the metrics file, and send it to the run's trackers (report_to)."""
     with open(path, "a") as f:
         f.write(json.dumps(entry) + "\n")
+    trackers.publish(path, entry)
 
 
 def truncate_metrics(path: Path, step: int) -> None:

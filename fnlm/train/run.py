@@ -14,6 +14,7 @@ from fnlm import data as data_lib
 from fnlm import lora as lora_lib
 from fnlm.load import model_id
 from fnlm.params import Params
+from fnlm.train import trackers
 from fnlm.train.checkpoint import list_checkpoints, save_full_model, set_aside_checkpoints
 from fnlm.train.config import CHECKPOINT_PREFIX, NonFiniteLossError, TrainConfig, TrainResult
 from fnlm.train.monitor import StopFlag, log, out_of_memory, peak_memory_gib
@@ -49,6 +50,7 @@ def train(
     run = start(
         config, params=params, tokenizer=tokenizer, lora=lora, data=data, eval_data=eval_data
     )
+    trackers.start(run.metrics_path, config)  # report_to
     losses, eval_losses, status = [], [], "completed"
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
@@ -223,6 +225,7 @@ def finish(run: Run, status: str, losses: list, eval_losses: list) -> TrainResul
         run.checkpoint()
     run.prune_checkpoints()
     plot = plot_losses(run.metrics_path, run.run_dir / "loss.png")
+    trackers.finish(run.metrics_path)
     full = run.config.mode == "full"
     if not complete:
         print(
