@@ -586,7 +586,11 @@ def pack(lengths: Sequence[int], max_seq_length: int, *, open_rows: int = 64) ->
 
 
 def collate_packed(
-    examples: Sequence[Sequence[Example]], *, pad_id: int, pad_to_multiple: int = 1
+    examples: Sequence[Sequence[Example]],
+    *,
+    pad_id: int,
+    pad_to_multiple: int = 1,
+    length: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """A batch of packed rows: each row holds several examples back to back.
 
@@ -595,9 +599,13 @@ def collate_packed(
     attention stays inside each example, and the label of each example's first token is -100 so
     the previous example's last token does not learn to predict it. When every row holds a single
     example and no padding, positions and segments are left out (plain causal attention).
+    length: every row padded to exactly this many tokens, positions and segments always given —
+    one batch shape for the whole run (the trainer: no recompilation, one CUDA graph).
     """
     lengths = [sum(len(e) for e in row) for row in examples]
-    seq = _round_up(max(lengths), pad_to_multiple)
+    if length is not None and max(lengths) > length:
+        raise ArgumentError(f"a packed row holds {max(lengths)} tokens, more than length={length}")
+    seq = length if length is not None else _round_up(max(lengths), pad_to_multiple)
     batch = len(examples)
     tokens = torch.full((batch, seq), pad_id, dtype=torch.int64)
     labels = torch.full((batch, seq), IGNORE_INDEX, dtype=torch.int64)
@@ -614,7 +622,7 @@ def collate_packed(
             segments[r, at : at + n] = s
             at += n
     out = {"tokens": tokens, "labels": labels}
-    if any(len(row) > 1 for row in examples) or any(n < seq for n in lengths):
+    if length is not None or any(len(row) > 1 for row in examples) or any(n < seq for n in lengths):
         out.update(positions=positions, segments=segments)
     return out
 
@@ -681,11 +689,13 @@ def collate(
     pad_id: int,
     packing: bool,
     pad_to_multiple: int = 1,
+    length: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The batch dict of one planned micro-batch (see `epoch_plan`)."""
+    """The batch dict of one planned micro-batch (see `epoch_plan`); `length` fixes the length of
+    packed rows (see `collate_packed`)."""
     if packing:
         rows = [[data.examples[i] for i in row] for row in micro_batch]
-        return collate_packed(rows, pad_id=pad_id, pad_to_multiple=pad_to_multiple)
+        return collate_packed(rows, pad_id=pad_id, pad_to_multiple=pad_to_multiple, length=length)
     examples = [data.examples[row[0]] for row in micro_batch]
     return collate_padded(examples, pad_id=pad_id, pad_to_multiple=pad_to_multiple)
 

@@ -13,6 +13,7 @@ from fnlm import lora as lora_lib
 from fnlm import train as train_lib
 from fnlm.errors import ArgumentError
 from fnlm.loss import loss as model_loss
+from fnlm.models import decoder, masks
 
 
 def replaying_capture(fn, pool, stream):
@@ -130,3 +131,99 @@ def test_graphed_training_on_gpu_equals_eager(tmp_path):
             result = train_lib.train(config, params=params, data=data)
             results[graphs] = result.losses
     assert results[True] == pytest.approx(results[False], rel=1e-6)
+
+
+# flex_attention over block masks against SDPA / eager attention over the dense mask, in fp64 so
+# the comparison sees only the mask (both are exact up to summation order: ~1e-15 relative).
+FP64_TOL = 1e-10
+
+
+@pytest.mark.parametrize(
+    "window, softcap, kv_heads", [(None, None, 2), (5, None, 4), (None, 50.0, 2), (7, 30.0, 1)]
+)
+def test_packed_attention_block_mask_equals_dense_mask(window, softcap, kv_heads):
+    """The block mask stands for exactly the dense mask of `decoder.build_mask`; flex_attention
+    under it equals attention under the dense mask (values on CPU: flex_attention has no CPU
+    backward; gradients in the GPU test below)."""
+    q, k, v, segments = (t.detach() for t in _packed_qkv(kv_heads, "cpu"))
+    positions = torch.arange(q.shape[2]).expand(q.shape[0], -1)
+    block = masks.document_mask(segments, window)
+    reference_mask = decoder.build_mask(positions, None, segments, window)
+    assert torch.equal(masks.dense(block), reference_mask)
+    ours = masks.flex(q, k, v, block, scale=None, softcap=softcap)
+    reference = _dense_attention(q, k, v, reference_mask, softcap)
+    assert torch.allclose(ours, reference, rtol=FP64_TOL, atol=FP64_TOL)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("window, softcap", [(None, None), (5, 50.0)])
+def test_packed_attention_block_mask_gradients_on_gpu(window, softcap):
+    q, k, v, segments = _packed_qkv(2, "cuda", dtype=torch.float32)
+    positions = torch.arange(q.shape[2], device="cuda").expand(q.shape[0], -1)
+    block = decoder.build_mask(positions, None, segments, window)
+    assert isinstance(block, masks.BlockMask)
+    reference_mask = masks.dense(block)
+    flex = torch.compile(masks.flex)
+    ours = flex(q, k, v, block, scale=None, softcap=softcap)
+    reference = _dense_attention(q, k, v, reference_mask, softcap)
+    grad = torch.randn_like(ours)
+    for a, b in zip(
+        torch.autograd.grad(ours, (q, k, v), grad), torch.autograd.grad(reference, (q, k, v), grad)
+    ):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)  # fp32: summation order only
+
+
+def _packed_qkv(kv_heads, device, dtype=torch.float64):
+    g = torch.Generator().manual_seed(0)
+    batch, seq, heads, d = 2, 37, 4, 8
+    lengths = [[10, 20, 7], [37]]  # the second row: one document filling it
+    segments = torch.zeros(batch, seq, dtype=torch.int64)
+    for r, row in enumerate(lengths):
+        at = 0
+        for s, n in enumerate(row, start=1):
+            segments[r, at : at + n] = s
+            at += n
+    make = lambda h: torch.randn(batch, h, seq, d, generator=g, dtype=dtype).to(device)
+    q, k, v = make(heads), make(kv_heads), make(kv_heads)
+    return q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), segments.to(device)
+
+
+def _dense_attention(q, k, v, mask, softcap):
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    return torch.softmax(scores.masked_fill(~mask, float("-inf")), -1) @ v
+
+
+def test_packed_rows_have_one_shape():
+    data = random_data(n=40)
+    config = train_lib.TrainConfig(out="unused", batch_size=2, grad_accum=1, max_seq_length=48,
+                                   packing=True, progress=False)  # fmt: skip
+    shapes = {train_lib.graphs.signature(b) for step in batches_of(data, config, 8) for b in step}
+    assert shapes == {
+        tuple((k, (2, 48), torch.int64) for k in ("labels", "positions", "segments", "tokens"))
+    }
+
+
+def test_packed_training_compiles_once(tmp_path):
+    """A real packed run with the layer compiled (aot_eager, CPU): after the first step, no
+    recompilation (one batch shape, block masks passed into the compiled layer)."""
+    from torch._dynamo.utils import counters
+
+    data = random_data(n=60, longest=40)
+    with saved_checkpoint(tiny_config()) as (_, directory):
+        params = load_fp32(directory)
+        frames = []
+        config = train_lib.TrainConfig(
+            out=str(tmp_path / "run"), mode="lora", max_steps=6, batch_size=2, grad_accum=1,
+            max_seq_length=64, packing=True, compile="aot_eager", progress=False, r=4,
+        )  # fmt: skip
+        torch._dynamo.reset()
+        counters.clear()
+        callback = lambda entry: frames.append(sum(counters["stats"].values()))
+        train_lib.train(config, params=params, data=data, callback=callback)
+    assert counters["stats"]["unique_graphs"] >= 1
+    assert frames[1:] == [frames[0]] * (len(frames) - 1), frames

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask
 
 from fnlm import kernels, quant
 from fnlm.config import ACTIVATIONS, ModelConfig
 from fnlm.errors import ArgumentError
-from fnlm.models import moe
+from fnlm.models import masks, moe
 from fnlm.models.rope import rope_tables
 from fnlm.params import Params
 
@@ -69,7 +70,8 @@ def attention(
     mask: torch.Tensor | None,
     kv: tuple | None = None,
 ) -> torch.Tensor:
-    """Self-attention of one layer. `mask` None means plain causal (lets SDPA pick flash).
+    """Self-attention of one layer. `mask` None means plain causal (lets SDPA pick flash); a
+    `BlockMask` (packed rows) runs flex_attention; a boolean tensor runs SDPA with that mask.
 
     kv: (k_cache, v_cache, slots) when generating: this call's keys and values are written into the
     cache [batch, kv_heads, max_len, head_dim] at `slots` [seq] and the queries attend over the whole
@@ -83,7 +85,11 @@ def attention(
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if kv is not None:
         k, v = update_cache(kv, k, v)
-    if config.attention_softcap is None:
+    if isinstance(mask, BlockMask):  # packed rows (see fnlm.models.masks)
+        out = masks.flex(
+            q, k, v, mask, scale=config.attention_scale, softcap=config.attention_softcap
+        )
+    elif config.attention_softcap is None:
         out = F.scaled_dot_product_attention(
             q,
             k,
@@ -277,7 +283,9 @@ def build_mask(
     segments: torch.Tensor | None,
     window: int | None,
 ) -> torch.Tensor | None:
-    """Boolean [batch, 1, seq, seq] mask (True = may attend), or None for plain causal attention.
+    """Boolean [batch, 1, seq, seq] mask (True = may attend), or None for plain causal attention;
+    packed rows on a GPU get a flex_attention `BlockMask` instead (`masks.document_mask`: memory
+    linear in seq; flex_attention has no backward on CPUs, where the dense mask stays).
 
     Causality and the window use the token index; `segments` (packed examples, one id per example)
     keep attention inside each example; `padding` [batch, seq] (1 = real token) hides pad keys.
@@ -286,6 +294,10 @@ def build_mask(
     seq = positions.shape[1]
     if padding is None and segments is None and (window is None or window >= seq):
         return None
+    if segments is not None and padding is None and segments.is_cuda:
+        return masks.document_mask(
+            segments, window if window is not None and window < seq else None
+        )
     idx = torch.arange(seq, device=positions.device)
     mask = idx[None, :] <= idx[:, None]
     if window is not None:
@@ -413,7 +425,7 @@ def check_tokens(config: ModelConfig, tokens: torch.Tensor) -> None:
             raise ArgumentError(
                 f"token ids must lie in [0, {config.vocab_size}) for this model; got ids from {low} to {high}"
             )
+
+
 def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-
-

@@ -35,9 +35,10 @@ class Stream:
             if index >= len(plan):
                 epoch, index = epoch + 1, 0
                 continue
+            # packed rows all have max_seq_length tokens: one shape, compiled and captured once
             batch = data_lib.collate(
                 self.data, plan[index], pad_id=self.pad_id, packing=self.config.packing,
-                pad_to_multiple=self.config.pad_to_multiple,
+                pad_to_multiple=self.config.pad_to_multiple, length=self.config.max_seq_length,
             )  # fmt: skip
             batches.append({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
             index += 1
