@@ -30,7 +30,8 @@ from triton.testing import do_bench_cudagraph
 
 import fnlm.quant as Q
 from fnlm.kernels import nf4_gemv
-from fnlm.kernels.nf4 import _TRITON_DTYPES, _dequantize_nf4_kernel, _gemv_config, nf4_gemv_fwd
+from fnlm.kernels.nf4 import _TRITON_DTYPES, _dequantize_nf4_kernel
+from fnlm.kernels.nf4_gemv import _gemv_config, nf4_gemv_fwd
 
 COPY_BANDWIDTH = 3.0e12  # bytes/s, device-to-device copy on the H100 (GPU.md)
 HBM_BANDWIDTH = 4.8e12  # bytes/s, the H200's HBM3e peak (the GEMV reads each weight once)

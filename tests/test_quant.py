@@ -23,7 +23,8 @@ import fnlm.quant as Q
 from fnlm import kernels
 from fnlm.errors import ArgumentError, CheckpointError, QuantError
 from fnlm.kernels import kernel_backend
-from fnlm.kernels.nf4 import NF4_CODE, dequantize_nf4, dequantize_nf4_reference, nf4_gemv_fwd
+from fnlm.kernels.nf4 import NF4_CODE, dequantize_nf4, dequantize_nf4_reference
+from fnlm.kernels.nf4_gemv import nf4_gemv_fwd
 from fnlm.lora.linear import lora_linear, lora_linear_reference
 from fnlm.quant.fp8 import (
     FP8_FP32_SLACK,

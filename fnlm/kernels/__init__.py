@@ -87,18 +87,20 @@ with _triton_stand_in():
     )
     from fnlm.kernels.glu import geglu_reference, glu_op, swiglu_reference
     from fnlm.kernels.nf4 import (
-        GEMV_MAX_BATCH,
         NF4_CODE,
         NF4Layout,
         dequantize_nf4,
         dequantize_nf4_reference,
         nf4_args,
         nf4_dequantize_op,
+    )
+    from fnlm.kernels.nf4_gemv import (
+        GEMV_MAX_BATCH,
         nf4_gemv_fwd,
         nf4_gemv_op,
         nf4_gemv_reference,
     )
-    from fnlm.kernels.nf4 import gemv_supported as nf4_gemv_supported
+    from fnlm.kernels.nf4_gemv import gemv_supported as nf4_gemv_supported
     from fnlm.kernels.nf4_moe import (
         check_expert_gemv,
         expert_gemv_op,
