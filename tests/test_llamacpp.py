@@ -9,7 +9,7 @@ llama-quantize) on fnlm's exports and compare with fnlm running the same model:
   byte-level vocabularies, a Llama 2 / Mistral style SentencePiece one);
 - llama-simple's greedy continuation of the f16 export is fnlm's, token for token, up to a
   near-tie (NEAR_TIE);
-- llama-perplexity of the f16 export on a ~520-token English paragraph is within 0.5% of fnlm's,
+- llama-perplexity of the f16 export on a ~510-token English paragraph is within 0.5% of fnlm's,
   of the q8_0 export within 2%, of the q4_0 export within the gap llama.cpp's own llama-quantize
   Q4_0 of the same weights shows.
 
@@ -76,7 +76,7 @@ PPL_Q8_0_REL = 0.02
 # they differ in the tensors kept wider (our tied embedding Q8_0, llama-quantize's Q6_K).
 PPL_Q4_0_SLACK = 0.005
 
-# ~520 tokens of plain English (SmolLM2's tokenizer), for perplexity.
+# ~510 tokens of plain English (SmolLM2's tokenizer), for perplexity.
 PARAGRAPH = (
     "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
     "combined movable metal type, oil-based ink and a wooden press adapted from winemaking. Within "
@@ -102,7 +102,12 @@ PARAGRAPH = (
     "print still shape how we write, how we cite our sources and how we judge whether a document "
     "can be trusted. Historians still argue about how much the press caused and how much it only "
     "sped up changes that were already under way, but few doubt that the world after Gutenberg "
-    "was a different place from the world before him."
+    "was a different place from the world before him. The same questions return with every new "
+    "medium. Who may publish, and who decides what is true? How do readers find what they need "
+    "among millions of pages, and how do they know who wrote them? Libraries answered with "
+    "catalogues, scholars with footnotes, and newspapers with editors whose names were printed "
+    "beside their work. Each answer took decades to settle, and each was shaped by the habits of "
+    "the generation that had grown up before it."
 )
 
 PROMPTS = [
