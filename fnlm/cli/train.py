@@ -30,6 +30,7 @@ GROUPS = {
     "optimizer": "optimization",
     "checkpointing": "speed and memory",
     "save_every": "checkpoints, logging, trackers",
+    "method": "method: sft, or dpo / orpo (preference pairs), grpo (reward functions)",
 }
 
 

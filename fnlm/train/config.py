@@ -148,11 +148,11 @@ class TrainConfig:
         "rows, completions sampled and scored by reward functions)", choices=METHODS,
     )  # fmt: skip
     beta: float | None = option(
-        None, "dpo / orpo: weight of the preference term (default 0.1); grpo: KL coefficient "
-        "to the reference, adapters off (default 0: no KL)",
+        None, "dpo / orpo: weight of the preference term; grpo: KL coefficient to the "
+        "reference (adapters off); unset: 0.1 for dpo / orpo, 0 (no KL, no reference) for grpo",
     )  # fmt: skip
     loss_type: str | None = option(
-        None, "dpo: sigmoid (default), ipo, hinge, robust; grpo: grpo (default), dr_grpo, bnpo"
+        None, "dpo: sigmoid, ipo, hinge, robust; grpo: grpo, dr_grpo, bnpo; unset: the first"
     )
     label_smoothing: float = option(
         0.0, "dpo: conservative-DPO smoothing (sigmoid) or label flip rate (robust), in [0, 0.5)"
@@ -168,7 +168,7 @@ class TrainConfig:
     rewards: tuple[str, ...] = option(
         (), "grpo: reward functions, 'package.module:function' or 'file.py:function'"
     )
-    reward_weights: tuple[float, ...] = option((), "grpo: one weight per reward (default 1 each)")
+    reward_weights: tuple[float, ...] = option((), "grpo: one weight per reward (none: 1 each)")
     num_generations: int = option(8, "grpo: completions sampled per prompt (one group)")
     max_prompt_length: int = option(512, "grpo: prompt tokens kept (the last ones)")
     max_completion_length: int = option(256, "grpo: new tokens per completion at most")
@@ -179,7 +179,7 @@ class TrainConfig:
     top_k: int = option(0, "grpo: top-k sampling (0: off)")
     num_iterations: int = option(1, "grpo: optimizer steps on each batch of rollouts")
     epsilon: float = option(0.2, "grpo: clipping range of the probability ratio")
-    epsilon_high: float | None = option(None, "grpo: upper clipping range (default: epsilon)")
+    epsilon_high: float | None = option(None, "grpo: upper clipping range (unset: epsilon)")
     scale_rewards: str = option(
         "group", "grpo: advantages divided by the group's reward std (group), the batch's "
         "(batch) or not at all (none)",
@@ -319,6 +319,8 @@ ALIASES = {
     "lora_alpha": "alpha",
     "target_modules": "targets",
     "use_rslora": "rslora",
+    "reward_funcs": "rewards",  # TRL's GRPOTrainer argument
+    "reward": "rewards",  # --reward module:function ...
 }
 
 # transformers' names of the optimizers and schedules fnlm has.
