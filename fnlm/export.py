@@ -20,6 +20,7 @@ import errno
 import json
 import os
 import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -419,27 +420,44 @@ def _shard_names(count: int) -> list[str]:
 def _save_merged(
     target: Path, weights: MergedWeights, tok, dtype: torch.dtype, shard_size: int
 ) -> Path:
+    """Write the merged checkpoint into a directory beside `target` and swap it in at the end
+    (`files.atomic_directory`): a failure partway (disk full) leaves `target` as it was, never
+    new shards beside old ones. With overwrite, what an existing target holds besides an earlier
+    export's weights (a README, ...) is carried into the new directory."""
     names = weights.names
     sizes = {n: int(np.prod(shape)) * dtype.itemsize for n, (_, shape) in names.items()}
     shards = plan_shards(sizes, shard_size)
-    files = _shard_names(len(shards))
-    for file, shard in zip(files, shards, strict=True):
-        _write_file(target / file, _shard_writer(weights, shard, dtype))
-    if len(files) > 1:
-        index = {
-            "metadata": {"total_size": sum(sizes.values())},
-            "weight_map": {n: f for f, shard in zip(files, shards) for n in shard},
-        }
-        _write_text(target / SAFETENSORS_INDEX, json.dumps(index, indent=2) + "\n")
-    config = hf_config(weights.config, dtype)
-    _write_text(target / "config.json", json.dumps(config, indent=2) + "\n")
-    generation = generation_config(weights.config, tok)
-    _write_text(target / GENERATION_CONFIG, json.dumps(generation, indent=2) + "\n")
-    if tok is not None:
-        _save_tokenizer(tok, target)
-    _remove_stale_weights(
-        target, keep=set(files) | ({SAFETENSORS_INDEX} if len(files) > 1 else set())
-    )
+    shard_files = _shard_names(len(shards))
+
+    def write(work: Path, name: str, writer: Callable[[Path], None]) -> None:
+        try:
+            files.write_atomic(work / name, writer, fsync=False)  # the tree is fsynced once
+        except OSError as e:
+            raise _export_error(target / name, e) from e
+
+    def text(value: dict) -> Callable[[Path], None]:
+        return lambda tmp: tmp.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
+
+    try:
+        with files.atomic_directory(target) as work:
+            for file, shard in zip(shard_files, shards, strict=True):
+                write(work, file, _shard_writer(weights, shard, dtype))
+            if len(shard_files) > 1:
+                index = {
+                    "metadata": {"total_size": sum(sizes.values())},
+                    "weight_map": {n: f for f, shard in zip(shard_files, shards) for n in shard},
+                }
+                write(work, SAFETENSORS_INDEX, text(index))
+            write(work, "config.json", text(hf_config(weights.config, dtype)))
+            write(work, GENERATION_CONFIG, text(generation_config(weights.config, tok)))
+            if tok is not None:
+                try:
+                    tok.save(work)
+                except OSError as e:
+                    raise _export_error(target / Path(e.filename or "tokenizer").name, e) from e
+            _carry_over(target, work)
+    except OSError as e:  # the directory swap itself, or carrying files over
+        raise _export_error(target, e) from e
     return target
 
 
@@ -450,15 +468,33 @@ def _shard_writer(weights: MergedWeights, shard: list[str], dtype: torch.dtype):
     return lambda path: save_streaming(Path(path), layout, producers)
 
 
-def _remove_stale_weights(target: Path, keep: set[str]) -> None:
-    """With overwrite, weight files of an earlier export that this one does not use: a stale index
-    or shard would be read in place of the new weights."""
+def _is_weights(name: str) -> bool:
+    """An export's weight file or shard index."""
+    return name == SAFETENSORS_INDEX or bool(
+        re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors", name)
+    )
+
+
+def _carry_over(target: Path, work: Path) -> None:
+    """Entries of an existing `target` that the new export in `work` does not write, except an
+    earlier export's weight files (a stale shard would be read beside the new ones): hard-linked
+    (or copied) into `work`, so the swap keeps them and a failure before it changes nothing."""
+    if not target.is_dir():
+        return
     for path in target.iterdir():
-        is_weights = path.name == SAFETENSORS_INDEX or re.fullmatch(
-            r"model(-\d{5}-of-\d{5})?\.safetensors", path.name
-        )
-        if is_weights and path.name not in keep:
-            path.unlink()
+        if (work / path.name).exists() or _is_weights(path.name):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.copytree(path, work / path.name, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(path, work / path.name)
+
+
+def _link_or_copy(source, destination) -> None:
+    try:
+        os.link(source, destination, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(source, destination, follow_symlinks=False)
 
 
 def hf_config(config: ModelConfig, dtype: torch.dtype) -> dict:

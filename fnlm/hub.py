@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
-from fnlm.errors import ModelNotFoundError, OfflineError
+from fnlm.errors import CheckpointError, ModelNotFoundError, OfflineError
 
 # Only what fnlm reads: weights, configs, tokenizer and chat template — never pytorch_model.bin etc.
 HUB_FILES = [
@@ -44,9 +46,7 @@ def resolve(
     if text.endswith(".gguf"):
         if not path.is_file():
             raise ModelNotFoundError(f"GGUF file not found: {path}")
-        from fnlm.gguf import cached_checkpoint
-
-        return cached_checkpoint(path)
+        return _gguf_checkpoint(path)
     if path.is_dir():
         if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
             raise ModelNotFoundError(
@@ -59,7 +59,54 @@ def resolve(
         )
     if text.startswith((".", "/", "~")) or text.count("/") > 1 or os.sep in text.replace("/", ""):
         raise ModelNotFoundError(f"path not found: {path}")
-    return _download(text, revision=revision, token=token)
+    try:
+        return _download(text, revision=revision, token=token)
+    except (ModelNotFoundError, OfflineError) as e:
+        if "/" not in text:
+            raise
+        # "org/name" is also a relative path: say that no such directory exists before the hub
+        raise type(e)(f"no directory {path.resolve()} exists, and as a hub id: {e}") from None
+
+
+def _gguf_checkpoint(path: Path) -> Path:
+    """The converted cache directory of a GGUF file; a damaged cache (a crash or a full disk
+    left it half written, or it was edited) is converted again."""
+    from fnlm.gguf import cached_checkpoint
+
+    directory = cached_checkpoint(path)
+    problem = _damaged(directory)
+    if problem is None:
+        return directory
+    print(
+        f"fnlm: the converted cache {directory} of {path} is damaged ({problem}); converting again"
+    )
+    shutil.rmtree(directory, ignore_errors=True)
+    directory = cached_checkpoint(path)
+    problem = _damaged(directory)
+    if problem is not None:
+        raise CheckpointError(
+            f"the converted cache {directory} of {path} is damaged ({problem}) even after "
+            "converting again; delete that directory and check the disk"
+        )
+    return directory
+
+
+def _damaged(directory: Path) -> str | None:
+    """What is wrong with a converted checkpoint directory, or None: config.json must parse and
+    every safetensors file's header must cover the file (reads headers only)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        return f"config.json: {e}"
+    for file in sorted(directory.glob("*.safetensors")):
+        try:
+            with safe_open(file, framework="pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError) as e:
+            return f"{file.name}: {e}"
+    return None
 
 
 def _download(repo_id: str, *, revision: str | None, token: str | None) -> Path:

@@ -14,7 +14,14 @@ import torch
 
 from fnlm import models
 from fnlm.config import ModelConfig, freeze
-from fnlm.errors import CheckpointError, ConfigError, LoraError, ModelNotFoundError, QuantError
+from fnlm.errors import (
+    ArgumentError,
+    CheckpointError,
+    ConfigError,
+    LoraError,
+    ModelNotFoundError,
+    QuantError,
+)
 from fnlm.hub import resolve
 from fnlm.models import moe
 from fnlm.params import Params, path_name, set_path
@@ -187,6 +194,14 @@ def load(
     """
     if quant not in QUANT_MODES:
         raise QuantError(f"quant must be one of {QUANT_MODES}; got {quant!r}")
+    if max_seq_length is not None and (
+        not isinstance(max_seq_length, int)
+        or isinstance(max_seq_length, bool)
+        or max_seq_length < 1
+    ):
+        raise ArgumentError(
+            f"load: max_seq_length must be a positive integer or None, got {max_seq_length!r}"
+        )
     options = dict(quant=quant, dtype=dtype, device=device, max_seq_length=max_seq_length,
                    revision=revision, token=token, skip=skip)  # fmt: skip
     device = resolve_device(device)
@@ -283,6 +298,7 @@ def load_params(
     expected = models.family(config.model_type).weight_names(config)
     tree: dict = {"layers": [{} for _ in range(config.num_layers)]}
     seen: set[str] = set()
+    origin: dict[str, Path] = {}  # tensor name -> the file it was read from
     stacks = _Stacks(config)
     stream = stream_tensors(weight_files(directory))
     if device.type == "cuda":
@@ -303,6 +319,12 @@ def load_params(
                 f"model with {config.num_layers} layers; is config.json from the same checkpoint?"
             )
         path, shape = expected[name]
+        if name in origin:  # e.g. a stray *.safetensors beside the shards, without an index
+            raise CheckpointError(
+                f"tensor {name!r} is in both {origin[name]} and {file}; remove the file that does "
+                "not belong to the checkpoint (fnlm does not guess which one is meant)"
+            )
+        origin[name] = file
         if tuple(tensor.shape) != shape:
             raise CheckpointError(
                 f"{file.name}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {shape} from config.json"

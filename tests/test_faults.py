@@ -4,20 +4,31 @@ what is at fault. Sections follow the audit's headings, so the next audit sees w
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import shutil
 import signal
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
+import fnlm
+import fnlm.export
 from fnlm import lora as lora_lib
 from fnlm import train as train_lib
-from fnlm.errors import ArgumentError, CheckpointError, DataError
-from fnlm.train.checkpoint import load_tensors_file
+from fnlm.errors import (
+    ArgumentError,
+    CheckpointError,
+    DataError,
+    ExportError,
+    ModelNotFoundError,
+    OfflineError,
+)
+from fnlm.params import tree_map
 from tests.models import saved_checkpoint
 from tests.test_train import load_fp32, random_data, run_config, tiny_config
 
@@ -35,6 +46,42 @@ def steps_of(path: Path) -> list[int]:
 
 # =============================================================================================
 # Data loss and silent wrong results
+
+
+# --- 1. a failed overwrite of a merged export leaves the earlier export whole ------------------
+
+
+def test_a_failed_merged_overwrite_leaves_the_earlier_export(tiny, tmp_path, monkeypatch):
+    _, params = tiny
+    out = tmp_path / "merged"
+    fnlm.save(out, params, format="merged", shard_size="20KB")
+    (out / "README.md").write_text("my notes")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert len([n for n in before if n.endswith(".safetensors")]) > 2
+    changed = tree_map(lambda t: t + 1.0, params)
+    changed.source = None
+    calls = {"n": 0}
+    original = fnlm.export.MergedWeights.__call__
+
+    def disk_full_later(self, name):  # the second shard fails: the first was written whole
+        calls["n"] += 1
+        if calls["n"] == 8:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(self, name)
+
+    monkeypatch.setattr(fnlm.export.MergedWeights, "__call__", disk_full_later)
+    with pytest.raises(
+        ExportError, match=r"merged/model-\d+-of-\d+\.safetensors: the disk is full"
+    ):
+        fnlm.save(out, changed, format="merged", shard_size="20KB", overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # no temporary directory
+    monkeypatch.undo()
+    fnlm.save(out, changed, format="merged", overwrite=True)  # one shard now
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["README.md", "config.json", "generation_config.json", "model.safetensors"]
+    reloaded, _ = fnlm.load(out, quant=None, dtype=torch.float32, device="cpu")
+    assert torch.equal(reloaded["embed"], changed["embed"])
 
 
 # --- 2. training into a directory that is not a run -------------------------------------------
@@ -68,13 +115,13 @@ def test_overwrite_keeps_the_old_run_until_the_new_run_has_a_checkpoint(tiny, tm
     _, params = tiny
     out = tmp_path / "run"
     train_lib.train(run_config(out, max_steps=2), params=params, data=random_data(n=4))
-    before = load_file(out / "checkpoints" / "step-00000002" / "trainable.safetensors")
+    before = load_file(out / "checkpoint-2" / "trainable.safetensors")
     bad = run_config(out, max_steps=2, overwrite=True, data=str(tmp_path / "typo.jsonl"))
     with pytest.raises(DataError, match="typo.jsonl"):
         train_lib.train(bad)  # a typo in data: nothing may be removed
-    after = load_file(out / "checkpoints" / "step-00000002" / "trainable.safetensors")
+    after = load_file(out / "checkpoint-2" / "trainable.safetensors")
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert (out / "adapter_model.safetensors").is_file()
 
     # the same with the data given (loaded fine) but a failing first step
     def fail(*args, **kwargs):
@@ -86,12 +133,12 @@ def test_overwrite_keeps_the_old_run_until_the_new_run_has_a_checkpoint(tiny, tm
             train_lib.train(run_config(out, max_steps=2, overwrite=True), params=params,
                             data=random_data(n=4))  # fmt: skip
     (aside,) = out.glob(".tmp-replaced-*")
-    assert (aside / "checkpoints" / "step-00000002" / "trainable.safetensors").is_file()
+    assert (aside / "checkpoint-2" / "trainable.safetensors").is_file()
     # a new run that writes its first checkpoint removes the old contents
     train_lib.train(run_config(out, max_steps=1, overwrite=True), params=params,
                     data=random_data(n=4, seed=1))  # fmt: skip
     assert not list(out.glob(".tmp-replaced-*"))
-    assert [c.name for c in train_lib.list_checkpoints(out)] == ["step-00000001"]
+    assert [c.name for c in train_lib.list_checkpoints(out)] == ["checkpoint-1"]
     assert steps_of(out / "metrics.jsonl") == [1]
 
 
@@ -107,7 +154,7 @@ def test_a_pickled_payload_in_rng_pt_is_refused_not_run(tiny, tmp_path):
     _, params = tiny
     out = tmp_path / "run"
     train_lib.train(run_config(out, max_steps=2), params=params, data=random_data(n=4))
-    rng = out / "checkpoints" / "step-00000002" / "rng.pt"
+    rng = out / "checkpoint-2" / "rng.pt"
     torch.save({"cpu": torch.get_rng_state(), "x": _Payload()}, rng)
     marker = Path("/tmp/fnlm-faults-pwned")
     marker.unlink(missing_ok=True)
@@ -117,10 +164,10 @@ def test_a_pickled_payload_in_rng_pt_is_refused_not_run(tiny, tmp_path):
         train_lib.train(run_config(out, max_steps=3, resume=True), params=params,
                         data=random_data(n=4))  # fmt: skip
     assert not marker.exists()
-    optimizer = out / "checkpoints" / "step-00000002" / "optimizer.pt"
+    optimizer = out / "checkpoint-2" / "optimizer.pt"
     optimizer.write_bytes(optimizer.read_bytes()[:100])  # truncated
     with pytest.raises(CheckpointError, match=r"optimizer\.pt is corrupt or truncated"):
-        load_tensors_file(optimizer)
+        train_lib.checkpoint.load_tensors_file(optimizer)
 
 
 def test_every_torch_load_in_fnlm_is_weights_only():
@@ -129,6 +176,24 @@ def test_every_torch_load_in_fnlm_is_weights_only():
         text = path.read_text()
         assert "weights_only=False" not in text, path
         assert "pickle.load" not in text, path
+
+
+# --- 8. the same tensor in two shard files ---------------------------------------------------
+
+
+def test_a_tensor_in_two_files_is_refused_naming_both(tiny, tmp_path):
+    directory, _ = tiny
+    checkpoint = tmp_path / "ckpt"
+    shutil.copytree(directory, checkpoint)
+    tensors = load_file(checkpoint / "model.safetensors")
+    save_file(
+        {"model.norm.weight": tensors["model.norm.weight"] * 2}, checkpoint / "stray.safetensors"
+    )
+    with pytest.raises(
+        CheckpointError,
+        match=r"'model.norm.weight' is in both .*model.safetensors and .*stray.safetensors",
+    ):
+        fnlm.load(checkpoint, quant=None, dtype=torch.float32, device="cpu")
 
 
 # --- 5. divergence without NaN: collapse to a uniform output ---------------------------------
@@ -145,11 +210,11 @@ def test_a_collapse_to_a_uniform_output_stops_the_run(tiny, tmp_path):
         train_lib.NonFiniteLossError, match=r"collapsed to a uniform output.*ln \|V\|"
     ):
         train_lib.train(config, params=params, data=random_data(n=16, seed=6))
-    assert not (out / "adapter").exists()
+    assert not (out / "adapter_config.json").exists()
     # the loss of step 2 was computed with the weights of step-1: that checkpoint holds the bad
     # update and is set aside; none from before it exists
     assert train_lib.list_checkpoints(out) == []
-    assert [p.name for p in (out / "checkpoints").iterdir()] == ["diverged-step-00000001"]
+    assert [p.name for p in out.glob("diverged-*")] == ["diverged-checkpoint-1"]
 
 
 def test_a_loss_spike_far_above_its_level_stops_the_run(tiny, tmp_path):
@@ -170,8 +235,8 @@ def test_a_loss_spike_far_above_its_level_stops_the_run(tiny, tmp_path):
     assert seen[7] > 2 * math.log(96) > max(seen[k] for k in range(1, 7))
     # step 7's loss used the weights of step-6: the last good checkpoint is step-5, kept although
     # save_total_limit is 1
-    assert [c.name for c in train_lib.list_checkpoints(out)] == ["step-00000005"]
-    assert not (out / "adapter").exists()
+    assert [c.name for c in train_lib.list_checkpoints(out)] == ["checkpoint-5"]
+    assert not (out / "adapter_config.json").exists()
     # one odd step alone does not stop a run
     params = load_fp32(directory)
 
@@ -226,11 +291,11 @@ def test_nan_keeps_the_checkpoint_from_before_the_bad_update(tiny, tmp_path):
             with torch.no_grad():
                 lora_lib.parameters(holder["lora"])[0].fill_(float("nan"))
 
-    with pytest.raises(train_lib.NonFiniteLossError, match=r"step 5 .*step-00000002"):
+    with pytest.raises(train_lib.NonFiniteLossError, match=r"step 5 .*checkpoint-2"):
         train_lib.train(config, params=params, lora=holder["lora"], data=random_data(n=16),
                         callback=explode)  # fmt: skip
-    assert [c.name for c in train_lib.list_checkpoints(out)] == ["step-00000002"]
-    assert (out / "checkpoints" / "diverged-step-00000004").is_dir()
+    assert [c.name for c in train_lib.list_checkpoints(out)] == ["checkpoint-2"]
+    assert (out / "diverged-checkpoint-4").is_dir()
     # resume continues from the good checkpoint, with the lower lr it is given
     result = train_lib.train(
         run_config(out, max_steps=4, save_every=2, save_total_limit=1, lr=1e-4, resume=True),
@@ -255,7 +320,7 @@ def test_resume_honours_and_reports_a_changed_lr(tiny, tmp_path, capsys):
     assert "lr 0.003 -> 1e-05" in printed and "betas [0.9, 0.999] -> [0.8, 0.99]" in printed
     # the linear schedule over 4 steps at steps 2 and 3: factors 0.5 and 0.25 of the new lr
     assert lrs == pytest.approx([0.5e-5, 0.25e-5], rel=1e-12)
-    saved = json.loads((out / "config.json").read_text())
+    saved = json.loads((out / "train_config.json").read_text())
     assert saved["lr"] == 1e-5
 
 
@@ -269,16 +334,16 @@ def test_disk_full_while_writing_a_checkpoint(tiny, tmp_path, monkeypatch):
     real_save = torch.save
 
     def full(obj, path, *args, **kwargs):
-        if "step-00000004" in str(path):
+        if "checkpoint-4" in str(path):
             raise OSError(28, "No space left on device")
         return real_save(obj, path, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", full)
-    with pytest.raises(CheckpointError, match=r"step-00000004: the disk is full.*'step-00000002'"):
+    with pytest.raises(CheckpointError, match=r"checkpoint-4: the disk is full.*'checkpoint-2'"):
         train_lib.train(run_config(out, max_steps=4, save_every=2), params=params,
                         data=random_data(n=8))  # fmt: skip
-    assert [c.name for c in train_lib.list_checkpoints(out)] == ["step-00000002"]
-    assert not list((out / "checkpoints").glob(".tmp-*"))
+    assert [c.name for c in train_lib.list_checkpoints(out)] == ["checkpoint-2"]
+    assert not list(out.glob(".tmp-checkpoint-*"))
 
 
 def test_resume_with_a_torn_metrics_line_or_without_metrics(tiny, tmp_path):
@@ -295,8 +360,47 @@ def test_resume_with_a_torn_metrics_line_or_without_metrics(tiny, tmp_path):
     assert result.step == 4 and steps_of(out / "metrics.jsonl") == [4]
 
 
+@pytest.mark.parametrize("value", ["4096", -5, 0, 2.5, True])
+def test_load_checks_max_seq_length(tiny, value):
+    directory, _ = tiny
+    with pytest.raises(
+        ArgumentError, match=rf"max_seq_length must be a positive integer or None, got {value!r}"
+    ):
+        fnlm.load(directory, quant=None, dtype=torch.float32, device="cpu", max_seq_length=value)
+
+
 # =============================================================================================
 # Messages that mislead
+
+
+def test_a_mistyped_relative_path_says_no_such_directory(tmp_path, monkeypatch):
+    import huggingface_hub.constants as constants
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    (tmp_path / "exports").mkdir()
+    with pytest.raises(
+        (ModelNotFoundError, OfflineError),
+        match=r"no directory \S*/exports/merged exists, and as a hub id",
+    ):
+        fnlm.load("exports/merged", quant=None, device="cpu")
+
+
+def test_a_damaged_converted_gguf_cache_is_rebuilt(tmp_path, monkeypatch, capsys):
+    from tests.test_gguf import sentencepiece_vocab, tiny_model, write_tiny_gguf
+
+    monkeypatch.setenv("FNLM_CACHE", str(tmp_path / "cache"))
+    vocab = sentencepiece_vocab()
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", tiny_model(len(vocab["tokens"]), seed=3), vocab)
+    params, _ = fnlm.load(path, quant=None, dtype=torch.float32, device="cpu")
+    (weights,) = (tmp_path / "cache").rglob("model.safetensors")
+    weights.write_bytes(weights.read_bytes()[:-100])  # a crash or a full disk cut it short
+    again, _ = fnlm.load(path, quant=None, dtype=torch.float32, device="cpu")
+    printed = capsys.readouterr().out
+    assert "is damaged" in printed and "converting again" in printed
+    assert torch.equal(again["embed"], params["embed"])
 
 
 def test_the_first_ctrl_c_says_what_happens_next(tiny, tmp_path, capsys):
