@@ -223,6 +223,9 @@ def load(
     # The checkpoint directory, so fnlm.save can merge adapters into its 16-bit weights instead
     # of dequantized ones. Only this Params object carries it (tree maps build new ones).
     params.source = directory
+    # What an adapter trained on it records as its base (fnlm.train): a hub id, an absolute
+    # path, or the embedded model's EMBEDDED_ID, which `load` resolves back to it.
+    params.model_id = model_id(name_or_path)
     return params, load_tokenizer(directory)
 
 

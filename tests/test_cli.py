@@ -350,10 +350,11 @@ def tiny_run(tiny_model, tmp_path, **options):
         for _ in range(8)
     ]
     data = data_lib.TokenizedData(examples, "random")
-    config = TrainConfig(
+    defaults = dict(
         out=str(tmp_path / "run"), mode="lora", max_steps=3, batch_size=2, grad_accum=1,
-        max_seq_length=32, r=2, targets=("q", "v"), device="cpu", progress=False, **options,
+        max_seq_length=32, r=2, targets=("q", "v"), device="cpu", progress=False,
     )  # fmt: skip
+    config = TrainConfig(**{**defaults, **options})
     params, tok = fnlm.load(tiny_model, quant=None, device="cpu")
     return fnlm.train.train(config, params=params, tokenizer=tok, data=data)
 
@@ -427,3 +428,60 @@ def test_loss_plot_is_drawn_with_matplotlib(tmp_path):
         assert image.format == "PNG" and image.size == (640, 400)
     metrics.write_text("")
     assert plot_losses(metrics, tmp_path / "empty.png") is None
+
+
+# ------------------------------------------------------------------------------------------
+# the run directory in transformers' Trainer shape
+
+
+def test_lora_run_directory_is_what_peft_users_load(tiny_model, tmp_path):
+    peft = pytest.importorskip("peft")
+    result = tiny_run(tiny_model, tmp_path, save_every=2, save_total_limit=3)
+    out = result.run_dir
+    assert (out / "train_config.json").is_file() and not (out / "config.json").exists()
+    assert [c.name for c in fnlm.train.list_checkpoints(out)] == ["checkpoint-2", "checkpoint-3"]
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        tiny_model.resolve()
+    )
+    tokens = torch.tensor([[1, 5, 9, 200, 33]])
+    params, _ = fnlm.load(tiny_model, device="cpu")
+    ours = fnlm.forward(params, tokens, lora=result.lora)
+    for directory in (out, out / "checkpoint-3"):  # the final adapter and the last checkpoint
+        model = peft.AutoPeftModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32)
+        with torch.no_grad():
+            torch.testing.assert_close(model(tokens).logits, ours, atol=FP32_LOGITS_ATOL, rtol=0)
+    # and fnlm's own command line takes the run directory as the adapter
+    assert main(["info", str(out), "--json"]) == 0
+
+
+def test_full_run_ends_with_a_transformers_checkpoint(tiny_model, tmp_path):
+    result = tiny_run(tiny_model, tmp_path, mode="full", lr=1e-4)
+    out = result.run_dir
+    for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json"):
+        assert (out / name).is_file(), name
+    reference = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    tokens = torch.tensor([[1, 5, 9, 200, 33]])
+    with torch.no_grad():
+        theirs = reference(tokens).logits
+    torch.testing.assert_close(
+        fnlm.forward(result.params, tokens), theirs, atol=FP32_LOGITS_ATOL, rtol=0
+    )
+
+
+def test_a_run_of_the_earlier_layout_resumes(tiny_model, tmp_path):
+    constant = dict(schedule="constant")  # the same lr at each step whatever max_steps is
+    straight = tiny_run(tiny_model, tmp_path / "straight", max_steps=4, **constant)
+    first = tiny_run(tiny_model, tmp_path / "old", max_steps=2, **constant)
+    out = first.run_dir
+    # the layout of fnlm before this change: checkpoints/step-NNNNNNNN/ with adapter/, config.json
+    legacy = out / "checkpoints" / "step-00000002"
+    legacy.parent.mkdir()
+    (out / "checkpoint-2").rename(legacy)
+    (legacy / "adapter").mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (legacy / name).rename(legacy / "adapter" / name)
+        (out / name).unlink()
+    (out / "train_config.json").rename(out / "config.json")
+    resumed = tiny_run(tiny_model, tmp_path / "old", max_steps=4, resume=True, **constant)
+    assert resumed.losses == pytest.approx(straight.losses[2:], rel=1e-5)
+    assert [c.name for c in fnlm.train.list_checkpoints(out)] == ["step-00000002", "checkpoint-4"]

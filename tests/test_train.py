@@ -162,7 +162,7 @@ def test_lora_training_matches_peft(tmp_path):
     assert expected[-1] < expected[0] - 0.1  # it learns, so the comparison means something
     assert rel_close(ours.losses, expected, TRAJECTORY_REL_TOL), (ours.losses, expected)
     # The adapter written at the end is PEFT's format with the trained values.
-    saved = lora_lib.load(ours.run_dir / "adapter", params)
+    saved = lora_lib.load(ours.run_dir, params)
     for (path, a), (_, b) in zip(leaf_paths(dict(saved)), leaf_paths(dict(ours.lora)), strict=True):
         assert torch.equal(a, b.detach()), path
 
@@ -179,7 +179,7 @@ def test_full_finetuning_matches_transformers(tmp_path):
             p.requires_grad_(True)
         expected = reference_run(model, tensors, config, data, 30)
         # The saved model is a transformers checkpoint holding the trained weights.
-        reloaded = transformers.AutoModelForCausalLM.from_pretrained(ours.run_dir / "model")
+        reloaded = transformers.AutoModelForCausalLM.from_pretrained(ours.run_dir)
         for (name, a), b in zip(reloaded.state_dict().items(), model.state_dict().values()):
             assert torch.allclose(a, b, rtol=0, atol=1e-4), name
 
@@ -296,7 +296,7 @@ def test_resume_after_ctrl_c_reproduces_the_trajectory(tmp_path):
             run_config(out, **common), params=params, data=data, callback=press_ctrl_c
         )
         assert first.status == "interrupted" and first.step == 3
-        assert first.checkpoint.name == "step-00000003"
+        assert first.checkpoint.name == "checkpoint-3"
         with pytest.raises(ArgumentError, match="already holds checkpoints"):
             train_lib.train(run_config(out, **common), params=params, data=data)
         second = train_lib.train(run_config(out, resume=True, **common), params=params, data=data)
@@ -322,10 +322,10 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
         holder["lora"] = lora_lib.init(params, r=config.r, alpha=config.alpha)
         # step 5's loss is computed with the weights of step-4, so step-4 may hold the bad update:
         # it is set aside, and step-2 is the last good checkpoint (tests/test_faults.py point 7)
-        with pytest.raises(train_lib.NonFiniteLossError, match=r"step 5 .* is \S*step-00000002"):
+        with pytest.raises(train_lib.NonFiniteLossError, match=r"step 5 .* is \S*checkpoint-2"):
             train_lib.train(config, params=params, lora=holder["lora"], data=data, callback=poison)
     checkpoints = train_lib.list_checkpoints(config.out)
-    assert [c.name for c in checkpoints] == ["step-00000002"]
+    assert [c.name for c in checkpoints] == ["checkpoint-2"]
     from safetensors.torch import load_file
 
     saved = load_file(checkpoints[-1] / "trainable.safetensors")
@@ -340,17 +340,18 @@ def test_a_crash_while_saving_leaves_no_partial_checkpoint(tmp_path, monkeypatch
         real_save = torch.save
 
         def failing_save(obj, path, *args, **kwargs):
-            if "step-00000004" in str(path) and str(path).endswith("optimizer.pt"):
+            if "checkpoint-4" in str(path) and str(path).endswith("optimizer.pt"):
                 raise OSError("disk full")
             return real_save(obj, path, *args, **kwargs)
 
         monkeypatch.setattr(torch, "save", failing_save)
-        with pytest.raises(CheckpointError, match="step-00000004: disk full"):
+        with pytest.raises(CheckpointError, match="checkpoint-4: disk full"):
             train_lib.train(config, params=params, data=data)
-    root = Path(config.out) / "checkpoints"
-    assert sorted(p.name for p in root.iterdir()) == ["step-00000002"]
+    root = Path(config.out)
+    assert [c.name for c in train_lib.list_checkpoints(root)] == ["checkpoint-2"]
+    assert not list(root.glob(".tmp-checkpoint-*"))
     with pytest.raises(CheckpointError, match="no optimizer.pt"):
-        bad = root / "step-00000002"
+        bad = root / "checkpoint-2"
         (bad / "optimizer.pt").unlink()
         train_lib.load_checkpoint(bad, named=[], optimizer=None, scheduler=None)
 
@@ -432,7 +433,7 @@ def test_cli_trains_from_a_toml_file(tmp_path):
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "done: 2 steps" in done.stdout
-    adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    adapter = json.loads((out / "adapter_config.json").read_text())
     assert sorted(adapter["target_modules"]) == ["q_proj", "v_proj"]
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
     bad = subprocess.run(

@@ -7,11 +7,16 @@
 The pieces are library functions a user can recombine: `build_optimizer`, `build_scheduler`,
 `layer_function` (activation checkpointing, CPU offload, torch.compile, MLP tiling), `train_step`
 (gradient accumulation normalised by the step's trained tokens), `evaluate`, `save_checkpoint` /
-`load_checkpoint` (atomic directories), `plot_losses` (a PNG without matplotlib).
+`load_checkpoint` (atomic directories), `plot_losses` (matplotlib), trackers (`report_to`).
 
-A run directory holds config.json, metrics.jsonl (one line per step and per evaluation),
-loss.png, checkpoints/step-NNNNNNNN/ (trainable tensors, optimizer, scheduler, RNG and data
-position; the adapter in PEFT format) and, at the end, adapter/ (LoRA modes) or model/ (full).
+A run directory is shaped as transformers' Trainer leaves its output_dir: train_config.json,
+metrics.jsonl (one line per step and per evaluation), loss.png, runs/ (TensorBoard),
+checkpoint-N/ (trainable tensors, optimizer, scheduler, RNG and data position, and the adapter in
+PEFT's format) and, at the end, the adapter (LoRA modes: adapter_config.json +
+adapter_model.safetensors, so `PeftModel.from_pretrained(model, out)` and `fnlm.load(out)` load
+it) or the model (full: config.json, model.safetensors, generation_config.json, tokenizer, as
+`fnlm.save(format="merged")` writes them) at its top. Runs of earlier versions
+(checkpoints/step-NNNNNNNN/, config.json) still resume.
 """
 
 from fnlm.train.checkpoint import (

@@ -16,11 +16,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from fnlm import files, models
+from fnlm import files
 from fnlm import lora as lora_lib
 from fnlm.errors import CheckpointError
-from fnlm.params import Params, get_path
-from fnlm.train.config import CHECKPOINT_PREFIX, TMP_PREFIX
+from fnlm.params import Params
+from fnlm.train.config import (
+    CHECKPOINT_PREFIX,
+    LEGACY_CHECKPOINT_DIR,
+    LEGACY_CHECKPOINT_PREFIX,
+    TMP_PREFIX,
+)
 
 # Checkpoints that may hold the update a run diverged on (see run.stop_diverged).
 DIVERGED_PREFIX = "diverged-"
@@ -39,17 +44,18 @@ def save_checkpoint(
     params: Params | None = None,
     keep: int = 0,
 ) -> Path:
-    """Write checkpoints/step-NNNNNNNN/ atomically: everything goes into a temporary directory
+    """Write <run_dir>/checkpoint-<step>/ atomically: everything goes into a temporary directory
     that is renamed into place, so a crash leaves either the whole checkpoint or none.
 
     Holds trainable.safetensors (the trained tensors by fnlm path name), optimizer.pt,
     scheduler.pt, rng.pt (CPU and CUDA generators), state.json (step, data position, `extra`)
-    and, for LoRA runs, adapter/ in PEFT's format. keep > 0 removes all but the newest `keep`.
+    and, for LoRA runs, the adapter in PEFT's format (adapter_config.json,
+    adapter_model.safetensors: `PeftModel.from_pretrained(model, checkpoint)` loads it). keep > 0 removes all but the newest `keep`.
     A failed write (disk full, no permission) raises CheckpointError naming the checkpoint; the
     earlier checkpoints are left as they were.
     """
-    root = Path(run_dir) / "checkpoints"
-    final = root / f"{CHECKPOINT_PREFIX}{step:08d}"
+    root = Path(run_dir)
+    final = checkpoint_path(run_dir, step)
     try:
         _write_checkpoint(
             root, final, step, named, optimizer, scheduler, position, extra, lora, params
@@ -84,7 +90,7 @@ def set_aside_checkpoints(run_dir: str | os.PathLike, *, after: int) -> list[Pat
     no longer resumed from or pruned (`list_checkpoints` does not see them). Returns the new paths."""
     moved = []
     for path in list_checkpoints(run_dir):
-        if int(path.name[len(CHECKPOINT_PREFIX) :]) > after:
+        if checkpoint_step(path) > after:
             target = path.with_name(DIVERGED_PREFIX + path.name)
             if target.exists():  # from an earlier divergence at the same step
                 shutil.rmtree(target)
@@ -97,8 +103,9 @@ def _write_checkpoint(
     root, final, step, named, optimizer, scheduler, position, extra, lora, params
 ):
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(TMP_PREFIX + "*"):  # left by a crash during an earlier save
-        shutil.rmtree(stale, ignore_errors=True)
+    for pattern in (f"{TMP_PREFIX}{CHECKPOINT_PREFIX}*", f"{TMP_PREFIX}old-*"):
+        for stale in root.glob(pattern):  # left by a crash during an earlier save
+            shutil.rmtree(stale, ignore_errors=True)
     work = Path(tempfile.mkdtemp(dir=root, prefix=f"{TMP_PREFIX}{final.name}-"))
     try:
         save_file(
@@ -114,7 +121,7 @@ def _write_checkpoint(
         state = {"step": step, "position": position, **(extra or {})}
         (work / "state.json").write_text(json.dumps(state, indent=2))
         if lora is not None:
-            lora_lib.save(work / "adapter", lora, params=params)
+            lora_lib.save(work, lora, params=params)
         _fsync_tree(work)
         if final.exists():  # the same step saved again (e.g. interrupted right after a save)
             old = root / f"{TMP_PREFIX}old-{final.name}"
@@ -133,13 +140,28 @@ def _fsync_tree(directory: Path) -> None:
                 os.fsync(f.fileno())
 
 
+def checkpoint_path(run_dir: str | os.PathLike, step: int) -> Path:
+    """Where the checkpoint of `step` goes: <run_dir>/checkpoint-<step> (transformers' name)."""
+    return Path(run_dir) / f"{CHECKPOINT_PREFIX}{step}"
+
+
+def checkpoint_step(path: str | os.PathLike) -> int | None:
+    """The step of a checkpoint directory (checkpoint-N, or an earlier fnlm's step-NNNNNNNN)."""
+    name = Path(path).name
+    for prefix in (CHECKPOINT_PREFIX, LEGACY_CHECKPOINT_PREFIX):
+        if name.startswith(prefix) and name[len(prefix) :].isdigit():
+            return int(name[len(prefix) :])
+    return None
+
+
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
-    """The complete checkpoints of a run, oldest first."""
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
+    """The complete checkpoints of a run, oldest first: checkpoint-N/ and, from runs of earlier
+    fnlm versions, checkpoints/step-NNNNNNNN/."""
+    run_dir = Path(run_dir)
+    found = list(run_dir.glob(CHECKPOINT_PREFIX + "*"))
+    found += list((run_dir / LEGACY_CHECKPOINT_DIR).glob(LEGACY_CHECKPOINT_PREFIX + "*"))
+    found = [p for p in found if p.is_dir() and checkpoint_step(p) is not None]
+    return sorted(found, key=checkpoint_step)
 
 
 def load_checkpoint(
@@ -208,27 +230,10 @@ def load_tensors_file(path: Path, map_location=None):
 
 
 def save_full_model(directory: str | os.PathLike, params: Params, tokenizer=None) -> Path:
-    """A fully fine-tuned model as a transformers checkpoint (config.json + model.safetensors
-    under the checkpoint's own tensor names, + the tokenizer), loadable by fnlm.load and
-    transformers alike. Written to a temporary directory and renamed into place."""
-    directory = Path(directory)
-    names = models.family(params.config.model_type).weight_names(params.config)
-    tensors = {
-        hf: get_path(params, path).detach().contiguous().cpu() for hf, (path, _) in names.items()
-    }
-    config = params.config.hf_dict()
-    config["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f"{TMP_PREFIX}{directory.name}-"))
-    try:
-        save_file(tensors, work / "model.safetensors", metadata={"format": "pt"})
-        (work / "config.json").write_text(json.dumps(config, indent=2))
-        if tokenizer is not None:
-            tokenizer.save(work)
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(work, directory)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    return directory
+    """A fully fine-tuned model written as `fnlm.save(format="merged")` writes it: config.json,
+    model.safetensors (sharded past 5GB, with its index), generation_config.json, the tokenizer
+    and chat template, loadable by fnlm.load and transformers alike. Files already in
+    `directory` (a run's metrics, checkpoints) are kept; each written file is atomic."""
+    from fnlm.export import save
+
+    return save(directory, params, tokenizer, format="merged", overwrite=True)

@@ -20,7 +20,15 @@ OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit", "paged_ada
 CHECKPOINTING = ("auto", "none", "layer", "offload")
 METHODS = ("sft", "dpo", "orpo", "grpo")  # fnlm.train.methods
 TRACKERS = ("tensorboard", "wandb", "mlflow")  # report_to also takes "none" and "all"
-CHECKPOINT_PREFIX = "step-"
+# The run directory, in transformers Trainer's shape: checkpoint-N/ (each loadable by peft), the
+# options in train_config.json (config.json is the model's: a full fine-tune ends with the model
+# there), the final adapter or model files at the top. Runs of earlier fnlm versions
+# (checkpoints/step-NNNNNNNN/, config.json) are still read and resumed.
+CHECKPOINT_PREFIX = "checkpoint-"
+RUN_CONFIG = "train_config.json"
+LEGACY_CHECKPOINT_PREFIX = "step-"
+LEGACY_CHECKPOINT_DIR = "checkpoints"
+LEGACY_RUN_CONFIG = "config.json"
 TMP_PREFIX = ".tmp-"
 
 

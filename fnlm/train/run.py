@@ -12,11 +12,15 @@ from tqdm.auto import tqdm
 
 from fnlm import data as data_lib
 from fnlm import lora as lora_lib
-from fnlm.load import model_id
 from fnlm.params import Params
 from fnlm.train import trackers
-from fnlm.train.checkpoint import list_checkpoints, save_full_model, set_aside_checkpoints
-from fnlm.train.config import CHECKPOINT_PREFIX, NonFiniteLossError, TrainConfig, TrainResult
+from fnlm.train.checkpoint import (
+    checkpoint_step,
+    list_checkpoints,
+    save_full_model,
+    set_aside_checkpoints,
+)
+from fnlm.train.config import NonFiniteLossError, TrainConfig, TrainResult
 from fnlm.train.monitor import StopFlag, log, out_of_memory, peak_memory_gib
 from fnlm.train.plot import plot_losses
 from fnlm.train.setup import Run, start
@@ -221,7 +225,7 @@ def finish(run: Run, status: str, losses: list, eval_losses: list) -> TrainResul
     ):
         evaluate_now(run, eval_losses)
     last = run.last_checkpoint
-    if last is None or last.name != f"{CHECKPOINT_PREFIX}{run.step:08d}":
+    if last is None or checkpoint_step(last) != run.step:
         run.checkpoint()
     run.prune_checkpoints()
     plot = plot_losses(run.metrics_path, run.run_dir / "loss.png")
@@ -233,10 +237,9 @@ def finish(run: Run, status: str, losses: list, eval_losses: list) -> TrainResul
             "continue with resume"
         )
     elif full:
-        save_full_model(run.run_dir / "model", run.trainable.final_params(), run.tokenizer)
+        save_full_model(run.run_dir, run.trainable.final_params(), run.tokenizer)
     else:
-        lora_lib.save(run.run_dir / "adapter", run.lora, params=run.params,
-                      base_model_name_or_path=model_id(run.config.model))  # fmt: skip
+        lora_lib.save(run.run_dir, run.lora, params=run.params)  # its base: lora.config's
     return TrainResult(
         run_dir=run.run_dir, step=run.step, status=status, losses=losses,
         params=run.trainable.final_params() if full else run.params, lora=run.lora,

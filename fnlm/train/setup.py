@@ -17,7 +17,6 @@ from fnlm import files
 from fnlm import lora as lora_lib
 from fnlm.errors import ArgumentError
 from fnlm.load import load as load_model
-from fnlm.load import model_id
 from fnlm.loss import loss as model_loss
 from fnlm.models import decoder
 from fnlm.params import Params, leaf_paths
@@ -28,7 +27,13 @@ from fnlm.train.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
-from fnlm.train.config import TMP_PREFIX, TrainConfig
+from fnlm.train.config import (
+    LEGACY_CHECKPOINT_DIR,
+    LEGACY_RUN_CONFIG,
+    RUN_CONFIG,
+    TMP_PREFIX,
+    TrainConfig,
+)
 from fnlm.train.graphs import StepGraphs
 from fnlm.train.layers import layer_function
 from fnlm.train.monitor import out_of_memory, report_data, truncate_metrics
@@ -145,7 +150,7 @@ def prepare_run_dir(config: TrainConfig) -> Path | None:
     """Check `config.out` against resume / overwrite; returns the checkpoint to resume from.
 
     A fresh run refuses a directory holding checkpoints, and a non-empty directory that is not an
-    fnlm run (a merged export, a data directory: training would replace its config.json ...),
+    fnlm run (a merged export, a data directory: training would replace its train_config.json ...),
     unless `overwrite`. Nothing is removed here: with overwrite, `start` moves the earlier
     contents aside once the new run has loaded its model and data, and the first checkpoint of
     the new run removes them."""
@@ -170,23 +175,33 @@ def prepare_run_dir(config: TrainConfig) -> Path | None:
     if contents and not is_run_dir(run_dir):
         raise ArgumentError(
             f"{run_dir} is not empty ({', '.join(contents[:5])}{', ...' if len(contents) > 5 else ''}) "
-            "and is not an fnlm run directory: training would replace its config.json, "
-            "metrics.jsonl, adapter/ or model/. Choose a new out directory, or pass "
+            "and is not an fnlm run directory: training would replace its train_config.json, "
+            "metrics.jsonl, checkpoints and adapter or model files. Choose a new out directory, or pass "
             "overwrite=True (--overwrite) to replace its contents"
         )
     return None
 
 
 def is_run_dir(directory: Path) -> bool:
-    """Whether `directory` was made by fnlm.train: it has checkpoints/, or its config.json holds a
-    TrainConfig (a run stopped before its first checkpoint)."""
-    if (directory / "checkpoints").is_dir():
+    """Whether `directory` was made by fnlm.train: it has checkpoints, or its train_config.json
+    (config.json for earlier fnlm versions) holds a TrainConfig (a run stopped before its first
+    checkpoint)."""
+    if list_checkpoints(directory) or (directory / LEGACY_CHECKPOINT_DIR).is_dir():
         return True
-    try:
-        saved = json.loads((directory / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(saved, dict) and {"mode", "grad_accum", "save_total_limit"} <= set(saved)
+    return bool(read_run_config(directory))
+
+
+def read_run_config(run_dir: Path) -> dict:
+    """The options a run directory records (train_config.json, else an earlier fnlm's
+    config.json when it holds training options), or {}."""
+    for name in (RUN_CONFIG, LEGACY_RUN_CONFIG):
+        try:
+            saved = json.loads((run_dir / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(saved, dict) and {"mode", "grad_accum", "save_total_limit"} <= set(saved):
+            return saved
+    return {}
 
 
 def replace_contents(run_dir: Path) -> Path | None:
@@ -228,7 +243,7 @@ def prepare_data(config: TrainConfig, tokenizer, data, eval_data):
 def start(config: TrainConfig, *, params=None, tokenizer=None, lora=None, data=None,
           eval_data=None) -> Run:  # fmt: skip
     """Build the Run for `config` (loading what is not given) and restore its checkpoint when
-    resuming; a fresh run seeds torch and writes config.json and an empty metrics file."""
+    resuming; a fresh run seeds torch and writes train_config.json and an empty metrics file."""
     resume_from = prepare_run_dir(config)
     run_dir = Path(config.out)
     for source in (config.data, config.eval_data):
@@ -255,7 +270,7 @@ def start(config: TrainConfig, *, params=None, tokenizer=None, lora=None, data=N
         lora = lora_lib.init(
             params, r=config.r, alpha=config.alpha, targets=config.targets,
             dropout=config.lora_dropout, rslora=config.rslora, seed=config.seed,
-            modules_to_save=config.modules_to_save, base_model_name_or_path=model_id(config.model),
+            modules_to_save=config.modules_to_save, base_model_name_or_path=getattr(params, "model_id", None),
         )  # fmt: skip
     trainable = Trainable(params, lora, full=full, fp32_master=config.fp32_master_weights)
 
@@ -314,7 +329,7 @@ def start(config: TrainConfig, *, params=None, tokenizer=None, lora=None, data=N
             run.replaced = replace_contents(run_dir)
         torch.manual_seed(config.seed)
         run.metrics_path.write_text("")
-    files.write_json(run_dir / "config.json", options)
+    files.write_json(run_dir / RUN_CONFIG, options)
     return run
 
 
@@ -327,14 +342,11 @@ UNTRACKED_OPTIONS = ("resume", "overwrite", "progress", "out")
 
 
 def saved_options(state: dict, run_dir: Path) -> dict:
-    """The options the checkpoint was trained with: its state.json's, else the run's config.json."""
+    """The options the checkpoint was trained with: its state.json's, else the run's
+    train_config.json."""
     if isinstance(state.get("config"), dict):
         return state["config"]
-    try:
-        saved = json.loads((run_dir / "config.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return saved if isinstance(saved, dict) else {}
+    return read_run_config(run_dir)
 
 
 def apply_changed_options(run: Run, saved: dict, options: dict) -> str:
