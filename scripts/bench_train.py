@@ -306,8 +306,14 @@ def trainer(name: str, directory: Path, args, n_params: int) -> dict:
             max_seq_length=args.seq, max_steps=steps, checkpointing=args.checkpointing,
             lr=1e-5, progress=False, save_total_limit=1,
         )  # fmt: skip
-        torch.cuda.reset_peak_memory_stats()
-        callback = lambda entry: marks.append((time.perf_counter(), entry["tokens"]))
+        peaks: list[float] = []
+
+        def callback(entry):
+            marks.append((time.perf_counter(), entry["tokens"]))
+            peaks.append(torch.cuda.max_memory_allocated() / 2**30)
+            if len(marks) == args.warmup:  # the steady state's peak from here on
+                torch.cuda.reset_peak_memory_stats()
+
         train_lib.train(config, params=params, data=data, callback=callback)
     timed = marks[args.warmup :]
     seconds = timed[-1][0] - marks[args.warmup - 1][0]
@@ -316,7 +322,8 @@ def trainer(name: str, directory: Path, args, n_params: int) -> dict:
         "tokens_per_s": tokens / seconds,
         "step_s": seconds / len(timed),
         "real_tokens_per_step": tokens / len(timed),
-        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "peak_gib": peaks[-1],
+        "peak_gib_warmup": max(peaks[: args.warmup]),
         "mfu": 4 * n_params * tokens / (seconds * PEAK_FLOPS),
     }
 
