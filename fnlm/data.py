@@ -563,25 +563,37 @@ def _load_cache(path: Path, source: str) -> TokenizedData:
 # ---------------------------------------------------------------------------------------------
 
 
-def pack(lengths: Sequence[int], max_seq_length: int, *, open_rows: int = 64) -> list[list[int]]:
-    """Group example indices into rows of at most `max_seq_length` tokens, first fit in the given
-    order, looking back over the last `open_rows` unfinished rows (so the cost stays linear)."""
-    rows: list[list[int]] = []
-    room: list[int] = []
+def pack(lengths: Sequence[int], max_seq_length: int) -> list[list[int]]:
+    """Group example indices into rows of at most `max_seq_length` tokens: best fit decreasing
+    (the longest example first, each into the fullest row it still fits), as TRL's "bfd" packing,
+    so rows come out nearly full (the trainer pads every row to max_seq_length). Rows are in the
+    order they were opened; `epoch_plan` shuffles them."""
     for index, length in enumerate(lengths):
         if length > max_seq_length:
             raise ArgumentError(
                 f"example {index} has {length} tokens, more than max_seq_length={max_seq_length}"
             )
-        start = max(0, len(rows) - open_rows)
-        for r in range(start, len(rows)):
-            if room[r] >= length:
-                rows[r].append(index)
-                room[r] -= length
-                break
+    rows: list[list[int]] = []
+    # rows with room r left wait in by_room[r]; bit r of `open_rooms` says by_room[r] is not empty,
+    # so the best fit for a length L is the lowest set bit at or above L (one shift and a mask)
+    by_room: list[list[int]] = [[] for _ in range(max_seq_length + 1)]
+    open_rooms = 0
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        length = lengths[index]
+        fitting = open_rooms >> length
+        if fitting:
+            room = length + (fitting & -fitting).bit_length() - 1
+            row = by_room[room].pop()
+            if not by_room[room]:
+                open_rooms &= ~(1 << room)
         else:
-            rows.append([index])
-            room.append(max_seq_length - length)
+            row, room = len(rows), max_seq_length
+            rows.append([])
+        rows[row].append(index)
+        room -= length
+        if room > 0:
+            by_room[room].append(row)
+            open_rooms |= 1 << room
     return rows
 
 
@@ -676,6 +688,8 @@ def epoch_plan(
         random.Random(f"{seed}/{epoch}").shuffle(order)
     if packing:
         rows = pack([len(data.examples[i]) for i in order], max_seq_length)
+        if shuffle:  # best fit opens rows longest example first; their order is the seed's
+            random.Random(f"{seed}/{epoch}/rows").shuffle(rows)
         rows = [[order[i] for i in row] for row in rows]
     else:
         rows = [[i] for i in order]

@@ -296,8 +296,8 @@ def trainer(name: str, directory: Path, args, n_params: int) -> dict:
 
     vocab = REAL_CONFIGS[name]["vocab_size"]
     steps = args.warmup + args.trainer_steps
-    # ~1,200 tokens a document: enough documents for the steps, packed into batch x seq rows
-    data = synthetic_documents(vocab, int(steps * args.batch * args.seq / 1200 * 1.3) + 8)
+    # ~1,200 tokens a document, at least 600 documents (as the file): packed into batch x seq rows
+    data = synthetic_documents(vocab, max(600, int(steps * args.batch * args.seq / 1200 * 1.3)))
     params, _ = fnlm.load(directory, quant="nf4", dtype=torch.bfloat16, device="cuda")
     marks: list[tuple[float, int]] = []
     with tempfile.TemporaryDirectory() as out:
