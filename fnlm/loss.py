@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from fnlm import kernels
+from fnlm import kernels, quant
 from fnlm.errors import ArgumentError
 from fnlm.lora import Lora, with_adapters
 from fnlm.models.decoder import check_tokens, hidden_states
-from fnlm.params import Params
+from fnlm.params import MergeableLeaf, Params, expect_leaf
 
 IGNORE_INDEX = -100
 
@@ -69,10 +69,11 @@ def lm_head_loss(
     params: Params, x: torch.Tensor, targets: torch.Tensor, *, reduction: str
 ) -> torch.Tensor:
     """CE of hidden rows x [n, hidden] against targets [n] through the lm head, never materializing logits."""
-    from fnlm import quant
-
     head = params["lm_head"]
-    weight = head.merged_weight() if hasattr(head, "merged_weight") else quant.dequantize(head)
+    if isinstance(head, torch.Tensor) or quant.is_quantized(head):
+        weight = quant.dequantize(head)
+    else:
+        weight = expect_leaf(head, MergeableLeaf).merged_weight()
     config = params.config
     return kernels.fused_linear_cross_entropy(
         x,

@@ -1,7 +1,8 @@
 """The params pytree: nested dicts and lists of tensors (or quantized leaves) plus the static config.
 
-`Params` is a dict with a `config` attribute, registered with `torch.utils._pytree` so that
-`tree_map(f, params)` maps only the tensors and keeps the config as static context:
+`Params` is a dict with a `config` attribute, registered with `torch.utils._pytree` (through
+`register_pytree`, the one registration helper) so that `tree_map(f, params)` maps only the
+tensors and keeps the config as static context:
 
     params["embed"]                         [vocab, hidden]
     params["layers"][i]["attn"]["q"]        [heads * head_dim, hidden]
@@ -11,14 +12,81 @@
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import torch
 import torch.utils._pytree as pytree
 
 from fnlm.config import ModelConfig
+from fnlm.errors import ArgumentError
+
+L = TypeVar("L")
 
 
+# ---------------------------------------------------------------------------------------------
+# Pytree registration: children and static context declared once, on the type
+# ---------------------------------------------------------------------------------------------
+
+
+def static_field(default: Any = dataclasses.MISSING, **kwargs) -> Any:
+    """A dataclass field kept as pytree context, not a child (equinox's `field(static=True)`):
+    `scale: float = static_field()`. Tree maps leave it alone; it is part of the tree's structure
+    (compared, hashed). The other fields are children."""
+    return dataclasses.field(default=default, metadata={"static": True}, **kwargs)
+
+
+def register_pytree(cls: type | None = None, *, children: tuple = (), static: tuple = ()):
+    """Register `cls` with torch's pytree (`torch.utils._pytree`); usable as a class decorator.
+
+    - a dataclass: fields marked `static_field()` are context, the others children;
+    - a dict subclass (`Params`, `Lora`): the items are children, the attributes named in
+      `static` context; rebuilt as `cls(dict_of_items, **static)`;
+    - any other class: `children` and `static` name its attributes; rebuilt as
+      `cls(**children, **static)`, so its constructor takes them by those names.
+    A child may be None (a subtree without leaves). Key paths name the items and attributes.
+    """
+    if cls is None:
+        return lambda c: register_pytree(c, children=children, static=static)
+    if dataclasses.is_dataclass(cls) and not children:
+        fields = [f for f in dataclasses.fields(cls) if f.init]
+        children = tuple(f.name for f in fields if not f.metadata.get("static"))
+        static = tuple(f.name for f in fields if f.metadata.get("static"))
+    names, statics = tuple(children), tuple(static)
+    mapping = issubclass(cls, dict)
+
+    def flatten(node):
+        context = tuple(getattr(node, s) for s in statics)
+        if mapping:
+            keys = tuple(node.keys())
+            return [node[k] for k in keys], (keys, *context)
+        return [getattr(node, c) for c in names], context
+
+    def unflatten(values, context):
+        if mapping:
+            keys, *context = context
+            return cls(dict(zip(keys, values, strict=True)), **dict(zip(statics, context)))
+        return cls(**dict(zip(names, values, strict=True)), **dict(zip(statics, context)))
+
+    def flatten_with_keys(node):
+        values, context = flatten(node)
+        if mapping:
+            keys = [pytree.MappingKey(k) for k in context[0]]
+        else:
+            keys = [pytree.GetAttrKey(c) for c in names]
+        return list(zip(keys, values, strict=True)), context
+
+    pytree.register_pytree_node(
+        cls,
+        flatten,
+        unflatten,
+        serialized_type_name=f"{cls.__module__}.{cls.__qualname__}",
+        flatten_with_keys_fn=flatten_with_keys,
+    )
+    return cls
+
+
+@register_pytree(static=("config",))
 class Params(dict):
     """Model weights as a nested dict, with the `ModelConfig` that gives them meaning."""
 
@@ -31,28 +99,51 @@ class Params(dict):
         return f"Params({self.config.model_type}, {self.config.num_layers} layers, {n:,} tensor elements)"
 
 
-def _flatten(p: Params) -> tuple[list[Any], Any]:
-    keys = tuple(p.keys())
-    return [p[k] for k in keys], (keys, p.config)
+# ---------------------------------------------------------------------------------------------
+# Weight leaves that compute their own products (the LoRA-adapted leaves of fnlm.lora.leaves)
+# ---------------------------------------------------------------------------------------------
+# A params leaf is a dense tensor, a quantized weight (fnlm.quant), or one of these. The decoder
+# tests for the first two first: a Protocol isinstance costs microseconds on every call.
 
 
-def _unflatten(values: list[Any], context: Any) -> Params:
-    keys, config = context
-    return Params(dict(zip(keys, values, strict=True)), config)
+@runtime_checkable
+class MergeableLeaf(Protocol):
+    """A leaf standing for a weight it can compute: `merged_weight()` in the base's compute
+    dtype, differentiable in what the leaf trains (read by the fused lm-head loss and `merge`)."""
+
+    def merged_weight(self) -> torch.Tensor: ...
 
 
-def _flatten_with_keys(p: Params):
-    values, context = _flatten(p)
-    return [(pytree.MappingKey(k), v) for k, v in zip(context[0], values, strict=True)], context
+@runtime_checkable
+class LinearLeaf(MergeableLeaf, Protocol):
+    """A linear weight that computes x @ W.T (+ bias) itself: `leaf.linear(x, bias)`."""
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
-pytree.register_pytree_node(
-    Params,
-    _flatten,
-    _unflatten,
-    serialized_type_name="fnlm.params.Params",
-    flatten_with_keys_fn=_flatten_with_keys,
-)
+@runtime_checkable
+class EmbeddingLeaf(MergeableLeaf, Protocol):
+    """An embedding table that looks rows up itself: `leaf.embedding(tokens)`."""
+
+    def embedding(self, tokens: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class ExpertsLeaf(MergeableLeaf, Protocol):
+    """An expert stack that multiplies expert-sorted rows itself (`fnlm.models.moe.Route`):
+    `leaf.expert_matmul(route, rows)`."""
+
+    def expert_matmul(self, route: Any, rows: torch.Tensor) -> torch.Tensor: ...
+
+
+def expect_leaf(leaf: Any, protocol: type[L]) -> L:
+    """`leaf`, checked to implement `protocol`; ArgumentError naming its type otherwise."""
+    if not isinstance(leaf, protocol):
+        raise ArgumentError(
+            f"a params leaf of type {type(leaf).__name__} is neither a tensor, a quantized weight "
+            f"(fnlm.quant) nor a {protocol.__name__} (fnlm.params)"
+        )
+    return leaf
 
 
 def tree_map(fn, tree):

@@ -13,7 +13,7 @@ from fnlm.errors import LoraError
 from fnlm.lora.leaves import LoraEmbedding, LoraExperts, LoraLinear, SavedEmbedding
 from fnlm.lora.targets import Module, modules_by_path
 from fnlm.lora.tree import Lora, entries, is_adapter
-from fnlm.params import Params, get_path, path_name
+from fnlm.params import MergeableLeaf, Params, get_path, path_name
 
 
 def _replace_paths(params: Params, values: dict[tuple, Any], config: ModelConfig) -> Params:
@@ -142,7 +142,7 @@ def merge(params: Params, lora: Lora) -> Params:
     with torch.no_grad():
         for path, _ in entries(lora):
             leaf = get_path(attached, path)
-            merged = leaf.merged_weight() if hasattr(leaf, "merged_weight") else leaf
+            merged = leaf.merged_weight() if isinstance(leaf, MergeableLeaf) else leaf
             values[path] = merged.detach().clone()
     config = params.config
     touched = {("embed",), ("lm_head",)} & set(values)

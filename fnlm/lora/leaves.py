@@ -1,7 +1,9 @@
 """Adapted leaves: what the decoder sees after `attach` in place of an adapted weight.
 
-Each carries its own computation (`linear`, `embedding`, `expert_matmul`) and `merged_weight`,
-so the decoder dispatches on the leaf type and never knows a weight is adapted.
+Each carries its own computation (`linear`, `embedding`, `expert_matmul`) and `merged_weight`:
+they implement the weight-leaf protocols of fnlm.params (LinearLeaf, EmbeddingLeaf, ExpertsLeaf),
+so the decoder dispatches on the leaf type and never knows a weight is adapted. Pytree children
+are the tensors; the scale and flags are static context (`static_field`).
 """
 
 from __future__ import annotations
@@ -11,13 +13,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import torch.utils._pytree as pytree
 
 from fnlm import quant
 from fnlm.lora.linear import lora_linear
 from fnlm.models import moe
+from fnlm.params import register_pytree, static_field
 
 
+@register_pytree
 @dataclass(frozen=True, eq=False)
 class LoraLinear:
     """A linear weight W (dense or quantized) plus scale·B·A, with dropout on the adapter input
@@ -27,9 +30,9 @@ class LoraLinear:
     weight: Any  # [out, in] tensor or quantized leaf
     a: torch.Tensor  # [r, in]
     b: torch.Tensor  # [out, r]
-    scale: float
-    dropout: float = 0.0
-    training: bool = False
+    scale: float = static_field()
+    dropout: float = static_field(0.0)
+    training: bool = static_field(False)
 
     @property
     def shape(self) -> torch.Size:
@@ -50,6 +53,7 @@ class LoraLinear:
         return (w.float() + delta).to(w.dtype)
 
 
+@register_pytree
 @dataclass(frozen=True, eq=False)
 class LoraEmbedding:
     """An embedding table W [vocab, hidden] plus PEFT's embedding adapter: rows of A^T [vocab, r]
@@ -58,8 +62,8 @@ class LoraEmbedding:
     weight: Any  # [vocab, hidden]
     a: torch.Tensor  # [r, vocab]
     b: torch.Tensor  # [hidden, r]
-    scale: float
-    padding_idx: int | None = None
+    scale: float = static_field()
+    padding_idx: int | None = static_field(None)
 
     @property
     def shape(self) -> torch.Size:
@@ -79,6 +83,7 @@ class LoraEmbedding:
         return (w.float() + delta).to(w.dtype)
 
 
+@register_pytree
 @dataclass(frozen=True, eq=False)
 class LoraExperts:
     """An expert stack W (dense [E, out, in] or quantized [E·out, in]) plus, per expert e,
@@ -90,7 +95,7 @@ class LoraExperts:
     weight: Any  # [E, out, in] tensor or quantized [E·out, in]
     a: torch.Tensor  # [E, r, in]
     b: torch.Tensor  # [E, out, r]
-    scale: float
+    scale: float = static_field()
 
     @property
     def shape(self) -> torch.Size:
@@ -115,13 +120,14 @@ class LoraExperts:
         return (w.float() + self.delta()).to(w.dtype)
 
 
+@register_pytree
 @dataclass(frozen=True, eq=False)
 class SavedEmbedding:
     """A trainable copy of the embedding table (modules_to_save). transformers' nn.Embedding has
     padding_idx = pad_token_id, so the pad row gets no gradient; the copy keeps that."""
 
     weight: torch.Tensor  # [vocab, hidden]
-    padding_idx: int | None = None
+    padding_idx: int | None = static_field(None)
 
     @property
     def shape(self) -> torch.Size:
@@ -132,38 +138,3 @@ class SavedEmbedding:
 
     def merged_weight(self) -> torch.Tensor:
         return self.weight
-
-
-pytree.register_pytree_node(
-    SavedEmbedding,
-    lambda e: ([e.weight], e.padding_idx),
-    lambda values, padding_idx: SavedEmbedding(values[0], padding_idx),
-    serialized_type_name="fnlm.lora.SavedEmbedding",
-    flatten_with_keys_fn=lambda e: ([(pytree.GetAttrKey("weight"), e.weight)], e.padding_idx),
-)
-
-
-def _register_adapted(cls, statics: tuple[str, ...]) -> None:
-    def flatten(leaf):
-        return [leaf.weight, leaf.a, leaf.b], tuple(getattr(leaf, s) for s in statics)
-
-    def unflatten(values, context):
-        return cls(*values, **dict(zip(statics, context, strict=True)))
-
-    def flatten_with_keys(leaf):
-        values, context = flatten(leaf)
-        keys = [pytree.GetAttrKey(k) for k in ("weight", "a", "b")]
-        return list(zip(keys, values, strict=True)), context
-
-    pytree.register_pytree_node(
-        cls,
-        flatten,
-        unflatten,
-        serialized_type_name=f"fnlm.lora.{cls.__name__}",
-        flatten_with_keys_fn=flatten_with_keys,
-    )
-
-
-_register_adapted(LoraLinear, ("scale", "dropout", "training"))
-_register_adapted(LoraEmbedding, ("scale", "padding_idx"))
-_register_adapted(LoraExperts, ("scale",))

@@ -16,6 +16,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from fnlm.config import ModelConfig
+from fnlm.params import register_pytree
 
 # Every linear of attention and MLP; "qkv" and "gate_up" are the fused leaves of Phi-3 / Falcon.
 ALL_LINEAR = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down")
@@ -50,6 +51,7 @@ class LoraConfig:
         return alpha / math.sqrt(r) if self.rslora else alpha / r
 
 
+@register_pytree(static=("config", "model_config", "training"))
 class Lora(dict):
     """Adapters at the params' paths, with the static `LoraConfig`, the `ModelConfig` they were
     made for (for names when saving) and `training` (dropout on the adapter inputs when True)."""
@@ -70,30 +72,6 @@ class Lora(dict):
             f"Lora(r={self.config.r}, alpha={self.config.alpha}, {adapted} adapted modules, "
             f"{n:,} trainable elements{mode})"
         )
-
-
-def _flatten(lora: Lora):
-    keys = tuple(lora.keys())
-    return [lora[k] for k in keys], (keys, lora.config, lora.model_config, lora.training)
-
-
-def _unflatten(values, context) -> Lora:
-    keys, config, model_config, training = context
-    return Lora(dict(zip(keys, values, strict=True)), config, model_config, training)
-
-
-def _flatten_with_keys(lora: Lora):
-    values, context = _flatten(lora)
-    return [(pytree.MappingKey(k), v) for k, v in zip(context[0], values, strict=True)], context
-
-
-pytree.register_pytree_node(
-    Lora,
-    _flatten,
-    _unflatten,
-    serialized_type_name="fnlm.lora.Lora",
-    flatten_with_keys_fn=_flatten_with_keys,
-)
 
 
 def train_mode(lora: Lora, enabled: bool = True) -> Lora:

@@ -19,21 +19,22 @@ from fnlm.config import ACTIVATIONS, ModelConfig
 from fnlm.errors import ArgumentError
 from fnlm.models import masks, moe
 from fnlm.models.rope import rope_tables
-from fnlm.params import Params
+from fnlm.params import EmbeddingLeaf, ExpertsLeaf, LinearLeaf, Params, expect_leaf
 
 
 def linear(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ W.T (+ bias) for any weight leaf: dense tensor, quantized leaf or adapted leaf."""
-    if hasattr(w, "linear"):  # LoRA-adapted leaves carry their own fused forward
-        return w.linear(x, bias)
-    return quant.linear(x, w, bias)
+    """x @ W.T (+ bias) for any weight leaf: dense tensor, quantized leaf or a `LinearLeaf`
+    (LoRA-adapted leaves carry their own fused forward)."""
+    if isinstance(w, torch.Tensor) or quant.is_quantized(w):
+        return quant.linear(x, w, bias)
+    return expect_leaf(w, LinearLeaf).linear(x, bias)
 
 
 def embedding(tokens: torch.Tensor, w) -> torch.Tensor:
-    """Row lookup for a dense or adapted embedding leaf."""
-    if hasattr(w, "embedding"):
-        return w.embedding(tokens)
-    return F.embedding(tokens, quant.dequantize(w))
+    """Row lookup for a dense, quantized or `EmbeddingLeaf` (adapted) embedding leaf."""
+    if isinstance(w, torch.Tensor) or quant.is_quantized(w):
+        return F.embedding(tokens, quant.dequantize(w))
+    return expect_leaf(w, EmbeddingLeaf).embedding(tokens)
 
 
 def norm(
@@ -225,11 +226,11 @@ def mixture_of_experts(config: ModelConfig, p: dict, x: torch.Tensor) -> torch.T
 
 
 def expert_matmul(route, rows: torch.Tensor, w) -> torch.Tensor:
-    """Sorted rows times their experts' matrices, for a stack leaf (LoRA-adapted stacks carry
-    their own)."""
-    if hasattr(w, "expert_matmul"):
-        return w.expert_matmul(route, rows)
-    return moe.matmul(route, rows, w)
+    """Sorted rows times their experts' matrices, for a stack leaf (an `ExpertsLeaf`, such as a
+    LoRA-adapted stack, carries its own)."""
+    if isinstance(w, torch.Tensor) or quant.is_quantized(w):
+        return moe.matmul(route, rows, w)
+    return expect_leaf(w, ExpertsLeaf).expert_matmul(route, rows)
 
 
 def layer_forward(

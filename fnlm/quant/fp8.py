@@ -9,9 +9,9 @@ dtype. CUDA devices need fp8 support (compute capability 8.9: Ada, Hopper, later
 from __future__ import annotations
 
 import torch
-import torch.utils._pytree as pytree
 
 from fnlm.errors import ArgumentError, QuantError
+from fnlm.params import register_pytree
 
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn
 # Bound on |w - dequantize(quantize(w))| per element, for a fp32 compute dtype, in the two ranges of
@@ -140,26 +140,4 @@ def _element_scale(scale: torch.Tensor, shape: torch.Size, block_size: int) -> t
     return expanded.repeat_interleave(block_size, 1)[:, :in_features]
 
 
-def _flatten(w: FP8Weight):
-    return w.tensors(), (w.dtype, w.block_size)
-
-
-def _unflatten(tensors, context) -> FP8Weight:
-    dtype, block_size = context
-    return FP8Weight.from_parts(list(tensors), [block_size], dtype)
-
-
-def _flatten_with_keys(w: FP8Weight):
-    return [(pytree.GetAttrKey("data"), w.data), (pytree.GetAttrKey("scale"), w.scale)], (
-        w.dtype,
-        w.block_size,
-    )
-
-
-pytree.register_pytree_node(
-    FP8Weight,
-    _flatten,
-    _unflatten,
-    serialized_type_name="fnlm.quant.FP8Weight",
-    flatten_with_keys_fn=_flatten_with_keys,
-)
+register_pytree(FP8Weight, children=("data", "scale"), static=("dtype", "block_size"))

@@ -9,7 +9,8 @@ quantized (more accurate than bnb's int8 x int8 matmul, same memory).
 from __future__ import annotations
 
 import torch
-import torch.utils._pytree as pytree
+
+from fnlm.params import register_pytree
 
 # bitsandbytes' reciprocal of 127 in `int8_vectorwise_dequant` (a float32 literal, not 1/127)
 INV_127 = 7.874015718698502e-3
@@ -90,22 +91,4 @@ def quantize_int8(w: torch.Tensor, compute_dtype: torch.dtype) -> Int8Weight:
     return Int8Weight(data, absmax, dtype=compute_dtype)
 
 
-def _flatten(w: Int8Weight):
-    return w.tensors(), w.dtype
-
-
-def _unflatten(tensors, dtype) -> Int8Weight:
-    return Int8Weight(*tensors, dtype=dtype)
-
-
-def _flatten_with_keys(w: Int8Weight):
-    return [(pytree.GetAttrKey("data"), w.data), (pytree.GetAttrKey("scale"), w.scale)], w.dtype
-
-
-pytree.register_pytree_node(
-    Int8Weight,
-    _flatten,
-    _unflatten,
-    serialized_type_name="fnlm.quant.Int8Weight",
-    flatten_with_keys_fn=_flatten_with_keys,
-)
+register_pytree(Int8Weight, children=("data", "scale"), static=("dtype",))

@@ -9,10 +9,10 @@ bnb_4bit_use_double_quant=True)`. Dequantizing never calls bitsandbytes: on CUDA
 from __future__ import annotations
 
 import torch
-import torch.utils._pytree as pytree
 
 from fnlm import kernels
 from fnlm.errors import ArgumentError, CheckpointError
+from fnlm.params import register_pytree
 
 BLOCKSIZE = 64  # values per absmax, as bitsandbytes' and transformers' 4-bit default
 COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -248,25 +248,8 @@ def quantize_nf4(w: torch.Tensor, compute_dtype: torch.dtype) -> NF4Weight:
     return NF4Weight.from_bnb(packed, state, compute_dtype)
 
 
-def _flatten(w: NF4Weight):
-    return w.tensors(), (tuple(w.meta()), w.dtype)
-
-
-def _unflatten(tensors, context) -> NF4Weight:
-    meta, dtype = context
-    return NF4Weight.from_parts(list(tensors), list(meta), dtype)
-
-
-def _flatten_with_keys(w: NF4Weight):
-    names = ("packed", "absmax", "code", "nested_absmax", "nested_code", "offset")
-    tensors, context = _flatten(w)
-    return [(pytree.GetAttrKey(name), t) for name, t in zip(names, tensors)], context
-
-
-pytree.register_pytree_node(
+register_pytree(
     NF4Weight,
-    _flatten,
-    _unflatten,
-    serialized_type_name="fnlm.quant.NF4Weight",
-    flatten_with_keys_fn=_flatten_with_keys,
+    children=("packed", "absmax", "code", "nested_absmax", "nested_code", "offset"),
+    static=("shape", "dtype", "blocksize", "nested_blocksize"),
 )
