@@ -16,14 +16,13 @@ messages, ...}; the other columns reach the reward functions.
 
 from __future__ import annotations
 
-import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from fnlm.data import IGNORE_INDEX, Row, _turns, read_rows
-from fnlm.errors import ArgumentError, DataError, TokenizerError
+from fnlm.data import IGNORE_INDEX, Row, TokenizedData, _turns, read_rows
+from fnlm.errors import DataError, TokenizerError
 
 
 @dataclass(frozen=True)
@@ -51,30 +50,9 @@ class Prompt:
         return self.tokens.numel()
 
 
-@dataclass
-class MethodData:
-    """Pairs or prompts, with the source and counts for the log (TokenizedData's interface)."""
-
-    examples: list
-    source: str
-    stats: dict = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def split(self, fraction: float, seed: int = 3407) -> tuple[MethodData, MethodData]:
-        """(train, held-out) with `fraction` of the examples (at least one) held out, seeded."""
-        if not 0.0 < fraction < 1.0:
-            raise ArgumentError(f"eval fraction must lie in (0, 1), got {fraction!r}")
-        if len(self.examples) < 2:
-            raise DataError(f"{self.source}: {len(self)} example(s) cannot be split for evaluation")
-        order = list(range(len(self.examples)))
-        random.Random(seed).shuffle(order)
-        held = set(order[: min(len(order) - 1, max(1, round(fraction * len(order))))])
-        keep = [e for i, e in enumerate(self.examples) if i not in held]
-        out = [self.examples[i] for i in sorted(held)]
-        return (MethodData(keep, self.source, dict(self.stats)),
-                MethodData(out, f"{self.source} (held out)"))  # fmt: skip
+# Pairs or prompts, with the source and counts for the log: the container of supervised data
+# (its `split` holds out a seeded fraction) with other examples in it.
+MethodData = TokenizedData
 
 
 def _conversational(value) -> bool:
