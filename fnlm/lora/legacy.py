@@ -59,7 +59,37 @@ def convert_legacy_experts(
     legacy = family_naming(config.model_type, "LEGACY_EXPERTS")
     if legacy is None or not config.moe_layers:
         return tensors, doc
-    block, projections = legacy
+    experts, routers, kept = _collect(tensors, doc, config, *legacy)
+    if not experts and not routers:
+        return tensors, doc
+    reading = _Reading.of(doc, config)
+    by_path = modules_by_path(config)
+    stacked: dict[Module, tuple[torch.Tensor, torch.Tensor]] = {}  # fnlm's [E, R, in], [E, out, R]
+    alphas: dict[Module, float] = {}
+    for layer in sorted({layer for layer, _ in experts}):
+        for stack in moe.STACKS:
+            parts = [p for p in ("gate", "up", "down") if _STACK_OF_PART[p] == stack]
+            module = by_path[("layers", layer, "mlp", "experts", stack)]
+            found = {p: experts.get((layer, p), {}) for p in parts}
+            if any(found.values()):
+                stacked[module], alphas[module] = reading.stack(module, found)
+    for layer, factor in routers.items():
+        module = by_path[("layers", layer, "mlp", "router")]
+        a, b, _, alphas[module] = reading.checked(factor, config.hidden_size, config.num_experts)
+        stacked[module] = (a, b)
+    return _rewrite(kept, doc, config, stacked, alphas)
+
+
+def _collect(
+    tensors: dict[str, torch.Tensor],
+    doc: dict,
+    config: ModelConfig,
+    block: str,
+    projections: dict[str, str],
+) -> tuple[dict, dict, dict]:
+    """The file's transformers-4 factors: ({(layer, part): {expert: factor}}, {layer: router
+    factor}, {key: tensor} of every other tensor). Routers that target_parameters already name
+    (peft 0.21 wrote them) stay as they are."""
     expert_key = re.compile(
         rf"model\.layers\.(\d+)\.{block}\.experts\.(\d+)\.({'|'.join(projections)})"
         r"\.lora_([AB])\.weight"
@@ -67,17 +97,6 @@ def convert_legacy_experts(
     router_key = re.compile(rf"model\.layers\.(\d+)\.{block}\.gate\.lora_([AB])\.weight")
     covered = set(parameter_keys(config, doc.get("target_parameters") or ()).values())
     by_path = modules_by_path(config)
-
-    def moe_layer(key: str, layer: int) -> int:
-        if layer not in config.moe_layers:
-            raise LoraError(
-                f"adapter tensor {key} adapts an expert of layer {layer}, but layer {layer} of this "
-                f"{config.model_type} model is not a mixture-of-experts layer (those are "
-                f"{list(config.moe_layers)}); was the adapter trained for another base model?"
-            )
-        return layer
-
-    # (layer, part) -> expert -> factor; layer -> router factor
     experts: dict[tuple[int, str], dict[int, _LegacyFactor]] = {}
     routers: dict[int, _LegacyFactor] = {}
     kept: dict[str, torch.Tensor] = {}
@@ -85,7 +104,7 @@ def convert_legacy_experts(
         name = key.removeprefix(PEFT_PREFIX)
         if match := expert_key.fullmatch(name):
             layer, expert, projection, half = match.groups()
-            layer, expert = moe_layer(key, int(layer)), int(expert)
+            layer, expert = _moe_layer(config, key, int(layer)), int(expert)
             if expert >= config.num_experts:
                 raise LoraError(
                     f"adapter tensor {key} adapts expert {expert}, but this {config.model_type} "
@@ -96,21 +115,52 @@ def convert_legacy_experts(
         elif (match := router_key.fullmatch(name)) and (
             by_path.get(("layers", int(match.group(1)), "mlp", "router")) not in covered
         ):
-            layer, half = moe_layer(key, int(match.group(1))), match.group(2)
+            layer, half = _moe_layer(config, key, int(match.group(1))), match.group(2)
             factor = routers.setdefault(layer, _LegacyFactor(name.rpartition(".lora_")[0]))
         else:
             kept[key] = tensor
             continue
         setattr(factor, half.lower(), (key, tensor))
-    if not experts and not routers:
-        return tensors, doc
+    return experts, routers, kept
 
-    r, alpha = int(doc.get("r", 8)), doc.get("lora_alpha", 8)
-    rslora = bool(doc.get("use_rslora", False))
-    legacy_ranks = tuple((doc.get("rank_pattern") or {}).items())
-    legacy_alphas = tuple((doc.get("alpha_pattern") or {}).items())
 
-    def checked(factor: _LegacyFactor, in_features: int, out_features: int):
+def _moe_layer(config: ModelConfig, key: str, layer: int) -> int:
+    if layer not in config.moe_layers:
+        raise LoraError(
+            f"adapter tensor {key} adapts an expert of layer {layer}, but layer {layer} of this "
+            f"{config.model_type} model is not a mixture-of-experts layer (those are "
+            f"{list(config.moe_layers)}); was the adapter trained for another base model?"
+        )
+    return layer
+
+
+@dataclass(frozen=True)
+class _Reading:
+    """What a transformers-4 file's factors are checked and scaled by: its r, lora_alpha,
+    use_rslora, rank_pattern and alpha_pattern (matched against transformers-4 module names)."""
+
+    config: ModelConfig
+    r: int
+    alpha: float
+    rslora: bool
+    rank_pattern: tuple
+    alpha_pattern: tuple
+
+    @classmethod
+    def of(cls, doc: dict, config: ModelConfig) -> _Reading:
+        return cls(
+            config,
+            int(doc.get("r", 8)),
+            doc.get("lora_alpha", 8),
+            bool(doc.get("use_rslora", False)),
+            tuple((doc.get("rank_pattern") or {}).items()),
+            tuple((doc.get("alpha_pattern") or {}).items()),
+        )
+
+    def scale(self, rank: int, alpha: float) -> float:
+        return alpha / math.sqrt(rank) if self.rslora else alpha / rank
+
+    def checked(self, factor: _LegacyFactor, in_features: int, out_features: int):
         """(A, B, rank, alpha) of one transformers-4 Linear, checked against its config."""
         if factor.a is None or factor.b is None:
             key, _ = factor.a or factor.b
@@ -120,66 +170,59 @@ def convert_legacy_experts(
         (key_a, a), (key_b, b) = factor.a, factor.b
         rank = a.shape[0] if a.dim() == 2 else -1
         base = (
-            f"{factor.name} of this {config.model_type} model (in {in_features}, out "
+            f"{factor.name} of this {self.config.model_type} model (in {in_features}, out "
             f"{out_features}; lora_A [r, in], lora_B [out, r])"
         )
         expect_shape(key_a, a, (rank, in_features), base)
         expect_shape(key_b, b, (out_features, rank), base)
-        expect_rank(key_a, rank, pattern_value(legacy_ranks, (factor.name,), r), factor.name)
-        return a, b, rank, pattern_value(legacy_alphas, (factor.name,), alpha)
+        want = pattern_value(self.rank_pattern, (factor.name,), self.r)
+        expect_rank(key_a, rank, want, factor.name)
+        return a, b, rank, pattern_value(self.alpha_pattern, (factor.name,), self.alpha)
 
-    def scale(rank: int, alpha_value: float) -> float:
-        return alpha_value / math.sqrt(rank) if rslora else alpha_value / rank
+    def stack(self, module: Module, found: dict[str, dict[int, _LegacyFactor]]):
+        """((A [E, R, in], B [E, out, R]), alpha) of one expert stack from its parts' per-expert
+        factors: A_e the parts' A stacked, B_e block-diagonal (gate rows, then up rows); R the sum
+        of each part's largest rank, smaller ranks zero-padded."""
+        hidden, inner = self.config.hidden_size, self.config.expert_size
+        io = {"gate": (hidden, inner), "up": (hidden, inner), "down": (inner, hidden)}
+        factors = {p: {e: self.checked(f, *io[p]) for e, f in found[p].items()} for p in found}
+        part_ranks = {p: max((f[2] for f in factors[p].values()), default=0) for p in found}
+        total = sum(part_ranks.values())
+        # The stack's scale is the first factor's; its alpha is chosen so that alpha/rank
+        # (alpha/sqrt(rank) with rslora) gives it: 2·alpha at rank 2r, as peft writes it.
+        reference = next(f for p in found for f in factors[p].values())
+        ref_rank, ref_alpha = reference[2], reference[3]
+        ratio = math.sqrt(total / ref_rank) if self.rslora else total / ref_rank
+        experts, out_features, in_features = module.shape
+        a = torch.zeros(experts, total, in_features, dtype=reference[0].dtype)
+        b = torch.zeros(experts, out_features, total, dtype=reference[1].dtype)
+        row = column = 0
+        for p in found:
+            rows = io[p][1]
+            for e, (a_e, b_e, rank, alpha_e) in factors[p].items():
+                if (rank, alpha_e) != (ref_rank, ref_alpha):
+                    b_e = b_e * (self.scale(rank, alpha_e) / self.scale(ref_rank, ref_alpha))
+                a[e, column : column + rank] = a_e
+                b[e, row : row + rows, column : column + rank] = b_e
+            row, column = row + rows, column + part_ranks[p]
+        return (a, b), ref_alpha * ratio
 
-    hidden, inner = config.hidden_size, config.expert_size
-    io = {"gate": (hidden, inner), "up": (hidden, inner), "down": (inner, hidden)}
-    stacked: dict[Module, tuple[torch.Tensor, torch.Tensor]] = {}  # fnlm's [E, R, in], [E, out, R]
-    ranks: dict[str, int] = {}
-    alphas: dict[str, float] = {}
-    for layer in sorted({layer for layer, _ in experts}):
-        for stack in moe.STACKS:
-            parts = [p for p in ("gate", "up", "down") if _STACK_OF_PART[p] == stack]
-            factors = {
-                p: {e: checked(f, *io[p]) for e, f in experts.get((layer, p), {}).items()}
-                for p in parts
-            }
-            part_ranks = {p: max((f[2] for f in factors[p].values()), default=0) for p in parts}
-            total = sum(part_ranks.values())
-            if not total:
-                continue
-            # The stack's scale is the first factor's; its alpha is chosen so that alpha/rank
-            # (alpha/sqrt(rank) with rslora) gives it: 2·alpha at rank 2r, as peft writes it.
-            reference = next(f for p in parts for f in factors[p].values())
-            ref_rank, ref_alpha = reference[2], reference[3]
-            stack_alpha = (
-                ref_alpha * math.sqrt(total / ref_rank) if rslora else ref_alpha * total / ref_rank
-            )
-            module = by_path[("layers", layer, "mlp", "experts", stack)]
-            experts_n, out_features, in_features = module.shape
-            a = torch.zeros(experts_n, total, in_features, dtype=reference[0].dtype)
-            b = torch.zeros(experts_n, out_features, total, dtype=reference[1].dtype)
-            row = column = 0
-            for p in parts:
-                rows = io[p][1]
-                for e, (a_e, b_e, rank, alpha_e) in factors[p].items():
-                    if (rank, alpha_e) != (ref_rank, ref_alpha):
-                        b_e = b_e * (scale(rank, alpha_e) / scale(ref_rank, ref_alpha))
-                    a[e, column : column + rank] = a_e
-                    b[e, row : row + rows, column : column + rank] = b_e
-                row, column = row + rows, column + part_ranks[p]
-            stacked[module] = (a, b)
-            ranks[re.escape(module.target)] = total
-            alphas[re.escape(module.target)] = json_number(stack_alpha)
-    for layer, factor in routers.items():
-        module = by_path[("layers", layer, "mlp", "router")]
-        a, b, rank, alpha_value = checked(factor, hidden, config.num_experts)
-        stacked[module] = (a, b)
-        ranks[re.escape(module.target)] = rank
-        alphas[re.escape(module.target)] = json_number(alpha_value)
 
+def _rewrite(
+    kept: dict[str, torch.Tensor],
+    doc: dict,
+    config: ModelConfig,
+    stacked: dict[Module, tuple[torch.Tensor, torch.Tensor]],
+    alphas: dict[Module, float],
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, adapter_config) as peft 0.21 would have written them: the stacks' and routers'
+    factors under their ParamWrapper keys, target_parameters extended, and their rank / alpha
+    first in rank_pattern / alpha_pattern under each target's full name."""
     target_parameters = list(doc.get("target_parameters") or ()) + [m.target for m in stacked]
     keys = {m: key for key, m in parameter_keys(config, target_parameters).items()}
+    ranks: dict[str, int] = {}
     for module, (a, b) in stacked.items():
+        ranks[re.escape(module.target)] = a.shape[-2] if module.experts else a.shape[0]
         if module.experts:
             a, b = to_peft_layout(a, b)
         for half, tensor in (("lora_A", a), ("lora_B", b)):
@@ -190,9 +233,10 @@ def convert_legacy_experts(
                     f"make up {module.target}; a file holds one or the other"
                 )
             kept[key] = tensor
+    alpha_entries = {re.escape(m.target): json_number(alpha) for m, alpha in alphas.items()}
     doc = dict(doc)
     doc["target_parameters"] = target_parameters
-    for field, entries in (("rank_pattern", ranks), ("alpha_pattern", alphas)):
+    for field, entries in (("rank_pattern", ranks), ("alpha_pattern", alpha_entries)):
         old = doc.get(field) or {}
         doc[field] = {**entries, **{k: v for k, v in old.items() if k not in entries}}
     return kept, doc

@@ -62,17 +62,19 @@ def load(
     """
     directory = Path(directory)
     doc = read_config(directory)
-    config = params.config
-    tensors, doc = convert_legacy_experts(read_tensors(directory), doc, config)
-    by_name = modules_by_name(config)
-    bias_by_name = {m.name + ".bias": m for m in module_table(config) if m.bias is not None}
-    described = (
-        f"this {config.model_type} model ({config.num_layers} layers, hidden {config.hidden_size})"
-    )
+    tensors, doc = convert_legacy_experts(read_tensors(directory), doc, params.config)
+    lora_config = _lora_config(doc)
+    reader = _Reader(params, doc, trainable, dtype)
+    for key, tensor in tensors.items():
+        reader.add(key, tensor)
+    reader.set_adapters(lora_config)
+    return Lora(reader.tree, lora_config, params.config)
 
-    rank_pattern = tuple((doc.get("rank_pattern") or {}).items())
+
+def _lora_config(doc: dict) -> LoraConfig:
+    """The LoraConfig of an adapter_config.json (PEFT's defaults for absent fields)."""
     targets = doc.get("target_modules") or ()
-    lora_config = LoraConfig(
+    return LoraConfig(
         r=int(doc.get("r", 8)),
         alpha=doc.get("lora_alpha", 8),
         targets=targets if isinstance(targets, str) else tuple(targets),
@@ -80,100 +82,120 @@ def load(
         bias=doc.get("bias", "none"),
         rslora=bool(doc.get("use_rslora", False)),
         modules_to_save=tuple(doc.get("modules_to_save") or ()),
-        rank_pattern=rank_pattern,
+        rank_pattern=tuple((doc.get("rank_pattern") or {}).items()),
         alpha_pattern=tuple((doc.get("alpha_pattern") or {}).items()),
         base_model_name_or_path=doc.get("base_model_name_or_path"),
     )
 
-    targeted = parameter_keys(config, doc.get("target_parameters") or ())
 
-    def module_of(key: str, name: str) -> Module:
-        if name in targeted:
-            return targeted[name]
-        if re.search(r"\.mlp\.(experts|gate)(\.base_layer)*$", name) and config.moe_layers:
+class _Reader:
+    """The tensors of one adapter file placed into a lora tree: saved modules and biases as they
+    come (`add`), lora_A / lora_B collected per module and set in pairs (`set_adapters`)."""
+
+    def __init__(self, params: Params, doc: dict, trainable: bool, dtype: torch.dtype):
+        config = params.config
+        self.params, self.doc, self.trainable, self.dtype = params, doc, trainable, dtype
+        self.config = config
+        self.by_name = modules_by_name(config)
+        self.bias_by_name = {
+            m.name + ".bias": m for m in module_table(config) if m.bias is not None
+        }
+        self.targeted = parameter_keys(config, doc.get("target_parameters") or ())
+        self.described = (
+            f"this {config.model_type} model ({config.num_layers} layers, hidden "
+            f"{config.hidden_size})"
+        )
+        self.halves: dict[Module, dict[str, tuple[str, torch.Tensor]]] = {}
+        self.tree: dict = {"layers": [{} for _ in range(config.num_layers)]}
+
+    def module_of(self, key: str, name: str) -> Module:
+        """The module (or parameter target) the tensor `key` of module `name` belongs to."""
+        if name in self.targeted:
+            return self.targeted[name]
+        if re.search(r"\.mlp\.(experts|gate)(\.base_layer)*$", name) and self.config.moe_layers:
             raise LoraError(
                 f"adapter tensor {key} adapts an expert stack or router, but adapter_config.json's "
-                f"target_parameters ({doc.get('target_parameters')}) do not account for it (peft "
-                "names the innermost of a module's targeted parameters ...base_layer.lora_A)"
+                f"target_parameters ({self.doc.get('target_parameters')}) do not account for it "
+                "(peft names the innermost of a module's targeted parameters ...base_layer.lora_A)"
             )
-        if name not in by_name:
+        if name not in self.by_name:
             raise LoraError(
-                f"adapter tensor {key} belongs to module {name}, which {described} does not have; "
-                "was the adapter trained for another base model?"
+                f"adapter tensor {key} belongs to module {name}, which {self.described} does not "
+                "have; was the adapter trained for another base model?"
             )
-        return by_name[name]
+        return self.by_name[name]
 
-    halves: dict[Module, dict[str, tuple[str, torch.Tensor]]] = {}
-    tree: dict = {"layers": [{} for _ in range(config.num_layers)]}
-    for key, tensor in tensors.items():
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        """Place one tensor of the file (a factor, a base-weight copy, a saved module or bias)."""
         name = key.removeprefix(PEFT_PREFIX)
         suffix = next((s for s in LORA_KEYS if name.endswith(s)), None)
         if suffix is not None:
-            module = module_of(key, name.removesuffix(suffix))
-            halves.setdefault(module, {})[LORA_KEYS[suffix]] = (key, tensor)
+            module = self.module_of(key, name.removesuffix(suffix))
+            self.halves.setdefault(module, {})[LORA_KEYS[suffix]] = (key, tensor)
         elif name.endswith(".base_layer.weight"):
-            module = module_of(key, name.removesuffix(".base_layer.weight"))
-            _check_base_copy(key, tensor, params, module)
-        elif name.endswith(".weight") and name.removesuffix(".weight") in by_name:
-            module = by_name[name.removesuffix(".weight")]
+            module = self.module_of(key, name.removesuffix(".base_layer.weight"))
+            _check_base_copy(key, tensor, self.params, module)
+        elif name.endswith(".weight") and name.removesuffix(".weight") in self.by_name:
+            module = self.by_name[name.removesuffix(".weight")]
             expect_shape(key, tensor, module.shape, f"base weight {module.name}.weight")
-            set_path(
-                tree, module.weight, _loaded(tensor, get_path(params, module.weight), trainable)
-            )
-        elif name.replace(".base_layer.bias", ".bias") in bias_by_name:
-            module = bias_by_name[name.replace(".base_layer.bias", ".bias")]
+            self._set_copy(module.weight, tensor)
+        elif name.replace(".base_layer.bias", ".bias") in self.bias_by_name:
+            module = self.bias_by_name[name.replace(".base_layer.bias", ".bias")]
             expect_shape(key, tensor, module.bias_shape, f"base bias {module.name}.bias")
-            set_path(tree, module.bias, _loaded(tensor, get_path(params, module.bias), trainable))
+            self._set_copy(module.bias, tensor)
         elif re.search(r"\.lora_|lora_magnitude_vector", name):
             raise LoraError(f"adapter tensor {key} is of a LoRA variant fnlm does not implement")
         else:
             raise LoraError(
-                f"adapter tensor {key} matches no module of {described}; was the adapter trained for "
-                "another base model?"
+                f"adapter tensor {key} matches no module of {self.described}; was the adapter "
+                "trained for another base model?"
             )
 
-    for module in sorted(halves, key=order_key(config.model_type)):
-        parts = halves[module]
-        if set(parts) != {"a", "b"}:
-            ((key, _),) = parts.values()
-            raise LoraError(
-                f"adapter tensor {key} has no {'lora_B' if 'a' in parts else 'lora_A'} partner"
-            )
-        (key_a, a), (key_b, b) = parts["a"], parts["b"]
-        in_features, out_features = module.io()
-        if module.parameter is not None:
-            _load_parameter_adapter(
-                tree, module, parts, rank_pattern, lora_config.r, params, dtype, trainable
-            )
-            continue
-        if a.dim() != 2 or b.dim() != 2:
-            raise LoraError(
-                f"adapter tensors {key_a} {tuple(a.shape)} and {key_b} {tuple(b.shape)} must be 2-D"
-            )
-        rank = a.shape[0]
-        base = f"base weight {module.name}.weight of shape {tuple(module.shape)}"
-        expect_shape(key_a, a, (rank, in_features), base)
-        expect_shape(key_b, b, (out_features, rank), base)
-        expect_rank(
-            key_a, rank, pattern_value(rank_pattern, (module.name,), lora_config.r), module.name
+    def _set_copy(self, path: tuple, tensor: torch.Tensor) -> None:
+        base = get_path(self.params, path)
+        value = tensor.to(device=base.device, dtype=base.dtype).requires_grad_(self.trainable)
+        set_path(self.tree, path, value)
+
+    def set_adapters(self, lora_config: LoraConfig) -> None:
+        """Check each module's lora_A / lora_B pair and set it into the tree, in PEFT's order."""
+        for module in sorted(self.halves, key=order_key(self.config.model_type)):
+            parts = self.halves[module]
+            if set(parts) != {"a", "b"}:
+                ((key, _),) = parts.values()
+                partner = "lora_B" if "a" in parts else "lora_A"
+                raise LoraError(f"adapter tensor {key} has no {partner} partner")
+            if module.parameter is not None:
+                a, b = _parameter_adapter(module, parts, lora_config)
+            else:
+                a, b = _linear_adapter(module, parts, lora_config)
+            device = get_path(self.params, module.weight).device
+            adapter = {
+                "a": a.to(device=device, dtype=self.dtype).requires_grad_(self.trainable),
+                "b": b.to(device=device, dtype=self.dtype).requires_grad_(self.trainable),
+            }
+            set_path(self.tree, module.weight, adapter)
+
+
+def _linear_adapter(module: Module, parts: dict, lora_config: LoraConfig):
+    """A linear or embedding module's (lora_A, lora_B), checked against its weight and rank."""
+    (key_a, a), (key_b, b) = parts["a"], parts["b"]
+    in_features, out_features = module.io()
+    if a.dim() != 2 or b.dim() != 2:
+        raise LoraError(
+            f"adapter tensors {key_a} {tuple(a.shape)} and {key_b} {tuple(b.shape)} must be 2-D"
         )
-        device = get_path(params, module.weight).device
-        set_path(
-            tree,
-            module.weight,
-            {
-                "a": a.to(device=device, dtype=dtype).requires_grad_(trainable),
-                "b": b.to(device=device, dtype=dtype).requires_grad_(trainable),
-            },
-        )
-    return Lora(tree, lora_config, config)
+    rank = a.shape[0]
+    base = f"base weight {module.name}.weight of shape {tuple(module.shape)}"
+    expect_shape(key_a, a, (rank, in_features), base)
+    expect_shape(key_b, b, (out_features, rank), base)
+    want = pattern_value(lora_config.rank_pattern, (module.name,), lora_config.r)
+    expect_rank(key_a, rank, want, module.name)
+    return a, b
 
 
-def _load_parameter_adapter(
-    tree: dict, module: Module, parts: dict, rank_pattern, r: int, params, dtype, trainable: bool
-) -> None:
-    """Check a router's or expert stack's lora_A / lora_B (peft's ParamWrapper layout) and set
-    them into `tree` (an expert stack's as [E, r, in], [E, out, r])."""
+def _parameter_adapter(module: Module, parts: dict, lora_config: LoraConfig):
+    """A router's or expert stack's (A, B) from peft's ParamWrapper layout, checked (an expert
+    stack's returned as fnlm's [E, r, in], [E, out, r])."""
     (key_a, a), (key_b, b) = parts["a"], parts["b"]
     in_features, out_features = module.io()
     experts = max(module.experts, 1)
@@ -187,19 +209,9 @@ def _load_parameter_adapter(
     base = f"{module.target} of shape {module.shape} with {experts} expert(s) (rank {rank})"
     expect_shape(key_a, a, want_a, base)
     expect_shape(key_b, b, want_b, base)
-    expect_rank(key_a, rank, pattern_value(rank_pattern, (module.target,), r), module.target)
-    if module.experts:
-        a, b = from_peft_layout(a, b, experts)
-    device = get_path(params, module.weight).device
-    adapter = {
-        "a": a.to(device=device, dtype=dtype).requires_grad_(trainable),
-        "b": b.to(device=device, dtype=dtype).requires_grad_(trainable),
-    }
-    set_path(tree, module.weight, adapter)
-
-
-def _loaded(tensor: torch.Tensor, base, trainable: bool) -> torch.Tensor:
-    return tensor.to(device=base.device, dtype=base.dtype).requires_grad_(trainable)
+    want = pattern_value(lora_config.rank_pattern, (module.target,), lora_config.r)
+    expect_rank(key_a, rank, want, module.target)
+    return from_peft_layout(a, b, experts) if module.experts else (a, b)
 
 
 def _check_base_copy(key: str, tensor: torch.Tensor, params: Params, module: Module) -> None:

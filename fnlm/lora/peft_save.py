@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 from fnlm import files, quant
 from fnlm.config import ModelConfig
@@ -108,39 +109,70 @@ def save(
     base_model_name_or_path: recorded in the config (default: the lora config's).
     Returns the directory.
     """
-    from safetensors.torch import save_file
-
     config = lora.model_config
-    by_path = modules_by_path(config)
+    adapted, replaced = _entries_by_kind(lora)
+    tensors = _adapter_tensors(lora, adapted)
+    saved = _replaced_tensors(replaced, adapted, config, tensors)
+    linear = [m for m in adapted if m.parameter is None]
+    target_modules = _names_for(linear, config) if linear else []
+    # PEFT's save_embedding_layers="auto": with an embedding layer among target_modules, the
+    # adapted embedding layers' base weights go into the file.
+    if params is not None and {"embed_tokens", "lm_head"} & set(target_modules):
+        for module in adapted:
+            if module.weight in (("embed",), ("lm_head",)):
+                base = quant.dequantize(get_path(params, module.weight))
+                tensors[f"{PEFT_PREFIX}{module.name}.base_layer.weight"] = base
+    doc = _config_doc(lora, adapted, saved, target_modules)
+    doc["base_model_name_or_path"] = base_model_name_or_path or lora.config.base_model_name_or_path
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    _write(directory, tensors, doc)
+    return directory
+
+
+def _entries_by_kind(lora: Lora) -> tuple[list[Module], list[tuple[tuple, torch.Tensor]]]:
+    """(adapted modules in the order peft visits them, [(path, tensor)] of the saved modules and
+    biases); LoraError for an adapter at a path with no transformers module."""
+    by_path = modules_by_path(lora.model_config)
     adapted: list[Module] = []
-    tensors: dict[str, torch.Tensor] = {}
     replaced: list[tuple[tuple, torch.Tensor]] = []
     for path, node in entries(lora):
-        if is_adapter(node):
-            if path not in by_path:
-                raise LoraError(f"lora.save: no transformers module for adapter {path_name(path)}")
+        if not is_adapter(node):
+            replaced.append((path, node))
+        elif path in by_path:
             adapted.append(by_path[path])
         else:
-            replaced.append((path, node))
-    adapted.sort(key=order_key(config.model_type))
-    for module in adapted:
-        node = get_path(lora, module.weight)
-        if module.parameter is not None:
-            key = parameter_key(module, adapted)
-            a, b = (
-                to_peft_layout(node["a"], node["b"]) if module.experts else (node["a"], node["b"])
-            )
-            tensors[f"{PEFT_PREFIX}{key}.lora_A.weight"] = a
-            tensors[f"{PEFT_PREFIX}{key}.lora_B.weight"] = b
-            continue
-        kind = (
-            ("lora_embedding_A", "lora_embedding_B")
-            if module.embedding
-            else ("lora_A.weight", "lora_B.weight")
-        )
-        tensors[f"{PEFT_PREFIX}{module.name}.{kind[0]}"] = node["a"]
-        tensors[f"{PEFT_PREFIX}{module.name}.{kind[1]}"] = node["b"]
+            raise LoraError(f"lora.save: no transformers module for adapter {path_name(path)}")
+    return sorted(adapted, key=order_key(lora.model_config.model_type)), replaced
 
+
+def _adapter_tensors(lora: Lora, adapted: list[Module]) -> dict[str, torch.Tensor]:
+    """{saved key: tensor} of the adapters' lora_A / lora_B (lora_embedding_A / B for embed; an
+    expert stack's in peft's ParamWrapper layout, under its nested wrapper's key)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for module in adapted:
+        a, b = get_path(lora, module.weight)["a"], get_path(lora, module.weight)["b"]
+        if module.parameter is not None:
+            key = f"{PEFT_PREFIX}{parameter_key(module, adapted)}"
+            a, b = to_peft_layout(a, b) if module.experts else (a, b)
+            tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = a, b
+        elif module.embedding:
+            tensors[f"{PEFT_PREFIX}{module.name}.lora_embedding_A"] = a
+            tensors[f"{PEFT_PREFIX}{module.name}.lora_embedding_B"] = b
+        else:
+            tensors[f"{PEFT_PREFIX}{module.name}.lora_A.weight"] = a
+            tensors[f"{PEFT_PREFIX}{module.name}.lora_B.weight"] = b
+    return tensors
+
+
+def _replaced_tensors(
+    replaced: list[tuple[tuple, torch.Tensor]],
+    adapted: list[Module],
+    config: ModelConfig,
+    tensors: dict[str, torch.Tensor],
+) -> list[Module]:
+    """Add the saved modules' weights and the trained biases to `tensors` under PEFT's keys;
+    returns the saved modules (modules_to_save)."""
     weight_owner = {m.weight: m for m in module_table(config)}
     bias_owner = {m.bias: m for m in module_table(config) if m.bias is not None}
     saved: list[Module] = []
@@ -158,19 +190,16 @@ def save(
             raise LoraError(
                 f"lora.save: no transformers tensor for adapter entry {path_name(path)}"
             )
+    return saved
 
+
+def _config_doc(
+    lora: Lora, adapted: list[Module], saved: list[Module], target_modules: list[str]
+) -> dict[str, Any]:
+    """adapter_config.json's content as peft 0.21 writes it for this adapter."""
+    lc, config = lora.config, lora.model_config
     linear = [m for m in adapted if m.parameter is None]
     parameters = [m for m in adapted if m.parameter is not None]
-    target_modules = _names_for(linear, config) if linear else []
-    # PEFT's save_embedding_layers="auto": with an embedding layer among target_modules, the
-    # adapted embedding layers' base weights go into the file.
-    if params is not None and {"embed_tokens", "lm_head"} & set(target_modules):
-        for module in adapted:
-            if module.weight in (("embed",), ("lm_head",)):
-                base = quant.dequantize(get_path(params, module.weight))
-                tensors[f"{PEFT_PREFIX}{module.name}.base_layer.weight"] = base
-
-    lc = lora.config
     rank_pattern, alpha_pattern = {}, {}
     for module in linear:
         rank = get_path(lora, module.weight)["a"].shape[0]
@@ -191,21 +220,21 @@ def save(
         modules_to_save=_names_for(saved, config) if saved else None,
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
-        base_model_name_or_path=base_model_name_or_path or lc.base_model_name_or_path,
     )
     if parameters:
         doc["target_parameters"] = _parameter_names(parameters, config)
     elif peft_expert_names(config.model_type):  # peft's conversion leaves an empty list
         doc["target_parameters"] = []
+    return doc
 
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+
+def _write(directory: Path, tensors: dict[str, torch.Tensor], doc: dict) -> None:
+    """adapter_model.safetensors (contiguous CPU copies; an alias cloned, as safetensors refuses
+    aliases: tied embed / lm_head, which PEFT copies too), then adapter_config.json."""
     contiguous, seen = {}, set()
     for key, tensor in tensors.items():
         tensor = tensor.detach().contiguous().cpu()
-        if (
-            tensor.data_ptr() in seen
-        ):  # tied embed / lm_head: safetensors refuses aliases, PEFT copies
+        if tensor.data_ptr() in seen:
             tensor = tensor.clone()
         seen.add(tensor.data_ptr())
         contiguous[key] = tensor
@@ -213,7 +242,6 @@ def save(
         directory / WEIGHTS_FILE, lambda p: save_file(contiguous, p, metadata={"format": "pt"})
     )
     files.write_text(directory / CONFIG_FILE, json.dumps(doc, indent=2, sort_keys=True))
-    return directory
 
 
 def _parameter_names(parameters: list[Module], config: ModelConfig) -> list[str]:
