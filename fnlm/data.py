@@ -122,15 +122,14 @@ def _read_jsonl(path: Path) -> list[Row]:
             try:
                 rows.append(Row(json.loads(line), f"{path} line {number}"))
             except json.JSONDecodeError as e:
-                raise DataError(f"{path} line {number} is not valid JSON: {e.msg}") from None
+                raise DataError(
+                    f"{path} line {number} is not valid JSON: {e.msg} at column {e.colno}"
+                ) from None
     return rows
 
 
 def _read_json(path: Path) -> list[Row]:
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path} is not valid JSON (line {e.lineno}): {e.msg}") from None
+    doc = files.read_json(path, error=DataError)  # names the line and column of a mistake
     if isinstance(doc, dict):  # {"train": [...]} / {"data": [...]}: the one list inside
         lists = [v for v in doc.values() if isinstance(v, list)]
         if len(lists) != 1:

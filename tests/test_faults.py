@@ -10,10 +10,14 @@ import math
 import os
 import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
+import peft
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 
 import fnlm
@@ -25,6 +29,7 @@ from fnlm.errors import (
     CheckpointError,
     DataError,
     ExportError,
+    LoraError,
     ModelNotFoundError,
     OfflineError,
 )
@@ -82,6 +87,58 @@ def test_a_failed_merged_overwrite_leaves_the_earlier_export(tiny, tmp_path, mon
     assert names == ["README.md", "config.json", "generation_config.json", "model.safetensors"]
     reloaded, _ = fnlm.load(out, quant=None, dtype=torch.float32, device="cpu")
     assert torch.equal(reloaded["embed"], changed["embed"])
+
+
+# --- 9. an adapter file that adapts nothing; crashes and names of a damaged adapter file -------
+
+
+@pytest.fixture
+def adapter(tiny, tmp_path):
+    """A PEFT adapter for the tiny model, as peft's save_pretrained writes it; with the
+    raw `model.state_dict()` lora keys of the same model (adapter name ".default")."""
+    directory, _ = tiny
+    model = transformers.LlamaForCausalLM.from_pretrained(directory)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                             init_lora_weights=False)  # fmt: skip
+    wrapped = peft.get_peft_model(model, config)
+    out = tmp_path / "adapter"
+    wrapped.save_pretrained(out)
+    raw = {k: v.clone() for k, v in wrapped.state_dict().items() if ".lora_" in k}
+    return out, raw
+
+
+def test_an_adapter_file_without_tensors_is_refused(tiny, adapter):
+    _, params = tiny
+    directory, _ = adapter
+    save_file({}, directory / "adapter_model.safetensors")
+    with pytest.raises(
+        LoraError, match=r"adapter_model.safetensors holds no LoRA tensors .*targets"
+    ):
+        lora_lib.load(directory, params)
+
+
+def test_a_truncated_adapter_file_is_an_error_naming_it(tiny, adapter):
+    _, params = tiny
+    directory, _ = adapter
+    file = directory / "adapter_model.safetensors"
+    file.write_bytes(file.read_bytes()[:-64])
+    with pytest.raises(LoraError, match=r"adapter_model.safetensors is corrupt or truncated"):
+        lora_lib.load(directory, params)
+
+
+def test_raw_state_dict_keys_with_the_adapter_name_load(tiny, adapter):
+    _, params = tiny
+    directory, raw = adapter
+    assert all(".default." in k for k in raw)
+    expected = lora_lib.load(directory, params)
+    save_file(raw, directory / "adapter_model.safetensors")
+    loaded = lora_lib.load(directory, params)
+    assert all(torch.equal(a, b) for a, b in zip(lora_lib.parameters(loaded),
+                                                 lora_lib.parameters(expected), strict=True))  # fmt: skip
+    two = {**raw, **{k.replace(".default.", ".other."): v.clone() for k, v in raw.items()}}
+    save_file(two, directory / "adapter_model.safetensors")
+    with pytest.raises(LoraError, match=r"several adapters \(\['default', 'other'\]\)"):
+        lora_lib.load(directory, params)
 
 
 # --- 2. training into a directory that is not a run -------------------------------------------
@@ -358,6 +415,33 @@ def test_resume_with_a_torn_metrics_line_or_without_metrics(tiny, tmp_path):
     (out / "metrics.jsonl").unlink()
     result = train_lib.train(run_config(out, max_steps=4, resume=True), params=params, data=data)
     assert result.step == 4 and steps_of(out / "metrics.jsonl") == [4]
+
+
+def test_json_errors_name_line_and_column(tmp_path, adapter, tiny):
+    from fnlm import data as data_lib
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"text": "a"}\n{"text": "b",, }\n')
+    with pytest.raises(DataError, match=r"rows\.jsonl line 2 is not valid JSON: .* at column 14"):
+        data_lib.read_rows(str(rows))
+    doc = tmp_path / "rows.json"
+    doc.write_text('[{"text": "a"},\n {"text": }]')
+    with pytest.raises(DataError, match=r"rows\.json is not valid JSON: .* at line 2 column 11"):
+        data_lib.read_rows(str(doc))
+    directory, _ = adapter
+    (directory / "adapter_config.json").write_text('{"r": 4,\n "lora_alpha": }')
+    with pytest.raises(
+        LoraError, match=r"adapter_config\.json is not valid JSON: .* line 2 column 16"
+    ):
+        lora_lib.load(directory, tiny[1])
+
+
+def test_generate_script_prints_an_error_not_a_traceback(tmp_path):
+    script = Path(__file__).resolve().parent.parent / "scripts" / "generate.py"
+    done = subprocess.run([sys.executable, str(script), "--model", str(tmp_path / "nope"), "hi"],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode != 0
+    assert "nope" in done.stderr and "Traceback" not in done.stderr
 
 
 @pytest.mark.parametrize("value", ["4096", -5, 0, 2.5, True])

@@ -3,11 +3,13 @@ does not implement, peft's ParamWrapper layout of expert stacks, and the shape /
 
 from __future__ import annotations
 
-import json
+import pickle
+import re
 from pathlib import Path
 
 import torch
 
+from fnlm import files
 from fnlm.config import ModelConfig
 from fnlm.errors import LoraError
 from fnlm.lora.targets import Module, matches_target, module_table
@@ -89,15 +91,66 @@ def parameter_keys(config: ModelConfig, target_parameters) -> dict[str, Module]:
 
 
 def read_tensors(directory: Path) -> dict[str, torch.Tensor]:
-    if (directory / WEIGHTS_FILE).exists():
+    """The tensors of an adapter file, under PEFT's saved key names (an adapter name such as
+    ".default", which a raw model.state_dict() carries, taken out). LoraError naming the file
+    when it is corrupt or truncated, holds no tensors while adapter_config.json targets modules
+    (a no-op adapter), or holds several adapters."""
+    path = directory / WEIGHTS_FILE
+    if path.exists():
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(directory / WEIGHTS_FILE)
-    if (directory / LEGACY_WEIGHTS_FILE).exists():
-        return torch.load(directory / LEGACY_WEIGHTS_FILE, map_location="cpu", weights_only=True)
-    raise LoraError(
-        f"{directory} has no {WEIGHTS_FILE} (nor {LEGACY_WEIGHTS_FILE}); is it a PEFT adapter?"
-    )
+        try:
+            tensors = load_file(path)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise LoraError(f"{path} is corrupt or truncated: {e}") from None
+    elif (directory / LEGACY_WEIGHTS_FILE).exists():
+        path = directory / LEGACY_WEIGHTS_FILE
+        try:
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+            raise LoraError(
+                f"{path} is corrupt, truncated or holds more than tensors: {e}"
+            ) from None
+    else:
+        raise LoraError(
+            f"{directory} has no {WEIGHTS_FILE} (nor {LEGACY_WEIGHTS_FILE}); is it a PEFT adapter?"
+        )
+    tensors = _without_adapter_name(tensors, path)
+    doc = read_config(directory)
+    targets = doc.get("target_modules") or doc.get("target_parameters")
+    if targets and not any(re.search(r"\.lora_", key) for key in tensors):
+        raise LoraError(
+            f"{path} holds no LoRA tensors ({len(tensors)} tensor(s)), although {CONFIG_FILE} "
+            f"targets {targets}: it would load as an adapter that changes nothing. Was it saved "
+            "before the adapters were added, or cut short?"
+        )
+    return tensors
+
+
+# A raw model.state_dict() of a peft model names the adapter: "...q_proj.lora_A.default.weight",
+# "...embed_tokens.lora_embedding_A.default"; save_pretrained leaves the name out.
+_ADAPTER_NAME = re.compile(
+    r"\.(lora_[AB]|lora_embedding_[AB]|lora_magnitude_vector)\.([^.]+)(?=\.weight$|$)"
+)
+
+
+def _without_adapter_name(tensors: dict[str, torch.Tensor], path: Path) -> dict:
+    names = {
+        m.group(2) for key in tensors if (m := _ADAPTER_NAME.search(key)) and m.group(2) != "weight"
+    }
+    if not names:
+        return tensors
+    if len(names) > 1:
+        raise LoraError(
+            f"{path} holds several adapters ({sorted(names)}): save one with peft's "
+            "model.save_pretrained(dir, selected_adapters=[name])"
+        )
+
+    def strip(match: re.Match) -> str:
+        return match.group(0) if match.group(2) == "weight" else f".{match.group(1)}"
+
+    return {_ADAPTER_NAME.sub(strip, key): tensor for key, tensor in tensors.items()}
 
 
 def read_config(directory: Path) -> dict:
@@ -106,10 +159,7 @@ def read_config(directory: Path) -> dict:
         raise LoraError(
             f"{path} does not exist; a PEFT adapter directory holds {CONFIG_FILE} and {WEIGHTS_FILE}"
         )
-    try:
-        doc = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise LoraError(f"{path} is not valid JSON: {e}") from None
+    doc = files.read_json(path, error=LoraError, expect=dict)
     if doc.get("peft_type", "LORA") != "LORA":
         raise LoraError(
             f"{path}: peft_type is {doc.get('peft_type')!r}; fnlm reads LoRA adapters only"
