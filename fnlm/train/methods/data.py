@@ -127,21 +127,18 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def tokenize_pair(tok, row: Row, max_seq_length: int) -> Pair | None:
-    """The pair of one preference row; None when the prompt alone fills max_seq_length (TRL
-    drops those too). Completions longer than the room left are cut at their end."""
+def tokenize_pair(tok, row: Row, max_seq_length: int) -> tuple[Pair | None, int]:
+    """(the pair of one preference row, tokens cut): None when the prompt alone fills
+    max_seq_length (TRL drops those too); completions longer than the room left are cut at
+    their end (TRL's keep_start)."""
     prompt, chosen, rejected = preference_row(row)
     if isinstance(prompt, str):
         eos = tok.eos_token or ""
         chosen = chosen if chosen.endswith(eos) else chosen + eos
         rejected = rejected if rejected.endswith(eos) else rejected + eos
-        full_chosen, full_rejected = prompt + chosen, prompt + rejected
-    else:
-        if not getattr(tok, "chat_template", None):
-            raise DataError(
-                f"{row.where}: conversational rows need a tokenizer with a chat template"
-            )
-        full_chosen, full_rejected = prompt + chosen, prompt + rejected
+    elif not getattr(tok, "chat_template", None):
+        raise DataError(f"{row.where}: conversational rows need a tokenizer with a chat template")
+    full_chosen, full_rejected = prompt + chosen, prompt + rejected
     prompt_ids = _ids(tok, row.where, prompt, generation_prompt=True)
     chosen_ids, rejected_ids = (
         _ids(tok, row.where, full_chosen),
@@ -150,19 +147,22 @@ def tokenize_pair(tok, row: Row, max_seq_length: int) -> Pair | None:
     cut = min(_common_prefix(prompt_ids, chosen_ids), _common_prefix(prompt_ids, rejected_ids))
     chosen_ids, rejected_ids = chosen_ids[cut:], rejected_ids[cut:]
     if cut >= max_seq_length:
-        return None
+        return None, 0
     room = max_seq_length - cut
+    lost = max(0, len(chosen_ids) - room) + max(0, len(rejected_ids) - room)
     as_tensor = lambda ids: torch.tensor(ids, dtype=torch.int32)
-    return Pair(
+    pair = Pair(
         as_tensor(prompt_ids[:cut]), as_tensor(chosen_ids[:room]), as_tensor(rejected_ids[:room])
     )
+    return pair, lost
 
 
 def prepare_pairs(source: str, tok, *, max_seq_length: int) -> MethodData:
     """Preference pairs from a JSONL / JSON / Parquet file, directory or `datasets` name."""
-    pairs, dropped, empty = [], 0, []
+    pairs, dropped, empty, truncated, tokens_cut = [], 0, [], 0, 0
     for row in read_rows(source):
-        pair = tokenize_pair(tok, row, max_seq_length)
+        pair, lost = tokenize_pair(tok, row, max_seq_length)
+        truncated, tokens_cut = truncated + (lost > 0), tokens_cut + lost
         if pair is None:
             dropped += 1
         elif not pair.chosen.numel() or not pair.rejected.numel():
@@ -175,13 +175,14 @@ def prepare_pairs(source: str, tok, *, max_seq_length: int) -> MethodData:
         )
     if not pairs:
         raise DataError(f"{source}: no preference pair fits max_seq_length={max_seq_length}")
-    return MethodData(pairs, str(source), {"dropped": dropped})
+    stats = {"dropped": dropped, "truncated": truncated, "tokens_cut": tokens_cut}
+    return MethodData(pairs, str(source), stats)
 
 
 def prepare_prompts(source: str, tok, *, max_prompt_length: int) -> MethodData:
     """GRPO prompts ({"prompt": str or messages, ...other columns}); prompts longer than
     max_prompt_length keep their last tokens (TRL's GRPO truncates on the left too)."""
-    prompts, cut = [], 0
+    prompts, truncated, tokens_cut = [], 0, 0
     for row in read_rows(source):
         value = row.value
         if not isinstance(value, dict) or "prompt" not in value:
@@ -197,12 +198,13 @@ def prepare_prompts(source: str, tok, *, max_prompt_length: int) -> MethodData:
                 f"{row.where}: 'prompt' must be a non-empty string or a list of messages"
             )
         ids = _ids(tok, row.where, prompt, generation_prompt=True)
-        cut += len(ids) > max_prompt_length
+        truncated += len(ids) > max_prompt_length
+        tokens_cut += max(0, len(ids) - max_prompt_length)
         columns = {k: v for k, v in value.items() if k != "prompt"}
         prompts.append(
             Prompt(torch.tensor(ids[-max_prompt_length:], dtype=torch.int32), prompt, columns)
         )
-    return MethodData(prompts, str(source), {"truncated": cut, "tokens_cut": 0})
+    return MethodData(prompts, str(source), {"truncated": truncated, "tokens_cut": tokens_cut})
 
 
 def collate_pairs(pairs: list[Pair], *, pad_id: int, pad_to_multiple: int = 1) -> dict:
