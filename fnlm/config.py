@@ -106,6 +106,10 @@ class ModelConfig:
     activation: str = "silu"
     mlp_gated: bool = True  # False: down(act(up(x))), no gate (StarCoder2, Falcon)
     mlp_bias: bool = False
+    # gated activation clamped (gate <= limit, |up| <= limit) as (up + 1) * gate * sigmoid(alpha *
+    # gate) (gpt-oss's experts); None = the plain GLU of `activation`
+    glu_limit: float | None = None
+    glu_alpha: float = 1.0
 
     # mixture of experts (Mixtral, Qwen2/3-MoE): the layers in moe_layers route each token to
     # experts_per_token of num_experts expert MLPs of width moe_intermediate_size

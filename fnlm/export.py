@@ -263,7 +263,10 @@ class MergedWeights:
         dense = self._dense(name, path, leaf.weight if adapted else leaf)
         if adapted:
             dense = dataclasses.replace(leaf, weight=dense).merged_weight()
-        return dense.detach().float().cpu().contiguous()
+        dense = dense.detach().float().cpu()
+        if dense.dim() == 2 and len(self.names[name][1]) == 3:  # a quantized stack [E·out, in]
+            dense = dense.view(self.config.num_experts, -1, dense.shape[1])
+        return models.to_checkpoint(self.config, name, dense).contiguous()
 
     def _dense(self, name: str, path: tuple, leaf) -> torch.Tensor:
         if not quant.is_quantized(leaf):
@@ -276,6 +279,8 @@ class MergedWeights:
         if self.source is None:
             return dequantized
         original = self.source.get(path).to(dequantized.device)
+        if original.shape != dequantized.shape and original.numel() == dequantized.numel():
+            original = original.reshape(dequantized.shape)  # a stack [E, out, in] as [E·out, in]
         if original.shape != dequantized.shape:
             error = float("inf")
         else:
@@ -333,7 +338,7 @@ class _SourceWeights:
 
         from fnlm.load import weight_files
 
-        self.directory = directory
+        self.directory, self.config = directory, config
         self.file_of: dict[str, tuple[Path, str]] = {}  # weight_names' name -> (file, its key)
         for file in weight_files(directory):
             with safe_open(file, framework="pt") as handle:
@@ -358,17 +363,28 @@ class _SourceWeights:
             return None
 
     def get(self, path: tuple) -> torch.Tensor:
-        from safetensors import safe_open
-
         name = self.name_of.get(path)
+        if name is not None and f"{name}_blocks" in self.file_of:  # gpt-oss's MXFP4 experts
+            parts = [
+                (f"{name}_{kind}", *self.file_of[f"{name}_{kind}"]) for kind in ("blocks", "scales")
+            ]
+            tensors = ((key, _read(file, inner), file) for key, file, inner in parts)
+            _, tensor, _ = next(models.checkpoint_stream(self.config, tensors))
+            return models.to_params(self.config, name, tensor.float())
         if name is None or name not in self.file_of:
             raise ExportError(
                 f"the 16-bit checkpoint {self.directory} has no tensor for {path_name(path)} "
                 f"({name or 'no name'}); pass base= the checkpoint the model was loaded from"
             )
         file, key = self.file_of[name]
-        with safe_open(file, framework="pt") as handle:
-            return handle.get_tensor(key).float()
+        return models.to_params(self.config, name, _read(file, key).float())
+
+
+def _read(file: Path, key: str) -> torch.Tensor:
+    from safetensors import safe_open
+
+    with safe_open(file, framework="pt") as handle:
+        return handle.get_tensor(key)
 
 
 # ---------------------------------------------------------------------------------------------

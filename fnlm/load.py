@@ -307,7 +307,7 @@ def load_params(
     if device.type == "cuda":
         stream = pinned_ahead(stream)
     skipped = 0
-    for name, tensor, file in stream:
+    for name, tensor, file in models.checkpoint_stream(config, stream):
         name = models.checkpoint_name(config, name)
         if name is None:  # a multimodal checkpoint's vision tower
             skipped += 1
@@ -333,6 +333,7 @@ def load_params(
                 f"{file.name}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {shape} from config.json"
             )
         seen.add(name)
+        tensor = models.to_params(config, name, tensor)  # gpt-oss's transposed expert stacks
         tensor = tensor.to(device, non_blocking=True)  # asynchronous from pinned memory
         tensor = tensor.to(dtype if tensor.is_floating_point() else tensor.dtype)
         slot = moe.stack_slot(path)
@@ -341,7 +342,8 @@ def load_params(
             if tensor is None:  # the stack still lacks other experts' matrices
                 continue
         if quantize is not None and is_quantizable(path, tensor) and not _skipped(path, skip):
-            tensor = moe.quantize_stack(tensor, quantize) if slot else quantize(tensor)
+            stacked = slot is not None or tensor.dim() == 3
+            tensor = moe.quantize_stack(tensor, quantize) if stacked else quantize(tensor)
         set_path(tree, path, tensor)
     if skipped:
         print(

@@ -249,6 +249,30 @@ def _ministral(draw):
     return transformers.MinistralConfig(**f)
 
 
+def _gpt_oss(draw):
+    f = _moe_fields(draw, draw(llama_like_fields(window=True)), "num_local_experts")
+    f["attention_bias"] = draw(st.booleans())
+    f["layer_types"] = [
+        draw(st.sampled_from(["sliding_attention", "full_attention"]))
+        for _ in range(f["num_hidden_layers"])
+    ]
+    f["swiglu_limit"] = draw(st.sampled_from([0.5, 7.0]))  # 0.5 clamps the tiny model's values
+    theta = f.pop("rope_theta")
+    f["rope_parameters"] = draw(
+        st.sampled_from(
+            [
+                {"rope_type": "default", "rope_theta": theta},
+                {
+                    "rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                    "truncate": False, "original_max_position_embeddings": 8,
+                    "rope_theta": theta,
+                },
+            ]
+        )
+    )  # fmt: skip
+    return transformers.GptOssConfig(**f)
+
+
 # Tiny vision towers: never run (the tests feed text), only built, saved and skipped on load.
 GEMMA3_VISION = dict(
     hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -308,6 +332,9 @@ HF_CONFIGS = {
     "olmo3": _olmo3,
     "ministral": _ministral,
 }
+# gpt-oss runs its own copies of the shared per-family tests (tests/test_gpt_oss.py): peft's
+# bias="all" also trains its router's and experts' biases, which fnlm refuses rather than ignores.
+GPT_OSS = {"gpt_oss": _gpt_oss}
 
 # multimodal model_type -> its transformers class (AutoModelForCausalLM does not build Mistral3)
 MULTIMODAL = {
@@ -318,7 +345,7 @@ MULTIMODAL = {
 
 @st.composite
 def hf_configs(draw, model_type: str):
-    return HF_CONFIGS[model_type](draw)
+    return {**HF_CONFIGS, **GPT_OSS}[model_type](draw)
 
 
 def build_model(config, seed: int = 0):

@@ -74,6 +74,14 @@ MINISTRAL = dict(
     layer_types=["sliding_attention", "full_attention", "sliding_attention"],
 )  # fmt: skip
 
+GPT_OSS = dict(
+    BASE, num_hidden_layers=3, sliding_window=3, num_local_experts=4, num_experts_per_tok=2,
+    swiglu_limit=1.0, rope_parameters={
+        "rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0,
+        "truncate": False, "original_max_position_embeddings": 4, "rope_theta": 150000.0,
+    },
+)  # fmt: skip
+
 
 # (id, config builder): one case per behaviour each new family switches on. The id's first part
 # names the family (the README support table and test_every_family_has_a_flag_case read it).
@@ -91,6 +99,13 @@ NEW_FLAG_CASES = [
     ),
     ("olmo3-window_scaled_full_rope", lambda: transformers.Olmo3Config(**OLMO3)),
     ("ministral-mixed_layer_types", lambda: transformers.MinistralConfig(**MINISTRAL)),
+    ("gpt_oss-sinks_window_clamp_yarn", lambda: transformers.GptOssConfig(**GPT_OSS)),
+    (
+        "gpt_oss-no_attention_bias_default_rope",
+        lambda: transformers.GptOssConfig(
+            **dict(GPT_OSS, attention_bias=False, rope_parameters={"rope_type": "default"})
+        ),
+    ),
 ]
 CASES = dict(NEW_FLAG_CASES)
 

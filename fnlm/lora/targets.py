@@ -115,6 +115,8 @@ def module_table(config: ModelConfig) -> tuple[Module, ...]:
         path = tuple(path)
         if moe.stack_slot(path) is not None or path[2:] == ("mlp", "router"):
             continue  # one expert's matrix, or a router: added below as parameter targets
+        if path[2:4] == ("mlp", "experts") or str(path[-1]).startswith(("experts_", "router_")):
+            continue  # gpt-oss's checkpoint stacks and their biases, router bias: not modules
         module, _, kind = hf_name.rpartition(".")
         (biases if kind == "bias" else weights)[module] = (path, tuple(shape))
     if "lm_head" not in weights:  # tied: same tensor as embed, but PEFT sees a module of its own
@@ -130,7 +132,9 @@ def module_table(config: ModelConfig) -> tuple[Module, ...]:
         for name, (path, shape) in weights.items()
         if not _dense_mlp_peft_skips(config, path)
     ]
-    for n in config.moe_layers:
+    # gpt-oss: its experts and router are not LoRA targets (family PEFT_PARAMETER_TARGETS False)
+    parameter_targets = family_naming(config.model_type, "PEFT_PARAMETER_TARGETS", True)
+    for n in config.moe_layers if parameter_targets else ():
         mlp = f"model.layers.{n}.mlp"  # transformers 5's name in every MoE family (Mixtral too)
         router = ("layers", n, "mlp", "router")
         modules.append(

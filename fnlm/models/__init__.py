@@ -6,7 +6,10 @@ A family module has `MODEL_TYPES`, `config_from_hf(hf_dict) -> ModelConfig` and
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from types import ModuleType
+
+import torch
 
 from fnlm.config import ModelConfig
 from fnlm.errors import ConfigError, UnsupportedModelError
@@ -16,6 +19,7 @@ from fnlm.models import (
     gemma,
     gemma2,
     gemma3,
+    gpt_oss,
     granite,
     llama,
     ministral,
@@ -56,6 +60,7 @@ FAMILIES: dict[str, ModuleType] = {
         smollm3,
         olmo3,
         ministral,
+        gpt_oss,
     )  # fmt: skip
     for t in m.MODEL_TYPES
 }
@@ -100,3 +105,22 @@ def checkpoint_name(config: ModelConfig, name: str) -> str | None:
     if config.text_tower_of is None:
         return name
     return multimodal.text_name(name)
+
+
+def checkpoint_stream(config: ModelConfig, stream: Iterator) -> Iterator:
+    """The loader's (name, tensor, file) stream with the family's packed tensors unpacked (gpt-oss's
+    MXFP4 expert pairs dequantized); the stream itself for other families."""
+    unpack = getattr(family(config.model_type), "checkpoint_stream", None)
+    return stream if unpack is None else unpack(stream)
+
+
+def to_params(config: ModelConfig, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """A checkpoint tensor (its `weight_names` name) in the params' layout; most are the same."""
+    convert = getattr(family(config.model_type), "to_params", None)
+    return tensor if convert is None else convert(name, tensor)
+
+
+def to_checkpoint(config: ModelConfig, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """The inverse of `to_params`: a params tensor in the checkpoint's layout, for export."""
+    convert = getattr(family(config.model_type), "to_checkpoint", None)
+    return tensor if convert is None else convert(name, tensor)

@@ -86,11 +86,11 @@ def attention(
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if kv is not None:
         k, v = update_cache(kv, k, v)
-    if isinstance(mask, BlockMask):  # packed rows (see fnlm.models.masks)
+    if isinstance(mask, BlockMask) and "sinks" not in p:  # packed rows (see fnlm.models.masks)
         out = masks.flex(
             q, k, v, mask, scale=config.attention_scale, softcap=config.attention_softcap
         )
-    elif config.attention_softcap is None:
+    elif config.attention_softcap is None and "sinks" not in p:
         out = F.scaled_dot_product_attention(
             q,
             k,
@@ -101,7 +101,8 @@ def attention(
             scale=config.attention_scale,
         )
     else:
-        out = softcapped_attention(config, q, k, v, mask)
+        mask = masks.dense(mask) if isinstance(mask, BlockMask) else mask
+        out = softcapped_attention(config, q, k, v, mask, p.get("sinks"))
     out = out.transpose(1, 2).reshape(batch, seq, config.num_heads * config.head_dim)
     return linear(out, p["o"], p.get("o_bias"))
 
@@ -140,22 +141,30 @@ def softcapped_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     mask: torch.Tensor | None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Attention with Gemma2's score soft-capping, written out because SDPA cannot cap scores.
+    """Attention with Gemma2's score soft-capping or gpt-oss's sinks, written out because SDPA
+    has neither.
 
     q [batch, heads, q_len, d], k/v [batch, kv_heads, k_len, d]; mask as for SDPA (None = causal).
     Scores are capped before the mask and the softmax runs in fp32, as transformers' eager path.
+    sinks [heads]: one extra logit per head that takes part in the softmax and is dropped after.
     """
     groups = config.num_heads // config.num_kv_heads
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     scale = config.attention_scale or config.head_dim**-0.5
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     cap = config.attention_softcap
-    scores = torch.tanh(scores / cap) * cap
+    if cap is not None:
+        scores = torch.tanh(scores / cap) * cap
     if mask is None:
         q_len, k_len = q.shape[-2], k.shape[-2]
         mask = torch.ones(q_len, k_len, dtype=torch.bool, device=q.device).tril(k_len - q_len)
     scores = scores.masked_fill(~mask, float("-inf"))
+    if sinks is not None:
+        sink = sinks.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1, dtype=torch.float32)
+        return torch.matmul(probs[..., :-1].to(q.dtype), v)
     return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
 
 
@@ -190,6 +199,9 @@ def mlp(config: ModelConfig, p: dict, x: torch.Tensor) -> torch.Tensor:
 
 
 def glu(config: ModelConfig, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    if config.glu_limit is not None:  # gpt-oss: clamped, (up + 1) * gate * sigmoid(alpha * gate)
+        gate, up = gate.clamp(max=config.glu_limit), up.clamp(-config.glu_limit, config.glu_limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * config.glu_alpha))
     kind = ACTIVATIONS[config.activation]
     if kind == "silu":
         return kernels.swiglu(gate, up)
@@ -213,11 +225,19 @@ def mixture_of_experts(config: ModelConfig, p: dict, x: torch.Tensor) -> torch.T
     """
     shape = x.shape
     x = x.reshape(-1, shape[-1])
-    route = moe.route(config, linear(x, p["router"]), x.dtype)
+    route = moe.route(config, linear(x, p["router"], p.get("router_bias")), x.dtype)
     experts = p["experts"]
     rows = x[route.tokens]
-    gate, up = expert_matmul(route, rows, experts["gate_up"]).chunk(2, dim=-1)
+    gate_up = expert_matmul(route, rows, experts["gate_up"])
+    if "experts_gate_up_bias" in p:  # gpt-oss: per-expert biases [E, out], row i's expert's
+        owner = torch.bucketize(
+            torch.arange(rows.shape[0], device=x.device), route.offsets, right=True
+        )
+        gate_up = gate_up + p["experts_gate_up_bias"][owner]
+    gate, up = gate_up.chunk(2, dim=-1)
     y = expert_matmul(route, glu(config, gate, up), experts["down"])
+    if "experts_down_bias" in p:
+        y = y + p["experts_down_bias"][owner]
     out = moe.combine(route, y * route.weights[:, None], x.shape[0])
     if "shared" in p:
         shared = mlp(config, p["shared"], x)

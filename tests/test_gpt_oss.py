@@ -1,0 +1,300 @@
+"""gpt-oss against transformers (+ peft): the shared per-family checks of tests/test_equivalence,
+test_lora, test_train_architectures, test_generate and test_export on hypothesis-drawn tiny
+configs, plus NF4, MXFP4 checkpoints and the LoRA settings gpt-oss refuses.
+
+gpt-oss is not in tests/models.py's HF_CONFIGS because peft's bias="all" trains its router's and
+experts' biases, which fnlm refuses (LoraError) rather than silently train fewer."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+import transformers
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+
+import fnlm
+from fnlm.errors import LoraError
+from fnlm.generate import generate_tokens
+from tests.models import FP32_REL_TOL, build_model, hf_configs, max_rel_error, saved_checkpoint
+from tests.test_generate import prompt_batches, reference_generate
+from tests.test_lora import randomize_fnlm, read_adapter
+from tests.test_train import random_data, reference_run, rel_close, run_config
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*no tokenizer.json")
+
+EXAMPLES = settings(max_examples=3, deadline=None)
+# the pytest id names the family, so scripts/support_table.py counts these tests for gpt_oss
+GPT_OSS = pytest.mark.parametrize("model_type", ["gpt_oss"])
+
+
+def load_fp32(directory):
+    params, _ = fnlm.load(directory, quant=None, dtype=torch.float32, device="cpu")
+    return params
+
+
+def tokens_for(vocab: int, shape=(2, 9), seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+@GPT_OSS
+@EXAMPLES
+@given(data=st.data())
+def test_logits_match_transformers_gpt_oss(model_type, data):
+    """Logits, and logits of a left-padded batch, equal transformers' (fp32)."""
+    config = data.draw(hf_configs(model_type))
+    seq = data.draw(st.integers(3, 12))
+    pads = data.draw(st.lists(st.integers(0, seq - 1), min_size=2, max_size=3))
+    mask = torch.tensor([[0] * p + [1] * (seq - p) for p in pads])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with saved_checkpoint(config) as (model, directory):
+        params = load_fp32(directory)
+        tokens = tokens_for(config.vocab_size, mask.shape, seq)
+        with torch.no_grad():
+            ref = model(tokens).logits
+            ref_padded = model(tokens, attention_mask=mask, position_ids=positions).logits
+        ours = fnlm.forward(params, tokens)
+        ours_padded = fnlm.forward(params, tokens, attention_mask=mask)
+    assert max_rel_error(ours, ref) <= FP32_REL_TOL
+    real = mask.bool()
+    assert max_rel_error(ours_padded[real], ref_padded[real]) <= FP32_REL_TOL
+
+
+@GPT_OSS
+@EXAMPLES
+@given(data=st.data())
+def test_greedy_matches_transformers_gpt_oss(model_type, data):
+    config = data.draw(hf_configs(model_type))
+    prompts = data.draw(prompt_batches(config.vocab_size))
+    new = data.draw(st.integers(1, 10))
+    with saved_checkpoint(config) as (model, directory):
+        params = load_fp32(directory)
+        ours = generate_tokens(params, prompts, max_new_tokens=new, eos_token_ids=[])
+        ref = reference_generate(model, prompts, new, None)
+    assert ours == ref
+
+
+@GPT_OSS
+@EXAMPLES
+@given(data=st.data())
+def test_saved_adapter_loads_in_peft_with_same_logits_gpt_oss(model_type, data, tmp_path_factory):
+    """Attention LoRA (q, k, v, o; biases with "lora_only"): peft loads our adapter with our logits
+    and re-saves the same files."""
+    config = data.draw(hf_configs(model_type))
+    targets = data.draw(st.lists(st.sampled_from(["q", "k", "v", "o"]), min_size=1, unique=True))
+    bias = data.draw(st.sampled_from(["none", "lora_only"]))
+    out = tmp_path_factory.mktemp("adapter")
+    with saved_checkpoint(config) as (model, directory):
+        params = load_fp32(directory)
+        lora = randomize_fnlm(fnlm.lora.init(params, r=4, alpha=8, targets=targets, bias=bias))
+        fnlm.lora.save(out, lora, params=params, base_model_name_or_path=str(directory))
+        tokens = tokens_for(config.vocab_size)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            peft_model = peft.PeftModel.from_pretrained(model, out).eval()
+        with torch.no_grad():
+            ref = peft_model(tokens).logits
+        ours = fnlm.forward(params, tokens, lora=lora)
+        merged = fnlm.forward(fnlm.lora.merge(params, lora), tokens)
+        again = tmp_path_factory.mktemp("again")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            peft_model.save_pretrained(again)
+    assert max_rel_error(ours, ref) <= FP32_REL_TOL
+    assert max_rel_error(merged, ours) <= FP32_REL_TOL
+    assert max_rel_error(ours, fnlm.forward(params, tokens)) > 10 * FP32_REL_TOL
+    _, ours_tensors = read_adapter(out)
+    _, ref_tensors = read_adapter(again)
+    assert ours_tensors.keys() == ref_tensors.keys()
+    for key in ours_tensors:
+        assert torch.equal(ours_tensors[key], ref_tensors[key]), key
+
+
+@GPT_OSS
+def test_lora_refuses_what_peft_would_do_differently_gpt_oss(model_type):
+    config = transformers.GptOssConfig(**TINY)
+    with saved_checkpoint(config) as (_, directory):
+        params = load_fp32(directory)
+    with pytest.raises(LoraError, match="bias='all' is not supported for gpt_oss"):
+        fnlm.lora.init(params, r=2, bias="all")
+    with pytest.raises(LoraError, match="match no module"):
+        fnlm.lora.init(params, r=2, targets=("experts.gate_up",))
+    assert set(fnlm.lora.target_names(params.config)) == {"q", "k", "v", "o", "lm_head", "embed"}
+
+
+@GPT_OSS
+@settings(max_examples=2, deadline=None)
+@given(data=st.data())
+def test_lora_training_matches_peft_gpt_oss(model_type, data, tmp_path_factory):
+    config = data.draw(hf_configs(model_type))
+    examples = random_data(n=12, vocab=config.vocab_size, longest=20)
+    out = tmp_path_factory.mktemp("train")
+    with saved_checkpoint(config) as (model, directory):
+        params = load_fp32(directory)
+        run = run_config(out / "run", max_steps=6, warmup_steps=1, lr=1e-2)
+        lora = fnlm.lora.init(params, r=run.r, alpha=run.alpha, seed=run.seed)
+        fnlm.lora.save(out / "initial", lora, params=params)
+        ours = fnlm.train.train(run, params=params, lora=lora, data=examples)
+        reference = peft.PeftModel.from_pretrained(model, out / "initial", is_trainable=True)
+        tensors = [p for p in reference.parameters() if p.requires_grad]
+        assert len(tensors) == len(fnlm.lora.parameters(lora))
+        expected = reference_run(reference.train(), tensors, run, examples, 6)
+    assert ours.status == "completed" and expected[-1] != expected[0]
+    assert rel_close(ours.losses, expected, 2e-6), (ours.losses, expected)
+
+
+@GPT_OSS
+@settings(max_examples=2, deadline=None)
+@given(data=st.data())
+def test_merged_export_loads_in_transformers_gpt_oss(model_type, data, tmp_path_factory):
+    """The merged export (expert stacks written back transposed and interleaved) loads in
+    transformers with fnlm's adapted logits, and in fnlm again."""
+    config = data.draw(hf_configs(model_type))
+    out = tmp_path_factory.mktemp("merged")
+    with saved_checkpoint(config) as (_, directory):
+        params = load_fp32(directory)
+        lora = randomize_fnlm(fnlm.lora.init(params, r=2, targets=("q", "v", "o")))
+        fnlm.save(out, params, lora=lora, format="merged")
+    tokens = tokens_for(config.vocab_size)
+    ours = fnlm.forward(params, tokens, lora=lora)
+    with torch.no_grad():
+        ref = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)(tokens)
+    assert max_rel_error(ref.logits, ours) <= FP32_REL_TOL
+    assert max_rel_error(fnlm.forward(load_fp32(out), tokens), ours) <= FP32_REL_TOL
+
+
+# ----------------------------------------------------------------------------------------------
+# NF4 and MXFP4
+# ----------------------------------------------------------------------------------------------
+
+# in_features multiples of 64: NF4 blocks never straddle two experts; MXFP4 blocks are 32 wide
+TINY = dict(
+    vocab_size=96, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+    num_experts_per_tok=2, sliding_window=3, initializer_range=0.2, swiglu_limit=2.0,
+    max_position_embeddings=256,
+)  # fmt: skip
+
+
+@GPT_OSS
+def test_nf4_logits_match_transformers_on_the_dequantized_weights_gpt_oss(model_type, tmp_path):
+    """NF4 params (experts too) give the logits transformers gives on their dequantized weights
+    (written by fnlm's merged export without a 16-bit source); the NF4 error is real."""
+    config = transformers.GptOssConfig(**TINY)
+    tokens = tokens_for(config.vocab_size, (2, 10))
+    with saved_checkpoint(config) as (model, directory):
+        params, _ = fnlm.load(directory, quant="nf4", dtype=torch.float32, device="cpu")
+        with torch.no_grad():
+            full = model(tokens).logits
+    assert fnlm.quant.is_quantized(params["layers"][0]["mlp"]["experts"]["gate_up"])
+    fnlm.save(tmp_path, params, format="merged")  # params.source is gone: dequantized weights
+    with torch.no_grad():
+        dequantized = transformers.AutoModelForCausalLM.from_pretrained(
+            tmp_path, dtype=torch.float32
+        )
+        ref = dequantized(tokens).logits
+    ours = fnlm.forward(params, tokens)
+    assert max_rel_error(ref, full) > 100 * FP32_REL_TOL
+    assert max_rel_error(ours, ref) <= FP32_REL_TOL
+
+
+def mxfp4_checkpoint(model, directory: Path, seed: int = 0) -> None:
+    """Save `model` as OpenAI ships gpt-oss: each expert stack as random MXFP4 blocks and scales;
+    the model's stacks are replaced by transformers' own dequantization of them."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    g = torch.Generator().manual_seed(seed)
+    model.save_pretrained(directory)
+    state = load_file(directory / "model.safetensors")
+    for name, p in model.named_parameters():
+        if not name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            continue
+        e, inner, out = p.shape  # checkpoint layout [E, in, out]; MXFP4 packs [E, out, in]
+        blocks = torch.randint(0, 256, (e, out, inner // 32, 16), generator=g, dtype=torch.uint8)
+        scales = torch.randint(122, 128, (e, out, inner // 32), generator=g, dtype=torch.uint8)
+        with torch.no_grad():
+            p.copy_(convert_moe_packed_tensors(blocks, scales, dtype=torch.float32))
+        del state[name]
+        state[name + "_blocks"], state[name + "_scales"] = blocks, scales
+    save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
+    doc = json.loads((directory / "config.json").read_text())
+    doc["quantization_config"] = {"quant_method": "mxfp4"}
+    (directory / "config.json").write_text(json.dumps(doc))
+
+
+@GPT_OSS
+@pytest.mark.parametrize("quant", [None, "nf4"])
+def test_mxfp4_checkpoint_loads_gpt_oss(model_type, quant, tmp_path):
+    """An MXFP4 checkpoint loads dequantized (logits equal transformers' on its dequantization)
+    or re-quantized to NF4; the merged export from NF4 reads the MXFP4 source for the experts."""
+    model = build_model(transformers.GptOssConfig(**TINY))
+    source = tmp_path / "mxfp4"
+    mxfp4_checkpoint(model, source)
+    tokens = tokens_for(TINY["vocab_size"], (2, 10))
+    with torch.no_grad():
+        ref = model(tokens).logits
+    params, _ = fnlm.load(source, quant=quant, dtype=torch.float32, device="cpu")
+    ours = fnlm.forward(params, tokens)
+    if quant is None:
+        assert max_rel_error(ours, ref) <= FP32_REL_TOL
+        return
+    assert max_rel_error(ours, ref) > 100 * FP32_REL_TOL  # quantized to NF4 for real
+    fnlm.save(tmp_path / "merged", params, format="merged")  # 16-bit weights from the source
+    with torch.no_grad():
+        merged = transformers.AutoModelForCausalLM.from_pretrained(
+            tmp_path / "merged", dtype=torch.float32
+        )(tokens).logits
+    assert max_rel_error(merged, ref) <= FP32_REL_TOL
+
+
+@GPT_OSS
+def test_to_params_and_back_is_the_identity(model_type):
+    from fnlm.models import gpt_oss
+
+    stack = torch.randn(3, 8, 12)  # [E, in, 2·out] interleaved
+    ours = gpt_oss.to_params("model.layers.0.mlp.experts.gate_up_proj", stack)
+    assert torch.equal(ours[:, :6], stack[:, :, 0::2].transpose(1, 2))
+    assert torch.equal(
+        gpt_oss.to_checkpoint("model.layers.0.mlp.experts.gate_up_proj", ours), stack
+    )
+    bias = torch.randn(3, 12)
+    name = "model.layers.0.mlp.experts.gate_up_proj_bias"
+    assert torch.equal(gpt_oss.to_checkpoint(name, gpt_oss.to_params(name, bias)), bias)
+
+
+@GPT_OSS
+def test_unpaired_mxfp4_tensor_is_named(model_type, tmp_path):
+    model = build_model(transformers.GptOssConfig(**TINY))
+    mxfp4_checkpoint(model, tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    del state["model.layers.1.mlp.experts.down_proj_scales"]
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(fnlm.errors.CheckpointError, match="down_proj_blocks"):
+        fnlm.load(tmp_path, quant=None, device="cpu")
+
+
+@GPT_OSS
+def test_packed_rows_keep_the_sinks(model_type):
+    """Packed rows (a flex_attention BlockMask) take the explicit path with the sinks, over the
+    block mask's dense equivalent: equal to the dense boolean mask of the same documents."""
+    from fnlm.models import decoder, masks
+    from fnlm.models.rope import rope_tables
+
+    with saved_checkpoint(transformers.GptOssConfig(**TINY)) as (_, directory):
+        params = load_fp32(directory)
+    config, layer = params.config, params["layers"][0]
+    segments = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 2]])
+    positions = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 0]])
+    x = torch.randn(1, 8, config.hidden_size, generator=torch.Generator().manual_seed(0))
+    cos, sin = rope_tables(config, positions)
+    block = masks.document_mask(segments, None)
+    dense = decoder.build_mask(positions, None, segments, None)
+    packed = decoder.attention(config, layer["attn"], x, cos, sin, block)
+    reference = decoder.attention(config, layer["attn"], x, cos, sin, dense)
+    assert max_rel_error(packed, reference) <= FP32_REL_TOL
