@@ -61,18 +61,7 @@ def init(
     it there); ArgumentError for invalid r, dropout or bias.
     """
     config = params.config
-    if not isinstance(r, int) or r <= 0:
-        raise ArgumentError(f"lora.init: r must be a positive integer, got {r!r}")
-    if not 0.0 <= dropout < 1.0:
-        raise ArgumentError(f"lora.init: dropout must lie in [0, 1), got {dropout!r}")
-    if bias not in BIAS_MODES:
-        raise ArgumentError(f"lora.init: bias must be one of {BIAS_MODES}, got {bias!r}")
-    for name, pattern in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
-        for key, value in (pattern or {}).items():
-            if name == "rank_pattern" and (not isinstance(value, int) or value <= 0):
-                raise ArgumentError(
-                    f"lora.init: {name}[{key!r}] must be a positive integer, got {value!r}"
-                )
+    _check_arguments(r, dropout, bias, rank_pattern)
     if bias == "all" and not family_naming(config.model_type, "PEFT_BIAS_ALL", True):
         raise LoraError(
             f"lora.init: bias='all' is not supported for {config.model_type}: peft's 'all' also "
@@ -83,6 +72,7 @@ def init(
         targets = tuple(targets)
     adapted = select(config, targets, "targets")
     saved = select(config, tuple(modules_to_save), "modules_to_save") if modules_to_save else []
+    _check_modules(adapted, saved, dropout)
     rank_pattern, alpha_pattern = dict(rank_pattern or {}), dict(alpha_pattern or {})
     if {"gate", "up"} <= expert_parts(config, targets) and config.moe_layers:
         # peft's conversion: the gate and up adapters of each expert, fused, are one adapter of
@@ -102,6 +92,38 @@ def init(
         alpha_pattern=tuple(alpha_pattern.items()),
         base_model_name_or_path=base_model_name_or_path,
     )
+    tree: dict = {"layers": [{} for _ in range(config.num_layers)]}
+    generator = torch.Generator().manual_seed(seed)
+    for module in adapted:
+        rank = pattern_value(lora_config.rank_pattern, module.names, r)
+        a, b = _initial_adapter(module, rank, generator)
+        if module.experts:
+            a, b = from_peft_layout(a, b, module.experts)
+        device = get_path(params, module.weight).device
+        adapter = {"a": _trainable(a, dtype, device), "b": _trainable(b, dtype, device)}
+        set_path(tree, module.weight, adapter)
+    _copy_trained_modules(tree, params, adapted, saved, bias)
+    return Lora(tree, lora_config, config)
+
+
+def _check_arguments(r, dropout, bias, rank_pattern) -> None:
+    """ArgumentError for an invalid r, dropout, bias mode or rank_pattern value."""
+    if not isinstance(r, int) or r <= 0:
+        raise ArgumentError(f"lora.init: r must be a positive integer, got {r!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ArgumentError(f"lora.init: dropout must lie in [0, 1), got {dropout!r}")
+    if bias not in BIAS_MODES:
+        raise ArgumentError(f"lora.init: bias must be one of {BIAS_MODES}, got {bias!r}")
+    for key, value in (rank_pattern or {}).items():
+        if not isinstance(value, int) or value <= 0:
+            raise ArgumentError(
+                f"lora.init: rank_pattern[{key!r}] must be a positive integer, got {value!r}"
+            )
+
+
+def _check_modules(adapted: list[Module], saved: list[Module], dropout: float) -> None:
+    """LoraError for a target peft would refuse: dropout on a router or expert stack, a norm
+    weight, a module both adapted and saved, a router or stack in modules_to_save."""
     for module in adapted:
         if module.parameter is not None and dropout:
             raise LoraError(
@@ -126,29 +148,21 @@ def init(
                 "router or expert stack; modules_to_save takes whole modules such as lm_head"
             )
 
-    tree: dict = {"layers": [{} for _ in range(config.num_layers)]}
-    generator = torch.Generator().manual_seed(seed)
-    for module in adapted:
-        rank = pattern_value(lora_config.rank_pattern, module.names, r)
-        a, b = _initial_adapter(module, rank, generator)
-        if module.experts:
-            a, b = from_peft_layout(a, b, module.experts)
-        device = get_path(params, module.weight).device
-        set_path(
-            tree,
-            module.weight,
-            {"a": _trainable(a, dtype, device), "b": _trainable(b, dtype, device)},
-        )
+
+def _copy_trained_modules(
+    tree: dict, params: Params, adapted: list[Module], saved: list[Module], bias: str
+) -> None:
+    """Trainable copies of the modules_to_save (weight and bias) and, with bias="all" /
+    "lora_only", of every bias / those of adapted modules, set into `tree`."""
     for module in saved:
         for path in (module.weight, module.bias):
             if path is not None:
                 set_path(tree, path, _trainable_copy(get_path(params, path)))
     if bias != "none":
-        owners = module_table(config) if bias == "all" else adapted
+        owners = module_table(params.config) if bias == "all" else adapted
         for module in owners:
             if module.bias is not None and module not in saved:
                 set_path(tree, module.bias, _trainable_copy(get_path(params, module.bias)))
-    return Lora(tree, lora_config, config)
 
 
 def _initial_adapter(module: Module, r: int, generator: torch.Generator):
