@@ -16,6 +16,7 @@ import torch
 from fnlm.errors import ArgumentError
 from fnlm.generate.sampling import Sampling, check_max_new_tokens, choose
 from fnlm.generate.step import cache_length, decode_state, keep, prefill
+from fnlm.lora import Lora, with_adapters
 from fnlm.params import Params
 
 CACHE_DTYPES = {"fp8": torch.float8_e4m3fn, "float8_e4m3fn": torch.float8_e4m3fn}
@@ -25,7 +26,7 @@ def generate_tokens(
     params: Params,
     prompts: Sequence[Sequence[int]],
     *,
-    lora=None,
+    lora: Lora | None = None,
     max_new_tokens: int = 128,
     sampling: Sampling | None = None,
     eos_token_ids: Sequence[int] = (),
@@ -55,10 +56,7 @@ def generate_tokens(
     prompts = check_prompts(prompts, config.vocab_size, config.max_position_embeddings)
     eos = {int(i) for i in eos_token_ids}
     base = params
-    if lora is not None:
-        from fnlm.lora import attach
-
-        params = attach(params, lora)
+    params = with_adapters(params, lora)
     device = params["norm"].device
     on_cuda = device.type == "cuda"
     compile = on_cuda if compile is None else compile

@@ -33,7 +33,6 @@ leaves), targets (module table, PEFT's target rules), initial (`init`), combine 
 (transformers-4 per-expert adapters).
 """
 
-from fnlm.files import write_atomic as _atomic_write  # noqa: F401  (export.py at 703d6f3; goes once it calls fnlm.files)
 from fnlm.lora.combine import attach, merge, with_adapters
 from fnlm.lora.initial import init
 from fnlm.lora.leaves import LoraEmbedding, LoraExperts, LoraLinear, SavedEmbedding
