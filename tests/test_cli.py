@@ -256,6 +256,30 @@ def test_generate_and_export_with_only_the_adapter(tiny_model, tiny_adapter, tmp
     )  # fmt: skip
 
 
+def test_chat_keeps_the_conversation(tiny_model, tiny_adapter, monkeypatch, capsys):
+    import io
+
+    params, tok = fnlm.load(tiny_model, quant=None, device="cpu")
+    lora = fnlm.lora.load(tiny_adapter, params)
+    first = fnlm.generate(
+        params, tok, [{"role": "user", "content": "Hi"}], lora=lora, max_new_tokens=4
+    )
+    history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": first},
+               {"role": "user", "content": "Again"}]  # fmt: skip
+    second = fnlm.generate(params, tok, history, lora=lora, max_new_tokens=4)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hi\nAgain\n\n"))
+    assert (
+        main(["chat", "--adapter", str(tiny_adapter), "--max-new-tokens", "4", "--device", "cpu"])
+        == 0
+    )
+    assert capsys.readouterr().out == f"> Hi\n{first}\n> Again\n{second}\n"
+
+
+def test_serve_refuses_an_adapter_without_a_name(capsys):
+    assert main(["serve", "--adapter", "runs/demo"]) == 1
+    assert "--adapter takes NAME=DIR" in capsys.readouterr().err
+
+
 def test_runs_on_the_embedded_model_record_a_stable_base():
     from fnlm.default import EMBEDDED_ID
     from fnlm.hub import resolve
