@@ -71,6 +71,15 @@ UNSUPPORTED: dict[str, str] = {
     "cohere2": "Command R7B interleaves sliding-window layers without rotary embeddings on the "
     "global ones; not implemented yet",
     "phimoe": "Phi-3.5-MoE's sparsemixer router is not implemented",
+    **dict.fromkeys(
+        ("qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text"),
+        "Qwen3.5's gated DeltaNet linear-attention layers (chunked gated delta rule, recurrent "
+        "decode state) and gated full attention are not implemented yet",
+    ),
+    **dict.fromkeys(
+        ("gemma4", "gemma4_text"),
+        "Gemma 4's per-layer input embeddings and KV sharing across layers are not implemented yet",
+    ),
 }
 
 
