@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from fnlm.errors import ArgumentError
+from fnlm.kernels import use_triton
 from fnlm.quant import dequantize, matmul_weight, matmul_weight_t, weight_from_parts, weight_parts
 
 # ----------------------------------------------------------------------------------------------
@@ -211,8 +212,6 @@ def lora_linear(
     and nothing of W's size [out, in] is kept for the backward. Dropout (on the adapter input only,
     as PEFT) applies when `training` and dropout > 0.
     """
-    from fnlm.kernels import use_triton
-
     if (
         a.dim() != 2
         or b.dim() != 2
