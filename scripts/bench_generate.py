@@ -186,12 +186,15 @@ def bench_serve(directory: Path, quant, prompts, args) -> dict:
         lengths = []
         start = time.perf_counter()
         for i in range(count):
-            on_event = lambda kind, data: (lengths.append(len(data.token_ids)), done.release())  # noqa: E731
+            on_event = lambda kind, data: (  # noqa: E731
+                lengths.append(len(data.token_ids) if kind == "done" else data),
+                kind == "piece" or done.release(),
+            )
             engine.submit(
                 Request(prompt=prompts[i % len(prompts)], max_tokens=n, on_event=on_event)
             )
         for _ in range(count):
-            assert done.acquire(timeout=300), "a request did not finish"
+            assert done.acquire(timeout=60), "a request did not finish"
         assert lengths == [n] * count, lengths
         return time.perf_counter() - start
 

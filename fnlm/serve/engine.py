@@ -72,6 +72,15 @@ class Result:
     finish_reason: str  # "stop" (eos or a stop string) or "length"
 
 
+def _send(request: Request, kind: str, data) -> None:
+    """request.on_event(kind, data); a callback that raises cancels its request, not the engine."""
+    try:
+        request.on_event(kind, data)
+    except Exception:
+        traceback.print_exc()
+        request.cancelled = True
+
+
 @dataclasses.dataclass(eq=False)
 class _Row:
     request: Request
@@ -212,12 +221,12 @@ class Engine:
                 for i, row in enumerate(self.rows):
                     if row is not None:
                         self.rows[i] = None
-                        row.request.on_event("error", f"{type(e).__name__}: {e}")
+                        _send(row.request, "error", f"{type(e).__name__}: {e}")
         for row in self.rows:
             if row is not None:
-                row.request.on_event("error", "the server is shutting down")
+                _send(row.request, "error", "the server is shutting down")
         for request in self._pending:
-            request.on_event("error", "the server is shutting down")
+            _send(request, "error", "the server is shutting down")
 
     def _admit(self) -> None:
         """Prefill pending requests into free rows, those on one adapter as one batch (the
@@ -236,7 +245,7 @@ class Engine:
                     traceback.print_exc()
                     for i, request in group:
                         self.rows[i] = None
-                        request.on_event("error", f"{type(e).__name__}: {e}")
+                        _send(request, "error", f"{type(e).__name__}: {e}")
 
     def _join(self, group: list[tuple[int, Request]]) -> None:
         """Prefill the requests of one adapter together (left padded, as fnlm.generate batches
@@ -285,7 +294,7 @@ class Engine:
     def _streamer(self, request: Request):
         if not request.stream:
             return None
-        return lambda _index, piece: request.on_event("piece", piece)
+        return lambda _index, piece: _send(request, "piece", piece)
 
     def _step(self) -> None:
         """One decode step for every running row (one pass per adapter in use)."""
@@ -358,7 +367,7 @@ class Engine:
         self.rows[i] = None
         text_ids = row.ids[:-1] if token in self.eos else row.ids
         text = "" if row.text is None else row.text.finish(text_ids)
-        request.on_event("done", Result(text, row.ids, len(request.prompt), reason))
+        _send(request, "done", Result(text, row.ids, len(request.prompt), reason))
 
     def _step_fn(self, adapter: str | None) -> Callable[[], torch.Tensor]:
         """The decode step of one adapter over the engine's buffers: fnlm's decode_step with
