@@ -562,3 +562,17 @@ def test_every_method_trains_in_every_mode(checkpoint, tmp_path, method, mode):
 def low_tokens(completion_ids, **_):
     """A verifiable reward for the runs: the share of ids below 32 (a third of the vocabulary)."""
     return [sum(t < 32 for t in ids) / len(ids) for ids in completion_ids]
+
+
+def test_full_mode_dpo_resumes_with_the_starting_reference(checkpoint, tmp_path):
+    # The reference log-probs come from the starting weights even when a resumed run restores
+    # trained ones: the resumed steps equal those of an uninterrupted run.
+    data = methods.MethodData(random_pairs(8, seed=9), "random pairs")
+    common = dict(mode="full", lr=1e-3, grad_accum=1, model=str(checkpoint), dtype="float32")
+    whole = train_lib.train(run_config(tmp_path / "a", "dpo", max_steps=4, **common),
+                            tokenizer=Digits(), data=data)  # fmt: skip
+    train_lib.train(run_config(tmp_path / "b", "dpo", max_steps=2, **common), tokenizer=Digits(),
+                    data=data)  # fmt: skip
+    resumed = train_lib.train(run_config(tmp_path / "b", "dpo", max_steps=4, resume=True, **common),
+                              tokenizer=Digits(), data=data)  # fmt: skip
+    assert resumed.losses == pytest.approx(whole.losses[2:], rel=1e-5)
