@@ -49,11 +49,26 @@ def steps_of(path: Path) -> list[int]:
     return [json.loads(line)["step"] for line in path.read_text().splitlines() if "loss" in line]
 
 
+@pytest.fixture
+def adapter(tiny, tmp_path):
+    """A PEFT adapter for the tiny model, as peft's save_pretrained writes it; with the
+    raw `model.state_dict()` lora keys of the same model (adapter name ".default")."""
+    directory, _ = tiny
+    model = transformers.LlamaForCausalLM.from_pretrained(directory)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                             init_lora_weights=False)  # fmt: skip
+    wrapped = peft.get_peft_model(model, config)
+    out = tmp_path / "adapter"
+    wrapped.save_pretrained(out)
+    raw = {k: v.clone() for k, v in wrapped.state_dict().items() if ".lora_" in k}
+    return out, raw
+
+
 # =============================================================================================
 # Data loss and silent wrong results
 
 
-# --- 1. a failed overwrite of a merged export leaves the earlier export whole ------------------
+# --- 1. a failed overwrite of a merged export leaves the earlier export whole ---------------------
 
 
 def test_a_failed_merged_overwrite_leaves_the_earlier_export(tiny, tmp_path, monkeypatch):
@@ -89,59 +104,7 @@ def test_a_failed_merged_overwrite_leaves_the_earlier_export(tiny, tmp_path, mon
     assert torch.equal(reloaded["embed"], changed["embed"])
 
 
-# --- 9. an adapter file that adapts nothing; crashes and names of a damaged adapter file -------
-
-
-@pytest.fixture
-def adapter(tiny, tmp_path):
-    """A PEFT adapter for the tiny model, as peft's save_pretrained writes it; with the
-    raw `model.state_dict()` lora keys of the same model (adapter name ".default")."""
-    directory, _ = tiny
-    model = transformers.LlamaForCausalLM.from_pretrained(directory)
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                             init_lora_weights=False)  # fmt: skip
-    wrapped = peft.get_peft_model(model, config)
-    out = tmp_path / "adapter"
-    wrapped.save_pretrained(out)
-    raw = {k: v.clone() for k, v in wrapped.state_dict().items() if ".lora_" in k}
-    return out, raw
-
-
-def test_an_adapter_file_without_tensors_is_refused(tiny, adapter):
-    _, params = tiny
-    directory, _ = adapter
-    save_file({}, directory / "adapter_model.safetensors")
-    with pytest.raises(
-        LoraError, match=r"adapter_model.safetensors holds no LoRA tensors .*targets"
-    ):
-        lora_lib.load(directory, params)
-
-
-def test_a_truncated_adapter_file_is_an_error_naming_it(tiny, adapter):
-    _, params = tiny
-    directory, _ = adapter
-    file = directory / "adapter_model.safetensors"
-    file.write_bytes(file.read_bytes()[:-64])
-    with pytest.raises(LoraError, match=r"adapter_model.safetensors is corrupt or truncated"):
-        lora_lib.load(directory, params)
-
-
-def test_raw_state_dict_keys_with_the_adapter_name_load(tiny, adapter):
-    _, params = tiny
-    directory, raw = adapter
-    assert all(".default." in k for k in raw)
-    expected = lora_lib.load(directory, params)
-    save_file(raw, directory / "adapter_model.safetensors")
-    loaded = lora_lib.load(directory, params)
-    assert all(torch.equal(a, b) for a, b in zip(lora_lib.parameters(loaded),
-                                                 lora_lib.parameters(expected), strict=True))  # fmt: skip
-    two = {**raw, **{k.replace(".default.", ".other."): v.clone() for k, v in raw.items()}}
-    save_file(two, directory / "adapter_model.safetensors")
-    with pytest.raises(LoraError, match=r"several adapters \(\['default', 'other'\]\)"):
-        lora_lib.load(directory, params)
-
-
-# --- 2. training into a directory that is not a run -------------------------------------------
+# --- 2. training into a directory that is not a run -----------------------------------------------
 
 
 def test_a_fresh_run_refuses_a_non_empty_directory_that_is_not_a_run(tiny, tmp_path):
@@ -165,7 +128,7 @@ def test_a_fresh_run_refuses_a_non_empty_directory_that_is_not_a_run(tiny, tmp_p
     train_lib.train(run_config(run, max_steps=1), params=params, data=random_data(n=4))
 
 
-# --- 3. overwrite deletes the old run only once the new one has a checkpoint ------------------
+# --- 3. overwrite removes the old run only once the new one has a checkpoint ----------------------
 
 
 def test_overwrite_keeps_the_old_run_until_the_new_run_has_a_checkpoint(tiny, tmp_path):
@@ -199,7 +162,7 @@ def test_overwrite_keeps_the_old_run_until_the_new_run_has_a_checkpoint(tiny, tm
     assert steps_of(out / "metrics.jsonl") == [1]
 
 
-# --- 4. no code runs from a checkpoint's .pt files ----------------------------------------------
+# --- 4. no code runs from a checkpoint's .pt files ------------------------------------------------
 
 
 class _Payload:
@@ -235,25 +198,7 @@ def test_every_torch_load_in_fnlm_is_weights_only():
         assert "pickle.load" not in text, path
 
 
-# --- 8. the same tensor in two shard files ---------------------------------------------------
-
-
-def test_a_tensor_in_two_files_is_refused_naming_both(tiny, tmp_path):
-    directory, _ = tiny
-    checkpoint = tmp_path / "ckpt"
-    shutil.copytree(directory, checkpoint)
-    tensors = load_file(checkpoint / "model.safetensors")
-    save_file(
-        {"model.norm.weight": tensors["model.norm.weight"] * 2}, checkpoint / "stray.safetensors"
-    )
-    with pytest.raises(
-        CheckpointError,
-        match=r"'model.norm.weight' is in both .*model.safetensors and .*stray.safetensors",
-    ):
-        fnlm.load(checkpoint, quant=None, dtype=torch.float32, device="cpu")
-
-
-# --- 5. divergence without NaN: collapse to a uniform output ---------------------------------
+# --- 5. divergence without NaN: a collapse, a loss spike ------------------------------------------
 
 
 def test_a_collapse_to_a_uniform_output_stops_the_run(tiny, tmp_path):
@@ -308,7 +253,7 @@ def test_a_loss_spike_far_above_its_level_stops_the_run(tiny, tmp_path):
     assert result.status == "completed" and result.losses[6] > 2 * math.log(96)
 
 
-# --- 6. numeric options of the wrong sign or range ---------------------------------------------
+# --- 6. numeric options of the wrong sign or range ------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -334,7 +279,7 @@ def test_valid_edge_values_are_accepted():
         train_lib.TrainConfig(**option)
 
 
-# --- 7. the checkpoint kept on NaN is from before the bad update; resume honours new options ---
+# --- 7. the checkpoint kept on NaN is from before the bad update; resume honours new options ------
 
 
 def test_nan_keeps_the_checkpoint_from_before_the_bad_update(tiny, tmp_path):
@@ -381,8 +326,48 @@ def test_resume_honours_and_reports_a_changed_lr(tiny, tmp_path, capsys):
     assert saved["lr"] == 1e-5
 
 
+# --- 8. the same tensor in two weight files -------------------------------------------------------
+
+
+def test_a_tensor_in_two_files_is_refused_naming_both(tiny, tmp_path):
+    directory, _ = tiny
+    checkpoint = tmp_path / "ckpt"
+    shutil.copytree(directory, checkpoint)
+    tensors = load_file(checkpoint / "model.safetensors")
+    save_file(
+        {"model.norm.weight": tensors["model.norm.weight"] * 2}, checkpoint / "stray.safetensors"
+    )
+    with pytest.raises(
+        CheckpointError,
+        match=r"'model.norm.weight' is in both .*model.safetensors and .*stray.safetensors",
+    ):
+        fnlm.load(checkpoint, quant=None, dtype=torch.float32, device="cpu")
+
+
+# --- 9. an adapter file that adapts nothing -------------------------------------------------------
+
+
+def test_an_adapter_file_without_tensors_is_refused(tiny, adapter):
+    _, params = tiny
+    directory, _ = adapter
+    save_file({}, directory / "adapter_model.safetensors")
+    with pytest.raises(
+        LoraError, match=r"adapter_model.safetensors holds no LoRA tensors .*targets"
+    ):
+        lora_lib.load(directory, params)
+
+
 # =============================================================================================
-# Crashes from deep inside: every one an FnlmError naming the file
+# Crashes from deep inside: each an FnlmError naming the file or argument
+
+
+def test_a_truncated_adapter_file_is_an_error_naming_it(tiny, adapter):
+    _, params = tiny
+    directory, _ = adapter
+    file = directory / "adapter_model.safetensors"
+    file.write_bytes(file.read_bytes()[:-64])
+    with pytest.raises(LoraError, match=r"adapter_model.safetensors is corrupt or truncated"):
+        lora_lib.load(directory, params)
 
 
 def test_disk_full_while_writing_a_checkpoint(tiny, tmp_path, monkeypatch):
@@ -417,23 +402,13 @@ def test_resume_with_a_torn_metrics_line_or_without_metrics(tiny, tmp_path):
     assert result.step == 4 and steps_of(out / "metrics.jsonl") == [4]
 
 
-def test_json_errors_name_line_and_column(tmp_path, adapter, tiny):
-    from fnlm import data as data_lib
-
-    rows = tmp_path / "rows.jsonl"
-    rows.write_text('{"text": "a"}\n{"text": "b",, }\n')
-    with pytest.raises(DataError, match=r"rows\.jsonl line 2 is not valid JSON: .* at column 14"):
-        data_lib.read_rows(str(rows))
-    doc = tmp_path / "rows.json"
-    doc.write_text('[{"text": "a"},\n {"text": }]')
-    with pytest.raises(DataError, match=r"rows\.json is not valid JSON: .* at line 2 column 11"):
-        data_lib.read_rows(str(doc))
-    directory, _ = adapter
-    (directory / "adapter_config.json").write_text('{"r": 4,\n "lora_alpha": }')
+@pytest.mark.parametrize("value", ["4096", -5, 0, 2.5, True])
+def test_load_checks_max_seq_length(tiny, value):
+    directory, _ = tiny
     with pytest.raises(
-        LoraError, match=r"adapter_config\.json is not valid JSON: .* line 2 column 16"
+        ArgumentError, match=rf"max_seq_length must be a positive integer or None, got {value!r}"
     ):
-        lora_lib.load(directory, tiny[1])
+        fnlm.load(directory, quant=None, dtype=torch.float32, device="cpu", max_seq_length=value)
 
 
 def test_generate_script_prints_an_error_not_a_traceback(tmp_path):
@@ -442,15 +417,6 @@ def test_generate_script_prints_an_error_not_a_traceback(tmp_path):
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode != 0
     assert "nope" in done.stderr and "Traceback" not in done.stderr
-
-
-@pytest.mark.parametrize("value", ["4096", -5, 0, 2.5, True])
-def test_load_checks_max_seq_length(tiny, value):
-    directory, _ = tiny
-    with pytest.raises(
-        ArgumentError, match=rf"max_seq_length must be a positive integer or None, got {value!r}"
-    ):
-        fnlm.load(directory, quant=None, dtype=torch.float32, device="cpu", max_seq_length=value)
 
 
 # =============================================================================================
@@ -470,6 +436,21 @@ def test_a_mistyped_relative_path_says_no_such_directory(tmp_path, monkeypatch):
         match=r"no directory \S*/exports/merged exists, and as a hub id",
     ):
         fnlm.load("exports/merged", quant=None, device="cpu")
+
+
+def test_raw_state_dict_keys_with_the_adapter_name_load(tiny, adapter):
+    _, params = tiny
+    directory, raw = adapter
+    assert all(".default." in k for k in raw)
+    expected = lora_lib.load(directory, params)
+    save_file(raw, directory / "adapter_model.safetensors")
+    loaded = lora_lib.load(directory, params)
+    assert all(torch.equal(a, b) for a, b in zip(lora_lib.parameters(loaded),
+                                                 lora_lib.parameters(expected), strict=True))  # fmt: skip
+    two = {**raw, **{k.replace(".default.", ".other."): v.clone() for k, v in raw.items()}}
+    save_file(two, directory / "adapter_model.safetensors")
+    with pytest.raises(LoraError, match=r"several adapters \(\['default', 'other'\]\)"):
+        lora_lib.load(directory, params)
 
 
 def test_a_damaged_converted_gguf_cache_is_rebuilt(tmp_path, monkeypatch, capsys):
@@ -500,3 +481,22 @@ def test_the_first_ctrl_c_says_what_happens_next(tiny, tmp_path, capsys):
     assert "finishing this step, then saving a checkpoint; Ctrl-C again aborts" in (
         capsys.readouterr().err
     )
+
+
+def test_json_errors_name_line_and_column(tmp_path, adapter, tiny):
+    from fnlm import data as data_lib
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"text": "a"}\n{"text": "b",, }\n')
+    with pytest.raises(DataError, match=r"rows\.jsonl line 2 is not valid JSON: .* at column 14"):
+        data_lib.read_rows(str(rows))
+    doc = tmp_path / "rows.json"
+    doc.write_text('[{"text": "a"},\n {"text": }]')
+    with pytest.raises(DataError, match=r"rows\.json is not valid JSON: .* at line 2 column 11"):
+        data_lib.read_rows(str(doc))
+    directory, _ = adapter
+    (directory / "adapter_config.json").write_text('{"r": 4,\n "lora_alpha": }')
+    with pytest.raises(
+        LoraError, match=r"adapter_config\.json is not valid JSON: .* line 2 column 16"
+    ):
+        lora_lib.load(directory, tiny[1])
