@@ -1,4 +1,8 @@
-"""Every bad input to loading gets an fnlm error naming the thing at fault."""
+"""Every bad input to loading gets an fnlm error naming the thing at fault.
+
+Faults found by auditing fnlm as a user (lost work, silent wrong results, code run from a file,
+raw tracebacks, misleading messages) are provoked in tests/test_faults.py, one section per point
+of the audit (issue 20)."""
 
 from __future__ import annotations
 
