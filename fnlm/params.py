@@ -44,7 +44,8 @@ def register_pytree(cls: type | None = None, *, children: tuple = (), static: tu
       `static` context; rebuilt as `cls(dict_of_items, **static)`;
     - any other class: `children` and `static` name its attributes; rebuilt as
       `cls(**children, **static)`, so its constructor takes them by those names.
-    A child may be None (a subtree without leaves). Key paths name the items and attributes.
+    A None child is no leaf (left out, and given back as None). Key paths name the items and
+    attributes.
     """
     if cls is None:
         return lambda c: register_pytree(c, children=children, static=static)
@@ -60,21 +61,23 @@ def register_pytree(cls: type | None = None, *, children: tuple = (), static: tu
         if mapping:
             keys = tuple(node.keys())
             return [node[k] for k in keys], (keys, *context)
-        return [getattr(node, c) for c in names], context
+        # torch's pytree takes None for a leaf: a None child is left out, its name kept out of
+        # the context's first entry (the children present).
+        present = tuple(c for c in names if getattr(node, c) is not None)
+        return [getattr(node, c) for c in present], (present, *context)
 
     def unflatten(values, context):
+        keys, *context = context
         if mapping:
-            keys, *context = context
             return cls(dict(zip(keys, values, strict=True)), **dict(zip(statics, context)))
-        return cls(**dict(zip(names, values, strict=True)), **dict(zip(statics, context)))
+        absent = dict.fromkeys(c for c in names if c not in keys)
+        children = dict(zip(keys, values, strict=True))
+        return cls(**children, **absent, **dict(zip(statics, context)))
 
     def flatten_with_keys(node):
         values, context = flatten(node)
-        if mapping:
-            keys = [pytree.MappingKey(k) for k in context[0]]
-        else:
-            keys = [pytree.GetAttrKey(c) for c in names]
-        return list(zip(keys, values, strict=True)), context
+        make_key = pytree.MappingKey if mapping else pytree.GetAttrKey
+        return [(make_key(k), v) for k, v in zip(context[0], values, strict=True)], context
 
     pytree.register_pytree_node(
         cls,
