@@ -86,8 +86,9 @@ def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> None:
 
 
 def set_aside_checkpoints(run_dir: str | os.PathLike, *, after: int) -> list[Path]:
-    """Rename the checkpoints of steps > `after` to diverged-step-NNNNNNNN: kept for a look, but
-    no longer resumed from or pruned (`list_checkpoints` does not see them). Returns the new paths."""
+    """Rename the checkpoints of steps > `after` to diverged-<name> (diverged-checkpoint-N): kept
+    for a look, but no longer resumed from or pruned (`list_checkpoints` does not see them).
+    Returns the new paths."""
     moved = []
     for path in list_checkpoints(run_dir):
         if checkpoint_step(path) > after:

@@ -153,7 +153,7 @@ def check_divergence(run: Run, result: dict) -> None:
     model: a collapse to a uniform output (loss = ln |V| with a gradient norm of exactly 0: the
     model no longer learns), or a spike far above the running level of the loss, two steps in a
     row. A step that passes lets `Run.checkpoint`'s deferred pruning go ahead."""
-    if getattr(run, "method", None) is not None:  # the watch reads a token cross-entropy (SFT)
+    if run.method is not None:  # the watch reads a token cross-entropy (SFT)
         run.prune_checkpoints()
         return
     vocab = run.params.config.vocab_size
@@ -183,10 +183,10 @@ def stop_diverged(run: Run, result: dict, what: str, *, first_bad: int) -> None:
     """Log the bad step, set aside the checkpoints that may hold the bad update and raise
     NonFiniteLossError naming the last good checkpoint.
 
-    The loss of step t is computed with the weights of checkpoint step-(t-1), so when step
-    `first_bad` went wrong, checkpoints from step first_bad - 1 on hold the update that broke the
-    model: they are renamed diverged-step-N (kept, but neither resumed from nor pruned), and the
-    newest earlier one is the last good checkpoint, which `resume` then continues from."""
+    The loss of step t is computed with the weights of checkpoint-(t-1), so when step
+    `first_bad` went wrong, checkpoints from step first_bad - 1 on may hold the update that broke
+    the model: they are renamed diverged-checkpoint-N (kept, but neither resumed from nor pruned),
+    and the newest earlier one is the last good checkpoint, which `resume` continues from."""
     log(run.metrics_path, {"step": run.step + 1, "loss": result["loss"],
                            "grad_norm": result["grad_norm"]})  # fmt: skip
     plot_losses(run.metrics_path, run.run_dir / "loss.png")
