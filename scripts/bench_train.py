@@ -15,8 +15,8 @@ after --warmup steps.
 token documents of 400-2,000 tokens, as text of 300-1,500 words tokenizes), batch x seq packed
 rows, tokens per wall second over the steps after the warm-up (data, logging and the optimizer
 included), and its ratio to the step benchmark above.
-Reported: tokens/s, peak GiB (torch.cuda.max_memory_allocated over the timed steps, weights
-included), MFU = 4 N T / (time x 790e12) (GPU.md; N = parameters of the model), and fnlm / reference
+Reported: tokens/s, peak GiB (torch.cuda.max_memory_allocated over the warm-up and timed steps,
+weights included; the warm-up holds the CUDA graphs' capture, whose allocations are the step's), MFU = 4 N T / (time x 790e12) (GPU.md; N = parameters of the model), and fnlm / reference
 ratios, and the GPU-busy fraction of two profiled steps (kernel time, overlaps merged, over the
 span from the first kernel to the last). --longest: the longest sequence (batch 1) one training step fits in --cap-gib of memory
 (torch.cuda.set_per_process_memory_fraction) for fnlm (activation offload to CPU, MLP tiled) and
@@ -119,10 +119,13 @@ def batch_of(vocab: int, batch: int, seq: int, seed: int = 0) -> dict:
 
 
 def timed_steps(step, steps: int, warmup: int) -> list[float]:
+    """Seconds of each timed step. The peak memory counts the warm-up too: a CUDA graph's tensors
+    are allocated when it is captured (in the warm-up), its replays allocate nothing."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
     for _ in range(warmup):
         step()
     torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(steps):
         torch.cuda.synchronize()
@@ -310,9 +313,7 @@ def trainer(name: str, directory: Path, args, n_params: int) -> dict:
 
         def callback(entry):
             marks.append((time.perf_counter(), entry["tokens"]))
-            peaks.append(torch.cuda.max_memory_allocated() / 2**30)
-            if len(marks) == args.warmup:  # the steady state's peak from here on
-                torch.cuda.reset_peak_memory_stats()
+            peaks.append(torch.cuda.max_memory_allocated() / 2**30)  # whole run: graphs' capture
 
         train_lib.train(config, params=params, data=data, callback=callback)
     timed = marks[args.warmup :]
@@ -323,7 +324,6 @@ def trainer(name: str, directory: Path, args, n_params: int) -> dict:
         "step_s": seconds / len(timed),
         "real_tokens_per_step": tokens / len(timed),
         "peak_gib": peaks[-1],
-        "peak_gib_warmup": max(peaks[: args.warmup]),
         "mfu": 4 * n_params * tokens / (seconds * PEAK_FLOPS),
     }
 

@@ -176,7 +176,7 @@ def test_packed_attention_block_mask_gradients_on_gpu(window, softcap):
 
 def _packed_qkv(kv_heads, device, dtype=torch.float64):
     g = torch.Generator().manual_seed(0)
-    batch, seq, heads, d = 2, 37, 4, 8
+    batch, seq, heads, d = 2, 37, 4, 16  # flex_attention compiles for head_dim >= 16
     lengths = [[10, 20, 7], [37]]  # the second row: one document filling it
     segments = torch.zeros(batch, seq, dtype=torch.int64)
     for r, row in enumerate(lengths):

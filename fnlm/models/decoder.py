@@ -86,7 +86,11 @@ def attention(
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if kv is not None:
         k, v = update_cache(kv, k, v)
-    if isinstance(mask, BlockMask) and "sinks" not in p:  # packed rows (see fnlm.models.masks)
+    # packed rows on a GPU (see fnlm.models.masks); compiled flex_attention needs head_dim >= 16
+    flex = isinstance(mask, BlockMask) and "sinks" not in p and config.head_dim >= 16
+    if isinstance(mask, BlockMask) and not flex:
+        mask = masks.dense(mask)
+    if flex:
         out = masks.flex(
             q, k, v, mask, scale=config.attention_scale, softcap=config.attention_softcap
         )
@@ -101,7 +105,6 @@ def attention(
             scale=config.attention_scale,
         )
     else:
-        mask = masks.dense(mask) if isinstance(mask, BlockMask) else mask
         out = softcapped_attention(config, q, k, v, mask, p.get("sinks"))
     out = out.transpose(1, 2).reshape(batch, seq, config.num_heads * config.head_dim)
     return linear(out, p["o"], p.get("o_bias"))
@@ -427,6 +430,10 @@ def forward(
     return logits_from_hidden(params, x)
 
 
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def check_tokens(config: ModelConfig, tokens: torch.Tensor) -> None:
     if (
         not isinstance(tokens, torch.Tensor)
@@ -446,7 +453,3 @@ def check_tokens(config: ModelConfig, tokens: torch.Tensor) -> None:
             raise ArgumentError(
                 f"token ids must lie in [0, {config.vocab_size}) for this model; got ids from {low} to {high}"
             )
-
-
-def _capturing() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
