@@ -227,3 +227,43 @@ def test_packed_training_compiles_once(tmp_path):
         train_lib.train(config, params=params, data=data, callback=callback)
     assert counters["stats"]["unique_graphs"] >= 1
     assert frames[1:] == [frames[0]] * (len(frames) - 1), frames
+
+
+@pytest.mark.parametrize("checkpointing", ["layer", "offload"])
+def test_keep_layers_recomputes_fewer_layers_with_the_same_gradients(checkpointing, monkeypatch):
+    """keep_layers=k: the last k layers keep their activations (run once), the others are
+    recomputed in the backward; loss and adapter gradients equal every-layer checkpointing."""
+    from fnlm.models import decoder as decoder_module
+
+    runs = []
+    original = decoder_module.layer_forward
+
+    def counting(*args, **kwargs):
+        runs.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(train_lib.layers.decoder, "layer_forward", counting)
+    data = random_data(n=8)
+    batch = data_lib_collate(data)
+    with saved_checkpoint(tiny_config()) as (_, directory):
+        params = load_fp32(directory)
+        results = {}
+        for keep in (0, 1, 2):
+            lora = lora_lib.init(params, r=4, alpha=8, seed=0)
+            layer_fn = train_lib.layer_function(checkpointing, keep_layers=keep)
+            runs.clear()
+            loss = model_loss(params, batch, lora=lora_lib.train_mode(lora), layer_fn=layer_fn)
+            loss.backward()
+            grads = [t.grad.clone() for t in lora_lib.parameters(lora)]
+            results[keep] = (float(loss), grads, len(runs))
+    layers = tiny_config().num_hidden_layers
+    assert [results[k][2] for k in (0, 1, 2)] == [2 * layers, 2 * layers - 1, layers]
+    for keep in (1, 2):
+        assert results[keep][0] == results[0][0]
+        assert all(torch.equal(a, b) for a, b in zip(results[keep][1], results[0][1]))
+
+
+def data_lib_collate(data):
+    from fnlm import data as data_lib
+
+    return data_lib.collate_padded(data.examples[:2], pad_id=0)

@@ -130,6 +130,10 @@ class TrainConfig:
     mlp_chunk: int = option(
         0, "tile the MLP along the sequence in chunks of this many tokens (0: off)"
     )
+    keep_layers: int = option(
+        0, "with checkpointing layer/offload: the last this many layers keep their activations "
+        "instead of recomputing them (memory for speed; 0: every layer recomputed)",
+    )  # fmt: skip
     cuda_graphs: bool | None = option(
         None, "replay each micro-batch's forward + backward as a CUDA graph (one per batch shape); "
         "unset: on CUDA when possible (no LoRA dropout, no offload)",
@@ -402,6 +406,7 @@ NUMBER_RANGES = {
     "save_total_limit": ("int", 0, None),
     "eval_every": ("int", 0, None),
     "mlp_chunk": ("int", 0, None),
+    "keep_layers": ("int", 0, None),
     "seed": ("int", None, None),
     "lr": ("float", 0.0, None, "open"),
     "alpha": ("float", 0.0, None, "open"),

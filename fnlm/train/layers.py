@@ -114,6 +114,7 @@ def layer_function(
     compile: bool | str = False,
     mlp_chunk: int = 0,
     preserve_rng: bool = True,
+    keep_layers: int = 0,
 ) -> Callable:
     """The `layer_fn` for `fnlm.loss`: decoder.layer_forward, optionally MLP-tiled, compiled and
     checkpointed.
@@ -126,6 +127,9 @@ def layer_function(
     mlp_chunk: > 0 tiles the MLP along the sequence (see `tiled_layer_forward`).
     preserve_rng: "layer" recomputes with the forward's RNG state (needed for dropout only; off,
     the step can be captured as a CUDA graph, where reading the RNG state is not allowed).
+    keep_layers: with "layer" / "offload", the last this many layers of each forward are not
+    checkpointed: their activations stay, so the backward recomputes fewer layers (the knob
+    between "layer" and "none").
     """
     if checkpointing not in ("none", "layer", "offload"):
         raise ArgumentError(
@@ -143,10 +147,20 @@ def layer_function(
         inner = torch.compile(inner, backend=backend)
     if checkpointing == "none":
         return inner
+    # Layers run in order, once per forward (the recompute in backward calls `inner` directly),
+    # so a count of the calls numbers them.
+    calls = [0]
+
+    def layer_index(config) -> int:
+        calls[0] += 1
+        return (calls[0] - 1) % config.num_layers
+
     if checkpointing == "layer":
 
         def checkpointed(config, p, x, cos, sin, mask):
             if not torch.is_grad_enabled():
+                return inner(config, p, x, cos, sin, mask)
+            if layer_index(config) >= config.num_layers - keep_layers:
                 return inner(config, p, x, cos, sin, mask)
             return torch.utils.checkpoint.checkpoint(
                 inner, config, p, x, cos, sin, mask, use_reentrant=False,
@@ -156,15 +170,13 @@ def layer_function(
         return checkpointed
 
     anchor = torch.empty(0, requires_grad=True)  # makes backward run even when x needs no grad
-    calls = [0]
 
     def offloaded(config, p, x, cos, sin, mask):
         if not torch.is_grad_enabled():
             return inner(config, p, x, cos, sin, mask)
-        # Layers run in order, once per forward (the recompute in backward calls `inner`
-        # directly), so the call count numbers them; each number reuses one pinned buffer.
-        slot = calls[0] % config.num_layers
-        calls[0] += 1
+        slot = layer_index(config)  # each layer number reuses one pinned buffer
+        if slot >= config.num_layers - keep_layers:
+            return inner(config, p, x, cos, sin, mask)
         run = lambda h: inner(config, p, h, cos, sin, mask)
         return _OffloadedCheckpoint.apply(run, slot, x, anchor)
 

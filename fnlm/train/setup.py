@@ -280,8 +280,9 @@ def start(config: TrainConfig, *, params=None, tokenizer=None, lora=None, data=N
     compile_layers = device.type == "cuda" if config.compile is None else config.compile
     dropout = config.lora_dropout > 0 and not full
     layer_fn = layer_function(
-        checkpointing, compile=compile_layers, mlp_chunk=config.mlp_chunk, preserve_rng=dropout
-    )
+        checkpointing, compile=compile_layers, mlp_chunk=config.mlp_chunk, preserve_rng=dropout,
+        keep_layers=config.keep_layers,
+    )  # fmt: skip
     graphs = None
     if method is None and use_graphs(config, device, checkpointing, dropout):
         graphs = StepGraphs(trainable.tensors, vocab_size=params.config.vocab_size)
