@@ -7,7 +7,8 @@
 # is off and AVX2/FMA/F16C are on, AMX off — a native build on the GPU hosts picks up AMX and dies
 # with SIGILL on machines without it.
 #
-# Takes about 25 minutes on 2 cores, once per machine; run it in the background early:
+# Takes 25-60 minutes on 2 cores (61 min measured at nice 19 on busy cores), once per machine;
+# run it in the background early:
 #   nohup nice -n 19 scripts/build_llamacpp.sh > ~/.cache/fnlm/llamacpp/build.log 2>&1 &
 #
 # Environment: FNLM_LLAMACPP_DIR (default ~/.cache/fnlm/llamacpp) is where the source, the build and

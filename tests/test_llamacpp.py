@@ -121,6 +121,13 @@ PROMPTS = [
     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}],
 ]
 NEW_TOKENS = 24
+# llama.cpp ends generation at the eos id and at every token spelled as one of these
+# (llama-vocab.cpp, `special_eog_ids`); fnlm stops at the checkpoint's eos ids. The greedy
+# comparison stops fnlm at both, so that it compares the decoding, not the stopping rule.
+LLAMA_CPP_END_TOKENS = (
+    "<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>", "<|eom_id|>",
+    "<EOT>", "<|end_of_text|>", "<eos>",
+)  # fmt: skip
 
 # ---------------------------------------------------------------------------------------------
 # drawn text: unicode with special tokens and whitespace runs spliced in, code, digits, chats
@@ -145,8 +152,8 @@ CHAT = st.lists(MESSAGE, min_size=1, max_size=3)
 # llama.cpp's tools
 
 
-def llama(tool: str, *args, timeout: int = 600) -> str:
-    """Run one of llama.cpp's tools; its stdout (stderr too on failure, in the error)."""
+def llama(tool: str, *args, timeout: int = 600, log: bool = False) -> str:
+    """Run one of llama.cpp's tools; its stdout, and its log (stderr) after it with `log`."""
     result = subprocess.run(
         [str(LLAMACPP_DIR / "bin" / tool), *map(str, args)],
         capture_output=True,
@@ -158,7 +165,8 @@ def llama(tool: str, *args, timeout: int = 600) -> str:
             f"{tool} {' '.join(map(str, args))} exited with {result.returncode}:\n"
             + result.stderr.decode(errors="replace")[-3000:]
         )
-    return result.stdout.decode("utf-8", errors="surrogateescape")
+    out = result.stdout.decode("utf-8", errors="surrogateescape")
+    return out + result.stderr.decode("utf-8", errors="replace") if log else out
 
 
 def llama_tokenize(path: Path, text: str, tmp: Path, *, bos: bool = True) -> list[int]:
@@ -174,7 +182,7 @@ def llama_tokenize(path: Path, text: str, tmp: Path, *, bos: bool = True) -> lis
 def llama_perplexity(path: Path, text_file: Path, context: int) -> float:
     out = llama(
         "llama-perplexity", "-m", path, "-f", text_file, "-c", context, "-b", context,
-        "-t", 2, "--chunks", 2,
+        "-t", 2, "--chunks", 2, log=True,
     )  # fmt: skip
     match = re.search(r"Final estimate: PPL = ([0-9.]+)", out)
     assert match, out[-2000:]
@@ -223,19 +231,18 @@ def is_byte_level(tok) -> bool:
 BYTE_OF = {c: b for b, c in _bytes_to_unicode().items()}
 
 
-def assert_same_greedy(params, tok, path: Path, prompt, tmp: Path) -> int:
+def assert_same_greedy(params, tok, path: Path, prompt, tmp: Path) -> str:
     """llama-simple's greedy text for `prompt` is fnlm's, up to a near-tie of fnlm's logits;
-    returns the number of continuation tokens that agree."""
+    returns how many continuation tokens agree, and why they end."""
     text = (
         tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
         if isinstance(prompt, list)
         else prompt
     )
     prompt_ids = tok.encode(text)
-    ours = generate_tokens(
-        params, [prompt_ids], max_new_tokens=NEW_TOKENS, eos_token_ids=tok.eos_token_ids
-    )[0]
-    shown = [i for i in ours if i not in tok.eos_token_ids]
+    ends = {tok.token_to_id(t) for t in LLAMA_CPP_END_TOKENS} - {None} | set(tok.eos_token_ids)
+    ours = generate_tokens(params, [prompt_ids], max_new_tokens=NEW_TOKENS, eos_token_ids=ends)[0]
+    shown = [i for i in ours if i not in ends]
     with torch.no_grad():
         logits = fnlm.forward(params, torch.tensor([prompt_ids + ours]))[0, len(prompt_ids) - 1 :]
     expected = b"".join(piece_bytes(tok, i) for i in prompt_ids + shown)
@@ -243,7 +250,7 @@ def assert_same_greedy(params, tok, path: Path, prompt, tmp: Path) -> int:
         "utf-8", errors="surrogateescape"
     )
     if theirs.startswith(expected):
-        return len(shown)
+        return f"{len(shown)}{' (end token)' if len(shown) < len(ours) else ''}"
     differ = next(
         (i for i, (a, b) in enumerate(zip(theirs, expected)) if a != b),
         min(len(theirs), len(expected)),  # llama.cpp stopped before fnlm did
@@ -259,7 +266,7 @@ def assert_same_greedy(params, tok, path: Path, prompt, tmp: Path) -> int:
         f"leads by {margin:.3f} (> NEAR_TIE {NEAR_TIE}):\nfnlm:      {expected[offset:]!r}\n"
         f"llama.cpp: {theirs[offset:]!r}"
     )
-    return step
+    return f"{step} (then a near tie: {margin:.3f})"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -393,7 +400,7 @@ def families(scratch):
     built = {}
     for index, (model_type, name, _) in enumerate(FAMILIES):
         tok = Tokenizer.from_dir(TOKENIZERS[name](scratch / f"tok-{model_type}-{name}"))
-        with saved_checkpoint(tiny_config(model_type, tok.vocab_size + 4, seed=index)) as (_, d):
+        with saved_checkpoint(tiny_config(model_type, tok.vocab_size, seed=index)) as (_, d):
             params, _ = load_fp32(d)
         path = fnlm.save(scratch / f"{model_type}-{name}.gguf", params, tok, format="gguf")
         built[model_type, name] = (*load_fp32(path), tok, path)
