@@ -106,7 +106,8 @@ class Params(dict):
 # Weight leaves that compute their own products (the LoRA-adapted leaves of fnlm.lora.leaves)
 # ---------------------------------------------------------------------------------------------
 # A params leaf is a dense tensor, a quantized weight (fnlm.quant), or one of these. The decoder
-# tests for the first two first: a Protocol isinstance costs microseconds on every call.
+# tests for the first two first, then `expect_leaf` (cheap for classes that name the protocol as
+# a base: a Protocol isinstance costs tens of microseconds on every call).
 
 
 @runtime_checkable
@@ -140,8 +141,13 @@ class ExpertsLeaf(MergeableLeaf, Protocol):
 
 
 def expect_leaf(leaf: Any, protocol: type[L]) -> L:
-    """`leaf`, checked to implement `protocol`; ArgumentError naming its type otherwise."""
-    if not isinstance(leaf, protocol):
+    """`leaf`, checked to implement `protocol`; ArgumentError naming its type otherwise.
+
+    A class that lists the protocol among its bases (fnlm.lora's leaves do) passes by a lookup
+    in its MRO (0.1 us); only other classes pay for the structural isinstance, which on Python
+    3.11 costs tens of microseconds: milliseconds per forward over a few hundred adapted leaves.
+    """
+    if protocol not in type(leaf).__mro__ and not isinstance(leaf, protocol):
         raise ArgumentError(
             f"a params leaf of type {type(leaf).__name__} is neither a tensor, a quantized weight "
             f"(fnlm.quant) nor a {protocol.__name__} (fnlm.params)"

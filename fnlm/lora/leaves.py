@@ -2,8 +2,8 @@
 
 Each carries its own computation (`linear`, `embedding`, `expert_matmul`) and `merged_weight`:
 they implement the weight-leaf protocols of fnlm.params (LinearLeaf, EmbeddingLeaf, ExpertsLeaf),
-so the decoder dispatches on the leaf type and never knows a weight is adapted. Pytree children
-are the tensors; the scale and flags are static context (`static_field`).
+named as bases so that the decoder's check is a lookup; the decoder never knows a weight is
+adapted. Pytree children are the tensors; the scale and flags are static context (`static_field`).
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ import torch.nn.functional as F
 from fnlm import quant
 from fnlm.lora.linear import lora_linear
 from fnlm.models import moe
-from fnlm.params import register_pytree, static_field
+from fnlm.params import EmbeddingLeaf, ExpertsLeaf, LinearLeaf, register_pytree, static_field
 
 
 @register_pytree
 @dataclass(frozen=True, eq=False)
-class LoraLinear:
+class LoraLinear(LinearLeaf):
     """A linear weight W (dense or quantized) plus scale·B·A, with dropout on the adapter input
     in training: y = x W^T + bias + scale · (dropout(x) A^T) B^T, as PEFT's lora.Linear computes it
     (the adapter path in the adapters' dtype, the sum cast back to the base output's dtype)."""
@@ -55,7 +55,7 @@ class LoraLinear:
 
 @register_pytree
 @dataclass(frozen=True, eq=False)
-class LoraEmbedding:
+class LoraEmbedding(EmbeddingLeaf):
     """An embedding table W [vocab, hidden] plus PEFT's embedding adapter: rows of A^T [vocab, r]
     looked up per token, times B^T [r, hidden], times scale. PEFT applies no dropout here."""
 
@@ -85,7 +85,7 @@ class LoraEmbedding:
 
 @register_pytree
 @dataclass(frozen=True, eq=False)
-class LoraExperts:
+class LoraExperts(ExpertsLeaf):
     """An expert stack W (dense [E, out, in] or quantized [E·out, in]) plus, per expert e,
     scale·B_e·A_e: each sorted row x of expert e gives x W_e^T + scale · (x A_e^T) B_e^T, the
     adapter path in the adapters' dtype and the sum cast back to the base output's dtype (as
@@ -122,7 +122,7 @@ class LoraExperts:
 
 @register_pytree
 @dataclass(frozen=True, eq=False)
-class SavedEmbedding:
+class SavedEmbedding(EmbeddingLeaf):
     """A trainable copy of the embedding table (modules_to_save). transformers' nn.Embedding has
     padding_idx = pad_token_id, so the pad row gets no gradient; the copy keeps that."""
 
