@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from fnlm.errors import DeviceMemoryError
-from fnlm.train import trackers
+from fnlm.train import distributed, trackers
 
 
 class StopFlag:
@@ -69,6 +69,8 @@ def out_of_memory(e: Exception, what: str, device: torch.device) -> DeviceMemory
 
 def log(path: Path, entry: dict) -> None:
     """Append one JSON line to the metrics file, and send it to the run's trackers (report_to)."""
+    if not distributed.is_main():  # several processes: rank 0 logs the global step's metrics
+        return
     with open(path, "a") as f:
         f.write(json.dumps(entry) + "\n")
     trackers.publish(path, entry)

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from fnlm import data as data_lib
 from fnlm import lora as lora_lib
 from fnlm.params import Params
-from fnlm.train import trackers
+from fnlm.train import distributed, trackers
 from fnlm.train.checkpoint import (
     checkpoint_step,
     list_checkpoints,
@@ -50,15 +50,31 @@ def train(
 
     Raises NonFiniteLossError when the loss turns NaN/inf (the last good checkpoint stays),
     DataError for bad data, DeviceMemoryError when the model or a step does not fit.
+
+    Under `torchrun --nproc_per_node N` each process joins the process group (`distributed`) and
+    trains its share of every step: the global batch is batch_size x grad_accum x N; rank 0
+    writes the checkpoints, metrics and the result. A rank failing in a step stops all with its
+    error (RankFailedError on the others).
     """
+    own_group = distributed.init()
+    try:
+        return _train(config, params, tokenizer, lora, data, eval_data, callback)
+    finally:
+        if own_group:
+            distributed.teardown()
+
+
+def _train(config, params, tokenizer, lora, data, eval_data, callback) -> TrainResult:
     run = start(
         config, params=params, tokenizer=tokenizer, lora=lora, data=data, eval_data=eval_data
     )
-    trackers.start(run.metrics_path, config)  # report_to
+    if distributed.is_main():
+        trackers.start(run.metrics_path, config)  # report_to
     losses, eval_losses, status = [], [], "completed"
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
-    bar = tqdm(total=run.total_steps, initial=run.step, disable=not config.progress, unit="step",
+    shown = config.progress and distributed.is_main()
+    bar = tqdm(total=run.total_steps, initial=run.step, disable=not shown, unit="step",
                dynamic_ncols=True)  # fmt: skip
     started = time.perf_counter()
     try:
@@ -79,9 +95,12 @@ def train(
                 if config.save_every and run.step % config.save_every == 0:
                     if run.step < run.total_steps:
                         run.checkpoint()
-                        plot_losses(run.metrics_path, run.run_dir / "loss.png")
+                        if distributed.is_main():
+                            plot_losses(run.metrics_path, run.run_dir / "loss.png")
                 if callback is not None:
                     callback(entry)
+                if distributed.active():  # a Ctrl-C seen by one rank stops all at this step
+                    stop.requested = distributed.sum_over_ranks([stop.requested])[0] > 0
                 if stop.requested:
                     status = "interrupted"
                     break
@@ -116,7 +135,7 @@ def advance(run: Run, started: float) -> dict:
         stop_on_non_finite(run, result)
     check_divergence(run, result)
     run.step, run.position = run.step + 1, next_position
-    tokens = sum(real_tokens(b) for b in batches)
+    tokens = int(distributed.sum_over_ranks([sum(real_tokens(b) for b in batches)])[0])
     extra = {} if run.method is None else run.method.metrics()
     return {
         "step": run.step,
@@ -190,7 +209,9 @@ def stop_diverged(run: Run, result: dict, what: str, *, first_bad: int) -> None:
     log(run.metrics_path, {"step": run.step + 1, "loss": result["loss"],
                            "grad_norm": result["grad_norm"]})  # fmt: skip
     plot_losses(run.metrics_path, run.run_dir / "loss.png")
-    aside = set_aside_checkpoints(run.run_dir, after=first_bad - 2)
+    main = distributed.is_main()
+    aside = set_aside_checkpoints(run.run_dir, after=first_bad - 2) if main else []
+    distributed.barrier()
     good = list_checkpoints(run.run_dir)
     run.last_checkpoint = good[-1] if good else None
     kept = (
@@ -228,18 +249,21 @@ def finish(run: Run, status: str, losses: list, eval_losses: list) -> TrainResul
     if last is None or checkpoint_step(last) != run.step:
         run.checkpoint()
     run.prune_checkpoints()
-    plot = plot_losses(run.metrics_path, run.run_dir / "loss.png")
-    trackers.finish(run.metrics_path)
+    main = distributed.is_main()
+    plot = plot_losses(run.metrics_path, run.run_dir / "loss.png") if main else None
+    if main:
+        trackers.finish(run.metrics_path)
     full = run.config.mode == "full"
     if not complete:
         print(
             f"fnlm.train: interrupted at step {run.step}; checkpoint {run.last_checkpoint}; "
             "continue with resume"
         )
-    elif full:
+    elif full and main:
         save_full_model(run.run_dir, run.trainable.final_params(), run.tokenizer)
-    else:
+    elif main:
         lora_lib.save(run.run_dir, run.lora, params=run.params)  # its base: lora.config's
+    distributed.barrier()  # no rank returns before the result is written
     return TrainResult(
         run_dir=run.run_dir, step=run.step, status=status, losses=losses,
         params=run.trainable.final_params() if full else run.params, lora=run.lora,

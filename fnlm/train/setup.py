@@ -20,8 +20,9 @@ from fnlm.load import load as load_model
 from fnlm.loss import loss as model_loss
 from fnlm.models import decoder
 from fnlm.params import Params, leaf_paths
-from fnlm.train import methods
+from fnlm.train import distributed, methods
 from fnlm.train.checkpoint import (
+    checkpoint_path,
     list_checkpoints,
     load_checkpoint,
     prune_checkpoints,
@@ -114,12 +115,16 @@ class Run:
         once the next step has passed the divergence watch (`prune_checkpoints`), so the last
         checkpoint from before a bad update is never pruned."""
         options = json.loads(json.dumps(self.config.to_dict(), default=str))
-        self.last_checkpoint = save_checkpoint(
-            self.run_dir, self.step, named=self.trainable.named, optimizer=self.optimizer,
-            scheduler=self.scheduler, position=self.position,
-            extra={"total_steps": self.total_steps, "config": options}, lora=self.lora,
-            params=self.params,
-        )  # fmt: skip
+        if distributed.is_main():  # the replicas are equal: rank 0 writes, the others wait
+            self.last_checkpoint = save_checkpoint(
+                self.run_dir, self.step, named=self.trainable.named, optimizer=self.optimizer,
+                scheduler=self.scheduler, position=self.position,
+                extra={"total_steps": self.total_steps, "config": options}, lora=self.lora,
+                params=self.params,
+            )  # fmt: skip
+        else:
+            self.last_checkpoint = checkpoint_path(self.run_dir, self.step)
+        distributed.barrier()
         self.unpruned = True
         if self.replaced is not None:  # the new run has a checkpoint: the old one can go
             shutil.rmtree(self.replaced, ignore_errors=True)
@@ -128,7 +133,7 @@ class Run:
 
     def prune_checkpoints(self) -> None:
         """Prune to save_total_limit after a step that passed the divergence watch, and at the end."""
-        if self.unpruned:
+        if self.unpruned and distributed.is_main():
             prune_checkpoints(self.run_dir, self.config.save_total_limit)
             self.unpruned = False
 
@@ -245,6 +250,8 @@ def start(config: TrainConfig, *, params=None, tokenizer=None, lora=None, data=N
     """Build the Run for `config` (loading what is not given) and restore its checkpoint when
     resuming; a fresh run seeds torch and writes train_config.json and an empty metrics file."""
     resume_from = prepare_run_dir(config)
+    distributed.barrier()  # every rank has read the directory before rank 0 writes into it
+    main = distributed.is_main()
     run_dir = Path(config.out)
     for source in (config.data, config.eval_data):
         if source is not None and data is None:
@@ -259,6 +266,11 @@ def start(config: TrainConfig, *, params=None, tokenizer=None, lora=None, data=N
         raise ArgumentError("train: the model has no tokenizer; pass tokenizer= or tokenized data=")
     device = next(t.device for _, t in leaf_paths(dict(params)) if isinstance(t, torch.Tensor))
     method = methods.build(config)  # None: supervised fine-tuning
+    if method is not None and distributed.active():
+        raise ArgumentError(
+            f"method={config.method!r} runs on one process; several processes (torchrun) train "
+            "supervised fine-tuning only"
+        )
     if method is None:
         data, eval_data = prepare_data(config, tokenizer, data, eval_data)
     else:
@@ -290,12 +302,13 @@ def start(config: TrainConfig, *, params=None, tokenizer=None, lora=None, data=N
     pad_id = getattr(tokenizer, "pad_token_id", None)
     pad_id = 0 if pad_id is None else pad_id
     if method is None:
-        stream = Stream(data, config, pad_id, device)
+        stream = Stream(data, config, pad_id, device, rank=distributed.rank(),
+                        world_size=distributed.world_size())  # fmt: skip
     else:
         stream = method.stream(data, config, pad_id, device)
     per_epoch = len(stream.plan(0)) * (config.num_iterations if config.method == "grpo" else 1)
     total_steps = config.max_steps or max(
-        1, math.ceil(config.epochs * per_epoch / config.grad_accum)
+        1, math.ceil(config.epochs * per_epoch / (config.grad_accum * distributed.world_size()))
     )
     warmup = config.warmup_steps or math.ceil(config.warmup_ratio * total_steps)
     optimizer = build_optimizer(
@@ -322,15 +335,19 @@ def start(config: TrainConfig, *, params=None, tokenizer=None, lora=None, data=N
             resume_from, named=trainable.named, optimizer=optimizer, scheduler=scheduler
         )
         run.step, run.position, run.last_checkpoint = state["step"], state["position"], resume_from
-        truncate_metrics(run.metrics_path, run.step)
+        if main:
+            truncate_metrics(run.metrics_path, run.step)
         changed = apply_changed_options(run, saved_options(state, run_dir), options)
         print(f"fnlm.train: resumed from {resume_from} (step {run.step}){changed}")
     else:
-        if config.overwrite:
+        if config.overwrite and main:
             run.replaced = replace_contents(run_dir)
         torch.manual_seed(config.seed)
-        run.metrics_path.write_text("")
-    files.write_json(run_dir / RUN_CONFIG, options)
+        if main:
+            run.metrics_path.write_text("")
+    if main:
+        files.write_json(run_dir / RUN_CONFIG, options)
+    distributed.broadcast_tensors(trainable.tensors)  # replicas start equal whatever their init
     return run
 
 

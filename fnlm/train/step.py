@@ -11,6 +11,7 @@ from fnlm import data as data_lib
 from fnlm import lora as lora_lib
 from fnlm.errors import ArgumentError
 from fnlm.params import Params, leaf_paths, path_name, tree_map
+from fnlm.train import distributed
 from fnlm.train.graphs import StepGraphs
 
 
@@ -34,21 +35,34 @@ def train_step(
     preference methods count pairs, GRPO sequences or completion tokens).
     graphs: run each micro-batch's forward + backward through CUDA graphs (`StepGraphs`); the
     gradients are then zeroed in place instead of dropped.
+    Several processes (`distributed`): the count is summed over the ranks before the backward and
+    the gradients and losses after it, so N ranks equal one process running all their batches.
     Returns {"loss", "grad_norm", "lr", "trained_tokens", "tokens"}; when the loss or gradient
     norm is not finite, no update is made and the returned loss says so.
     """
     total_tokens = sum(count(b) for b in batches)
+    several = distributed.active()
+    if several:  # each rank's share is divided by the global batch's count
+        total_tokens = int(distributed.sum_over_ranks([total_tokens])[0])
     denominator = max(total_tokens, 1)
-    summed = None
-    for batch in batches:
-        if graphs is not None:
-            loss = graphs.backward(loss_fn, batch, denominator)
-        else:
-            loss = loss_fn(batch)
-            (loss / denominator).backward()
-            loss = loss.detach()
-        summed = loss if summed is None else summed + loss
-    mean = float(summed) / denominator
+    summed, failure = None, None
+    try:
+        for batch in batches:
+            if graphs is not None:
+                loss = graphs.backward(loss_fn, batch, denominator)
+            else:
+                loss = loss_fn(batch)
+                (loss / denominator).backward()
+                loss = loss.detach()
+            summed = loss if summed is None else summed + loss
+    except Exception as e:
+        if not several:
+            raise
+        failure = e  # the other ranks wait in reduce_step's all-reduce: tell them, then raise
+    summed = 0.0 if summed is None else float(summed)
+    if several:  # after the (possibly graphed) backward, outside any graph
+        summed = distributed.reduce_step(tensors, summed, failure)
+    mean = summed / denominator
     lr = optimizer.param_groups[0]["lr"]
     set_to_none = graphs is None  # a captured backward adds into the same .grad tensors
     if not math.isfinite(mean):

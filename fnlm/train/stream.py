@@ -11,8 +11,10 @@ from fnlm.train.config import TrainConfig
 class Stream:
     """Micro-batches across epochs from a (epoch, index) position; order fixed by the seed."""
 
-    def __init__(self, data, config: TrainConfig, pad_id: int, device: torch.device):
+    def __init__(self, data, config: TrainConfig, pad_id: int, device: torch.device, *,
+                 rank: int = 0, world_size: int = 1):  # fmt: skip
         self.data, self.config, self.pad_id, self.device = data, config, pad_id, device
+        self.rank, self.world_size = rank, world_size
         self.plans: dict[int, list] = {}
 
     def plan(self, epoch: int) -> list:
@@ -28,19 +30,25 @@ class Stream:
         return self.plans[epoch]
 
     def take(self, position: dict, count: int) -> tuple[list[dict], dict]:
+        """This rank's `count` micro-batches of the step starting at `position`, and the next
+        step's position. With N ranks a step spans count x N consecutive plan entries and rank r
+        takes the r-th run of `count` of them: the plan (and so the position, which any world
+        size resumes) does not depend on N, and every example is seen once per epoch."""
         epoch, index = position["epoch"], position["index"]
-        batches = []
-        while len(batches) < count:
+        batches, first = [], self.rank * count
+        for taken in range(count * self.world_size):
             plan = self.plan(epoch)
-            if index >= len(plan):
+            while index >= len(plan):
                 epoch, index = epoch + 1, 0
-                continue
-            # packed rows all have max_seq_length tokens: one shape, compiled and captured once
-            batch = data_lib.collate(
-                self.data, plan[index], pad_id=self.pad_id, packing=self.config.packing,
-                pad_to_multiple=self.config.pad_to_multiple, length=self.config.max_seq_length,
-            )  # fmt: skip
-            batches.append({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
+                plan = self.plan(epoch)
+            if first <= taken < first + count:
+                # packed rows all have max_seq_length tokens: one shape, compiled and captured once
+                batch = data_lib.collate(
+                    self.data, plan[index], pad_id=self.pad_id, packing=self.config.packing,
+                    pad_to_multiple=self.config.pad_to_multiple,
+                    length=self.config.max_seq_length,
+                )  # fmt: skip
+                batches.append({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
             index += 1
         return batches, {"epoch": epoch, "index": index}
 

@@ -1,0 +1,151 @@
+"""Several processes (`torchrun --nproc_per_node N`): the process group, rank helpers, and the
+data-parallel reduction of a step.
+
+LoRA / QLoRA data parallelism: every rank holds the whole frozen base and the same adapters; each
+runs its share of the step's micro-batches and `reduce_step` all-reduces the adapters' gradients
+as one flat bucket after the last backward. Not torch DDP: DDP needs an nn.Module and hooks its
+autograd, while fnlm's adapters are plain tensors and a step's backward may be a CUDA graph
+replay; one all-reduce per optimizer step (after gradient accumulation, outside any graph) is
+what DDP with `no_sync` over the accumulation would do, minus the overlap with backward, which
+for adapter gradients (megabytes, not gigabytes) costs little.
+
+A rank that raises inside a step does not leave the others waiting: its failure flag travels in
+the same all-reduce as the gradients, every rank then learns which rank failed and why, and all
+raise. A rank that dies outside a step is torchrun's (or mp.spawn's) to stop: it ends the other
+workers when one exits with an error; the process group's timeout is the last resort.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from fnlm.errors import FnlmError
+
+# How long a collective waits for a missing rank before failing. A barrier waits while rank 0
+# writes a checkpoint or the final model (minutes for a multi-GB full fine-tune), so not shorter.
+TIMEOUT = timedelta(minutes=15)
+
+
+class RankFailedError(FnlmError):
+    """Another rank of a distributed run failed; the message holds its rank and error."""
+
+
+def requested() -> bool:
+    """Whether this process was started as one of several (torchrun sets WORLD_SIZE > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init() -> bool:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+    MASTER_PORT): nccl when CUDA is available (each process on GPU LOCAL_RANK), gloo otherwise.
+    Returns True when this call created the group (the caller then `teardown`s it), False when
+    there is one process or a group already exists."""
+    if not requested() or dist.is_initialized():
+        return False
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        backend = "nccl"
+    else:
+        backend = "gloo"
+    dist.init_process_group(backend, timeout=TIMEOUT)
+    return True
+
+
+def teardown() -> None:
+    """Leave the process group (after a last barrier, so no rank exits while another writes)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def active() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    """Rank 0: the one that writes checkpoints, metrics and the final adapter or model."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def _device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def sum_over_ranks(values: Sequence[float]) -> list[float]:
+    """The element-wise sum of `values` over all ranks (the values themselves with one process)."""
+    if not active():
+        return list(values)
+    buffer = torch.tensor(values, dtype=torch.float64, device=_device())
+    dist.all_reduce(buffer)
+    return buffer.tolist()
+
+
+def broadcast_tensors(tensors: Sequence[torch.Tensor]) -> None:
+    """Copy rank 0's values of `tensors` into every rank's (the replicas start equal)."""
+    if not active():
+        return
+    with torch.no_grad():
+        for tensor in tensors:
+            moved = tensor.detach().to(_device())
+            dist.broadcast(moved, 0)
+            if moved is not tensor:
+                tensor.copy_(moved)
+
+
+def reduce_step(
+    tensors: Sequence[torch.Tensor], summed_loss: float, failure: BaseException | None
+) -> float:
+    """After a step's backward on every rank: sum the gradients of `tensors` and the summed losses
+    over the ranks in one all-reduce (each rank's gradients are already divided by the step's
+    global token count, so the sum is the gradient of the whole global batch). Returns the global
+    summed loss.
+
+    failure: the exception this rank's step raised (its gradients count as zero). When any rank
+    failed, every rank raises: the failed one its own exception, the others RankFailedError
+    naming the failed ranks and their errors."""
+    device = _device()
+    grads = [
+        (t.grad if t.grad is not None else torch.zeros_like(t)).reshape(-1).to(device, torch.float32)
+        for t in tensors
+    ]  # fmt: skip
+    loss = 0.0 if failure is not None else summed_loss
+    flat = torch.cat([*grads, torch.tensor([loss, float(failure is not None)], device=device)])
+    dist.all_reduce(flat)
+    if flat[-1].item() > 0:
+        errors: list = [None] * world_size()
+        mine = None if failure is None else f"{type(failure).__name__}: {failure}"
+        dist.all_gather_object(errors, mine)
+        if failure is not None:
+            raise failure
+        failed = "; ".join(f"rank {r}: {e}" for r, e in enumerate(errors) if e is not None)
+        raise RankFailedError(
+            f"training stopped on rank {rank()} because another rank failed in the step ({failed})"
+        )
+    offset = 0
+    with torch.no_grad():
+        for t in tensors:
+            n = t.numel()
+            if t.grad is None:
+                t.grad = torch.zeros_like(t)
+            t.grad.copy_(flat[offset : offset + n].view_as(t.grad))
+            offset += n
+    return float(flat[-2])
