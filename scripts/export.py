@@ -9,7 +9,13 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a checkout not pip-installed
-from fnlm.cli import main  # noqa: E402
+from fnlm import cli  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`fnlm export ARGS`, ARGS from `argv` or else the command line; returns the exit status."""
+    return cli.main(["export", *(sys.argv[1:] if argv is None else argv)])
+
 
 if __name__ == "__main__":
-    sys.exit(main(["export", *sys.argv[1:]]))
+    sys.exit(main())
