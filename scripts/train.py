@@ -1,7 +1,7 @@
 """Fine-tune a model: `fnlm train` (see `fnlm train --help`), runnable from a checkout.
 
 python scripts/train.py --data data/demo.jsonl --out runs/demo --mode lora --lr 1e-3
-python scripts/train.py --config examples/qlora-sft.toml --max-steps 100
+python scripts/train.py --config examples/qlora-sft-qwen.toml --max-steps 100
 """
 
 import sys

@@ -12,7 +12,7 @@ DESCRIPTION = """\
 Fine-tune a model: QLoRA by default (LoRA adapters over an NF4 base), or --mode lora | full.
 
   fnlm train --data data/demo.jsonl --out runs/demo --mode lora --lr 1e-3
-  fnlm train --config examples/qlora-sft.toml --max-steps 100
+  fnlm train --config examples/qlora-sft-qwen.toml --max-steps 100
   fnlm train --model Qwen/Qwen2.5-0.5B-Instruct --data my.jsonl --learning_rate 2e-4 \\
       --per_device_train_batch_size 4 --gradient_accumulation_steps 4 --report-to tensorboard
 

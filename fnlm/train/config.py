@@ -274,7 +274,7 @@ class TrainConfig:
         """A config from a TOML or YAML file (its [train] table / train: key when it has one),
         `overrides` winning; names as `from_dict` takes them.
 
-        >>> TrainConfig.from_file("examples/qlora-sft.toml", max_steps=10)  # doctest: +SKIP
+        >>> TrainConfig.from_file("examples/qlora-sft-qwen.toml", max_steps=10)  # doctest: +SKIP
         """
         return cls.from_dict({**read_config_file(path), **overrides})
 
