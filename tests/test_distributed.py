@@ -4,6 +4,7 @@ is sharded without loss or repeat, and a rank failing in a step stops the other 
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import socket
@@ -68,7 +69,10 @@ def worker(rank, world, ports, params, data, jobs, report) -> None:
         if fail_rank == rank:
             setup_lib.model_loss = failing_loss(rank, after=config.grad_accum)
         try:
-            results.append({"losses": train(config, params=params, data=data).losses})
+            # a copy: spawn hands every rank the same shared-memory tensors, which full
+            # fine-tuning updates in place
+            mine = copy.deepcopy(params)
+            results.append({"losses": train(config, params=mine, data=data).losses})
         except Exception as e:
             results.append({"error": f"{type(e).__name__}: {e}"})
             path.write_text(json.dumps(results))
@@ -112,10 +116,13 @@ def runs(tmp_path_factory):
 
         one = one_process("one")
         one_process("one-half", max_steps=2)
+        one_full = one_process("one-full", mode="full", max_steps=3)
         jobs = [
             (run_config(tmp / "two", **COMMON, grad_accum=2), None),
             (run_config(tmp / "two-resumed", **COMMON, grad_accum=2,
                         resume=str(tmp / "one-half" / "checkpoint-2")), None),
+            (run_config(tmp / "two-full", **{**COMMON, "max_steps": 3}, mode="full",
+                        grad_accum=2), None),
             (run_config(tmp / "failing", **COMMON, grad_accum=2), 1),
         ]  # fmt: skip
         ports = [free_port() for _ in jobs]
@@ -128,7 +135,15 @@ def runs(tmp_path_factory):
         seconds = time.perf_counter() - started
         back = one_process("one-resumed", resume=str(tmp / "two" / "checkpoint-2"))
     reports = [json.loads((tmp / f"report.{r}").read_text()) for r in range(2)]
-    return dict(tmp=tmp, one=one, back=back, reports=reports, raised=raised, seconds=seconds)
+    return dict(
+        tmp=tmp,
+        one=one,
+        one_full=one_full,
+        back=back,
+        reports=reports,
+        raised=raised,
+        seconds=seconds,
+    )
 
 
 def test_two_ranks_equal_one_process_and_resume_across_world_sizes(runs):
@@ -151,14 +166,24 @@ def test_two_ranks_equal_one_process_and_resume_across_world_sizes(runs):
     assert [e["trained_tokens"] for e in logged] == [e["trained_tokens"] for e in single]
 
 
+def test_full_finetuning_replicated_on_two_ranks_equals_one_process(runs):
+    """mode="full" without FSDP: every rank holds the whole model and all its gradients are
+    all-reduced; the trained model equals one process's."""
+    tmp, (rank0, _) = runs["tmp"], runs["reports"]
+    assert_losses_close(rank0[2]["losses"], runs["one_full"].losses)
+    ref = load_file(tmp / "one-full" / "model.safetensors")
+    for name, tensor in load_file(tmp / "two-full" / "model.safetensors").items():
+        assert torch.allclose(tensor, ref[name], rtol=0, atol=ADAPTER_ABS_TOL), name
+
+
 def test_a_failing_rank_stops_the_other_with_its_error(runs):
     """Rank 1 raises in step 2: it ends with its own error, rank 0 with RankFailedError naming
     rank 1 and its message, at once (not after the group's 15-minute timeout)."""
     assert "boom on rank 1" in str(runs["raised"])
     rank0, rank1 = runs["reports"]
-    assert rank1[2] == {"error": "ValueError: boom on rank 1"}
-    assert rank0[2]["error"].startswith("RankFailedError: training stopped on rank 0")
-    assert "rank 1: ValueError: boom on rank 1" in rank0[2]["error"]
+    assert rank1[3] == {"error": "ValueError: boom on rank 1"}
+    assert rank0[3]["error"].startswith("RankFailedError: training stopped on rank 0")
+    assert "rank 1: ValueError: boom on rank 1" in rank0[3]["error"]
     assert runs["seconds"] < 300
 
 

@@ -113,8 +113,11 @@ class TrainConfig:
     warmup_ratio: float = option(0.0, "warm-up as a fraction of the steps (when warmup_steps is 0)")
     min_lr_ratio: float = option(0.0, "floor of the linear / cosine decay, as a fraction of lr")
     max_grad_norm: float | None = option(1.0, "clip the gradient norm to this (unset: no clipping)")
-    batch_size: int = option(2, "rows per micro-batch")
-    grad_accum: int = option(4, "micro-batches per optimizer step")
+    batch_size: int = option(2, "rows per micro-batch (per process under torchrun)")
+    grad_accum: int = option(
+        4, "micro-batches per optimizer step and process: the global batch is batch_size x "
+        "grad_accum x N under torchrun --nproc_per_node N"
+    )  # fmt: skip
     epochs: float = option(1.0, "passes over the data (fractions allowed)")
     max_steps: int | None = option(None, "optimizer steps to run; overrides epochs")
     seed: int = option(3407, "seed of the adapters' initialization, the shuffling and dropout")
