@@ -26,6 +26,7 @@ import math
 import os
 import re
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -212,20 +213,22 @@ def fnlm_perplexity(params, ids: list[int], context: int, bos: int | None) -> fl
     return math.exp(nll / count)
 
 
-def piece_bytes(tok, token_id: int) -> bytes:
-    """What llama.cpp prints for one token (token_to_piece, special tokens shown)."""
-    token = tok.id_to_token(token_id)
-    if token_id in tok.backend.get_added_tokens_decoder():
-        return token.encode("utf-8")
-    if not is_byte_level(tok):  # SentencePiece: ▁ is a space, <0xAB> one byte
-        if re.fullmatch(r"<0x[0-9A-F]{2}>", token):
+def piece_bytes(tok) -> Callable[[int], bytes]:
+    """What llama.cpp prints for a token of `tok` (token_to_piece, special tokens shown)."""
+    added = set(tok.backend.get_added_tokens_decoder())
+    byte_level = not json.loads(tok.backend.to_str())["model"].get("byte_fallback")
+
+    def piece(token_id: int) -> bytes:
+        token = tok.id_to_token(token_id)
+        if token_id in added:
+            return token.encode("utf-8")
+        if byte_level:
+            return bytes(BYTE_OF[c] for c in token)
+        if re.fullmatch(r"<0x[0-9A-F]{2}>", token):  # SentencePiece: a byte; ▁ is a space
             return bytes([int(token[3:5], 16)])
         return token.replace("\u2581", " ").encode("utf-8")
-    return bytes(BYTE_OF[c] for c in token)
 
-
-def is_byte_level(tok) -> bool:
-    return not json.loads(tok.backend.to_str())["model"].get("byte_fallback")
+    return piece
 
 
 BYTE_OF = {c: b for b, c in _bytes_to_unicode().items()}
@@ -245,7 +248,8 @@ def assert_same_greedy(params, tok, path: Path, prompt, tmp: Path) -> str:
     shown = [i for i in ours if i not in ends]
     with torch.no_grad():
         logits = fnlm.forward(params, torch.tensor([prompt_ids + ours]))[0, len(prompt_ids) - 1 :]
-    expected = b"".join(piece_bytes(tok, i) for i in prompt_ids + shown)
+    piece = piece_bytes(tok)
+    expected = b"".join(piece(i) for i in prompt_ids + shown)
     theirs = llama("llama-simple", "-m", path, "-n", NEW_TOKENS + 2, text).encode(
         "utf-8", errors="surrogateescape"
     )
@@ -255,10 +259,10 @@ def assert_same_greedy(params, tok, path: Path, prompt, tmp: Path) -> str:
         (i for i, (a, b) in enumerate(zip(theirs, expected)) if a != b),
         min(len(theirs), len(expected)),  # llama.cpp stopped before fnlm did
     )
-    offset = len(b"".join(piece_bytes(tok, i) for i in prompt_ids))
+    offset = len(b"".join(piece(i) for i in prompt_ids))
     assert differ >= offset, f"llama-simple printed another prompt: {theirs[:offset]!r}"
-    ends = itertools.accumulate((len(piece_bytes(tok, i)) for i in shown), initial=offset)
-    step = next(k for k, end in enumerate(list(ends)[1:]) if end > differ)
+    bounds = itertools.accumulate((len(piece(i)) for i in shown), initial=offset)
+    step = next(k for k, end in enumerate(list(bounds)[1:]) if end > differ)
     top = logits[step].topk(2).values
     margin = (top[0] - top[1]).item()
     assert margin <= NEAR_TIE, (
