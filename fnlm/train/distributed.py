@@ -57,20 +57,24 @@ def init() -> bool:
 
 
 def teardown() -> None:
-    """Leave the process group (after a last barrier, so no rank exits while another writes)."""
+    """Leave the process group (`train` does, after `finish`'s barrier: no rank leaves while
+    rank 0 still writes the result)."""
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
 def active() -> bool:
+    """Whether a process group of more than one rank is running."""
     return dist.is_initialized() and dist.get_world_size() > 1
 
 
 def rank() -> int:
+    """This process's rank (0 without a process group)."""
     return dist.get_rank() if dist.is_initialized() else 0
 
 
 def world_size() -> int:
+    """The number of processes (1 without a process group)."""
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
@@ -80,6 +84,7 @@ def is_main() -> bool:
 
 
 def barrier() -> None:
+    """Wait for every rank (nothing with one process)."""
     if active():
         dist.barrier()
 
