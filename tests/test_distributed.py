@@ -216,3 +216,50 @@ def test_the_plan_is_sharded_without_loss_or_repeat(world):
 def test_one_process_needs_no_group():
     assert not distributed.active() and distributed.rank() == 0 and distributed.world_size() == 1
     assert distributed.sum_over_ranks([1.5, 2.0]) == [1.5, 2.0]
+
+
+def test_torchrun_runs_the_train_script_unchanged(tmp_path):
+    """`torchrun --nproc_per_node 2 scripts/train.py` with --grad-accum 1 logs the losses of one
+    process with --grad-accum 2 (the global batch is batch_size x grad_accum x N)."""
+    import subprocess
+    import sys
+
+    from models import saved_checkpoint
+    from test_train import CHAT_TEMPLATE, ROOT, tiny_config
+    from tokenizer_fixtures import write_byte_level_bpe
+
+    from fnlm.tokenizer import Tokenizer
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    write_byte_level_bpe(model_dir, chat_template=CHAT_TEMPLATE)
+    config = tiny_config()
+    config.vocab_size = Tokenizer.from_dir(model_dir).vocab_size
+    with saved_checkpoint(config) as (model, _):
+        model.save_pretrained(model_dir)
+    rows = [
+        {"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
+                      {"role": "assistant", "content": f"The answer is {2 * i}."}]}
+        for i in range(12)
+    ]  # fmt: skip
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = ["--model", str(model_dir), "--data", str(data), "--mode", "lora", "--max-steps",
+              "3", "--batch-size", "2", "--max-seq-length", "64", "--no-progress", "--cache-dir",
+              str(tmp_path / "cache")]  # fmt: skip
+    script = str(ROOT / "scripts" / "train.py")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_port", str(free_port())]  # fmt: skip
+    runs = {
+        "two": [*torchrun, script, *common, "--grad-accum", "1", "--out", str(tmp_path / "two")],
+        "one": [sys.executable, script, *common, "--grad-accum", "2", "--out", str(tmp_path / "one")],
+    }  # fmt: skip
+    losses = {}
+    for name, command in runs.items():
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        losses[name] = [json.loads(line)["loss"] for line in lines]
+    assert_losses_close(losses["two"], losses["one"])
+    assert (tmp_path / "two" / "adapter_model.safetensors").is_file()
