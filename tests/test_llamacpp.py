@@ -73,9 +73,11 @@ pytestmark = [
 NEAR_TIE = 0.1
 PPL_F16_REL = 0.005
 PPL_Q8_0_REL = 0.02
-# Our q4_0 and llama-quantize's Q4_0 quantize the blocks with the same rule (ggml's reference);
-# they differ in the tensors kept wider (our tied embedding Q8_0, llama-quantize's Q6_K).
-PPL_Q4_0_SLACK = 0.005
+# Our q4_0 and llama-quantize's Q4_0 hold the same tensor types and quantize blocks by the same
+# rule (ggml's reference), but ours rounds the fp32 weights and llama-quantize the f16 export, so
+# codes near a rounding boundary differ; on ~250 scored tokens that moves the perplexity by up to
+# about 1% either way (measured on SmolLM2: ours +16.16%, llama-quantize's +15.45% over fnlm's).
+PPL_Q4_0_SLACK = 0.01
 
 # ~510 tokens of plain English (SmolLM2's tokenizer), for perplexity.
 PARAGRAPH = (
