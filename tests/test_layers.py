@@ -37,11 +37,7 @@ LAYERS = (
 RANK = {part: rank for rank, parts in enumerate(LAYERS) for part in parts}
 
 # module -> why it still breaks a rule (the xfail reason); remove the entry once it is fixed
-KNOWN_VIOLATIONS = {
-    "fnlm.cli.export": "cli subcommands call fnlm.load through `import fnlm` (CLI owner to fix)",
-    "fnlm.cli.generate": "cli subcommands call fnlm.load through `import fnlm` (CLI owner to fix)",
-    "fnlm.cli.serve": "cli subcommands call fnlm.load through `import fnlm` (CLI owner to fix)",
-}
+KNOWN_VIOLATIONS: dict[str, str] = {}
 
 
 def _module_name(path: Path) -> str:

@@ -68,9 +68,11 @@ def base_dtype(model: str | None, dtype: str | None) -> str:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    import fnlm
+    from fnlm import lora as lora_lib
     from fnlm.errors import ArgumentError
+    from fnlm.export import save
     from fnlm.load import adapter_base
+    from fnlm.load import load as load_model
 
     if args.format == "adapter" and not args.adapter:
         raise ArgumentError("--format adapter needs --adapter DIR")
@@ -79,9 +81,9 @@ def run(args: argparse.Namespace) -> int:
         model = adapter_base(args.adapter)
         print(f"fnlm: loading {model}, the base model of {args.adapter}", file=sys.stderr)
     dtype = base_dtype(model, args.dtype)
-    params, tok = fnlm.load(model, quant=None, dtype=dtype, device=args.device)
-    lora = fnlm.lora.load(args.adapter, params, trainable=False) if args.adapter else None
-    written = fnlm.save(
+    params, tok = load_model(model, quant=None, dtype=dtype, device=args.device)
+    lora = lora_lib.load(args.adapter, params, trainable=False) if args.adapter else None
+    written = save(
         args.out, params, tok, lora=lora, format=args.format, dtype=args.dtype,
         gguf_type=args.gguf_type, shard_size=args.shard_size, overwrite=args.overwrite,
     )  # fmt: skip

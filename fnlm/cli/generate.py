@@ -97,18 +97,19 @@ def load_model(args: argparse.Namespace, *, trainable: bool = False):
 
     --adapter without --model loads the base its adapter_config.json names (for a run on the
     embedded model, the embedded model), as peft's AutoPeftModel does."""
-    import fnlm
+    from fnlm import lora as lora_lib
     from fnlm.load import adapter_base
+    from fnlm.load import load as load_weights
 
     model = args.model
     if args.adapter and model is None:
         model = adapter_base(args.adapter)
         print(f"fnlm: loading {model}, the base model of {args.adapter}", file=sys.stderr)
     quant = None if args.quant == "none" else args.quant
-    params, tok = fnlm.load(model, quant=quant, dtype=args.dtype, device=args.device)
+    params, tok = load_weights(model, quant=quant, dtype=args.dtype, device=args.device)
     lora = None
     if args.adapter:
-        lora = fnlm.lora.load(args.adapter, params, trainable=trainable)
+        lora = lora_lib.load(args.adapter, params, trainable=trainable)
         if (Path(args.adapter) / "tokenizer.json").is_file():  # saved with the adapter
             from fnlm.load import load_tokenizer
 
@@ -139,7 +140,7 @@ def print_piece(_index: int, piece: str) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    import fnlm
+    from fnlm.generate import generate
 
     params, tok, lora = load_model(args)
     _needs_tokenizer(args, tok)
@@ -147,18 +148,18 @@ def run_generate(args: argparse.Namespace) -> int:
     system = [{"role": "system", "content": args.system}] if args.system else []
     prompts = [[*system, {"role": "user", "content": p}] if templated else p for p in args.prompts]
     if len(prompts) == 1:
-        fnlm.generate(params, tok, prompts[0], lora=lora, stream=print_piece, **sampling(args))
+        generate(params, tok, prompts[0], lora=lora, stream=print_piece, **sampling(args))
         print()
         return 0
     for prompt, text in zip(
-        args.prompts, fnlm.generate(params, tok, prompts, lora=lora, **sampling(args))
+        args.prompts, generate(params, tok, prompts, lora=lora, **sampling(args))
     ):
         print(f"### {prompt}\n{text}\n")
     return 0
 
 
 def run_chat(args: argparse.Namespace) -> int:
-    import fnlm
+    from fnlm.generate import generate
 
     params, tok, lora = load_model(args)
     _needs_tokenizer(args, tok)
@@ -179,7 +180,7 @@ def run_chat(args: argparse.Namespace) -> int:
         if not interactive:
             print(f"> {line}")
         history.append({"role": "user", "content": line})
-        reply = fnlm.generate(
+        reply = generate(
             params, tok, system + history, lora=lora, stream=print_piece, **sampling(args)
         )
         print()

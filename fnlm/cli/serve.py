@@ -54,9 +54,10 @@ def add(commands, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import fnlm
+    from fnlm import lora as lora_lib
     from fnlm.errors import ArgumentError, TokenizerError
     from fnlm.load import adapter_base
+    from fnlm.load import load as load_model
     from fnlm.serve import Engine, serve
 
     pairs = []
@@ -70,10 +71,10 @@ def run(args: argparse.Namespace) -> int:
         model = adapter_base(pairs[0][1])
         print(f"fnlm: loading {model}, the base model of {pairs[0][1]}", file=sys.stderr)
     quant = None if args.quant == "none" else args.quant
-    params, tok = fnlm.load(model, quant=quant, dtype=args.dtype)
+    params, tok = load_model(model, quant=quant, dtype=args.dtype)
     if tok is None:
         raise TokenizerError(f"{model}: the checkpoint has no tokenizer.json; cannot serve text")
-    adapters = {name: fnlm.lora.load(d, params, trainable=False) for name, d in pairs}
+    adapters = {name: lora_lib.load(d, params, trainable=False) for name, d in pairs}
     name = args.name or (Path(model).name if model else "smollm2-135m-instruct")
     context = min(args.context, params.config.max_position_embeddings)
     engine = Engine(params, tok, adapters, slots=args.slots, context=context)
