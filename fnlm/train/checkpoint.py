@@ -9,7 +9,6 @@ import os
 import pickle
 import re
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -104,11 +103,13 @@ def _write_checkpoint(
     root, final, step, named, optimizer, scheduler, position, extra, lora, params
 ):
     root.mkdir(parents=True, exist_ok=True)
-    for pattern in (f"{TMP_PREFIX}{CHECKPOINT_PREFIX}*", f"{TMP_PREFIX}old-*"):
+    stale_patterns = (f"{TMP_PREFIX}{CHECKPOINT_PREFIX}*", f"{TMP_PREFIX}old-*",
+                      f".{CHECKPOINT_PREFIX}*.tmp")  # fmt: skip
+    for pattern in stale_patterns:
         for stale in root.glob(pattern):  # left by a crash during an earlier save
             shutil.rmtree(stale, ignore_errors=True)
-    work = Path(tempfile.mkdtemp(dir=root, prefix=f"{TMP_PREFIX}{final.name}-"))
-    try:
+    # built beside `final`, fsynced and swapped in whole (replacing the same step saved again)
+    with files.atomic_directory(final) as work:
         save_file(
             {name: t.detach().contiguous().cpu() for name, t in named},
             work / "trainable.safetensors",
@@ -123,22 +124,6 @@ def _write_checkpoint(
         (work / "state.json").write_text(json.dumps(state, indent=2))
         if lora is not None:
             lora_lib.save(work, lora, params=params)
-        _fsync_tree(work)
-        if final.exists():  # the same step saved again (e.g. interrupted right after a save)
-            old = root / f"{TMP_PREFIX}old-{final.name}"
-            os.replace(final, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(work, final)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-
-
-def _fsync_tree(directory: Path) -> None:
-    for path in directory.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
 
 
 def checkpoint_path(run_dir: str | os.PathLike, step: int) -> Path:
