@@ -73,11 +73,10 @@ pytestmark = [
 NEAR_TIE = 0.1
 PPL_F16_REL = 0.005
 PPL_Q8_0_REL = 0.02
-# Our q4_0 and llama-quantize's Q4_0 hold the same tensor types and quantize blocks by the same
-# rule (ggml's reference), but ours rounds the fp32 weights and llama-quantize the f16 export, so
-# codes near a rounding boundary differ; on ~250 scored tokens that moves the perplexity by up to
-# about 1% either way (measured on SmolLM2: ours +16.16%, llama-quantize's +15.45% over fnlm's).
-PPL_Q4_0_SLACK = 0.01
+# Our q4_0 and llama-quantize's Q4_0 hold the same tensor types and quantize the f16-rounded
+# weights by the same rule (ggml's reference), so the two files score the same (measured on
+# SmolLM2: both +15.45% over fnlm's perplexity); the slack only absorbs printing precision.
+PPL_Q4_0_SLACK = 1e-4
 
 # ~510 tokens of plain English (SmolLM2's tokenizer), for perplexity.
 PARAGRAPH = (

@@ -107,7 +107,9 @@ def _gguf_array(tensor: torch.Tensor, kind) -> np.ndarray:
         return values
     if kind == Q.F16:
         return values.astype(np.float16)
-    return quants.quantize(values, kind)
+    # Quantized blocks are made from the f16-rounded weights, as llama.cpp's own pipeline (convert
+    # to f16, then llama-quantize) makes them: the same bytes as its quantizer on the same model.
+    return quants.quantize(values.astype(np.float16).astype(np.float32), kind)
 
 
 def write_gguf(path: Path, weights: MergedWeights, tok, gguf_type: str) -> None:
