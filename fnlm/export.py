@@ -30,8 +30,10 @@ import torch
 from fnlm import files, models, quant
 from fnlm.config import ModelConfig
 from fnlm.errors import ArgumentError, ExportError, FnlmError
+from fnlm.gguf.kquant import K_QUANTS, llama_quantize, requantize
 from fnlm.gguf.read import save_streaming
-from fnlm.gguf.write import GGUF_TYPES, check_gguf_support, write_gguf
+from fnlm.gguf.write import GGUF_TYPES as WRITTEN_GGUF_TYPES
+from fnlm.gguf.write import check_gguf_support, write_gguf
 from fnlm.lora import (
     Lora,
     LoraEmbedding,
@@ -44,6 +46,8 @@ from fnlm.models import moe
 from fnlm.params import Params, get_path, path_name
 
 FORMATS = ("adapter", "merged", "gguf")
+# written by fnlm, or (K-quants) by llama.cpp's llama-quantize from fnlm's f16 file
+GGUF_TYPES = WRITTEN_GGUF_TYPES + tuple(K_QUANTS)
 DEFAULT_SHARD_SIZE = "5GB"
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -88,7 +92,9 @@ def save(
         template. `dtype`: of the weights (default: the params' compute dtype).
     format="gguf": one llama.cpp file, `directory` itself when it ends in .gguf, else
         `directory/model-<gguf_type>.gguf`; gguf_type "f16" | "bf16" | "q8_0" | "q4_0" (norms stay
-        F32; rows whose length is not a multiple of 32 stay F16). Llama / Mistral (as llama),
+        F32; rows whose length is not a multiple of 32 stay F16), or the K-quants "q4_k_m" |
+        "q5_k_m" | "q6_k", made by llama.cpp's llama-quantize from fnlm's f16 file (see
+        fnlm.gguf.kquant; ExportError when the tool is not found). Llama / Mistral (as llama),
         Qwen2, Qwen3, with their tokenizer and chat template. Needs `tok`.
     base: the 16-bit checkpoint (directory or hub id) to merge into instead of dequantizing a
         quantized base; default `params.source` (recorded by fnlm.load) when it is a directory.
@@ -123,9 +129,22 @@ def save(
     if tok is None:
         raise ArgumentError("save: format='gguf' needs tok=... (a GGUF carries its tokenizer)")
     check_gguf_support(params.config)
+    binary = llama_quantize() if gguf_type in K_QUANTS else None  # missing: fail before writing
     weights = MergedWeights(params, lora, base)
     target = _prepare_gguf_path(Path(directory), gguf_type, overwrite)
-    _write_file(target, lambda tmp: write_gguf(Path(tmp), weights, tok, gguf_type))
+    if binary is None:
+        _write_file(target, lambda tmp: write_gguf(Path(tmp), weights, tok, gguf_type))
+        return target
+
+    def write_k_quant(tmp: Path) -> None:
+        f16 = Path(tmp).with_name(Path(tmp).name + ".f16.gguf")
+        try:
+            write_gguf(f16, weights, tok, "f16")
+            requantize(f16, Path(tmp), gguf_type, binary)
+        finally:
+            f16.unlink(missing_ok=True)
+
+    _write_file(target, write_k_quant)
     return target
 
 

@@ -520,7 +520,14 @@ def test_export_script_merges_an_adapter(tmp_path, capsys):
         lora = perturbed(fnlm.lora.init(params, r=2, targets=("q", "v", "gate")))
         fnlm.lora.save(tmp_path / "adapter", lora)
         out = tmp_path / "merged"
-        argv = ["--model", str(directory), "--adapter", str(tmp_path / "adapter"), "--out", str(out)]
+        argv = [
+            "--model",
+            str(directory),
+            "--adapter",
+            str(tmp_path / "adapter"),
+            "--out",
+            str(out),
+        ]
         assert script.main(argv) == 0
         assert f"wrote {out}" in capsys.readouterr().out
         assert script.main(["--model", str(directory), "--out", str(out)]) == 1
@@ -554,3 +561,46 @@ def test_gguf_llama3_rope_scaling_round_trips(tokenizers, tmp_path):
     with torch.no_grad():
         error = max_rel_error(fnlm.forward(read_back, tokens), fnlm.forward(params, tokens))
     assert error <= rounding_tol(F16_REL_TOL_PER_LAYER, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# K-quants: handed to llama.cpp's llama-quantize (the real tool: tests/test_llamacpp.py)
+
+STAND_IN_QUANTIZE = """#!{python}
+import sys, pathlib
+f16, out, kind = sys.argv[1:4]
+assert pathlib.Path(f16).read_bytes()[:4] == b"GGUF"
+if kind == "Q6_K":
+    print("llama_model_quantize: failed to quantize: no space left", file=sys.stderr)
+    sys.exit(1)
+pathlib.Path(out).write_text(f"{{f16}}\\n{{kind}}")
+"""
+
+
+def test_k_quant_gguf_is_made_by_llama_quantize(tiny, tmp_path, monkeypatch):
+    import sys
+
+    params, tok = tiny
+    tool = tmp_path / "llama-quantize"
+    tool.write_text(STAND_IN_QUANTIZE.format(python=sys.executable))
+    tool.chmod(0o755)
+    monkeypatch.setenv("FNLM_LLAMA_QUANTIZE", str(tool))
+    out = tmp_path / "out"
+    path = fnlm.save(out, params, tok, format="gguf", gguf_type="q5_k_m")
+    f16, kind = path.read_text().split("\n")
+    assert path == out / "model-q5_k_m.gguf" and kind == "Q5_K_M"
+    assert not Path(f16).exists()  # the f16 hand-off file is removed
+    assert sorted(p.name for p in out.iterdir()) == ["model-q5_k_m.gguf"]
+    with pytest.raises(ExportError, match=r"(?s)failed to make q6_k .*no space left"):
+        fnlm.save(out, params, tok, format="gguf", gguf_type="q6_k", overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["model-q5_k_m.gguf"]  # nothing partial
+
+
+def test_k_quant_without_llama_quantize_says_what_to_do(tiny, tmp_path, monkeypatch):
+    params, tok = tiny
+    monkeypatch.setenv("FNLM_LLAMA_QUANTIZE", str(tmp_path / "missing"))
+    monkeypatch.setenv("FNLM_LLAMACPP_DIR", str(tmp_path / "no-build"))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(ExportError, match=r"llama-quantize, which was not found.*build_llamacpp"):
+        fnlm.save(tmp_path / "out", params, tok, format="gguf", gguf_type="q4_k_m")
+    assert not (tmp_path / "out").exists()

@@ -40,7 +40,9 @@ def add(commands, name: str) -> None:
     )  # fmt: skip
     p.add_argument(
         "--gguf-type", choices=export.GGUF_TYPES, default="f16",
-        help="GGUF weight type (default: f16)",
+        help="GGUF weight type (default: f16); q4_k_m, q5_k_m and q6_k are made by llama.cpp's "
+        "llama-quantize from fnlm's f16 file (on PATH, $FNLM_LLAMA_QUANTIZE, or the build of "
+        "scripts/build_llamacpp.sh)",
     )  # fmt: skip
     p.add_argument(
         "--shard-size", default=export.DEFAULT_SHARD_SIZE,
