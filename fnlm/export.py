@@ -91,7 +91,8 @@ def save(
         with model.safetensors.index.json, generation_config.json, tokenizer files and chat
         template. `dtype`: of the weights (default: the params' compute dtype).
     format="gguf": one llama.cpp file, `directory` itself when it ends in .gguf, else
-        `directory/model-<gguf_type>.gguf`; gguf_type "f16" | "bf16" | "q8_0" | "q4_0" (norms stay
+        `directory/model-<gguf_type>.gguf`; gguf_type "f16" | "bf16" | "q8_0" | "q5_1" | "q5_0" |
+        "q4_1" | "q4_0" (norms stay
         F32; rows whose length is not a multiple of 32 stay F16), or the K-quants "q4_k_m" |
         "q5_k_m" | "q6_k", made by llama.cpp's llama-quantize from fnlm's f16 file (see
         fnlm.gguf.kquant; ExportError when the tool is not found). Llama / Mistral (as llama),

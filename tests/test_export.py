@@ -280,6 +280,9 @@ GGUF_CASES = [
     ("mistral", "metaspace", "bf16"),
     ("qwen2", "byte_level", "f16"),
     ("qwen3", "byte_level", "q4_0"),
+    ("llama", "byte_level", "q4_1"),
+    ("mistral", "metaspace", "q5_0"),
+    ("qwen2", "byte_level", "q5_1"),
 ]
 GGUF_TEXT = "Hello world! The quick brown fox, 1234 cafés. <|eot_id|> 日本語 😀"
 

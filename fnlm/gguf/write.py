@@ -29,12 +29,12 @@ from fnlm.gguf.read import GLOBAL_TENSORS, LAYER_TENSORS, ROPE_FREQS, llama3_fac
 if TYPE_CHECKING:
     from fnlm.export import MergedWeights
 
-GGUF_TYPES = ("f16", "bf16", "q8_0", "q4_0")
+GGUF_TYPES = ("f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
 
 # HF model_type -> GGUF architecture (llama.cpp runs Mistral as llama).
 GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 # llama.cpp's file types, for general.file_type
-_FILE_TYPES = {"f16": 1, "bf16": 32, "q8_0": 7, "q4_0": 2}
+_FILE_TYPES = {"f16": 1, "bf16": 32, "q8_0": 7, "q5_1": 9, "q5_0": 8, "q4_1": 3, "q4_0": 2}
 _HF_TO_GGUF = {hf: g for g, hf in GLOBAL_TENSORS.items()}
 _PART_TO_GGUF = {hf: g for g, hf in LAYER_TENSORS.items()}
 # ggml token types
@@ -83,15 +83,16 @@ def gguf_name(hf_name: str) -> str:
 
 def _gguf_tensor_type(shape: tuple[int, ...], name: str, gguf_type: str):
     """The ggml type of one tensor: norms and biases F32; 2-D weights as asked, F16 when the row
-    length is not a multiple of the quantization block; with q4_0 the embedding and output in
-    Q8_0 (llama.cpp keeps those wider too)."""
+    length is not a multiple of the quantization block; with the 4- and 5-bit types the embedding
+    and output in Q8_0 (llama.cpp keeps those wider too)."""
     from gguf import GGML_QUANT_SIZES
     from gguf import GGMLQuantizationType as Q
 
     if len(shape) < 2:
         return Q.F32
-    kind = {"f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}[gguf_type]
-    if kind == Q.Q4_0 and name in ("token_embd.weight", "output.weight"):
+    kind = {"f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q5_1": Q.Q5_1, "q5_0": Q.Q5_0,
+            "q4_1": Q.Q4_1, "q4_0": Q.Q4_0}[gguf_type]  # fmt: skip
+    if kind in (Q.Q5_1, Q.Q5_0, Q.Q4_1, Q.Q4_0) and name in ("token_embd.weight", "output.weight"):
         kind = Q.Q8_0
     if shape[-1] % GGML_QUANT_SIZES[kind][0]:
         return Q.F16
