@@ -55,15 +55,14 @@ def run_steps(params, config, steps, *, capture=None):
 
 
 def test_graphed_steps_equal_eager_steps():
-    """Batches of two shapes, two micro-batches a step: after the warm-up each shape is captured
-    once and replayed with new data; losses and adapters equal the eager run bit for bit."""
+    """Packed micro-batches, two a step: after the warm-up each batch shape is captured once and
+    replayed with new data; losses and adapters equal the eager run bit for bit."""
     data = random_data(n=40)
     config = train_lib.TrainConfig(
         out="unused", batch_size=2, grad_accum=2, max_seq_length=32, packing=True,
         pad_to_multiple=32, progress=False,
     )  # fmt: skip
     steps = batches_of(data, config, 6)
-    assert len({train_lib.graphs.signature(b) for s in steps for b in s}) >= 1
     with saved_checkpoint(tiny_config()) as (_, directory):
         params = load_fp32(directory)
         eager_losses, eager_tensors, _ = run_steps(params, config, steps)
