@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 from fnlm.errors import CheckpointError, ModelNotFoundError, OfflineError
+from fnlm.files import read_json
 
 # Only what fnlm reads: weights, configs, tokenizer and chat template — never pytorch_model.bin etc.
 HUB_FILES = [
@@ -44,9 +46,14 @@ def resolve(
     text = os.fspath(name_or_path)
     path = Path(text).expanduser()
     if text.endswith(".gguf"):
-        if not path.is_file():
-            raise ModelNotFoundError(f"GGUF file not found: {path}")
-        return _gguf_checkpoint(path)
+        if path.is_file():
+            return _gguf_checkpoint(path)
+        if text.count("/") == 2 and not text.startswith((".", "/", "~")):  # "org/name/file.gguf"
+            repo_id, filename = text.rsplit("/", 1)
+            return _gguf_checkpoint(_download_file(repo_id, filename, revision, token))
+        raise ModelNotFoundError(
+            f"GGUF file not found: {path} (a hub GGUF is named 'org/name/file.gguf')"
+        )
     if path.is_dir():
         if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
             raise ModelNotFoundError(
@@ -110,13 +117,43 @@ def _damaged(directory: Path) -> str | None:
 
 
 def _download(repo_id: str, *, revision: str | None, token: str | None) -> Path:
+    """The repo's configs and tokenizer first, then only the weight files its safetensors index
+    lists (repos such as Mistral's also hold consolidated.safetensors, the same weights again);
+    without an index, every *.safetensors (one model file, or an adapter's)."""
     import huggingface_hub as hf
+
+    small = [pattern for pattern in HUB_FILES if pattern != "*.safetensors"]
+    with _hub_errors(repo_id, revision):
+        local = Path(
+            hf.snapshot_download(repo_id, revision=revision, token=token, allow_patterns=small)
+        )
+        index = local / "model.safetensors.index.json"
+        weights = ["*.safetensors"]
+        if index.is_file():
+            weight_map = read_json(index, error=CheckpointError).get("weight_map", {})
+            weights = sorted(set(weight_map.values())) or weights
+        return Path(
+            hf.snapshot_download(
+                repo_id, revision=revision, token=token, allow_patterns=small + weights
+            )
+        )
+
+
+def _download_file(repo_id: str, filename: str, revision: str | None, token: str | None) -> Path:
+    """One file of a hub repo (a GGUF), through the hub cache."""
+    import huggingface_hub as hf
+
+    with _hub_errors(repo_id, revision, filename):
+        return Path(hf.hf_hub_download(repo_id, filename, revision=revision, token=token))
+
+
+@contextmanager
+def _hub_errors(repo_id: str, revision: str | None, filename: str | None = None):
+    """huggingface_hub's errors as fnlm's, each saying what to do."""
     from huggingface_hub import errors
 
     try:
-        return Path(
-            hf.snapshot_download(repo_id, revision=revision, token=token, allow_patterns=HUB_FILES)
-        )
+        yield
     except errors.HFValidationError:
         raise ModelNotFoundError(
             f"{repo_id!r} is not a local path and not a valid hub id (expected 'org/name')"
@@ -137,6 +174,8 @@ def _download(repo_id: str, *, revision: str | None, token: str | None) -> Path:
         raise OfflineError(
             f"{repo_id}: {why} and it is not in the local hub cache; connect once, or pass a local directory ({e})"
         ) from None
+    except errors.EntryNotFoundError:  # after LocalEntryNotFoundError, its subclass
+        raise ModelNotFoundError(f"{repo_id} has no file {filename!r}") from None
     except (OSError, errors.HfHubHTTPError) as e:
         raise OfflineError(
             f"{repo_id}: the hub cannot be reached ({type(e).__name__}: {e})"
