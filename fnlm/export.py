@@ -535,8 +535,11 @@ def _link_or_copy(source, destination) -> None:
 
 def hf_config(config: ModelConfig, dtype: torch.dtype) -> dict:
     """The checkpoint's original config.json (`config.hf_dict()`) with the exported dtype and
-    tying."""
+    tying, and without the source's quantization_config (MXFP4, FP8, bitsandbytes): the exported
+    weights are 16-bit, and a reader that believed the old config would quantize or fetch kernels
+    for them (transformers 5.25 downloads MXFP4 kernels from the hub)."""
     hf = config.hf_dict()
+    hf.pop("quantization_config", None)
     if not hf:
         raise ExportError(
             f"the {config.model_type} params carry no original config.json (ModelConfig.hf_config); "

@@ -246,6 +246,8 @@ def test_mxfp4_checkpoint_loads_gpt_oss(model_type, quant, tmp_path):
         return
     assert max_rel_error(ours, ref) > 100 * FP32_REL_TOL  # quantized to NF4 for real
     fnlm.save(tmp_path / "merged", params, format="merged")  # 16-bit weights from the source
+    written = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert "quantization_config" not in written  # 16-bit now: no MXFP4 quantizer on reading
     with torch.no_grad():
         merged = transformers.AutoModelForCausalLM.from_pretrained(
             tmp_path / "merged", dtype=torch.float32
