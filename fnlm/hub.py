@@ -27,14 +27,19 @@ HUB_FILES = [
 
 
 def resolve(
-    name_or_path: str | os.PathLike | None, *, revision: str | None = None, token: str | None = None
+    name_or_path: str | os.PathLike | None,
+    *,
+    revision: str | None = None,
+    token: str | None = None,
+    weights: bool = True,
 ) -> Path:
     """A local directory holding config.json + safetensors (+ tokenizer) for `name_or_path`.
 
     None or EMBEDDED_ID -> the embedded default model; an existing directory (a checkpoint, or a
     LoRA adapter: adapter_config.json without config.json) -> itself; a `.gguf` file -> its
     converted cache directory; anything else -> a Hugging Face hub id, downloaded (only the files in
-    HUB_FILES) into the normal hub cache honouring `revision`, `token` and HF_HUB_OFFLINE.
+    HUB_FILES) into the normal hub cache honouring `revision`, `token` and HF_HUB_OFFLINE;
+    `weights=False` fetches a hub repo's configs and tokenizer only (what `fnlm info` reads).
     Raises ModelNotFoundError or OfflineError with what to do.
     """
     from fnlm.default import EMBEDDED_ID
@@ -67,7 +72,7 @@ def resolve(
     if text.startswith((".", "/", "~")) or text.count("/") > 1 or os.sep in text.replace("/", ""):
         raise ModelNotFoundError(f"path not found: {path}")
     try:
-        return _download(text, revision=revision, token=token)
+        return _download(text, revision=revision, token=token, weights=weights)
     except (ModelNotFoundError, OfflineError) as e:
         if "/" not in text:
             raise
@@ -116,10 +121,10 @@ def _damaged(directory: Path) -> str | None:
     return None
 
 
-def _download(repo_id: str, *, revision: str | None, token: str | None) -> Path:
-    """The repo's configs and tokenizer first, then only the weight files its safetensors index
-    lists (repos such as Mistral's also hold consolidated.safetensors, the same weights again);
-    without an index, every *.safetensors (one model file, or an adapter's)."""
+def _download(repo_id: str, *, revision: str | None, token: str | None, weights: bool) -> Path:
+    """The repo's configs and tokenizer first, then (with `weights`) only the weight files its
+    safetensors index lists (repos such as Mistral's also hold consolidated.safetensors, the same
+    weights again); without an index, every *.safetensors (one model file, or an adapter's)."""
     import huggingface_hub as hf
 
     small = [pattern for pattern in HUB_FILES if pattern != "*.safetensors"]
@@ -127,6 +132,8 @@ def _download(repo_id: str, *, revision: str | None, token: str | None) -> Path:
         local = Path(
             hf.snapshot_download(repo_id, revision=revision, token=token, allow_patterns=small)
         )
+        if not weights:
+            return local
         index = local / "model.safetensors.index.json"
         weights = ["*.safetensors"]
         if index.is_file():

@@ -83,3 +83,29 @@ def test_a_hub_gguf_is_named_repo_and_file(monkeypatch, tmp_path):
         hub.resolve("org/name-GGUF/other.gguf")
     with pytest.raises(ModelNotFoundError, match=r"GGUF file not found: .*org/name/file.gguf"):
         hub.resolve("./org/name/file.gguf")
+
+
+def test_info_on_a_hub_id_downloads_no_weights(monkeypatch, tmp_path):
+    from transformers import LlamaConfig
+
+    from fnlm.cli.info import checkpoint_info
+
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1,
+    ).to_json_string()  # fmt: skip
+    index = json.loads(MISTRAL_LIKE["model.safetensors.index.json"])
+    index["metadata"] = {"total_size": 3 * 2**30}
+    repo = {
+        **MISTRAL_LIKE,
+        "config.json": config,
+        "model.safetensors.index.json": json.dumps(index),
+    }
+    repo.pop("tokenizer.json")
+    asked = fake_hub(monkeypatch, tmp_path, repo)
+    info = checkpoint_info("org/mistral-like")
+    assert asked == [[p for p in hub.HUB_FILES if p != "*.safetensors"]]
+    assert not list((tmp_path / "cache").rglob("*.safetensors"))
+    assert info["family"] == "llama" and info["layers"] == 2
+    assert info["weights"] == "not downloaded (2 safetensors shards, 3.0 GB)"
+    assert "files" not in info and "size_on_disk" not in info

@@ -48,12 +48,13 @@ def add(commands, name: str) -> None:
 
 def checkpoint_info(name_or_path: str | os.PathLike | None) -> dict:
     """A dict describing a model or adapter directory (see the module docstring). Reads only
-    config.json, the safetensors headers' sizes, the tokenizer and adapter_config.json.
+    config.json, the weight files' sizes, the tokenizer and adapter_config.json; of a hub id it
+    downloads the configs and tokenizer, never the weights (their size from the shard index).
     Raises what fnlm.hub.resolve and fnlm.load.read_config raise."""
     from fnlm.hub import resolve
     from fnlm.load import adapter_base, is_adapter_directory
 
-    directory = resolve(name_or_path)
+    directory = resolve(name_or_path, weights=False)
     if is_adapter_directory(directory):
         doc = json.loads((directory / "adapter_config.json").read_text())
         info = {
@@ -80,13 +81,19 @@ def checkpoint_info(name_or_path: str | os.PathLike | None) -> dict:
 def model_info(directory: Path, name) -> dict:
     from fnlm import models
     from fnlm.default import EMBEDDED_ID
+    from fnlm.errors import CheckpointError
     from fnlm.load import read_config, weight_files
 
     config = read_config(directory)
     shapes = [shape for _, shape in models.family(config.model_type).weight_names(config).values()]
     count = sum(math.prod(s) for s in shapes)
     hf = json.loads((directory / "config.json").read_text())
-    files = weight_files(directory)
+    try:
+        files = weight_files(directory)
+    except CheckpointError:
+        if _local(name):
+            raise
+        files = None  # a hub id: its weights are not downloaded to describe it
     info = {
         "kind": "model",
         "name": str(name) if name is not None else EMBEDDED_ID,
@@ -99,14 +106,35 @@ def model_info(directory: Path, name) -> dict:
         "context_length": config.max_position_embeddings,
         "dtype": config.torch_dtype,
         "quantization": quantization(hf, name),
-        "files": len(files),
-        "size_on_disk": human_bytes(sum(f.stat().st_size for f in files)),
     }
+    if files is not None:
+        info["files"] = len(files)
+        info["size_on_disk"] = human_bytes(sum(f.stat().st_size for f in files))
+    else:
+        info["weights"] = hub_weights(directory)
     experts = getattr(config, "num_experts", 0)
     if experts:
         info["experts"] = experts
     info.update(tokenizer_info(directory))
     return info
+
+
+def _local(name) -> bool:
+    """Whether `name` names something on disk (the embedded model, a directory or a file), not a
+    hub id."""
+    return name is None or Path(name).expanduser().exists()
+
+
+def hub_weights(directory: Path) -> str:
+    """What the weights of a hub checkpoint are, from its shard index (not downloaded)."""
+    index = directory / "model.safetensors.index.json"
+    if not index.is_file():
+        return "not downloaded (one safetensors file)"
+    doc = json.loads(index.read_text())
+    shards = len(set((doc.get("weight_map") or {}).values()))
+    total = (doc.get("metadata") or {}).get("total_size")
+    size = f", {human_bytes(int(total))}" if total else ""
+    return f"not downloaded ({shards} safetensors shards{size})"
 
 
 def quantization(hf: dict, name) -> str:
