@@ -85,6 +85,10 @@ with _triton_stand_in():
         fused_linear_cross_entropy_op,
         fused_linear_cross_entropy_reference,
     )
+    from fnlm.kernels.deltanet import (
+        gated_delta_rule_chunked,
+        gated_delta_rule_recurrent,
+    )
     from fnlm.kernels.glu import geglu_reference, glu_op, swiglu_reference
     from fnlm.kernels.nf4 import (
         NF4_CODE,
@@ -118,6 +122,8 @@ __all__ = [
     "apply_rope_reference",
     "fused_linear_cross_entropy",
     "fused_linear_cross_entropy_reference",
+    "gated_delta_rule",
+    "gated_delta_rule_recurrent",
     "geglu",
     "geglu_reference",
     "kernel_backend",
@@ -248,6 +254,43 @@ def geglu(gate: torch.Tensor, up: torch.Tensor, *, approximate: str = "tanh") ->
     if use_triton(gate):
         return glu_op(gate, up, "gelu_tanh" if approximate == "tanh" else "gelu")
     return geglu_reference(gate, up, approximate)
+
+
+def gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    *,
+    chunk: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chunked gated delta rule (Gated DeltaNet; see fnlm.kernels.deltanet), q and k L2-normed
+    inside, as transformers' torch_chunk_gated_delta_rule. Differentiable.
+
+    q, k [batch, seq, key_heads, dk]; v [batch, seq, value_heads, dv] (value_heads a multiple of
+    key_heads); g (log decay) and beta [batch, seq, value_heads]; initial_state [batch,
+    value_heads, dk, dv] or None (zeros). Returns (o [batch, seq, value_heads, dv] in q's dtype,
+    final state fp32). The scan over chunks is the Triton kernel where `use_triton(q)`.
+    """
+    b, t, hk, dk = q.shape
+    hv, dv = v.shape[2:]
+    if (
+        k.shape != q.shape or v.shape[:2] != (b, t) or hv % hk
+        or g.shape != (b, t, hv) or beta.shape != (b, t, hv)
+        or (initial_state is not None and initial_state.shape != (b, hv, dk, dv))
+    ):  # fmt: skip
+        raise ArgumentError(
+            "gated_delta_rule: expected q, k [b, t, hk, dk], v [b, t, hv, dv] (hv a multiple of "
+            "hk), g and beta [b, t, hv], initial_state [b, hv, dk, dv]; got q "
+            f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, g {tuple(g.shape)}, "
+            f"beta {tuple(beta.shape)}, initial_state "
+            f"{None if initial_state is None else tuple(initial_state.shape)}"
+        )
+    return gated_delta_rule_chunked(
+        q, k, v, g, beta, initial_state, chunk=chunk, triton_scan=use_triton(q)
+    )
 
 
 def fused_linear_cross_entropy(

@@ -1,0 +1,356 @@
+"""The gated delta rule (Gated DeltaNet, Qwen3.5's linear attention): chunked, with a Triton scan.
+
+Per value head, with an fp32 state S [dk, dv] and per token a decay g <= 0 (log space) and a write
+strength beta in (0, 1):
+
+    S <- exp(g) * S;   S <- S + k (beta * (v - S^T k))^T;   o = S^T q      (q, k L2-normed, q / sqrt(dk))
+
+`gated_delta_rule_recurrent` runs that token by token (the reference, and the one-token decode
+step). The chunked form (transformers' `torch_chunk_gated_delta_rule`, the same algorithm and
+fp32 casts) splits the sequence into chunks of C tokens: `chunk_prepare` computes each chunk's
+WY / UT-transform quantities at once (batched matmuls and a unit-lower-triangular solve, in torch
+with its autograd), and the scan over chunks carries the state from one chunk to the next:
+
+    v_new = U_i - W_i S;   o_i = Qd_i S + A_i v_new;   S <- gamma_i S + Kd_i^T v_new
+
+The scan is the sequential part: `chunk_scan_reference` is transformers' Python loop over chunks;
+the Triton kernels run the whole loop in one launch per (batch x head, value block) — forward, and
+backward as the reverse scan (the states before each chunk are kept from the forward). Value
+columns of the state are independent, so the value dim is split across programs; the gradients
+that sum over it (q, k, W, A, gamma) are summed over the blocks by the launcher.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _scan_fwd_kernel(
+    U, W, QD, KD, A, GAMMA, S0, OUT, STATES, S_FINAL,
+    n_chunks, dk, dv,
+    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+):  # fmt: skip
+    bh = tl.program_id(0).to(tl.int64)
+    rc = tl.arange(0, C)
+    rk = tl.arange(0, BK)
+    rv = tl.program_id(1) * BV + tl.arange(0, BV)
+    mk, mv = rk < dk, rv < dv
+    state_offsets = rk[:, None] * dv + rv[None, :]
+    state_mask = mk[:, None] & mv[None, :]
+    s = tl.load(S0 + bh * dk * dv + state_offsets, mask=state_mask, other=0.0)
+    for i in range(n_chunks):
+        chunk = bh * n_chunks + i
+        tl.store(STATES + chunk * dk * dv + state_offsets, s, mask=state_mask)
+        kmat = chunk * C * dk + rc[:, None] * dk + rk[None, :]
+        vmat = chunk * C * dv + rc[:, None] * dv + rv[None, :]
+        u = tl.load(U + vmat, mask=mv[None, :], other=0.0)
+        w = tl.load(W + kmat, mask=mk[None, :], other=0.0)
+        qd = tl.load(QD + kmat, mask=mk[None, :], other=0.0)
+        kd = tl.load(KD + kmat, mask=mk[None, :], other=0.0)
+        a = tl.load(A + chunk * C * C + rc[:, None] * C + rc[None, :])
+        gamma = tl.load(GAMMA + chunk)
+        v_new = u - tl.dot(w, s, input_precision="ieee")
+        o = tl.dot(qd, s, input_precision="ieee") + tl.dot(a, v_new, input_precision="ieee")
+        tl.store(OUT + vmat, o, mask=mv[None, :])
+        s = s * gamma + tl.dot(tl.trans(kd), v_new, input_precision="ieee")
+    tl.store(S_FINAL + bh * dk * dv + state_offsets, s, mask=state_mask)
+
+
+@triton.jit
+def _scan_bwd_kernel(
+    U, W, QD, KD, A, GAMMA, STATES, D_O, D_S_FINAL,
+    D_U, D_W, D_QD, D_KD, D_A, D_GAMMA, D_S0,
+    n_bh, n_chunks, dk, dv,
+    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+):  # fmt: skip
+    bh = tl.program_id(0).to(tl.int64)
+    iv = tl.program_id(1).to(tl.int64)
+    rc = tl.arange(0, C)
+    rk = tl.arange(0, BK)
+    rv = iv * BV + tl.arange(0, BV)
+    mk, mv = rk < dk, rv < dv
+    state_offsets = rk[:, None] * dv + rv[None, :]
+    state_mask = mk[:, None] & mv[None, :]
+    ds = tl.load(D_S_FINAL + bh * dk * dv + state_offsets, mask=state_mask, other=0.0)
+    # gradients summed over the value dim go to this block's slice of a [blocks, ...] buffer
+    part = iv * n_bh * n_chunks
+    for j in range(n_chunks):
+        i = n_chunks - 1 - j
+        chunk = bh * n_chunks + i
+        s = tl.load(STATES + chunk * dk * dv + state_offsets, mask=state_mask, other=0.0)
+        kmat = chunk * C * dk + rc[:, None] * dk + rk[None, :]
+        vmat = chunk * C * dv + rc[:, None] * dv + rv[None, :]
+        u = tl.load(U + vmat, mask=mv[None, :], other=0.0)
+        do = tl.load(D_O + vmat, mask=mv[None, :], other=0.0)
+        w = tl.load(W + kmat, mask=mk[None, :], other=0.0)
+        qd = tl.load(QD + kmat, mask=mk[None, :], other=0.0)
+        kd = tl.load(KD + kmat, mask=mk[None, :], other=0.0)
+        a = tl.load(A + chunk * C * C + rc[:, None] * C + rc[None, :])
+        gamma = tl.load(GAMMA + chunk)
+        v_new = u - tl.dot(w, s, input_precision="ieee")
+        # S_{i+1} = gamma S_i + Kd^T v_new and o = Qd S_i + A v_new, v_new = U - W S_i
+        d_v_new = tl.dot(tl.trans(a), do, input_precision="ieee") + tl.dot(
+            kd, ds, input_precision="ieee"
+        )
+        tl.store(D_U + vmat, d_v_new, mask=mv[None, :])
+        pmat = (part + chunk) * C * dk + rc[:, None] * dk + rk[None, :]
+        tl.store(D_QD + pmat, tl.dot(do, tl.trans(s), input_precision="ieee"), mask=mk[None, :])
+        tl.store(D_KD + pmat, tl.dot(v_new, tl.trans(ds), input_precision="ieee"), mask=mk[None, :])
+        tl.store(
+            D_W + pmat, -tl.dot(d_v_new, tl.trans(s), input_precision="ieee"), mask=mk[None, :]
+        )
+        amat = (part + chunk) * C * C + rc[:, None] * C + rc[None, :]
+        tl.store(D_A + amat, tl.dot(do, tl.trans(v_new), input_precision="ieee"))
+        tl.store(D_GAMMA + part + chunk, tl.sum(tl.sum(s * ds, axis=1), axis=0))
+        ds = (
+            ds * gamma
+            + tl.dot(tl.trans(qd), do, input_precision="ieee")
+            - tl.dot(tl.trans(w), d_v_new, input_precision="ieee")
+        )
+    tl.store(D_S0 + bh * dk * dv + state_offsets, ds, mask=state_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+
+def _blocks(chunk: int, dk: int, dv: int) -> tuple[int, int, int]:
+    """(BK, BV, value blocks): tl.dot wants every dim >= 16; the value dim is split in <= 64."""
+    bk = max(16, triton.next_power_of_2(dk))
+    bv = max(16, min(64, triton.next_power_of_2(dv)))
+    return bk, bv, triton.cdiv(dv, bv)
+
+
+def chunk_scan_fwd(u, w, qd, kd, a, gamma, s0):
+    """Launch the forward scan. u [BH, N, C, dv], w / qd / kd [BH, N, C, dk], a [BH, N, C, C],
+    gamma [BH, N], s0 [BH, dk, dv], all fp32 and contiguous. Returns (o [BH, N, C, dv], the
+    state before each chunk [BH, N, dk, dv], the final state [BH, dk, dv])."""
+    bh, n, c, dv = u.shape
+    dk = w.shape[-1]
+    bk, bv, nv = _blocks(c, dk, dv)
+    o = torch.empty_like(u)
+    states = u.new_empty(bh, n, dk, dv)
+    final = u.new_empty(bh, dk, dv)
+    _scan_fwd_kernel[(bh, nv)](
+        u, w, qd, kd, a, gamma, s0, o, states, final, n, dk, dv, C=c, BK=bk, BV=bv,
+    )  # fmt: skip
+    return o, states, final
+
+
+def chunk_scan_bwd(u, w, qd, kd, a, gamma, states, d_o, d_final):
+    """Launch the reverse scan; returns the gradients of (u, w, qd, kd, a, gamma, s0)."""
+    bh, n, c, dv = u.shape
+    dk = w.shape[-1]
+    bk, bv, nv = _blocks(c, dk, dv)
+    d_u = torch.empty_like(u)
+    d_w, d_qd, d_kd = (u.new_empty(nv, *w.shape) for _ in range(3))
+    d_a = u.new_empty(nv, *a.shape)
+    d_gamma = u.new_empty(nv, *gamma.shape)
+    d_s0 = u.new_empty(bh, dk, dv)
+    _scan_bwd_kernel[(bh, nv)](
+        u, w, qd, kd, a, gamma, states, d_o.contiguous(), d_final.contiguous(),
+        d_u, d_w, d_qd, d_kd, d_a, d_gamma, d_s0, bh, n, dk, dv, C=c, BK=bk, BV=bv,
+    )  # fmt: skip
+    return d_u, d_w.sum(0), d_qd.sum(0), d_kd.sum(0), d_a.sum(0), d_gamma.sum(0), d_s0
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom ops (opaque to torch.compile, differentiable through register_autograd)
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fnlm::gated_delta_scan", mutates_args=())
+def chunk_scan_op(
+    u: torch.Tensor,
+    w: torch.Tensor,
+    qd: torch.Tensor,
+    kd: torch.Tensor,
+    a: torch.Tensor,
+    gamma: torch.Tensor,
+    s0: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton scan over chunks; returns (o, states before each chunk, final state). Call through
+    `fnlm.kernels.gated_delta_rule`."""
+    return chunk_scan_fwd(u, w, qd, kd, a, gamma, s0)
+
+
+@chunk_scan_op.register_fake
+def _(u, w, qd, kd, a, gamma, s0):
+    bh, n, _, dv = u.shape
+    dk = w.shape[-1]
+    return torch.empty_like(u), u.new_empty(bh, n, dk, dv), u.new_empty(bh, dk, dv)
+
+
+@torch.library.custom_op("fnlm::gated_delta_scan_backward", mutates_args=())
+def chunk_scan_backward_op(
+    u: torch.Tensor,
+    w: torch.Tensor,
+    qd: torch.Tensor,
+    kd: torch.Tensor,
+    a: torch.Tensor,
+    gamma: torch.Tensor,
+    states: torch.Tensor,
+    d_o: torch.Tensor,
+    d_final: torch.Tensor,
+) -> tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
+]:
+    """Triton reverse scan: gradients of (u, w, qd, kd, a, gamma, s0)."""
+    return chunk_scan_bwd(u, w, qd, kd, a, gamma, states, d_o, d_final)
+
+
+@chunk_scan_backward_op.register_fake
+def _(u, w, qd, kd, a, gamma, states, d_o, d_final):
+    bh, _, _, dv = u.shape
+    dk = w.shape[-1]
+    empties = (torch.empty_like(t) for t in (u, w, qd, kd, a, gamma))
+    return (*empties, u.new_empty(bh, dk, dv))
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:6], output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, d_o, _d_states, d_final):
+    u, w, qd, kd, a, gamma, states = ctx.saved_tensors
+    if d_o is None:
+        d_o = torch.zeros_like(u)
+    if d_final is None:
+        d_final = u.new_zeros(states.shape[0], *states.shape[2:])
+    return chunk_scan_backward_op(u, w, qd, kd, a, gamma, states, d_o, d_final)
+
+
+chunk_scan_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# References and the torch parts
+# ----------------------------------------------------------------------------------------------
+
+
+def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """x * rsqrt(sum(x^2) + eps) over the last dim (transformers' and FLA's l2norm)."""
+    return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)
+
+
+def heads_first(q, k, v, g, beta, qk_l2norm: bool):
+    """The inputs as transformers' kernels use them: fp32, [batch, heads, seq, ...], q and k
+    repeated to the value heads (each q/k head serves value_heads / key_heads consecutive value
+    heads), L2-normed (qk_l2norm), q scaled by dk^-0.5."""
+    groups = v.shape[2] // k.shape[2]
+    if groups != 1:
+        q, k = q.repeat_interleave(groups, dim=2), k.repeat_interleave(groups, dim=2)
+    q, k, v, beta, g = (
+        x.transpose(1, 2).to(torch.float32, memory_format=torch.contiguous_format)
+        for x in (q, k, v, beta, g)
+    )
+    if qk_l2norm:
+        q, k = l2norm(q), l2norm(k)
+    return q * q.shape[-1] ** -0.5, k, v, g, beta
+
+
+def gated_delta_rule_recurrent(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    *,
+    qk_l2norm: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gated delta rule token by token (transformers' `torch_recurrent_gated_delta_rule`).
+
+    q, k [batch, seq, key_heads, dk]; v [batch, seq, value_heads, dv]; g (log decay, <= 0) and
+    beta [batch, seq, value_heads]; initial_state [batch, value_heads, dk, dv] (None: zeros).
+    Returns (o [batch, seq, value_heads, dv] in q's dtype, final state fp32)."""
+    dtype = q.dtype
+    q, k, v, g, beta = heads_first(q, k, v, g, beta, qk_l2norm)
+    b, h, t, dk = k.shape
+    s = q.new_zeros(b, h, dk, v.shape[-1]) if initial_state is None else initial_state.float()
+    out = []
+    for i in range(t):
+        s = s * g[:, :, i].exp()[..., None, None]
+        delta = (v[:, :, i] - (s * k[:, :, i, :, None]).sum(-2)) * beta[:, :, i, None]
+        s = s + k[:, :, i, :, None] * delta[:, :, None, :]
+        out.append((s * q[:, :, i, :, None]).sum(-2))
+    o = torch.stack(out, dim=2) if out else v.new_zeros(v.shape)
+    return o.transpose(1, 2).contiguous().to(dtype), s
+
+
+def chunk_prepare(q, k, v, g, beta, chunk: int):
+    """Per-chunk quantities of the chunked form, from heads-first fp32 inputs (`heads_first`):
+    (u, w, qd, kd [batch·heads, chunks, C, ·], a [.., C, C], gamma [.., chunks]) as the scan
+    reads them. The sequence is padded to whole chunks with g = beta = k = 0, which leaves the
+    state as it is. Torch ops (differentiable), as transformers' torch_chunk_gated_delta_rule."""
+    b, h, t, dk = k.shape
+    pad = (chunk - t % chunk) % chunk
+    q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+    beta, g = (F.pad(x, (0, pad)) for x in (beta, g))
+    n = (t + pad) // chunk
+    k_beta, v_beta = k * beta[..., None], v * beta[..., None]
+    q, k, k_beta, v_beta = (x.reshape(b * h, n, chunk, x.shape[-1]) for x in (q, k, k_beta, v_beta))
+    cum = g.reshape(b * h, n, chunk).cumsum(-1)
+    upper = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).triu(1)
+    decay = (cum[..., :, None] - cum[..., None, :]).masked_fill(upper, float("-inf")).exp()
+    # the UT transform: (I + strictly_lower(k_beta k^T * decay))^-1, applied by a triangular solve
+    system = (k_beta @ k.transpose(-1, -2)) * decay
+    u = torch.linalg.solve_triangular(system, v_beta, upper=False, unitriangular=True)
+    w = torch.linalg.solve_triangular(
+        system, k_beta * cum.exp()[..., None], upper=False, unitriangular=True
+    )
+    a = (q @ k.transpose(-1, -2)) * decay
+    qd = q * cum.exp()[..., None]
+    kd = k * (cum[..., -1:] - cum).exp()[..., None]
+    return u, w, qd, kd, a, cum[..., -1].exp()
+
+
+def chunk_scan_reference(u, w, qd, kd, a, gamma, s0):
+    """The scan over chunks in torch (transformers' loop): (o [BH, N, C, dv], final state)."""
+    s, out = s0, []
+    for i in range(u.shape[1]):
+        v_new = u[:, i] - w[:, i] @ s
+        out.append(qd[:, i] @ s + a[:, i] @ v_new)
+        s = s * gamma[:, i, None, None] + kd[:, i].transpose(-1, -2) @ v_new
+    return torch.stack(out, dim=1), s
+
+
+def gated_delta_rule_chunked(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    *,
+    qk_l2norm: bool = True,
+    chunk: int = 64,
+    triton_scan: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chunked gated delta rule, same arguments and results as `gated_delta_rule_recurrent`;
+    the scan over chunks is the Triton kernel (`triton_scan`) or torch's loop."""
+    dtype = q.dtype
+    b, t, h, dv = v.shape
+    q, k, v, g, beta = heads_first(q, k, v, g, beta, qk_l2norm)
+    parts = chunk_prepare(q, k, v, g, beta, chunk)
+    dk = k.shape[-1]
+    if initial_state is None:
+        s0 = v.new_zeros(b * h, dk, dv)
+    else:
+        s0 = initial_state.float().reshape(b * h, dk, dv)
+    if triton_scan:
+        o, _, s = chunk_scan_op(*(x.contiguous() for x in parts), s0.contiguous())
+    else:
+        o, s = chunk_scan_reference(*parts, s0)
+    o = o.reshape(b, h, -1, dv)[:, :, :t]
+    return o.transpose(1, 2).contiguous().to(dtype), s.reshape(b, h, dk, dv)

@@ -1,0 +1,115 @@
+"""The gated delta rule (fnlm.kernels.deltanet): the chunked form equals the token-by-token
+recurrence, values and gradients, in the torch path and with the Triton scan (interpreter on CPU);
+the torch paths equal transformers' torch_chunk_gated_delta_rule / torch_recurrent_gated_delta_rule
+(the reference transformers runs without flash-linear-attention)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers.models.qwen3_5 import modeling_qwen3_5 as hf
+
+from fnlm import kernels
+from fnlm.errors import ArgumentError
+from fnlm.kernels import deltanet
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*flash-linear-attention")
+
+# fp32 throughout: the chunked form reassociates the recurrence's sums (triangular solves instead
+# of sequential updates); measured errors are ~4e-7 (values) and ~2e-6 (gradients) of the largest
+# magnitude at these sizes, so 1e-5 relative to the largest value is a tight bound.
+FP32_REL_TOL = 1e-5
+
+needs_interpreter = pytest.mark.skipif(
+    not kernels.HAS_TRITON or os.environ.get("TRITON_INTERPRET") != "1",
+    reason="the Triton scan on CPU needs TRITON_INTERPRET=1 (set by tests/conftest.py)",
+)
+
+
+@st.composite
+def problems(draw, max_seq=40):
+    """Inputs of one gated-delta-rule call, small shapes, with or without an initial state."""
+    b, t = draw(st.integers(1, 2)), draw(st.integers(1, max_seq))
+    hk = draw(st.sampled_from([1, 2]))
+    hv = hk * draw(st.sampled_from([1, 2]))
+    dk, dv = draw(st.sampled_from([4, 8, 16])), draw(st.sampled_from([4, 8, 24]))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    q, k = torch.randn(b, t, hk, dk, generator=g), torch.randn(b, t, hk, dk, generator=g)
+    v = torch.randn(b, t, hv, dv, generator=g)
+    decay = -torch.rand(b, t, hv, generator=g) * draw(st.sampled_from([0.1, 3.0]))
+    beta = torch.rand(b, t, hv, generator=g)
+    state = torch.randn(b, hv, dk, dv, generator=g) if draw(st.booleans()) else None
+    return q, k, v, decay, beta, state
+
+
+def rel_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((ours - ref).abs().max() / ref.abs().max().clamp(min=1.0)).item()
+
+
+def values_and_grads(fn, inputs):
+    """(o, final state, gradients of every input) under a fixed random projection of both outputs."""
+    leaves = [None if x is None else x.clone().requires_grad_() for x in inputs]
+    o, s = fn(*leaves)
+    g = torch.Generator().manual_seed(1)
+    loss = (o * torch.randn(o.shape, generator=g)).sum() + (
+        s * torch.randn(s.shape, generator=g)
+    ).sum()
+    loss.backward()
+    return o.detach(), s.detach(), [None if x is None else x.grad for x in leaves]
+
+
+def assert_same(ours, ref):
+    for a, b in zip(ours[:2], ref[:2], strict=True):
+        assert rel_error(a, b) <= FP32_REL_TOL
+    for a, b in zip(ours[2], ref[2], strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert rel_error(a, b) <= FP32_REL_TOL
+
+
+def chunked(chunk, triton_scan):
+    def run(*inputs):
+        return deltanet.gated_delta_rule_chunked(*inputs, chunk=chunk, triton_scan=triton_scan)
+
+    return run
+
+
+@settings(max_examples=6, deadline=None)
+@given(inputs=problems(), chunk=st.sampled_from([4, 16, 64]))
+def test_torch_chunked_equals_recurrent(inputs, chunk):
+    ref = values_and_grads(deltanet.gated_delta_rule_recurrent, inputs)
+    assert_same(values_and_grads(chunked(chunk, False), inputs), ref)
+
+
+@needs_interpreter
+@settings(max_examples=4, deadline=None)
+@given(inputs=problems(max_seq=36), chunk=st.sampled_from([16, 32]))
+def test_triton_scan_equals_recurrent(inputs, chunk):
+    """Forward (the scan kernel) and backward (the reverse-scan kernel) under the interpreter."""
+    ref = values_and_grads(deltanet.gated_delta_rule_recurrent, inputs)
+    assert_same(values_and_grads(chunked(chunk, True), inputs), ref)
+
+
+@settings(max_examples=4, deadline=None)
+@given(inputs=problems(), chunk=st.sampled_from([8, 64]))
+def test_torch_paths_equal_transformers(inputs, chunk):
+    """fnlm's torch paths are transformers' fallbacks: equal up to fp32 rounding."""
+    q, k, v, decay, beta, state = inputs
+    kwargs = dict(initial_state=state, output_final_state=True, use_qk_l2norm_in_kernel=True)
+    ref_o, ref_s = hf.torch_chunk_gated_delta_rule(q, k, v, decay, beta, chunk_size=chunk, **kwargs)
+    o, s = deltanet.gated_delta_rule_chunked(q, k, v, decay, beta, state, chunk=chunk)
+    assert torch.equal(o, ref_o) and torch.equal(s, ref_s)
+    ref_o, ref_s = hf.torch_recurrent_gated_delta_rule(q, k, v, decay, beta, **kwargs)
+    o, s = deltanet.gated_delta_rule_recurrent(q, k, v, decay, beta, state)
+    assert rel_error(o, ref_o) <= FP32_REL_TOL and rel_error(s, ref_s) <= FP32_REL_TOL
+
+
+def test_door_checks_shapes():
+    q = torch.randn(1, 5, 2, 8)
+    v = torch.randn(1, 5, 3, 8)  # 3 value heads for 2 key heads
+    with pytest.raises(ArgumentError, match="hv a multiple of hk"):
+        kernels.gated_delta_rule(q, q, v, torch.zeros(1, 5, 3), torch.zeros(1, 5, 3))
