@@ -152,9 +152,9 @@ def test_generation_stops_at_the_context_length():
     assert len(out[0]) == 3
 
 
-def test_second_call_at_a_new_length_compiles_nothing(monkeypatch):
-    """The compiled decode layer takes the cache length as a dynamic dimension: calls whose cache
-    lengths fall in different buckets share one compiled graph, and give the eager tokens."""
+def counting_compiles(monkeypatch) -> list:
+    """The compiled layer's backend swapped for one that runs the traced graph as it is and
+    records it: the returned list grows by one per compile."""
     import importlib
 
     step = importlib.import_module("fnlm.generate.step")
@@ -165,14 +165,52 @@ def test_second_call_at_a_new_length_compiles_nothing(monkeypatch):
         return graph_module.forward
 
     monkeypatch.setattr(step, "COMPILE_BACKEND", counting_backend)
+    torch._dynamo.reset()
+    return graphs
+
+
+def test_second_call_at_a_new_length_compiles_nothing(monkeypatch):
+    """The compiled layer takes the batch, the prompt length and the cache length as dynamic
+    dimensions: the first call compiles the prefill and the decode step once each; calls at
+    other prompt lengths and cache buckets compile nothing, a second batch size once more (a
+    batch of one is specialized), and every call gives the eager tokens."""
+    from fnlm.generate.step import cache_length
+
+    graphs = counting_compiles(monkeypatch)
     with saved_checkpoint(tiny_llama(max_position_embeddings=1024)) as (_, directory):
         params = load_fp32(directory)
     short, long = [3, 17, 42], list(range(1, 121)) * 3  # cache buckets 256 and 512
-    assert step.cache_length(len(short) + 6) == 256 and step.cache_length(len(long) + 6) == 512
-    torch._dynamo.reset()
-    for prompt in (short, long, short[:2]):
-        compiled = generate_tokens(params, [prompt], max_new_tokens=6, compile=True)
-        assert compiled == generate_tokens(params, [prompt], max_new_tokens=6)
+    assert cache_length(len(short) + 6) == 256 and cache_length(len(long) + 6) == 512
+    counts = []
+    for prompts in ([short], [long], [short[:2]], [long[:57]], [[9]],
+                    [short, long[:20]], [long[:7], short[:1], long[:30]]):  # fmt: skip
+        compiled = generate_tokens(params, prompts, max_new_tokens=6, compile=True)
+        assert compiled == generate_tokens(params, prompts, max_new_tokens=6), prompts
+        counts.append(len(graphs))
+    # batch 1: prefill and step; batch 2: the two again, with the batch dynamic; batch 3: none
+    assert counts == [2, 2, 2, 2, 2, 4, 4]
+
+
+def test_compiled_prefill_equals_the_eager_one(monkeypatch):
+    """prefill_fn(True) at several prompt lengths (one compile): the same logits and cache
+    contents as the eager prefill, bit for bit (the counting backend runs the traced ops)."""
+    from fnlm.generate.step import init_cache, prefill, prefill_fn
+
+    graphs = counting_compiles(monkeypatch)
+    with saved_checkpoint(tiny_llama(max_position_embeddings=256)) as (_, directory):
+        params = load_fp32(directory)
+    g = torch.Generator().manual_seed(0)
+    for length in (5, 33, 2, 100):
+        tokens = torch.randint(0, 128, (2, length), generator=g)
+        mask = torch.ones_like(tokens)
+        mask[1, : length // 2] = 0  # a left-padded row
+        caches = [init_cache(params, 2, 128, attention_mask=mask) for _ in range(2)]
+        with torch.no_grad():
+            eager, _ = prefill(params, tokens, caches[0], attention_mask=mask)
+            compiled, _ = prefill_fn(True)(params, tokens, caches[1], attention_mask=mask)
+        assert torch.equal(compiled, eager)
+        for name in ("k", "v"):
+            assert all(map(torch.equal, caches[0][name], caches[1][name]))
     assert len(graphs) == 1
 
 

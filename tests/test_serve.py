@@ -311,6 +311,58 @@ def test_engine_rows_equal_generate_tokens(family):
     assert len(results[6].token_ids) == 48 - len(jobs[6][0])  # up to the context
 
 
+def test_engine_steps_only_the_running_rows(tiny):
+    """Each step runs over the smallest width bucket holding the running rows, which are kept in
+    the first rows (a leaving row's place is filled by moving a later row and its cached tokens):
+    answers still equal generate_tokens; a lone request is decoded at width 1."""
+    params, _, lora = tiny
+    engine = Engine(params, None, adapters={"a": lora}, slots=6)
+    assert engine.widths == [1, 2, 4, 6]
+    seen_widths, moves = [], []
+    step_fn, move = engine._step_fn, engine._move
+
+    def recording_step_fn(adapter, width):
+        running = [i for i, row in enumerate(engine.rows) if row is not None]
+        if running:  # not the warm-up steps
+            seen_widths.append(width)
+            assert max(running) < width
+            assert width == min(w for w in engine.widths if w >= len(running))
+        return step_fn(adapter, width)
+
+    engine._step_fn = recording_step_fn
+    engine._move = lambda source, target: moves.append((source, target)) or move(source, target)
+    try:
+        g = torch.Generator().manual_seed(3)
+        jobs, adapters = [], []
+        for i in range(14):
+            length = int(torch.randint(1, 20, (1,), generator=g))
+            prompt = torch.randint(1, 128, (length,), generator=g).tolist()
+            jobs.append((prompt, int(torch.randint(2, 24, (1,), generator=g)), Sampling()))
+            adapters.append("a" if i % 4 == 1 else None)
+        done = threading.Semaphore(0)
+        results = [None] * len(jobs)
+        for index, ((prompt, max_tokens, _), adapter) in enumerate(zip(jobs, adapters)):
+            engine.submit(Request(
+                prompt=prompt, max_tokens=max_tokens, adapter=adapter,
+                on_event=lambda kind, data, index=index: kind == "piece" or (
+                    results.__setitem__(index, data), done.release()),
+            ))  # fmt: skip
+        for _ in jobs:
+            assert done.acquire(timeout=120)
+        assert moves and len(set(seen_widths)) > 1
+        seen_widths.clear()
+        alone = run_engine(engine, [([5, 6, 7], 9, Sampling())])[0]
+        assert seen_widths == [1] * 8  # the first token comes from the prefill
+    finally:
+        engine.close()
+    for (prompt, max_tokens, _), adapter, result in zip(jobs, adapters, results, strict=True):
+        expected = generate_tokens(
+            params, [prompt], max_new_tokens=max_tokens, lora=lora if adapter else None
+        )[0]
+        assert result.token_ids == expected, (prompt, adapter)
+    assert alone.token_ids == generate_tokens(params, [[5, 6, 7]], max_new_tokens=9)[0]
+
+
 @pytest.mark.gpu
 def test_engine_on_cuda_equals_generate_tokens():
     """The graph-captured ring step on CUDA: rows joining mid-decode get generate_tokens' ids."""

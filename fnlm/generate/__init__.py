@@ -8,8 +8,9 @@ Four modules, each usable alone:
 - `sampling`: the frozen `Sampling` knobs, transformers' logits processors (`process_logits`) and
   the next-token choice (`choose`);
 - `step`: the cache and the two model passes (`init_cache`, `prefill`, `decode_step`), and the
-  decode step as it runs: torch.compile'd layers (the cache length a dynamic dimension) inside a
-  CUDA graph kept across calls (`DecodeState`, `release_graphs`);
+  passes as they run: torch.compile'd layers (batch, prompt and cache lengths dynamic
+  dimensions), the decode step inside a CUDA graph kept across calls (`DecodeState`,
+  `release_graphs`);
 - `tokens`: the token loop (`generate_tokens`): left-padded batches, sampling, per-sequence
   stopping on eos; on CUDA the host reads token t while the device already computes token t + 1;
 - `text`: `generate`, prompts or conversations through the tokenizer and chat template, stop

@@ -5,8 +5,9 @@ and kept across calls.
 is a dict of tensors passed in and returned, updated in place like a donated buffer so that a CUDA
 graph can replay a step on the same addresses.
 
-No compile or capture on a second call: the compiled layer treats the cache length as a dynamic
-dimension (one compile serves every length), cache lengths are rounded up to a few buckets, and
+No compile or capture on a second call: the compiled layer treats the batch, the prompt length
+and the cache length as dynamic dimensions (one compile of the prefill and one of the step serve
+every length; `prefill_fn`, `step_fn`), cache lengths are rounded up to a few buckets, and
 the CUDA graph of a step is kept with its cache and input buffers (`DecodeState`) in a small cache
 keyed by the model's tensors, the batch and the cache length, so a later call of the same shape
 only replays it.
@@ -23,13 +24,15 @@ from collections.abc import Callable
 import torch
 import torch.utils._pytree as pytree
 
-from fnlm.models import moe
+from fnlm.models import family, moe
 from fnlm.models.decoder import (
     default_positions,
     hidden_states,
     layer_forward,
     logits_from_hidden,
 )
+from fnlm.models.deltanet import init_state as linear_states
+from fnlm.models.deltanet import reset as reset_linear_states
 from fnlm.params import Params
 
 # Cache lengths are rounded up to a multiple of this (or of a quarter of their power of two, if
@@ -73,14 +76,22 @@ def init_cache(
     config = params.config
     device = params["norm"].device
     dtype = dtype or params["norm"].dtype
-    shape = (batch, config.num_kv_heads, max_len, config.head_dim)
+    # (kv heads, head dim) per layer; Gemma 4's global layers differ from its sliding ones
+    per_layer = getattr(family(config.model_type), "cache_shape", None)
+    shapes = [
+        (batch, *(per_layer(config, i) if per_layer else (config.num_kv_heads, config.head_dim)))
+        for i in range(config.num_layers)
+    ]
+    shapes = [(b, kv, max_len, d) for b, kv, d in shapes]
     valid = torch.ones(batch, max_len, dtype=torch.bool, device=device)
     if attention_mask is not None:
         valid[:, : attention_mask.shape[1]] = attention_mask.bool()
     return {
-        "k": [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)],
-        "v": [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)],
+        "k": [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes],
+        "v": [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes],
         "valid": valid,
+        # Qwen3.5's gated DeltaNet layers: conv and recurrent states ("conv", "state")
+        **linear_states(config, batch, device, params["norm"].dtype),
     }
 
 
@@ -95,6 +106,7 @@ def prefill(
     """Run the prompt `tokens` [batch, prompt_len] (left padded, `attention_mask` 1 = real) in one
     pass, writing cache slots 0..prompt_len-1. Returns (fp32 logits [batch, vocab] of the last
     position, cache)."""
+    reset_linear_states(cache)  # a reused cache's recurrent states hold an earlier sequence
     positions = default_positions(tokens, attention_mask)
     slots = torch.arange(tokens.shape[1], device=tokens.device)
     x = hidden_states(
@@ -130,19 +142,35 @@ def _compiled_layer(backend) -> Callable:
 
 
 def compiled_layer() -> Callable:
-    """layer_forward compiled with the cache length (the last dim of the mask and the slot dim
-    of the cache) as a dynamic dimension, every other shape static: one compile serves every
-    cache length."""
+    """layer_forward compiled with the batch, the sequence (prefill: the prompt length) and the
+    cache length as dynamic dimensions, every other shape static: one compile serves every cache
+    length, every prompt length and every batch (torch specializes a size of 1, so decode's one
+    token and a batch of one each get one compile of their own)."""
     compiled = _compiled_layer(COMPILE_BACKEND)
 
     def layer(config, p, x, cos, sin, mask, kv=None):
-        if kv is not None:
-            torch._dynamo.maybe_mark_dynamic(kv[0], 2)
-            torch._dynamo.maybe_mark_dynamic(kv[1], 2)
-            torch._dynamo.maybe_mark_dynamic(mask, 3)
+        for dim in (0, 1):  # x [batch, seq, hidden], cos/sin [batch, seq, rotary / 2]
+            for t in (x, cos, sin):
+                if t is not None:
+                    torch._dynamo.maybe_mark_dynamic(t, dim)
+        if kv is not None and "conv" not in p:  # a DeltaNet layer's kv is its recurrent state
+            for dim in (0, 2):  # [batch, kv_heads, cache length, head_dim]
+                torch._dynamo.maybe_mark_dynamic(kv[0], dim)
+                torch._dynamo.maybe_mark_dynamic(kv[1], dim)
+            torch._dynamo.maybe_mark_dynamic(kv[2], 0)  # the slots written: [seq]
+            for dim in (0, 2, 3):  # [batch, 1, seq, cache length]
+                torch._dynamo.maybe_mark_dynamic(mask, dim)
         return compiled(config, p, x, cos, sin, mask, kv)
 
     return layer
+
+
+def prefill_fn(compile: bool) -> Callable:
+    """prefill, with compiled layers when `compile` (see `compiled_layer`: a prompt of a new
+    length compiles nothing)."""
+    if not compile:
+        return prefill
+    return functools.partial(prefill, layer_fn=compiled_layer())
 
 
 def step_fn(compile: bool) -> Callable:

@@ -15,7 +15,7 @@ import torch
 
 from fnlm.errors import ArgumentError
 from fnlm.generate.sampling import Sampling, check_max_new_tokens, choose
-from fnlm.generate.step import cache_length, decode_state, keep, prefill
+from fnlm.generate.step import cache_length, decode_state, keep, prefill_fn, will_capture
 from fnlm.lora import Lora, with_adapters
 from fnlm.params import Params
 
@@ -45,9 +45,11 @@ def generate_tokens(
     on_token(row, id) is called for each new non-eos id of a running row; returning True stops
         that row (stop strings). A row also stops at any of `eos_token_ids`, after
         `max_new_tokens`, or at the model's context length (max_position_embeddings).
-    compile: torch.compile the decode step's layers (default: on CUDA). On CUDA the step is
-        captured in a CUDA graph unless the model reads device values on the host (`graphable`);
-        the graph is kept for the next call of the same batch and cache-length bucket.
+    compile: torch.compile the layers of the prefill and the decode step (default: on CUDA; the
+        batch, prompt and cache lengths are dynamic dimensions, so a call at a new length
+        compiles nothing). On CUDA the step is captured in a CUDA graph unless the model reads
+        device values on the host (`graphable`); the graph is kept for the next call of the same
+        batch and cache-length bucket.
     Raises ArgumentError naming a bad argument.
     """
     config = params.config
@@ -85,7 +87,9 @@ def generate_tokens(
         variant=getattr(lora, "training", None),  # adapters' dropout on or off
     )  # fmt: skip
     with torch.no_grad(), _kept(state):
-        logits, _ = prefill(params, tokens, state.cache, attention_mask=padded)
+        # compiled as the step is (not where the model reads device values on the host)
+        run_prefill = prefill_fn(compile and (not on_cuda or will_capture(params)))
+        logits, _ = run_prefill(params, tokens, state.cache, attention_mask=padded)
         seen = None
         if sampling.repetition_penalty != 1.0:
             seen = torch.zeros(logits.shape, dtype=torch.bool, device=device)

@@ -15,6 +15,12 @@ with the other requests joining at that step), its keys and values are copied in
 ring just behind t, and the next step decodes it with the others; it leaves when done and its
 row is free for the next one.
 
+A step decodes only the occupied rows: the running rows are kept in the first rows of the cache
+(a row whose request leaves is filled by moving the last running row's tokens into it), and the
+step runs over the first `width` rows, `width` the smallest of a few buckets (1, 2, 4, ... up to
+`slots`) that holds them; each bucket has its own CUDA graph, and the compiled layer takes the
+batch as a dynamic dimension, so a new width compiles nothing (a lone request pays batch 1).
+
 Rows on different adapters (chosen per request by name) run as separate passes of the same step,
 one per adapter in use, each pass's cache writes kept only for its own rows; rows on the same
 adapter share one pass. Everything on the device runs in one engine thread; `on_event` is
@@ -23,6 +29,7 @@ called from it.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import queue
 import threading
@@ -43,8 +50,14 @@ from fnlm.generate.step import (
     will_capture,
 )
 from fnlm.generate.text import TextRow
+from fnlm.lora import with_adapters
 from fnlm.models.decoder import layer_forward
 from fnlm.params import Params
+
+
+def widths(slots: int) -> list[int]:
+    """The batch widths a step runs at: powers of two below `slots`, and `slots`."""
+    return sorted({1 << k for k in range(slots.bit_length()) if 1 << k < slots} | {slots})
 
 
 @dataclasses.dataclass(eq=False)
@@ -114,8 +127,6 @@ class Engine:
         cache_dtype: torch.dtype | None = None,
         warm: bool = True,
     ):
-        from fnlm.lora import attach
-
         config = params.config
         if not isinstance(slots, int) or slots < 1:
             raise ArgumentError(f"slots must be a positive integer, got {slots!r}")
@@ -135,7 +146,7 @@ class Engine:
         self.eos = set(getattr(tok, "eos_token_ids", ()) or ())
         self.models: dict[str | None, Params] = {None: params}
         for name, lora in (adapters or {}).items():
-            self.models[name] = attach(params, lora)
+            self.models[name] = with_adapters(params, lora)
         self.cache_dtype = cache_dtype
         self.cache = init_cache(params, slots, context, dtype=cache_dtype)
         # static buffers of the step: each row's input token and rotary position (= its tokens
@@ -144,10 +155,12 @@ class Engine:
         self.positions = torch.zeros((slots, 1), dtype=torch.long, device=self.device)
         self.slot = torch.zeros(1, dtype=torch.long, device=self.device)
         self.t = 0
-        self._steps: dict[str | None, Callable[[], torch.Tensor]] = {}
+        self.widths = widths(slots)
+        self._steps: dict[tuple[str | None, int], Callable[[], torch.Tensor]] = {}
         self.rows: list[_Row | None] = [None] * slots
         self.most_rows = 0  # the most rows decoded together so far (for tests and logs)
         self.steps_run = 0
+        self.steps_by_width: collections.Counter = collections.Counter()
         self._queue: queue.Queue = queue.Queue()
         self._pending: list[Request] = []
         self._warm = warm
@@ -194,7 +207,8 @@ class Engine:
         if self._warm:  # every row is free: the step's writes land in rows nobody reads
             try:
                 with torch.no_grad():
-                    self._step_fn(None)()
+                    for width in self.widths:
+                        self._step_fn(None, width)()
             except Exception:  # the first request's step will fail with the same error
                 traceback.print_exc()
         while not self._closed.is_set():
@@ -268,7 +282,8 @@ class Engine:
         needed = width + max(budgets)
         length = cache_length(needed) if self.compile or self.device.type == "cuda" else needed
         own = init_cache(params, len(group), length, attention_mask=padded, dtype=self.cache_dtype)
-        logits, own = prefill(params, tokens, own, attention_mask=padded)
+        layer = compiled_layer() if self.compile else layer_forward
+        logits, own = prefill(params, tokens, own, attention_mask=padded, layer_fn=layer)
         for r, ((i, request), budget) in enumerate(zip(group, budgets, strict=True)):
             n = len(request.prompt)
             ring = (torch.arange(n, device=self.device) + self.t - n) % self.context
@@ -297,7 +312,9 @@ class Engine:
         return lambda _index, piece: _send(request, "piece", piece)
 
     def _step(self) -> None:
-        """One decode step for every running row (one pass per adapter in use)."""
+        """One decode step for every running row (one pass per adapter in use), over the first
+        `width` rows only (see `_compact`)."""
+        width = self._compact()
         groups: dict[str | None, list[int]] = {}
         tokens, positions = self.tokens.new_zeros(self.slots, 2, device="cpu").unbind(1)
         for i, row in enumerate(self.rows):
@@ -307,10 +324,11 @@ class Engine:
         self.tokens.copy_(tokens[:, None])
         self.positions.copy_(positions[:, None])
         self.most_rows = max(self.most_rows, sum(len(g) for g in groups.values()))
+        self.steps_by_width[width] += 1
         chosen: dict[int, int] = {}
         kept = []  # per pass: its rows and their k, v at slot t, when passes must not mix
         for adapter, members in groups.items():
-            logits = self._step_fn(adapter)()
+            logits = self._step_fn(adapter, width)()
             if len(groups) > 1:
                 index = torch.tensor(members, device=self.device)
                 kept.append((index, [(k[index, :, self.t].clone(), v[index, :, self.t].clone())
@@ -326,6 +344,27 @@ class Engine:
         for i, token in chosen.items():
             self.rows[i].count += 1
             self._push(i, token)
+
+    def _compact(self) -> int:
+        """Move running rows that lie past the smallest width holding them all into the free
+        rows before it (their cached tokens with them); return that width."""
+        running = [i for i, row in enumerate(self.rows) if row is not None]
+        width = next(w for w in self.widths if w >= len(running))
+        free = [i for i in range(width) if self.rows[i] is None]
+        for i in running:
+            if i >= width:
+                self._move(i, free.pop(0))
+        return width
+
+    def _move(self, source: int, target: int) -> None:
+        """Row `source`'s request and its cached tokens (the `count` ring positions behind t)
+        into the free row `target`."""
+        row = self.rows[source]
+        ring = (torch.arange(row.count, device=self.device) + self.t - row.count) % self.context
+        for name in ("k", "v"):
+            for layer in self.cache[name]:
+                layer[target].index_copy_(1, ring, layer[source].index_select(1, ring))
+        self.rows[target], self.rows[source] = row, None
 
     def _choose(self, logits: torch.Tensor, members: list[int]) -> dict[int, int]:
         """Next tokens of `members` from step logits [slots, vocab]; plain greedy rows together."""
@@ -369,22 +408,29 @@ class Engine:
         text = "" if row.text is None else row.text.finish(text_ids)
         _send(request, "done", Result(text, row.ids, len(request.prompt), reason))
 
-    def _step_fn(self, adapter: str | None) -> Callable[[], torch.Tensor]:
-        """The decode step of one adapter over the engine's buffers: fnlm's decode_step with
-        ring masks, CUDA-graphed where the model allows."""
-        if adapter in self._steps:
-            return self._steps[adapter]
+    def _step_fn(self, adapter: str | None, width: int) -> Callable[[], torch.Tensor]:
+        """The decode step of one adapter over the first `width` rows of the engine's buffers:
+        fnlm's decode_step with ring masks, CUDA-graphed where the model allows."""
+        if (adapter, width) in self._steps:
+            return self._steps[adapter, width]
         params = self.models[adapter]
         config = params.config
         layer = compiled_layer() if self.compile else layer_forward
         windows = {id(p): config.window(i) for i, p in enumerate(params["layers"])}
         distinct = set(windows.values())
         span = torch.arange(self.context, device=self.device)
+        # views of the first `width` rows: the step reads and writes those rows only
+        cache = {
+            "k": [k[:width] for k in self.cache["k"]],
+            "v": [v[:width] for v in self.cache["v"]],
+            "valid": self.cache["valid"][:width],
+        }
+        tokens, positions = self.tokens[:width], self.positions[:width]
 
         def step() -> torch.Tensor:
             # age of each ring position relative to the written one t: 0 is t itself
             age = (self.slot - span) % self.context  # [context]
-            seen = age[None, :] <= self.positions  # [slots, context]: the row's tokens and t
+            seen = age[None, :] <= positions  # [width, context]: the row's tokens and t
             masks = {
                 w: (seen if w is None else seen & (age < w)[None, :])[:, None, None, :]
                 for w in distinct
@@ -393,10 +439,8 @@ class Engine:
             def ring_layer(config, p, x, cos, sin, _mask, kv):
                 return layer(config, p, x, cos, sin, masks[windows[id(p)]], kv)
 
-            return decode_step(
-                params, self.cache, self.tokens, self.positions, self.slot, layer_fn=ring_layer
-            )
+            return decode_step(params, cache, tokens, positions, self.slot, layer_fn=ring_layer)
 
         run = capture(step) if will_capture(self.params) else step
-        self._steps[adapter] = run
+        self._steps[adapter, width] = run
         return run
