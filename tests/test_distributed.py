@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from fnlm.train import distributed, train
+from fnlm.train import fsdp as fsdp_lib
 from fnlm.train import setup as setup_lib
 from fnlm.train.stream import Stream
 
@@ -67,7 +68,8 @@ def worker(rank, world, ports, params, data, jobs, report) -> None:
     for port, (config, fail_rank) in zip(ports, jobs, strict=True):
         join_group(rank, world, port)
         if fail_rank == rank:
-            setup_lib.model_loss = failing_loss(rank, after=config.grad_accum)
+            # the loss of a replicated run (setup) or of the sharded model (fsdp)
+            setup_lib.model_loss = fsdp_lib.model_loss = failing_loss(rank, after=config.grad_accum)
         try:
             # a copy: spawn hands every rank the same shared-memory tensors, which full
             # fine-tuning updates in place

@@ -115,15 +115,21 @@ def _write_checkpoint(
             work / "trainable.safetensors",
         )
         torch.save(optimizer.state_dict(), work / "optimizer.pt")
-        torch.save(scheduler.state_dict(), work / "scheduler.pt")
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(rng, work / "rng.pt")
-        state = {"step": step, "position": position, **(extra or {})}
-        (work / "state.json").write_text(json.dumps(state, indent=2))
+        write_run_state(work, step, scheduler, position, extra)
         if lora is not None:
             lora_lib.save(work, lora, params=params)
+
+
+def write_run_state(work: Path, step: int, scheduler, position: dict, extra: dict | None) -> None:
+    """A checkpoint's scheduler.pt, rng.pt (CPU and CUDA generators) and state.json (step, data
+    position, `extra`); `read_run_state` restores them."""
+    torch.save(scheduler.state_dict(), work / "scheduler.pt")
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(rng, work / "rng.pt")
+    state = {"step": step, "position": position, **(extra or {})}
+    (work / "state.json").write_text(json.dumps(state, indent=2))
 
 
 def checkpoint_path(run_dir: str | os.PathLike, step: int) -> Path:
@@ -163,6 +169,11 @@ def load_checkpoint(
     does not match the run (different trainable tensors or shapes).
     """
     path = Path(checkpoint)
+    if (path / "sharded").is_dir():
+        raise CheckpointError(
+            f"checkpoint {path} was written by a distributed='fsdp' run (its state is sharded); "
+            "resume it with distributed='fsdp' (on any number of processes)"
+        )
     for name in ("trainable.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "state.json"):
         if not (path / name).is_file():
             raise CheckpointError(
@@ -185,8 +196,18 @@ def load_checkpoint(
                 )
             tensor.copy_(saved[name])
     device = named[0][1].device
-    state = files.read_json(path / "state.json", error=CheckpointError, expect=dict)
     optimizer.load_state_dict(load_tensors_file(path / "optimizer.pt", map_location=device))
+    return read_run_state(path, scheduler)
+
+
+def read_run_state(path: Path, scheduler) -> dict:
+    """Restore `write_run_state`'s scheduler and RNG states; returns its state.json."""
+    for name in ("scheduler.pt", "rng.pt", "state.json"):
+        if not (path / name).is_file():
+            raise CheckpointError(
+                f"checkpoint {path} has no {name}; it is not an fnlm training checkpoint"
+            )
+    state = files.read_json(path / "state.json", error=CheckpointError, expect=dict)
     scheduler.load_state_dict(load_tensors_file(path / "scheduler.pt"))
     rng = load_tensors_file(path / "rng.pt")
     if not isinstance(rng, dict) or not isinstance(rng.get("cpu"), torch.Tensor):

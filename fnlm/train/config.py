@@ -19,6 +19,7 @@ SCHEDULES = ("constant", "linear", "cosine")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit", "paged_adamw32bit")
 CHECKPOINTING = ("auto", "none", "layer", "offload")
 METHODS = ("sft", "dpo", "orpo", "grpo")  # fnlm.train.methods
+DISTRIBUTED = ("ddp", "fsdp")  # fnlm.train.distributed, fnlm.train.fsdp
 TRACKERS = ("tensorboard", "wandb", "mlflow")  # report_to also takes "none" and "all"
 # The run directory, in transformers Trainer's shape: checkpoint-N/ (each loadable by peft), the
 # options in train_config.json (config.json is the model's: a full fine-tune ends with the model
@@ -74,6 +75,16 @@ class TrainConfig:
     fp32_master_weights: bool = option(
         False, "full mode on a 16-bit model: the optimizer updates fp32 copies of the weights"
     )
+    distributed: str = option(
+        "ddp", "under torchrun: ddp (each process holds the whole model; the trained tensors' "
+        "gradients are all-reduced) or fsdp (mode full: weights, gradients and optimizer state "
+        "sharded over the processes with FSDP2, one group per layer; also on one process)",
+        choices=DISTRIBUTED,
+    )  # fmt: skip
+    fsdp_cpu_offload: bool = option(
+        False, "distributed fsdp: keep the weight shards, gradients and optimizer state in host "
+        "memory (FSDP2's CPUOffloadPolicy)",
+    )  # fmt: skip
     r: int = option(16, "LoRA rank")
     alpha: float = option(
         16, "LoRA alpha; the update is scaled by alpha / r (alpha / sqrt(r) with rslora)"
@@ -213,6 +224,7 @@ class TrainConfig:
             "schedule": SCHEDULES,
             "optimizer": OPTIMIZERS,
             "checkpointing": CHECKPOINTING,
+            "distributed": DISTRIBUTED,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -220,6 +232,13 @@ class TrainConfig:
                     f"TrainConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}"
                 )
         check_numbers(self)
+        sharded_setup = (self.mode, self.method, self.optimizer)
+        if self.distributed == "fsdp" and sharded_setup != ("full", "sft", "adamw"):
+            raise ArgumentError(
+                "distributed='fsdp' shards full fine-tuning (mode='full', method='sft', optimizer "
+                f"'adamw'), got mode {self.mode!r}, method {self.method!r}, optimizer "
+                f"{self.optimizer!r}; LoRA and QLoRA replicate the base: distributed='ddp'"
+            )
         from fnlm.train.methods.options import check_method  # the methods import fnlm.train
 
         check_method(self)

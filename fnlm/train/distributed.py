@@ -17,14 +17,16 @@ workers when one exits with an error; the process group's timeout is the last re
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
-from fnlm.errors import FnlmError
+from fnlm.errors import ArgumentError, FnlmError
 
 # How long a collective waits for a missing rank before failing. A barrier waits while rank 0
 # writes a checkpoint or the final model (minutes for a multi-GB full fine-tune), so not shorter.
@@ -40,19 +42,32 @@ def requested() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def init() -> bool:
+def init(device: str | None = None, *, single: bool = False) -> bool:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
-    MASTER_PORT): nccl when CUDA is available (each process on GPU LOCAL_RANK), gloo otherwise.
+    MASTER_PORT): nccl when CUDA is available (each process on GPU LOCAL_RANK) and `device` (the
+    run's TrainConfig.device) is not the CPU, gloo otherwise. single: make a group of this one
+    process when torchrun did not start several (FSDP needs a group even for one).
     Returns True when this call created the group (the caller then `teardown`s it), False when
-    there is one process or a group already exists."""
-    if not requested() or dist.is_initialized():
+    there is one process (and not `single`) or a group already exists. Raises ArgumentError for
+    a `device` naming another GPU than LOCAL_RANK's."""
+    if dist.is_initialized() or not (requested() or single):
         return False
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        backend = "nccl"
+    gpu = torch.cuda.is_available() and torch.device(device or "cuda").type == "cuda"
+    if gpu and requested():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        index = torch.device(device or "cuda").index
+        if index is not None and index != local:
+            raise ArgumentError(
+                f"device {device!r} under torchrun: process {os.environ.get('RANK')} (LOCAL_RANK "
+                f"{local}) trains on cuda:{local}; pass device 'cuda' (--device cuda) or leave it "
+                "unset"
+            )
+        torch.cuda.set_device(local)
+    backend = "nccl" if gpu else "gloo"
+    if requested():
+        dist.init_process_group(backend, timeout=TIMEOUT)
     else:
-        backend = "gloo"
-    dist.init_process_group(backend, timeout=TIMEOUT)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return True
 
 
@@ -110,6 +125,8 @@ def broadcast_tensors(tensors: Sequence[torch.Tensor]) -> None:
         return
     with torch.no_grad():
         for tensor in tensors:
+            if isinstance(tensor, DTensor):  # FSDP shards: not replicas
+                continue
             moved = tensor.detach().to(_device())
             dist.broadcast(moved, 0)
             if moved is not tensor:
@@ -127,6 +144,9 @@ def reduce_step(
     failure: the exception this rank's step raised (its gradients count as zero). When any rank
     failed, every rank raises: the failed one its own exception, the others RankFailedError
     naming the failed ranks and their errors."""
+    tensors = [t for t in tensors if not isinstance(t, DTensor)]  # FSDP reduced its shards
+    if failure is not None and not tensors:
+        stop_sharded_step(failure)
     device = _device()
     grads = [
         (t.grad if t.grad is not None else torch.zeros_like(t)).reshape(-1).to(device, torch.float32)
@@ -154,3 +174,55 @@ def reduce_step(
             t.grad.copy_(flat[offset : offset + n].view_as(t.grad))
             offset += n
     return float(flat[-2])
+
+
+FAILURE_KEY = "fnlm/failed/"
+
+
+def stop_sharded_step(failure: BaseException) -> None:
+    """A step of a sharded (FSDP) run failed on this rank. Its collectives run inside the forward
+    and backward, where the other ranks now wait on this one, so it cannot join the all-reduce
+    that `reduce_step` would tell them through. Instead: when another rank already recorded its
+    failure in the group's store (this rank's failure is then the broken collective), raise
+    RankFailedError naming it; else record this one's and leave the group, which breaks the
+    others' pending collectives at once (gloo; under nccl torchrun ends them when this process
+    exits), and raise `failure`."""
+    store = dist.distributed_c10d._get_default_store()
+    others = []
+    for other in range(world_size()):
+        with contextlib.suppress(Exception):  # the store may be gone with the rank that held it
+            if other != rank() and store.check([f"{FAILURE_KEY}{other}"]):
+                others.append(f"rank {other}: {store.get(f'{FAILURE_KEY}{other}').decode()}")
+    if others:
+        raise RankFailedError(
+            f"training stopped on rank {rank()} because another rank failed in the step "
+            f"({'; '.join(others)})"
+        ) from failure
+    with contextlib.suppress(Exception):
+        store.set(f"{FAILURE_KEY}{rank()}", f"{type(failure).__name__}: {failure}")
+    dist.destroy_process_group()
+    raise failure
+
+
+def clip_grad_norm(tensors: Sequence[torch.Tensor], limit: float) -> float:
+    """torch.nn.utils.clip_grad_norm_ that also takes FSDP's DTensor shards: the norm of the
+    whole gradient (the shards' partial norms combined over the ranks) scales every shard."""
+    grads = [t.grad for t in tensors if t.grad is not None]
+    total = torch.nn.utils.get_total_norm(grads)
+    if isinstance(total, DTensor):
+        total = total.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(tensors, limit, total)
+    return float(total)
+
+
+def shard_batches(batches: Iterable[dict], *, even: bool) -> Iterator[tuple[dict, bool]]:
+    """This rank's share of `batches` (every world_size-th, from its rank), as (batch, counted).
+    even: every rank gets as many as the first (an FSDP forward is a collective of all ranks):
+    a rank short of one repeats a batch with counted False (evaluated, not counted)."""
+    first, total = None, 0
+    for i, batch in enumerate(batches):
+        first, total = first if first is not None else batch, total + 1
+        if i % world_size() == rank():
+            yield batch, True
+    if even and first is not None and rank() >= total % world_size() > 0:
+        yield first, False

@@ -56,7 +56,7 @@ def train(
     writes the checkpoints, metrics and the result. A rank failing in a step stops all with its
     error (RankFailedError on the others).
     """
-    own_group = distributed.init()
+    own_group = distributed.init(config.device, single=config.distributed == "fsdp")
     try:
         return _train(config, params, tokenizer, lora, data, eval_data, callback)
     finally:
@@ -254,19 +254,20 @@ def finish(run: Run, status: str, losses: list, eval_losses: list) -> TrainResul
     if main:
         trackers.finish(run.metrics_path)
     full = run.config.mode == "full"
+    final = run.trainable.final_params() if full else run.params  # FSDP: gathered by all ranks
     if not complete:
         print(
             f"fnlm.train: interrupted at step {run.step}; checkpoint {run.last_checkpoint}; "
             "continue with resume"
         )
     elif full and main:
-        save_full_model(run.run_dir, run.trainable.final_params(), run.tokenizer)
+        save_full_model(run.run_dir, final, run.tokenizer)
     elif main:
         lora_lib.save(run.run_dir, run.lora, params=run.params)  # its base: lora.config's
     distributed.barrier()  # no rank returns before the result is written
     return TrainResult(
         run_dir=run.run_dir, step=run.step, status=status, losses=losses,
-        params=run.trainable.final_params() if full else run.params, lora=run.lora,
+        params=final, lora=run.lora,
         tokenizer=run.tokenizer, checkpoint=run.last_checkpoint, metrics=run.metrics_path,
         plot=plot, eval_losses=eval_losses,
     )  # fmt: skip

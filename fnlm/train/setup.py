@@ -17,10 +17,11 @@ from fnlm import files
 from fnlm import lora as lora_lib
 from fnlm.errors import ArgumentError
 from fnlm.load import load as load_model
+from fnlm.load import resolve_dtype
 from fnlm.loss import loss as model_loss
 from fnlm.models import decoder
 from fnlm.params import Params, leaf_paths
-from fnlm.train import distributed, methods
+from fnlm.train import distributed, fsdp, methods
 from fnlm.train.checkpoint import (
     checkpoint_path,
     list_checkpoints,
@@ -46,8 +47,11 @@ from fnlm.train.stream import Stream
 def load_for_training(config: TrainConfig):
     """(params, tokenizer) for a config: NF4 base for qlora, 16-bit for lora and full."""
     quant = "nf4" if config.mode == "qlora" else None
+    device, dtype = config.device, config.dtype
+    if config.distributed == "fsdp":  # loaded in host memory, each layer sharded onto the device
+        device, dtype = "cpu", dtype or resolve_dtype(None, fsdp.target_device(config))
     return load_model(
-        config.model, quant=quant, dtype=config.dtype, device=config.device,
+        config.model, quant=quant, dtype=dtype, device=device,
         max_seq_length=config.max_seq_length,
     )  # fmt: skip
 
@@ -92,8 +96,10 @@ class Run:
         """The summed token loss of a micro-batch (the trainer's layer function when training)."""
         if self.method is not None:
             return self.method.loss(self, batch, training)
-        run_params, run_lora = self.trainable.model(training)
         layer_fn = self.layer_fn if training else decoder.layer_forward
+        if isinstance(self.trainable, fsdp.ShardedTrainable):
+            return self.trainable.loss(batch, layer_fn)
+        run_params, run_lora = self.trainable.model(training)
         return model_loss(run_params, batch, lora=run_lora, reduction="sum", layer_fn=layer_fn)
 
     def eval_loss(self) -> float:
@@ -108,14 +114,20 @@ class Run:
                 pad_to_multiple=c.pad_to_multiple,
             )
         )  # fmt: skip
-        return evaluate(lambda b: self.loss(b, training=False), batches)
+        sharded = isinstance(self.trainable, fsdp.ShardedTrainable)
+        return evaluate(lambda b: self.loss(b, training=False), batches, even=sharded)
 
     def checkpoint(self) -> Path:
         """Write a checkpoint of the current step. Older ones are pruned to save_total_limit only
         once the next step has passed the divergence watch (`prune_checkpoints`), so the last
         checkpoint from before a bad update is never pruned."""
         options = json.loads(json.dumps(self.config.to_dict(), default=str))
-        if distributed.is_main():  # the replicas are equal: rank 0 writes, the others wait
+        if isinstance(self.trainable, fsdp.ShardedTrainable):  # every rank writes its shards
+            self.last_checkpoint = fsdp.save_checkpoint(
+                self.run_dir, self.step, self.trainable, self.optimizer, self.scheduler,
+                self.position, {"total_steps": self.total_steps, "config": options},
+            )  # fmt: skip
+        elif distributed.is_main():  # the replicas are equal: rank 0 writes, the others wait
             self.last_checkpoint = save_checkpoint(
                 self.run_dir, self.step, named=self.trainable.named, optimizer=self.optimizer,
                 scheduler=self.scheduler, position=self.position,
@@ -142,11 +154,13 @@ def use_graphs(config: TrainConfig, device: torch.device, checkpointing: str, dr
     """Whether the step runs as CUDA graphs: asked for, or unset and possible (CUDA, no adapter
     dropout, whose recomputation needs the RNG state, and no offload, which syncs streams)."""
     possible = device.type == "cuda" and not dropout and checkpointing != "offload"
+    possible = possible and config.distributed != "fsdp"  # FSDP's collectives run in the step
     if config.cuda_graphs and not possible:
         raise ArgumentError(
-            "cuda_graphs=True needs a CUDA device, lora_dropout=0 and checkpointing other than "
-            f"'offload' (device {device.type}, lora_dropout {config.lora_dropout}, "
-            f"checkpointing {checkpointing!r})"
+            "cuda_graphs=True needs a CUDA device, lora_dropout=0, distributed 'ddp' and "
+            f"checkpointing other than 'offload' (device {device.type}, lora_dropout "
+            f"{config.lora_dropout}, distributed {config.distributed!r}, checkpointing "
+            f"{checkpointing!r})"
         )
     return possible if config.cuda_graphs is None else config.cuda_graphs
 
@@ -265,6 +279,8 @@ def start(config: TrainConfig, *, params=None, tokenizer=None, lora=None, data=N
     if tokenizer is None and data is None:
         raise ArgumentError("train: the model has no tokenizer; pass tokenizer= or tokenized data=")
     device = next(t.device for _, t in leaf_paths(dict(params)) if isinstance(t, torch.Tensor))
+    if config.distributed == "fsdp":
+        device = fsdp.target_device(config)
     method = methods.build(config)  # None: supervised fine-tuning
     if method is not None and distributed.active():
         raise ArgumentError(
@@ -284,7 +300,12 @@ def start(config: TrainConfig, *, params=None, tokenizer=None, lora=None, data=N
             dropout=config.lora_dropout, rslora=config.rslora, seed=config.seed,
             modules_to_save=config.modules_to_save, base_model_name_or_path=getattr(params, "model_id", None),
         )  # fmt: skip
-    trainable = Trainable(params, lora, full=full, fp32_master=config.fp32_master_weights)
+    if config.distributed == "fsdp":  # params: from here on this rank's DTensor shards
+        trainable = fsdp.ShardedTrainable(params, device=device, offload=config.fsdp_cpu_offload,
+                                          fp32_master=config.fp32_master_weights)  # fmt: skip
+        params = trainable.params
+    else:
+        trainable = Trainable(params, lora, full=full, fp32_master=config.fp32_master_weights)
 
     checkpointing = config.checkpointing
     if checkpointing == "auto":
@@ -331,9 +352,12 @@ def start(config: TrainConfig, *, params=None, tokenizer=None, lora=None, data=N
     run_dir.mkdir(parents=True, exist_ok=True)
     options = json.loads(json.dumps(config.to_dict(), default=str))
     if resume_from is not None:
-        state = load_checkpoint(
-            resume_from, named=trainable.named, optimizer=optimizer, scheduler=scheduler
-        )
+        if config.distributed == "fsdp":
+            state = fsdp.load_checkpoint(resume_from, trainable, optimizer, scheduler)
+        else:
+            state = load_checkpoint(
+                resume_from, named=trainable.named, optimizer=optimizer, scheduler=scheduler
+            )
         run.step, run.position, run.last_checkpoint = state["step"], state["position"], resume_from
         if main:
             truncate_metrics(run.metrics_path, run.step)

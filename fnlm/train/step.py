@@ -69,7 +69,7 @@ def train_step(
         optimizer.zero_grad(set_to_none=set_to_none)
         return {"loss": mean, "grad_norm": float("nan"), "lr": lr, "trained_tokens": total_tokens}
     limit = max_grad_norm if max_grad_norm else float("inf")
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(tensors, limit))
+    grad_norm = distributed.clip_grad_norm(tensors, limit)  # FSDP's shards too
     if not math.isfinite(grad_norm):
         optimizer.zero_grad(set_to_none=set_to_none)
         return {
@@ -85,12 +85,19 @@ def train_step(
 
 
 @torch.no_grad()
-def evaluate(loss_fn: Callable[[dict], torch.Tensor], batches: Iterator[dict]) -> float:
-    """Mean token loss over batches (summed losses / trained tokens), without gradients."""
+def evaluate(
+    loss_fn: Callable[[dict], torch.Tensor], batches: Iterator[dict], *, even: bool = False
+) -> float:
+    """Mean token loss over batches (summed losses / trained tokens), without gradients. Several
+    processes share the batches (`distributed.shard_batches`; even: as many forwards on every
+    rank, for FSDP) and sum the losses and tokens."""
     total, tokens = 0.0, 0
-    for batch in batches:
-        total += float(loss_fn(batch))
-        tokens += data_lib.trained_tokens(batch)
+    for batch, counted in distributed.shard_batches(batches, even=even):
+        value = float(loss_fn(batch))
+        if counted:
+            total += value
+            tokens += data_lib.trained_tokens(batch)
+    total, tokens = distributed.sum_over_ranks([total, tokens])
     return total / max(tokens, 1)
 
 
