@@ -220,14 +220,10 @@ def test_one_process_needs_no_group():
     assert distributed.sum_over_ranks([1.5, 2.0]) == [1.5, 2.0]
 
 
-def test_torchrun_runs_the_train_script_unchanged(tmp_path):
-    """`torchrun --nproc_per_node 2 scripts/train.py` with --grad-accum 1 logs the losses of one
-    process with --grad-accum 2 (the global batch is batch_size x grad_accum x N)."""
-    import subprocess
-    import sys
-
+def model_and_chats(tmp_path: Path) -> tuple[Path, Path]:
+    """A tiny model directory with a tokenizer and chat template, and a JSONL file of 12 chats."""
     from models import saved_checkpoint
-    from test_train import CHAT_TEMPLATE, ROOT, tiny_config
+    from test_train import CHAT_TEMPLATE, tiny_config
     from tokenizer_fixtures import write_byte_level_bpe
 
     from fnlm.tokenizer import Tokenizer
@@ -246,21 +242,39 @@ def test_torchrun_runs_the_train_script_unchanged(tmp_path):
     ]  # fmt: skip
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return model_dir, data
+
+
+def torchrun(nproc: int) -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_port", str(free_port())]  # fmt: skip
+
+
+def test_torchrun_runs_the_train_script_unchanged(tmp_path):
+    """`torchrun --nproc_per_node 2 scripts/train.py` with --grad-accum 1 logs the losses of one
+    process with --grad-accum 2 (the global batch is batch_size x grad_accum x N)."""
+    import subprocess
+    import sys
+
+    from test_train import ROOT
+
+    model_dir, data = model_and_chats(tmp_path)
     common = ["--model", str(model_dir), "--data", str(data), "--mode", "lora", "--max-steps",
               "3", "--batch-size", "2", "--max-seq-length", "64", "--no-progress", "--cache-dir",
               str(tmp_path / "cache")]  # fmt: skip
     script = str(ROOT / "scripts" / "train.py")
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                "--master_port", str(free_port())]  # fmt: skip
     runs = {
-        "two": [*torchrun, script, *common, "--grad-accum", "1", "--out", str(tmp_path / "two")],
+        "two": [*torchrun(2), script, *common, "--grad-accum", "1", "--out", str(tmp_path / "two")],
         "one": [sys.executable, script, *common, "--grad-accum", "2", "--out", str(tmp_path / "one")],
     }  # fmt: skip
     losses = {}
     for name, command in runs.items():
         done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.count("done: 3 steps") == 1, done.stdout  # rank 0's line only
         lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
         losses[name] = [json.loads(line)["loss"] for line in lines]
     assert_losses_close(losses["two"], losses["one"])

@@ -6,13 +6,14 @@ failing inside the step (where FSDP's collectives are) stops the other with its 
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
-from test_distributed import assert_losses_close, free_port, worker
+from test_distributed import assert_losses_close, free_port, model_and_chats, torchrun, worker
 
 from fnlm.errors import ArgumentError, CheckpointError
 from fnlm.train import TrainConfig, distributed, train
@@ -156,3 +157,36 @@ def test_an_explicit_gpu_must_be_the_ranks_own(monkeypatch):
     with pytest.raises(ArgumentError, match="LOCAL_RANK 0"):
         distributed.init("cuda:1")
     assert not torch.distributed.is_initialized()
+
+
+def test_torchrun_shards_a_full_finetune_from_the_command_line(tmp_path):
+    """`torchrun --nproc_per_node 2 -m fnlm.cli train --mode full --distributed fsdp` with
+    --grad-accum 1 trains as one unsharded process with --grad-accum 2, prints its "done" line
+    once and writes the same model files."""
+    import subprocess
+    import sys
+
+    from test_train import ROOT
+
+    model_dir, data = model_and_chats(tmp_path)
+    common = ["train", "--model", str(model_dir), "--data", str(data), "--mode", "full",
+              "--max-steps", "2", "--batch-size", "2", "--max-seq-length", "64", "--no-progress",
+              "--lr", "1e-3", "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    cli = ["-m", "fnlm.cli", *common]
+    runs = {
+        "two": [*torchrun(2), *cli, "--distributed", "fsdp", "--grad-accum", "1"],
+        "one": [sys.executable, *cli, "--grad-accum", "2"],
+    }
+    losses = {}
+    for name, command in runs.items():
+        done = subprocess.run([*command, "--out", str(tmp_path / name)], capture_output=True,
+                              text=True, env=env, timeout=300)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.count("done: 2 steps") == 1, done.stdout
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        losses[name] = [json.loads(line)["loss"] for line in lines]
+    assert_losses_close(losses["two"], losses["one"])
+    ref = load_file(tmp_path / "one" / "model.safetensors")
+    for name, tensor in load_file(tmp_path / "two" / "model.safetensors").items():
+        assert torch.allclose(tensor, ref[name], rtol=0, atol=WEIGHT_ABS_TOL), name

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import types
 import typing
 
@@ -20,7 +21,10 @@ Options come from --config (a TOML file, or YAML with PyYAML; a [train] table or
 and from flags, which win. Flags also take the underscore spelling (--max_seq_length), and the
 transformers / TRL / peft names listed at the end. Ctrl-C writes a checkpoint; --resume continues
 from the newest one. The run directory holds train_config.json, metrics.jsonl, loss.png,
-checkpoint-N/ and the final PEFT adapter (or, with --mode full, the model)."""
+checkpoint-N/ and the final PEFT adapter (or, with --mode full, the model).
+
+Several GPUs: torchrun --nproc_per_node N -m fnlm.cli train ... (the global batch is batch_size x
+grad_accum x N); --distributed fsdp shards a --mode full run over them (FSDP2)."""
 
 # The first field of each group of flags in `--help`, in field order.
 GROUPS = {
@@ -162,6 +166,8 @@ def run(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     result = train_lib.train(config)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports for all
+        return 130 if result.status == "interrupted" else 0
     if result.status == "interrupted":
         print(
             f"interrupted at step {result.step}; continue with: fnlm train --resume --out {result.run_dir}"
