@@ -243,7 +243,11 @@ def select(config: ModelConfig, targets, what: str) -> list[Module]:
     by_part = [m for m in modules if m.experts and m.weight[-1] in stacks]
     if isinstance(targets, str):
         if targets == ALL_LINEAR_SHORTHAND:
-            chosen = [m for m in linear if adaptable(m) and m.weight[0] == "layers"]
+            # model-level linear layers peft also adapts (Gemma 4's PLE projection)
+            extra = family_naming(config.model_type, "PEFT_ALL_LINEAR_EXTRA", ())
+            chosen = [
+                m for m in linear if adaptable(m) and (m.weight[0] == "layers" or m.weight in extra)
+            ]
             if peft_expert_names(config.model_type):
                 chosen += [m for m in modules if m.parameter is not None]
             return sorted(chosen, key=order_key(config.model_type))

@@ -19,6 +19,7 @@ from fnlm.models import (
     gemma,
     gemma2,
     gemma3,
+    gemma4,
     gpt_oss,
     granite,
     llama,
@@ -61,6 +62,7 @@ FAMILIES: dict[str, ModuleType] = {
         olmo3,
         ministral,
         gpt_oss,
+        gemma4,
     )  # fmt: skip
     for t in m.MODEL_TYPES
 }
@@ -75,10 +77,6 @@ UNSUPPORTED: dict[str, str] = {
         ("qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text"),
         "Qwen3.5's gated DeltaNet linear-attention layers (chunked gated delta rule, recurrent "
         "decode state) and gated full attention are not implemented yet",
-    ),
-    **dict.fromkeys(
-        ("gemma4", "gemma4_text"),
-        "Gemma 4's per-layer input embeddings and KV sharing across layers are not implemented yet",
     ),
 }
 
@@ -118,9 +116,10 @@ def checkpoint_name(config: ModelConfig, name: str) -> str | None:
 
 def checkpoint_stream(config: ModelConfig, stream: Iterator) -> Iterator:
     """The loader's (name, tensor, file) stream with the family's packed tensors unpacked (gpt-oss's
-    MXFP4 expert pairs dequantized); the stream itself for other families."""
+    MXFP4 expert pairs dequantized, gemma4's shared-KV layers' k/v dropped); the stream itself for
+    other families."""
     unpack = getattr(family(config.model_type), "checkpoint_stream", None)
-    return stream if unpack is None else unpack(stream)
+    return stream if unpack is None else unpack(stream, config)
 
 
 def to_params(config: ModelConfig, name: str, tensor: torch.Tensor) -> torch.Tensor:

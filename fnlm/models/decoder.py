@@ -367,6 +367,14 @@ def hidden_states(
         `cache_slots` [seq] and attention runs over the cache (see `cache_mask`).
     """
     config = params.config
+    from fnlm.models import family  # late: family modules import this one
+
+    own = getattr(family(config.model_type), "hidden_states", None)
+    if own is not None:  # a family whose layers this loop does not run (Gemma 4)
+        return own(
+            params, tokens, positions=positions, attention_mask=attention_mask,
+            segments=segments, layer_fn=layer_fn, cache=cache, cache_slots=cache_slots,
+        )  # fmt: skip
     if positions is None:
         positions = default_positions(tokens, attention_mask)
     x = embedding(tokens, params["embed"])

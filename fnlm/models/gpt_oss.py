@@ -138,9 +138,9 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor
     return values.flatten(-2).transpose(1, 2).contiguous()
 
 
-def checkpoint_stream(stream: Iterator) -> Iterator:
+def checkpoint_stream(stream: Iterator, config: ModelConfig | None = None) -> Iterator:
     """(name, tensor, file) as the loader reads them, with each MXFP4 pair ("...gate_up_proj_blocks",
-    "..._scales") replaced by the dequantized stack under its 16-bit name."""
+    "..._scales") replaced by the dequantized stack under its 16-bit name (`config` unused)."""
     pending: dict[str, torch.Tensor] = {}
     for name, tensor, file in stream:
         if not name.endswith(("_blocks", "_scales")) or ".mlp.experts." not in name:

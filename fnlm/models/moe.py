@@ -116,13 +116,21 @@ class Route:
     per_token: int
 
 
-def route(config: ModelConfig, router_logits: torch.Tensor, dtype: torch.dtype) -> Route:
-    """transformers' routing: softmax in fp32, top-k, optional renormalisation, weights cast to the
-    compute dtype; then the pairs sorted by expert. No host reads."""
+def route(
+    config: ModelConfig,
+    router_logits: torch.Tensor,
+    dtype: torch.dtype,
+    expert_scale: torch.Tensor | None = None,
+) -> Route:
+    """transformers' routing: softmax in fp32, top-k, optional renormalisation, optional learned
+    scale per expert (`expert_scale` [E], Gemma 4), weights cast to the compute dtype; then the
+    pairs sorted by expert. No host reads."""
     k = config.experts_per_token
     weights, chosen = torch.topk(torch.softmax(router_logits, dim=-1, dtype=torch.float32), k, -1)
     if config.moe_renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
+    if expert_scale is not None:
+        weights = weights * expert_scale[chosen]
     flat = chosen.reshape(-1)
     order = torch.argsort(flat, stable=True)
     # bincount would read its max on the host; a scatter-add of ones does not

@@ -1,5 +1,6 @@
 """Multimodal checkpoints loaded for their text tower: Gemma 3 4B-27B (`gemma3` -> gemma3_text),
-Mistral Small 3.x / Magistral (`mistral3` -> mistral).
+Mistral Small 3.x / Magistral (`mistral3` -> mistral), Gemma 4 (`gemma4` -> gemma4_text; its
+audio tower is skipped with the vision tower).
 
 The config translates `text_config` with the text family, so the params, the LoRA adapters and a
 merged export are those of the text model (transformers loads the export as Gemma3ForCausalLM /
@@ -13,7 +14,13 @@ from fnlm.config import ModelConfig
 from fnlm.errors import ConfigError
 
 # multimodal model_type -> the model_type of its text tower when text_config does not name it
-TEXT_TYPES = {"gemma3": "gemma3_text", "mistral3": "mistral"}
+TEXT_TYPES = {
+    "gemma3": "gemma3_text",
+    "mistral3": "mistral",
+    "gemma4": "gemma4_text",
+    "qwen3_5": "qwen3_5_text",
+    "qwen3_5_moe": "qwen3_5_moe_text",
+}
 MODEL_TYPES = tuple(TEXT_TYPES)
 
 # checkpoint prefix -> text model prefix: transformers 4's layout (what the hub holds and what

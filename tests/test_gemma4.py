@@ -1,0 +1,382 @@
+"""Gemma 4 (text, and the text tower of the multimodal checkpoint) against transformers (+ peft):
+logits (with left padding), greedy generation, LoRA adapters both ways, training, merged export and
+NF4, on hypothesis-drawn tiny configs that switch each Gemma 4 feature on and off: per-layer input
+embeddings, KV sharing (with the double-wide MLP), global layers with their own head size, kv heads
+and k = v, proportional rope, the MoE block, attention biases, final soft-capping.
+
+Tolerance: FP32_REL_TOL (1e-4 of the logits' scale) as every family; the fp32 forward agrees with
+transformers bit for bit on the configs tried while writing this, the slack covers kernel rounding.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+import transformers
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fnlm
+from fnlm.generate import generate_tokens
+from fnlm.models import gemma4
+from tests.models import FP32_REL_TOL, build_model, max_rel_error
+from tests.test_generate import prompt_batches, reference_generate
+from tests.test_lora import randomize_fnlm, read_adapter
+from tests.test_train import random_data, reference_run, rel_close, run_config
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*no tokenizer.json", "ignore:.*full_attention")
+
+EXAMPLES = settings(max_examples=4, deadline=None)
+# the pytest id names the family, so scripts/support_table.py counts these tests for gemma4
+GEMMA4 = pytest.mark.parametrize("model_type", ["gemma4_text"])
+LORA_TARGETS = ["q", "k", "v", "o", "gate", "up", "down", "per_layer_gate", "per_layer_projection"]
+
+
+@st.composite
+def gemma4_configs(draw, moe: bool | None = None) -> transformers.Gemma4TextConfig:
+    layers = draw(st.integers(2, 4))
+    kinds = st.sampled_from(["sliding_attention", "full_attention"])
+    types = draw(st.lists(kinds, min_size=layers, max_size=layers))
+    types[-1] = "full_attention"  # transformers forces it
+    shared = draw(st.integers(0, layers - 1))
+    per_layer = draw(st.sampled_from([0, 4, 8]))
+    if not set(types[layers - shared :]) <= set(types[: layers - shared]) or not per_layer:
+        # every sharing layer needs an earlier layer of its type; transformers 5.24 fails on KV
+        # sharing without per-layer inputs (_maybe_slice_kv_shared_inputs slices None), a
+        # combination no released Gemma 4 has
+        shared = 0
+    kv_heads = draw(st.sampled_from([1, 2]))
+    vocab = draw(st.integers(64, 128))
+    moe = draw(st.booleans()) if moe is None else moe
+    fields = dict(
+        vocab_size=vocab,
+        hidden_size=draw(st.sampled_from([32, 64])),
+        intermediate_size=draw(st.sampled_from([32, 48])),
+        num_hidden_layers=layers,
+        num_attention_heads=kv_heads * draw(st.sampled_from([1, 2])),
+        num_key_value_heads=kv_heads,
+        head_dim=draw(st.sampled_from([8, 16])),
+        global_head_dim=draw(st.sampled_from([8, 16, 32])),
+        attention_k_eq_v=draw(st.booleans()),
+        num_global_key_value_heads=draw(st.sampled_from([None, 1])),
+        layer_types=types,
+        sliding_window=draw(st.integers(2, 6)),
+        num_kv_shared_layers=shared,
+        use_double_wide_mlp=draw(st.booleans()),
+        hidden_size_per_layer_input=per_layer,
+        vocab_size_per_layer_input=vocab,
+        attention_bias=draw(st.booleans()),
+        final_logit_softcapping=draw(st.sampled_from([None, 3.0])),
+        rms_norm_eps=draw(st.sampled_from([1e-6, 1e-5])),
+        tie_word_embeddings=draw(st.booleans()),
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+            "full_attention": {
+                "rope_type": "proportional",
+                "partial_rotary_factor": draw(st.sampled_from([0.25, 0.5, 1.0])),
+                "rope_theta": draw(st.sampled_from([10_000.0, 1_000_000.0])),
+                "factor": draw(st.sampled_from([1.0, 4.0])),
+            },
+        },
+        max_position_embeddings=256,
+        initializer_range=0.2,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=1,
+    )
+    if moe:
+        experts = draw(st.integers(2, 4))
+        fields.update(
+            enable_moe_block=True,
+            num_experts=experts,
+            top_k_experts=draw(st.integers(1, min(2, experts))),
+            moe_intermediate_size=draw(st.sampled_from([8, 16])),
+        )
+    return transformers.Gemma4TextConfig(**fields)
+
+
+def build(config, seed: int = 0):
+    """build_model (random norms and biases) with random layer scalars and router scales too."""
+    model = build_model(config, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            if name.endswith(("layer_scalar", "router.scale", "per_expert_scale")):
+                t.add_(0.2 * torch.randn(t.shape, generator=g))
+    return model
+
+
+@contextmanager
+def checkpoint(config, seed: int = 0):
+    model = build(config, seed)
+    with tempfile.TemporaryDirectory() as d:
+        model.save_pretrained(d)
+        yield model, Path(d)
+
+
+def load_fp32(directory):
+    params, _ = fnlm.load(directory, quant=None, dtype=torch.float32, device="cpu")
+    return params
+
+
+def tokens_for(vocab: int, shape=(2, 9), seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+@GEMMA4
+@EXAMPLES
+@given(data=st.data())
+def test_logits_match_transformers_gemma4(model_type, data):
+    """Logits, and logits of a left-padded batch, equal transformers' (fp32)."""
+    config = data.draw(gemma4_configs())
+    seq = data.draw(st.integers(3, 12))
+    pads = data.draw(st.lists(st.integers(0, seq - 1), min_size=2, max_size=3))
+    mask = torch.tensor([[0] * p + [1] * (seq - p) for p in pads])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with checkpoint(config) as (model, directory):
+        params = load_fp32(directory)
+    tokens = tokens_for(config.vocab_size, mask.shape, seq)
+    with torch.no_grad():
+        ref = model(tokens).logits
+        ref_padded = model(tokens, attention_mask=mask, position_ids=positions).logits
+    assert max_rel_error(fnlm.forward(params, tokens), ref) <= FP32_REL_TOL
+    ours_padded = fnlm.forward(params, tokens, attention_mask=mask)
+    real = mask.bool()
+    assert max_rel_error(ours_padded[real], ref_padded[real]) <= FP32_REL_TOL
+
+
+@GEMMA4
+@EXAMPLES
+@given(data=st.data())
+def test_greedy_matches_transformers_gemma4(model_type, data):
+    """Greedy tokens of a left-padded batch through the KV cache (shared-KV layers read their
+    source layer's cache) equal transformers' generate."""
+    config = data.draw(gemma4_configs())
+    prompts = data.draw(prompt_batches(config.vocab_size))
+    new = data.draw(st.integers(1, 8))
+    with checkpoint(config) as (model, directory):
+        params = load_fp32(directory)
+    ours = generate_tokens(params, prompts, max_new_tokens=new, eos_token_ids=[])
+    assert ours == reference_generate(model, prompts, new, None)
+
+
+@GEMMA4
+@EXAMPLES
+@given(data=st.data())
+def test_saved_adapter_loads_in_peft_with_same_logits_gemma4(model_type, data, tmp_path_factory):
+    """Our adapter (drawn targets, or "all-linear": the router and the model-level PLE projection
+    too) loads in peft with our logits, merged too, and peft re-saves the same tensors."""
+    config = data.draw(gemma4_configs())
+    targets = data.draw(
+        st.one_of(
+            st.just("all-linear"),
+            st.lists(st.sampled_from([*LORA_TARGETS, "router"]), min_size=1, unique=True),
+        )
+    )
+    out, again = tmp_path_factory.mktemp("adapter"), tmp_path_factory.mktemp("again")
+    with checkpoint(config) as (model, directory):
+        params = load_fp32(directory)
+        try:
+            lora = fnlm.lora.init(params, r=4, alpha=8, targets=targets)
+        except fnlm.errors.LoraError:  # "router" without the MoE block, "per_layer_*" without PLE
+            assert targets != "all-linear"
+            return
+        lora = randomize_fnlm(lora)
+        fnlm.lora.save(out, lora, params=params, base_model_name_or_path=str(directory))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            peft_model = peft.PeftModel.from_pretrained(model, out).eval()
+            peft_model.save_pretrained(again)
+    tokens = tokens_for(config.vocab_size)
+    with torch.no_grad():
+        ref = peft_model(tokens).logits
+    ours = fnlm.forward(params, tokens, lora=lora)
+    assert max_rel_error(ours, ref) <= FP32_REL_TOL
+    assert max_rel_error(fnlm.forward(fnlm.lora.merge(params, lora), tokens), ours) <= FP32_REL_TOL
+    assert max_rel_error(ours, fnlm.forward(params, tokens)) > 10 * FP32_REL_TOL
+    _, ours_tensors = read_adapter(out)
+    _, ref_tensors = read_adapter(again)
+    assert ours_tensors.keys() == ref_tensors.keys()
+    for key in ours_tensors:
+        assert torch.equal(ours_tensors[key], ref_tensors[key]), key
+
+
+@GEMMA4
+def test_peft_adapter_loads_in_fnlm_gemma4(model_type, tmp_path):
+    """An adapter peft creates ("all-linear") loads in fnlm with peft's logits."""
+    config = transformers.Gemma4TextConfig(**{**TINY, "attention_bias": True})
+    model = build(config)
+    model.save_pretrained(tmp_path / "base")
+    peft_model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, t in peft_model.named_parameters():
+            if "lora_B" in name:
+                t.normal_(0, 0.3)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    params = load_fp32(tmp_path / "base")
+    lora = fnlm.lora.load(tmp_path / "adapter", params)
+    tokens = tokens_for(config.vocab_size)
+    with torch.no_grad():
+        ref = peft_model.eval()(tokens).logits
+    assert max_rel_error(fnlm.forward(params, tokens, lora=lora), ref) <= FP32_REL_TOL
+
+
+@GEMMA4
+@settings(max_examples=2, deadline=None)
+@given(data=st.data())
+def test_lora_training_matches_peft_gemma4(model_type, data, tmp_path_factory):
+    """Six LoRA steps (fnlm.train) give peft + transformers' losses step by step."""
+    config = data.draw(gemma4_configs())
+    examples = random_data(n=12, vocab=config.vocab_size, longest=20)
+    out = tmp_path_factory.mktemp("train")
+    with checkpoint(config) as (model, directory):
+        params = load_fp32(directory)
+        run = run_config(out / "run", max_steps=6, warmup_steps=1, lr=1e-2)
+        lora = fnlm.lora.init(params, r=run.r, alpha=run.alpha, seed=run.seed)
+        fnlm.lora.save(out / "initial", lora, params=params)
+        ours = fnlm.train.train(run, params=params, lora=lora, data=examples)
+        reference = peft.PeftModel.from_pretrained(model, out / "initial", is_trainable=True)
+        tensors = [p for p in reference.parameters() if p.requires_grad]
+        assert len(tensors) == len(fnlm.lora.parameters(lora))
+        expected = reference_run(reference.train(), tensors, run, examples, 6)
+    assert ours.status == "completed" and expected[-1] != expected[0]
+    assert rel_close(ours.losses, expected, 2e-6), (ours.losses, expected)
+
+
+@GEMMA4
+@settings(max_examples=3, deadline=None)
+@given(data=st.data())
+def test_merged_export_loads_in_transformers_gemma4(model_type, data, tmp_path_factory):
+    """The merged export loads in transformers with fnlm's adapted logits, and in fnlm again."""
+    config = data.draw(gemma4_configs())
+    out = tmp_path_factory.mktemp("merged")
+    with checkpoint(config) as (_, directory):
+        params = load_fp32(directory)
+        lora = randomize_fnlm(fnlm.lora.init(params, r=2, targets=("q", "o", "down")))
+        fnlm.save(out, params, lora=lora, format="merged")
+    tokens = tokens_for(config.vocab_size)
+    ours = fnlm.forward(params, tokens, lora=lora)
+    with torch.no_grad():
+        ref = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)(tokens)
+    assert max_rel_error(ref.logits, ours) <= FP32_REL_TOL
+    assert max_rel_error(fnlm.forward(load_fp32(out), tokens), ours) <= FP32_REL_TOL
+
+
+# in_features multiples of 64: NF4 blocks never straddle two experts (or two rows)
+TINY = dict(
+    vocab_size=96, hidden_size=64, intermediate_size=64, num_hidden_layers=3,
+    num_attention_heads=2, num_key_value_heads=1, head_dim=16, global_head_dim=32,
+    layer_types=["sliding_attention", "full_attention", "full_attention"], sliding_window=3,
+    num_kv_shared_layers=1, hidden_size_per_layer_input=64, vocab_size_per_layer_input=96,
+    enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=64,
+    max_position_embeddings=256, initializer_range=0.2, pad_token_id=0,
+)  # fmt: skip
+
+
+@GEMMA4
+def test_nf4_logits_match_transformers_on_the_dequantized_weights_gemma4(model_type, tmp_path):
+    """NF4 params (experts and per-layer projections too; embeddings, PLE table and router stay
+    16-bit) give the logits transformers gives on their dequantized weights, written by the
+    merged export without a 16-bit source; the NF4 error is real."""
+    tokens = tokens_for(TINY["vocab_size"], (2, 10))
+    with checkpoint(transformers.Gemma4TextConfig(**TINY)) as (model, directory):
+        params, _ = fnlm.load(directory, quant="nf4", dtype=torch.float32, device="cpu")
+    with torch.no_grad():
+        full = model(tokens).logits
+    layer = params["layers"][0]
+    for leaf in (layer["mlp"]["experts"]["gate_up"], layer["per_layer_gate"], layer["attn"]["q"]):
+        assert fnlm.quant.is_quantized(leaf)
+    assert not fnlm.quant.is_quantized(layer["router"])
+    fnlm.save(tmp_path, params, format="merged")  # params.source is gone: dequantized weights
+    with torch.no_grad():
+        dequantized = transformers.AutoModelForCausalLM.from_pretrained(
+            tmp_path, dtype=torch.float32
+        )
+        ref = dequantized(tokens).logits
+    assert max_rel_error(ref, full) > 100 * FP32_REL_TOL
+    assert max_rel_error(fnlm.forward(params, tokens), ref) <= FP32_REL_TOL
+
+
+# ----------------------------------------------------------------------------------------------
+# The multimodal checkpoint (Gemma4ForConditionalGeneration) loaded for its text tower
+# ----------------------------------------------------------------------------------------------
+
+VISION = dict(
+    hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+    num_key_value_heads=2, head_dim=8, patch_size=4, pooling_kernel_size=2,
+    position_embedding_size=64,
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("model_type", ["gemma4"])
+def test_multimodal_checkpoint_loads_its_text_tower_gemma4(model_type, tmp_path, capsys):
+    """A Gemma4ForConditionalGeneration checkpoint loads as its text model: logits equal the
+    multimodal model's on text, the vision tensors are skipped with one line, and the merged
+    export loads in transformers as Gemma4ForCausalLM with the same logits."""
+    text = transformers.Gemma4TextConfig(**{**TINY, "enable_moe_block": False})
+    config = transformers.Gemma4Config(
+        text_config=text.to_dict(), vision_config=VISION,
+        tie_word_embeddings=text.tie_word_embeddings, image_token_id=10**6,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.Gemma4ForConditionalGeneration(config).float().eval()
+    model.save_pretrained(tmp_path / "mm")
+    params = load_fp32(tmp_path / "mm")
+    assert params.config.text_tower_of == "gemma4"
+    assert "skipped" in capsys.readouterr().out
+    tokens = tokens_for(text.vocab_size)
+    with torch.no_grad():
+        ref = model(input_ids=tokens).logits
+    assert max_rel_error(fnlm.forward(params, tokens), ref) <= FP32_REL_TOL
+    fnlm.save(tmp_path / "merged", params, format="merged")
+    exported = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "merged", dtype=torch.float32
+    )
+    assert type(exported).__name__ == "Gemma4ForCausalLM"
+    with torch.no_grad():
+        assert max_rel_error(exported(tokens).logits, ref) <= FP32_REL_TOL
+
+
+# ----------------------------------------------------------------------------------------------
+# Layout
+# ----------------------------------------------------------------------------------------------
+
+
+@GEMMA4
+def test_layout_follows_transformers_gemma4(model_type):
+    """Per-layer head sizes, kv heads, k = v, KV sources and MLP widths as transformers builds them,
+    from transformers 5's per_layer_config and from the released global_* keys alike."""
+    config = transformers.Gemma4TextConfig(
+        **{**TINY, "attention_k_eq_v": True, "num_global_key_value_heads": 2, "num_key_value_heads": 1,
+           "num_hidden_layers": 5, "num_kv_shared_layers": 2, "use_double_wide_mlp": True,
+           "layer_types": ["sliding_attention", "full_attention", "sliding_attention",
+                           "sliding_attention", "full_attention"]}
+    )  # fmt: skip
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    released = {k: v for k, v in config.to_dict().items() if k != "per_layer_config"}
+    released.update(global_head_dim=32, num_global_key_value_heads=2)
+    for hf in (config.to_dict(), released):
+        lay = gemma4.make_layout(hf)
+        for i, layer in enumerate(model.model.layers):
+            attn = layer.self_attn
+            assert lay.head_dims[i] == attn.head_dim
+            assert lay.k_eq_v[i] == attn.use_alternative_attention
+            assert lay.shared(i) == attn.is_kv_shared_layer
+            assert lay.mlp_sizes[i] == layer.mlp.intermediate_size
+            if not attn.is_kv_shared_layer:
+                assert lay.kv_heads[i] * attn.head_dim == attn.k_proj.out_features
+    assert lay.kv_source == (0, 1, 2, 2, 1)
+
+
+@GEMMA4
+def test_bidirectional_gemma4_is_refused(model_type):
+    config = transformers.Gemma4TextConfig(**TINY).to_dict()
+    config["use_bidirectional_attention"] = "all"
+    with pytest.raises(fnlm.errors.UnsupportedModelError, match="bidirectional"):
+        fnlm.models.config_from_hf(config)
