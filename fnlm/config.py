@@ -72,6 +72,11 @@ class ModelConfig:
     attention_scale: float | None = None
     # scores -> cap * tanh(scores / cap) before the mask (Gemma2); takes the explicit attention path
     attention_softcap: float | None = None
+    # q_proj also yields each head's output gate; attention output times sigmoid(gate) (Qwen3.5)
+    attention_output_gate: bool = False
+    # (key_heads, value_heads, key_head_dim, value_head_dim, conv_kernel) of the gated DeltaNet
+    # layers, those "linear_attention" in layer_types (Qwen3.5; see fnlm/models/deltanet.py)
+    linear_attention: tuple[int, ...] = ()
 
     # rope
     nope_layers: tuple[int, ...] = ()  # layers whose q, k get no rotary embedding (SmolLM3)

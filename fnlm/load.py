@@ -154,13 +154,13 @@ def pinned_ahead(
 
 
 def is_quantizable(path: tuple, tensor: torch.Tensor) -> bool:
-    """Linear weights inside the decoder layers; embeddings, norms, biases, MoE routers and
-    lm_head stay 16-bit."""
+    """Linear weights inside the decoder layers; embeddings, norms, biases, MoE routers, Qwen3.5's
+    depthwise conv1d (not a Linear: bitsandbytes leaves it too) and lm_head stay 16-bit."""
     return (
         path[0] == "layers"
         and tensor.dim() >= 2
         and not str(path[-1]).endswith(("norm", "bias"))
-        and path[-1] not in ("router", "shared_gate")
+        and path[-1] not in ("router", "shared_gate", "conv")
     )
 
 

@@ -33,6 +33,8 @@ from fnlm.models import (
     qwen2,
     qwen2_moe,
     qwen3,
+    qwen3_5,
+    qwen3_5_moe,
     qwen3_moe,
     smollm3,
     starcoder2,
@@ -62,6 +64,8 @@ FAMILIES: dict[str, ModuleType] = {
         olmo3,
         ministral,
         gpt_oss,
+        qwen3_5,
+        qwen3_5_moe,
         gemma4,
     )  # fmt: skip
     for t in m.MODEL_TYPES
@@ -73,11 +77,6 @@ UNSUPPORTED: dict[str, str] = {
     "cohere2": "Command R7B interleaves sliding-window layers without rotary embeddings on the "
     "global ones; not implemented yet",
     "phimoe": "Phi-3.5-MoE's sparsemixer router is not implemented",
-    **dict.fromkeys(
-        ("qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text"),
-        "Qwen3.5's gated DeltaNet linear-attention layers (chunked gated delta rule, recurrent "
-        "decode state) and gated full attention are not implemented yet",
-    ),
 }
 
 

@@ -17,7 +17,7 @@ from torch.nn.attention.flex_attention import BlockMask
 from fnlm import kernels, quant
 from fnlm.config import ACTIVATIONS, ModelConfig
 from fnlm.errors import ArgumentError
-from fnlm.models import masks, moe
+from fnlm.models import deltanet, masks, moe
 from fnlm.models.rope import rope_tables
 from fnlm.params import EmbeddingLeaf, ExpertsLeaf, LinearLeaf, Params, expect_leaf
 
@@ -78,8 +78,10 @@ def attention(
     cache [batch, kv_heads, max_len, head_dim] at `slots` [seq] and the queries attend over the whole
     cache with `mask` [batch, 1, seq, max_len] (see `cache_mask`).
     """
+    if "conv" in p:  # a gated DeltaNet layer (Qwen3.5): `mask` and `kv` as deltanet.layer_inputs
+        return deltanet.linear_attention(config, p, x, mask, kv)
     batch, seq, _ = x.shape
-    q, k, v = project_qkv(config, p, x)
+    q, k, v, gate = project_qkv(config, p, x)
     if cos is not None:  # None: a layer without rotary embeddings (SmolLM3's NoPE layers)
         q, k = kernels.apply_rope(q, k, cos, sin, interleaved=config.rope_interleaved)
     # [batch, heads, seq, head_dim]
@@ -107,14 +109,18 @@ def attention(
     else:
         out = softcapped_attention(config, q, k, v, mask, p.get("sinks"))
     out = out.transpose(1, 2).reshape(batch, seq, config.num_heads * config.head_dim)
+    if gate is not None:
+        out = out * torch.sigmoid(gate)
     return linear(out, p["o"], p.get("o_bias"))
 
 
 def project_qkv(
     config: ModelConfig, p: dict, x: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """q [batch, seq, heads, head_dim] and k, v [batch, seq, kv_heads, head_dim], q/k normed if the
-    config says so. A fused "qkv" leaf (Phi-3, Falcon) is kept fused, as peft adapts it, and sliced."""
+    config says so, and the output gate [batch, seq, heads * head_dim] (None unless
+    `attention_output_gate`). A fused "qkv" leaf (Phi-3, Falcon) is kept fused, as peft adapts it,
+    and sliced."""
     batch, seq, _ = x.shape
     heads, kv_heads, d = config.num_heads, config.num_kv_heads, config.head_dim
     if "qkv" in p:
@@ -128,6 +134,10 @@ def project_qkv(
         q = linear(x, p["q"], p.get("q_bias"))
         k = linear(x, p["k"], p.get("k_bias"))
         v = linear(x, p["v"], p.get("v_bias"))
+    gate = None
+    if config.attention_output_gate:  # Qwen3.5: each head's q_proj rows are its q, then its gate
+        q, gate = q.view(batch, seq, heads, 2 * d).chunk(2, dim=-1)
+        gate = gate.reshape(batch, seq, heads * d)
     if config.qk_norm and config.qk_norm_across_heads:  # OLMo2: one norm over all heads
         q, k = norm(config, p["q_norm"], q), norm(config, p["k_norm"], k)
     q = q.reshape(batch, seq, heads, d)
@@ -135,7 +145,7 @@ def project_qkv(
     v = v.reshape(batch, seq, kv_heads, d)
     if config.qk_norm and not config.qk_norm_across_heads:  # Qwen3, Gemma3, Cohere: per head
         q, k = norm(config, p["q_norm"], q), norm(config, p["k_norm"], k)
-    return q, k, v
+    return q, k, v, gate
 
 
 def softcapped_attention(
@@ -383,7 +393,13 @@ def hidden_states(
         x = x * torch.tensor(config.embedding_scale, dtype=x.dtype)
     tables = {False: rope_tables(config, positions)}
     masks: dict[int | None, torch.Tensor | None] = {}
+    linear_mask = deltanet.layer_mask(config, tokens, attention_mask, segments, cache, cache_slots)
     for i, layer in enumerate(params["layers"]):
+        if config.layer_types and config.layer_types[i] == "linear_attention":
+            # gated DeltaNet (Qwen3.5): no rope; a padding / document mask; a recurrent state
+            args = (config, layer, x, None, None, linear_mask)
+            x = layer_fn(*args) if cache is None else layer_fn(*args, deltanet.state(cache, i))
+            continue
         window = config.window(i)
         local = config.local_rope(i)  # Gemma3's sliding layers have their own rope base
         if local not in tables:

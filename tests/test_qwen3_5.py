@@ -1,0 +1,378 @@
+"""Qwen3.5 and Qwen3.5-MoE (text models, and the multimodal checkpoint's text tower) against
+transformers (+ peft): the shared per-family checks of tests/test_equivalence, test_lora,
+test_train_architectures, test_generate and test_export on hypothesis-drawn tiny configs, plus
+NF4, packed rows and LoRA on the linear-attention projections.
+
+Not in tests/models.py's HF_CONFIGS (as gpt-oss): peft's bias="all" also trains the DeltaNet's
+dt_bias, which fnlm refuses (LoraError) rather than silently train fewer."""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+import transformers
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fnlm
+from fnlm.errors import LoraError
+from fnlm.generate import generate_tokens
+from tests.models import FP32_REL_TOL, build_model, max_rel_error
+from tests.test_generate import prompt_batches, reference_generate
+from tests.test_lora import randomize_fnlm, read_adapter
+from tests.test_train import random_data, reference_run, rel_close, run_config
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*no tokenizer.json"),
+    pytest.mark.filterwarnings("ignore:.*flash-linear-attention"),
+]
+
+EXAMPLES = settings(max_examples=3, deadline=None)
+# the pytest ids name the family, so scripts/support_table.py counts these tests for each
+FAMILIES = pytest.mark.parametrize("model_type", ["qwen3_5", "qwen3_5_moe"])
+TEXT_AND_TOWER = pytest.mark.parametrize(
+    "model_type", ["qwen3_5", "qwen3_5_moe", "qwen3_5_multimodal"]
+)
+LINEAR_TARGETS = ["in_qkv", "in_z", "in_b", "in_a", "out"]
+
+
+@st.composite
+def text_fields(draw) -> dict:
+    heads = draw(st.sampled_from([1, 2, 4]))
+    layers = draw(st.integers(1, 4))
+    key_heads = draw(st.sampled_from([1, 2]))
+    fields = dict(
+        vocab_size=draw(st.integers(64, 128)),
+        hidden_size=draw(st.sampled_from([32, 64])),
+        intermediate_size=draw(st.sampled_from([40, 64])),
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=draw(st.sampled_from([h for h in (1, 2) if heads % h == 0])),
+        head_dim=draw(st.sampled_from([8, 16])),
+        linear_num_key_heads=key_heads,
+        linear_num_value_heads=key_heads * draw(st.sampled_from([1, 2])),
+        linear_key_head_dim=draw(st.sampled_from([8, 16])),
+        linear_value_head_dim=draw(st.sampled_from([8, 16])),
+        linear_conv_kernel_dim=draw(st.sampled_from([2, 4])),
+        rms_norm_eps=draw(st.sampled_from([1e-6, 1e-5])),
+        tie_word_embeddings=draw(st.booleans()),
+        attention_bias=draw(st.booleans()),
+        max_position_embeddings=256,
+        initializer_range=0.2,  # large enough that logits are far from zero
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": draw(st.sampled_from([10000.0, 1e6])),
+            "partial_rotary_factor": draw(st.sampled_from([0.25, 0.5])),
+        },
+    )
+    # at least one full-attention layer: transformers' cache needs one (get_seq_length)
+    if draw(st.booleans()):  # explicit layer kinds, else every full_attention_interval-th is full
+        kinds = st.sampled_from(["linear_attention", "full_attention"])
+        types = draw(st.lists(kinds, min_size=layers - 1, max_size=layers - 1))
+        fields["layer_types"] = [*types, "full_attention"]
+    else:
+        fields["full_attention_interval"] = draw(st.integers(1, layers))
+    return fields
+
+
+@st.composite
+def hf_configs(draw, model_type: str):
+    fields = draw(text_fields())
+    if model_type == "qwen3_5":
+        return transformers.Qwen3_5TextConfig(**fields)
+    if model_type == "qwen3_5_moe":
+        fields.pop("intermediate_size")
+        experts = draw(st.integers(2, 4))
+        return transformers.Qwen3_5MoeTextConfig(
+            **fields,
+            num_experts=experts,
+            num_experts_per_tok=draw(st.integers(1, min(2, experts))),
+            moe_intermediate_size=draw(st.sampled_from([24, 40])),
+            shared_expert_intermediate_size=draw(st.sampled_from([16, 24])),
+        )
+    fields.pop("tie_word_embeddings")
+    config = transformers.Qwen3_5Config(
+        text_config=fields,
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2),
+        tie_word_embeddings=draw(st.booleans()),
+    )
+    config.vocab_size = fields["vocab_size"]
+    return config
+
+
+def text_model(model):
+    """The multimodal model's language model as Qwen3_5ForCausalLM with the same weights (what
+    fnlm's text-tower params, adapters and exports are tested against); a text model as it is."""
+    if model.config.model_type != "qwen3_5":
+        return model
+    config = model.config.get_text_config()
+    config.tie_word_embeddings = model.config.tie_word_embeddings
+    text = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    prefix = "model.language_model."
+    state = {
+        ("model." + k[len(prefix) :] if k.startswith(prefix) else k): v
+        for k, v in model.state_dict().items()
+        if k.startswith(prefix) or k == "lm_head.weight"
+    }
+    text.load_state_dict(state, strict=True)
+    return text.eval()
+
+
+@contextmanager
+def saved_checkpoint(config, seed: int = 0):
+    """(model, directory), as tests.models.saved_checkpoint; the multimodal checkpoint is built as
+    Qwen3_5ForConditionalGeneration (vision tower included) and its model is the text model."""
+    if config.model_type == "qwen3_5":
+        torch.manual_seed(seed)
+        model = transformers.Qwen3_5ForConditionalGeneration(config).float().eval()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name or name.endswith("bias"):
+                    p.add_(torch.randn_like(p) * 0.1)
+    else:
+        model = build_model(config, seed)
+    with tempfile.TemporaryDirectory() as d:
+        model.save_pretrained(d)
+        yield text_model(model), Path(d)
+
+
+def load_fp32(directory):
+    params, _ = fnlm.load(directory, quant=None, dtype=torch.float32, device="cpu")
+    return params
+
+
+def tokens_for(vocab: int, shape=(2, 9), seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+# ----------------------------------------------------------------------------------------------
+# Logits, generation
+# ----------------------------------------------------------------------------------------------
+
+
+def _config(data, model_type):
+    if model_type == "qwen3_5_multimodal":
+        return data.draw(hf_configs("multimodal"))
+    return data.draw(hf_configs(model_type))
+
+
+@TEXT_AND_TOWER
+@EXAMPLES
+@given(data=st.data())
+def test_logits_match_transformers_qwen3_5(model_type, data):
+    """Logits, and logits of a left-padded batch, equal transformers' (fp32); sequences longer
+    than one 64-token chunk of the delta rule are drawn too."""
+    config = _config(data, model_type)
+    seq = data.draw(st.sampled_from([3, 12, 70]))
+    pads = data.draw(st.lists(st.integers(0, seq - 1), min_size=2, max_size=3))
+    mask = torch.tensor([[0] * p + [1] * (seq - p) for p in pads])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with saved_checkpoint(config) as (model, directory):
+        params = load_fp32(directory)
+        tokens = tokens_for(config.vocab_size, mask.shape, seq)
+        with torch.no_grad():
+            ref = model(tokens).logits
+            ref_padded = model(tokens, attention_mask=mask, position_ids=positions).logits
+        ours = fnlm.forward(params, tokens)
+        ours_padded = fnlm.forward(params, tokens, attention_mask=mask)
+    assert max_rel_error(ours, ref) <= FP32_REL_TOL
+    real = mask.bool()
+    assert max_rel_error(ours_padded[real], ref_padded[real]) <= FP32_REL_TOL
+
+
+@FAMILIES
+@EXAMPLES
+@given(data=st.data())
+def test_greedy_matches_transformers_qwen3_5(model_type, data):
+    """Prefill (chunked delta rule) then one-token steps (the recurrence, conv and recurrent
+    states in the cache), left-padded batches, equal transformers' greedy generate."""
+    config = _config(data, model_type)
+    prompts = data.draw(prompt_batches(config.vocab_size))
+    new = data.draw(st.integers(1, 8))
+    with saved_checkpoint(config) as (model, directory):
+        params = load_fp32(directory)
+        ours = generate_tokens(params, prompts, max_new_tokens=new, eos_token_ids=[])
+        again = generate_tokens(params, prompts, max_new_tokens=new, eos_token_ids=[])
+        ref = reference_generate(model, prompts, new, None)
+    assert ours == ref and again == ref
+
+
+@FAMILIES
+@settings(max_examples=2, deadline=None)
+@given(data=st.data())
+def test_packed_rows_equal_separate_documents_qwen3_5(model_type, data):
+    """Packed rows (segments): each document's logits are those of the document alone (the
+    DeltaNet layers restart their state and conv at each document)."""
+    config = _config(data, model_type)
+    lengths = data.draw(st.lists(st.integers(1, 9), min_size=2, max_size=3))
+    with saved_checkpoint(config) as (_, directory):
+        params = load_fp32(directory)
+    docs = [tokens_for(config.vocab_size, (1, n), seed=i) for i, n in enumerate(lengths)]
+    tokens = torch.cat([*docs, torch.zeros(1, 2, dtype=torch.long)], dim=1)  # 2 padding
+    segments = torch.cat(
+        [torch.full((1, n), i + 1) for i, n in enumerate(lengths)] + [torch.zeros(1, 2)], dim=1
+    ).long()
+    positions = torch.cat([torch.arange(n) for n in lengths] + [torch.zeros(2)]).long()[None]
+    packed = fnlm.forward(params, tokens, positions=positions, segments=segments)
+    alone = torch.cat([fnlm.forward(params, d) for d in docs], dim=1)
+    assert max_rel_error(packed[:, : sum(lengths)], alone) <= FP32_REL_TOL
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA, training, export
+# ----------------------------------------------------------------------------------------------
+
+
+@TEXT_AND_TOWER
+@EXAMPLES
+@given(data=st.data())
+def test_saved_adapter_loads_in_peft_with_same_logits_qwen3_5(model_type, data, tmp_path_factory):
+    """LoRA on attention and on the linear-attention projections (in_proj_qkv, in_proj_z,
+    in_proj_b, in_proj_a, out_proj): peft loads our adapter with our logits and re-saves the
+    same files."""
+    config = _config(data, model_type)
+    names = ["q", "k", "v", "o", *LINEAR_TARGETS]
+    targets = data.draw(st.lists(st.sampled_from(names), min_size=1, unique=True))
+    targets += data.draw(st.sampled_from([["in_qkv"], ["out_proj"], []]))  # linear layers adapted
+    bias = data.draw(st.sampled_from(["none", "lora_only"]))
+    out = tmp_path_factory.mktemp("adapter")
+    with saved_checkpoint(config) as (model, directory):
+        params = load_fp32(directory)
+        lora = randomize_fnlm(fnlm.lora.init(params, r=4, alpha=8, targets=targets, bias=bias))
+        fnlm.lora.save(out, lora, params=params, base_model_name_or_path=str(directory))
+        tokens = tokens_for(config.vocab_size)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            peft_model = peft.PeftModel.from_pretrained(model, out).eval()
+        with torch.no_grad():
+            ref = peft_model(tokens).logits
+        ours = fnlm.forward(params, tokens, lora=lora)
+        merged = fnlm.forward(fnlm.lora.merge(params, lora), tokens)
+        again = tmp_path_factory.mktemp("again")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            peft_model.save_pretrained(again)
+    assert max_rel_error(ours, ref) <= FP32_REL_TOL
+    assert max_rel_error(merged, ours) <= FP32_REL_TOL
+    _, ours_tensors = read_adapter(out)
+    _, ref_tensors = read_adapter(again)
+    assert ours_tensors.keys() == ref_tensors.keys()
+    for key in ours_tensors:
+        assert torch.equal(ours_tensors[key], ref_tensors[key]), key
+
+
+@FAMILIES
+def test_lora_targets_qwen3_5(model_type):
+    """The linear-attention projections are targets under peft's names; bias="all" is refused."""
+    config = {
+        "qwen3_5": transformers.Qwen3_5TextConfig(**TINY),
+        "qwen3_5_moe": transformers.Qwen3_5MoeTextConfig(**TINY_MOE),
+    }[model_type]
+    with saved_checkpoint(config) as (_, directory):
+        params = load_fp32(directory)
+    names = fnlm.lora.target_names(params.config)
+    expected = {
+        "in_qkv": "in_proj_qkv", "in_z": "in_proj_z", "in_b": "in_proj_b", "in_a": "in_proj_a",
+        "out": "out_proj", "q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
+    }  # fmt: skip
+    assert expected.items() <= names.items()
+    assert "conv" not in names and "A_log" not in names
+    lora = fnlm.lora.init(params, r=2, targets=("in_proj_qkv", "out_proj"))
+    assert set(lora["layers"][0]["attn"]) == {"in_qkv", "out"}
+    with pytest.raises(LoraError, match="bias='all' is not supported"):
+        fnlm.lora.init(params, r=2, bias="all")
+
+
+@FAMILIES
+@settings(max_examples=2, deadline=None)
+@given(data=st.data())
+def test_lora_training_matches_peft_qwen3_5(model_type, data, tmp_path_factory):
+    """Six LoRA steps (all-linear: attention, DeltaNet projections, MLP) lose what peft's do."""
+    config = _config(data, model_type)
+    examples = random_data(n=12, vocab=config.vocab_size, longest=20)
+    out = tmp_path_factory.mktemp("train")
+    with saved_checkpoint(config) as (model, directory):
+        params = load_fp32(directory)
+        run = run_config(out / "run", max_steps=6, warmup_steps=1, lr=1e-2)
+        lora = fnlm.lora.init(params, r=run.r, alpha=run.alpha, seed=run.seed)
+        fnlm.lora.save(out / "initial", lora, params=params)
+        ours = fnlm.train.train(run, params=params, lora=lora, data=examples)
+        reference = peft.PeftModel.from_pretrained(model, out / "initial", is_trainable=True)
+        tensors = [p for p in reference.parameters() if p.requires_grad]
+        assert len(tensors) == len(fnlm.lora.parameters(lora))
+        expected = reference_run(reference.train(), tensors, run, examples, 6)
+    assert ours.status == "completed" and expected[-1] != expected[0]
+    assert rel_close(ours.losses, expected, 2e-6), (ours.losses, expected)
+
+
+@TEXT_AND_TOWER
+@settings(max_examples=2, deadline=None)
+@given(data=st.data())
+def test_merged_export_loads_in_transformers_qwen3_5(model_type, data, tmp_path_factory):
+    """The merged export (the text model, for the multimodal checkpoint) loads in transformers
+    with fnlm's adapted logits, and in fnlm again."""
+    config = _config(data, model_type)
+    out = tmp_path_factory.mktemp("merged")
+    with saved_checkpoint(config) as (_, directory):
+        params = load_fp32(directory)
+        lora = randomize_fnlm(fnlm.lora.init(params, r=2, targets=("q", "in_qkv", "out", "down")))
+        fnlm.save(out, params, lora=lora, format="merged")
+    tokens = tokens_for(config.vocab_size)
+    ours = fnlm.forward(params, tokens, lora=lora)
+    with torch.no_grad():
+        ref = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)(tokens)
+    assert max_rel_error(ref.logits, ours) <= FP32_REL_TOL
+    assert max_rel_error(fnlm.forward(load_fp32(out), tokens), ours) <= FP32_REL_TOL
+
+
+# ----------------------------------------------------------------------------------------------
+# NF4
+# ----------------------------------------------------------------------------------------------
+
+# in_features multiples of 64 (NF4 blocks), every layer kind
+TINY = dict(
+    vocab_size=96, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+    num_attention_heads=2, num_key_value_heads=1, head_dim=16, linear_num_key_heads=2,
+    linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
+    linear_conv_kernel_dim=4, layer_types=["linear_attention", "full_attention"],
+    initializer_range=0.2, max_position_embeddings=256,
+)  # fmt: skip
+TINY_MOE = {
+    **{k: v for k, v in TINY.items() if k != "intermediate_size"},
+    "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+    "shared_expert_intermediate_size": 64,
+}  # fmt: skip
+
+
+@FAMILIES
+def test_nf4_logits_match_transformers_on_the_dequantized_weights_qwen3_5(model_type, tmp_path):
+    """NF4 params (DeltaNet projections too; the conv1d, A_log, dt_bias and norms stay 16-bit,
+    as bitsandbytes leaves them) give the logits transformers gives on their dequantized weights
+    (written by fnlm's merged export); the NF4 error is real."""
+    config = {
+        "qwen3_5": transformers.Qwen3_5TextConfig(**TINY),
+        "qwen3_5_moe": transformers.Qwen3_5MoeTextConfig(**TINY_MOE),
+    }[model_type]
+    tokens = tokens_for(config.vocab_size, (2, 10))
+    with saved_checkpoint(config) as (model, directory):
+        params, _ = fnlm.load(directory, quant="nf4", dtype=torch.float32, device="cpu")
+        with torch.no_grad():
+            full = model(tokens).logits
+    linear = params["layers"][0]["attn"]
+    assert all(fnlm.quant.is_quantized(linear[n]) for n in LINEAR_TARGETS)
+    assert not fnlm.quant.is_quantized(linear["conv"])
+    fnlm.save(tmp_path, params, format="merged")  # params.source is gone: dequantized weights
+    with torch.no_grad():
+        dequantized = transformers.AutoModelForCausalLM.from_pretrained(
+            tmp_path, dtype=torch.float32
+        )
+        ref = dequantized(tokens).logits
+    ours = fnlm.forward(params, tokens)
+    assert max_rel_error(ref, full) > 100 * FP32_REL_TOL
+    assert max_rel_error(ours, ref) <= FP32_REL_TOL
