@@ -4,7 +4,17 @@ The weight is in bitsandbytes' NF4 layout (see `fnlm.kernels.nf4`). Each quantiz
 possible weights are built once as byte tables and each packed word is looked up with PTX `prmt`
 byte permutes; the weights are rounded to x's dtype as dequantize-then-matmul would see them, the
 products accumulated in fp32. Reached through `fnlm.kernels.nf4_gemv`.
+
+Two variants (FNLM_NF4_GEMV, read at each launch, or the launcher's `variant`):
+- "fixup" (default): the input features are split until every SM has about PROGRAMS_PER_SM
+  programs (a one-row GEMV is bound by the bytes each SM has in flight, not by issue, on the
+  8B's shapes with one program per SM), and the last program of each tile to finish sums the
+  splits' fp32 partials in split order and writes the rounded result (deterministic; no second
+  kernel, which cost more than the split gained before);
+- "sweep": the tiles of the 2026-12-03 H200 sweep, splits summed by torch after the kernel.
 """
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -151,10 +161,11 @@ def _load_step(
 
 @triton.jit
 def _nf4_gemv_kernel(
-    X, PACKED, ABSMAX, NESTED_ABSMAX, NESTED_CODE, OFFSET, BIAS, Y,
-    batch, n_out, row_blocks, stride_x, stride_y, stride_split, blocks_per_split, zero,
+    X, PACKED, ABSMAX, NESTED_ABSMAX, NESTED_CODE, OFFSET, BIAS, Y, OUT, ARRIVED,
+    batch, n_out, row_blocks, stride_x, stride_y, stride_split, blocks_per_split, splits, zero,
     NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, W_DTYPE: tl.constexpr, PARTIAL: tl.constexpr,
-    ASM: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
+    FIXUP: tl.constexpr, ASM: tl.constexpr, BLOCKSIZE: tl.constexpr,
+    NESTED_BLOCKSIZE: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_BLOCKS: tl.constexpr,
 ):  # fmt: skip
     # y[b, rows] = x[b, :] @ W[rows, :].T for BLOCK_N output rows over one split of the input
@@ -166,8 +177,9 @@ def _nf4_gemv_kernel(
     # each packed uint32 word (8 weights) is looked up with 12 `prmt` byte permutes. Products
     # are accumulated elementwise in fp32 and reduced once at the end. The next step's words are
     # loaded before this step's arithmetic, so two steps of weights are in flight.
-    # PARTIAL: several splits write fp32 partial sums (summed by the launcher); otherwise the bias
-    # is added and the result rounded once, here.
+    # PARTIAL: several splits write fp32 partial sums to Y, summed by the launcher, or with FIXUP
+    # by the tile's last split to arrive (ARRIVED: a zeroed int32 counter per tile), into OUT;
+    # otherwise the bias is added and the result rounded once, here.
     WORDS: tl.constexpr = BLOCKSIZE // 16  # uint32 words per block (8 nibbles each), per half
     # every tensor is 4-D, [batch, blocks, rows, words], so that one register layout (the packed
     # words' load: 4 words per thread, lanes along rows) carries through without expand_dims
@@ -238,17 +250,31 @@ def _nf4_gemv_kernel(
     batch_index = tl.program_id(2) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_mask = rows < n_out
     y_mask = (batch_index < batch)[:, None] & row_mask[None, :]
+    tile = batch_index[:, None] * stride_y + rows[None, :]
     if PARTIAL:
-        y_ptr = Y + split * stride_split + batch_index[:, None] * stride_y + rows[None, :]
-        tl.store(y_ptr, out, mask=y_mask)
+        tl.store(Y + split * stride_split + tile, out, mask=y_mask)
+        if FIXUP:
+            # every thread's partial stored before the (release) count, the others' partials read
+            # after the (acquire) count that shows this split is the tile's last, from L2
+            tl.debug_barrier()
+            arrived = tl.atomic_add(
+                ARRIVED + tl.program_id(2) * tl.num_programs(0) + tl.program_id(0), 1,
+                sem="acq_rel",
+            )  # fmt: skip
+            if arrived == splits - 1:
+                out = tl.load(Y + tile, mask=y_mask, other=0.0, cache_modifier=".cg")
+                for other in range(1, splits):  # split order: the same sum on every run
+                    out += tl.load(
+                        Y + other * stride_split + tile, mask=y_mask, other=0.0,
+                        cache_modifier=".cg",
+                    )  # fmt: skip
+                if HAS_BIAS:
+                    out += tl.load(BIAS + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
+                tl.store(OUT + tile, _round_to(out, W_DTYPE), mask=y_mask)
     else:
         if HAS_BIAS:  # added before the one rounding, as cuBLAS' addmm does
             out += tl.load(BIAS + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(
-            Y + batch_index[:, None] * stride_y + rows[None, :],
-            _round_to(out, W_DTYPE),
-            mask=y_mask,
-        )
+        tl.store(OUT + tile, _round_to(out, W_DTYPE), mask=y_mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -257,6 +283,21 @@ def _nf4_gemv_kernel(
 
 # Rows of x the GEMV kernel takes in one launch (it is meant for decode batches).
 GEMV_MAX_BATCH = 8
+
+GEMV_VARIANTS = ("fixup", "sweep")  # see the module docstring; FNLM_NF4_GEMV picks one
+
+# "fixup": split the input features until the SMs hold about this many programs each (more warps
+# per SM, more weight bytes in flight), keeping at least two steps of blocks per split.
+PROGRAMS_PER_SM = 4
+
+
+def gemv_variant(variant: str | None = None) -> str:
+    """`variant`, or FNLM_NF4_GEMV (default "fixup"); ArgumentError for an unknown one."""
+    chosen = variant or os.environ.get("FNLM_NF4_GEMV") or "fixup"
+    if chosen not in GEMV_VARIANTS:
+        where = "variant" if variant else "the environment variable FNLM_NF4_GEMV"
+        raise ArgumentError(f"nf4_gemv: {where} is {chosen!r}; expected one of {GEMV_VARIANTS}")
+    return chosen
 
 
 def _gemv_config(
@@ -292,6 +333,28 @@ def _gemv_config(
             split_k *= 2
         else:
             break
+    return block_n, block_blocks, num_warps, split_k
+
+
+def _fixup_config(
+    n_out: int, n_in: int, batch: int, device: torch.device, blocksize: int = 64
+) -> tuple[int, int, int, int]:
+    """The "fixup" variant's (rows per program, blocks per step, warps, splits): the sweep's
+    tiles, then the input split in two while the programs stay within PROGRAMS_PER_SM per SM
+    and every split keeps two steps or more (8B at one row: q/o 4096x4096 and down 4096x14336
+    split in 4, k/v 1024x4096 in 4, gate/up 14336x4096 in 2, lm_head 128256x4096 not at all)."""
+    block_n, block_blocks, num_warps, _ = _gemv_config(n_out, n_in, batch, device, blocksize)
+    if device.type != "cuda":
+        return block_n, block_blocks, num_warps, 1
+    row_blocks = n_in // blocksize
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    programs = triton.cdiv(n_out, block_n) * triton.cdiv(batch, GEMV_MAX_BATCH)
+    split_k = 1
+    while (
+        programs * split_k * 2 <= PROGRAMS_PER_SM * sms
+        and row_blocks // (2 * split_k) >= 2 * block_blocks
+    ):
+        split_k *= 2
     return block_n, block_blocks, num_warps, split_k
 
 
@@ -334,12 +397,16 @@ def nf4_gemv_fwd(
     nested_blocksize: int,
     bias: torch.Tensor | None = None,
     config: tuple[int, int, int, int] | None = None,
+    variant: str | None = None,
 ) -> torch.Tensor:
     """Launch the GEMV: x [batch, in] @ W.T (+ bias) -> [batch, out] in x's dtype (bf16 or fp16),
     W given as NF4 parts (see `dequantize_nf4`) with in % blocksize == 0 (`gemv_supported`). The
     weight is dequantized in registers, rounded to x's dtype first, as dequantize-then-matmul
-    would. `config` overrides `_gemv_config` (benchmarks, tests). Raises ArgumentError otherwise."""
+    would. `variant`: "fixup" or "sweep" (None: FNLM_NF4_GEMV, default "fixup"; see the module
+    docstring). `config` (rows per program, blocks per step, warps, splits) overrides the
+    variant's choice (benchmarks, tests). Raises ArgumentError otherwise."""
     check_gemv(x, shape, blocksize, nested_blocksize)
+    variant = gemv_variant(variant)
     n_out, n_in = shape
     if packed.data_ptr() % 4:
         raise ArgumentError("nf4_gemv: the packed weight must start on a 4-byte boundary")
@@ -352,7 +419,8 @@ def nf4_gemv_fwd(
     nested_absmax, nested_code, offset, nested = _nested_args(
         absmax, nested_absmax, nested_code, offset
     )
-    block_n, block_blocks, num_warps, split_k = config or _gemv_config(
+    choose = _fixup_config if variant == "fixup" else _gemv_config
+    block_n, block_blocks, num_warps, split_k = config or choose(
         n_out, n_in, batch, x.device, blocksize
     )
     block_b = triton.next_power_of_2(min(batch, GEMV_MAX_BATCH))
@@ -365,15 +433,19 @@ def nf4_gemv_fwd(
         else y
     )
     grid = (triton.cdiv(n_out, block_n), split_k, triton.cdiv(batch, block_b))
+    fixup = split_k > 1 and variant == "fixup"
+    # a zeroed count per tile (one small fill); unread without the fixup
+    arrived = torch.zeros(grid[0] * grid[2], dtype=torch.int32, device=x.device) if fixup else y
     _nf4_gemv_kernel[grid](
         x, packed, absmax, nested_absmax, nested_code, offset, x if bias is None else bias, partial,
-        batch, n_out, row_blocks, x.stride(0), n_out, batch * n_out, blocks_per_split, 0,
+        y, arrived,
+        batch, n_out, row_blocks, x.stride(0), n_out, batch * n_out, blocks_per_split, split_k, 0,
         NESTED=nested, HAS_BIAS=bias is not None, W_DTYPE=_TRITON_DTYPES[x.dtype],
-        PARTIAL=split_k > 1, ASM=x.is_cuda, BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=nested_blocksize,
-        BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_BLOCKS=block_blocks,
-        num_warps=num_warps, enable_fp_fusion=False,
+        PARTIAL=split_k > 1, FIXUP=fixup, ASM=x.is_cuda, BLOCKSIZE=blocksize,
+        NESTED_BLOCKSIZE=nested_blocksize, BLOCK_B=block_b, BLOCK_N=block_n,
+        BLOCK_BLOCKS=block_blocks, num_warps=num_warps, enable_fp_fusion=False,
     )  # fmt: skip
-    if split_k > 1:  # fp32 sum of the splits (+ bias), rounded once
+    if split_k > 1 and not fixup:  # fp32 sum of the splits (+ bias), rounded once
         total = partial.sum(0)
         if bias is not None:
             total += bias.float()
