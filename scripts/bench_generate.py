@@ -11,8 +11,12 @@ transformers (BitsAndBytesConfig NF4 double quant with bf16 compute, and bf16; S
 - batch 8 and 32 throughput (batch x new tokens / wall time) for fnlm;
 - time to first token (a generate of one new token: prefill + first choice);
 - step time (decode only: (T(256) - T(1)) / 255) and the fraction of the weight-reading limit:
-  bytes of weights read per step / step time / 3.0 TB/s (an untied embedding table is not
-  counted: a step reads one row of it).
+  bytes of weights read per step / step time / 4.3 TB/s (the H200's measured copy bandwidth;
+  an untied embedding table is not counted: a step reads one row of it).
+With --linears: the decode linears alone (CUDA-graph medians), fnlm's NF4 GEMV in each variant of
+--gemv-variants beside dequantize + matmul, bitsandbytes (when installed) and bf16, in µs, GB/s
+and % of the 4.8 TB/s HBM peak. --gemv-variants fixup,sweep also runs every other part once per
+NF4 GEMV variant (FNLM_NF4_GEMV; kept graphs dropped between), keyed "<model> <quant> <variant>".
 With --parts first-call (issue 19): a repeat call's time against the first call at a new prompt
 length in the same cache-length bucket and at a new bucket (nothing compiles after the process's
 first call: the compiled layer takes the cache length as a dynamic dimension; a new bucket only
@@ -24,6 +28,7 @@ Prints a table and writes bench_generate.json (to --out, default $OUT or .).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -35,7 +40,8 @@ from pathlib import Path
 
 import torch
 
-COPY_BANDWIDTH = 3.0e12  # bytes/s, device-to-device copy measured on the H100 (GPU.md)
+COPY_BANDWIDTH = 4.3e12  # bytes/s, device-to-device copy measured on the H200 (GPU.md)
+HBM_PEAK = 4.8e12  # bytes/s, the H200's specified HBM3e bandwidth
 
 
 # The real configs (as scripts/bench_load.py has them; the weights are random).
@@ -180,6 +186,7 @@ def bench_serve(directory: Path, quant, prompts, args) -> dict:
     params, _ = fnlm.load(directory, quant=quant, dtype=torch.bfloat16, device="cuda")
     streams, n = args.serve_streams, args.new_tokens
     engine = Engine(params, None, slots=streams, context=args.prompt_tokens + n)
+    widths = engine.steps_by_width
 
     def run(count: int) -> float:
         done = threading.Semaphore(0)
@@ -201,6 +208,8 @@ def bench_serve(directory: Path, quant, prompts, args) -> dict:
     try:
         run(2)  # compile and capture
         single = statistics.median(run(1) for _ in range(args.repeats))
+        single_widths = dict(widths)
+        widths.clear()
         many = statistics.median(run(streams) for _ in range(args.repeats))
     finally:
         engine.close()
@@ -208,6 +217,7 @@ def bench_serve(directory: Path, quant, prompts, args) -> dict:
         "streams": streams, "single_tokens_per_s": n / single,
         "aggregate_tokens_per_s": streams * n / many, "ratio": streams * single / many,
         "most_rows": engine.most_rows,
+        "steps_by_width": {"single": single_widths, "streams": dict(widths)},
     }  # fmt: skip
     print(f"  fnlm.serve {quant or 'bf16'}: {result}", flush=True)
     return result
@@ -286,47 +296,78 @@ def time_on_device(fn, calls: int = 20, replays: int = 5) -> float:
     return start.elapsed_time(end) / 1e3 / (calls * replays)
 
 
-def bench_linears(name: str) -> dict:
-    """The decode linears of one model alone: fnlm's NF4 linear (fused GEMV up to 8 rows),
-    dequantize + matmul, bitsandbytes' matmul_4bit (its own GEMV at one row) and bf16, in
-    microseconds and GB/s of weight bytes read; plus a sweep of the GEMV kernel's block sizes."""
-    import bitsandbytes as bnb
+def bench_linears(name: str, variants: list[str]) -> dict:
+    """The decode linears of one model alone: fnlm's NF4 linear (the fused GEMV up to 8 rows) in
+    each GEMV variant, dequantize + matmul, bitsandbytes' matmul_4bit (its own GEMV at one row;
+    skipped when bitsandbytes is not installed) and bf16, in microseconds, GB/s of weight bytes
+    read and % of the HBM peak."""
     import torch.nn.functional as F
 
     from fnlm import quant
 
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        bnb = None
+        print("  (bitsandbytes not installed: no bnb column)", flush=True)
     c = REAL_CONFIGS[name]
     hidden, inter = c["hidden_size"], c["intermediate_size"]
     kv = c["num_key_value_heads"] * c.get("head_dim", hidden // c["num_attention_heads"])
     shapes = {"q/o": (hidden, hidden), "k/v": (kv, hidden), "gate/up": (inter, hidden),
-              "down": (hidden, inter)}  # fmt: skip
+              "down": (hidden, inter), "lm_head": (c["vocab_size"], hidden)}  # fmt: skip
     results = {}
     for label, (n_out, n_in) in shapes.items():
         w = torch.randn(n_out, n_in, device="cuda", dtype=torch.bfloat16) * 0.02
         q = quant.quantize(w, "nf4", compute_dtype=torch.bfloat16)
         nbytes = sum(t.numel() * t.element_size() for t in q.tensors())
-        packed, state = bnb.functional.quantize_4bit(
-            w, quant_type="nf4", compress_statistics=True, blocksize=64
-        )
-        for batch in (1, 8):
+        if bnb is not None:
+            packed, state = bnb.functional.quantize_4bit(
+                w, quant_type="nf4", compress_statistics=True, blocksize=64
+            )
+        for batch in (1, 2, 4, 8):
             x = torch.randn(batch, n_in, device="cuda", dtype=torch.bfloat16)
-            times = {
-                "fnlm": time_on_device(lambda x=x, q=q: quant.linear(x, q)),
-                "dequant+matmul": time_on_device(lambda x=x, q=q: F.linear(x, q.dequantize())),
-                "bnb": time_on_device(
+            times = {}
+            for variant in variants:  # read when the graph of time_on_device is captured
+                with gemv_variant(variant):
+                    times[f"fnlm {variant}"] = time_on_device(lambda x=x, q=q: quant.linear(x, q))
+            times["dequant+matmul"] = time_on_device(lambda x=x, q=q: F.linear(x, q.dequantize()))
+            if bnb is not None:
+                times["bnb"] = time_on_device(
                     lambda x=x, p=packed, s=state: bnb.matmul_4bit(x, p.t(), quant_state=s)
-                ),
-                "bf16": time_on_device(lambda x=x, w=w: F.linear(x, w)),
-            }
-            row = {
-                k: {"us": t * 1e6, "GB/s": (nbytes if k != "bf16" else w.numel() * 2) / t / 1e9}
-                for k, t in times.items()
-            }
+                )
+            times["bf16"] = time_on_device(lambda x=x, w=w: F.linear(x, w))
+            row = {}
+            for k, t in times.items():
+                read = (nbytes if k != "bf16" else w.numel() * 2) + 2 * batch * (n_in + n_out)
+                row[k] = {"us": t * 1e6, "GB/s": read / t / 1e9, "hbm": read / t / HBM_PEAK}
             results[f"{label} {n_out}x{n_in} b{batch}"] = row
             print(f"  {label} {n_out}x{n_in} batch {batch}: " + ", ".join(
-                f"{k} {v['us']:.1f}us {v['GB/s']:.0f}GB/s" for k, v in row.items()), flush=True)  # fmt: skip
+                f"{k} {v['us']:.1f}us {v['GB/s']:.0f}GB/s {100 * v['hbm']:.0f}%"
+                for k, v in row.items()), flush=True)  # fmt: skip
     # the GEMV kernel's own tile sweep: scripts/bench_quant.py --gemv-only --sweep
     return results
+
+
+@contextlib.contextmanager
+def gemv_variant(variant: str | None):
+    """FNLM_NF4_GEMV set to `variant` inside (None: left as it is), kept decode graphs dropped
+    on the way in and out (they hold the variant they were captured with)."""
+    from fnlm.generate import release_graphs
+
+    if variant is None:
+        yield
+        return
+    before = os.environ.get("FNLM_NF4_GEMV")
+    os.environ["FNLM_NF4_GEMV"] = variant
+    release_graphs()
+    try:
+        yield
+    finally:
+        release_graphs()
+        if before is None:
+            del os.environ["FNLM_NF4_GEMV"]
+        else:
+            os.environ["FNLM_NF4_GEMV"] = before
 
 
 def route_nf4_through_bitsandbytes() -> None:
@@ -390,6 +431,13 @@ def main() -> None:
         help="comma list of fnlm, transformers, first-call, serve",
     )
     parser.add_argument("--serve-streams", type=int, default=32)
+    parser.add_argument(
+        "--gemv-variants",
+        type=lambda s: s.split(","),
+        default=None,
+        help="comma list of NF4 GEMV variants (fixup, sweep) to run each part with; default: "
+        "FNLM_NF4_GEMV or fixup, one run",
+    )
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "fnlm-bench")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     args = parser.parse_args()
@@ -407,9 +455,10 @@ def main() -> None:
     if args.nf4_route == "bnb":
         route_nf4_through_bitsandbytes()
     out_file = args.out / "bench_generate.json"
+    variants = args.gemv_variants or [os.environ.get("FNLM_NF4_GEMV") or "fixup"]
     for name in models:
         if args.linears:
-            results[f"{name} linears"] = bench_linears(name)
+            results[f"{name} linears"] = bench_linears(name, variants)
         directory = args.dir / name
         t = time.perf_counter()
         write_checkpoint(name, directory)
@@ -417,8 +466,10 @@ def main() -> None:
         vocab = REAL_CONFIGS[name]["vocab_size"]
         g = torch.Generator().manual_seed(0)
         prompts = torch.randint(0, vocab, (32, args.prompt_tokens), generator=g).tolist()
-        for quant in quants:
-            key = f"{name} {quant}"
+        for quant, variant in [(q, v) for q in quants for v in variants]:
+            if quant == "bf16" and variant != variants[0]:
+                continue  # the GEMV variant is NF4's alone
+            key = f"{name} {quant}" + (f" {variant}" if len(variants) > 1 else "")
             results[key] = {}
             parts = {"fnlm": bench_fnlm, "transformers": bench_reference,
                      "first-call": bench_first_call, "serve": bench_serve}  # fmt: skip
@@ -426,11 +477,15 @@ def main() -> None:
                 fn = parts[who]
                 if who == "transformers" and name == "llama-3.1-8b" and quant == "bf16":
                     continue  # no goal for it, and it costs a minute
+                if who == "transformers" and variant != variants[0]:
+                    continue  # the reference does not use fnlm's GEMV
                 clear()
+                print(f"{key}: {who}", flush=True)
                 try:
-                    results[key][who] = fn(
-                        directory, None if quant == "bf16" else quant, prompts, args
-                    )
+                    with gemv_variant(variant if len(variants) > 1 else None):
+                        results[key][who] = fn(
+                            directory, None if quant == "bf16" else quant, prompts, args
+                        )
                 except Exception as e:  # keep the other rows of the table
                     traceback.print_exc()
                     results[key][who] = {"error": f"{type(e).__name__}: {e}"}
@@ -450,13 +505,19 @@ def print_table(results: dict) -> None:
     for key, entry in results.items():
         if not isinstance(entry, dict) or "fnlm" not in entry:
             continue
-        ours, ref = entry["fnlm"], entry.get("transformers", {})
+        name, quant, *variant = key.split()
+        # the reference runs once per model and weights, under the first GEMV variant's key
+        ref = next(
+            (e["transformers"] for k, e in results.items()
+             if k.split()[:2] == [name, quant] and isinstance(e, dict) and "transformers" in e),
+            {},
+        )  # fmt: skip
+        ours = entry["fnlm"]
         b1 = ours.get("batch1", {})
         get = lambda d, k: d.get(k, float("nan"))  # noqa: E731
         ratio = get(b1, "tokens_per_s") / get(ref.get("batch1", {}), "tokens_per_s")
-        name, quant = key.split()
         print(
-            f"| {name} | {quant} | {get(b1, 'tokens_per_s'):.1f} | "
+            f"| {name} | {' '.join([quant, *variant])} | {get(b1, 'tokens_per_s'):.1f} | "
             f"{get(ref.get('batch1', {}), 'tokens_per_s'):.1f} | {ratio:.1f}x | "
             f"{get(ours.get('batch8', {}), 'tokens_per_s'):.0f} | "
             f"{get(ours.get('batch32', {}), 'tokens_per_s'):.0f} | {get(b1, 'ttft_ms'):.1f} | "
