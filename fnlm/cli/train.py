@@ -16,6 +16,8 @@ Fine-tune a model: QLoRA by default (LoRA adapters over an NF4 base), or --mode 
   fnlm train --config examples/qlora-sft-qwen.toml --max-steps 100
   fnlm train --model Qwen/Qwen2.5-0.5B-Instruct --data my.jsonl --learning_rate 2e-4 \\
       --per_device_train_batch_size 4 --gradient_accumulation_steps 4 --report-to tensorboard
+  fnlm train --data HuggingFaceH4/ultrachat_200k --data-split train_sft --eval-split test_sft \\
+      --num-proc 4 --on-bad-row skip            (a hub dataset: `pip install 'fnlm[data]'`)
 
 Options come from --config (a TOML file, or YAML with PyYAML; a [train] table or the whole file)
 and from flags, which win. Flags also take the underscore spelling (--max_seq_length), and the

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fnlm.data.tokenize import BAD_ROW_POLICIES
 from fnlm.errors import ArgumentError, FnlmError
 from fnlm.params import Params
 
@@ -100,13 +101,50 @@ class TrainConfig:
     )
     rslora: bool = option(False, "rank-stabilized LoRA: scale by alpha / sqrt(r)")
     # data
-    max_seq_length: int = option(2048, "tokens per row; longer examples are truncated")
+    max_seq_length: int = option(
+        2048, "tokens per row; longer chat examples are truncated (long text: text_blocks)"
+    )
     packing: bool = option(True, "pack several examples into each row (attention kept within each)")
     train_on_responses_only: bool = option(
         True, "chat data: the loss counts only the assistant's tokens"
     )
     truncation: bool = option(True, "cut examples longer than max_seq_length (else an error)")
     pad_to_multiple: int = option(8, "pad each batch's length to a multiple of this")
+    text_blocks: bool = option(
+        True, "text rows longer than max_seq_length are split into blocks of max_seq_length "
+        "tokens, each starting with the previous block's last token (no token lost as a "
+        "target); off: cut as chats are",
+    )  # fmt: skip
+    data_split: str = option(
+        "train", "the split of a `datasets` source (hub or saved), e.g. train_sft"
+    )
+    data_subset: str | None = option(None, "the configuration (subset) of a hub dataset")
+    eval_split: str | None = option(
+        None, "held-out data: this split of `data` (a `datasets` source), e.g. test_sft"
+    )
+    columns: tuple[str, ...] = option(
+        (), "the data's own column names for fnlm's row keys, as KEY=COLUMN: text=body "
+        "messages=dialog (keys: messages conversations instruction input output system prompt "
+        "completion text)",
+    )  # fmt: skip
+    streaming: bool = option(
+        False, "read the data as it arrives (a hub dataset is not downloaded whole); tokenized "
+        "in this process and not cached",
+    )  # fmt: skip
+    num_proc: int | None = option(
+        None, "processes that tokenize the data (through `datasets`, cached in cache_dir); "
+        "unset: 1, in this process",
+    )  # fmt: skip
+    on_bad_row: str = option(
+        "stop", "a row that cannot be read or tokenized: stop (an error naming the row and "
+        "file) or skip (left out, counted and the first ones named in the log)",
+        choices=BAD_ROW_POLICIES,
+    )  # fmt: skip
+    enable_thinking: bool | None = option(
+        None, "chat templates with a thinking switch (Qwen3) render the data with this; off: "
+        "the empty think block belongs to the prompt and is not learned; unset: the template's "
+        "default",
+    )  # fmt: skip
     # optimization
     optimizer: str = option(
         "adamw", "adamw (torch, fused on CUDA) or bitsandbytes' 8-bit / paged AdamW; transformers' "
@@ -232,6 +270,7 @@ class TrainConfig:
                     f"TrainConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}"
                 )
         check_numbers(self)
+        check_data_options(self)
         sharded_setup = (self.mode, self.method, self.optimizer)
         if self.distributed == "fsdp" and sharded_setup != ("full", "sft", "adamw"):
             raise ArgumentError(
@@ -353,6 +392,14 @@ ALIASES = {
     "lora_alpha": "alpha",
     "target_modules": "targets",
     "use_rslora": "rslora",
+    "dataset_text_field": "columns",  # TRL: the text column
+    "dataset_config": "data_subset",  # TRL ScriptArguments
+    "dataset_config_name": "data_subset",  # transformers' example scripts
+    "dataset_train_split": "data_split",
+    "dataset_test_split": "eval_split",
+    "dataset_streaming": "streaming",
+    "dataset_num_proc": "num_proc",
+    "preprocessing_num_workers": "num_proc",  # transformers' example scripts
     "reward_funcs": "rewards",  # TRL's GRPOTrainer argument
     "reward": "rewards",  # --reward module:function ...
 }
@@ -380,6 +427,9 @@ def translate_alias(alias: str, value: Any) -> tuple[str, Any]:
         return name, table.get(value, value) if isinstance(value, bool | str) else value
     if alias in ("bf16", "fp16"):
         return name, ({"bf16": "bfloat16", "fp16": "float16"}[alias] if value else None)
+    if alias == "dataset_text_field":
+        column = value[0] if isinstance(value, list | tuple) and len(value) == 1 else value
+        return name, (f"text={column}",)
     if alias == "disable_tqdm":
         return name, not value
     if (
@@ -441,6 +491,49 @@ NUMBER_RANGES = {
 }
 
 
+def check_data_options(config: TrainConfig) -> None:
+    """Normalize `columns` ({"text": "body"} or ["text=body"]) to KEY=COLUMN pairs; ArgumentError
+    for an unknown row key, num_proc below 1, or num_proc with streaming."""
+    from fnlm.data.rows import ROW_KEYS
+
+    pairs = config.columns
+    if isinstance(pairs, dict):
+        pairs = [f"{k}={v}" for k, v in pairs.items()]
+    elif isinstance(pairs, str):
+        pairs = [pairs]
+    config.columns = tuple(pairs)
+    for pair in config.columns:
+        key, _, column = str(pair).partition("=")
+        if key not in ROW_KEYS or not column:
+            raise ArgumentError(
+                f"TrainConfig.columns: {pair!r} must be KEY=COLUMN with KEY one of {ROW_KEYS}"
+            )
+    if config.on_bad_row not in BAD_ROW_POLICIES:
+        raise ArgumentError(
+            f"TrainConfig.on_bad_row must be one of {BAD_ROW_POLICIES}, got {config.on_bad_row!r}"
+        )
+    if config.num_proc is not None:
+        _check_number("num_proc", config.num_proc, "int", 1, None, "")
+        if config.streaming and config.num_proc > 1:
+            raise ArgumentError(
+                "TrainConfig.num_proc > 1 needs the whole dataset; streaming tokenizes rows in "
+                "this process as they arrive (set one of them)"
+            )
+
+
+def data_options(config: TrainConfig) -> dict:
+    """The keyword arguments of `fnlm.data.prepare` that a config sets (but the split)."""
+    return dict(
+        max_seq_length=config.max_seq_length, train_on_responses_only=config.train_on_responses_only,
+        truncation=config.truncation, text_blocks=config.text_blocks, subset=config.data_subset,
+        columns=dict(pair.split("=", 1) for pair in config.columns) or None,
+        streaming=config.streaming, num_proc=config.num_proc, on_bad_row=config.on_bad_row,
+        template_kwargs=None if config.enable_thinking is None
+        else {"enable_thinking": config.enable_thinking},
+        cache_dir=config.cache_dir,
+    )  # fmt: skip
+
+
 def check_numbers(config: TrainConfig) -> None:
     """ArgumentError naming the option unless every numeric option is of its kind and range
     (NUMBER_RANGES; also max_steps, epochs, max_grad_norm, betas)."""
@@ -463,8 +556,8 @@ def check_numbers(config: TrainConfig) -> None:
         raise ArgumentError(f"TrainConfig.betas must be two numbers, got {config.betas!r}")
     for beta in config.betas:
         _check_number("betas", beta, "float", 0.0, 1.0, "high-open")
-    if config.eval_every and not (config.eval_data or config.eval_fraction):
-        raise ArgumentError("TrainConfig.eval_every needs eval_data or eval_fraction")
+    if config.eval_every and not (config.eval_data or config.eval_fraction or config.eval_split):
+        raise ArgumentError("TrainConfig.eval_every needs eval_data, eval_split or eval_fraction")
 
 
 def _is_number(value) -> bool:

@@ -105,6 +105,10 @@ def report_data(data, eval_data) -> None:
         text += f"; {s['truncated']} example(s) truncated ({s['tokens_cut']:,} tokens cut)"
     if s.get("dropped"):
         text += f"; {s['dropped']} row(s) without a token to learn dropped"
+    if s.get("blocks"):
+        text += f"; long texts split into {s['blocks']} blocks"
+    if s.get("skipped"):
+        text += f"; {s['skipped']} bad row(s) skipped (on_bad_row='skip')"
     if eval_data is not None:
         text += f"; {len(eval_data)} held-out examples"
     print(text)

@@ -35,6 +35,7 @@ from fnlm.train.config import (
     RUN_CONFIG,
     TMP_PREFIX,
     TrainConfig,
+    data_options,
 )
 from fnlm.train.graphs import StepGraphs
 from fnlm.train.layers import layer_function
@@ -241,18 +242,17 @@ def replace_contents(run_dir: Path) -> Path | None:
 
 def prepare_data(config: TrainConfig, tokenizer, data, eval_data):
     """(data, eval_data) tokenized from the config's sources unless given."""
-    options = dict(
-        max_seq_length=config.max_seq_length, train_on_responses_only=config.train_on_responses_only,
-        truncation=config.truncation, cache_dir=config.cache_dir,
-    )  # fmt: skip
+    options = data_options(config)
     if data is None:
         if config.data is None:
             raise ArgumentError(
                 "train: no data; set TrainConfig.data (a file, directory or dataset name)"
             )
-        data = data_lib.prepare(config.data, tokenizer, **options)
+        data = data_lib.prepare(config.data, tokenizer, split=config.data_split, **options)
     if eval_data is None and config.eval_data:
         eval_data = data_lib.prepare(config.eval_data, tokenizer, **options)
+    elif eval_data is None and config.eval_split:
+        eval_data = data_lib.prepare(config.data, tokenizer, split=config.eval_split, **options)
     elif eval_data is None and config.eval_fraction:
         data, eval_data = data.split(config.eval_fraction, config.seed)
     report_data(data, eval_data)
