@@ -133,6 +133,37 @@ def test_fsdp_options_and_checkpoint_kinds_are_checked(tmp_path):
     assert TrainConfig(mode="full", distributed="fsdp").distributed == "fsdp"
 
 
+def test_mixed_precision_fp32_shards_over_a_bf16_model_equal_unsharded_masters(tmp_path):
+    """One process: fsdp with fp32_master_weights over a bf16 model (fp32 shards, layers computing
+    in bf16 through MixedPrecisionPolicy, inputs left as they are) trains exactly as the unsharded
+    run with fp32 master weights, and exports bf16 weights as it does. fsdp_cpu_offload on a CPU
+    run is refused."""
+    from models import saved_checkpoint
+    from test_train import random_data, run_config, tiny_config
+
+    from fnlm.load import load_params, read_config
+
+    options = dict(mode="full", max_steps=3, batch_size=2, grad_accum=2, packing=False,
+                   pad_to_multiple=1, seed=3, fp32_master_weights=True)  # fmt: skip
+    results = {}
+    with saved_checkpoint(tiny_config(tie=True)) as (_, directory):
+        for name, extra in {"plain": {}, "fsdp": {"distributed": "fsdp"}}.items():
+            params = load_params(directory, read_config(directory), dtype=torch.bfloat16,
+                                 device=torch.device("cpu"))  # fmt: skip
+            config = run_config(tmp_path / name, **options, **extra)
+            results[name] = train(config, params=params, data=random_data(n=16, seed=7)).losses
+        params = load_params(directory, read_config(directory), dtype=torch.bfloat16,
+                             device=torch.device("cpu"))  # fmt: skip
+        offload = run_config(tmp_path / "offload", **options, distributed="fsdp",
+                             fsdp_cpu_offload=True)  # fmt: skip
+        with pytest.raises(ArgumentError, match="fsdp_cpu_offload"):
+            train(offload, params=params, data=random_data(n=16, seed=7))
+    assert results["fsdp"] == results["plain"]
+    ref = load_file(tmp_path / "plain" / "model.safetensors")
+    for name, tensor in load_file(tmp_path / "fsdp" / "model.safetensors").items():
+        assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, ref[name]), name
+
+
 @pytest.mark.parametrize("world,total", [(2, 7), (3, 7), (4, 2), (2, 4)])
 def test_eval_batches_are_shared_evenly(monkeypatch, world, total):
     """Every batch is counted on exactly one rank; with even=True every rank runs as many

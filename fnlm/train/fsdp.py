@@ -120,9 +120,13 @@ class ShardedModel(_Tree):
         cast = compute_dtype if master_dtype not in (None, compute_dtype) else None
         options = dict(
             mesh=mesh,
+            # the layers get their inputs as unsharded training gives them (rope tables in
+            # fp32 among them), only the weights are cast
             mp_policy=MixedPrecisionPolicy(
-                param_dtype=cast, reduce_dtype=None if cast is None else torch.float32
-            ),
+                param_dtype=cast,
+                reduce_dtype=None if cast is None else torch.float32,
+                cast_forward_inputs=False,
+            ),  # fmt: skip
             offload_policy=CPUOffloadPolicy() if offload else OffloadPolicy(),
         )
         self.layers = nn.ModuleList()
@@ -165,6 +169,11 @@ class ShardedTrainable:
     lora = None
 
     def __init__(self, params: Params, *, device, fp32_master: bool, offload: bool):
+        if offload and device.type != "cuda":
+            raise ArgumentError(
+                f"fsdp_cpu_offload keeps the shards in host memory for a GPU run; this run's "
+                f"device is {device} (leave fsdp_cpu_offload off)"
+            )
         leaves = [(path, t) for path, t in leaf_paths(dict(params))]
         floating = [t for _, t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()]
         dtype = floating[0].dtype if floating else torch.float32
