@@ -54,7 +54,10 @@ def train(
     Under `torchrun --nproc_per_node N` each process joins the process group (`distributed`) and
     trains its share of every step: the global batch is batch_size x grad_accum x N; rank 0
     writes the checkpoints, metrics and the result. A rank failing in a step stops all with its
-    error (RankFailedError on the others).
+    error (RankFailedError on the others). config.distributed="fsdp" shards a full fine-tune
+    over the processes (`fnlm.train.fsdp`; also on one process): every rank then writes its
+    shards of each checkpoint, and the returned params are the trained model on rank 0, this
+    rank's DTensor shards on the others.
     """
     own_group = distributed.init(config.device, single=config.distributed == "fsdp")
     try:
