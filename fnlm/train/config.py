@@ -512,6 +512,16 @@ def check_data_options(config: TrainConfig) -> None:
         raise ArgumentError(
             f"TrainConfig.on_bad_row must be one of {BAD_ROW_POLICIES}, got {config.on_bad_row!r}"
         )
+    if config.method != "sft":
+        given = [name for name, unset in [
+            ("columns", ()), ("streaming", False), ("num_proc", None), ("data_subset", None),
+            ("data_split", "train"), ("eval_split", None), ("on_bad_row", "stop"),
+        ] if getattr(config, name) != unset]  # fmt: skip
+        if given:
+            raise ArgumentError(
+                f"TrainConfig.{given[0]} applies to supervised data (method 'sft'); method "
+                f"{config.method!r} reads the rows of `data` whole (split 'train')"
+            )
     if config.num_proc is not None:
         _check_number("num_proc", config.num_proc, "int", 1, None, "")
         if config.streaming and config.num_proc > 1:
