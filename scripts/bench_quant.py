@@ -18,6 +18,7 @@ kernels, to choose the launchers' defaults. Writes bench_quant.json to --out (de
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 
@@ -33,7 +34,7 @@ from fnlm.kernels import nf4_gemv
 from fnlm.kernels.nf4 import _TRITON_DTYPES, _dequantize_nf4_kernel
 from fnlm.kernels.nf4_gemv import _gemv_config, nf4_gemv_fwd
 
-COPY_BANDWIDTH = 3.0e12  # bytes/s, device-to-device copy on the H100 (GPU.md)
+COPY_BANDWIDTH = 4.3e12  # bytes/s, device-to-device copy on the H200 (GPU.md)
 HBM_BANDWIDTH = 4.8e12  # bytes/s, the H200's HBM3e peak (the GEMV reads each weight once)
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]
 GEMV_SHAPES = [*SHAPES, (128256, 2048)]  # + Llama-3.2-1B's lm_head
@@ -76,28 +77,64 @@ def dequantize_rows(args, rows):
         if args.sweep:
             n = shape[0] * shape[1]
             out = torch.empty(shape, device="cuda", dtype=torch.bfloat16)
-            for block_bytes in (512, 1024, 2048, 4096):
-                for warps in (4, 8):
+            expected = w.dequantize()
+            for block_bytes, warps, table, hw_round in itertools.product(
+                (512, 1024, 2048, 4096, 8192), (4, 8), (False, True), (False, True)
+            ):
 
-                    def run(block_bytes=block_bytes, warps=warps):
-                        _dequantize_nf4_kernel[(triton.cdiv(n // 2, block_bytes),)](
-                            w.packed, w.absmax, w.nested_absmax, w.nested_code, w.offset, out, n,
-                            NESTED=True, OUT_DTYPE=_TRITON_DTYPES[torch.bfloat16], BLOCKSIZE=64,
-                            NESTED_BLOCKSIZE=256, BLOCK_BYTES=block_bytes, num_warps=warps,
-                            enable_fp_fusion=False,
-                        )  # fmt: skip
+                def run(block_bytes=block_bytes, warps=warps, table=table, hw_round=hw_round):
+                    _dequantize_nf4_kernel[(triton.cdiv(n // 2, block_bytes),)](
+                        w.packed, w.absmax, w.nested_absmax, w.nested_code, w.offset, out, n,
+                        w.code, NESTED=True, OUT_DTYPE=_TRITON_DTYPES[torch.bfloat16],
+                        BLOCKSIZE=64, NESTED_BLOCKSIZE=256, BLOCK_BYTES=block_bytes,
+                        TABLE=table, HW_ROUND=hw_round, num_warps=warps, enable_fp_fusion=False,
+                    )  # fmt: skip
 
-                    t = bench(run)
-                    rows.append(
-                        {
-                            "bench": "dequantize_sweep",
-                            "shape": list(shape),
-                            "block_bytes": block_bytes,
-                            "warps": warps,
-                            "us": t * 1e6,
-                            "GBps": moved / t / 1e9,
-                        }
-                    )
+                t = bench(run)
+                rows.append(
+                    {
+                        "bench": "dequantize_sweep",
+                        "shape": list(shape),
+                        "block_bytes": block_bytes,
+                        "warps": warps,
+                        "table": table,
+                        "hw_round": hw_round,
+                        "exact": torch.equal(out, expected),
+                        "us": t * 1e6,
+                        "GBps": moved / t / 1e9,
+                    }
+                )
+
+
+def lora_rows(args, rows):
+    """One LoRA linear's matmuls at 4,096 tokens (dense bf16 W, r=16): the adapter's output added
+    by a separate thin addmm after the base GEMM (reads and writes [tokens, out] again) against the
+    thin product written first and the base GEMM accumulating into it (beta=1 epilogue)."""
+    tokens, r = 4096, 16
+    for out_f, in_f in [(4096, 4096), (1024, 4096), *SHAPES[1:]]:
+        w = torch.randn(out_f, in_f, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(tokens, in_f, device="cuda", dtype=torch.bfloat16)
+        grad = torch.randn(tokens, out_f, device="cuda", dtype=torch.bfloat16)
+        a = torch.randn(r, in_f, device="cuda", dtype=torch.bfloat16)
+        b = torch.randn(out_f, r, device="cuda", dtype=torch.bfloat16)
+        xa, gxa = x @ a.t(), grad @ b
+        variants = {
+            "fwd_after": lambda: torch.addmm(x @ w.t(), xa, b.t()),
+            "fwd_first": lambda: (xa @ b.t()).addmm_(x, w.t()),
+            "bwd_after": lambda: (grad @ w).addmm_(gxa, a),
+            "bwd_first": lambda: (gxa @ a).addmm_(grad, w),
+            "gemm_only_fwd": lambda: x @ w.t(),
+            "gemm_only_bwd": lambda: grad @ w,
+        }
+        times = {name: bench(fn) * 1e6 for name, fn in variants.items()}
+        row = {"bench": "lora", "shape": [out_f, in_f], **{f"{k}_us": v for k, v in times.items()}}
+        rows.append(row)
+        print(
+            f"lora {row['shape']}: fwd after {times['fwd_after']:.1f} / first {times['fwd_first']:.1f}"
+            f" / GEMM alone {times['gemm_only_fwd']:.1f} us; bwd after {times['bwd_after']:.1f} /"
+            f" first {times['bwd_first']:.1f} / GEMM alone {times['gemm_only_bwd']:.1f} us",
+            flush=True,
+        )
 
 
 def gemv_rows(args, rows):
@@ -219,6 +256,10 @@ def main():
     parser.add_argument("--sweep", action="store_true", help="also time other block shapes")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--gemv-only", action="store_true", help="skip the dequantize rows")
+    parser.add_argument("--no-gemv", action="store_true", help="skip the GEMV rows")
+    parser.add_argument(
+        "--lora", action="store_true", help="also time a LoRA linear's matmul orders (training)"
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_quant.py needs a CUDA device")
@@ -226,7 +267,10 @@ def main():
     rows = []
     if not args.gemv_only:
         dequantize_rows(args, rows)
-    gemv_rows(args, rows)
+    if args.lora:
+        lora_rows(args, rows)
+    if not args.no_gemv:
+        gemv_rows(args, rows)
     print(
         f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}"
     )

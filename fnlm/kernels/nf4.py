@@ -12,9 +12,10 @@ The bitsandbytes layout, which every function here reads:
 
 Bit-exact with bitsandbytes means computing as it does: every product in fp32, the two steps of the
 absmax as a separate multiply and add (no fused multiply-add: bitsandbytes runs them as two kernels),
-and one round-to-nearest-even into the output dtype at the end. The kernels hold the NF4 table as
-constants (a select tree, as bitsandbytes' CUDA kernel does); `fnlm.quant.NF4Weight` checks a
-loaded table against it.
+and one round-to-nearest-even into the output dtype at the end. The dequantize gathers the code
+values from the weight's 16-entry table (a cached load: twice as fast as arithmetic here); the
+GEMV kernels hold the table as constants (a select tree, as bitsandbytes' CUDA kernel does);
+`fnlm.quant.NF4Weight` checks a loaded table against NF4_CODE.
 
 Reached through `fnlm.kernels` (`nf4_dequantize`, `nf4_gemv`), which switches between the Triton
 launchers, their custom ops (under torch.compile) and the plain-torch references: the dequantize
@@ -23,6 +24,7 @@ kernels read a weight through the attributes of `NF4Layout` (fnlm.quant.NF4Weigh
 this file never imports fnlm.quant.
 """
 
+import os
 from typing import Protocol
 
 import torch
@@ -135,13 +137,25 @@ def _block_absmax(
 
 
 @triton.jit
+def _round_fast(v, OUT_DTYPE: tl.constexpr, HW_ROUND: tl.constexpr):
+    """`_round_to`, or the hardware's conversion (also round-to-nearest-even) when HW_ROUND: one
+    instruction per pair of values instead of five per value. Never under the interpreter."""
+    if HW_ROUND:
+        return v.to(OUT_DTYPE)
+    else:
+        return _round_to(v, OUT_DTYPE)
+
+
+@triton.jit
 def _dequantize_nf4_kernel(
-    PACKED, ABSMAX, NESTED_ABSMAX, NESTED_CODE, OFFSET, OUT, n,
+    PACKED, ABSMAX, NESTED_ABSMAX, NESTED_CODE, OFFSET, OUT, n, CODE,
     NESTED: tl.constexpr, OUT_DTYPE: tl.constexpr,
     BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, BLOCK_BYTES: tl.constexpr,
+    TABLE: tl.constexpr = False, HW_ROUND: tl.constexpr = False,
 ):  # fmt: skip
     # One program expands BLOCK_BYTES packed bytes (a whole number of quantization blocks) into
     # 2 * BLOCK_BYTES contiguous outputs, as a [blocks, BLOCKSIZE / 2] tile: one absmax per row.
+    # TABLE: the code values gathered from the 16-entry table (cached) instead of the select tree.
     HALF: tl.constexpr = BLOCKSIZE // 2
     ROWS: tl.constexpr = BLOCK_BYTES // HALF
     pid = tl.program_id(0).to(tl.int64)
@@ -159,11 +173,15 @@ def _dequantize_nf4_kernel(
         NESTED,
         NESTED_BLOCKSIZE,
     )[:, None]
-    high = _nf4_value(packed >> 4) * scale
-    low = _nf4_value(packed & 0xF) * scale
+    if TABLE:
+        high = tl.load(CODE + (packed >> 4)) * scale
+        low = tl.load(CODE + (packed & 0xF)) * scale
+    else:
+        high = _nf4_value(packed >> 4) * scale
+        low = _nf4_value(packed & 0xF) * scale
     out = tl.interleave(high, low)  # [ROWS, BLOCKSIZE]: high0, low0, high1, low1, ...
     index = block[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
-    tl.store(OUT + index, _round_to(out, OUT_DTYPE), mask=index < n)
+    tl.store(OUT + index, _round_fast(out, OUT_DTYPE, HW_ROUND), mask=index < n)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,8 +234,8 @@ def dequantize_nf4(
 
     packed: uint8, (n + 1) // 2 bytes (any shape, e.g. bnb's [bytes, 1]); absmax: fp32 [blocks], or
     uint8 [blocks] with nested_absmax (fp32 [groups]), nested_code (fp32 [256]) and offset (fp32
-    scalar) for double quantization (else those three are None); code: the NF4 table (fp32 [16]),
-    which the kernel holds as constants. Returns `dtype` [*shape].
+    scalar) for double quantization (else those three are None); code: the NF4 table (fp32 [16];
+    None for NF4_CODE), which the kernel gathers from. Returns `dtype` [*shape].
     """
     _check(dtype, blocksize, nested_blocksize, "dequantize_nf4")
     n = _numel(shape)
@@ -227,18 +245,27 @@ def dequantize_nf4(
     nested_absmax, nested_code, offset, nested = _nested_args(
         absmax, nested_absmax, nested_code, offset
     )
-    # whole quantization blocks per program; the interpreter pays per program, the GPU wants many
-    block_bytes = max(
-        blocksize // 2, 2048 if packed.is_cuda else 8192
-    )  # 2048: best of a sweep, H100
+    if code is None:
+        code = torch.tensor(NF4_CODE, device=packed.device)
+    # Whole quantization blocks per program; the interpreter pays per program, the GPU wants many.
+    # On the H200 (scripts/bench_quant.py --sweep, 2026-12-03; 14336 x 4096 -> bf16) the code values
+    # gathered from the (cached) 16-entry table and the hardware's bf16 rounding take 49.0 us against
+    # 94.7 for the select tree and hand rounding (3.0 vs 1.6 TB/s; bitsandbytes: 70.6 us), with
+    # 2048 bytes per program and 4 warps the best of 80 configurations on both 8B shapes.
+    block_bytes = max(blocksize // 2, 2048 if packed.is_cuda else 8192)
     grid = (triton.cdiv((n + 1) // 2, block_bytes),)
     _dequantize_nf4_kernel[grid](
-        packed, absmax, nested_absmax, nested_code, offset, out, n,
+        packed, absmax, nested_absmax, nested_code, offset, out, n, code,
         NESTED=nested, OUT_DTYPE=_TRITON_DTYPES[dtype],
         BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=nested_blocksize, BLOCK_BYTES=block_bytes,
+        TABLE=True, HW_ROUND=packed.is_cuda and not _interpreting(),
         num_warps=4, enable_fp_fusion=False,
     )  # fmt: skip
     return out
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 # ----------------------------------------------------------------------------------------------
