@@ -127,6 +127,26 @@ def matmul_weight_t(
     return F.linear(x, w.dequantize(triton).to(x.dtype), bias)
 
 
+def matmul_weight_t_into(
+    out: torch.Tensor, x: torch.Tensor, w: torch.Tensor | QuantizedWeight, triton: bool
+) -> torch.Tensor:
+    """out += x @ W.T in place (out [rows, out] in x's dtype), no autograd: the GEMM accumulates
+    into out in its epilogue (beta=1), so a term written into out first (a LoRA branch) costs no
+    separate pass over [rows, out]. Few rows of NF4 go through the GEMV as in `matmul_weight_t`."""
+    if is_quantized(w) and x.shape[0] <= GEMV_MAX_ROWS:
+        return out.add_(matmul_weight_t(x, w, triton))
+    dense = w.dequantize(triton).to(x.dtype) if is_quantized(w) else w
+    return out.addmm_(x, dense.t())
+
+
+def matmul_weight_into(
+    out: torch.Tensor, g: torch.Tensor, w: torch.Tensor | QuantizedWeight, triton: bool
+) -> torch.Tensor:
+    """out += g @ W in place (out [rows, in] in g's dtype), no autograd; see `matmul_weight_t_into`."""
+    dense = w.dequantize(triton).to(g.dtype) if is_quantized(w) else w
+    return out.addmm_(g, dense)
+
+
 def matmul_weight(g: torch.Tensor, w: torch.Tensor | QuantizedWeight, triton: bool) -> torch.Tensor:
     """g [rows, out] @ W -> [rows, in] in g's dtype (the input gradient of a linear), no autograd."""
     if not is_quantized(w):
