@@ -1,6 +1,7 @@
 """gpt-oss against transformers (+ peft): the shared per-family checks of tests/test_equivalence,
 test_lora, test_train_architectures, test_generate and test_export on hypothesis-drawn tiny
-configs, plus NF4, MXFP4 checkpoints and the LoRA settings gpt-oss refuses.
+configs, LoRA on the router and the expert stacks (peft's target_parameters), plus NF4, MXFP4
+checkpoints and the LoRA settings gpt-oss refuses.
 
 gpt-oss is not in tests/models.py's HF_CONFIGS because peft's bias="all" trains its router's and
 experts' biases, which fnlm refuses (LoraError) rather than silently train fewer."""
@@ -123,22 +124,80 @@ def test_lora_refuses_what_peft_would_do_differently_gpt_oss(model_type):
         params = load_fp32(directory)
     with pytest.raises(LoraError, match="bias='all' is not supported for gpt_oss"):
         fnlm.lora.init(params, r=2, bias="all")
-    with pytest.raises(LoraError, match="match no module"):
-        fnlm.lora.init(params, r=2, targets=("experts.gate_up",))
     assert set(fnlm.lora.target_names(params.config)) == {"q", "k", "v", "o", "lm_head", "embed"}
+    assert fnlm.lora.target_names(params.config, experts=True)["router"] == "router.weight"
+    assert fnlm.lora.target_names(params.config, experts=True)["experts.gate_up"] == "gate_up_proj"
+
+
+EXPERT_TARGETS = ["router", "experts.gate_up", "experts.down", "q", "o"]
 
 
 @GPT_OSS
+@EXAMPLES
+@given(data=st.data())
+def test_expert_and_router_adapter_both_ways_gpt_oss(model_type, data, tmp_path_factory):
+    """LoRA on the router and the expert stacks (peft's target_parameters on gpt-oss's transposed,
+    gate/up-interleaved stacks): peft loads our adapter with our logits and re-saves the same
+    files; an adapter peft creates loads in fnlm with peft's logits."""
+    config = data.draw(hf_configs(model_type))
+    targets = data.draw(st.lists(st.sampled_from(EXPERT_TARGETS), min_size=1, unique=True))
+    targets = sorted({*targets, "experts.gate_up"})  # the stack whose rows peft orders otherwise
+    out, again = tmp_path_factory.mktemp("adapter"), tmp_path_factory.mktemp("again")
+    tokens = tokens_for(config.vocab_size)
+    with saved_checkpoint(config) as (model, directory):
+        params = load_fp32(directory)
+        lora = randomize_fnlm(fnlm.lora.init(params, r=4, alpha=8, targets=targets))
+        fnlm.lora.save(out, lora, params=params, base_model_name_or_path=str(directory))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            peft_model = peft.PeftModel.from_pretrained(model, out).eval()
+            peft_model.save_pretrained(again)
+        with torch.no_grad():
+            ref = peft_model(tokens).logits
+        # an adapter peft creates: its own B factors randomized, loaded by fnlm
+        names = fnlm.lora.target_names(params.config, experts=True)
+        parameters = [
+            names[t] for t in targets if t in ("router", "experts.gate_up", "experts.down")
+        ]
+        modules = [names[t] for t in targets if t in ("q", "o")]
+        base = peft_model.unload()
+        created = peft.get_peft_model(
+            base, peft.LoraConfig(r=2, target_modules=modules, target_parameters=parameters)
+        )
+        with torch.no_grad():
+            for name, t in created.named_parameters():
+                if "lora_B" in name:
+                    t.normal_(0, 0.3)
+            created_ref = created.eval()(tokens).logits
+        created.save_pretrained(out / "created")
+    ours = fnlm.forward(params, tokens, lora=lora)
+    assert max_rel_error(ours, ref) <= FP32_REL_TOL
+    assert max_rel_error(fnlm.forward(fnlm.lora.merge(params, lora), tokens), ours) <= FP32_REL_TOL
+    assert max_rel_error(ours, fnlm.forward(params, tokens)) > 10 * FP32_REL_TOL
+    _, ours_tensors = read_adapter(out)
+    _, ref_tensors = read_adapter(again)
+    assert ours_tensors.keys() == ref_tensors.keys()
+    for key in ours_tensors:
+        assert torch.equal(ours_tensors[key], ref_tensors[key]), key
+    loaded = fnlm.lora.load(out / "created", params)
+    assert max_rel_error(fnlm.forward(params, tokens, lora=loaded), created_ref) <= FP32_REL_TOL
+
+
+@GPT_OSS
+@pytest.mark.parametrize("targets", ["attention", "experts"])
 @settings(max_examples=2, deadline=None)
 @given(data=st.data())
-def test_lora_training_matches_peft_gpt_oss(model_type, data, tmp_path_factory):
+def test_lora_training_matches_peft_gpt_oss(model_type, targets, data, tmp_path_factory):
+    """Six steps against peft + transformers: attention only (fnlm's default targets), or q, v,
+    the router and both expert stacks (peft's target_parameters)."""
     config = data.draw(hf_configs(model_type))
+    targets = fnlm.lora.ALL_LINEAR if targets == "attention" else ("q", "v", *EXPERT_TARGETS[:3])
     examples = random_data(n=12, vocab=config.vocab_size, longest=20)
     out = tmp_path_factory.mktemp("train")
     with saved_checkpoint(config) as (model, directory):
         params = load_fp32(directory)
         run = run_config(out / "run", max_steps=6, warmup_steps=1, lr=1e-2)
-        lora = fnlm.lora.init(params, r=run.r, alpha=run.alpha, seed=run.seed)
+        lora = fnlm.lora.init(params, r=run.r, alpha=run.alpha, seed=run.seed, targets=targets)
         fnlm.lora.save(out / "initial", lora, params=params)
         ours = fnlm.train.train(run, params=params, lora=lora, data=examples)
         reference = peft.PeftModel.from_pretrained(model, out / "initial", is_trainable=True)

@@ -52,20 +52,23 @@ def json_number(value: float) -> float | int:
     return int(value) if float(value).is_integer() else float(value)
 
 
-def from_peft_layout(a: torch.Tensor, b: torch.Tensor, experts: int):
+def from_peft_layout(a: torch.Tensor, b: torch.Tensor, experts: int, rows=None):
     """peft's ParamWrapper factors (lora_A [E·r, in], lora_B [out, r·E]) -> fnlm's per-expert
     ([E, r, in], [E, out, r]): expert e's A is rows e·r..(e+1)·r of lora_A, its B the columns
-    e, e+E, e+2E, ... of lora_B (peft reshapes B to [out, r, E])."""
+    e, e+E, e+2E, ... of lora_B (peft reshapes B to [out, r, E]). `rows`: the stack's
+    `Module.peft_rows` (peft's output row j is fnlm's row rows[j]), None when they agree."""
     rank = a.shape[0] // experts
-    return (
-        a.reshape(experts, rank, a.shape[1]),
-        b.reshape(b.shape[0], rank, experts).permute(2, 0, 1).contiguous(),
-    )
+    b = b.reshape(b.shape[0], rank, experts).permute(2, 0, 1)
+    if rows is not None:
+        b = b[:, torch.argsort(torch.tensor(rows, device=b.device))]
+    return a.reshape(experts, rank, a.shape[1]), b.contiguous()
 
 
-def to_peft_layout(a: torch.Tensor, b: torch.Tensor):
+def to_peft_layout(a: torch.Tensor, b: torch.Tensor, rows=None):
     """fnlm's per-expert factors -> peft's ParamWrapper layout (inverse of `from_peft_layout`)."""
     experts, rank, _ = a.shape
+    if rows is not None:
+        b = b[:, torch.tensor(rows, device=b.device)]
     return a.reshape(experts * rank, -1), b.permute(1, 2, 0).reshape(b.shape[1], rank * experts)
 
 

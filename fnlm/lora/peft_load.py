@@ -112,7 +112,10 @@ class _Reader:
         """The module (or parameter target) the tensor `key` of module `name` belongs to."""
         if name in self.targeted:
             return self.targeted[name]
-        if re.search(r"\.mlp\.(experts|gate)(\.base_layer)*$", name) and self.config.moe_layers:
+        if (
+            re.search(r"\.mlp\.(experts|gate|router)(\.base_layer)*$", name)
+            and self.config.moe_layers
+        ):
             raise LoraError(
                 f"adapter tensor {key} adapts an expert stack or router, but adapter_config.json's "
                 f"target_parameters ({self.doc.get('target_parameters')}) do not account for it "
@@ -211,7 +214,9 @@ def _parameter_adapter(module: Module, parts: dict, lora_config: LoraConfig):
     expect_shape(key_b, b, want_b, base)
     want = pattern_value(lora_config.rank_pattern, (module.target,), lora_config.r)
     expect_rank(key_a, rank, want, module.target)
-    return from_peft_layout(a, b, experts) if module.experts else (a, b)
+    if not module.experts:
+        return a, b
+    return from_peft_layout(a, b, experts, module.peft_rows)
 
 
 def _check_base_copy(key: str, tensor: torch.Tensor, params: Params, module: Module) -> None:

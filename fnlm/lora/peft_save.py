@@ -154,7 +154,7 @@ def _adapter_tensors(lora: Lora, adapted: list[Module]) -> dict[str, torch.Tenso
         a, b = get_path(lora, module.weight)["a"], get_path(lora, module.weight)["b"]
         if module.parameter is not None:
             key = f"{PEFT_PREFIX}{parameter_key(module, adapted)}"
-            a, b = to_peft_layout(a, b) if module.experts else (a, b)
+            a, b = to_peft_layout(a, b, module.peft_rows) if module.experts else (a, b)
             tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = a, b
         elif module.embedding:
             tensors[f"{PEFT_PREFIX}{module.name}.lora_embedding_A"] = a

@@ -8,7 +8,7 @@ works without a table of its own; a family whose PEFT naming differs declares it
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 from fnlm.config import ModelConfig
@@ -58,6 +58,9 @@ class Module:
     # "gate_up_proj" / "down_proj" of "model.layers.0.mlp.experts", "weight" of a router
     parameter: str | None = None
     experts: int = 0  # an expert stack's E
+    # an expert stack whose output rows peft (the checkpoint) orders otherwise: peft's row j is
+    # fnlm's row peft_rows[j] (gpt-oss interleaves gate and up); None when they agree
+    peft_rows: tuple[int, ...] | None = field(default=None, compare=False, repr=False)
 
     @property
     def embedding(self) -> bool:
@@ -132,14 +135,21 @@ def module_table(config: ModelConfig) -> tuple[Module, ...]:
         for name, (path, shape) in weights.items()
         if not _dense_mlp_peft_skips(config, path)
     ]
-    # gpt-oss: its experts and router are not LoRA targets (family PEFT_PARAMETER_TARGETS False)
+    # a family whose experts are not LoRA targets says so (Gemma 4: PEFT_PARAMETER_TARGETS False)
     parameter_targets = family_naming(config.model_type, "PEFT_PARAMETER_TARGETS", True)
+    # the router's module name (gpt-oss: "router"; transformers 5's MoE families: "gate") and the
+    # stacks' row order in peft's layout (gpt-oss: `peft_stack_rows`)
+    router_name = family_naming(config.model_type, "PEFT_ROUTER", "gate")
+    stack_rows = family_naming(config.model_type, "peft_stack_rows")
     for n in config.moe_layers if parameter_targets else ():
         mlp = f"model.layers.{n}.mlp"  # transformers 5's name in every MoE family (Mixtral too)
         router = ("layers", n, "mlp", "router")
         modules.append(
             Module(
-                f"{mlp}.gate", router, (config.num_experts, config.hidden_size), parameter="weight"
+                f"{mlp}.{router_name}",
+                router,
+                (config.num_experts, config.hidden_size),
+                parameter="weight",
             )
         )
         for stack in moe.STACKS:
@@ -150,6 +160,7 @@ def module_table(config: ModelConfig) -> tuple[Module, ...]:
                     moe.stack_shape(config, stack),
                     parameter=f"{stack}_proj",
                     experts=config.num_experts,
+                    peft_rows=stack_rows(config, stack) if stack_rows else None,
                 )
             )
     return tuple(sorted(modules, key=order_key(config.model_type)))

@@ -162,10 +162,22 @@ def checkpoint_stream(stream: Iterator, config: ModelConfig | None = None) -> It
         raise CheckpointError(f"MXFP4 tensor {next(iter(pending))!r} has no matching blocks/scales")
 
 
-# Read by fnlm.lora: the experts and the router are not LoRA targets here (peft adapts gpt-oss's
-# transposed, interleaved stacks through target_parameters in a layout fnlm does not map yet);
-# attention (q, k, v, o) is, as in peft.
-PEFT_PARAMETER_TARGETS = False
+# Read by fnlm.lora: peft adapts the router ("mlp.router.weight") and the expert stacks
+# ("mlp.experts.gate_up_proj" / "down_proj") through target_parameters, in the checkpoint's
+# layout ([E, in, out], is_transposed): the factors are fnlm's up to gate_up's row order.
+PEFT_ROUTER = "router"
+
+
+def peft_stack_rows(config: ModelConfig, stack: str) -> tuple[int, ...] | None:
+    """peft's output row j of the "gate_up" stack is fnlm's row peft_stack_rows[j]: the checkpoint
+    interleaves gate and up columns (2r gate r, 2r + 1 up r), fnlm holds gate rows, then up rows
+    (see `to_params`). None for "down", whose rows agree."""
+    if stack != "gate_up":
+        return None
+    size = config.expert_size
+    return tuple(j // 2 + (size if j % 2 else 0) for j in range(2 * size))
+
+
 # peft's bias="all" trains every parameter named *bias*, the router's and experts' too; fnlm
 # refuses it here rather than train fewer biases than peft would.
 PEFT_BIAS_ALL = False
