@@ -130,10 +130,17 @@ class ShardedModel(_Tree):
             offload_policy=CPUOffloadPolicy() if offload else OffloadPolicy(),
         )
         self.layers = nn.ModuleList()
+        seen = set(made)
         for i, layer in enumerate(params["layers"]):  # one at a time: one layer unsharded at most
-            self.layers.append(
-                fully_shard(_Layer(layer, made, master_dtype, f"layers.{i}"), **options)
-            )
+            own: dict[int, nn.Parameter] = {}  # dropped with the layer's unsharded copies
+            module = _Layer(layer, own, master_dtype, f"layers.{i}")
+            if seen & set(own):  # FSDP shards a tensor within one group only
+                raise ArgumentError(
+                    f"fsdp: layers.{i} shares a tensor with another layer or the embedding; "
+                    "tied weights across layers cannot be sharded"
+                )
+            seen |= set(own)
+            self.layers.append(fully_shard(module, **options))
         fully_shard(self, **options)
         for module in self.modules():
             if isinstance(module, FSDPModule):  # sum: the losses are divided by the global count
