@@ -112,10 +112,18 @@ def parameter_count(name: str) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def batch_of(vocab: int, batch: int, seq: int, seed: int = 0) -> dict:
+def batch_of(vocab: int, batch: int, seq: int, seed: int = 0, docs: int = 0) -> dict:
+    """Random tokens [batch, seq]; docs > 0: each row packed with that many equal documents
+    (positions restart, segments 1..docs), as fnlm.batches packs them."""
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, vocab, (batch, seq), generator=g).cuda()
-    return {"tokens": tokens, "labels": tokens.clone()}
+    out = {"tokens": tokens, "labels": tokens.clone()}
+    if docs:
+        doc = torch.arange(seq, device="cuda") * docs // seq  # document index of each slot
+        start = (doc * seq + docs - 1) // docs  # first slot of each slot's document
+        out["positions"] = (torch.arange(seq, device="cuda") - start).expand(batch, seq)
+        out["segments"] = (doc + 1).expand(batch, seq)
+    return out
 
 
 def timed_steps(step, steps: int, warmup: int) -> list[float]:
@@ -328,12 +336,13 @@ def trainer(name: str, directory: Path, args, n_params: int) -> dict:
     }
 
 
-def try_lengths(run, vocab: int, lengths) -> dict:
-    """Whether one training step at batch 1 x seq fits, for each length (one loaded run)."""
+def try_lengths(run, vocab: int, lengths, docs: int = 0) -> dict:
+    """Whether one training step at batch 1 x seq fits, for each length (one loaded run); docs:
+    the row packed with that many documents."""
     out = {}
     for seq in lengths:
         try:
-            batch = batch_of(vocab, 1, seq)
+            batch = batch_of(vocab, 1, seq, docs=docs)
             torch.cuda.reset_peak_memory_stats()
             torch.cuda.synchronize()
             start = time.perf_counter()
@@ -363,12 +372,13 @@ def longest(name: str, directory: Path, args) -> dict:
             f"fnlm loaded under the cap: {torch.cuda.memory_allocated() / 2**30:.2f} GiB",
             flush=True,
         )
-        out["fnlm"] = try_lengths(run, vocab, [GOAL])
+        docs = args.packed_docs
+        out["fnlm"] = try_lengths(run, vocab, [GOAL], docs)
         if out["fnlm"][GOAL]["fits"]:
-            out["fnlm"].update(try_lengths(run, vocab, [STRETCH]))
+            out["fnlm"].update(try_lengths(run, vocab, [STRETCH], docs))
         else:
             for seq in FALLBACKS:
-                out["fnlm"].update(try_lengths(run, vocab, [seq]))
+                out["fnlm"].update(try_lengths(run, vocab, [seq], docs))
                 if out["fnlm"][seq]["fits"]:
                     break
         del run
@@ -405,6 +415,10 @@ def main() -> None:
     parser.add_argument("--longest", action="store_true", help="only the longest-sequence search")
     parser.add_argument("--longest-model", default="llama-3.1-8b", choices=sorted(REAL_CONFIGS))
     parser.add_argument("--cap-gib", type=float, default=16.0)
+    parser.add_argument(
+        "--packed-docs", type=int, default=0,
+        help="--longest: fnlm's row packed with this many equal documents (0: one document)",
+    )  # fmt: skip
     parser.add_argument("--skip-reference", action="store_true")
     parser.add_argument(
         "--trainer", action="store_true", help="also time fnlm.train.train on packed documents"
