@@ -257,6 +257,42 @@ def test_kept_decode_states_are_reused_per_shape_and_model(monkeypatch):
     step.release_graphs()
 
 
+def test_captured_prefills_are_bucketed_and_kept(monkeypatch):
+    """Where steps are graph-captured, so is the prefill, of prompts left padded to a bucketed
+    length (on CPU with capture stood in by the plain call): one capture per prompt bucket of a
+    kept state, none for a prompt in a bucket seen before, and the tokens of the eager path."""
+    import importlib
+
+    step = importlib.import_module("fnlm.generate.step")
+    tokens_module = importlib.import_module("fnlm.generate.tokens")
+    graphs = counting_compiles(monkeypatch)
+    with saved_checkpoint(tiny_llama(max_position_embeddings=1024)) as (_, directory):
+        params = load_fp32(directory)
+    prompts = [[3, 17, 42], list(range(1, 58)), list(range(7, 107)), [9, 8], list(range(2, 72))]
+    eager = [generate_tokens(params, [p], max_new_tokens=6) for p in prompts]
+    eager.append(generate_tokens(params, [prompts[0], prompts[2]], max_new_tokens=6))
+    captures = []
+    for module in (step, tokens_module):
+        monkeypatch.setattr(module, "will_capture", lambda params: True)
+    monkeypatch.setattr(step, "capture", lambda fn, pool=None: captures.append(fn) or fn)
+    step.release_graphs()
+    assert [step.prompt_length(len(p)) for p in prompts] == [64, 64, 128, 64, 128]
+    counts = []
+    for prompt in prompts:
+        assert generate_tokens(params, [prompt], max_new_tokens=6, compile=True) == eager.pop(0)
+        counts.append(len(captures))
+    assert generate_tokens(
+        params, [prompts[0], prompts[2]], max_new_tokens=6, compile=True
+    ) == eager.pop(0)
+    # step + prefill at 64; prefill at 128; nothing new; then batch 2: step + prefill at 128
+    assert counts == [2, 2, 3, 3, 3] and len(captures) == 5
+    assert len(graphs) == 4  # prefill and step, at batch 1 and batch 2
+    assert [step.prompt_length(n) for n in (1, 64, 65, 1000, 1025, 2049, 8000)] == [
+        64, 64, 128, 1024, 1152, 2304, 8192,
+    ]  # fmt: skip
+    step.release_graphs()
+
+
 def test_cache_length_buckets():
     from fnlm.generate import cache_length
 
@@ -598,3 +634,5 @@ def test_cuda_second_call_replays_the_kept_graph(monkeypatch):
     assert len(captured) == 2  # buckets 256 (twice) and 512
     for prompt, tokens in zip(prompts, runs):
         assert tokens == [greedy_by_forward(params, prompt, 8)]
+    # the prefills were captured too: prompt buckets 64 (both short prompts) and 384
+    assert sorted(n for s in step._graphs.values() for n in s.prefills) == [64, 384]

@@ -1,7 +1,8 @@
 """The token loop: left-padded batches of token-id prompts, prefill, then one decode step per
 token, sampling and per-sequence stopping on eos.
 
-With left padding, every row's prompt ends at cache slot P - 1 (P = the longest prompt) and
+With left padding, every row's prompt ends at cache slot P - 1 (P = the longest prompt, or its
+bucket when the prefill is a CUDA graph) and
 generated token t goes to slot P + t in every row; rotary positions count real tokens only,
 as transformers does with an attention mask.
 """
@@ -15,7 +16,14 @@ import torch
 
 from fnlm.errors import ArgumentError
 from fnlm.generate.sampling import Sampling, check_max_new_tokens, choose
-from fnlm.generate.step import cache_length, decode_state, keep, prefill_fn, will_capture
+from fnlm.generate.step import (
+    cache_length,
+    decode_state,
+    keep,
+    prefill_fn,
+    prompt_length,
+    will_capture,
+)
 from fnlm.lora import Lora, with_adapters
 from fnlm.params import Params
 
@@ -48,8 +56,9 @@ def generate_tokens(
     compile: torch.compile the layers of the prefill and the decode step (default: on CUDA; the
         batch, prompt and cache lengths are dynamic dimensions, so a call at a new length
         compiles nothing). On CUDA the step is captured in a CUDA graph unless the model reads
-        device values on the host (`graphable`); the graph is kept for the next call of the same
-        batch and cache-length bucket.
+        device values on the host (`graphable`), and so is the prefill of prompts left padded to
+        a bucketed length (`prompt_length`); the graphs are kept for the next call of the same
+        batch, cache-length and prompt-length buckets.
     Raises ArgumentError naming a bad argument.
     """
     config = params.config
@@ -64,15 +73,19 @@ def generate_tokens(
     compile = on_cuda if compile is None else compile
     dtype = check_cache_dtype(cache_dtype, params)
 
-    batch, prompt_len = len(prompts), max(len(p) for p in prompts)
-    steps = min(max_new_tokens, config.max_position_embeddings - prompt_len)
+    # On CUDA the prefill and the decode step run as CUDA graphs where the model allows; a
+    # captured prefill takes the prompts left padded to a bucketed length (`prompt_length`).
+    graphed = will_capture(params)
+    batch, longest = len(prompts), max(len(p) for p in prompts)
+    steps = min(max_new_tokens, config.max_position_embeddings - longest)
+    prompt_len = prompt_length(longest) if graphed else longest
     tokens = torch.full((batch, prompt_len), pad_token_id, dtype=torch.long)
     mask = torch.zeros((batch, prompt_len), dtype=torch.long)
     for row, ids in enumerate(prompts):
         tokens[row, prompt_len - len(ids) :] = torch.tensor(ids, dtype=torch.long)
         mask[row, prompt_len - len(ids) :] = 1
     tokens, mask = tokens.to(device), mask.to(device)
-    padded = None if bool(mask.all()) else mask
+    padded = mask if graphed or not bool(mask.all()) else None
     # The last decode step's own k, v are never read, so the cache needs prompt_len + steps - 1;
     # compiled and captured steps take a bucketed length (shared by calls of similar lengths).
     max_len = prompt_len + steps
@@ -87,9 +100,11 @@ def generate_tokens(
         variant=getattr(lora, "training", None),  # adapters' dropout on or off
     )  # fmt: skip
     with torch.no_grad(), _kept(state):
-        # compiled as the step is (not where the model reads device values on the host)
-        run_prefill = prefill_fn(compile and (not on_cuda or will_capture(params)))
-        logits, _ = run_prefill(params, tokens, state.cache, attention_mask=padded)
+        if graphed:
+            logits = state.prefill(tokens, mask)
+        else:  # compiled as the step is (not on CUDA: the model reads device values on the host)
+            run_prefill = prefill_fn(compile and not on_cuda)
+            logits, _ = run_prefill(params, tokens, state.cache, attention_mask=padded)
         seen = None
         if sampling.repetition_penalty != 1.0:
             seen = torch.zeros(logits.shape, dtype=torch.bool, device=device)
