@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fnlm
-from fnlm.errors import LoraError
+from fnlm.errors import ArgumentError, LoraError
 from fnlm.generate import generate_tokens, step
 from tests.models import FP32_REL_TOL, build_model, max_rel_error
 from tests.test_generate import prompt_batches, reference_generate
@@ -397,3 +397,14 @@ def test_nf4_logits_match_transformers_on_the_dequantized_weights_qwen3_5(model_
     ours = fnlm.forward(params, tokens)
     assert max_rel_error(ref, full) > 100 * FP32_REL_TOL
     assert max_rel_error(ours, ref) <= FP32_REL_TOL
+
+
+def test_serve_engine_refuses_qwen3_5():
+    """The serve engine moves only k/v rows between its slots, so it refuses the DeltaNet layers'
+    states (rather than answer from another request's state)."""
+    from fnlm.serve.engine import Engine
+
+    with saved_checkpoint(transformers.Qwen3_5TextConfig(**TINY)) as (_, directory):
+        params = load_fp32(directory)
+    with pytest.raises(ArgumentError, match="gated DeltaNet"):
+        Engine(params, None, slots=2, warm=False)

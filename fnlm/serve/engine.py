@@ -130,6 +130,12 @@ class Engine:
         config = params.config
         if not isinstance(slots, int) or slots < 1:
             raise ArgumentError(f"slots must be a positive integer, got {slots!r}")
+        if config.linear_attention:  # the rows' conv and recurrent states are not moved yet
+            raise ArgumentError(
+                f"the serve engine does not run {config.model_type} yet: its gated DeltaNet "
+                "layers' recurrent states are not copied between the engine's rows; use "
+                "fnlm.generate (batched generation) for this model"
+            )
         limit = config.max_position_embeddings
         context = limit if context is None else context
         if not isinstance(context, int) or not 2 <= context <= limit:
