@@ -18,9 +18,10 @@ With --linears: the decode linears alone (CUDA-graph medians), fnlm's NF4 GEMV i
 and % of the 4.8 TB/s HBM peak. --gemv-variants fixup,sweep also runs every other part once per
 NF4 GEMV variant (FNLM_NF4_GEMV; kept graphs dropped between), keyed "<model> <quant> <variant>".
 With --parts first-call (issue 19): a repeat call's time against the first call at a new prompt
-length in the same cache-length bucket and at a new bucket (nothing compiles after the process's
-first call: the compiled layer takes the cache length as a dynamic dimension; a new bucket only
-captures a CUDA graph). With --parts serve: fnlm.serve's Engine (continuous batching, no HTTP),
+length in the same prompt and cache-length buckets, at a new prompt bucket and at a new cache
+bucket (nothing compiles after the process's first call: the compiled layer takes the lengths as
+dynamic dimensions; a new prompt bucket captures a prefill graph, a new cache bucket a prefill
+and a decode-step graph). With --parts serve: fnlm.serve's Engine (continuous batching, no HTTP),
 one stream alone vs --serve-streams concurrent streams of the same length, aggregate tokens/s.
 Prints a table and writes bench_generate.json (to --out, default $OUT or .).
 """
@@ -115,6 +116,7 @@ def bench_fnlm(directory: Path, quant, prompts, args) -> dict:
         rows = [prompts[i % len(prompts)] for i in range(batch)]
         out = generate_tokens(params, rows, max_new_tokens=args.new_tokens)  # compile + capture
         assert all(len(r) == args.new_tokens for r in out), "a row stopped early"
+        generate_tokens(params, rows, max_new_tokens=1)  # its own cache bucket: capture it
         full, first = (
             median_time(
                 lambda n=n, rows=rows: generate_tokens(params, rows, max_new_tokens=n), args
@@ -140,37 +142,42 @@ def bench_fnlm(directory: Path, quant, prompts, args) -> dict:
 
 
 def bench_first_call(directory: Path, quant, prompts, args) -> dict:
-    """Seconds of a repeat call vs the first call at a new prompt length (same cache bucket), and
-    vs the first call at a new bucket (then its repeat), batch 1, args.new_tokens new tokens."""
+    """Seconds of a repeat call vs the first call at a new prompt length: in the same prompt and
+    cache buckets (replays only), at a new prompt bucket (captures a prefill), and at a new
+    cache bucket (captures a prefill and a decode step); batch 1, args.new_tokens new tokens."""
     import fnlm
     from fnlm.generate import cache_length, generate_tokens
+    from fnlm.generate.step import prompt_length
 
     params, _ = fnlm.load(directory, quant=quant, dtype=torch.bfloat16, device="cuda")
     vocab, n = params.config.vocab_size, args.new_tokens
     g = torch.Generator().manual_seed(1)
     prompt = lambda length: torch.randint(0, vocab, (1, length), generator=g).tolist()  # noqa: E731
     call = lambda p: lambda: generate_tokens(params, p, max_new_tokens=n)  # noqa: E731
+    buckets = lambda length: (prompt_length(length), cache_length(prompt_length(length) + n))  # noqa: E731
     base = prompts[:1]
     t_process_first = sync_time(call(base))  # compiles once for the process
     repeat = median_time(call(base), args)
-    same_bucket = args.prompt_tokens + 72
-    new_bucket = args.prompt_tokens + 472
-    assert cache_length(same_bucket + n) == cache_length(args.prompt_tokens + n)
-    assert cache_length(new_bucket + n) != cache_length(args.prompt_tokens + n)
-    first_same = sync_time(call(prompt(same_bucket)))
-    repeat_same = median_time(call(prompt(same_bucket)), args)
-    fresh = prompt(new_bucket)
-    first_new = sync_time(call(fresh))
-    repeat_new = median_time(call(fresh), args)
     result = {
         "process_first_call_s": t_process_first,
         "repeat_s": repeat, "repeat_tokens_per_s": n / repeat,
-        "new_length_same_bucket": {"prompt": same_bucket, "first_s": first_same,
-                                   "repeat_s": repeat_same, "first_over_repeat": first_same / repeat_same},
-        "new_bucket": {"prompt": new_bucket, "first_s": first_new, "repeat_s": repeat_new,
-                       "first_over_repeat": first_new / repeat_new,
-                       "first_tokens_per_s": n / first_new},
     }  # fmt: skip
+    cases = {
+        "same_buckets": max(1, prompt_length(args.prompt_tokens) - 17),
+        "new_prompt_bucket": prompt_length(args.prompt_tokens) + 7,
+        "new_cache_bucket": args.prompt_tokens + 472,
+    }
+    mine = buckets(args.prompt_tokens)
+    assert buckets(cases["same_buckets"]) == mine
+    assert buckets(cases["new_prompt_bucket"])[0] != mine[0]
+    assert buckets(cases["new_prompt_bucket"])[1] == mine[1]
+    assert buckets(cases["new_cache_bucket"])[1] != mine[1]
+    for label, length in cases.items():
+        fresh = prompt(length)
+        first = sync_time(call(fresh))
+        again = median_time(call(fresh), args)
+        result[label] = {"prompt": length, "first_s": first, "repeat_s": again,
+                         "first_over_repeat": first / again, "first_tokens_per_s": n / first}  # fmt: skip
     print(f"  fnlm {quant or 'bf16'} first call vs repeat: {result}", flush=True)
     return result
 
