@@ -363,6 +363,23 @@ def test_engine_steps_only_the_running_rows(tiny):
     assert alone.token_ids == generate_tokens(params, [[5, 6, 7]], max_new_tokens=9)[0]
 
 
+def test_engine_with_an_fp8_cache_equals_generate_tokens(tiny):
+    """An fp8 cache: prompts copied into rows and rows moved byte for byte (index_copy_ has no
+    fp8 kernels), the answers generate_tokens gives with the same cache dtype."""
+    params, _, _ = tiny
+    engine = Engine(params, None, slots=2, cache_dtype=torch.float8_e4m3fn)
+    try:
+        jobs = [([5, 6, 7], 3, Sampling()), ([9, 1], 12, Sampling()), ([4] * 5, 6, Sampling())]
+        results = run_engine(engine, jobs)
+    finally:
+        engine.close()
+    for (prompt, max_tokens, _), result in zip(jobs, results, strict=True):
+        expected = generate_tokens(
+            params, [prompt], max_new_tokens=max_tokens, cache_dtype=torch.float8_e4m3fn
+        )
+        assert result.token_ids == expected[0]
+
+
 @pytest.mark.gpu
 def test_engine_on_cuda_equals_generate_tokens():
     """The graph-captured ring step on CUDA: rows joining mid-decode get generate_tokens' ids."""

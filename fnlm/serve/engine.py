@@ -55,6 +55,11 @@ from fnlm.models.decoder import layer_forward
 from fnlm.params import Params
 
 
+def _bytes(cache: torch.Tensor) -> torch.Tensor:
+    """A cache tensor as index_copy_ takes it: an fp8 one viewed as its bytes (no fp8 kernels)."""
+    return cache.view(torch.uint8) if cache.dtype.itemsize == 1 else cache
+
+
 def widths(slots: int) -> list[int]:
     """The batch widths a step runs at: powers of two below `slots`, and `slots`."""
     return sorted({1 << k for k in range(slots.bit_length()) if 1 << k < slots} | {slots})
@@ -295,8 +300,8 @@ class Engine:
             ring = (torch.arange(n, device=self.device) + self.t - n) % self.context
             for layer in range(len(self.cache["k"])):
                 for name in ("k", "v"):
-                    self.cache[name][layer][i].index_copy_(
-                        1, ring, own[name][layer][r, :, width - n : width]
+                    _bytes(self.cache[name][layer])[i].index_copy_(
+                        1, ring, _bytes(own[name][layer])[r, :, width - n : width]
                     )
             seen = None
             if request.sampling.repetition_penalty != 1.0:
@@ -368,7 +373,7 @@ class Engine:
         row = self.rows[source]
         ring = (torch.arange(row.count, device=self.device) + self.t - row.count) % self.context
         for name in ("k", "v"):
-            for layer in self.cache[name]:
+            for layer in map(_bytes, self.cache[name]):
                 layer[target].index_copy_(1, ring, layer[source].index_select(1, ring))
         self.rows[target], self.rows[source] = row, None
 
