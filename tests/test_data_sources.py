@@ -130,8 +130,12 @@ def test_splits_and_subsets_of_a_hub_layout_and_a_saved_dataset_dict(tok, tmp_pa
     assert len(data_lib.prepare(saved, tok, split="test", **common)) == 1
     with pytest.raises(DataError, match=r"has splits \['test', 'train'\], not 'dev'"):
         data_lib.prepare(saved, tok, split="dev", **common)
-    local = write_jsonl(tmp_path / "l.jsonl", ROWS[:1])
-    with pytest.raises(ArgumentError, match="local file"):
+    # A directory's splits by file name, as `datasets` finds them; a single file has none.
+    (tmp_path / "plain").mkdir()
+    write_jsonl(tmp_path / "plain" / "train.jsonl", [{"text": "one two"}] * 2)
+    local = write_jsonl(tmp_path / "plain" / "test.jsonl", [{"text": "three"}])
+    assert len(data_lib.prepare(tmp_path / "plain", tok, split="test", **common)) == 1
+    with pytest.raises(ArgumentError, match="is a single file"):
         data_lib.prepare(local, tok, split="test", **common)
 
 

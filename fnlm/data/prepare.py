@@ -84,12 +84,9 @@ def prepare(
     )  # fmt: skip
     counter = RowCounter(on_bad_row, str(source))
     found = local_files(source)
+    # local files are read here unless datasets' processes, streaming or splits are asked for
     in_process = found is not None and (num_proc or 1) == 1 and not streaming
-    if in_process and (subset is not None or split != "train"):
-        raise ArgumentError(
-            f"data_subset / data_split choose among a `datasets` dataset's configurations and "
-            f"splits; {source} is a local file or directory of files"
-        )
+    in_process = in_process and subset is None and split == "train"
     root = _cache_root(cache_dir) if use_cache else None
     if not in_process:
         parts = sources.open_parts(

@@ -56,14 +56,16 @@ def open_parts(
     datasets = import_datasets(f"data source {source!r}")
     files = local_files(source)
     hub_cache = str(cache_dir / "datasets") if cache_dir is not None else None
+    path = Path(source).expanduser()
+    if files is not None and path.is_dir() and (subset is not None or split != "train"):
+        files = None  # a directory's splits as `datasets` finds them (train.jsonl, test.jsonl ...)
     if files is not None:
         if subset is not None or split != "train":
             raise ArgumentError(
-                f"data_subset / data_split choose among a `datasets` dataset's configurations "
-                f"and splits; {source} is a local file or directory of files"
+                f"data_subset / data_split / eval_split choose among a `datasets` dataset's "
+                f"configurations and splits; {source} is a single file"
             )
         return [_file_part(datasets, f, streaming, hub_cache) for f in files]
-    path = Path(source).expanduser()
     try:
         if any((path / name).is_file() for name in ("dataset_info.json", "dataset_dict.json")):
             dataset = datasets.load_from_disk(str(path))
