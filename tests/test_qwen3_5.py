@@ -37,8 +37,13 @@ EXAMPLES = settings(max_examples=3, deadline=None)
 # the pytest ids name the family, so scripts/support_table.py counts these tests for each
 FAMILIES = pytest.mark.parametrize("model_type", ["qwen3_5", "qwen3_5_moe"])
 TEXT_AND_TOWER = pytest.mark.parametrize(
-    "model_type", ["qwen3_5", "qwen3_5_moe", "qwen3_5_multimodal"]
+    "model_type", ["qwen3_5", "qwen3_5_moe", "qwen3_5_multimodal", "qwen3_5_moe_multimodal"]
 )
+# the multimodal checkpoints' model types -> their transformers classes
+MULTIMODAL = {
+    "qwen3_5": "Qwen3_5ForConditionalGeneration",
+    "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration",
+}
 LINEAR_TARGETS = ["in_qkv", "in_z", "in_b", "in_a", "out"]
 
 
@@ -83,21 +88,25 @@ def text_fields(draw) -> dict:
 
 @st.composite
 def hf_configs(draw, model_type: str):
+    """A text config ("qwen3_5", "qwen3_5_moe") or a multimodal one ("..._multimodal")."""
     fields = draw(text_fields())
-    if model_type == "qwen3_5":
-        return transformers.Qwen3_5TextConfig(**fields)
-    if model_type == "qwen3_5_moe":
+    moe = model_type.startswith("qwen3_5_moe")
+    if moe:
         fields.pop("intermediate_size")
         experts = draw(st.integers(2, 4))
-        return transformers.Qwen3_5MoeTextConfig(
-            **fields,
+        fields.update(
             num_experts=experts,
             num_experts_per_tok=draw(st.integers(1, min(2, experts))),
             moe_intermediate_size=draw(st.sampled_from([24, 40])),
             shared_expert_intermediate_size=draw(st.sampled_from([16, 24])),
         )
+    if model_type == "qwen3_5":
+        return transformers.Qwen3_5TextConfig(**fields)
+    if model_type == "qwen3_5_moe":
+        return transformers.Qwen3_5MoeTextConfig(**fields)
     fields.pop("tie_word_embeddings")
-    config = transformers.Qwen3_5Config(
+    kind = transformers.Qwen3_5MoeConfig if moe else transformers.Qwen3_5Config
+    config = kind(
         text_config=fields,
         vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2),
         tie_word_embeddings=draw(st.booleans()),
@@ -109,7 +118,7 @@ def hf_configs(draw, model_type: str):
 def text_model(model):
     """The multimodal model's language model as Qwen3_5ForCausalLM with the same weights (what
     fnlm's text-tower params, adapters and exports are tested against); a text model as it is."""
-    if model.config.model_type != "qwen3_5":
+    if model.config.model_type not in MULTIMODAL:
         return model
     config = model.config.get_text_config()
     config.tie_word_embeddings = model.config.tie_word_embeddings
@@ -128,9 +137,9 @@ def text_model(model):
 def saved_checkpoint(config, seed: int = 0):
     """(model, directory), as tests.models.saved_checkpoint; the multimodal checkpoint is built as
     Qwen3_5ForConditionalGeneration (vision tower included) and its model is the text model."""
-    if config.model_type == "qwen3_5":
+    if config.model_type in MULTIMODAL:
         torch.manual_seed(seed)
-        model = transformers.Qwen3_5ForConditionalGeneration(config).float().eval()
+        model = getattr(transformers, MULTIMODAL[config.model_type])(config).float().eval()
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if "norm" in name or name.endswith("bias"):
@@ -157,8 +166,6 @@ def tokens_for(vocab: int, shape=(2, 9), seed: int = 0) -> torch.Tensor:
 
 
 def _config(data, model_type):
-    if model_type == "qwen3_5_multimodal":
-        return data.draw(hf_configs("multimodal"))
     return data.draw(hf_configs(model_type))
 
 

@@ -116,3 +116,9 @@ def weight_names(config: ModelConfig) -> dict[str, tuple[tuple, tuple[int, ...]]
         for name, (leaf, shape) in layer.items():
             names[pre + "linear_attn." + name] = (("layers", i, "attn", leaf), shape)
     return names
+
+
+def cache_shape(config: ModelConfig, layer: int) -> tuple[int, int]:
+    """(kv heads, head dim) of one layer's KV cache (fnlm.generate.init_cache): empty (head dim
+    0) on the linear-attention layers, whose conv and recurrent states sit beside it."""
+    return config.num_kv_heads, 0 if config.layer_types[layer] == LINEAR else config.head_dim
