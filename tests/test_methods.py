@@ -219,6 +219,49 @@ def test_orpo_loss_and_gradients_equal_trl(checkpoint):
     assert stats["margin"] == pytest.approx(metrics["rewards/margins"], rel=1e-4, abs=1e-6)
 
 
+HF_NAMES = {"norm_attn": "input_layernorm", "norm_mlp": "post_attention_layernorm",
+            **{k: f"self_attn.{v}" for k, v in PEFT_NAMES.items() if k in "qkvo"},
+            **{k: f"mlp.{v}" for k, v in PEFT_NAMES.items() if k not in "qkvo"}}  # fmt: skip
+
+
+def hf_name(name: str) -> str:
+    """transformers' name of a Llama weight from fnlm's (layers.0.attn.q -> model.layers.0...)."""
+    top = {"embed": "model.embed_tokens", "norm": "model.norm", "lm_head": "lm_head"}
+    if name in top:
+        return top[name] + ".weight"
+    _, i, *rest = name.split(".")
+    return f"model.layers.{i}.{HF_NAMES[rest[-1]]}.weight"
+
+
+@needs_trl
+def test_orpo_full_finetuning_loss_and_gradients_equal_trl(checkpoint):
+    # Full mode: every weight trained, no adapters; TRL's ORPOTrainer on the plain model.
+    params = load_fp32(checkpoint)
+    trainable = train_lib.Trainable(params, None, full=True, fp32_master=False)
+    config = train_lib.TrainConfig(method="orpo", mode="full", beta=0.25, pad_to_multiple=1)
+    method = methods.PreferenceMethod(config)
+    batch = method.collate(random_pairs(seed=2), pad_id=0)
+    run = SimpleNamespace(config=config, params=params, layer_fn=None, trainable=trainable)
+    loss = method.loss(run, batch, training=True) / method.count(batch)
+    ours = torch.autograd.grad(loss, trainable.tensors)
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    reference = trainer(ORPOTrainer, model.train(), {}, beta=0.25, is_encoder_decoder=False,
+                        padding_value=0)  # fmt: skip
+    b = method.count(batch)
+    inputs = {"chosen_input_ids": batch["tokens"][:b], "chosen_attention_mask": batch["attention_mask"][:b],
+              "chosen_labels": batch["labels"][:b], "rejected_input_ids": batch["tokens"][b:],
+              "rejected_attention_mask": batch["attention_mask"][b:], "rejected_labels": batch["labels"][b:]}  # fmt: skip
+    expected, metrics = reference.get_batch_loss_metrics(model, inputs)
+    expected.backward()
+    assert_close(loss.detach(), expected.detach(), LOSS_REL_TOL, "orpo full loss")
+    hf = dict(model.named_parameters())
+    assert len(ours) == len(hf)  # every weight (none tied in this config)
+    for (name, _), grad in zip(trainable.named, ours, strict=True):
+        assert_close(grad, hf[hf_name(name)].grad, GRAD_REL_TOL, f"orpo full gradient {name}")
+    assert method.metrics()["log_odds_ratio"] == pytest.approx(metrics["log_odds_chosen"], rel=1e-4)
+
+
 # ---------------------------------------------------------------------------------------------
 # GRPO against TRL
 # ---------------------------------------------------------------------------------------------
@@ -541,8 +584,8 @@ def test_grpo_run_raises_the_mean_reward(checkpoint, tmp_path):
 
 @pytest.mark.parametrize(
     "method, mode",
-    [("dpo", "full"), ("dpo", "qlora"), ("orpo", "qlora"), ("grpo", "full"), ("grpo", "qlora")],
-)  # lora mode: the runs above and the TRL comparisons
+    [(m, mode) for m in ("dpo", "orpo", "grpo") for mode in ("qlora", "lora", "full")],
+)
 def test_every_method_trains_in_every_mode(checkpoint, tmp_path, method, mode):
     if method == "grpo":
         g = torch.Generator().manual_seed(6)
@@ -577,3 +620,17 @@ def test_full_mode_dpo_resumes_with_the_starting_reference(checkpoint, tmp_path)
     resumed = train_lib.train(run_config(tmp_path / "b", "dpo", max_steps=4, resume=True, **common),
                               tokenizer=Digits(), data=data)  # fmt: skip
     assert resumed.losses == pytest.approx(whole.losses[2:], rel=1e-5)
+
+
+def test_example_rewards_score_the_answer_format():
+    # examples/rewards.py, the reward of scripts/demo_grpo.py and the README's GRPO example
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = os.path.join(root, "examples", "rewards.py")
+    _, answer_format = methods.load_reward(f"{spec}:answer_format")
+    _, exact_answer = methods.load_reward(f"{spec}:exact_answer")
+    texts = ["<answer>15</answer>", " <answer>15</answer>\n", "It is <answer>15</answer>, yes",
+             "<answer>15", "15</answer>", "<answer></answer>", "15"]  # fmt: skip
+    chats = [[{"role": "assistant", "content": t}] for t in texts]
+    assert answer_format(completions=chats) == [1.0, 1.0, 0.5, 0.25, 0.0, 0.5, 0.0]
+    assert answer_format(completions=texts) == answer_format(completions=chats)
+    assert exact_answer(completions=texts, answer=["15"] * 7) == [1, 1, 1, 0, 0, 0, 0]
