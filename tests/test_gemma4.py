@@ -36,6 +36,8 @@ EXAMPLES = settings(max_examples=4, deadline=None)
 # the pytest id names the family, so scripts/support_table.py counts these tests for gemma4
 GEMMA4 = pytest.mark.parametrize("model_type", ["gemma4_text"])
 LORA_TARGETS = ["q", "k", "v", "o", "gate", "up", "down", "per_layer_gate", "per_layer_projection"]
+# the MoE block's: the router is a linear layer, the expert stacks peft's target_parameters
+MOE_TARGETS = ["router", "experts.gate_up", "experts.down"]
 
 
 @st.composite
@@ -170,13 +172,14 @@ def test_greedy_matches_transformers_gemma4(model_type, data):
 @EXAMPLES
 @given(data=st.data())
 def test_saved_adapter_loads_in_peft_with_same_logits_gemma4(model_type, data, tmp_path_factory):
-    """Our adapter (drawn targets, or "all-linear": the router and the model-level PLE projection
-    too) loads in peft with our logits, merged too, and peft re-saves the same tensors."""
+    """Our adapter (drawn targets, the expert stacks among them, or "all-linear": the router and
+    the model-level PLE projection too) loads in peft with our logits, merged too, and peft
+    re-saves the same tensors."""
     config = data.draw(gemma4_configs())
     targets = data.draw(
         st.one_of(
             st.just("all-linear"),
-            st.lists(st.sampled_from([*LORA_TARGETS, "router"]), min_size=1, unique=True),
+            st.lists(st.sampled_from([*LORA_TARGETS, *MOE_TARGETS]), min_size=1, unique=True),
         )
     )
     out, again = tmp_path_factory.mktemp("adapter"), tmp_path_factory.mktemp("again")
@@ -184,7 +187,9 @@ def test_saved_adapter_loads_in_peft_with_same_logits_gemma4(model_type, data, t
         params = load_fp32(directory)
         try:
             lora = fnlm.lora.init(params, r=4, alpha=8, targets=targets)
-        except fnlm.errors.LoraError:  # "router" without the MoE block, "per_layer_*" without PLE
+        except (
+            fnlm.errors.LoraError
+        ):  # MoE targets without the MoE block, "per_layer_*" without PLE
             assert targets != "all-linear"
             return
         lora = randomize_fnlm(lora)
@@ -209,11 +214,15 @@ def test_saved_adapter_loads_in_peft_with_same_logits_gemma4(model_type, data, t
 
 @GEMMA4
 def test_peft_adapter_loads_in_fnlm_gemma4(model_type, tmp_path):
-    """An adapter peft creates ("all-linear") loads in fnlm with peft's logits."""
+    """An adapter peft creates ("all-linear" plus the expert stacks as target_parameters) loads in
+    fnlm with peft's logits."""
     config = transformers.Gemma4TextConfig(**{**TINY, "attention_bias": True})
     model = build(config)
     model.save_pretrained(tmp_path / "base")
-    peft_model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules="all-linear"))
+    lora_config = peft.LoraConfig(
+        r=4, target_modules="all-linear", target_parameters=["gate_up_proj", "down_proj"]
+    )
+    peft_model = peft.get_peft_model(model, lora_config)
     with torch.no_grad():
         for name, t in peft_model.named_parameters():
             if "lora_B" in name:
@@ -228,17 +237,23 @@ def test_peft_adapter_loads_in_fnlm_gemma4(model_type, tmp_path):
 
 
 @GEMMA4
+@pytest.mark.parametrize("targets", ["default", "moe"])
 @settings(max_examples=2, deadline=None)
 @given(data=st.data())
-def test_lora_training_matches_peft_gemma4(model_type, data, tmp_path_factory):
-    """Six LoRA steps (fnlm.train) give peft + transformers' losses step by step."""
-    config = data.draw(gemma4_configs())
+def test_lora_training_matches_peft_gemma4(model_type, targets, data, tmp_path_factory):
+    """Six LoRA steps (fnlm.train) give peft + transformers' losses step by step: fnlm's default
+    targets, or q, v, the router, the expert stacks and the per-layer projections of a MoE model."""
+    config = data.draw(gemma4_configs(moe=targets == "moe"))
+    if targets == "moe":
+        targets = ("q", "v", *MOE_TARGETS, "per_layer_gate", "per_layer_projection")
+    else:
+        targets = fnlm.lora.ALL_LINEAR
     examples = random_data(n=12, vocab=config.vocab_size, longest=20)
     out = tmp_path_factory.mktemp("train")
     with checkpoint(config) as (model, directory):
         params = load_fp32(directory)
         run = run_config(out / "run", max_steps=6, warmup_steps=1, lr=1e-2)
-        lora = fnlm.lora.init(params, r=run.r, alpha=run.alpha, seed=run.seed)
+        lora = fnlm.lora.init(params, r=run.r, alpha=run.alpha, seed=run.seed, targets=targets)
         fnlm.lora.save(out / "initial", lora, params=params)
         ours = fnlm.train.train(run, params=params, lora=lora, data=examples)
         reference = peft.PeftModel.from_pretrained(model, out / "initial", is_trainable=True)

@@ -113,7 +113,7 @@ class _Reader:
         if name in self.targeted:
             return self.targeted[name]
         if (
-            re.search(r"\.mlp\.(experts|gate|router)(\.base_layer)*$", name)
+            re.search(r"\.(mlp\.)?(experts|gate|router)(\.base_layer)*$", name)
             and self.config.moe_layers
         ):
             raise LoraError(

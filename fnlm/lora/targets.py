@@ -135,27 +135,29 @@ def module_table(config: ModelConfig) -> tuple[Module, ...]:
         for name, (path, shape) in weights.items()
         if not _dense_mlp_peft_skips(config, path)
     ]
-    # a family whose experts are not LoRA targets says so (Gemma 4: PEFT_PARAMETER_TARGETS False)
-    parameter_targets = family_naming(config.model_type, "PEFT_PARAMETER_TARGETS", True)
-    # the router's module name (gpt-oss: "router"; transformers 5's MoE families: "gate") and the
-    # stacks' row order in peft's layout (gpt-oss: `peft_stack_rows`)
+    # Family naming: the router's module under "mlp" (gpt-oss: "router"; transformers 5's MoE
+    # families: "gate"; None where the router is a linear module, Gemma 4's "router.proj"), the
+    # experts' module (Gemma 4: "experts", beside the MLP) and the stacks' row order in peft's
+    # layout (gpt-oss: `peft_stack_rows`)
     router_name = family_naming(config.model_type, "PEFT_ROUTER", "gate")
+    experts_name = family_naming(config.model_type, "PEFT_EXPERTS_MODULE", "mlp.experts")
     stack_rows = family_naming(config.model_type, "peft_stack_rows")
-    for n in config.moe_layers if parameter_targets else ():
+    for n in config.moe_layers:
         mlp = f"model.layers.{n}.mlp"  # transformers 5's name in every MoE family (Mixtral too)
         router = ("layers", n, "mlp", "router")
-        modules.append(
-            Module(
-                f"{mlp}.{router_name}",
-                router,
-                (config.num_experts, config.hidden_size),
-                parameter="weight",
+        if router_name is not None:
+            modules.append(
+                Module(
+                    f"{mlp}.{router_name}",
+                    router,
+                    (config.num_experts, config.hidden_size),
+                    parameter="weight",
+                )
             )
-        )
         for stack in moe.STACKS:
             modules.append(
                 Module(
-                    f"{mlp}.experts",
+                    f"model.layers.{n}.{experts_name}",
                     ("layers", n, "mlp", "experts", stack),
                     moe.stack_shape(config, stack),
                     parameter=f"{stack}_proj",

@@ -60,9 +60,11 @@ PEFT_LAYER_ORDER = (
 )  # fmt: skip
 # peft's "all-linear" also adapts this model-level linear layer (the PLE projection).
 PEFT_ALL_LINEAR_EXTRA = (("per_layer_model_projection",),)
-# The experts (3-D parameters, peft's target_parameters) are not LoRA targets here; the router is
-# an ordinary linear layer ("router" / transformers' "router.proj").
-PEFT_PARAMETER_TARGETS = False
+# The router is an ordinary linear layer ("router" / transformers' "router.proj"), not a parameter
+# target; the expert stacks are, as peft's target_parameters names them ("experts.gate_up_proj",
+# "experts.down_proj": the experts module sits beside the MLP, in fnlm's [E, out, in] layout).
+PEFT_ROUTER = None
+PEFT_EXPERTS_MODULE = "experts"
 
 
 @dataclass(frozen=True)
