@@ -113,8 +113,7 @@ def prepare(
     for path in found:
         for row in raw_rows(path):
             result = tokenize_row(tok, row.value, row.where, options)
-            counter.add(1, truncated=result.truncated, tokens_cut=result.tokens_cut,
-                        dropped=result.dropped, blocks=result.blocks, error=result.error)  # fmt: skip
+            counter.count(result)
             examples += [
                 Example(torch.tensor(t, dtype=torch.int32), torch.tensor(lab, dtype=torch.int32))
                 for t, lab in result.examples

@@ -181,21 +181,12 @@ def tokenize_parts(
                 if part.lines and not value.strip():
                     continue
                 result = tokenize_row(tok, value, part.locate(index), options)
-                _count(counter, result.truncated, result.tokens_cut, result.dropped,
-                       result.blocks, result.error)  # fmt: skip
+                counter.count(result)
                 examples += [_example(t, lab) for t, lab in result.examples]
             continue
-        fingerprint = hashlib.sha256(
-            "/".join(
-                [
-                    part.key,
-                    tokenizer_fingerprint(tok),
-                    options.key(),
-                    str(CACHE_VERSION),
-                    str(part.lines),
-                ]
-            ).encode()  # fmt: skip
-        ).hexdigest()[:16]
+        parts_of_key = [part.key, tokenizer_fingerprint(tok), options.key(), str(CACHE_VERSION)]
+        fingerprint = hashlib.sha256("/".join([*parts_of_key, str(part.lines)]).encode())
+        fingerprint = fingerprint.hexdigest()[:16]
         cache_file = None
         if cache_root is not None:
             cache_root.mkdir(parents=True, exist_ok=True)
@@ -216,11 +207,6 @@ def tokenize_parts(
     return examples, cached
 
 
-def _count(counter: RowCounter, truncated, tokens_cut, dropped, blocks, error) -> None:
-    counter.add(1, truncated=truncated, tokens_cut=tokens_cut, dropped=dropped, blocks=blocks,
-                error=error)  # fmt: skip
-
-
 def _collect(mapped, counter: RowCounter) -> list[Example]:
     import pyarrow.compute as pc
 
@@ -239,21 +225,17 @@ def _collect(mapped, counter: RowCounter) -> list[Example]:
 
 
 def _examples(table) -> Iterator[Example]:
-    for tokens, labels in zip(table.column("tokens").chunks, table.column("labels").chunks):
-        inner_tokens, inner_labels = tokens.flatten(), labels.flatten()  # one list per example
-        lengths = pc_lengths(inner_tokens)
-        flat_tokens = torch.from_numpy(inner_tokens.flatten().to_numpy(zero_copy_only=False).copy())
-        flat_labels = torch.from_numpy(inner_labels.flatten().to_numpy(zero_copy_only=False).copy())
+    import pyarrow.compute as pc
+
+    for batch in table.to_batches():  # the columns of a record batch are aligned
+        tokens, labels = batch.column("tokens").flatten(), batch.column("labels").flatten()
+        lengths = pc.list_value_length(tokens).to_pylist()  # tokens: one list per example
+        flat_tokens = torch.from_numpy(tokens.flatten().to_numpy(zero_copy_only=False).copy())
+        flat_labels = torch.from_numpy(labels.flatten().to_numpy(zero_copy_only=False).copy())
         yield from (
             Example(t, lab)
             for t, lab in zip(flat_tokens.split(lengths), flat_labels.split(lengths), strict=True)
         )
-
-
-def pc_lengths(lists) -> list[int]:
-    import pyarrow.compute as pc
-
-    return pc.list_value_length(lists).to_pylist()
 
 
 def _example(tokens: list[int], labels: list[int]) -> Example:

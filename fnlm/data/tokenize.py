@@ -179,6 +179,11 @@ class RowCounter:
         if error:
             self.bad(error)
 
+    def count(self, result: RowResult) -> None:
+        """Add one row's result."""
+        self.add(1, truncated=result.truncated, tokens_cut=result.tokens_cut,
+                 dropped=result.dropped, blocks=result.blocks, error=result.error)  # fmt: skip
+
     def bad(self, error: str) -> None:
         if self.on_bad_row == "stop":
             raise DataError(
