@@ -35,6 +35,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*no tokenizer.json", "ignore:.*
 EXAMPLES = settings(max_examples=4, deadline=None)
 # the pytest id names the family, so scripts/support_table.py counts these tests for gemma4
 GEMMA4 = pytest.mark.parametrize("model_type", ["gemma4_text"])
+# the text model's checkpoint, and the multimodal one (Gemma4ForConditionalGeneration with a tiny
+# vision tower) that fnlm loads for its text tower
+BOTH = pytest.mark.parametrize("model_type", ["gemma4_text", "gemma4"])
 LORA_TARGETS = ["q", "k", "v", "o", "gate", "up", "down", "per_layer_gate", "per_layer_projection"]
 # the MoE block's: the router is a linear layer, the expert stacks peft's target_parameters
 MOE_TARGETS = ["router", "experts.gate_up", "experts.down"]
@@ -114,11 +117,38 @@ def build(config, seed: int = 0):
     return model
 
 
+# Tiny vision tower: built and saved, never run (the tests feed text), skipped on load.
+VISION = dict(
+    hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+    num_key_value_heads=2, head_dim=8, patch_size=4, pooling_kernel_size=2,
+    position_embedding_size=64,
+)  # fmt: skip
+
+
+def multimodal(text) -> transformers.Gemma4ForConditionalGeneration:
+    """The multimodal model whose language model holds `text`'s weights (random vision tower)."""
+    config = transformers.Gemma4Config(
+        text_config=text.config.to_dict(), vision_config=VISION,
+        tie_word_embeddings=text.config.tie_word_embeddings, image_token_id=10**6,
+    )  # fmt: skip
+    model = transformers.Gemma4ForConditionalGeneration(config).float().eval()
+    state = text.state_dict()
+    inner = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+    model.model.language_model.load_state_dict(inner, strict=True)
+    with torch.no_grad():
+        model.lm_head.weight.copy_(state["lm_head.weight"])
+    return model
+
+
 @contextmanager
-def checkpoint(config, seed: int = 0):
+def checkpoint(config, seed: int = 0, model_type: str = "gemma4_text"):
+    """(model, directory): a random text model saved with save_pretrained, or for model_type
+    "gemma4" the multimodal checkpoint around it (`model` is then the text model with the same
+    weights: the reference of fnlm's text-tower params, which peft adapts and exports load as)."""
     model = build(config, seed)
+    saved = model if model_type == "gemma4_text" else multimodal(model)
     with tempfile.TemporaryDirectory() as d:
-        model.save_pretrained(d)
+        saved.save_pretrained(d)
         yield model, Path(d)
 
 
@@ -131,7 +161,7 @@ def tokens_for(vocab: int, shape=(2, 9), seed: int = 0) -> torch.Tensor:
     return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
 
 
-@GEMMA4
+@BOTH
 @EXAMPLES
 @given(data=st.data())
 def test_logits_match_transformers_gemma4(model_type, data):
@@ -141,7 +171,7 @@ def test_logits_match_transformers_gemma4(model_type, data):
     pads = data.draw(st.lists(st.integers(0, seq - 1), min_size=2, max_size=3))
     mask = torch.tensor([[0] * p + [1] * (seq - p) for p in pads])
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    with checkpoint(config) as (model, directory):
+    with checkpoint(config, model_type=model_type) as (model, directory):
         params = load_fp32(directory)
     tokens = tokens_for(config.vocab_size, mask.shape, seq)
     with torch.no_grad():
@@ -153,7 +183,7 @@ def test_logits_match_transformers_gemma4(model_type, data):
     assert max_rel_error(ours_padded[real], ref_padded[real]) <= FP32_REL_TOL
 
 
-@GEMMA4
+@BOTH
 @EXAMPLES
 @given(data=st.data())
 def test_greedy_matches_transformers_gemma4(model_type, data):
@@ -162,13 +192,13 @@ def test_greedy_matches_transformers_gemma4(model_type, data):
     config = data.draw(gemma4_configs())
     prompts = data.draw(prompt_batches(config.vocab_size))
     new = data.draw(st.integers(1, 8))
-    with checkpoint(config) as (model, directory):
+    with checkpoint(config, model_type=model_type) as (model, directory):
         params = load_fp32(directory)
     ours = generate_tokens(params, prompts, max_new_tokens=new, eos_token_ids=[])
     assert ours == reference_generate(model, prompts, new, None)
 
 
-@GEMMA4
+@BOTH
 @EXAMPLES
 @given(data=st.data())
 def test_saved_adapter_loads_in_peft_with_same_logits_gemma4(model_type, data, tmp_path_factory):
@@ -183,7 +213,7 @@ def test_saved_adapter_loads_in_peft_with_same_logits_gemma4(model_type, data, t
         )
     )
     out, again = tmp_path_factory.mktemp("adapter"), tmp_path_factory.mktemp("again")
-    with checkpoint(config) as (model, directory):
+    with checkpoint(config, model_type=model_type) as (model, directory):
         params = load_fp32(directory)
         try:
             lora = fnlm.lora.init(params, r=4, alpha=8, targets=targets)
@@ -236,7 +266,7 @@ def test_peft_adapter_loads_in_fnlm_gemma4(model_type, tmp_path):
     assert max_rel_error(fnlm.forward(params, tokens, lora=lora), ref) <= FP32_REL_TOL
 
 
-@GEMMA4
+@BOTH
 @pytest.mark.parametrize("targets", ["default", "moe"])
 @settings(max_examples=2, deadline=None)
 @given(data=st.data())
@@ -250,7 +280,7 @@ def test_lora_training_matches_peft_gemma4(model_type, targets, data, tmp_path_f
         targets = fnlm.lora.ALL_LINEAR
     examples = random_data(n=12, vocab=config.vocab_size, longest=20)
     out = tmp_path_factory.mktemp("train")
-    with checkpoint(config) as (model, directory):
+    with checkpoint(config, model_type=model_type) as (model, directory):
         params = load_fp32(directory)
         run = run_config(out / "run", max_steps=6, warmup_steps=1, lr=1e-2)
         lora = fnlm.lora.init(params, r=run.r, alpha=run.alpha, seed=run.seed, targets=targets)
@@ -264,14 +294,14 @@ def test_lora_training_matches_peft_gemma4(model_type, targets, data, tmp_path_f
     assert rel_close(ours.losses, expected, 2e-6), (ours.losses, expected)
 
 
-@GEMMA4
+@BOTH
 @settings(max_examples=3, deadline=None)
 @given(data=st.data())
 def test_merged_export_loads_in_transformers_gemma4(model_type, data, tmp_path_factory):
     """The merged export loads in transformers with fnlm's adapted logits, and in fnlm again."""
     config = data.draw(gemma4_configs())
     out = tmp_path_factory.mktemp("merged")
-    with checkpoint(config) as (_, directory):
+    with checkpoint(config, model_type=model_type) as (_, directory):
         params = load_fp32(directory)
         lora = randomize_fnlm(fnlm.lora.init(params, r=2, targets=("q", "o", "down")))
         fnlm.save(out, params, lora=lora, format="merged")
@@ -294,13 +324,16 @@ TINY = dict(
 )  # fmt: skip
 
 
-@GEMMA4
+@BOTH
 def test_nf4_logits_match_transformers_on_the_dequantized_weights_gemma4(model_type, tmp_path):
     """NF4 params (experts and per-layer projections too; embeddings, PLE table and router stay
     16-bit) give the logits transformers gives on their dequantized weights, written by the
     merged export without a 16-bit source; the NF4 error is real."""
     tokens = tokens_for(TINY["vocab_size"], (2, 10))
-    with checkpoint(transformers.Gemma4TextConfig(**TINY)) as (model, directory):
+    with checkpoint(transformers.Gemma4TextConfig(**TINY), model_type=model_type) as (
+        model,
+        directory,
+    ):
         params, _ = fnlm.load(directory, quant="nf4", dtype=torch.float32, device="cpu")
     with torch.no_grad():
         full = model(tokens).logits
@@ -319,33 +352,21 @@ def test_nf4_logits_match_transformers_on_the_dequantized_weights_gemma4(model_t
 
 
 # ----------------------------------------------------------------------------------------------
-# The multimodal checkpoint (Gemma4ForConditionalGeneration) loaded for its text tower
+# The multimodal checkpoint beyond the BOTH tests above
 # ----------------------------------------------------------------------------------------------
-
-VISION = dict(
-    hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-    num_key_value_heads=2, head_dim=8, patch_size=4, pooling_kernel_size=2,
-    position_embedding_size=64,
-)  # fmt: skip
 
 
 @pytest.mark.parametrize("model_type", ["gemma4"])
 def test_multimodal_checkpoint_loads_its_text_tower_gemma4(model_type, tmp_path, capsys):
-    """A Gemma4ForConditionalGeneration checkpoint loads as its text model: logits equal the
-    multimodal model's on text, the vision tensors are skipped with one line, and the merged
-    export loads in transformers as Gemma4ForCausalLM with the same logits."""
-    text = transformers.Gemma4TextConfig(**{**TINY, "enable_moe_block": False})
-    config = transformers.Gemma4Config(
-        text_config=text.to_dict(), vision_config=VISION,
-        tie_word_embeddings=text.tie_word_embeddings, image_token_id=10**6,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = transformers.Gemma4ForConditionalGeneration(config).float().eval()
+    """The multimodal model's own logits on text equal fnlm's text-tower params'; the vision
+    tensors are skipped with one line; the merged export is a Gemma4ForCausalLM checkpoint."""
+    text = build(transformers.Gemma4TextConfig(**{**TINY, "enable_moe_block": False}))
+    model = multimodal(text)
     model.save_pretrained(tmp_path / "mm")
     params = load_fp32(tmp_path / "mm")
     assert params.config.text_tower_of == "gemma4"
     assert "skipped" in capsys.readouterr().out
-    tokens = tokens_for(text.vocab_size)
+    tokens = tokens_for(TINY["vocab_size"])
     with torch.no_grad():
         ref = model(input_ids=tokens).logits
     assert max_rel_error(fnlm.forward(params, tokens), ref) <= FP32_REL_TOL
