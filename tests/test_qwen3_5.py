@@ -35,9 +35,9 @@ pytestmark = [
 
 EXAMPLES = settings(max_examples=3, deadline=None)
 # the pytest ids name the family, so scripts/support_table.py counts these tests for each
-FAMILIES = pytest.mark.parametrize("model_type", ["qwen3_5", "qwen3_5_moe"])
+FAMILIES = pytest.mark.parametrize("model_type", ["qwen3_5_text", "qwen3_5_moe_text"])
 TEXT_AND_TOWER = pytest.mark.parametrize(
-    "model_type", ["qwen3_5", "qwen3_5_moe", "qwen3_5_multimodal", "qwen3_5_moe_multimodal"]
+    "model_type", ["qwen3_5_text", "qwen3_5_moe_text", "qwen3_5", "qwen3_5_moe"]
 )
 # the multimodal checkpoints' model types -> their transformers classes
 MULTIMODAL = {
@@ -50,7 +50,7 @@ LINEAR_TARGETS = ["in_qkv", "in_z", "in_b", "in_a", "out"]
 @st.composite
 def text_fields(draw) -> dict:
     heads = draw(st.sampled_from([1, 2, 4]))
-    layers = draw(st.integers(1, 4))
+    layers = draw(st.integers(2, 4))
     key_heads = draw(st.sampled_from([1, 2]))
     fields = dict(
         vocab_size=draw(st.integers(64, 128)),
@@ -76,19 +76,21 @@ def text_fields(draw) -> dict:
             "partial_rotary_factor": draw(st.sampled_from([0.25, 0.5])),
         },
     )
-    # at least one full-attention layer: transformers' cache needs one (get_seq_length)
+    # both kinds: transformers' cache needs a full-attention layer (get_seq_length), the tests a
+    # linear one
     if draw(st.booleans()):  # explicit layer kinds, else every full_attention_interval-th is full
         kinds = st.sampled_from(["linear_attention", "full_attention"])
-        types = draw(st.lists(kinds, min_size=layers - 1, max_size=layers - 1))
-        fields["layer_types"] = [*types, "full_attention"]
+        types = draw(st.lists(kinds, min_size=layers - 2, max_size=layers - 2))
+        fields["layer_types"] = ["linear_attention", *types, "full_attention"]
     else:
-        fields["full_attention_interval"] = draw(st.integers(1, layers))
+        fields["full_attention_interval"] = draw(st.integers(2, layers))
     return fields
 
 
 @st.composite
 def hf_configs(draw, model_type: str):
-    """A text config ("qwen3_5", "qwen3_5_moe") or a multimodal one ("..._multimodal")."""
+    """A text config ("qwen3_5_text", "qwen3_5_moe_text") or a multimodal one ("qwen3_5",
+    "qwen3_5_moe")."""
     fields = draw(text_fields())
     moe = model_type.startswith("qwen3_5_moe")
     if moe:
@@ -100,9 +102,9 @@ def hf_configs(draw, model_type: str):
             moe_intermediate_size=draw(st.sampled_from([24, 40])),
             shared_expert_intermediate_size=draw(st.sampled_from([16, 24])),
         )
-    if model_type == "qwen3_5":
+    if model_type == "qwen3_5_text":
         return transformers.Qwen3_5TextConfig(**fields)
-    if model_type == "qwen3_5_moe":
+    if model_type == "qwen3_5_moe_text":
         return transformers.Qwen3_5MoeTextConfig(**fields)
     fields.pop("tie_word_embeddings")
     kind = transformers.Qwen3_5MoeConfig if moe else transformers.Qwen3_5Config
@@ -217,8 +219,8 @@ def test_compiled_generation_equals_eager_qwen3_5(model_type, monkeypatch):
     tokens."""
     monkeypatch.setattr(step, "COMPILE_BACKEND", lambda gm, inputs: gm.forward)
     config = {
-        "qwen3_5": transformers.Qwen3_5TextConfig(**TINY),
-        "qwen3_5_moe": transformers.Qwen3_5MoeTextConfig(**TINY_MOE),
+        "qwen3_5_text": transformers.Qwen3_5TextConfig(**TINY),
+        "qwen3_5_moe_text": transformers.Qwen3_5MoeTextConfig(**TINY_MOE),
     }[model_type]
     prompts = [[1, 2, 3, 4, 5], [7, 8]]
     with saved_checkpoint(config) as (model, directory):
@@ -299,8 +301,8 @@ def test_saved_adapter_loads_in_peft_with_same_logits_qwen3_5(model_type, data, 
 def test_lora_targets_qwen3_5(model_type):
     """The linear-attention projections are targets under peft's names; bias="all" is refused."""
     config = {
-        "qwen3_5": transformers.Qwen3_5TextConfig(**TINY),
-        "qwen3_5_moe": transformers.Qwen3_5MoeTextConfig(**TINY_MOE),
+        "qwen3_5_text": transformers.Qwen3_5TextConfig(**TINY),
+        "qwen3_5_moe_text": transformers.Qwen3_5MoeTextConfig(**TINY_MOE),
     }[model_type]
     with saved_checkpoint(config) as (_, directory):
         params = load_fp32(directory)
@@ -384,8 +386,8 @@ def test_nf4_logits_match_transformers_on_the_dequantized_weights_qwen3_5(model_
     as bitsandbytes leaves them) give the logits transformers gives on their dequantized weights
     (written by fnlm's merged export); the NF4 error is real."""
     config = {
-        "qwen3_5": transformers.Qwen3_5TextConfig(**TINY),
-        "qwen3_5_moe": transformers.Qwen3_5MoeTextConfig(**TINY_MOE),
+        "qwen3_5_text": transformers.Qwen3_5TextConfig(**TINY),
+        "qwen3_5_moe_text": transformers.Qwen3_5MoeTextConfig(**TINY_MOE),
     }[model_type]
     tokens = tokens_for(config.vocab_size, (2, 10))
     with saved_checkpoint(config) as (model, directory):
