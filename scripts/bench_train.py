@@ -434,6 +434,7 @@ def main() -> None:
     args = parser.parse_args()
 
     results: dict = {"device": torch.cuda.get_device_name(0), "args": vars(args), "models": {}}
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     out = Path(args.out) / "bench_train.json"
     save = lambda: out.write_text(json.dumps(results, indent=2, default=str))
     models = [] if args.longest else (args.model or ["llama-3.2-1b", "llama-3.1-8b"])
@@ -451,7 +452,7 @@ def main() -> None:
                     d,
                     checkpointing=args.checkpointing,
                     compile=args.compile,
-                    graphs=args.cuda_graphs and args.checkpointing != "offload",
+                    graphs=args.cuda_graphs,
                 ),  # fmt: skip
             ),
             ("reference", lambda d=directory: ReferenceRun(d)),

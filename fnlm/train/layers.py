@@ -17,51 +17,55 @@ class _OffloadedCheckpoint(torch.autograd.Function):
     """Activation checkpointing whose one saved tensor, the layer input, waits in pinned CPU memory.
 
     Forward runs the layer without a graph and copies its input to the host on a side stream (the
-    copy overlaps the next layers' compute); backward brings it back, reruns the layer with the
-    same RNG state and backpropagates through it. The gradients of the tensors the layer closes
-    over (adapters, or weights in full fine-tuning) accumulate through that inner backward, which
-    is why this runs under `.backward()` (not `torch.autograd.grad`), like reentrant checkpointing.
+    copy overlaps the layer's compute; the compute stream waits for it at the end of the layer, so
+    the input's memory is reused only after it has been read); backward brings it back, reruns the
+    layer (with the forward's RNG state when `preserve_rng`) and backpropagates through it. The
+    gradients of the tensors the layer closes over (adapters, or weights in full fine-tuning)
+    accumulate through that inner backward, which is why this runs under `.backward()` (not
+    `torch.autograd.grad`), like reentrant checkpointing. Every stream fork joins back and no host
+    sync or RNG read happens without `preserve_rng`, so the step can be captured as a CUDA graph.
     What Unsloth calls use_gradient_checkpointing="unsloth".
     """
 
     @staticmethod
-    def forward(ctx, run, slot, x, anchor):
+    def forward(ctx, run, slot, x, anchor, preserve_rng):
         ctx.run, ctx.device = run, x.device
-        ctx.cpu_rng = torch.get_rng_state()
-        ctx.cuda_rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
+        ctx.cpu_rng = torch.get_rng_state() if preserve_rng else None
+        ctx.cuda_rng = torch.cuda.get_rng_state(x.device) if preserve_rng and x.is_cuda else None
         if x.is_cuda:
             host = _pinned_buffer(slot, x)
-            stream = _side_stream(x.device)
-            stream.wait_stream(torch.cuda.current_stream(x.device))
+            compute, stream = torch.cuda.current_stream(x.device), _side_stream(x.device)
+            stream.wait_stream(compute)
             with torch.cuda.stream(stream):
                 host.copy_(x, non_blocking=True)
-                ctx.copied = torch.cuda.Event()
-                ctx.copied.record(stream)
-            x.record_stream(stream)  # x's memory is not reused before the copy has read it
+            with torch.no_grad():
+                y = run(x)
+            compute.wait_stream(stream)  # x is read before anything may reuse its memory
         else:
-            host, ctx.copied = x.detach(), None
+            host = x.detach()
+            with torch.no_grad():
+                y = run(x)
         ctx.host = host
-        with torch.no_grad():
-            return run(x)
+        return y
 
     @staticmethod
     def backward(ctx, grad):
-        if ctx.copied is not None:
-            torch.cuda.current_stream(ctx.device).wait_event(ctx.copied)
-            x = ctx.host.to(ctx.device, non_blocking=True)
-        else:
-            x = ctx.host
+        x = ctx.host.to(ctx.device, non_blocking=True) if ctx.device.type == "cuda" else ctx.host
         x = x.detach().requires_grad_(True)
-        devices = [ctx.device] if ctx.cuda_rng is not None else []
-        with torch.random.fork_rng(devices=devices, device_type=ctx.device.type):
-            torch.set_rng_state(ctx.cpu_rng)
-            if ctx.cuda_rng is not None:
-                torch.cuda.set_rng_state(ctx.cuda_rng, ctx.device)
+        if ctx.cpu_rng is None:
             with torch.enable_grad():
                 y = ctx.run(x)
+        else:
+            devices = [ctx.device] if ctx.cuda_rng is not None else []
+            with torch.random.fork_rng(devices=devices, device_type=ctx.device.type):
+                torch.set_rng_state(ctx.cpu_rng)
+                if ctx.cuda_rng is not None:
+                    torch.cuda.set_rng_state(ctx.cuda_rng, ctx.device)
+                with torch.enable_grad():
+                    y = ctx.run(x)
         torch.autograd.backward(y, grad)
         ctx.host = None
-        return None, None, x.grad, None
+        return None, None, x.grad, None, None
 
 
 _PINNED: dict[tuple, torch.Tensor] = {}
@@ -125,8 +129,8 @@ def layer_function(
     compile: torch.compile the layer (one graph reused by every layer of the same shapes); a
     string names the compile backend (e.g. "aot_eager" for tests on CPU).
     mlp_chunk: > 0 tiles the MLP along the sequence (see `tiled_layer_forward`).
-    preserve_rng: "layer" recomputes with the forward's RNG state (needed for dropout only; off,
-    the step can be captured as a CUDA graph, where reading the RNG state is not allowed).
+    preserve_rng: "layer" / "offload" recompute with the forward's RNG state (needed for dropout
+    only; off, the step can be captured as a CUDA graph, where reading the RNG state is not allowed).
     keep_layers: with "layer" / "offload", the last this many layers of each forward are not
     checkpointed: their activations stay, so the backward recomputes fewer layers (the knob
     between "layer" and "none").
@@ -178,6 +182,6 @@ def layer_function(
         if slot >= config.num_layers - keep_layers:
             return inner(config, p, x, cos, sin, mask)
         run = lambda h: inner(config, p, h, cos, sin, mask)
-        return _OffloadedCheckpoint.apply(run, slot, x, anchor)
+        return _OffloadedCheckpoint.apply(run, slot, x, anchor, preserve_rng)
 
     return offloaded

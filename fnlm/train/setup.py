@@ -153,15 +153,14 @@ class Run:
 
 def use_graphs(config: TrainConfig, device: torch.device, checkpointing: str, dropout: bool):
     """Whether the step runs as CUDA graphs: asked for, or unset and possible (CUDA, no adapter
-    dropout, whose recomputation needs the RNG state, and no offload, which syncs streams)."""
-    possible = device.type == "cuda" and not dropout and checkpointing != "offload"
+    dropout, whose recomputation needs the RNG state)."""
+    possible = device.type == "cuda" and not dropout
     possible = possible and config.distributed != "fsdp"  # FSDP's collectives run in the step
     if config.cuda_graphs and not possible:
         raise ArgumentError(
-            "cuda_graphs=True needs a CUDA device, lora_dropout=0, distributed 'ddp' and "
-            f"checkpointing other than 'offload' (device {device.type}, lora_dropout "
-            f"{config.lora_dropout}, distributed {config.distributed!r}, checkpointing "
-            f"{checkpointing!r})"
+            "cuda_graphs=True needs a CUDA device, lora_dropout=0 and distributed 'ddp' "
+            f"(device {device.type}, lora_dropout {config.lora_dropout}, distributed "
+            f"{config.distributed!r})"
         )
     return possible if config.cuda_graphs is None else config.cuda_graphs
 
