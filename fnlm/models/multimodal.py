@@ -1,6 +1,7 @@
 """Multimodal checkpoints loaded for their text tower: Gemma 3 4B-27B (`gemma3` -> gemma3_text),
 Mistral Small 3.x / Magistral (`mistral3` -> mistral), Gemma 4 (`gemma4` -> gemma4_text; its
-audio tower is skipped with the vision tower).
+audio tower is skipped with the vision tower), Qwen3.5 / Qwen3.5-MoE (`qwen3_5` -> qwen3_5_text,
+`qwen3_5_moe` -> qwen3_5_moe_text; their multi-token-prediction `mtp.*` tensors are skipped too).
 
 The config translates `text_config` with the text family, so the params, the LoRA adapters and a
 merged export are those of the text model (transformers loads the export as Gemma3ForCausalLM /
