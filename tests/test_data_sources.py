@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import warnings
 from pathlib import Path
 
@@ -276,3 +277,51 @@ def test_training_setup_reads_the_eval_split(tok, tmp_path):
                          cache_dir=str(tmp_path / "cache"))  # fmt: skip
     data, eval_data = prepare_data(config, tok, None, None)
     assert (len(data), len(eval_data)) == (3, 1)
+
+
+def test_a_run_trains_on_a_split_skips_a_bad_row_and_evaluates_the_eval_split(tmp_path, capsys):
+    """End to end: `fnlm.train.train` on a saved DatasetDict's train split tokenized in two
+    processes, its one bad row skipped and reported, the test split as held-out data."""
+    import transformers
+    from models import saved_checkpoint
+
+    from fnlm import train as train_lib
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    tok = Tokenizer.from_dir(write_byte_level_bpe(model_dir, chat_template=LLAMA3_TEMPLATE))
+    config = transformers.LlamaConfig(
+        vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+    )  # fmt: skip
+    with saved_checkpoint(config) as (model, _):
+        model.save_pretrained(model_dir)
+    train_rows = [{"dialog": chat(f"what is {i}+{i}?", f"{2 * i}")} for i in range(8)]
+    train_rows.append({"dialog": None, "note": "no conversation"})  # a bad row
+    saved = tmp_path / "dict"
+    datasets.DatasetDict(
+        train=datasets.Dataset.from_list(train_rows),
+        test=datasets.Dataset.from_list([{"dialog": chat("what is 9+9?", "18"), "note": None}]),
+    ).save_to_disk(saved)
+    result = train_lib.train(
+        TrainConfig(
+            model=str(model_dir),
+            data=str(saved),
+            eval_split="test",
+            columns=("messages=dialog",),
+            num_proc=2,
+            on_bad_row="skip",
+            mode="lora",
+            max_steps=2,
+            batch_size=2,
+            grad_accum=1,
+            max_seq_length=64,
+            out=str(tmp_path / "run"),
+            progress=False,
+            cache_dir=str(tmp_path / "cache"),
+        )  # fmt: skip
+    )
+    assert result.step == 2 and result.eval_losses and math.isfinite(result.eval_losses[-1][1])
+    printed = capsys.readouterr().out
+    assert "8 training examples" in printed and "1 bad row(s) skipped" in printed
+    assert "1 held-out examples" in printed
