@@ -13,9 +13,9 @@ transformers (BitsAndBytesConfig NF4 double quant with bf16 compute, and bf16; S
 - step time (decode only: (T(256) - T(1)) / 255) and the fraction of the weight-reading limit:
   bytes of weights read per step / step time / 4.3 TB/s (the H200's measured copy bandwidth;
   an untied embedding table is not counted: a step reads one row of it).
-With --linears: the decode linears alone (CUDA-graph medians), fnlm's NF4 GEMV in each variant of
---gemv-variants beside dequantize + matmul, bitsandbytes (when installed) and bf16, in µs, GB/s
-and % of the 4.8 TB/s HBM peak. --gemv-variants fixup,sweep also runs every other part once per
+With --linears: the decode linears alone (CUDA-graph timings), fnlm's NF4 GEMV in each variant
+of --gemv-variants (fixup, sweep, tuned; the tuned choices printed) beside dequantize + matmul,
+bitsandbytes (when installed) and bf16, in µs, GB/s and % of the 4.8 TB/s HBM peak. --gemv-variants fixup,sweep also runs every other part once per
 NF4 GEMV variant (FNLM_NF4_GEMV; kept graphs dropped between), keyed "<model> <quant> <variant>".
 With --parts first-call (issue 19): a repeat call's time against the first call at a new prompt
 length in the same prompt and cache-length buckets, at a new prompt bucket and at a new cache
@@ -351,6 +351,13 @@ def bench_linears(name: str, variants: list[str]) -> dict:
             print(f"  {label} {n_out}x{n_in} batch {batch}: " + ", ".join(
                 f"{k} {v['us']:.1f}us {v['GB/s']:.0f}GB/s {100 * v['hbm']:.0f}%"
                 for k, v in row.items()), flush=True)  # fmt: skip
+    if "tuned" in variants:  # what the timed choice picked, per shape and rows
+        from fnlm.kernels.nf4_gemv import tuned_configs
+
+        for (n_out, n_in, rows, *_), config in tuned_configs().items():
+            results[f"tuned {n_out}x{n_in} b{rows}"] = list(config)
+            print(f"  tuned {n_out}x{n_in} batch {rows}: (rows, blocks/step, warps, splits) "
+                  f"{config}", flush=True)  # fmt: skip
     # the GEMV kernel's own tile sweep: scripts/bench_quant.py --gemv-only --sweep
     return results
 
@@ -433,16 +440,16 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="profile one prefill and one step")
     parser.add_argument(
         "--parts",
-        type=lambda s: s.split(","),
+        type=lambda s: [part for part in s.split(",") if part],
         default=["fnlm", "transformers"],
-        help="comma list of fnlm, transformers, first-call, serve",
+        help="comma list of fnlm, transformers, first-call, serve (empty: --linears alone)",
     )
     parser.add_argument("--serve-streams", type=int, default=32)
     parser.add_argument(
         "--gemv-variants",
         type=lambda s: s.split(","),
         default=None,
-        help="comma list of NF4 GEMV variants (fixup, sweep) to run each part with; default: "
+        help="comma list of NF4 GEMV variants (fixup, sweep, tuned) to run each part with; default: "
         "FNLM_NF4_GEMV or fixup, one run",
     )
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "fnlm-bench")
@@ -466,6 +473,8 @@ def main() -> None:
     for name in models:
         if args.linears:
             results[f"{name} linears"] = bench_linears(name, variants)
+        if not args.parts:
+            continue
         directory = args.dir / name
         t = time.perf_counter()
         write_checkpoint(name, directory)

@@ -244,7 +244,7 @@ def test_nf4_gemv_variants_split_the_input_alike(splits, batch, monkeypatch):
 
 def test_nf4_gemv_tuned_variant_keeps_the_fastest_candidate(monkeypatch):
     """The "tuned" variant's bookkeeping (timings stood in): every candidate timed once per
-    shape, the fastest kept and reused, the "fixup" config first; candidates keep two steps of
+    shape, the fastest kept and reused, the "fixup" config first; candidates keep a step of
     blocks per split; while a graph is captured an untimed shape gets the first, unkept."""
     import importlib
 
@@ -252,8 +252,9 @@ def test_nf4_gemv_tuned_variant_keeps_the_fastest_candidate(monkeypatch):
     cpu = torch.device("cpu")
     candidates = module._candidates(4096, 4096, 1, cpu, 64)
     assert candidates[0] == module._fixup_config(4096, 4096, 1, cpu, 64)
-    for block_n, block_blocks, _, split_k in candidates[1:]:
-        assert block_n * block_blocks == 256 and (64 // split_k >= 2 * block_blocks or split_k == 1)
+    assert len(set(candidates)) == len(candidates) > 20
+    for _, block_blocks, _, split_k in candidates[1:]:  # every part a step of blocks or more
+        assert split_k == 1 or 64 // split_k >= block_blocks
     timed = []
     monkeypatch.setattr(module, "_time_on_device", lambda launch: timed.append(1) or launch())
     monkeypatch.setattr(module, "_TUNED", {})

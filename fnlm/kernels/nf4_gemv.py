@@ -5,13 +5,17 @@ possible weights are built once as byte tables and each packed word is looked up
 byte permutes; the weights are rounded to x's dtype as dequantize-then-matmul would see them, the
 products accumulated in fp32. Reached through `fnlm.kernels.nf4_gemv`.
 
-Two variants (FNLM_NF4_GEMV, read at each launch, or the launcher's `variant`):
-- "fixup" (default): the input features are split until every SM has about PROGRAMS_PER_SM
-  programs (a one-row GEMV is bound by the bytes each SM has in flight, not by issue, on the
-  8B's shapes with one program per SM), and the last program of each tile to finish sums the
-  splits' fp32 partials in split order and writes the rounded result (deterministic; no second
-  kernel, which cost more than the split gained before);
-- "sweep": the tiles of the 2026-12-03 H200 sweep, splits summed by torch after the kernel.
+Three variants (FNLM_NF4_GEMV, read at each launch, or the launcher's `variant`):
+- "fixup" (default): the input features are split until the SMs hold as many programs as fit
+  at once (RESIDENT_PROGRAMS; the sweep's tiles ran one program, 4 warps, per SM on the 8B's
+  shapes: one warp per scheduler cannot issue every cycle, hence "instruction-bound"), and the
+  last program of each tile to finish sums the splits' fp32 partials in split order and writes
+  the rounded result (deterministic; no second kernel, which cost more than a split gained);
+- "sweep": the tiles of the 2026-12-03 H200 sweep, splits summed by torch after the kernel;
+- "tuned": the "fixup" kernel with the tile and split timed on the device at the first launch of
+  each shape (outside CUDA-graph capture; ~40 candidates, CUDA-graph timings), kept for the
+  process (`tuned_configs`). Opt-in: the choice, and so the last bits of the sums, can differ
+  between processes.
 """
 
 import os
@@ -284,11 +288,12 @@ def _nf4_gemv_kernel(
 # Rows of x the GEMV kernel takes in one launch (it is meant for decode batches).
 GEMV_MAX_BATCH = 8
 
-GEMV_VARIANTS = ("fixup", "sweep")  # see the module docstring; FNLM_NF4_GEMV picks one
+GEMV_VARIANTS = ("fixup", "sweep", "tuned")  # see the module docstring; FNLM_NF4_GEMV picks one
 
-# "fixup": split the input features until the SMs hold about this many programs each (more warps
-# per SM, more weight bytes in flight), keeping at least two steps of blocks per split.
-PROGRAMS_PER_SM = 4
+# "fixup": programs of the sweep's tiles (4 warps) that fit on one SM at once, by their registers
+# per thread (ptxas for sm_90 through Triton 3.9: 161 at one row of x, 180-254 at 2-8 rows; an
+# SM has 65,536). The input is split until the programs fill the SMs that many times over.
+RESIDENT_PROGRAMS = {1: 3}  # rows of x -> programs per SM; 2 for more rows
 
 
 def gemv_variant(variant: str | None = None) -> str:
@@ -340,22 +345,82 @@ def _fixup_config(
     n_out: int, n_in: int, batch: int, device: torch.device, blocksize: int = 64
 ) -> tuple[int, int, int, int]:
     """The "fixup" variant's (rows per program, blocks per step, warps, splits): the sweep's
-    tiles, then the input split in two while the programs stay within PROGRAMS_PER_SM per SM
-    and every split keeps two steps or more (8B at one row: q/o 4096x4096 and down 4096x14336
-    split in 4, k/v 1024x4096 in 4, gate/up 14336x4096 in 2, lm_head 128256x4096 not at all)."""
+    tiles, the input split into as many parts as keep every program resident at once
+    (RESIDENT_PROGRAMS per SM: one wave, no tail), each part a step of blocks or more. On the
+    H200 at one row: 8B q/o 4096x4096 and down 4096x14336 in 3, k/v 1024x4096 in 8, gate/up
+    14336x4096 and the lm_head whole."""
     block_n, block_blocks, num_warps, _ = _gemv_config(n_out, n_in, batch, device, blocksize)
     if device.type != "cuda":
         return block_n, block_blocks, num_warps, 1
     row_blocks = n_in // blocksize
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     programs = triton.cdiv(n_out, block_n) * triton.cdiv(batch, GEMV_MAX_BATCH)
+    resident = RESIDENT_PROGRAMS.get(min(batch, GEMV_MAX_BATCH), 2) * sms
     split_k = 1
-    while (
-        programs * split_k * 2 <= PROGRAMS_PER_SM * sms
-        and row_blocks // (2 * split_k) >= 2 * block_blocks
-    ):
-        split_k *= 2
+    while programs * (split_k + 1) <= resident and row_blocks // (split_k + 1) >= block_blocks:
+        split_k += 1
     return block_n, block_blocks, num_warps, split_k
+
+
+# "tuned": (n_out, n_in, rows of x, dtype, double quantization, device) -> config
+_TUNED: dict[tuple, tuple[int, int, int, int]] = {}
+
+
+def tuned_configs() -> dict[tuple, tuple[int, int, int, int]]:
+    """The "tuned" variant's choices so far: (n_out, n_in, rows of x (at most GEMV_MAX_BATCH),
+    dtype, double quantization, device) -> (rows per program, blocks per step, warps, splits)."""
+    return dict(_TUNED)
+
+
+# "tuned" tiles (rows per program, blocks per step): the sweep's 256 blocks per step, and 128
+# (half the registers: 80 per thread at one row, so twice the programs per SM)
+TUNED_TILES = ((32, 8), (64, 4), (128, 2), (16, 8), (32, 4), (64, 2))
+TUNED_SPLITS = (1, 2, 3, 4, 6, 8, 12, 16)
+
+
+def _candidates(n_out: int, n_in: int, batch: int, device: torch.device, blocksize: int):
+    """The "tuned" variant's configs: the "fixup" one first, then every tile of TUNED_TILES at
+    every split of TUNED_SPLITS that leaves each part a step of blocks or more."""
+    row_blocks = n_in // blocksize
+    configs = [_fixup_config(n_out, n_in, batch, device, blocksize)]
+    for block_n, block_blocks in TUNED_TILES:
+        block_blocks = min(block_blocks, triton.next_power_of_2(row_blocks))
+        for split_k in TUNED_SPLITS:
+            config = (block_n, block_blocks, 4, split_k)
+            if (split_k == 1 or row_blocks // split_k >= block_blocks) and config not in configs:
+                configs.append(config)
+    return configs
+
+
+def _time_on_device(launch, calls: int = 10, replays: int = 3) -> float:
+    """Milliseconds per `launch()` on the GPU alone: `calls` launches captured in a CUDA graph
+    (the host's launch cost left out), replayed."""
+    launch()  # compiles
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            launch()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / (calls * replays)
+
+
+def _tuned_config(key: tuple, launch, candidates) -> tuple[int, int, int, int]:
+    """The fastest of `candidates` for `key`, timed once (`launch(config)`); while a CUDA graph
+    is being captured (no timing possible) an untimed shape gets the first candidate, unkept."""
+    if key in _TUNED:
+        return _TUNED[key]
+    if torch.cuda.is_current_stream_capturing():
+        return candidates[0]
+    times = {config: _time_on_device(lambda c=config: launch(c)) for config in candidates}
+    _TUNED[key] = min(times, key=times.get)
+    return _TUNED[key]
 
 
 def gemv_supported(x_dtype: torch.dtype, shape, blocksize: int) -> bool:
@@ -402,8 +467,8 @@ def nf4_gemv_fwd(
     """Launch the GEMV: x [batch, in] @ W.T (+ bias) -> [batch, out] in x's dtype (bf16 or fp16),
     W given as NF4 parts (see `dequantize_nf4`) with in % blocksize == 0 (`gemv_supported`). The
     weight is dequantized in registers, rounded to x's dtype first, as dequantize-then-matmul
-    would. `variant`: "fixup" or "sweep" (None: FNLM_NF4_GEMV, default "fixup"; see the module
-    docstring). `config` (rows per program, blocks per step, warps, splits) overrides the
+    would. `variant`: "fixup", "sweep" or "tuned" (None: FNLM_NF4_GEMV, default "fixup"; see
+    the module docstring). `config` (rows per program, blocks per step, warps, splits) overrides the
     variant's choice (benchmarks, tests). Raises ArgumentError otherwise."""
     check_gemv(x, shape, blocksize, nested_blocksize)
     variant = gemv_variant(variant)
@@ -413,16 +478,32 @@ def nf4_gemv_fwd(
     if x.stride(1) != 1 or x.stride(0) % 4 or x.data_ptr() % 8:
         x = x.contiguous()  # read 4 values at a time
     batch = x.shape[0]
-    y = torch.empty((batch, n_out), dtype=x.dtype, device=x.device)
-    if y.numel() == 0:
-        return y
+    if batch == 0 or n_out == 0:
+        return torch.empty((batch, n_out), dtype=x.dtype, device=x.device)
     nested_absmax, nested_code, offset, nested = _nested_args(
         absmax, nested_absmax, nested_code, offset
     )
-    choose = _fixup_config if variant == "fixup" else _gemv_config
-    block_n, block_blocks, num_warps, split_k = config or choose(
-        n_out, n_in, batch, x.device, blocksize
-    )
+    args = (x, packed, absmax, nested_absmax, nested_code, offset, nested, n_out, n_in,
+            blocksize, nested_blocksize, bias)  # fmt: skip
+    if config is None and variant == "tuned" and x.is_cuda:
+        key = (n_out, n_in, min(batch, GEMV_MAX_BATCH), x.dtype, nested, x.device)
+        candidates = _candidates(n_out, n_in, batch, x.device, blocksize)
+        config = _tuned_config(key, lambda c: _launch(*args, c, True), candidates)
+    if config is None:
+        choose = _gemv_config if variant == "sweep" else _fixup_config
+        config = choose(n_out, n_in, batch, x.device, blocksize)
+    return _launch(*args, config, variant != "sweep")
+
+
+def _launch(
+    x, packed, absmax, nested_absmax, nested_code, offset, nested, n_out, n_in, blocksize,
+    nested_blocksize, bias, config, in_kernel_sum: bool,
+) -> torch.Tensor:  # fmt: skip
+    """One launch of the kernel with `config`; splits summed in the kernel when
+    `in_kernel_sum`, else by torch after it."""
+    batch = x.shape[0]
+    y = torch.empty((batch, n_out), dtype=x.dtype, device=x.device)
+    block_n, block_blocks, num_warps, split_k = config
     block_b = triton.next_power_of_2(min(batch, GEMV_MAX_BATCH))
     row_blocks = n_in // blocksize
     blocks_per_split = triton.cdiv(triton.cdiv(row_blocks, split_k), block_blocks) * block_blocks
@@ -433,7 +514,7 @@ def nf4_gemv_fwd(
         else y
     )
     grid = (triton.cdiv(n_out, block_n), split_k, triton.cdiv(batch, block_b))
-    fixup = split_k > 1 and variant == "fixup"
+    fixup = split_k > 1 and in_kernel_sum
     # a zeroed count per tile (one small fill); unread without the fixup
     arrived = torch.zeros(grid[0] * grid[2], dtype=torch.int32, device=x.device) if fixup else y
     _nf4_gemv_kernel[grid](
