@@ -49,7 +49,9 @@ def runs(tmp_path_factory):
         one = one_process("one")
         one_process("one-half", max_steps=2, distributed="fsdp")
         jobs = [
-            (run_config(tmp / "two", **COMMON, grad_accum=2, distributed="fsdp"), None),
+            # checkpointing: the backward recomputes each layer through weights gathered again
+            (run_config(tmp / "two", **COMMON, grad_accum=2, distributed="fsdp",
+                        checkpointing="layer"), None),
             (run_config(tmp / "two-resumed", **COMMON, grad_accum=2, distributed="fsdp",
                         resume=str(tmp / "one-half" / "checkpoint-2")), None),
             (run_config(tmp / "failing", **COMMON, grad_accum=2, distributed="fsdp"), 1),
@@ -69,9 +71,10 @@ def runs(tmp_path_factory):
 
 
 def test_two_sharded_ranks_equal_one_unsharded_process(runs):
-    """2 ranks x grad_accum 2 with FSDP2 == 1 process x grad_accum 4 without: losses, eval losses
-    (each rank evaluates its share of the held-out batches) and the exported model, whose files
-    are those of the single-process run."""
+    """2 ranks x grad_accum 2 with FSDP2 (and activation checkpointing, whose recomputation
+    gathers each layer again) == 1 process x grad_accum 4 without: losses, eval losses (each rank
+    evaluates its share of the held-out batches) and the exported model, whose files are those of
+    the single-process run."""
     tmp, one, (rank0, rank1) = runs["tmp"], runs["one"], runs["reports"]
     assert rank0[0]["losses"] == rank1[0]["losses"]
     assert_losses_close(rank0[0]["losses"], one.losses)
