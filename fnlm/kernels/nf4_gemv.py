@@ -555,34 +555,14 @@ def nf4_gemv_op(
 ) -> torch.Tensor:
     """Triton NF4 GEMV as a custom op (see `nf4_gemv_fwd`)."""
     return nf4_gemv_fwd(
-        x,
-        packed,
-        absmax,
-        code,
-        nested_absmax,
-        nested_code,
-        offset,
-        shape,
-        blocksize,
-        nested_blocksize,
-        bias,
-    )
+        x, packed, absmax, code, nested_absmax, nested_code, offset, shape, blocksize,
+        nested_blocksize, bias,
+    )  # fmt: skip
 
 
 @nf4_gemv_op.register_fake
-def _(
-    x,
-    packed,
-    absmax,
-    code,
-    nested_absmax,
-    nested_code,
-    offset,
-    shape,
-    blocksize,
-    nested_blocksize,
-    bias,
-):
+def _(x, packed, absmax, code, nested_absmax, nested_code, offset, shape, blocksize,
+      nested_blocksize, bias):  # fmt: skip
     return x.new_empty((x.shape[0], shape[0]))
 
 
