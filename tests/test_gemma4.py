@@ -81,7 +81,14 @@ def gemma4_configs(draw, moe: bool | None = None) -> transformers.Gemma4TextConf
         rms_norm_eps=draw(st.sampled_from([1e-6, 1e-5])),
         tie_word_embeddings=draw(st.booleans()),
         rope_parameters={
-            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+            "sliding_attention": draw(
+                st.sampled_from(
+                    [
+                        {"rope_type": "default", "rope_theta": 10_000.0},
+                        {"rope_type": "linear", "factor": 2.0, "rope_theta": 100.0},
+                    ]
+                )
+            ),
             "full_attention": {
                 "rope_type": "proportional",
                 "partial_rotary_factor": draw(st.sampled_from([0.25, 0.5, 1.0])),

@@ -30,7 +30,7 @@ import functools
 import json
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -78,7 +78,7 @@ class Layout:
     mlp_sizes: tuple[int, ...]
     per_layer_size: int  # PLE width P (0: no per-layer inputs)
     per_layer_vocab: int
-    rope: tuple  # frozen {layer type: rope parameters}
+    rope: dict = field(compare=False)  # {layer type: transformers' rope parameters}
 
     def shared(self, layer: int) -> bool:
         return self.kv_source[layer] != layer
@@ -151,7 +151,7 @@ def make_layout(hf: dict) -> Layout:
         mlp_sizes=tuple(size * (2 if wide and i >= first_shared else 1) for i in range(n)),
         per_layer_size=per_layer,
         per_layer_vocab=hf.get("vocab_size_per_layer_input") or hf["vocab_size"],
-        rope=freeze(rope),
+        rope={t: dict(rope[t]) for t in set(types)},
     )
 
 
@@ -322,8 +322,7 @@ def rope_for(
     lay = layout(config)
     layer = config.layer_types.index(layer_type)
     dim = lay.head_dims[layer]
-    rope = dict(dict(lay.rope)[layer_type])
-    rope = {k: (dict(v) if isinstance(v, tuple) else v) for k, v in rope.items()}
+    rope = dict(lay.rope[layer_type])
     theta = float(rope.pop("rope_theta", 10_000.0))
     if rope.get("rope_type", "default") != "proportional":
         factor = float(rope.pop("partial_rotary_factor", 1.0))
