@@ -182,7 +182,8 @@ def prepare_run_dir(config: TrainConfig) -> Path | None:
             return Path(config.resume)
         if checkpoints:
             return checkpoints[-1]
-        print(f"fnlm.train: no checkpoint in {run_dir} to resume from; starting fresh")
+        if distributed.is_main():  # one process speaks for all under torchrun
+            print(f"fnlm.train: no checkpoint in {run_dir} to resume from; starting fresh")
     if config.overwrite:
         return None
     if checkpoints:
@@ -254,7 +255,8 @@ def prepare_data(config: TrainConfig, tokenizer, data, eval_data):
         eval_data = data_lib.prepare(config.data, tokenizer, split=config.eval_split, **options)
     elif eval_data is None and config.eval_fraction:
         data, eval_data = data.split(config.eval_fraction, config.seed)
-    report_data(data, eval_data)
+    if distributed.is_main():
+        report_data(data, eval_data)
     return data, eval_data
 
 
@@ -290,7 +292,8 @@ def start(config: TrainConfig, *, params=None, tokenizer=None, lora=None, data=N
         data, eval_data = prepare_data(config, tokenizer, data, eval_data)
     else:
         data, eval_data = method.prepare(config, tokenizer, data, eval_data)
-        report_data(data, eval_data)
+        if distributed.is_main():
+            report_data(data, eval_data)
 
     full = config.mode == "full"
     if not full and lora is None:
@@ -361,7 +364,8 @@ def start(config: TrainConfig, *, params=None, tokenizer=None, lora=None, data=N
         if main:
             truncate_metrics(run.metrics_path, run.step)
         changed = apply_changed_options(run, saved_options(state, run_dir), options)
-        print(f"fnlm.train: resumed from {resume_from} (step {run.step}){changed}")
+        if main:
+            print(f"fnlm.train: resumed from {resume_from} (step {run.step}){changed}")
     else:
         if config.overwrite and main:
             run.replaced = replace_contents(run_dir)
