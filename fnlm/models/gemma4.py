@@ -1,4 +1,7 @@
-"""Gemma 4 (text; and the text tower of the multimodal checkpoints, through fnlm.models.multimodal).
+"""Gemma 4 (text model; the multimodal checkpoint's text tower through fnlm.models.multimodal):
+Gemma 3's block with per-layer input embeddings, keys and values shared across the last layers,
+global layers with their own head size, kv heads, k = v and proportional rope, and an optional
+mixture-of-experts block beside each MLP.
 
 Gemma 3's block (q/k RMSNorm, pre- and post-norms, sliding layers with a global one every few)
 with these differences, all from transformers' `modeling_gemma4`:
