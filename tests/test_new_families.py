@@ -107,6 +107,35 @@ NEW_FLAG_CASES = [
         ),
     ),
 ]
+# Qwen3.5 (tests/test_qwen3_5.py draws more): DeltaNet layers around gated full attention
+QWEN3_5 = dict(
+    BASE, num_hidden_layers=3, attention_bias=True, linear_num_key_heads=2,
+    linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=16,
+    linear_conv_kernel_dim=4, layer_types=["linear_attention", "full_attention", "linear_attention"],
+    rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5},
+)  # fmt: skip
+QWEN3_5_MOE = dict(
+    {k: v for k, v in QWEN3_5.items() if k != "intermediate_size"}, num_experts=4,
+    num_experts_per_tok=2, moe_intermediate_size=24, shared_expert_intermediate_size=16,
+)  # fmt: skip
+
+
+def qwen3_5(kind, text):
+    """A multimodal Qwen3.5 config (a one-block vision tower) around `text`."""
+    config = kind(text_config=text, vision_config=dict(depth=1, hidden_size=16, num_heads=2))
+    config.vocab_size = text["vocab_size"]
+    return config
+
+
+NEW_FLAG_CASES += [
+    ("qwen3_5_text-deltanet_gated_attention", lambda: transformers.Qwen3_5TextConfig(**QWEN3_5)),
+    (
+        "qwen3_5_moe_text-deltanet_shared_expert",
+        lambda: transformers.Qwen3_5MoeTextConfig(**QWEN3_5_MOE),
+    ),
+    ("qwen3_5-text_tower", lambda: qwen3_5(transformers.Qwen3_5Config, QWEN3_5)),
+    ("qwen3_5_moe-text_tower", lambda: qwen3_5(transformers.Qwen3_5MoeConfig, QWEN3_5_MOE)),
+]
 CASES = dict(NEW_FLAG_CASES)
 
 

@@ -8,10 +8,7 @@ dt_bias, which fnlm refuses (LoraError) rather than silently train fewer."""
 
 from __future__ import annotations
 
-import tempfile
 import warnings
-from contextlib import contextmanager
-from pathlib import Path
 
 import peft
 import pytest
@@ -23,7 +20,7 @@ from hypothesis import strategies as st
 import fnlm
 from fnlm.errors import ArgumentError, LoraError
 from fnlm.generate import generate_tokens, step
-from tests.models import FP32_REL_TOL, build_model, max_rel_error
+from tests.models import FP32_REL_TOL, max_rel_error, saved_checkpoint
 from tests.test_generate import prompt_batches, reference_generate
 from tests.test_lora import randomize_fnlm, read_adapter
 from tests.test_train import random_data, reference_run, rel_close, run_config
@@ -39,11 +36,7 @@ FAMILIES = pytest.mark.parametrize("model_type", ["qwen3_5_text", "qwen3_5_moe_t
 TEXT_AND_TOWER = pytest.mark.parametrize(
     "model_type", ["qwen3_5_text", "qwen3_5_moe_text", "qwen3_5", "qwen3_5_moe"]
 )
-# the multimodal checkpoints' model types -> their transformers classes
-MULTIMODAL = {
-    "qwen3_5": "Qwen3_5ForConditionalGeneration",
-    "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration",
-}
+# fnlm's names of the DeltaNet projections (peft's: in_proj_qkv, in_proj_z, ..., out_proj)
 LINEAR_TARGETS = ["in_qkv", "in_z", "in_b", "in_a", "out"]
 
 
@@ -115,42 +108,6 @@ def hf_configs(draw, model_type: str):
     )
     config.vocab_size = fields["vocab_size"]
     return config
-
-
-def text_model(model):
-    """The multimodal model's language model as Qwen3_5ForCausalLM with the same weights (what
-    fnlm's text-tower params, adapters and exports are tested against); a text model as it is."""
-    if model.config.model_type not in MULTIMODAL:
-        return model
-    config = model.config.get_text_config()
-    config.tie_word_embeddings = model.config.tie_word_embeddings
-    text = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    prefix = "model.language_model."
-    state = {
-        ("model." + k[len(prefix) :] if k.startswith(prefix) else k): v
-        for k, v in model.state_dict().items()
-        if k.startswith(prefix) or k == "lm_head.weight"
-    }
-    text.load_state_dict(state, strict=True)
-    return text.eval()
-
-
-@contextmanager
-def saved_checkpoint(config, seed: int = 0):
-    """(model, directory), as tests.models.saved_checkpoint; the multimodal checkpoint is built as
-    Qwen3_5ForConditionalGeneration (vision tower included) and its model is the text model."""
-    if config.model_type in MULTIMODAL:
-        torch.manual_seed(seed)
-        model = getattr(transformers, MULTIMODAL[config.model_type])(config).float().eval()
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "norm" in name or name.endswith("bias"):
-                    p.add_(torch.randn_like(p) * 0.1)
-    else:
-        model = build_model(config, seed)
-    with tempfile.TemporaryDirectory() as d:
-        model.save_pretrained(d)
-        yield text_model(model), Path(d)
 
 
 def load_fp32(directory):
@@ -270,6 +227,8 @@ def test_saved_adapter_loads_in_peft_with_same_logits_qwen3_5(model_type, data, 
     names = ["q", "k", "v", "o", *LINEAR_TARGETS]
     targets = data.draw(st.lists(st.sampled_from(names), min_size=1, unique=True))
     targets += data.draw(st.sampled_from([["in_qkv"], ["out_proj"], []]))  # linear layers adapted
+    if "moe" in model_type:  # expert stacks and router: peft's target_parameters
+        targets += data.draw(st.sampled_from([[], ["experts.gate_up", "experts.down", "router"]]))
     bias = data.draw(st.sampled_from(["none", "lora_only"]))
     out = tmp_path_factory.mktemp("adapter")
     with saved_checkpoint(config) as (model, directory):

@@ -169,7 +169,7 @@ def linear_attention(
         previous = kv[0].to(mixed.dtype)
     window = torch.cat([previous, mixed], dim=-1).to(weight.dtype)
     if kv is not None:
-        kv[0].copy_(window[..., -(n.conv_kernel - 1) :])
+        kv[0].copy_(window[..., window.shape[-1] - (n.conv_kernel - 1) :])
     mixed = F.conv1d(window, weight[:, None, :], groups=n.conv_dim)
     mixed = F.silu(mixed).to(x.dtype).transpose(1, 2)  # [batch, seq, conv_dim]
     key = n.key_heads * n.key_dim
