@@ -200,7 +200,10 @@ def stop_sharded_step(failure: BaseException) -> None:
         ) from failure
     with contextlib.suppress(Exception):
         store.set(f"{FAILURE_KEY}{rank()}", f"{type(failure).__name__}: {failure}")
-    dist.destroy_process_group()
+    if dist.get_backend() == "nccl":  # a graceful destroy could wait on the stalled collectives
+        dist.distributed_c10d._abort_process_group()
+    else:
+        dist.destroy_process_group()
     raise failure
 
 
