@@ -9,9 +9,14 @@ replay; one all-reduce per optimizer step (after gradient accumulation, outside 
 what DDP with `no_sync` over the accumulation would do, minus the overlap with backward, which
 for adapter gradients (megabytes, not gigabytes) costs little.
 
+Full fine-tuning with distributed="fsdp" is sharded by `fnlm.train.fsdp`: FSDP2 reduce-scatters
+the gradients inside the backward, `reduce_step` then carries only the loss and the failure flag,
+and `clip_grad_norm` takes the DTensor shards.
+
 A rank that raises inside a step does not leave the others waiting: its failure flag travels in
 the same all-reduce as the gradients, every rank then learns which rank failed and why, and all
-raise. A rank that dies outside a step is torchrun's (or mp.spawn's) to stop: it ends the other
+raise (under FSDP, whose collectives run inside the step, see `stop_sharded_step`). A rank that
+dies outside a step is torchrun's (or mp.spawn's) to stop: it ends the other
 workers when one exits with an error; the process group's timeout is the last resort.
 """
 
