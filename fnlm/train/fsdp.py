@@ -126,7 +126,7 @@ class ShardedModel(_Tree):
                 param_dtype=cast,
                 reduce_dtype=None if cast is None else torch.float32,
                 cast_forward_inputs=False,
-            ),  # fmt: skip
+            ),
             offload_policy=CPUOffloadPolicy() if offload else OffloadPolicy(),
         )
         self.layers = nn.ModuleList()
