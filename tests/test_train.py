@@ -476,14 +476,18 @@ def test_offload_on_cuda_matches_and_keeps_less_on_the_device(tmp_path):
         params = load_params(
             directory, read_config(directory), dtype=torch.float32, device=torch.device("cuda")
         )
-        for mode in ("none", "layer", "offload"):
+        for mode, graphs in (("none", False), ("layer", False), ("offload", False),
+                             ("offload", True)):  # fmt: skip
             torch.cuda.reset_peak_memory_stats()
             result = train_lib.train(
-                run_config(tmp_path / mode, max_steps=3, checkpointing=mode, batch_size=2,
-                           grad_accum=1, max_seq_length=1024, compile=False),
+                run_config(tmp_path / f"{mode}-{graphs}", max_steps=3, checkpointing=mode,
+                           batch_size=2, grad_accum=1, max_seq_length=1024, compile=False,
+                           cuda_graphs=graphs),
                 params=params, data=data,
             )  # fmt: skip
-            runs[mode] = (result.losses, torch.cuda.max_memory_allocated())
-    for mode in ("layer", "offload"):
-        assert rel_close(runs[mode][0], runs["none"][0], FP32_REL_TOL), mode
-    assert runs["offload"][1] < runs["layer"][1] < runs["none"][1]
+            runs[mode, graphs] = (result.losses, torch.cuda.max_memory_allocated())
+    for key in (("layer", False), ("offload", False), ("offload", True)):
+        assert rel_close(runs[key][0], runs["none", False][0], FP32_REL_TOL), key
+    # eager memory: the graphs' pools hold a tiny model's few MiB of layer inputs among larger
+    # blocks (the 8B's saving under graphs is in docs/benchmarks.md: 8.02 -> 6.89 GiB)
+    assert runs["offload", False][1] < runs["layer", False][1] < runs["none", False][1]
