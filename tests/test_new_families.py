@@ -136,6 +136,30 @@ NEW_FLAG_CASES += [
     ("qwen3_5-text_tower", lambda: qwen3_5(transformers.Qwen3_5Config, QWEN3_5)),
     ("qwen3_5_moe-text_tower", lambda: qwen3_5(transformers.Qwen3_5MoeConfig, QWEN3_5_MOE)),
 ]
+# Gemma 4 (tests/test_gemma4.py draws more): per-layer inputs, KV sharing with a double-wide MLP,
+# global layers with their own head size and k = v, proportional rope, the MoE block
+GEMMA4 = dict(
+    BASE, num_hidden_layers=3, global_head_dim=16, attention_k_eq_v=True,
+    num_global_key_value_heads=1, sliding_window=3, num_kv_shared_layers=1,
+    layer_types=["sliding_attention", "full_attention", "full_attention"],
+    use_double_wide_mlp=True, hidden_size_per_layer_input=8, vocab_size_per_layer_input=96,
+    enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=16,
+    final_logit_softcapping=3.0, pad_token_id=0,
+)  # fmt: skip
+GEMMA4_VISION = dict(GEMMA3_VISION, num_key_value_heads=2, head_dim=8, patch_size=4)
+
+
+def gemma4() -> transformers.Gemma4Config:
+    """A multimodal Gemma 4 config (a one-layer vision tower) around GEMMA4."""
+    config = transformers.Gemma4Config(text_config=GEMMA4, vision_config=GEMMA4_VISION)
+    config.vocab_size = GEMMA4["vocab_size"]
+    return config
+
+
+NEW_FLAG_CASES += [
+    ("gemma4_text-ple_shared_kv_k_eq_v_moe", lambda: transformers.Gemma4TextConfig(**GEMMA4)),
+    ("gemma4-text_tower", gemma4),
+]
 CASES = dict(NEW_FLAG_CASES)
 
 
