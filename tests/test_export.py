@@ -141,7 +141,7 @@ def test_smollm2_merged_with_tokenizer(smol, tmp_path):
 def test_smollm2_gguf_f16_in_transformers_and_fnlm(smol, tmp_path):
     params, tok = smol
     path = fnlm.save(tmp_path, params, tok, format="gguf", gguf_type="f16")
-    assert path == tmp_path / "model-f16.gguf" and file_names(tmp_path) == [path.name]
+    assert path == tmp_path / "model-f16.gguf" and file_names(tmp_path) == ["Modelfile", path.name]
     tokens = torch.tensor([tok.encode(SMOL_TEXT)])
     read_back, tok_back = load_fp32(path)
     assert tok_back.encode(SMOL_TEXT) == tok.encode(SMOL_TEXT)
@@ -361,13 +361,12 @@ def test_gguf_tokenizer_llama_cpp_would_read_otherwise(tmp_path, tokenizers):
 
 def test_gguf_refuses_what_it_cannot_hold(tmp_path, tokenizers):
     tok = tokenizers["byte_level"]
-    gemma = transformers.GemmaConfig(
-        vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+    falcon = transformers.FalconConfig(
+        vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
     )  # fmt: skip
-    with saved_checkpoint(gemma) as (_, directory):
+    with saved_checkpoint(falcon) as (_, directory):
         params, _ = load_fp32(directory)
-    with pytest.raises(ExportError, match="GGUF export supports llama, mistral, qwen2, qwen3"):
+    with pytest.raises(ExportError, match=r"GGUF export supports .*gemma.*; falcon is not one"):
         fnlm.save(tmp_path, params, tok, format="gguf")
     with pytest.raises(ArgumentError, match="needs tok="):
         fnlm.save(tmp_path, params, format="gguf")
@@ -593,10 +592,13 @@ def test_k_quant_gguf_is_made_by_llama_quantize(tiny, tmp_path, monkeypatch):
     f16, kind = path.read_text().split("\n")
     assert path == out / "model-q5_k_m.gguf" and kind == "Q5_K_M"
     assert not Path(f16).exists()  # the f16 hand-off file is removed
-    assert sorted(p.name for p in out.iterdir()) == ["model-q5_k_m.gguf"]
+    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "model-q5_k_m.gguf"]
     with pytest.raises(ExportError, match=r"(?s)failed to make q6_k .*no space left"):
         fnlm.save(out, params, tok, format="gguf", gguf_type="q6_k", overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == ["model-q5_k_m.gguf"]  # nothing partial
+    assert sorted(p.name for p in out.iterdir()) == [
+        "Modelfile",
+        "model-q5_k_m.gguf",
+    ]  # nothing partial
 
 
 def test_k_quant_without_llama_quantize_says_what_to_do(tiny, tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ own (pretokenizers.py), so llama.cpp cuts text into the same tokens fnlm does.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import warnings
@@ -23,62 +24,77 @@ import torch
 
 from fnlm.config import ModelConfig
 from fnlm.errors import ExportError
+from fnlm.gguf.archs import ARCHITECTURES, Arch, problems
 from fnlm.gguf.pretokenizers import pre_tokenizer_name
-from fnlm.gguf.read import GLOBAL_TENSORS, LAYER_TENSORS, ROPE_FREQS, llama3_factors
+from fnlm.gguf.read import ROPE_FREQS, llama3_factors
 
 if TYPE_CHECKING:
     from fnlm.export import MergedWeights
 
 GGUF_TYPES = ("f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
 
-# HF model_type -> GGUF architecture (llama.cpp runs Mistral as llama).
-GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+# HF model_type -> GGUF architecture (llama.cpp runs Mistral and Mixtral as llama).
+GGUF_ARCHITECTURES = {model_type: arch.name for model_type, arch in ARCHITECTURES.items()}
 # llama.cpp's file types, for general.file_type
 _FILE_TYPES = {"f16": 1, "bf16": 32, "q8_0": 7, "q5_1": 9, "q5_0": 8, "q4_1": 3, "q4_0": 2}
-_HF_TO_GGUF = {hf: g for g, hf in GLOBAL_TENSORS.items()}
-_PART_TO_GGUF = {hf: g for g, hf in LAYER_TENSORS.items()}
+# llama.cpp's converter keeps the MoE routers in F32 whatever the file type
+_F32_MATRICES = ("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight")
 # ggml token types
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 
-def check_gguf_support(config: ModelConfig) -> None:
-    """Refuse what the GGUF architectures readers know cannot express; warn about a window."""
-    arch = GGUF_ARCHITECTURES.get(config.model_type)
+def gguf_arch(config: ModelConfig) -> Arch:
+    """The llama.cpp architecture of `config`'s family; ExportError naming the supported ones."""
+    arch = ARCHITECTURES.get(config.model_type)
     if arch is None:
         raise ExportError(
-            f"GGUF export supports {', '.join(sorted(GGUF_ARCHITECTURES))}; "
-            f"{config.model_type} is not one of them (export format='merged' instead)"
+            f"GGUF export supports {', '.join(sorted(ARCHITECTURES))}; {config.model_type} is not "
+            "one of them (llama.cpp has no architecture fnlm writes it as); export "
+            "format='merged' instead"
         )
-    problems = []
-    if config.mlp_bias:
-        problems.append("MLP biases")
-    if config.partial_rotary_factor != 1.0:
-        problems.append(f"partial rotary (factor {config.partial_rotary_factor})")
-    if config.rope.get("rope_type", "default") not in ("default", "linear", "llama3") or (
-        config.rope.get("rope_type") == "llama3" and arch != "llama"
-    ):
-        problems.append(f"rope scaling {config.rope.get('rope_type')!r}")
-    if problems:
+    return arch
+
+
+def check_gguf_support(config: ModelConfig) -> None:
+    """Refuse what the model's llama.cpp architecture would compute differently (fnlm.gguf.archs);
+    warn about a sliding window the architecture does not apply."""
+    arch = gguf_arch(config)
+    found = problems(config, arch)
+    if found:
         raise ExportError(
-            f"GGUF export of this {config.model_type} model: {', '.join(problems)} cannot be written "
-            f"to the {arch} GGUF architecture; export format='merged' instead"
+            f"GGUF export of this {config.model_type} model: {'; '.join(found)} cannot be "
+            f"written to the {arch.name} GGUF architecture; export format='merged' instead"
         )
-    if config.sliding_window is not None:
+    if config.sliding_window is not None and not arch.sliding_window:
         warnings.warn(
-            f"GGUF {arch} has no sliding window: readers of the file attend over the whole context, "
+            f"GGUF {arch.name} has no sliding window: llama.cpp attends over the whole context, "
             f"so outputs differ from this model's beyond {config.sliding_window} tokens",
             stacklevel=3,
         )
 
 
-def gguf_name(hf_name: str) -> str:
-    """Inverse of fnlm.gguf's tensor-name map: "model.layers.3.mlp.up_proj.weight" -> "blk.3.ffn_up.weight"."""
-    if hf_name in _HF_TO_GGUF:
-        return _HF_TO_GGUF[hf_name]
-    match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", hf_name)
-    if match and match.group(2) in _PART_TO_GGUF:
-        return f"blk.{match.group(1)}.{_PART_TO_GGUF[match.group(2)]}.{match.group(3)}"
-    raise ExportError(f"tensor {hf_name} has no GGUF name")
+def gguf_name(hf_name: str, config: ModelConfig) -> str:
+    """The GGUF name of a checkpoint tensor of `config`'s family, by the gguf package's map (the
+    one llama.cpp's converter uses): "model.layers.3.mlp.up_proj.weight" -> "blk.3.ffn_up.weight".
+    A per-expert name maps to its stack: "...mlp.experts.5.up_proj.weight" -> "blk.3.ffn_up_exps.weight"."""
+    arch = gguf_arch(config)
+    merged = re.sub(r"\.experts\.\d+\.", ".experts.", hf_name)
+    mapping = _name_map(arch.name, config.num_layers)
+    name = mapping.get_name(merged, try_suffixes=(".weight", ".bias"))
+    if name is None:
+        raise ExportError(
+            f"tensor {hf_name} has no name in llama.cpp's {arch.name} architecture (the gguf "
+            "package's tensor map); export format='merged' instead"
+        )
+    return name
+
+
+@functools.cache
+def _name_map(arch_name: str, num_layers: int):
+    import gguf
+
+    kind = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch_name)
+    return gguf.get_tensor_name_map(kind, num_layers)
 
 
 def _gguf_tensor_type(shape: tuple[int, ...], name: str, gguf_type: str):
@@ -88,7 +104,7 @@ def _gguf_tensor_type(shape: tuple[int, ...], name: str, gguf_type: str):
     from gguf import GGML_QUANT_SIZES
     from gguf import GGMLQuantizationType as Q
 
-    if len(shape) < 2:
+    if len(shape) < 2 or name.endswith(("norm.weight", "norm.bias", *_F32_MATRICES)):
         return Q.F32
     kind = {"f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q5_1": Q.Q5_1, "q5_0": Q.Q5_0,
             "q4_1": Q.Q4_1, "q4_0": Q.Q4_0}[gguf_type]  # fmt: skip
@@ -120,17 +136,19 @@ def write_gguf(path: Path, weights: MergedWeights, tok, gguf_type: str) -> None:
     import gguf
 
     config = weights.config
-    arch = GGUF_ARCHITECTURES[config.model_type]
-    writer = gguf.GGUFWriter(path=None, arch=arch)
+    arch = gguf_arch(config)
+    writer = gguf.GGUFWriter(path=None, arch=arch.name)
     _gguf_model_metadata(writer, config, arch, gguf_type)
     _gguf_tokenizer_metadata(writer, tok, config.vocab_size)
 
     # (gguf name, ggml type, shape, producer of the fp32 tensor in llama.cpp's layout)
     plan: list[tuple[str, Any, tuple[int, ...], Callable[[], torch.Tensor]]] = []
-    for hf, (_, shape) in weights.names.items():
-        name = gguf_name(hf)
+    for name, sources in _gguf_tensors(weights).items():
+        shape = weights.names[sources[0]][1]
+        if len(sources) > 1 or ".experts." in sources[0]:  # experts stacked: [experts, out, in]
+            shape = (len(sources), *shape)
         kind = _gguf_tensor_type(shape, name, gguf_type)
-        plan.append((name, kind, shape, _gguf_producer(weights, hf)))
+        plan.append((name, kind, shape, _gguf_producer(weights, sources, arch)))
     if config.rope.get("rope_type") == "llama3":
         factors = llama3_rope_factors(config)
         plan.append((ROPE_FREQS, gguf.GGMLQuantizationType.F32, factors.shape, lambda: factors))
@@ -160,15 +178,36 @@ def _permute(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(heads, 2, rows // heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def _gguf_producer(weights: MergedWeights, hf: str) -> Callable[[], torch.Tensor]:
-    """The merged tensor `hf`, with llama's q / k rows permuted as llama.cpp stores them."""
+def _gguf_tensors(weights: MergedWeights) -> dict[str, list[str]]:
+    """GGUF name -> the checkpoint tensors it is made of (one, or each expert's in order)."""
+    tensors: dict[str, list[str]] = {}
+    for hf in weights.names:
+        tensors.setdefault(gguf_name(hf, weights.config), []).append(hf)
+    return tensors
+
+
+def _gguf_producer(
+    weights: MergedWeights, sources: list[str], arch: Arch
+) -> Callable[[], torch.Tensor]:
+    """The merged tensor in llama.cpp's layout: experts stacked; llama's q / k rows permuted;
+    Gemma's norms as 1 + w (llama.cpp's RMSNorm has no offset)."""
     config = weights.config
-    heads = {".self_attn.q_proj.": config.num_heads, ".self_attn.k_proj.": config.num_kv_heads}
-    permuted = GGUF_ARCHITECTURES[config.model_type] == "llama"
-    for part, count in heads.items():
-        if permuted and part in hf:
-            return lambda: _permute(weights(hf), count)
-    return lambda: weights(hf)
+    hf = sources[0]
+
+    def produce() -> torch.Tensor:
+        if len(sources) > 1 or ".experts." in hf:
+            tensor = torch.stack([weights(s) for s in sources])
+        else:
+            tensor = weights(hf)
+        if arch.permute_qk and ".self_attn.q_proj." in hf:
+            tensor = _permute(tensor, config.num_heads)
+        elif arch.permute_qk and ".self_attn.k_proj." in hf:
+            tensor = _permute(tensor, config.num_kv_heads)
+        if config.norm_offset and re.search(r"norm\.weight$", hf):
+            tensor = tensor + config.norm_offset
+        return tensor
+
+    return produce
 
 
 def llama3_rope_factors(config: ModelConfig) -> torch.Tensor:
@@ -184,7 +223,7 @@ def llama3_rope_factors(config: ModelConfig) -> torch.Tensor:
     return torch.from_numpy(factors.astype(np.float32))
 
 
-def _gguf_model_metadata(writer, config: ModelConfig, arch: str, gguf_type: str) -> None:
+def _gguf_model_metadata(writer, config: ModelConfig, arch: Arch, gguf_type: str) -> None:
     import gguf
 
     hf = config.hf_dict()
@@ -204,12 +243,32 @@ def _gguf_model_metadata(writer, config: ModelConfig, arch: str, gguf_type: str)
     writer.add_value_length(config.head_dim)
     writer.add_rope_dimension_count(config.rotary_dim)
     writer.add_rope_freq_base(config.rope_theta)
-    writer.add_layer_norm_rms_eps(config.norm_eps)
+    if config.norm_type == "layer":
+        writer.add_layer_norm_eps(config.norm_eps)
+    else:
+        writer.add_layer_norm_rms_eps(config.norm_eps)
     writer.add_vocab_size(config.vocab_size)
     rope = config.rope
     if rope.get("rope_type") == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(rope["factor"]))
+    if config.num_experts:
+        writer.add_expert_count(config.num_experts)
+        writer.add_expert_used_count(config.experts_per_token)
+        writer.add_expert_feed_forward_length(
+            config.moe_intermediate_size or config.intermediate_size
+        )
+    if config.shared_expert_size:
+        writer.add_expert_shared_feed_forward_length(config.shared_expert_size)
+    if arch.sliding_window and config.sliding_window is not None:
+        writer.add_sliding_window(config.sliding_window)
+        # the per-layer pattern itself, rather than the arch's default period
+        sliding = [t == "sliding_attention" for t in config.layer_types]
+        writer.add_sliding_window_pattern(sliding or [True] * config.num_layers)
+        if config.local_rope_theta is not None:
+            writer.add_rope_freq_base_swa(config.local_rope_theta)
+    if arch.metadata is not None:
+        arch.metadata(writer, config)
 
 
 def _gguf_tokenizer_metadata(writer, tok, vocab_size: int) -> None:
