@@ -31,6 +31,7 @@ from fnlm import files, models, quant
 from fnlm.config import ModelConfig
 from fnlm.errors import ArgumentError, ExportError, FnlmError
 from fnlm.gguf.kquant import K_QUANTS, llama_quantize, requantize
+from fnlm.gguf.ollama import modelfile
 from fnlm.gguf.read import save_streaming
 from fnlm.gguf.write import GGUF_TYPES as WRITTEN_GGUF_TYPES
 from fnlm.gguf.write import check_gguf_support, write_gguf
@@ -81,6 +82,7 @@ def save(
     shard_size: int | str = DEFAULT_SHARD_SIZE,
     base: str | os.PathLike | None = None,
     overwrite: bool = False,
+    ollama: bool = True,
 ) -> Path:
     """Write `params` (+ `lora`) and the tokenizer `tok` as `format`; returns what was written.
 
@@ -96,7 +98,10 @@ def save(
         F32; rows whose length is not a multiple of 32 stay F16), or the K-quants "q4_k_m" |
         "q5_k_m" | "q6_k", made by llama.cpp's llama-quantize from fnlm's f16 file (see
         fnlm.gguf.kquant; ExportError when the tool is not found). Llama / Mistral (as llama),
-        Qwen2, Qwen3, with their tokenizer and chat template. Needs `tok`.
+        Qwen2, Qwen3 and every family fnlm.gguf.archs lists, with their tokenizer and chat
+        template. Needs `tok`. With `ollama` (default), an Ollama Modelfile beside it
+        (`Modelfile` in `directory`, `<name>.Modelfile` beside a .gguf path; fnlm.gguf.ollama):
+        FROM the file, the chat template as a TEMPLATE, SYSTEM, and the stop tokens.
     base: the 16-bit checkpoint (directory or hub id) to merge into instead of dequantizing a
         quantized base; default `params.source` (recorded by fnlm.load) when it is a directory.
     overwrite: allow a target directory that is not empty (or an existing .gguf file).
@@ -133,8 +138,10 @@ def save(
     binary = llama_quantize() if gguf_type in K_QUANTS else None  # missing: fail before writing
     weights = MergedWeights(params, lora, base)
     target = _prepare_gguf_path(Path(directory), gguf_type, overwrite)
+    modelfile = _modelfile_path(Path(directory), target, overwrite) if ollama else None
     if binary is None:
         _write_file(target, lambda tmp: write_gguf(Path(tmp), weights, tok, gguf_type))
+        _write_modelfile(modelfile, target, tok)
         return target
 
     def write_k_quant(tmp: Path) -> None:
@@ -146,7 +153,22 @@ def save(
             f16.unlink(missing_ok=True)
 
     _write_file(target, write_k_quant)
+    _write_modelfile(modelfile, target, tok)
     return target
+
+
+def _modelfile_path(directory: Path, target: Path, overwrite: bool) -> Path:
+    path = target.parent / "Modelfile" if directory.suffix != ".gguf" else target.with_suffix(
+        ".Modelfile"
+    )  # fmt: skip
+    if path.exists() and not overwrite:
+        raise ExportError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
+    return path
+
+
+def _write_modelfile(path: Path | None, target: Path, tok) -> None:
+    if path is not None:
+        _write_text(path, modelfile(tok, target.name, add_bos=bool(tok.add_bos_token)))
 
 
 # ---------------------------------------------------------------------------------------------

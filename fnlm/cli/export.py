@@ -13,6 +13,7 @@ the adapter is merged tensor by tensor in fp32 and written in --dtype (default: 
 
   fnlm export --adapter runs/demo --out exports/merged                      # transformers
   fnlm export --adapter runs/demo --format gguf --gguf-type q8_0 --out exports/demo.gguf
+      (and exports/demo.Modelfile, for `ollama create demo -f exports/demo.Modelfile`)
   fnlm export --model Qwen/Qwen2.5-0.5B-Instruct --adapter runs/q --format adapter --out q-adapter"""
 
 
@@ -43,6 +44,12 @@ def add(commands, name: str) -> None:
         help="GGUF weight type (default: f16); q4_k_m, q5_k_m and q6_k are made by llama.cpp's "
         "llama-quantize from fnlm's f16 file (on PATH, $FNLM_LLAMA_QUANTIZE, or the build of "
         "scripts/build_llamacpp.sh)",
+    )  # fmt: skip
+    p.add_argument(
+        "--no-modelfile", action="store_true",
+        help="with --format gguf: do not write the Ollama Modelfile beside the file (written by "
+        "default: FROM the file, the chat template as its TEMPLATE, the stop tokens; then "
+        "`ollama create NAME -f Modelfile`)",
     )  # fmt: skip
     p.add_argument(
         "--shard-size", default=export.DEFAULT_SHARD_SIZE,
@@ -88,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
     written = save(
         args.out, params, tok, lora=lora, format=args.format, dtype=args.dtype,
         gguf_type=args.gguf_type, shard_size=args.shard_size, overwrite=args.overwrite,
+        ollama=not args.no_modelfile,
     )  # fmt: skip
     print(f"wrote {written}")
     return 0
