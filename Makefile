@@ -4,7 +4,7 @@
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: setup demo test lint
+.PHONY: setup demo demo-grpo test lint
 
 setup:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) torch==2.13.0
@@ -13,6 +13,9 @@ setup:
 
 demo: setup
 	$(PYTHON) scripts/demo.py
+
+demo-grpo: setup
+	$(PYTHON) scripts/demo_grpo.py
 
 test: setup
 	$(PYTHON) -m pytest -q -n 2 tests
