@@ -413,3 +413,16 @@ def test_triton_scan_in_the_model_qwen3_5_text(monkeypatch):
     assert torch.equal(loss, ref_loss)
     for ours, ref in zip(grads, ref_grads, strict=True):
         assert max_rel_error(ours, ref) <= 1e-5
+
+
+def test_mrope_parameters_are_plain_rope_for_text_qwen3_5_text():
+    """The multimodal rope's sections (rope_parameters or a transformers 4 rope_scaling of type
+    "mrope") give every section the same text position: plain rope, partial by default."""
+    base = transformers.Qwen3_5TextConfig(**TINY).to_dict()
+    sections = {"mrope_section": [2, 1, 1], "mrope_interleaved": True}
+    for hf in (
+        {**base, "rope_parameters": {**base["rope_parameters"], **sections}},
+        {**base, "rope_parameters": None, "rope_scaling": {"type": "mrope", **sections}},
+    ):
+        config = fnlm.models.config_from_hf(hf)
+        assert config.rope_scaling == () and config.rotary_dim == TINY["head_dim"] // 4

@@ -45,11 +45,14 @@ def layer_types(hf: dict) -> tuple[str, ...]:
 def translate(hf: dict, **overrides) -> ModelConfig:
     """The fields Qwen3.5 and Qwen3.5-MoE share; the MoE family passes its expert fields."""
     original = hf
-    rope = dict(hf.get("rope_parameters") or {})
+    rope, legacy = dict(hf.get("rope_parameters") or {}), dict(hf.get("rope_scaling") or {})
     for key in MROPE_KEYS:
         rope.pop(key, None)
+        legacy.pop(key, None)
+    if legacy.get("rope_type", legacy.get("type")) == "mrope":  # transformers 4's name for it
+        legacy = {}
     rope.setdefault("partial_rotary_factor", hf.get("partial_rotary_factor", 0.25))
-    hf = {**hf, "rope_parameters": rope}
+    hf = {**hf, "rope_parameters": rope, "rope_scaling": legacy or None}
     sizes = tuple(
         llama.require(hf, key)
         for key in (
