@@ -11,6 +11,8 @@ which is plain rope, so mrope_section / mrope_interleaved are dropped.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from fnlm.config import ModelConfig, hf_text
 from fnlm.models import llama
 from fnlm.models.deltanet import LINEAR
@@ -125,3 +127,9 @@ def cache_shape(config: ModelConfig, layer: int) -> tuple[int, int]:
     """(kv heads, head dim) of one layer's KV cache (fnlm.generate.init_cache): empty (head dim
     0) on the linear-attention layers, whose conv and recurrent states sit beside it."""
     return config.num_kv_heads, 0 if config.layer_types[layer] == LINEAR else config.head_dim
+
+
+def checkpoint_stream(stream: Iterator, config: ModelConfig) -> Iterator:
+    """The loader's (name, tensor, file) stream without the multi-token-prediction head
+    ("mtp.*"), which transformers ignores too (`_keys_to_ignore_on_load_unexpected`)."""
+    return ((name, t, file) for name, t, file in stream if not name.startswith("mtp."))

@@ -15,6 +15,7 @@ MODEL_TYPES = ("qwen3_5_moe_text",)
 PEFT_LAYER_ORDER = qwen3_5.PEFT_LAYER_ORDER
 PEFT_BIAS_ALL = qwen3_5.PEFT_BIAS_ALL
 cache_shape = qwen3_5.cache_shape
+checkpoint_stream = qwen3_5.checkpoint_stream
 # No PEFT_EXPERT_NAMES: transformers maps no conversion pattern to qwen3_5_moe_text itself, so
 # peft 0.21 adapts its shared expert as linear layers and reaches its experts only through
 # explicit target_parameters (as for Qwen2-MoE).
