@@ -32,7 +32,11 @@ def document_mask(segments: torch.Tensor, window: int | None) -> BlockMask:
         return allowed
 
     batch, seq = segments.shape
-    return create_block_mask(same_document, batch, None, seq, seq, device=segments.device)
+    # compiled on CUDA: evaluated block by block, never as the [batch, seq, seq] mask (eager
+    # create_block_mask materializes it: 18 GiB at 49,152 tokens)
+    return create_block_mask(
+        same_document, batch, None, seq, seq, device=segments.device, _compile=segments.is_cuda
+    )
 
 
 def dense(mask: BlockMask) -> torch.Tensor:
