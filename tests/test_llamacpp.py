@@ -231,6 +231,10 @@ def piece_bytes(tok) -> Callable[[int], bytes]:
     byte_level = not json.loads(tok.backend.to_str())["model"].get("byte_fallback")
 
     def piece(token_id: int) -> bytes:
+        # llama-simple prints each piece as a C string: a NUL byte in it prints nothing
+        return printed(token_id).replace(b"\x00", b"")
+
+    def printed(token_id: int) -> bytes:
         token = tok.id_to_token(token_id)
         if token_id in added:
             return token.encode("utf-8")
