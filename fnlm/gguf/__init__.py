@@ -1,7 +1,8 @@
 """GGUF, llama.cpp's file format, both ways: `read` converts a .gguf into a transformers
 checkpoint directory that `fnlm.load` reads; `write` writes a model as a .gguf for llama.cpp
-(`fnlm.save(..., format="gguf")`); `pretokenizers` holds what llama.cpp means by each
-`tokenizer.ggml.pre` name, which both sides follow."""
+(`fnlm.save(..., format="gguf")`), each family as the llama.cpp architecture `archs` names;
+`ollama` writes the Modelfile that goes beside it; `pretokenizers` holds what llama.cpp means by
+each `tokenizer.ggml.pre` name, which both sides follow."""
 
 from fnlm.gguf.read import (
     ARCHITECTURES,
