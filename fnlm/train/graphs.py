@@ -13,7 +13,11 @@ How it stays equal to the eager step:
 - a batch shape is captured after `warmup` eager runs of it (torch.compile and autotuning happen
   there, never inside a capture); capture failures (a host sync in some model path) are reported
   once and the step stays eager.
-Checks that need the host (token ids inside the vocabulary) run before the replay, on one sync.
+- a loss function may return `(loss, stats)`, stats a dict of 0-d tensors (the preference and
+  RL methods' logged values): they are captured as one static vector beside the loss, so a step
+  reads them after the replay, with no host sync inside the loss.
+Checks that need the host (token and label ids inside the vocabulary) run before the replay, on
+one sync.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ class _Captured:
     divisor: torch.Tensor  # static fp32 scalar: the step's trained tokens
     loss: torch.Tensor  # static output: the summed loss of the captured batch
     replay: Callable[[], None]
+    stats: torch.Tensor | None = None  # static output: the loss function's stats, stacked
+    keys: list[str] | None = None  # their names, in order (set when the step first runs)
 
 
 def cuda_capture(fn: Callable[[], torch.Tensor], pool, stream):
@@ -78,7 +84,7 @@ class StepGraphs:
 
     def backward(self, loss_fn: Callable[[dict], torch.Tensor], batch: dict, divisor: int):
         """Run `(loss_fn(batch) / divisor).backward()` (gradients accumulate into `.grad`);
-        returns the summed loss, detached."""
+        returns the summed loss, detached, or (loss, stats) when loss_fn returns (loss, stats)."""
         key = signature(batch)
         captured = self.captured.get(key)
         if captured is None:
@@ -90,13 +96,15 @@ class StepGraphs:
             ):
                 captured = self._capture(loss_fn, batch, key)
             if captured is None:
-                return self._on_stream(lambda: _eager(loss_fn, batch, divisor))
+                return self._on_stream(lambda: eager_backward(loss_fn, batch, divisor))
         self._check_ids(batch)
         for name, value in batch.items():
             captured.inputs[name].copy_(value, non_blocking=True)
         captured.divisor.fill_(float(divisor))
         self._on_stream(captured.replay)
-        return captured.loss.clone()
+        if captured.stats is None:
+            return captured.loss.clone()
+        return captured.loss.clone(), dict(zip(captured.keys, captured.stats.clone().unbind()))
 
     def _capture(self, loss_fn, batch: dict, key: tuple) -> _Captured | None:
         for t in self.tensors:  # the graph's backward accumulates into these, in place
@@ -104,16 +112,20 @@ class StepGraphs:
                 t.grad = torch.zeros_like(t)
         inputs = {name: value.clone() for name, value in batch.items()}
         divisor = torch.ones((), dtype=torch.float32, device=self.tensors[0].device)
+        keys: list[str] = []
 
         def step():
-            loss = loss_fn(inputs)
+            loss, stats = _split(loss_fn(inputs))
             (loss / divisor).backward()
-            return loss.detach()
+            if stats is None:
+                return loss.detach()
+            keys[:] = stats
+            return loss.detach(), torch.stack([v.detach().float() for v in stats.values()])
 
         if self.stream is not None:
             self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
         try:
-            replay, loss, self.pool = self.capture(step, self.pool, self.stream)
+            replay, out, self.pool = self.capture(step, self.pool, self.stream)
         except Exception as e:  # a host sync or an unsupported op inside the step
             self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             warnings.warn(
@@ -124,7 +136,8 @@ class StepGraphs:
             return None
         if self.stream is not None:
             torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
-        self.captured[key] = _Captured(inputs, divisor, loss, replay)
+        loss, stats = out if isinstance(out, tuple) else (out, None)
+        self.captured[key] = _Captured(inputs, divisor, loss, replay, stats, keys)
         return self.captured[key]
 
     def _on_stream(self, fn):
@@ -139,12 +152,14 @@ class StepGraphs:
         return out
 
     def _check_ids(self, batch: dict) -> None:
-        """Token and label ids inside the vocabulary (the captured step cannot check them)."""
-        tokens, labels = batch["tokens"], batch.get("labels")
+        """Token and label ids inside the vocabulary (the captured step cannot check them);
+        labels: "labels" and any "<name>_labels" (ORPO's prompt labels)."""
+        tokens = batch["tokens"]
+        labels = [v for k, v in batch.items() if k == "labels" or k.endswith("_labels")]
         ends = [tokens.min(), tokens.max()]
-        if labels is not None:
-            learned = labels.masked_fill(labels < 0, 0)
-            ends += [labels.min(), learned.max()]
+        if labels:
+            ends += [torch.stack([v.min() for v in labels]).min()]
+            ends += [torch.stack([v.masked_fill(v < 0, 0).max() for v in labels]).max()]
         low, high, *label_ends = torch.stack(ends).tolist()
         if low < 0 or high >= self.vocab_size:
             raise ArgumentError(
@@ -158,7 +173,15 @@ class StepGraphs:
             )
 
 
-def _eager(loss_fn, batch: dict, divisor: int) -> torch.Tensor:
-    loss = loss_fn(batch)
+def _split(out) -> tuple[torch.Tensor, dict | None]:
+    """(loss, stats or None) of a loss function's result: a loss, or (loss, stats)."""
+    return out if isinstance(out, tuple) else (out, None)
+
+
+def eager_backward(loss_fn, batch: dict, divisor: int):
+    """`(loss_fn(batch) / divisor).backward()`; the detached loss (or loss, stats) back."""
+    loss, stats = _split(loss_fn(batch))
     (loss / divisor).backward()
-    return loss.detach()
+    if stats is None:
+        return loss.detach()
+    return loss.detach(), {k: v.detach() for k, v in stats.items()}

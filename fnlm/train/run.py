@@ -139,7 +139,7 @@ def advance(run: Run, started: float) -> dict:
     check_divergence(run, result)
     run.step, run.position = run.step + 1, next_position
     tokens = int(distributed.sum_over_ranks([sum(real_tokens(b) for b in batches)])[0])
-    extra = {} if run.method is None else run.method.metrics()
+    extra = {} if run.method is None else run.method.metrics(result.get("stats", ()))
     return {
         "step": run.step,
         "epoch": run.stream.epoch_fraction(run.position),

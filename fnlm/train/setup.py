@@ -95,8 +95,8 @@ class Run:
 
     def loss(self, batch: dict, training: bool = True) -> torch.Tensor:
         """The summed token loss of a micro-batch (the trainer's layer function when training)."""
-        if self.method is not None:
-            return self.method.loss(self, batch, training)
+        if self.method is not None:  # (summed loss, stats as tensors): train_step reads both
+            return self.method.step_loss(self, batch, training)
         layer_fn = self.layer_fn if training else decoder.layer_forward
         if isinstance(self.trainable, fsdp.ShardedTrainable):
             return self.trainable.loss(batch, layer_fn)
@@ -319,8 +319,11 @@ def start(config: TrainConfig, *, params=None, tokenizer=None, lora=None, data=N
         keep_layers=config.keep_layers,
     )  # fmt: skip
     graphs = None
-    if method is None and use_graphs(config, device, checkpointing, dropout):
-        graphs = StepGraphs(trainable.tensors, vocab_size=params.config.vocab_size)
+    if use_graphs(config, device, checkpointing, dropout):
+        graphs = StepGraphs(trainable.tensors, vocab_size=params.config.vocab_size,
+                            max_graphs=4 if method is None else 8)  # fmt: skip
+        if method is not None:  # pairs / rollouts padded to 64, 128, 256... tokens: few graphs
+            method.bucket = methods.data.GRAPH_BUCKET
 
     pad_id = getattr(tokenizer, "pad_token_id", None)
     pad_id = 0 if pad_id is None else pad_id

@@ -12,7 +12,7 @@ from fnlm import lora as lora_lib
 from fnlm.errors import ArgumentError
 from fnlm.params import Params, leaf_paths, path_name, tree_map
 from fnlm.train import distributed
-from fnlm.train.graphs import StepGraphs
+from fnlm.train.graphs import StepGraphs, eager_backward
 
 
 def train_step(
@@ -37,8 +37,10 @@ def train_step(
     gradients are then zeroed in place instead of dropped.
     Several processes (`distributed`): the count is summed over the ranks before the backward and
     the gradients and losses after it, so N ranks equal one process running all their batches.
-    Returns {"loss", "grad_norm", "lr", "trained_tokens", "tokens"}; when the loss or gradient
-    norm is not finite, no update is made and the returned loss says so.
+    loss_fn may return (summed loss, stats), stats a dict of 0-d tensors (the methods' logged
+    values, read after the step): the result then has "stats", one dict per micro-batch.
+    Returns {"loss", "grad_norm", "lr", "trained_tokens"} (and "stats"); when the loss or
+    gradient norm is not finite, no update is made and the returned loss says so.
     """
     total_tokens = sum(count(b) for b in batches)
     several = distributed.active()
@@ -46,14 +48,16 @@ def train_step(
         total_tokens = int(distributed.sum_over_ranks([total_tokens])[0])
     denominator = max(total_tokens, 1)
     summed, failure = None, None
+    stats: list[dict] = []
     try:
         for batch in batches:
             if graphs is not None:
                 loss = graphs.backward(loss_fn, batch, denominator)
             else:
-                loss = loss_fn(batch)
-                (loss / denominator).backward()
-                loss = loss.detach()
+                loss = eager_backward(loss_fn, batch, denominator)
+            if isinstance(loss, tuple):  # (loss, stats): a method's logged values, as tensors
+                loss, batch_stats = loss
+                stats.append(batch_stats)
             summed = loss if summed is None else summed + loss
     except Exception as e:
         if not several:
@@ -64,10 +68,12 @@ def train_step(
         summed = distributed.reduce_step(tensors, summed, failure)
     mean = summed / denominator
     lr = optimizer.param_groups[0]["lr"]
+    extra = {"stats": stats} if stats else {}
     set_to_none = graphs is None  # a captured backward adds into the same .grad tensors
     if not math.isfinite(mean):
         optimizer.zero_grad(set_to_none=set_to_none)
-        return {"loss": mean, "grad_norm": float("nan"), "lr": lr, "trained_tokens": total_tokens}
+        return {"loss": mean, "grad_norm": float("nan"), "lr": lr, "trained_tokens": total_tokens,
+                **extra}  # fmt: skip
     limit = max_grad_norm if max_grad_norm else float("inf")
     grad_norm = distributed.clip_grad_norm(tensors, limit)  # FSDP's shards too
     if not math.isfinite(grad_norm):
@@ -77,11 +83,13 @@ def train_step(
             "grad_norm": grad_norm,
             "lr": lr,
             "trained_tokens": total_tokens,
+            **extra,
         }
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=set_to_none)
-    return {"loss": mean, "grad_norm": grad_norm, "lr": lr, "trained_tokens": total_tokens}
+    return {"loss": mean, "grad_norm": grad_norm, "lr": lr, "trained_tokens": total_tokens,
+            **extra}  # fmt: skip
 
 
 @torch.no_grad()

@@ -56,7 +56,8 @@ class PairStream:
         batch = self.method.collate(
             [self.data.examples[row[0]] for row in micro_batch], self.pad_id
         )
-        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        return {k: v if k == "pair_keys" else v.to(self.device, non_blocking=True)
+                for k, v in batch.items()}  # fmt: skip
 
     def take(self, position: dict, count: int) -> tuple[list[dict], dict]:
         epoch, index = position["epoch"], position["index"]
@@ -66,7 +67,7 @@ class PairStream:
             if index >= len(plan):
                 epoch, index = epoch + 1, 0
                 continue
-            batches.append(self.collate(plan[index]))
+            batches.append(self.method.with_reference(self.method.run, self.collate(plan[index])))
             index += 1
         return batches, {"epoch": epoch, "index": index}
 
@@ -96,6 +97,7 @@ class PreferenceMethod(Preference):
         """Load the reference model if one is given; in full mode without one (or with
         precompute_ref_log_probs), the reference log-probs of every training and held-out pair
         are computed now, from the starting weights, before the first update."""
+        self.run = run
         if self.name != "dpo":
             return
         if self.config.ref_model:
@@ -114,9 +116,9 @@ class PreferenceMethod(Preference):
         total, pairs = 0.0, 0
         with torch.no_grad():
             for batch in stream.all_batches():
-                total += float(self.loss(run, batch, training=False))
+                loss, _ = self.step_loss(run, self.with_reference(run, batch), training=False)
+                total += float(loss)
                 pairs += self.count(batch)
-        self.stats.clear()
         return total / max(pairs, 1)
 
 

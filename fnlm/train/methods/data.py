@@ -207,12 +207,34 @@ def prepare_prompts(source: str, tok, *, max_prompt_length: int) -> MethodData:
     return MethodData(prompts, str(source), {"truncated": truncated, "tokens_cut": tokens_cut})
 
 
-def collate_pairs(pairs: list[Pair], *, pad_id: int, pad_to_multiple: int = 1) -> dict:
-    """[chosen rows; rejected rows] right-padded: {"tokens", "labels" (completion tokens),
-    "prompt_labels" (the chosen rows' prompt tokens, for ORPO's NLL), "attention_mask"}."""
+# The shortest padded length of the methods' batches when the step runs as CUDA graphs (then
+# 2x, 4x, ... up to max_seq_length: a handful of captured shapes).
+GRAPH_BUCKET = 64
+
+
+def padded_length(longest: int, *, pad_to_multiple: int = 1, bucket: int = 0,
+                  limit: int = 0) -> int:  # fmt: skip
+    """The padded length of a batch whose longest row has `longest` tokens: a multiple of
+    pad_to_multiple; with bucket > 0, the smallest of bucket, 2 bucket, 4 bucket, ... that holds
+    it, at most `limit` (the longest a row can be), so that a run's batches take a handful of
+    shapes (each a CUDA graph captured once: fnlm.train.graphs)."""
+    seq = longest
+    if bucket > 0:
+        seq = bucket
+        while seq < longest:
+            seq *= 2
+        seq = max(longest, min(seq, limit)) if limit else seq
+    return -(-seq // pad_to_multiple) * pad_to_multiple
+
+
+def collate_pairs(pairs: list[Pair], *, pad_id: int, pad_to_multiple: int = 1, bucket: int = 0,
+                  limit: int = 0) -> dict:  # fmt: skip
+    """[chosen rows; rejected rows] right-padded (to `padded_length`): {"tokens", "labels"
+    (completion tokens), "prompt_labels" (the chosen rows' prompt tokens, for ORPO's NLL),
+    "attention_mask"}."""
     rows = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
     longest = max(len(a) + len(b) for a, b in rows)
-    seq = -(-longest // pad_to_multiple) * pad_to_multiple
+    seq = padded_length(longest, pad_to_multiple=pad_to_multiple, bucket=bucket, limit=limit)
     tokens = torch.full((len(rows), seq), pad_id, dtype=torch.int64)
     labels = torch.full((len(rows), seq), IGNORE_INDEX, dtype=torch.int64)
     prompt_labels = labels.clone()

@@ -29,6 +29,7 @@ from fnlm.data import IGNORE_INDEX, epoch_plan
 from fnlm.errors import ArgumentError, FnlmError
 from fnlm.generate import Sampling, generate_tokens
 from fnlm.params import tree_map
+from fnlm.train.methods.data import padded_length
 from fnlm.train.methods.logprobs import token_logprobs
 
 GRPO_LOSSES = ("grpo", "dr_grpo", "bnpo")
@@ -205,6 +206,7 @@ class Grpo:
         self.pad_id = 0
         self.stats: list[dict] = []
         self.rollout_stats: dict = {}
+        self.bucket = 0  # > 0: rollouts padded to a few lengths (CUDA graphs)
 
     def bind(self, run) -> None:
         self.run = run
@@ -261,7 +263,9 @@ class Grpo:
         batches, at = [], 0
         for micro in prompts:
             n = len(micro) * g
-            batch = collate_rollouts(flat[at : at + n], completion_ids[at : at + n], self.pad_id)
+            batch = collate_rollouts(flat[at : at + n], completion_ids[at : at + n], self.pad_id,
+                                     bucket=self.bucket,
+                                     limit=c.max_prompt_length + c.max_completion_length)  # fmt: skip
             batch["advantages"] = advantages[at : at + n]
             batches.append({k: v.to(run.device) for k, v in batch.items()})
             at += n
@@ -281,6 +285,14 @@ class Grpo:
 
     # loss -------------------------------------------------------------------------------
     def loss(self, run, batch: dict, training: bool) -> torch.Tensor:
+        """The summed loss of a rollout micro-batch; its stats are kept for `metrics`."""
+        loss, stats = self.step_loss(run, batch, training)
+        self.stats.append(stats)
+        return loss
+
+    def step_loss(self, run, batch: dict, training: bool) -> tuple[torch.Tensor, dict]:
+        """(summed loss, stats as 0-d tensors): no host sync, so the step can be a CUDA graph
+        (the rollouts, old and reference log-probs are batch inputs computed before it)."""
         c = self.config
         params, lora = run.trainable.model(training)
         layer_fn = run.layer_fn if training else None
@@ -295,32 +307,37 @@ class Grpo:
             logps, old, batch["advantages"], epsilon_low=c.epsilon, epsilon_high=epsilon_high,
             ref_logps=batch.get("ref_logps"), beta=c.beta,
         )  # fmt: skip
-        tokens = mask.sum()
-        self.stats.append({
-            "tokens": float(tokens), "clip_ratio": float((stats["clipped"] * mask).sum()),
-            **({"kl": float((stats["kl"].detach() * mask).sum())} if "kl" in stats else {}),
-        })  # fmt: skip
+        out = {"tokens": mask.sum(), "clip_ratio": (stats["clipped"] * mask).sum()}
+        if "kl" in stats:
+            out["kl"] = (stats["kl"].detach() * mask).sum()
         if c.loss_type == "grpo":
-            return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).sum()
+            return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).sum(), out
         if c.loss_type == "bnpo":
-            return (per_token * mask).sum()
-        return (per_token * mask).sum() / c.max_completion_length
+            return (per_token * mask).sum(), out
+        return (per_token * mask).sum() / c.max_completion_length, out
 
-    def metrics(self) -> dict:
-        stats, self.stats = self.stats, []
-        tokens = max(1.0, sum(s["tokens"] for s in stats))
+    def metrics(self, stats: list[dict] = ()) -> dict:
+        """The rollouts' metrics and the step's clip ratio (and KL) per completion token, from
+        its micro-batches' stats (these and those `loss` kept; one host sync)."""
+        stats, self.stats = [*self.stats, *stats], []
         out = dict(self.rollout_stats)
-        out["clip_ratio"] = round(sum(s["clip_ratio"] for s in stats) / tokens, 6)
-        if stats and "kl" in stats[0]:
-            out["kl"] = round(sum(s["kl"] for s in stats) / tokens, 6)
+        keys = list(stats[0]) if stats else ["tokens", "clip_ratio"]
+        totals = dict.fromkeys(keys, 0.0)
+        if stats:
+            values = torch.stack([torch.stack([s[k].float() for k in keys]) for s in stats])
+            totals = dict(zip(keys, values.sum(0).tolist()))
+        tokens = max(1.0, totals.pop("tokens"))
+        out.update({k: round(v / tokens, 6) for k, v in totals.items()})
         return out
 
 
-def collate_rollouts(prompts: list, completion_ids: list[list[int]], pad_id: int) -> dict:
-    """prompt + completion rows, right-padded: {"tokens", "labels" (the completion ids),
-    "attention_mask"}; positions count from each row's first token."""
+def collate_rollouts(prompts: list, completion_ids: list[list[int]], pad_id: int, *,
+                     bucket: int = 0, limit: int = 0) -> dict:  # fmt: skip
+    """prompt + completion rows, right-padded (to `padded_length`: bucket > 0 pads to a few
+    lengths, for CUDA graphs): {"tokens", "labels" (the completion ids), "attention_mask"};
+    positions count from each row's first token."""
     rows = [(p.tokens.tolist(), ids) for p, ids in zip(prompts, completion_ids)]
-    seq = max(len(a) + len(b) for a, b in rows)
+    seq = padded_length(max(len(a) + len(b) for a, b in rows), bucket=bucket, limit=limit)
     tokens = torch.full((len(rows), seq), pad_id, dtype=torch.int64)
     labels = torch.full((len(rows), seq), IGNORE_INDEX, dtype=torch.int64)
     mask = torch.zeros((len(rows), seq), dtype=torch.int64)

@@ -2,9 +2,10 @@
 
 `sequence_logprobs` (DPO, ORPO) sums them per row through the fused linear + cross-entropy
 kernel, one call per row, so the lm head runs in chunks as in `fnlm.loss`. `token_logprobs`
-(GRPO's per-token ratios) keeps one value per token: the rows that carry a label go through the
-lm head in chunks, each chunk's log-softmax recomputed in the backward (activation
-checkpointing), so at most one chunk of logits exists at a time.
+(GRPO's per-token ratios) keeps one value per token: the positions go through the lm head in
+chunks, each chunk's log-softmax recomputed in the backward (activation checkpointing), so at
+most one chunk of logits exists at a time. Both keep fixed shapes (no boolean indexing, no host
+sync), so a training step over them can be captured as a CUDA graph.
 """
 
 from __future__ import annotations
@@ -76,13 +77,14 @@ def token_logprobs(
     params: Params, batch: dict, *, lora=None, layer_fn=None, temperature: float = 1.0
 ) -> torch.Tensor:
     """Log-probs [b, s] fp32: at position t, log p(token t + 1) under softmax(logits / temperature)
-    where labels[t + 1] is not -100, else 0. Differentiable; the lm head runs only on scored rows,
-    in chunks recomputed in the backward."""
+    where labels[t + 1] is not -100, else 0. Differentiable; the lm head runs over every position
+    (fixed shapes, no host sync: the step can be a CUDA graph) in chunks recomputed in the
+    backward, and the unscored positions are masked out."""
     params, x, targets = final_hidden(params, batch, lora=lora, layer_fn=layer_fn)
     weight = head_weight(params).to(x.dtype)
     config = params.config
     scored = targets != IGNORE_INDEX
-    h, labels = x[scored], targets[scored]
+    h, labels = x.reshape(-1, x.shape[-1]), targets.clamp(min=0).reshape(-1)
     chunk = max(1, CHUNK_LOGITS_BYTES // (4 * weight.shape[0]))
     pieces = []
     for start in range(0, h.shape[0], chunk):
@@ -92,7 +94,5 @@ def token_logprobs(
             pieces.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False))
         else:
             pieces.append(_chunk_logprobs(*args))
-    values = torch.cat(pieces) if pieces else h.new_zeros(0, dtype=torch.float32)
-    return torch.zeros(scored.shape, dtype=torch.float32, device=x.device).masked_scatter(
-        scored, values
-    )
+    values = torch.cat(pieces).view(scored.shape)
+    return torch.where(scored, values, 0.0)

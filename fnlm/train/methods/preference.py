@@ -80,7 +80,12 @@ def orpo_loss(chosen_mean: torch.Tensor, rejected_mean: torch.Tensor, *, beta: f
 
 
 class Preference:
-    """The DPO / ORPO method of a run: its data, batches, loss and metrics."""
+    """The DPO / ORPO method of a run: its data, batches, loss and metrics.
+
+    `step_loss` returns the summed loss and its stats as tensors (no host sync: the step can be
+    a CUDA graph, fnlm.train.graphs); DPO's reference log-probs are a batch input
+    ("ref_logps", `with_reference`) computed before the step. bucket > 0 pads batches to a few
+    lengths (`padded_length`), set when the step runs as CUDA graphs."""
 
     def __init__(self, config):
         self.config = config
@@ -88,10 +93,15 @@ class Preference:
         self.reference = None  # params of a given reference model (TrainConfig.ref_model)
         self.ref_cache: dict[int, tuple[float, float]] = {}
         self.stats: list[dict] = []
+        self.run = None
+        self.bucket = 0
 
     # data -------------------------------------------------------------------------------
     def collate(self, pairs, pad_id: int) -> dict:
-        batch = collate_pairs(pairs, pad_id=pad_id, pad_to_multiple=self.config.pad_to_multiple)
+        """A micro-batch of pairs (`collate_pairs`) with "pair_keys" [b] (CPU: the reference
+        cache's keys)."""
+        batch = collate_pairs(pairs, pad_id=pad_id, pad_to_multiple=self.config.pad_to_multiple,
+                              bucket=self.bucket, limit=self.config.max_seq_length)  # fmt: skip
         batch["pair_keys"] = torch.tensor([id(p) for p in pairs], dtype=torch.int64)
         return batch
 
@@ -100,22 +110,31 @@ class Preference:
         """What a step's loss is averaged over: pairs."""
         return batch["tokens"].shape[0] // 2
 
-    # loss -------------------------------------------------------------------------------
+    # reference --------------------------------------------------------------------------
     def reference_logprobs(self, run, batch: dict) -> torch.Tensor:
         """Summed completion log-probs [2b] of the reference: a given reference model, else the
         base with the adapters off (LoRA modes), else the starting weights (full mode, whose
         values are precomputed before the first update)."""
-        keys = batch["pair_keys"].tolist()
+        keys = batch["pair_keys"].tolist()  # on the CPU (PairStream keeps them there)
         if all(k in self.ref_cache for k in keys):
             pairs = [self.ref_cache[k] for k in keys]
             values = [c for c, _ in pairs] + [r for _, r in pairs]
-            return torch.tensor(values, dtype=torch.float32, device=batch["tokens"].device)
+            return torch.tensor(values, dtype=torch.float32).to(batch["tokens"].device)
         if self.reference is None and run.config.mode == "full":
             raise ArgumentError("full-mode DPO: the reference log-probs were not precomputed")
         params = run.params if self.reference is None else self.reference
         with torch.no_grad():
             sums, _ = sequence_logprobs(params, batch, lora=None)
         return sums.float()
+
+    def with_reference(self, run, batch: dict) -> dict:
+        """The batch as the step takes it: DPO's reference log-probs as "ref_logps" [2b],
+        computed now (before the step, outside any CUDA graph); the CPU keys dropped."""
+        batch = dict(batch)
+        if self.name == "dpo":
+            batch["ref_logps"] = self.reference_logprobs(run, batch)
+        batch.pop("pair_keys", None)
+        return batch
 
     def precompute(self, run, batches) -> None:
         """Reference log-probs of every pair, computed now (before the first update)."""
@@ -124,11 +143,20 @@ class Preference:
             for batch in batches:
                 sums, _ = sequence_logprobs(params, batch, lora=None)
                 b = self.count(batch)
+                values = sums.float().tolist()
                 for i, key in enumerate(batch["pair_keys"].tolist()):
-                    self.ref_cache[key] = (float(sums[i]), float(sums[b + i]))
+                    self.ref_cache[key] = (values[i], values[b + i])
 
+    # loss -------------------------------------------------------------------------------
     def loss(self, run, batch: dict, training: bool) -> torch.Tensor:
-        """The summed per-pair loss of a micro-batch (train_step divides by the step's pairs)."""
+        """The summed per-pair loss of a micro-batch (train_step divides by the step's pairs);
+        its stats are kept for `metrics`."""
+        loss, stats = self.step_loss(run, batch, training)
+        self.stats.append(stats)
+        return loss
+
+    def step_loss(self, run, batch: dict, training: bool) -> tuple[torch.Tensor, dict]:
+        """(summed loss, stats as 0-d tensors) of a micro-batch."""
         params, lora = run.trainable.model(training)
         layer_fn = run.layer_fn if training else None
         c = self.config
@@ -136,23 +164,17 @@ class Preference:
         if self.name == "orpo":
             return self.orpo(params, lora, batch, layer_fn, b)
         sums, counts = sequence_logprobs(params, batch, lora=lora, layer_fn=layer_fn)
-        ref = self.reference_logprobs(run, batch)
+        ref = batch["ref_logps"] if "ref_logps" in batch else self.reference_logprobs(run, batch)
         losses, rewards = dpo_loss(
             sums[:b], sums[b:], ref[:b], ref[b:], beta=c.beta, loss_type=c.loss_type,
             label_smoothing=c.label_smoothing, chosen_tokens=counts[:b], rejected_tokens=counts[b:],
         )  # fmt: skip
-        chosen_r, rejected_r = rewards["rewards_chosen"], rewards["rewards_rejected"]
-        self.stats.append({
-            "pairs": b, "rewards_chosen": float(chosen_r.sum()),
-            "rewards_rejected": float(rejected_r.sum()),
-            "margin": float((chosen_r - rejected_r).sum()),
-            "accuracy": float((chosen_r > rejected_r).float().sum()),
-            "logps_chosen": float(sums[:b].detach().sum()),
-            "logps_rejected": float(sums[b:].detach().sum()),
-        })  # fmt: skip
-        return losses.sum()
+        stats = _reward_stats(b, rewards["rewards_chosen"], rewards["rewards_rejected"], sums)
+        stats["logps_chosen"] = sums[:b].detach().sum()
+        stats["logps_rejected"] = sums[b:].detach().sum()
+        return losses.sum(), stats
 
-    def orpo(self, params, lora, batch: dict, layer_fn, b: int) -> torch.Tensor:
+    def orpo(self, params, lora, batch: dict, layer_fn, b: int) -> tuple[torch.Tensor, dict]:
         """NLL of the chosen rows (prompt and completion, as TRL's ORPO) minus the odds-ratio term."""
         model, x, targets = final_hidden(params, batch, lora=lora, layer_fn=layer_fn)
         weight = head_weight(model).to(x.dtype)
@@ -160,11 +182,10 @@ class Preference:
         prompt_targets = torch.cat([batch["prompt_labels"][:, 1:],
                                     torch.full_like(batch["prompt_labels"][:, :1], -100)], 1)  # fmt: skip
 
-        def summed(i, t):
-            keep = t[i] != -100
+        def summed(i, t):  # fixed shapes: the ignored positions are skipped by ignore_index
             return -kernels.fused_linear_cross_entropy(
-                x[i][keep], weight, t[i][keep], reduction="sum", softcap=config.final_softcap,
-                logit_scale=config.logit_scale,
+                x[i], weight, t[i], ignore_index=-100, reduction="sum",
+                softcap=config.final_softcap, logit_scale=config.logit_scale,
             )  # fmt: skip
 
         completion = torch.stack([summed(i, targets) for i in range(2 * b)])
@@ -174,24 +195,33 @@ class Preference:
         nll = -(completion[:b].sum() + prompt.sum()) / nll_tokens.clamp(min=1)
         means = completion / counts
         ratio, log_odds = orpo_loss(means[:b], means[b:], beta=self.config.beta)
-        chosen_r, rejected_r = (
-            self.config.beta * means[:b].detach(),
-            self.config.beta * means[b:].detach(),
-        )
-        self.stats.append({
-            "pairs": b, "rewards_chosen": float(chosen_r.sum()),
-            "rewards_rejected": float(rejected_r.sum()),
-            "margin": float((chosen_r - rejected_r).sum()),
-            "accuracy": float((chosen_r > rejected_r).float().sum()),
-            "nll": float(nll.detach()) * b, "log_odds_ratio": float(log_odds.detach().sum()),
-        })  # fmt: skip
-        return nll * b - ratio.sum()
+        beta = self.config.beta
+        stats = _reward_stats(b, beta * means[:b].detach(), beta * means[b:].detach(), completion)
+        stats["nll"] = nll.detach() * b
+        stats["log_odds_ratio"] = log_odds.detach().sum()
+        return nll * b - ratio.sum(), stats
 
-    def metrics(self) -> dict:
-        """The step's logged metrics (means over its pairs); resets for the next step."""
-        stats, self.stats = self.stats, []
-        pairs = sum(s["pairs"] for s in stats)
+    def metrics(self, stats: list[dict] = ()) -> dict:
+        """The step's logged metrics (means over its pairs) from its micro-batches' stats (these
+        and those `loss` kept, read with one host sync); resets for the next step."""
+        stats, self.stats = [*self.stats, *stats], []
+        if not stats:
+            return {}
+        keys = list(stats[0])
+        values = torch.stack([torch.stack([s[k].float() for k in keys]) for s in stats])
+        totals = dict(zip(keys, values.sum(0).tolist()))
+        pairs = totals.pop("pairs")
         if not pairs:
             return {}
-        keys = [k for k in stats[0] if k != "pairs"]
-        return {k: round(sum(s[k] for s in stats) / pairs, 6) for k in keys}
+        return {k: round(v / pairs, 6) for k, v in totals.items()}
+
+
+def _reward_stats(b: int, chosen_r: torch.Tensor, rejected_r: torch.Tensor, like) -> dict:
+    """The reward stats of b pairs, summed (0-d fp32 tensors)."""
+    return {
+        "pairs": torch.full((), float(b), device=like.device),
+        "rewards_chosen": chosen_r.sum().float(),
+        "rewards_rejected": rejected_r.sum().float(),
+        "margin": (chosen_r - rejected_r).sum().float(),
+        "accuracy": (chosen_r > rejected_r).float().sum(),
+    }
