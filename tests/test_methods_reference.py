@@ -1,7 +1,8 @@
 """DPO in full fine-tuning mode against TRL's DPOTrainer loss: every weight trained, the reference
 either the model before the first update (its log-probs precomputed, as a full-mode run does in
 `bind`) or a given reference model (TrainConfig.ref_model); TRL's side is the plain transformers
-model with `ref_model` set. Tolerances: test_methods.LOSS_REL_TOL / GRAD_REL_TOL."""
+model with `ref_model` set. Tolerances: test_methods.LOSS_REL_TOL / GRAD_REL_TOL (measured here,
+CPU fp32: at most 5.6e-7 relative on the losses, 1.3e-6 on the gradients)."""
 
 from __future__ import annotations
 
