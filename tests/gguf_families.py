@@ -48,6 +48,14 @@ def family_config(family: str, vocab: int):
             **s, partial_rotary_factor=0.5, sliding_window=None, pad_token_id=None,
             tie_word_embeddings=False,
         ),
+        # LongRoPE (Phi-3.5 / Phi-4-mini): the test contexts pass the original length, so both
+        # fnlm and llama.cpp take the long factors
+        "phi3_longrope": lambda: t.Phi3Config(
+            **s, partial_rotary_factor=0.5, sliding_window=None, pad_token_id=None,
+            original_max_position_embeddings=32,
+            rope_scaling={"rope_type": "longrope", "short_factor": [1.0, 1.5, 2.0, 3.0],
+                          "long_factor": [1.0, 2.0, 4.0, 8.0]},
+        ),
         "qwen2_moe": lambda: t.Qwen2MoeConfig(
             **s, **moe, num_experts=4, shared_expert_intermediate_size=48, norm_topk_prob=False,
             decoder_sparse_step=1, mlp_only_layers=[], tie_word_embeddings=False,
@@ -81,8 +89,8 @@ def family_config(family: str, vocab: int):
 
 
 FAMILIES = [
-    "gemma", "gemma2", "gemma3_text", "phi3", "qwen2_moe", "qwen3_moe", "mixtral", "starcoder2",
-    "olmo2", "olmo3", "cohere", "granite", "smollm3",
+    "gemma", "gemma2", "gemma3_text", "phi3", "phi3_longrope", "qwen2_moe", "qwen3_moe",
+    "mixtral", "starcoder2", "olmo2", "olmo3", "cohere", "granite", "smollm3",
 ]  # fmt: skip
 
 

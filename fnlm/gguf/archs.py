@@ -101,6 +101,18 @@ def _cohere_metadata(writer, config: ModelConfig) -> None:
     writer.add_logit_scale(config.logit_scale)  # llama.cpp multiplies by it
 
 
+def _phi3_metadata(writer, config: ModelConfig) -> None:
+    """Phi-3's LongRoPE as convert_hf_to_gguf writes it: the original context and the attention
+    factor (the factor tensors are written by write.py). llama.cpp takes the long factors when its
+    context exceeds the original, fnlm (as transformers) when the sequence does."""
+    from fnlm.models.rope import _longrope, _original_length
+
+    rope = config.rope
+    if rope.get("rope_type") == "longrope":
+        writer.add_rope_scaling_orig_ctx_len(_original_length(config, rope))
+        writer.add_rope_scaling_attn_factors(_longrope(config, rope, "cpu")[1])
+
+
 def _gemma_embedding(config: ModelConfig) -> float:
     return config.hidden_size**0.5
 
@@ -136,7 +148,8 @@ ARCHITECTURES: dict[str, Arch] = {
     "gemma3_text": Arch("gemma3", sliding_window=True, metadata=_final_softcap_metadata,
                         features={**_GEMMA, "post_norms": True, "qk_norm": True,
                                   "attention_scale": _gemma_scale, "final_softcap": ANY}),
-    "phi3": Arch("phi3", q_spans_hidden=True),
+    "phi3": Arch("phi3", q_spans_hidden=True, metadata=_phi3_metadata,
+                 rope_types=("default", "longrope")),
     "starcoder2": Arch("starcoder2", q_spans_hidden=True,
                        features={"norm_type": "layer", "activation": _GELU_TANH,
                                  "mlp_gated": False, "o_bias": ANY, "mlp_bias": ANY}),

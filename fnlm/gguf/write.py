@@ -152,6 +152,11 @@ def write_gguf(path: Path, weights: MergedWeights, tok, gguf_type: str) -> None:
     if config.rope.get("rope_type") == "llama3":
         factors = llama3_rope_factors(config)
         plan.append((ROPE_FREQS, gguf.GGMLQuantizationType.F32, factors.shape, lambda: factors))
+    if config.rope.get("rope_type") == "longrope":  # Phi-3: per-frequency factors, F32
+        for which in ("long", "short"):
+            factors = torch.tensor(config.rope[f"{which}_factor"], dtype=torch.float32)
+            plan.append((f"rope_factors_{which}.weight", gguf.GGMLQuantizationType.F32,
+                         tuple(factors.shape), lambda f=factors: f))  # fmt: skip
     for name, kind, shape, _ in plan:
         byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, kind)
         if kind in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
