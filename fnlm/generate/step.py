@@ -39,6 +39,10 @@ from fnlm.params import Params
 # larger), so calls of similar lengths share one captured graph; extra slots are masked out.
 CACHE_BUCKET = 256
 
+# Graph-captured prefills take prompts left padded to a multiple of this (or of an eighth of
+# their power of two, if larger), so prompts of similar lengths share one captured prefill.
+PROMPT_BUCKET = 64
+
 # Runs of the compiled step before CUDA graph capture: the first compiles and autotunes, the
 # second runs with every lazy initialization (cuBLAS workspaces, Triton launchers) done.
 GRAPH_WARMUP_RUNS = 2
@@ -54,6 +58,13 @@ def cache_length(needed: int) -> int:
     """The bucketed cache length for `needed` slots: a multiple of CACHE_BUCKET, or of a quarter
     of needed's power of two when that is larger (at most 25% extra, log-many buckets)."""
     step = max(CACHE_BUCKET, 1 << max(needed.bit_length() - 3, 0))
+    return -(-needed // step) * step
+
+
+def prompt_length(needed: int) -> int:
+    """The bucketed prompt length for `needed` tokens: a multiple of PROMPT_BUCKET, or of an
+    eighth of needed's power of two when that is larger (at most 12.5% extra, log-many)."""
+    step = max(PROMPT_BUCKET, 1 << max(needed.bit_length() - 4, 0))
     return -(-needed // step) * step
 
 
@@ -180,9 +191,10 @@ def step_fn(compile: bool) -> Callable:
     return functools.partial(decode_step, layer_fn=compiled_layer())
 
 
-def capture(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+def capture(fn: Callable[[], torch.Tensor], pool=None) -> Callable[[], torch.Tensor]:
     """A CUDA graph of `fn` (device work on static buffers, no host reads): calling the result
-    replays the graph and returns `fn`'s (static, overwritten by the next call) output."""
+    replays the graph and returns `fn`'s (static, overwritten by the next call) output. `pool`:
+    a memory pool shared with other graphs never replayed at the same time."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -191,7 +203,7 @@ def capture(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
             fn()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, pool=pool):
         out = fn()
 
     def replay() -> torch.Tensor:
@@ -253,6 +265,9 @@ class DecodeState:
     step: Callable | None = None
     key: tuple | None = None
     model: tuple | None = None  # the base model's tensor ids
+    # prompt length -> (tokens, attention mask, replay) of a captured prefill into this cache
+    prefills: dict = dataclasses.field(default_factory=dict)
+    pool: object = None  # the prefill graphs' shared memory pool (one runs at a time)
 
     def run(self) -> torch.Tensor:
         if self.step is None:
@@ -261,6 +276,28 @@ class DecodeState:
                 compile=self.compile,
             )  # fmt: skip
         return self.step()
+
+    def prefill(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """`prefill` of `tokens` [batch, P] (left padded, `attention_mask` 1 = real; P a
+        `prompt_length`) into this state's cache, as a CUDA graph captured on the first prompt
+        of that length and replayed after; returns fp32 logits [batch, vocab] (overwritten by
+        the next prefill of that length). The cache's `valid` must already match the mask."""
+        length = tokens.shape[1]
+        if length in self.prefills:
+            static_tokens, static_mask, replay = self.prefills[length]
+            static_tokens.copy_(tokens)
+            static_mask.copy_(attention_mask)
+            return replay()
+        static_tokens, static_mask = tokens.clone(), attention_mask.clone()
+        run = prefill_fn(self.compile)
+        if self.pool is None and torch.cuda.is_available():
+            self.pool = torch.cuda.graph_pool_handle()
+        replay = capture(
+            lambda: run(self.params, static_tokens, self.cache, attention_mask=static_mask)[0],
+            pool=self.pool,
+        )
+        self.prefills[length] = (static_tokens, static_mask, replay)
+        return replay()
 
 
 # key -> DecodeState not in use, most recent last; all of one base model (`_graphs_model`).
