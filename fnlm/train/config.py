@@ -78,8 +78,9 @@ class TrainConfig:
     )
     distributed: str = option(
         "ddp", "under torchrun: ddp (each process holds the whole model; the trained tensors' "
-        "gradients are all-reduced) or fsdp (mode full: weights, gradients and optimizer state "
-        "sharded over the processes with FSDP2, one group per layer; also on one process)",
+        "gradients are all-reduced) or fsdp (sharded over the processes with FSDP2, one group "
+        "per layer, also on one process: mode full its weights, gradients and optimizer state; "
+        "mode lora its frozen 16-bit base, the adapters replicated)",
         choices=DISTRIBUTED,
     )  # fmt: skip
     fsdp_cpu_offload: bool = option(
@@ -272,11 +273,17 @@ class TrainConfig:
         check_numbers(self)
         check_data_options(self)
         sharded_setup = (self.mode, self.method, self.optimizer)
-        if self.distributed == "fsdp" and sharded_setup != ("full", "sft", "adamw"):
+        if self.distributed == "fsdp" and self.mode == "qlora":
             raise ArgumentError(
-                "distributed='fsdp' shards full fine-tuning (mode='full', method='sft', optimizer "
-                f"'adamw'), got mode {self.mode!r}, method {self.method!r}, optimizer "
-                f"{self.optimizer!r}; LoRA and QLoRA replicate the base: distributed='ddp'"
+                "distributed='fsdp' shards 16-bit weights; QLoRA's NF4 base is not sharded. Use "
+                "mode='lora' (a 16-bit base sharded over the processes) or distributed='ddp' (the "
+                "NF4 base replicated on every process)"
+            )
+        if self.distributed == "fsdp" and sharded_setup[1:] != ("sft", "adamw"):
+            raise ArgumentError(
+                "distributed='fsdp' shards supervised fine-tuning with AdamW (method='sft', "
+                f"optimizer 'adamw'), got method {self.method!r}, optimizer {self.optimizer!r}; "
+                "use distributed='ddp'"
             )
         from fnlm.train.methods.options import check_method  # the methods import fnlm.train
 

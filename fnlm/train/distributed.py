@@ -11,7 +11,8 @@ for adapter gradients (megabytes, not gigabytes) costs little.
 
 Full fine-tuning with distributed="fsdp" is sharded by `fnlm.train.fsdp`: FSDP2 reduce-scatters
 the gradients inside the backward, `reduce_step` then carries only the loss and the failure flag,
-and `clip_grad_norm` takes the DTensor shards.
+and `clip_grad_norm` takes the DTensor shards. LoRA with distributed="fsdp" shards the frozen base
+the same way, and its replicated adapters' gradients go through `reduce_step` as above.
 
 A rank that raises inside a step does not leave the others waiting: its failure flag travels in
 the same all-reduce as the gradients, every rank then learns which rank failed and why, and all
@@ -149,8 +150,9 @@ def reduce_step(
     failure: the exception this rank's step raised (its gradients count as zero). When any rank
     failed, every rank raises: the failed one its own exception, the others RankFailedError
     naming the failed ranks and their errors."""
+    sharded = isinstance(tensors, ShardedStep)
     tensors = [t for t in tensors if not isinstance(t, DTensor)]  # FSDP reduced its shards
-    if failure is not None and not tensors:
+    if failure is not None and sharded:
         stop_sharded_step(failure)
     device = _device()
     grads = [
@@ -182,6 +184,12 @@ def reduce_step(
 
 
 FAILURE_KEY = "fnlm/failed/"
+
+
+class ShardedStep(list):
+    """The trained tensors of a step whose forward and backward run FSDP's collectives
+    (`fnlm.train.fsdp.ShardedTrainable.tensors`: DTensor shards, or replicated adapters over a
+    sharded base): a failure in such a step is told through `stop_sharded_step`."""
 
 
 def stop_sharded_step(failure: BaseException) -> None:

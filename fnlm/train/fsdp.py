@@ -1,5 +1,6 @@
-"""Full fine-tuning sharded over the processes with FSDP2 (`torch.distributed.fsdp.fully_shard`),
-for models whose weights, gradients and AdamW state do not fit one GPU (`distributed="fsdp"`).
+"""Training sharded over the processes with FSDP2 (`torch.distributed.fsdp.fully_shard`), for
+models whose weights (and, fine-tuned fully, gradients and AdamW state) do not fit one GPU
+(`distributed="fsdp"`): full fine-tuning, or LoRA over a sharded 16-bit base.
 
 The params pytree stays the model: `ShardedModel` holds its tensors as the parameters of thin
 `nn.Module`s — one per decoder layer and one root for the rest (embedding, final norm, lm head) —
@@ -20,6 +21,17 @@ the math moves into modules; the modules exist so that `fully_shard` can own the
 Checkpoints go through `torch.distributed.checkpoint` (every rank writes its shards into one
 directory, rank 0 the rest), so a run resumes on any number of processes; the final model is
 gathered on rank 0 and written as a single-GPU run writes it.
+
+LoRA (mode="lora"): the base's shards are frozen (requires_grad False: FSDP2 gathers them for
+the forward and again for the backward, which needs them for the input gradients, but has no
+gradient to reduce-scatter). The adapters stay outside the FSDP modules, replicated on every rank
+as in the DDP path: each layer's forward receives its adapters as arguments and attaches them to
+the weights FSDP gathered, and `distributed.reduce_step` all-reduces their gradients once per
+step. Sharding them too (FSDP2 allows frozen and trained tensors in one group) would save only
+megabytes per rank, at the price of DTensor optimizer state, an adapter all-gather per layer and
+a gather to save them; replicated, their checkpoints are a single-process run's (rank 0 writes
+trainable.safetensors, AdamW state and the PEFT adapter), and resume on any number of processes
+and with or without fsdp.
 """
 
 from __future__ import annotations
@@ -51,8 +63,10 @@ from torch.distributed.tensor import DTensor
 
 from fnlm import files
 from fnlm.errors import ArgumentError, CheckpointError
+from fnlm.lora import Lora, attach
+from fnlm.lora.tree import entries, is_adapter
 from fnlm.loss import loss as model_loss
-from fnlm.params import Params, leaf_paths, path_name
+from fnlm.params import Params, leaf_paths, path_name, tree_map
 from fnlm.train import distributed
 from fnlm.train.checkpoint import checkpoint_path, read_run_state, write_run_state
 
@@ -102,17 +116,31 @@ class _Tree(nn.Module):
 
 
 class _Layer(_Tree):
-    """One decoder layer: its forward runs the layer function on the tensors FSDP gathered."""
+    """One decoder layer: its forward runs the layer function on the tensors FSDP gathered, with
+    the layer's adapters (`adapters`: lora["layers"][index], a plain dict FSDP sees as inputs, so
+    its post-backward hook waits for their gradients) attached to them."""
 
-    def forward(self, config, layer_fn, x, cos, sin, mask):
-        return layer_fn(config, self.tree(), x, cos, sin, mask)
+    def __init__(self, node: dict, made: dict, dtype, index: int):
+        super().__init__(node, made, dtype, f"layers.{index}")
+        self._fnlm_index = index
+
+    def forward(self, config, layer_fn, x, cos, sin, mask, adapters=None, lora_config=None,
+                training=False):  # fmt: skip
+        layer = self.tree()
+        if adapters:  # attached at the layer's own path, as fnlm.lora.attach does for the model
+            i = self._fnlm_index
+            part = Lora({"layers": {i: adapters}}, lora_config, config, training)
+            layer = attach(Params({"layers": {i: layer}}, config), part)["layers"][i]
+        return layer_fn(config, layer, x, cos, sin, mask)
 
 
 class ShardedModel(_Tree):
     """The params as FSDP2 modules: `layers.<i>` one sharded group per decoder layer, the other
-    top-level entries one root group. Calling it returns the summed token loss of a batch."""
+    top-level entries one root group. Calling it returns the summed token loss of a batch.
+    frozen: the tensors get no gradient (the base of a LoRA run)."""
 
-    def __init__(self, params: Params, *, master_dtype, compute_dtype, offload: bool, device):
+    def __init__(self, params: Params, *, master_dtype, compute_dtype, offload: bool, device,
+                 frozen: bool = False):  # fmt: skip
         made: dict[int, nn.Parameter] = {}
         super().__init__({k: v for k, v in params.items() if k != "layers"}, made, master_dtype, "")
         self.config = params.config
@@ -133,7 +161,7 @@ class ShardedModel(_Tree):
         seen = set(made)
         for i, layer in enumerate(params["layers"]):  # one at a time: one layer unsharded at most
             own: dict[int, nn.Parameter] = {}  # dropped with the layer's unsharded copies
-            module = _Layer(layer, own, master_dtype, f"layers.{i}")
+            module = _Layer(layer, own, master_dtype, i).requires_grad_(not frozen)
             if seen & set(own):  # FSDP shards a tensor within one group only
                 raise ArgumentError(
                     f"fsdp: layers.{i} shares a tensor with another layer or the embedding; "
@@ -141,18 +169,32 @@ class ShardedModel(_Tree):
                 )
             seen |= set(own)
             self.layers.append(fully_shard(module, **options))
+        self.requires_grad_(not frozen)
         fully_shard(self, **options)
         for module in self.modules():
             if isinstance(module, FSDPModule):  # sum: the losses are divided by the global count
                 module.set_gradient_divide_factor(1.0)
                 module.set_force_sum_reduction_for_comms(True)
 
-    def forward(self, batch: dict, layer_fn) -> torch.Tensor:
+    def forward(self, batch: dict, layer_fn, adapters: dict | None = None, lora_config=None,
+                training: bool = False) -> torch.Tensor:  # fmt: skip
+        """The summed token loss of `batch`. adapters: a Lora's tree as a plain dict (FSDP
+        rebuilds the containers of its inputs), lora_config its LoraConfig, training its
+        dropout."""
+        layers = dict(enumerate((adapters or {}).get("layers", ())))
+
         def call(config, layer, x, cos, sin, mask):
-            return layer(config, layer_fn, x, cos, sin, mask)
+            mine = layers.get(layer._fnlm_index)
+            if not mine:
+                return layer(config, layer_fn, x, cos, sin, mask)
+            return layer(config, layer_fn, x, cos, sin, mask, mine, lora_config, training)
 
         view = Params({**self.tree(), "layers": list(self.layers)}, self.config)
-        return model_loss(view, batch, reduction="sum", layer_fn=call)
+        lora = None
+        if adapters is not None:  # the adapters outside the layers (lm_head, saved modules)
+            rest = {k: v for k, v in adapters.items() if k != "layers"}
+            lora = Lora(rest, lora_config, self.config, training)
+        return model_loss(view, batch, lora=lora, reduction="sum", layer_fn=call)
 
 
 def target_device(config) -> torch.device:
@@ -165,17 +207,18 @@ def target_device(config) -> torch.device:
 
 
 class ShardedTrainable:
-    """`fnlm.train.step.Trainable` for distributed="fsdp": every floating tensor of the params is
-    trained, held sharded by `ShardedModel` (`named`: fnlm path names and DTensor shards).
+    """`fnlm.train.step.Trainable` for distributed="fsdp", the params held sharded by
+    `ShardedModel`. Full fine-tuning (lora None): every floating tensor of the params is trained
+    (`named`: fnlm path names and DTensor shards). LoRA: the shards are frozen and `named` are
+    the adapters, moved to `device` and replicated (`self.lora`).
 
     params: the loaded model (anywhere, typically the CPU: each layer is moved to the device and
-    sharded in turn). fp32_master: the shards (and so AdamW) are fp32, the layers compute in the
-    params' dtype. offload: shards, gradients and optimizer state in host memory."""
+    sharded in turn). fp32_master (full fine-tuning): the shards (and so AdamW) are fp32, the
+    layers compute in the params' dtype. offload: shards, gradients and optimizer state in host
+    memory."""
 
-    full = True
-    lora = None
-
-    def __init__(self, params: Params, *, device, fp32_master: bool, offload: bool):
+    def __init__(self, params: Params, lora: Lora | None = None, *, device, fp32_master: bool,
+                 offload: bool):  # fmt: skip
         if offload and device.type != "cuda":
             raise ArgumentError(
                 f"fsdp_cpu_offload keeps the shards in host memory for a GPU run; this run's "
@@ -184,11 +227,19 @@ class ShardedTrainable:
         leaves = [(path, t) for path, t in leaf_paths(dict(params))]
         floating = [t for _, t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()]
         dtype = floating[0].dtype if floating else torch.float32
+        self.full = lora is None
+        fp32_master = fp32_master and self.full  # a frozen base keeps its dtype
         self.module = ShardedModel(
             params, master_dtype=torch.float32 if fp32_master else None, compute_dtype=dtype,
-            offload=offload, device=device,
+            offload=offload, device=device, frozen=not self.full,
         )  # fmt: skip
-        self.named = list(self.module.named_parameters())
+        self.lora = None
+        if self.full:
+            self.named = list(self.module.named_parameters())
+        else:
+            moved = tree_map(lambda t: t.detach().to(device).requires_grad_(True), dict(lora))
+            self.lora = Lora(moved, lora.config, lora.model_config, lora.training)
+            self.named = [(path_name(p), t) for p, t in leaf_paths(dict(self.lora))]
         # how to rebuild a params pytree from the module's names: each leaf's path, the name its
         # tensor is trained under (a tied weight: the first path it appears at) and its dtype
         first: dict[int, str] = {}
@@ -202,12 +253,26 @@ class ShardedTrainable:
         self.params = self.rebuild(shards)  # this rank's view: DTensor leaves
 
     @property
-    def tensors(self) -> list[torch.Tensor]:
-        return [t for _, t in self.named]
+    def tensors(self) -> distributed.ShardedStep:
+        return distributed.ShardedStep(t for _, t in self.named)
 
-    def loss(self, batch: dict, layer_fn) -> torch.Tensor:
-        """The summed token loss of a micro-batch through the sharded model (on every rank)."""
-        return self.module(batch, layer_fn)
+    def loss(self, batch: dict, layer_fn, training: bool = True) -> torch.Tensor:
+        """The summed token loss of a micro-batch through the sharded model (on every rank);
+        training: the adapters' dropout on."""
+        if self.lora is None:
+            return self.module(batch, layer_fn)
+        return self.module(batch, layer_fn, dict(self.lora), self.lora.config, training)
+
+    def adapter_base(self) -> Params | None:
+        """The base weights a PEFT adapter file stores (`fnlm.lora.save`'s params): embed and
+        lm_head gathered whole when the adapters adapt one of them, else None. A collective:
+        every rank calls it."""
+        adapted = {path[0] for path, node in entries(self.lora) if is_adapter(node)}
+        if not adapted & {"embed", "lm_head"}:
+            return None
+        root = self.module.tree()
+        gathered = {k: root[k].full_tensor() for k in ("embed", "lm_head") if k in root}
+        return Params(gathered, self.module.config)
 
     def rebuild(self, named: dict) -> Params:
         return pytree.tree_unflatten([named[name] for name, _ in self.leaves], self.spec)

@@ -54,10 +54,11 @@ def train(
     Under `torchrun --nproc_per_node N` each process joins the process group (`distributed`) and
     trains its share of every step: the global batch is batch_size x grad_accum x N; rank 0
     writes the checkpoints, metrics and the result. A rank failing in a step stops all with its
-    error (RankFailedError on the others). config.distributed="fsdp" shards a full fine-tune
-    over the processes (`fnlm.train.fsdp`; also on one process): every rank then writes its
-    shards of each checkpoint, and the returned params are the trained model on rank 0, this
-    rank's DTensor shards on the others.
+    error (RankFailedError on the others). config.distributed="fsdp" shards the model over the
+    processes (`fnlm.train.fsdp`; also on one process): a full fine-tune's checkpoints are then
+    written by every rank (its shards), LoRA's adapters are replicated and saved as without
+    fsdp; the returned params are the (trained) model gathered on rank 0, this rank's DTensor
+    shards on the others.
     """
     own_group = distributed.init(config.device, single=config.distributed == "fsdp")
     try:
@@ -257,7 +258,7 @@ def finish(run: Run, status: str, losses: list, eval_losses: list) -> TrainResul
     if main:
         trackers.finish(run.metrics_path)
     full = run.config.mode == "full"
-    final = run.trainable.final_params() if full else run.params  # FSDP: gathered by all ranks
+    final = run.trainable.final_params()  # FSDP (full or LoRA): the base gathered by all ranks
     if not complete:
         print(
             f"fnlm.train: interrupted at step {run.step}; checkpoint {run.last_checkpoint}; "
@@ -266,7 +267,7 @@ def finish(run: Run, status: str, losses: list, eval_losses: list) -> TrainResul
     elif full and main:
         save_full_model(run.run_dir, final, run.tokenizer)
     elif main:
-        lora_lib.save(run.run_dir, run.lora, params=run.params)  # its base: lora.config's
+        lora_lib.save(run.run_dir, run.lora, params=final)  # its base: lora.config's
     distributed.barrier()  # no rank returns before the result is written
     return TrainResult(
         run_dir=run.run_dir, step=run.step, status=status, losses=losses,

@@ -99,7 +99,7 @@ class Run:
             return self.method.step_loss(self, batch, training)
         layer_fn = self.layer_fn if training else decoder.layer_forward
         if isinstance(self.trainable, fsdp.ShardedTrainable):
-            return self.trainable.loss(batch, layer_fn)
+            return self.trainable.loss(batch, layer_fn, training)
         run_params, run_lora = self.trainable.model(training)
         return model_loss(run_params, batch, lora=run_lora, reduction="sum", layer_fn=layer_fn)
 
@@ -123,7 +123,11 @@ class Run:
         once the next step has passed the divergence watch (`prune_checkpoints`), so the last
         checkpoint from before a bad update is never pruned."""
         options = json.loads(json.dumps(self.config.to_dict(), default=str))
-        if isinstance(self.trainable, fsdp.ShardedTrainable):  # every rank writes its shards
+        sharded = isinstance(self.trainable, fsdp.ShardedTrainable)
+        # LoRA over a sharded base: the replicated adapters are saved as without fsdp, with the
+        # embed / lm_head base weights a PEFT file stores gathered first (by every rank)
+        base = self.trainable.adapter_base() if sharded and not self.trainable.full else self.params
+        if sharded and self.trainable.full:  # every rank writes its shards
             self.last_checkpoint = fsdp.save_checkpoint(
                 self.run_dir, self.step, self.trainable, self.optimizer, self.scheduler,
                 self.position, {"total_steps": self.total_steps, "config": options},
@@ -133,7 +137,7 @@ class Run:
                 self.run_dir, self.step, named=self.trainable.named, optimizer=self.optimizer,
                 scheduler=self.scheduler, position=self.position,
                 extra={"total_steps": self.total_steps, "config": options}, lora=self.lora,
-                params=self.params,
+                params=base,
             )  # fmt: skip
         else:
             self.last_checkpoint = checkpoint_path(self.run_dir, self.step)
@@ -303,9 +307,9 @@ def start(config: TrainConfig, *, params=None, tokenizer=None, lora=None, data=N
             modules_to_save=config.modules_to_save, base_model_name_or_path=getattr(params, "model_id", None),
         )  # fmt: skip
     if config.distributed == "fsdp":  # params: from here on this rank's DTensor shards
-        trainable = fsdp.ShardedTrainable(params, device=device, offload=config.fsdp_cpu_offload,
+        trainable = fsdp.ShardedTrainable(params, lora, device=device, offload=config.fsdp_cpu_offload,
                                           fp32_master=config.fp32_master_weights)  # fmt: skip
-        params = trainable.params
+        params, lora = trainable.params, trainable.lora
     else:
         trainable = Trainable(params, lora, full=full, fp32_master=config.fp32_master_weights)
 
@@ -357,7 +361,7 @@ def start(config: TrainConfig, *, params=None, tokenizer=None, lora=None, data=N
     run_dir.mkdir(parents=True, exist_ok=True)
     options = json.loads(json.dumps(config.to_dict(), default=str))
     if resume_from is not None:
-        if config.distributed == "fsdp":
+        if config.distributed == "fsdp" and full:
             state = fsdp.load_checkpoint(resume_from, trainable, optimizer, scheduler)
         else:
             state = load_checkpoint(
