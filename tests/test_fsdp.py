@@ -226,6 +226,32 @@ def test_mixed_precision_fp32_shards_over_a_bf16_model_equal_unsharded_masters(t
         assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, ref[name]), name
 
 
+def test_lora_adapting_embed_and_lm_head_over_a_sharded_base(tmp_path):
+    """One process: LoRA on embed and lm_head (the root's sharded tensors, adapted on the root) and
+    a layer, with a saved module, trains exactly as without fsdp, and its PEFT files hold the same
+    tensors — the embed / lm_head base weights PEFT stores among them, gathered from the shards."""
+    from models import saved_checkpoint
+    from test_train import load_fp32, random_data, run_config, tiny_config
+
+    options = dict(mode="lora", max_steps=3, batch_size=2, grad_accum=2, packing=False,
+                   pad_to_multiple=1, seed=3, save_every=2, targets=("embed", "q", "lm_head"),
+                   modules_to_save=("norm",))  # fmt: skip
+    results = {}
+    with saved_checkpoint(tiny_config()) as (_, directory):
+        for name, extra in {"plain": {}, "fsdp": {"distributed": "fsdp"}}.items():
+            config = run_config(tmp_path / name, **options, **extra)
+            data = random_data(n=16, seed=7)
+            results[name] = train(config, params=load_fp32(directory), data=data).losses
+    assert results["fsdp"] == results["plain"]
+    for adapter in ("adapter_model.safetensors", "checkpoint-2/adapter_model.safetensors"):
+        ref = load_file(tmp_path / "plain" / adapter)
+        ours = load_file(tmp_path / "fsdp" / adapter)
+        assert sorted(ours) == sorted(ref)
+        assert any(name.endswith("lm_head.base_layer.weight") for name in ref)
+        for name, tensor in ours.items():
+            assert torch.equal(tensor, ref[name]), name
+
+
 @pytest.mark.parametrize("world,total", [(2, 7), (3, 7), (4, 2), (2, 4)])
 def test_eval_batches_are_shared_evenly(monkeypatch, world, total):
     """Every batch is counted on exactly one rank; with even=True every rank runs as many

@@ -26,7 +26,8 @@ from the newest one. The run directory holds train_config.json, metrics.jsonl, l
 checkpoint-N/ and the final PEFT adapter (or, with --mode full, the model).
 
 Several GPUs: torchrun --nproc_per_node N -m fnlm.cli train ... (the global batch is batch_size x
-grad_accum x N); --distributed fsdp shards a --mode full run over them (FSDP2)."""
+grad_accum x N); --distributed fsdp shards the model over them (FSDP2): a --mode full run's
+weights, gradients and optimizer state, or a --mode lora run's frozen 16-bit base."""
 
 # The first field of each group of flags in `--help`, in field order.
 GROUPS = {
