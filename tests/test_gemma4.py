@@ -11,6 +11,7 @@ transformers bit for bit on the configs tried while writing this, the slack cove
 from __future__ import annotations
 
 import tempfile
+import unittest.mock
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -423,3 +424,40 @@ def test_bidirectional_gemma4_is_refused(model_type):
     config["use_bidirectional_attention"] = "all"
     with pytest.raises(fnlm.errors.UnsupportedModelError, match="bidirectional"):
         fnlm.models.config_from_hf(config)
+
+
+@GEMMA4
+@pytest.mark.parametrize("checkpointing", ["layer", "offload"])
+@settings(max_examples=2, deadline=None)
+@given(data=st.data())
+def test_checkpointing_recomputes_gemma4_layers(model_type, checkpointing, data):
+    """Training's layer function checkpoints Gemma 4's own layer (through its `wrap`): each layer
+    runs twice (forward, recompute), and the loss and adapter gradients equal no checkpointing."""
+    config = data.draw(gemma4_configs())
+    runs = []
+    original = gemma4.layer_forward
+
+    def counting(*args):
+        runs.append(1)
+        return original(*args)
+
+    tokens = tokens_for(config.vocab_size, (2, 12), seed=3)
+    counted = unittest.mock.patch.object(gemma4, "layer_forward", counting)
+    with counted, checkpoint(config, model_type=model_type) as (_, directory):
+        params = load_fp32(directory)
+        lora = fnlm.lora.init(params, r=4, alpha=8, seed=0)
+        results = {}
+        for mode in ("none", checkpointing):
+            layer_fn = fnlm.train.layer_function(mode, preserve_rng=False)
+            runs.clear()
+            loss = fnlm.loss(params, {"tokens": tokens}, lora=lora, layer_fn=layer_fn)
+            loss.backward()
+            results[mode] = (loss.item(), [t.grad.clone() for t in fnlm.lora.parameters(lora)])
+            results[mode] += (len(runs),)
+            for t in fnlm.lora.parameters(lora):
+                t.grad = None
+    layers = config.num_hidden_layers
+    assert results["none"][2] == layers and results[checkpointing][2] == 2 * layers
+    assert results[checkpointing][0] == results["none"][0]
+    for a, b in zip(results[checkpointing][1], results["none"][1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # same ops in the same order

@@ -474,8 +474,8 @@ def hidden_states(
     cache_slots: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """fnlm.models.decoder.hidden_states for Gemma 4 (same arguments and cache). `layer_fn` (the
-    training wrappers of decoder.layer_forward: checkpointing, compile) does not apply to Gemma 4's
-    layer and is ignored."""
+    training wrappers of decoder.layer_forward) is not called: Gemma 4's layer takes and returns
+    more; its `wrap`, when it has one (fnlm.train's layer functions), checkpoints this layer."""
     config = params.config
     lay = layout(config)
     if positions is None:
@@ -487,6 +487,8 @@ def hidden_states(
     sources = {s for i, s in enumerate(lay.kv_source) if s != i}
     shared: dict[int, tuple] = {}
     layer_masks: dict = {}
+    wrap = getattr(layer_fn, "wrap", None)
+    run = wrap(layer_forward) if wrap is not None and cache is None else layer_forward
     for i, p in enumerate(params["layers"]):
         window = config.window(i)
         if window not in layer_masks:
@@ -496,7 +498,7 @@ def hidden_states(
                 else decoder.build_mask(positions, attention_mask, segments, window)
             )
         kv = (cache["k"][i], cache["v"][i], cache_slots) if cache is not None else None
-        x, keys_values = layer_forward(
+        x, keys_values = run(
             config, i, p, x, ropes[config.layer_types[i]], layer_masks[window], kv,
             shared.get(lay.kv_source[i]) if lay.shared(i) else None,
             extra[:, :, i] if extra is not None else None,

@@ -3,6 +3,7 @@ input offloaded to pinned CPU memory), torch.compile of the layer, MLP tiling.""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -134,6 +135,8 @@ def layer_function(
     keep_layers: with "layer" / "offload", the last this many layers of each forward are not
     checkpointed: their activations stay, so the backward recomputes fewer layers (the knob
     between "layer" and "none").
+    The result's `wrap(fn)` applies the same checkpointing to a family's own layer function (see
+    `_checkpointed`; compile, MLP tiles and keep_layers are decoder.layer_forward's only).
     """
     if checkpointing not in ("none", "layer", "offload"):
         raise ArgumentError(
@@ -150,7 +153,12 @@ def layer_function(
         # Shapes vary with packing / padding: after the first change the length becomes symbolic.
         inner = torch.compile(inner, backend=backend)
     if checkpointing == "none":
-        return inner
+
+        def plain(config, p, x, cos, sin, mask):
+            return inner(config, p, x, cos, sin, mask)
+
+        plain.wrap = lambda fn: fn
+        return plain
     # Layers run in order, once per forward (the recompute in backward calls `inner` directly),
     # so a count of the calls numbers them.
     calls = [0]
@@ -171,6 +179,7 @@ def layer_function(
                 preserve_rng_state=preserve_rng,
             )  # fmt: skip
 
+        checkpointed.wrap = functools.partial(_checkpointed, preserve_rng=preserve_rng)
         return checkpointed
 
     anchor = torch.empty(0, requires_grad=True)  # makes backward run even when x needs no grad
@@ -184,4 +193,21 @@ def layer_function(
         run = lambda h: inner(config, p, h, cos, sin, mask)
         return _OffloadedCheckpoint.apply(run, slot, x, anchor, preserve_rng)
 
+    offloaded.wrap = functools.partial(_checkpointed, preserve_rng=preserve_rng)
     return offloaded
+
+
+def _checkpointed(fn: Callable, *, preserve_rng: bool) -> Callable:
+    """fn (a family's own layer function, any arguments and outputs) under torch's non-reentrant
+    checkpoint while gradients are on: the `wrap` of a layer function, for the families whose
+    hidden_states runs its own layers (Gemma 4: a layer also returns the keys and values later
+    layers share). Offload falls back to this: its saved input is the one tensor x."""
+
+    def run(*args):
+        if not torch.is_grad_enabled():
+            return fn(*args)
+        return torch.utils.checkpoint.checkpoint(
+            fn, *args, use_reentrant=False, preserve_rng_state=preserve_rng
+        )
+
+    return run
