@@ -3,6 +3,8 @@
     torchrun --nproc_per_node N scripts/bench_distributed.py --model llama-3.1-8b --mode qlora
     torchrun --nproc_per_node N scripts/bench_distributed.py --model llama-3.1-8b --mode full \\
         --distributed fsdp --fp32-master
+    torchrun --nproc_per_node N scripts/bench_distributed.py --model llama-3.1-8b --mode lora \\
+        --distributed fsdp
 
 Rank 0 writes a random-init bf16 checkpoint of the real config (scripts/bench_train.py's
 REAL_CONFIGS; kept in --checkpoints for the next run), then every rank trains it on the packed
