@@ -7,7 +7,12 @@ as one flat bucket after the last backward. Not torch DDP: DDP needs an nn.Modul
 autograd, while fnlm's adapters are plain tensors and a step's backward may be a CUDA graph
 replay; one all-reduce per optimizer step (after gradient accumulation, outside any graph) is
 what DDP with `no_sync` over the accumulation would do, minus the overlap with backward, which
-for adapter gradients (megabytes, not gigabytes) costs little.
+for adapter gradients costs little: Llama-3.1-8B with r=16 on all seven projections has 41.9M
+adapter elements, 168 MB of fp32 gradients, about 0.5 ms (2 GPUs) to 0.7 ms (4) of NVLink ring
+all-reduce at ~370 GB/s bus bandwidth, against a ~0.4 s step of 2 x 2048 tokens per GPU. An
+overlap would need gradient hooks launching bucketed async all-reduces, which a CUDA-graph replay
+(the default GPU step) never calls, and a failure protocol for a rank stopping between buckets:
+not worth 0.2% of a step.
 
 Full fine-tuning with distributed="fsdp" is sharded by `fnlm.train.fsdp`: FSDP2 reduce-scatters
 the gradients inside the backward, `reduce_step` then carries only the loss and the failure flag,
