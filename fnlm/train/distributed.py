@@ -9,7 +9,8 @@ replay; one all-reduce per optimizer step (after gradient accumulation, outside 
 what DDP with `no_sync` over the accumulation would do, minus the overlap with backward, which
 for adapter gradients costs little: Llama-3.1-8B with r=16 on all seven projections has 41.9M
 adapter elements, 168 MB of fp32 gradients, about 0.5 ms (2 GPUs) to 0.7 ms (4) of NVLink ring
-all-reduce at ~370 GB/s bus bandwidth, against a ~0.4 s step of 2 x 2048 tokens per GPU. An
+all-reduce at ~370 GB/s bus bandwidth, against a step of 2 x 2048 tokens per GPU of ~0.4 s
+(estimates, not measured: 4 x params x tokens FLOPs at 40% of an H200's bf16 peak). An
 overlap would need gradient hooks launching bucketed async all-reduces, which a CUDA-graph replay
 (the default GPU step) never calls, and a failure protocol for a rank stopping between buckets:
 not worth 0.2% of a step.
