@@ -91,7 +91,10 @@ def token_logprobs(
         args = (h[start : start + chunk], weight, labels[start : start + chunk],
                 float(config.logit_scale), config.final_softcap, float(temperature))  # fmt: skip
         if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-            pieces.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False))
+            # no RNG in a chunk: no RNG state read (which a CUDA graph capture refuses)
+            pieces.append(
+                checkpoint(_chunk_logprobs, *args, use_reentrant=False, preserve_rng_state=False)
+            )
         else:
             pieces.append(_chunk_logprobs(*args))
     values = torch.cat(pieces).view(scored.shape)
