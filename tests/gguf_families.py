@@ -80,6 +80,25 @@ def family_config(family: str, vocab: int):
             **s, attention_bias=True, embedding_multiplier=6.0, residual_multiplier=0.5,
             attention_multiplier=0.125, logits_scaling=4.0, tie_word_embeddings=False,
         ),
+        # Falcon-40B's layout (new decoder architecture: kv groups, ln_attn + ln_mlp) and
+        # Falcon-7B's (multi-query, one norm before the parallel attention and MLP)
+        "falcon": lambda: t.FalconConfig(
+            **_falcon(s), new_decoder_architecture=True, num_kv_heads=2, parallel_attn=True,
+        ),
+        "falcon_7b": lambda: t.FalconConfig(
+            **_falcon(s), new_decoder_architecture=False, multi_query=True, parallel_attn=True,
+        ),
+        # gpt-oss: sinks, biases, alternating window, yarn, a biased router over 4 experts, the
+        # clamped SwiGLU. Yarn's ramp ends rounded (truncate true), as llama.cpp always rounds
+        # them; OpenAI's truncate false is written with a warning (test_gguf_families)
+        "gpt_oss": lambda: t.GptOssConfig(
+            **{**s, "intermediate_size": 32}, head_dim=16, num_local_experts=4,
+            num_experts_per_tok=2, sliding_window=3, layer_types=ALTERNATING,
+            rope_parameters={"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0,
+                             "beta_slow": 1.0, "truncate": True, "rope_theta": 1e4,
+                             "original_max_position_embeddings": 64},
+            tie_word_embeddings=False,
+        ),
         "smollm3": lambda: t.SmolLM3Config(
             **s, no_rope_layer_interval=4, use_sliding_window=False, pad_token_id=None,
             bos_token_id=None, eos_token_id=None,
@@ -88,9 +107,18 @@ def family_config(family: str, vocab: int):
     return configs[family]()
 
 
+def _falcon(sizes: dict) -> dict:
+    return dict(
+        vocab_size=sizes["vocab_size"], hidden_size=64, num_hidden_layers=4,
+        num_attention_heads=4, ffn_hidden_size=96, bias=False, alibi=False,
+        max_position_embeddings=1024, initializer_range=0.3, tie_word_embeddings=False,
+    )  # fmt: skip
+
+
 FAMILIES = [
     "gemma", "gemma2", "gemma3_text", "phi3", "phi3_longrope", "qwen2_moe", "qwen3_moe",
-    "mixtral", "starcoder2", "olmo2", "olmo3", "cohere", "granite", "smollm3",
+    "mixtral", "starcoder2", "olmo2", "olmo3", "cohere", "granite", "smollm3", "falcon",
+    "falcon_7b", "gpt_oss",
 ]  # fmt: skip
 
 

@@ -361,12 +361,14 @@ def test_gguf_tokenizer_llama_cpp_would_read_otherwise(tmp_path, tokenizers):
 
 def test_gguf_refuses_what_it_cannot_hold(tmp_path, tokenizers):
     tok = tokenizers["byte_level"]
-    falcon = transformers.FalconConfig(
-        vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+    ministral = transformers.MinistralConfig(  # llama.cpp has no (non-3) Ministral architecture
+        vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=None,
+        layer_types=["full_attention"],
     )  # fmt: skip
-    with saved_checkpoint(falcon) as (_, directory):
+    with saved_checkpoint(ministral) as (_, directory):
         params, _ = load_fp32(directory)
-    with pytest.raises(ExportError, match=r"GGUF export supports .*gemma.*; falcon is not one"):
+    with pytest.raises(ExportError, match=r"GGUF export supports .*gemma.*; ministral is not one"):
         fnlm.save(tmp_path, params, tok, format="gguf")
     with pytest.raises(ArgumentError, match="needs tok="):
         fnlm.save(tmp_path, params, format="gguf")

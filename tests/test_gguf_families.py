@@ -70,6 +70,64 @@ def test_family_metadata_and_tensors(exported, family):
         assert int(stacked.shape[-1]) == config.num_experts
 
 
+def _field(reader, key):
+    return reader.fields[key].contents()
+
+
+def test_falcon_qkv_in_llama_cpps_layout(exported):
+    """Falcon-40B's qkv rows, grouped per kv head, written q heads, then k, then v; its two norms
+    as attn_norm (ln_mlp, both branches' in llama.cpp) and attn_norm_2 (ln_attn)."""
+    params, path = exported["falcon"]
+    reader = gguf.GGUFReader(path)
+    tensors = {t.name: t for t in reader.tensors}
+    assert _field(reader, "falcon.attention.head_count_kv") == 2
+    assert {"blk.0.attn_norm.weight", "blk.0.attn_norm_2.bias"} <= set(tensors)
+    qkv = torch.from_numpy(tensors["blk.1.attn_qkv.weight"].data.astype("float32"))
+    hf = params["layers"][1]["attn"]["qkv"].float()  # [q q k v] per kv group of 2 heads
+    groups = hf.reshape(2, 4, 16, 64)
+    want = torch.cat([groups[:, :2].reshape(-1, 64), groups[:, 2].reshape(-1, 64),
+                      groups[:, 3].reshape(-1, 64)])  # fmt: skip
+    assert torch.equal(qkv, want)
+    norm = torch.from_numpy(tensors["blk.1.attn_norm.weight"].data)
+    assert torch.equal(norm, params["layers"][1]["norm_mlp"].float())
+
+
+def test_gpt_oss_experts_sinks_and_yarn(exported):
+    """gpt-oss's 16-bit experts as convert_hf_to_gguf writes them: gate_up split into gate and up
+    stacks [E, I, H] (ggml shape [H, I, E]), per-expert biases F32, sinks, the window pattern and
+    yarn keys."""
+    params, path = exported["gpt_oss"]
+    reader = gguf.GGUFReader(path)
+    tensors = {t.name: t for t in reader.tensors}
+    shapes = {n: [int(d) for d in t.shape] for n, t in tensors.items()}
+    assert shapes["blk.0.ffn_gate_exps.weight"] == [64, 32, 4]
+    assert shapes["blk.0.ffn_up_exps.weight"] == [64, 32, 4]
+    assert shapes["blk.0.ffn_down_exps.weight"] == [32, 64, 4]
+    assert shapes["blk.0.ffn_gate_exps.bias"] == [32, 4]
+    assert shapes["blk.0.attn_sinks.weight"] == [4]
+    assert tensors["blk.0.ffn_up_exps.bias"].tensor_type == gguf.GGMLQuantizationType.F32
+    mlp = params["layers"][2]["mlp"]
+    up = torch.from_numpy(tensors["blk.2.ffn_up_exps.weight"].data.astype("float32"))
+    assert torch.equal(up, mlp["experts"]["gate_up"][:, 32:].float())  # fnlm: gate rows, then up
+    down = torch.from_numpy(tensors["blk.2.ffn_down_exps.weight"].data.astype("float32"))
+    assert torch.equal(down, mlp["experts"]["down"].float())
+    gate_bias = torch.from_numpy(tensors["blk.2.ffn_gate_exps.bias"].data)
+    assert torch.equal(gate_bias, mlp["experts_gate_up_bias"][:, :32].float())
+    assert _field(reader, "gpt-oss.attention.sliding_window_pattern") == [True, False] * 2
+    assert _field(reader, "gpt-oss.rope.scaling.type") == "yarn"
+    assert _field(reader, "gpt-oss.rope.scaling.original_context_length") == 64
+
+
+def test_gpt_oss_unrounded_yarn_is_written_with_a_warning(tok, tmp_path):
+    """OpenAI's gpt-oss configs say truncate: false; llama.cpp rounds the ramp ends regardless."""
+    config = family_config("gpt_oss", tok.vocab_size)
+    config.rope_parameters["truncate"] = False
+    params, _ = load_fp32(save_rounded(config, tmp_path / "gpt_oss"))
+    with pytest.warns(UserWarning, match=r"rounds yarn's ramp ends.*truncate: false"):
+        fnlm.save(tmp_path / "f.gguf", params, tok, format="gguf")
+    assert (tmp_path / "f.gguf").exists()
+
+
 @pytest.mark.parametrize("family", sorted(TRANSFORMERS_READS))
 def test_family_in_transformers_gguf_loader(exported, tok, family):
     params, path = exported[family]
@@ -84,12 +142,14 @@ def test_family_in_transformers_gguf_loader(exported, tok, family):
 
 
 def test_a_family_llama_cpp_lacks_is_refused_with_the_list(tok, tmp_path):
-    config = transformers.FalconConfig(
-        vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-        new_decoder_architecture=True, num_kv_heads=1,
+    # llama.cpp's converter has no MinistralForCausalLM (only Ministral3ForCausalLM, Mistral 3)
+    config = transformers.MinistralConfig(
+        vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=None,
+        layer_types=["full_attention"] * 2,
     )  # fmt: skip
-    params, _ = load_fp32(save_rounded(config, tmp_path / "falcon"))
-    with pytest.raises(ExportError, match=r"GGUF export supports .*gemma2.*; falcon is not"):
+    params, _ = load_fp32(save_rounded(config, tmp_path / "ministral"))
+    with pytest.raises(ExportError, match=r"GGUF export supports .*gemma2.*; ministral is not"):
         fnlm.save(tmp_path / "f.gguf", params, tok, format="gguf")
     assert not (tmp_path / "f.gguf").exists()
 
@@ -102,6 +162,10 @@ def test_a_family_llama_cpp_lacks_is_refused_with_the_list(tok, tmp_path):
         ("qwen2_moe", {"norm_topk_prob": True}, r"router weights renormalized"),
         ("qwen3_moe", {"mlp_only_layers": [1]}, r"dense MLP layers between the MoE layers"),
         ("smollm3", {"no_rope_layers": [1, 0, 1, 0]}, r"nope_layers=\(1, 3\).*computes \(3,\)"),
+        ("falcon", {"bias": True}, r"attention_bias=True \(llama.cpp's falcon computes False"),
+        ("falcon_7b", {"parallel_attn": False}, r"parallel_block=False"),
+        ("gpt_oss", {"tie_word_embeddings": True}, r"a tied lm head"),
+        ("gpt_oss", {"swiglu_limit": 5.0}, r"glu_limit=5\.0 \(llama.cpp's gpt-oss computes 7\.0"),
     ],
 )
 def test_what_llama_cpp_would_compute_differently_is_refused(tok, tmp_path, family, change,

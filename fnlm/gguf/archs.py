@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from fnlm.config import ACTIVATIONS, ModelConfig
 
 ANY = object()  # a feature the architecture reads from the file's metadata, any value is written
@@ -78,6 +80,61 @@ class Arch:
     tied_only: bool = False  # reads no output.weight: the lm head is the embedding
     rope_types: tuple[str, ...] = ("default", "linear")
     metadata: Callable[[Any, ModelConfig], None] | None = None  # arch-specific keys
+    needs_output: bool = False  # reads output.weight always: a tied lm head cannot be written
+    # checkpoint tensor (name, shape, config) -> the tensors written for it, each as (a name
+    # gguf's map knows, shape, the change from the checkpoint's tensor or None); None: as it is
+    tensors: Callable[[str, tuple[int, ...], ModelConfig], list[Derived] | None] | None = None
+
+
+Derived = tuple[str, tuple[int, ...], "Callable[[torch.Tensor], torch.Tensor] | None"]
+
+
+def _falcon_tensors(name: str, shape: tuple[int, ...], config: ModelConfig) -> list[Derived] | None:
+    """Falcon's fused qkv, rows grouped per kv head ([q heads of the group, k, v] per group), in
+    llama.cpp's layout: all q heads, then the k heads, then the v heads (the converter's
+    "jploski" transform)."""
+    if not name.endswith("query_key_value.weight"):
+        return None
+    groups, d = config.num_kv_heads, config.head_dim
+    per_group = config.num_heads // groups
+
+    def regroup(w: torch.Tensor) -> torch.Tensor:
+        qkv = w.reshape(groups, per_group + 2, d, w.shape[-1])
+        return torch.cat([qkv[:, :-2].reshape(-1, w.shape[-1]), qkv[:, -2].reshape(-1, w.shape[-1]),
+                          qkv[:, -1].reshape(-1, w.shape[-1])])  # fmt: skip
+
+    return [(name, shape, regroup)]
+
+
+def _gpt_oss_tensors(
+    name: str, shape: tuple[int, ...], config: ModelConfig
+) -> list[Derived] | None:
+    """gpt-oss as convert_hf_to_gguf writes its 16-bit experts: the stacks [E, in, out] as
+    [E, out, in], gate_up's interleaved columns split into gate (even) and up (odd) stacks, the
+    biases likewise; the sinks as attn_sinks.weight."""
+    if name.endswith("self_attn.sinks"):
+        return [(name + ".weight", shape, None)]
+    prefix, _, part = name.rpartition(".experts.")
+    if not prefix:
+        return None
+    base = prefix + ".experts."
+    if part == "gate_up_proj":  # [E, H, 2I]
+        out = (shape[0], shape[2] // 2, shape[1])
+        return [
+            (base + "gate_proj.weight", out, lambda w: w.transpose(1, 2)[:, 0::2]),
+            (base + "up_proj.weight", out, lambda w: w.transpose(1, 2)[:, 1::2]),
+        ]
+    if part == "gate_up_proj_bias":  # [E, 2I]
+        out = (shape[0], shape[1] // 2)
+        return [
+            (base + "gate_proj.bias", out, lambda b: b[:, 0::2]),
+            (base + "up_proj.bias", out, lambda b: b[:, 1::2]),
+        ]
+    if part == "down_proj":  # [E, I, H]
+        return [
+            (base + "down_proj.weight", (shape[0], shape[2], shape[1]), lambda w: w.transpose(1, 2))
+        ]
+    return [(base + "down_proj.bias", shape, None)]  # fmt: skip
 
 
 def _gemma2_metadata(writer, config: ModelConfig) -> None:
@@ -111,6 +168,29 @@ def _phi3_metadata(writer, config: ModelConfig) -> None:
     if rope.get("rope_type") == "longrope":
         writer.add_rope_scaling_orig_ctx_len(_original_length(config, rope))
         writer.add_rope_scaling_attn_factors(_longrope(config, rope, "cpu")[1])
+
+
+def _falcon_metadata(writer, config: ModelConfig) -> None:
+    writer.add_tensor_data_layout("jploski")  # as the converter: q, k, v heads contiguous
+
+
+def _yarn_metadata(writer, config: ModelConfig) -> None:
+    """yarn rope as convert_hf_to_gguf writes it."""
+    import gguf
+
+    rope = config.rope
+    if rope.get("rope_type") != "yarn":
+        return
+    writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    writer.add_rope_scaling_factor(float(rope["factor"]))
+    writer.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
+    for key, add in (
+        ("beta_fast", writer.add_rope_scaling_yarn_beta_fast),
+        ("beta_slow", writer.add_rope_scaling_yarn_beta_slow),
+        ("attention_factor", writer.add_rope_scaling_yarn_attn_factor),
+    ):
+        if rope.get(key) is not None:
+            add(float(rope[key]))  # fmt: skip
 
 
 def _gemma_embedding(config: ModelConfig) -> float:
@@ -167,6 +247,16 @@ ARCHITECTURES: dict[str, Arch] = {
                               "residual_scale": ANY, "logit_scale": ANY, "o_bias": ANY,
                               "mlp_bias": ANY}),
     "smollm3": Arch("smollm3", permute_qk=True, features={"nope_layers": _every_fourth}),
+    # llama.cpp's falcon: attention and MLP in parallel from the first norm (a second, Falcon-40B's
+    # ln_attn, for attention when present), no biases, GELU (ggml's tanh form), NeoX rope
+    "falcon": Arch("falcon", tensors=_falcon_tensors, metadata=_falcon_metadata,
+                   features={"norm_type": "layer", "parallel_block": True, "mlp_gated": False,
+                             "activation": ("gelu", *_GELU_TANH), "fused_qkv_grouped": True,
+                             "attention_bias": False}),
+    "gpt_oss": Arch("gpt-oss", sliding_window=True, needs_output=True, tensors=_gpt_oss_tensors,
+                    metadata=_yarn_metadata, rope_types=("default", "yarn"),
+                    features={**_MOE, "attention_bias": ANY, "o_bias": True, "glu_limit": 7.0,
+                              "glu_alpha": 1.702}),
 }  # fmt: skip
 
 
@@ -194,6 +284,8 @@ def problems(config: ModelConfig, arch: Arch) -> list[str]:
             f"heads x head_dim = {config.num_heads * config.head_dim} != hidden_size "
             f"{config.hidden_size} (llama.cpp's {arch.name} sizes q by the hidden size)"
         )
+    if arch.needs_output and config.tie_word_embeddings:
+        found.append(f"a tied lm head (llama.cpp's {arch.name} reads an output tensor of its own)")
     if arch.tied_only and not config.tie_word_embeddings:
         found.append(f"an lm_head of its own (llama.cpp's {arch.name} reuses the embedding)")
     if config.partial_rotary_factor != 1.0 and arch.permute_qk:

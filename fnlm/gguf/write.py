@@ -71,6 +71,13 @@ def check_gguf_support(config: ModelConfig) -> None:
             f"so outputs differ from this model's beyond {config.sliding_window} tokens",
             stacklevel=3,
         )
+    if config.rope.get("rope_type") == "yarn" and config.rope.get("truncate") is False:
+        warnings.warn(
+            f"GGUF {arch.name}: llama.cpp rounds yarn's ramp ends to whole dimensions (ggml's "
+            "rope_yarn_corr_dims), this model's rope does not (truncate: false, as gpt-oss's): "
+            "a few rotary frequencies differ slightly",
+            stacklevel=3,
+        )
 
 
 def gguf_name(hf_name: str, config: ModelConfig) -> str:
@@ -98,13 +105,13 @@ def _name_map(arch_name: str, num_layers: int):
 
 
 def _gguf_tensor_type(shape: tuple[int, ...], name: str, gguf_type: str):
-    """The ggml type of one tensor: norms and biases F32; 2-D weights as asked, F16 when the row
+    """The ggml type of one tensor: norms, biases (gpt-oss's per-expert ones too) F32; 2-D weights as asked, F16 when the row
     length is not a multiple of the quantization block; with the 4- and 5-bit types the embedding
     and output in Q8_0 (llama.cpp keeps those wider too)."""
     from gguf import GGML_QUANT_SIZES
     from gguf import GGMLQuantizationType as Q
 
-    if len(shape) < 2 or name.endswith(("norm.weight", "norm.bias", *_F32_MATRICES)):
+    if len(shape) < 2 or name.endswith((".bias", "norm.weight", *_F32_MATRICES)):
         return Q.F32
     kind = {"f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q5_1": Q.Q5_1, "q5_0": Q.Q5_0,
             "q4_1": Q.Q4_1, "q4_0": Q.Q4_0}[gguf_type]  # fmt: skip
@@ -143,12 +150,15 @@ def write_gguf(path: Path, weights: MergedWeights, tok, gguf_type: str) -> None:
 
     # (gguf name, ggml type, shape, producer of the fp32 tensor in llama.cpp's layout)
     plan: list[tuple[str, Any, tuple[int, ...], Callable[[], torch.Tensor]]] = []
-    for name, sources in _gguf_tensors(weights).items():
-        shape = weights.names[sources[0]][1]
-        if len(sources) > 1 or ".experts." in sources[0]:  # experts stacked: [experts, out, in]
-            shape = (len(sources), *shape)
-        kind = _gguf_tensor_type(shape, name, gguf_type)
-        plan.append((name, kind, shape, _gguf_producer(weights, sources, arch)))
+    for name, (sources, shape, change) in _gguf_tensors(weights, arch).items():
+        if shape is not None:  # written its own way (arch.tensors): one checkpoint tensor
+            produce = functools.partial(_changed, weights, sources[0], change)
+        else:
+            shape = weights.names[sources[0]][1]
+            if len(sources) > 1 or ".experts." in sources[0]:  # experts stacked: [E, out, in]
+                shape = (len(sources), *shape)
+            produce = _gguf_producer(weights, sources, arch)
+        plan.append((name, _gguf_tensor_type(shape, name, gguf_type), shape, produce))
     if config.rope.get("rope_type") == "llama3":
         factors = llama3_rope_factors(config)
         plan.append((ROPE_FREQS, gguf.GGMLQuantizationType.F32, factors.shape, lambda: factors))
@@ -183,12 +193,23 @@ def _permute(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(heads, 2, rows // heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def _gguf_tensors(weights: MergedWeights) -> dict[str, list[str]]:
-    """GGUF name -> the checkpoint tensors it is made of (one, or each expert's in order)."""
-    tensors: dict[str, list[str]] = {}
-    for hf in weights.names:
-        tensors.setdefault(gguf_name(hf, weights.config), []).append(hf)
+def _gguf_tensors(weights: MergedWeights, arch: Arch) -> dict[str, tuple[list[str], Any, Any]]:
+    """GGUF name -> (the checkpoint tensors it is made of: one, or each expert's in order; and
+    for a tensor the arch writes its own way (Arch.tensors), its shape and change, else None)."""
+    config = weights.config
+    tensors: dict[str, tuple[list[str], Any, Any]] = {}
+    for hf, (_, shape) in weights.names.items():
+        derived = arch.tensors(hf, shape, config) if arch.tensors is not None else None
+        if derived is None:
+            tensors.setdefault(gguf_name(hf, config), ([], None, None))[0].append(hf)
+        for name, new_shape, change in derived or ():
+            tensors[gguf_name(name, config)] = ([hf], tuple(new_shape), change)
     return tensors
+
+
+def _changed(weights: MergedWeights, hf: str, change, /) -> torch.Tensor:
+    tensor = weights(hf)
+    return (change(tensor) if change is not None else tensor).contiguous()
 
 
 def _gguf_producer(
