@@ -264,15 +264,23 @@ class ShardedTrainable:
         return self.module(batch, layer_fn, dict(self.lora), self.lora.config, training)
 
     def adapter_base(self) -> Params | None:
-        """The base weights a PEFT adapter file stores (`fnlm.lora.save`'s params): embed and
-        lm_head gathered whole when the adapters adapt one of them, else None. A collective:
-        every rank calls it."""
+        """The base weights a PEFT adapter file stores (`fnlm.lora.save`'s params): on rank 0,
+        embed and lm_head gathered whole (host copies) when the adapters adapt one of them, else
+        None. A collective: every rank calls it."""
         adapted = {path[0] for path, node in entries(self.lora) if is_adapter(node)}
         if not adapted & {"embed", "lm_head"}:
             return None
-        root = self.module.tree()
-        gathered = {k: root[k].full_tensor() for k in ("embed", "lm_head") if k in root}
-        return Params(gathered, self.module.config)
+        # the root group whole on every rank (a no-op when an evaluation's forward left it so:
+        # the root is not resharded after its forward), then sharded again
+        self.module.unshard()
+        try:
+            root, gathered = self.module.tree(), None
+            if distributed.is_main():
+                gathered = {k: root[k].detach().to("cpu", copy=True)
+                            for k in ("embed", "lm_head") if k in root}  # fmt: skip
+        finally:
+            self.module.reshard()
+        return None if gathered is None else Params(gathered, self.module.config)
 
     def rebuild(self, named: dict) -> Params:
         return pytree.tree_unflatten([named[name] for name, _ in self.leaves], self.spec)
