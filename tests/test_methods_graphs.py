@@ -71,13 +71,15 @@ def logged(result, keys):
 PAIR_STATS = ("loss", "rewards_chosen", "rewards_rejected", "margin", "accuracy")
 
 
-@pytest.mark.parametrize("method", ["dpo", "orpo"])
-def test_preference_steps_under_graphs_equal_eager(checkpoint, tmp_path, monkeypatch, method):
+@pytest.mark.parametrize("method, mode", [("dpo", "lora"), ("dpo", "full"), ("orpo", "lora")])
+def test_preference_steps_under_graphs_equal_eager(checkpoint, tmp_path, monkeypatch, method, mode):
     # pairs of 5 to 15 tokens: unbucketed, the micro-batches take many lengths; bucketed (8, 16)
-    # at most two shapes (and a short last batch), each captured once and replayed
+    # at most two shapes (and a short last batch), each captured once and replayed. DPO's
+    # reference: LoRA, the adapters off inside the step; full, precomputed log-probs as inputs
     data = methods.MethodData(random_pairs(12, seed=11), "pairs")
     keys = PAIR_STATS + (("logps_chosen",) if method == "dpo" else ("nll", "log_odds_ratio"))
-    common = dict(max_steps=6, lr=1e-2, model=str(checkpoint), dtype="float32")
+    common = dict(max_steps=6, lr=1e-2 if mode == "lora" else 1e-3, model=str(checkpoint),
+                  dtype="float32", mode=mode)  # fmt: skip
     graphed, graphs = graphed_train(
         monkeypatch, run_config(tmp_path / "g", method, **common), capture=True,
         tokenizer=Digits(), data=data,
@@ -86,6 +88,8 @@ def test_preference_steps_under_graphs_equal_eager(checkpoint, tmp_path, monkeyp
                              capture=False, tokenizer=Digits(), data=data)  # fmt: skip
     assert graphs.captured and graphs.failed is None
     assert all(c.stats is not None and c.keys[0] == "pairs" for c in graphs.captured.values())
+    inputs = {name for c in graphs.captured.values() for name in c.inputs}
+    assert ("ref_logps" in inputs) == (mode == "full") and "pair_keys" not in inputs
     assert len(graphs.seen) <= 3  # signatures over the run: the buckets (+ a short last batch)
     lengths = {len(p.prompt) + max(len(p.chosen), len(p.rejected)) for p in data.examples}
     assert len(lengths) > 3  # what padding to the longest row would have captured

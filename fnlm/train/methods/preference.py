@@ -83,9 +83,9 @@ class Preference:
     """The DPO / ORPO method of a run: its data, batches, loss and metrics.
 
     `step_loss` returns the summed loss and its stats as tensors (no host sync: the step can be
-    a CUDA graph, fnlm.train.graphs); DPO's reference log-probs are a batch input
-    ("ref_logps", `with_reference`) computed before the step. bucket > 0 pads batches to a few
-    lengths (`padded_length`), set when the step runs as CUDA graphs."""
+    a CUDA graph, fnlm.train.graphs); DPO's precomputed reference log-probs are a batch input
+    ("ref_logps", `with_reference`), others a no-grad forward inside the step. bucket > 0 pads
+    batches to a few lengths (`padded_length`), set when the step runs as CUDA graphs."""
 
     def __init__(self, config):
         self.config = config
@@ -112,14 +112,14 @@ class Preference:
 
     # reference --------------------------------------------------------------------------
     def reference_logprobs(self, run, batch: dict) -> torch.Tensor:
-        """Summed completion log-probs [2b] of the reference: a given reference model, else the
-        base with the adapters off (LoRA modes), else the starting weights (full mode, whose
-        values are precomputed before the first update)."""
-        keys = batch["pair_keys"].tolist()  # on the CPU (PairStream keeps them there)
-        if all(k in self.ref_cache for k in keys):
-            pairs = [self.ref_cache[k] for k in keys]
-            values = [c for c, _ in pairs] + [r for _, r in pairs]
-            return torch.tensor(values, dtype=torch.float32).to(batch["tokens"].device)
+        """Summed completion log-probs [2b] of the reference: precomputed ones (the batch's
+        "pair_keys" in the cache), else a given reference model, else the base with the adapters
+        off (LoRA modes). Full mode's come from the cache (the starting weights, `precompute`).
+        Without the keys no host sync: inside a captured step it is a no-grad forward."""
+        keys = batch.get("pair_keys")
+        cached = None if keys is None else self.cached_reference(keys, batch["tokens"].device)
+        if cached is not None:
+            return cached
         if self.reference is None and run.config.mode == "full":
             raise ArgumentError("full-mode DPO: the reference log-probs were not precomputed")
         params = run.params if self.reference is None else self.reference
@@ -127,13 +127,28 @@ class Preference:
             sums, _ = sequence_logprobs(params, batch, lora=None)
         return sums.float()
 
+    def cached_reference(self, keys: torch.Tensor, device) -> torch.Tensor | None:
+        """The precomputed reference log-probs [2b] of these pair keys (CPU), or None."""
+        keys = keys.tolist()
+        if not all(k in self.ref_cache for k in keys):
+            return None
+        pairs = [self.ref_cache[k] for k in keys]
+        values = [c for c, _ in pairs] + [r for _, r in pairs]
+        return torch.tensor(values, dtype=torch.float32).to(device)
+
     def with_reference(self, run, batch: dict) -> dict:
-        """The batch as the step takes it: DPO's reference log-probs as "ref_logps" [2b],
-        computed now (before the step, outside any CUDA graph); the CPU keys dropped."""
+        """The batch as the step takes it, without the CPU "pair_keys": DPO's precomputed
+        reference log-probs become the input "ref_logps" [2b]; otherwise the step computes them
+        itself (a no-grad forward of the reference, inside the CUDA graph when captured)."""
         batch = dict(batch)
-        if self.name == "dpo":
-            batch["ref_logps"] = self.reference_logprobs(run, batch)
-        batch.pop("pair_keys", None)
+        keys = batch.pop("pair_keys", None)
+        if self.name != "dpo" or keys is None:
+            return batch
+        cached = self.cached_reference(keys, batch["tokens"].device)
+        if cached is not None:
+            batch["ref_logps"] = cached
+        elif self.reference is None and run.config.mode == "full":
+            raise ArgumentError("full-mode DPO: the reference log-probs were not precomputed")
         return batch
 
     def precompute(self, run, batches) -> None:
