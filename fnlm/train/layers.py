@@ -89,7 +89,7 @@ def _side_stream(device: torch.device):
     return _STREAMS[device]
 
 
-def tiled_layer_forward(config, p, x, cos, sin, mask, *, chunk: int):
+def tiled_layer_forward(config, p, x, cos, sin, mask, *, chunk: int, preserve_rng: bool = True):
     """`decoder.layer_forward` with the MLP run over `chunk`-token pieces of the sequence, each
     checkpointed, so only one piece's MLP activations ([chunk, intermediate]) are alive at a time.
     The MLP is token-wise, so the result is the same; parallel blocks fall back to the plain layer."""
@@ -105,7 +105,9 @@ def tiled_layer_forward(config, p, x, cos, sin, mask, *, chunk: int):
         return piece + decoder.block_output(config, p, "norm_mlp", out)
 
     pieces = [
-        torch.utils.checkpoint.checkpoint(mlp_piece, piece, use_reentrant=False)
+        torch.utils.checkpoint.checkpoint(
+            mlp_piece, piece, use_reentrant=False, preserve_rng_state=preserve_rng
+        )
         if torch.is_grad_enabled()
         else mlp_piece(piece)
         for piece in x.split(chunk, dim=1)
@@ -146,7 +148,9 @@ def layer_function(
     if mlp_chunk:
 
         def inner(config, p, x, cos, sin, mask):
-            return tiled_layer_forward(config, p, x, cos, sin, mask, chunk=mlp_chunk)
+            return tiled_layer_forward(
+                config, p, x, cos, sin, mask, chunk=mlp_chunk, preserve_rng=preserve_rng
+            )
 
     if compile:
         backend = compile if isinstance(compile, str) else "inductor"
