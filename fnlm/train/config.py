@@ -189,7 +189,7 @@ class TrainConfig:
     )  # fmt: skip
     cuda_graphs: bool | None = option(
         None, "replay each micro-batch's forward + backward as a CUDA graph (one per batch shape); "
-        "unset: on CUDA when possible (no LoRA dropout, no offload)",
+        "unset: on CUDA when possible (no LoRA dropout, not under FSDP)",
     )  # fmt: skip
     # bookkeeping
     save_every: int = option(0, "steps between checkpoints (0: only at the end)")
