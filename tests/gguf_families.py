@@ -80,13 +80,18 @@ def family_config(family: str, vocab: int):
             **s, attention_bias=True, embedding_multiplier=6.0, residual_multiplier=0.5,
             attention_multiplier=0.125, logits_scaling=4.0, tie_word_embeddings=False,
         ),
-        # Falcon-40B's layout (new decoder architecture: kv groups, ln_attn + ln_mlp) and
-        # Falcon-7B's (multi-query, one norm before the parallel attention and MLP)
+        # Falcon-40B's layout (new decoder architecture: kv groups, ln_attn + ln_mlp), Falcon-7B's
+        # (multi-query, one norm before the parallel attention and MLP) and Falcon-11B's
         "falcon": lambda: t.FalconConfig(
             **_falcon(s), new_decoder_architecture=True, num_kv_heads=2, parallel_attn=True,
         ),
-        "falcon_7b": lambda: t.FalconConfig(
-            **_falcon(s), new_decoder_architecture=False, multi_query=True, parallel_attn=True,
+        "falcon_7b": lambda: t.FalconConfig(  # tied, as Falcon-7B: llama.cpp reads token_embd
+            **{**_falcon(s), "tie_word_embeddings": True}, new_decoder_architecture=False,
+            multi_query=True, parallel_attn=True,
+        ),
+        "falcon_11b": lambda: t.FalconConfig(  # new decoder, one norm for both branches
+            **_falcon(s), new_decoder_architecture=True, num_kv_heads=2,
+            num_ln_in_parallel_attn=1, parallel_attn=True,
         ),
         # gpt-oss: sinks, biases, alternating window, yarn, a biased router over 4 experts, the
         # clamped SwiGLU. Yarn's ramp ends rounded (truncate true), as llama.cpp always rounds
@@ -118,7 +123,7 @@ def _falcon(sizes: dict) -> dict:
 FAMILIES = [
     "gemma", "gemma2", "gemma3_text", "phi3", "phi3_longrope", "qwen2_moe", "qwen3_moe",
     "mixtral", "starcoder2", "olmo2", "olmo3", "cohere", "granite", "smollm3", "falcon",
-    "falcon_7b", "gpt_oss",
+    "falcon_7b", "falcon_11b", "gpt_oss",
 ]  # fmt: skip
 
 
