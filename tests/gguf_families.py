@@ -101,8 +101,13 @@ def family_config(family: str, vocab: int):
             num_experts_per_tok=2, sliding_window=3, layer_types=ALTERNATING,
             rope_parameters={"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0,
                              "beta_slow": 1.0, "truncate": True, "rope_theta": 1e4,
-                             "original_max_position_embeddings": 64},
+                             "original_max_position_embeddings": 256},
             tie_word_embeddings=False,
+        ),
+        # every token through all 4 experts: no routing near-ties, so llama.cpp's perplexity is
+        # held to the dense tolerance (tests/test_llamacpp.py)
+        "gpt_oss_every_expert": lambda: t.GptOssConfig(
+            **{**family_config("gpt_oss", vocab).to_dict(), "num_experts_per_tok": 4}
         ),
         "smollm3": lambda: t.SmolLM3Config(
             **s, no_rope_layer_interval=4, use_sliding_window=False, pad_token_id=None,
@@ -123,7 +128,7 @@ def _falcon(sizes: dict) -> dict:
 FAMILIES = [
     "gemma", "gemma2", "gemma3_text", "phi3", "phi3_longrope", "qwen2_moe", "qwen3_moe",
     "mixtral", "starcoder2", "olmo2", "olmo3", "cohere", "granite", "smollm3", "falcon",
-    "falcon_7b", "falcon_11b", "gpt_oss",
+    "falcon_7b", "falcon_11b", "gpt_oss", "gpt_oss_every_expert",
 ]  # fmt: skip
 
 

@@ -115,7 +115,7 @@ def test_gpt_oss_experts_sinks_and_yarn(exported):
     assert torch.equal(gate_bias, mlp["experts_gate_up_bias"][:, :32].float())
     assert _field(reader, "gpt-oss.attention.sliding_window_pattern") == [True, False] * 2
     assert _field(reader, "gpt-oss.rope.scaling.type") == "yarn"
-    assert _field(reader, "gpt-oss.rope.scaling.original_context_length") == 64
+    assert _field(reader, "gpt-oss.rope.scaling.original_context_length") == 256
 
 
 def test_gpt_oss_unrounded_yarn_is_written_with_a_warning(tok, tmp_path):

@@ -76,7 +76,9 @@ PPL_F16_REL = 0.005
 PPL_Q8_0_REL = 0.02
 # A tiny random MoE model's top-k routing flips where two router logits tie within llama.cpp's
 # rounding, moving whole expert outputs (measured: Mixtral +0.89% / +0.18% over two seeds,
-# Qwen MoEs within 4e-4); dense families stay within PPL_F16_REL.
+# Qwen MoEs within 4e-4, gpt-oss -1.1% / -0.87% / -0.05% over three seeds of a top-2 variant);
+# dense families, and a MoE whose tokens go through every expert (gpt_oss_every_expert: +8.5e-4),
+# stay within PPL_F16_REL.
 PPL_MOE_F16_REL = 0.02
 # Our q4_0 and llama-quantize's Q4_0 hold the same tensor types and quantize the f16-rounded
 # weights by the same rule (ggml's reference), so the two files score the same (measured on
@@ -560,7 +562,8 @@ def test_family_perplexity(more_families, scratch, family):
     theirs = llama_perplexity(path, text_file, context)
     print(f"\nllamacpp: {family} f16 perplexity: fnlm {ours:.4f}, llama.cpp {theirs:.4f} "
           f"({theirs / ours - 1:+.2e})")  # fmt: skip
-    assert abs(theirs / ours - 1) <= (PPL_MOE_F16_REL if params.config.num_experts else PPL_F16_REL)
+    routed = params.config.experts_per_token < params.config.num_experts  # near ties may flip
+    assert abs(theirs / ours - 1) <= (PPL_MOE_F16_REL if routed else PPL_F16_REL)
 
 
 @pytest.mark.parametrize("family", MORE_FAMILIES)
