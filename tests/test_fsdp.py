@@ -82,10 +82,13 @@ def runs(tmp_path_factory):
                            distributed="fsdp")  # fmt: skip
         lora_back = one_process("lora-one-resumed", **LORA, distributed="fsdp",
                                 resume=str(tmp / "lora-two" / "checkpoint-2"))  # fmt: skip
+        lora_unsharded = one_process("lora-one-unsharded", **LORA,
+                                     resume=str(tmp / "lora-two" / "checkpoint-2"))  # fmt: skip
         peft_error = peft_vs_fnlm(model, load_fp32(directory), tmp / "lora-two", lora_one.lora)
     reports = [json.loads((tmp / f"report.{r}").read_text()) for r in range(2)]
     return dict(tmp=tmp, one=one, back=back, reports=reports, raised=raised, seconds=seconds,
-                lora_one=lora_one, lora_back=lora_back, peft_error=peft_error)  # fmt: skip
+                lora_one=lora_one, lora_back=lora_back, lora_unsharded=lora_unsharded,
+                peft_error=peft_error)  # fmt: skip
 
 
 def peft_vs_fnlm(model, params, adapter_dir, lora) -> float:
@@ -138,7 +141,8 @@ def test_lora_over_a_sharded_base_on_two_ranks_equals_one_unsharded_process(runs
     """LoRA with the frozen base sharded per layer (2 ranks x grad_accum 2, with activation
     checkpointing) == 1 process x grad_accum 4 without fsdp: losses, eval losses and the final
     adapter (same PEFT files), which peft loads into the transformers model; checkpoint-2 of the
-    2-rank run continues on 1 process with the uninterrupted run's losses."""
+    2-rank run continues on 1 process, with fsdp or without, with the uninterrupted run's
+    losses."""
     tmp, one = runs["tmp"], runs["lora_one"]
     assert_run_equals(runs, 2, "lora-two", one, "adapter_model.safetensors",
                       ("adapter_config.json",))  # fmt: skip
@@ -147,6 +151,7 @@ def test_lora_over_a_sharded_base_on_two_ranks_equals_one_unsharded_process(runs
     assert (checkpoint / "adapter_model.safetensors").is_file()
     assert not (checkpoint / "sharded").exists()
     assert_losses_close(runs["lora_back"].losses, one.losses[2:])
+    assert_losses_close(runs["lora_unsharded"].losses, one.losses[2:])
     assert runs["peft_error"] <= PEFT_REL_TOL
 
 
