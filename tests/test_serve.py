@@ -17,6 +17,7 @@ import torch
 import transformers
 
 import fnlm
+import fnlm.lora
 from fnlm.errors import ArgumentError
 from fnlm.generate import Sampling, generate_tokens
 from fnlm.serve import Engine, Request, Server
@@ -259,8 +260,9 @@ def test_concurrent_clients_share_the_decode(tiny, server):
 # The engine alone: families with sliding windows and soft-capping, rows joining mid-decode
 
 
-def run_engine(engine, jobs):
-    """Submit (prompt ids, max_tokens, sampling) jobs at once; their Results in order."""
+def run_engine(engine, jobs, adapters=None):
+    """Submit (prompt ids, max_tokens, sampling) jobs at once (on `adapters`, one name or None
+    per job); their Results in order."""
     done = threading.Semaphore(0)
     results = [None] * len(jobs)
 
@@ -272,11 +274,35 @@ def run_engine(engine, jobs):
     for index, (prompt, max_tokens, sampling) in enumerate(jobs):
         engine.submit(Request(
             prompt=prompt, max_tokens=max_tokens, sampling=sampling,
+            adapter=None if adapters is None else adapters[index],
             on_event=lambda kind, data, index=index: on_event(index, kind, data),
         ))  # fmt: skip
     for _ in jobs:
         assert done.acquire(timeout=120)
     return results
+
+
+def greedy_jobs(seed, count, *, vocab, longest, most, adapter_every):
+    """`count` greedy jobs for run_engine with random prompts of 1..longest ids and 2..most new
+    tokens; every `adapter_every`-th (from the second) on adapter "a", the others on the base."""
+    g = torch.Generator().manual_seed(seed)
+    jobs, adapters = [], []
+    for i in range(count):
+        length = int(torch.randint(1, longest + 1, (1,), generator=g))
+        prompt = torch.randint(1, vocab, (length,), generator=g).tolist()
+        jobs.append((prompt, int(torch.randint(2, most + 1, (1,), generator=g)), Sampling()))
+        adapters.append("a" if i % adapter_every == 1 else None)
+    return jobs, adapters
+
+
+def assert_generate_answers(params, lora, jobs, adapters, results) -> None:
+    """Each greedy job's Result is its single-request generate_tokens answer (on `lora` where
+    its adapter is named)."""
+    for (prompt, max_tokens, _), adapter, result in zip(jobs, adapters, results, strict=True):
+        expected = generate_tokens(
+            params, [prompt], max_new_tokens=max_tokens, lora=lora if adapter else None
+        )[0]
+        assert result.token_ids == expected, (prompt, adapter)
 
 
 @pytest.mark.parametrize("family", ["mistral", "gemma2"])
@@ -332,34 +358,15 @@ def test_engine_steps_only_the_running_rows(tiny):
     engine._step_fn = recording_step_fn
     engine._move = lambda source, target: moves.append((source, target)) or move(source, target)
     try:
-        g = torch.Generator().manual_seed(3)
-        jobs, adapters = [], []
-        for i in range(14):
-            length = int(torch.randint(1, 20, (1,), generator=g))
-            prompt = torch.randint(1, 128, (length,), generator=g).tolist()
-            jobs.append((prompt, int(torch.randint(2, 24, (1,), generator=g)), Sampling()))
-            adapters.append("a" if i % 4 == 1 else None)
-        done = threading.Semaphore(0)
-        results = [None] * len(jobs)
-        for index, ((prompt, max_tokens, _), adapter) in enumerate(zip(jobs, adapters)):
-            engine.submit(Request(
-                prompt=prompt, max_tokens=max_tokens, adapter=adapter,
-                on_event=lambda kind, data, index=index: kind == "piece" or (
-                    results.__setitem__(index, data), done.release()),
-            ))  # fmt: skip
-        for _ in jobs:
-            assert done.acquire(timeout=120)
+        jobs, adapters = greedy_jobs(3, 14, vocab=128, longest=19, most=23, adapter_every=4)
+        results = run_engine(engine, jobs, adapters)
         assert moves and len(set(seen_widths)) > 1
         seen_widths.clear()
         alone = run_engine(engine, [([5, 6, 7], 9, Sampling())])[0]
         assert seen_widths == [1] * 8  # the first token comes from the prefill
     finally:
         engine.close()
-    for (prompt, max_tokens, _), adapter, result in zip(jobs, adapters, results, strict=True):
-        expected = generate_tokens(
-            params, [prompt], max_new_tokens=max_tokens, lora=lora if adapter else None
-        )[0]
-        assert result.token_ids == expected, (prompt, adapter)
+    assert_generate_answers(params, lora, jobs, adapters, results)
     assert alone.token_ids == generate_tokens(params, [[5, 6, 7]], max_new_tokens=9)[0]
 
 
@@ -378,6 +385,38 @@ def test_engine_with_an_fp8_cache_equals_generate_tokens(tiny):
             params, [prompt], max_new_tokens=max_tokens, cache_dtype=torch.float8_e4m3fn
         )
         assert result.token_ids == expected[0]
+
+
+@pytest.mark.filterwarnings("ignore:.*no tokenizer.json", "ignore:.*flash-linear-attention")
+@pytest.mark.parametrize("model_type", ["qwen3_5_text", "qwen3_5_moe_text"])
+def test_engine_rows_with_deltanet_states_equal_generate_tokens(model_type):
+    """Qwen3.5's gated DeltaNet layers keep a conv and a recurrent state per row: a joining
+    request's prefill starts from zero states, a moved row takes its states along, and passes of
+    different adapters each start from the step's states. Requests of many lengths over 3 rows
+    (rows leave, later ones move down, new ones join mid-decode, base and adapter rows mixed):
+    every answer is its single-request generate_tokens answer."""
+    from tests.test_qwen3_5 import TINY, TINY_MOE
+
+    fields = {**(TINY if model_type == "qwen3_5_text" else TINY_MOE), "max_position_embeddings": 48}
+    config = (transformers.Qwen3_5TextConfig if model_type == "qwen3_5_text"
+              else transformers.Qwen3_5MoeTextConfig)(**fields)  # fmt: skip
+    with saved_checkpoint(config) as (_, directory):
+        params, _ = fnlm.load(directory, quant=None, dtype=torch.float32, device="cpu")
+    # adapters on the DeltaNet projections too: base and adapter passes update states differently
+    lora = fnlm.lora.init(params, r=4, alpha=8, seed=1, targets=("in_qkv", "in_z", "in_b", "q"))
+    with torch.no_grad():
+        for t in fnlm.lora.parameters(lora):
+            t.copy_(torch.randn(t.shape, generator=torch.Generator().manual_seed(t.numel())) * 0.3)
+    engine = Engine(params, None, adapters={"a": lora}, slots=3)
+    moves, move = [], engine._move
+    engine._move = lambda source, target: moves.append((source, target)) or move(source, target)
+    try:
+        jobs, adapters = greedy_jobs(5, 9, vocab=96, longest=13, most=15, adapter_every=3)
+        results = run_engine(engine, jobs, adapters)
+        assert moves and engine.most_rows == 3
+    finally:
+        engine.close()
+    assert_generate_answers(params, lora, jobs, adapters, results)
 
 
 @pytest.mark.gpu

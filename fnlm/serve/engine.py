@@ -13,17 +13,19 @@ and on sliding-window layers only the last `window` of them. A request joins bet
 its prompt is prefilled (the same `prefill` as `fnlm.generate`, on a cache of its own, batched
 with the other requests joining at that step), its keys and values are copied into a free row's
 ring just behind t, and the next step decodes it with the others; it leaves when done and its
-row is free for the next one.
+row is free for the next one. A model with gated DeltaNet layers (Qwen3.5) also keeps per row
+their conv and recurrent states (the cache's "conv" and "state"): a joining request's prefill
+starts from zero states on its own cache, and its final states are copied into its row.
 
 A step decodes only the occupied rows: the running rows are kept in the first rows of the cache
-(a row whose request leaves is filled by moving the last running row's tokens into it), and the
-step runs over the first `width` rows, `width` the smallest of a few buckets (1, 2, 4, ... up to
-`slots`) that holds them; each bucket has its own CUDA graph, and the compiled layer takes the
+(a row whose request leaves is filled by moving the last running row's tokens, and its DeltaNet
+states, into it), and the step runs over the first `width` rows, `width` the smallest of a few
+buckets (1, 2, 4, ... up to `slots`) that holds them; each bucket has its own CUDA graph, and the compiled layer takes the
 batch as a dynamic dimension, so a new width compiles nothing (a lone request pays batch 1).
 
 Rows on different adapters (chosen per request by name) run as separate passes of the same step,
-one per adapter in use, each pass's cache writes kept only for its own rows; rows on the same
-adapter share one pass. Everything on the device runs in one engine thread; `on_event` is
+one per adapter in use, each pass's cache writes (and DeltaNet state updates: each pass starts
+from the step's states) kept only for its own rows; rows on the same adapter share one pass. Everything on the device runs in one engine thread; `on_event` is
 called from it.
 """
 
@@ -58,6 +60,11 @@ from fnlm.params import Params
 def _bytes(cache: torch.Tensor) -> torch.Tensor:
     """A cache tensor as index_copy_ takes it: an fp8 one viewed as its bytes (no fp8 kernels)."""
     return cache.view(torch.uint8) if cache.dtype.itemsize == 1 else cache
+
+
+def _states(cache: dict) -> list[torch.Tensor]:
+    """The per-row DeltaNet states of a cache ([batch, ...] each; none for other models)."""
+    return [t for t in (*cache.get("conv", ()), *cache.get("state", ())) if t is not None]
 
 
 def widths(slots: int) -> list[int]:
@@ -135,12 +142,6 @@ class Engine:
         config = params.config
         if not isinstance(slots, int) or slots < 1:
             raise ArgumentError(f"slots must be a positive integer, got {slots!r}")
-        if config.linear_attention:  # the rows' conv and recurrent states are not moved yet
-            raise ArgumentError(
-                f"the serve engine does not run {config.model_type} yet: its gated DeltaNet "
-                "layers' recurrent states are not copied between the engine's rows; use "
-                "fnlm.generate (batched generation) for this model"
-            )
         limit = config.max_position_embeddings
         context = limit if context is None else context
         if not isinstance(context, int) or not 2 <= context <= limit:
@@ -303,6 +304,8 @@ class Engine:
                     _bytes(self.cache[name][layer])[i].index_copy_(
                         1, ring, _bytes(own[name][layer])[r, :, width - n : width]
                     )
+            for state, joined in zip(_states(self.cache), _states(own), strict=True):
+                state[i].copy_(joined[r])  # the states after the prompt, from zero in its prefill
             seen = None
             if request.sampling.repetition_penalty != 1.0:
                 seen = torch.zeros((1, logits.shape[-1]), dtype=torch.bool, device=self.device)
@@ -337,18 +340,26 @@ class Engine:
         self.most_rows = max(self.most_rows, sum(len(g) for g in groups.values()))
         self.steps_by_width[width] += 1
         chosen: dict[int, int] = {}
-        kept = []  # per pass: its rows and their k, v at slot t, when passes must not mix
-        for adapter, members in groups.items():
+        kept = []  # per pass: its rows, their k, v at slot t and states, when passes must not mix
+        states = [t[:width] for t in _states(self.cache)]
+        before = [t.clone() for t in states] if len(groups) > 1 else []
+        for n, (adapter, members) in enumerate(groups.items()):
+            if n:  # every pass updates every row's states: start each from the step's
+                for state, old in zip(states, before, strict=True):
+                    state.copy_(old)
             logits = self._step_fn(adapter, width)()
             if len(groups) > 1:
                 index = torch.tensor(members, device=self.device)
                 kept.append((index, [(k[index, :, self.t].clone(), v[index, :, self.t].clone())
-                                     for k, v in zip(self.cache["k"], self.cache["v"])]))  # fmt: skip
+                                     for k, v in zip(self.cache["k"], self.cache["v"])],
+                             [state[index] for state in states]))  # fmt: skip
             chosen.update(self._choose(logits, members))
-        for index, values in kept:
+        for index, values, new_states in kept:
             for (k, v), (k_rows, v_rows) in zip(zip(self.cache["k"], self.cache["v"]), values):
                 k[index, :, self.t] = k_rows
                 v[index, :, self.t] = v_rows
+            for state, rows in zip(states, new_states, strict=True):
+                state[index] = rows
         self.t = (self.t + 1) % self.context
         self.slot.fill_(self.t)
         self.steps_run += 1
@@ -368,13 +379,15 @@ class Engine:
         return width
 
     def _move(self, source: int, target: int) -> None:
-        """Row `source`'s request and its cached tokens (the `count` ring positions behind t)
-        into the free row `target`."""
+        """Row `source`'s request, its cached tokens (the `count` ring positions behind t) and
+        its DeltaNet states into the free row `target`."""
         row = self.rows[source]
         ring = (torch.arange(row.count, device=self.device) + self.t - row.count) % self.context
         for name in ("k", "v"):
             for layer in map(_bytes, self.cache[name]):
                 layer[target].index_copy_(1, ring, layer[source].index_select(1, ring))
+        for state in _states(self.cache):
+            state[target].copy_(state[source])
         self.rows[target], self.rows[source] = row, None
 
     def _choose(self, logits: torch.Tensor, members: list[int]) -> dict[int, int]:
@@ -435,6 +448,11 @@ class Engine:
             "k": [k[:width] for k in self.cache["k"]],
             "v": [v[:width] for v in self.cache["v"]],
             "valid": self.cache["valid"][:width],
+            # DeltaNet layers' states (None on attention layers); a one-token step needs no mask
+            **{
+                name: [None if t is None else t[:width] for t in self.cache.get(name, ())]
+                for name in ("conv", "state")
+            },
         }
         tokens, positions = self.tokens[:width], self.positions[:width]
 
@@ -447,7 +465,9 @@ class Engine:
                 for w in distinct
             }
 
-            def ring_layer(config, p, x, cos, sin, _mask, kv):
+            def ring_layer(config, p, x, cos, sin, mask, kv):
+                if "conv" in p["attn"]:  # gated DeltaNet: kv its states, mask None at one token
+                    return layer(config, p, x, cos, sin, mask, kv)
                 return layer(config, p, x, cos, sin, masks[windows[id(p)]], kv)
 
             return decode_step(params, cache, tokens, positions, self.slot, layer_fn=ring_layer)
