@@ -20,13 +20,14 @@ starts from zero states on its own cache, and its final states are copied into i
 A step decodes only the occupied rows: the running rows are kept in the first rows of the cache
 (a row whose request leaves is filled by moving the last running row's tokens, and its DeltaNet
 states, into it), and the step runs over the first `width` rows, `width` the smallest of a few
-buckets (1, 2, 4, ... up to `slots`) that holds them; each bucket has its own CUDA graph, and the compiled layer takes the
-batch as a dynamic dimension, so a new width compiles nothing (a lone request pays batch 1).
+buckets (1, 2, 4, ... up to `slots`) that holds them; each bucket has its own CUDA graph, and
+the compiled layer takes the batch as a dynamic dimension, so a new width compiles nothing (a
+lone request pays batch 1).
 
 Rows on different adapters (chosen per request by name) run as separate passes of the same step,
 one per adapter in use, each pass's cache writes (and DeltaNet state updates: each pass starts
-from the step's states) kept only for its own rows; rows on the same adapter share one pass. Everything on the device runs in one engine thread; `on_event` is
-called from it.
+from the step's states) kept only for its own rows; rows on the same adapter share one pass.
+Everything on the device runs in one engine thread; `on_event` is called from it.
 """
 
 from __future__ import annotations
