@@ -72,8 +72,10 @@ def assert_same(ours, ref):
 
 
 def chunked(chunk, triton_scan):
-    def run(*inputs):
-        return deltanet.gated_delta_rule_chunked(*inputs, chunk=chunk, triton_scan=triton_scan)
+    def run(*inputs, reset=None):
+        return deltanet.gated_delta_rule_chunked(
+            *inputs, chunk=chunk, triton_scan=triton_scan, reset=reset
+        )
 
     return run
 
@@ -113,3 +115,85 @@ def test_door_checks_shapes():
     v = torch.randn(1, 5, 3, 8)  # 3 value heads for 2 key heads
     with pytest.raises(ArgumentError, match="hv a multiple of hk"):
         kernels.gated_delta_rule(q, q, v, torch.zeros(1, 5, 3), torch.zeros(1, 5, 3))
+    v, g = torch.randn(1, 5, 2, 8), torch.zeros(1, 5, 2)
+    with pytest.raises(ArgumentError, match="reset bool"):
+        kernels.gated_delta_rule(q, q, v, g, g, reset=torch.zeros(1, 5))  # not bool
+
+
+# ----------------------------------------------------------------------------------------------
+# Packed rows: `reset` zeroes the state at document starts, inside the computation
+# ----------------------------------------------------------------------------------------------
+
+
+@st.composite
+def resets(draw, shape):
+    """[batch, seq] bool document starts: several per row, some in one chunk, some runs longer
+    than a chunk; the first token a start or not (then it continues the initial state)."""
+    rows = []
+    for _ in range(shape[0]):
+        row = draw(st.lists(st.booleans(), min_size=shape[1], max_size=shape[1]))
+        rows.append(row)
+    return torch.tensor(rows, dtype=torch.bool).reshape(shape)
+
+
+def documents_alone(inputs, reset):
+    """The recurrence run on each document alone (from a zero state; the first run of a row from
+    the initial state when the row does not start with a reset): (o, final state of each row)."""
+    q, k, v, decay, beta, state = inputs
+    outs, finals = [], []
+    for r in range(q.shape[0]):
+        starts = [0, *(i for i in range(1, q.shape[1]) if reset[r, i]), q.shape[1]]
+        s0 = None if state is None or reset[r, 0] else state[r : r + 1]
+        pieces = []
+        for a, b in zip(starts[:-1], starts[1:], strict=True):
+            o, s = deltanet.gated_delta_rule_recurrent(
+                *(x[r : r + 1, a:b] for x in (q, k, v, decay, beta)), s0
+            )
+            pieces.append(o)
+            s0 = None
+        outs.append(torch.cat(pieces, dim=1))
+        finals.append(s)
+    return torch.cat(outs), torch.cat(finals)
+
+
+def with_reset(fn, reset):
+    return lambda *inputs: fn(*inputs, reset=reset)
+
+
+@settings(max_examples=8, deadline=None)
+@given(data=st.data(), inputs=problems(), chunk=st.sampled_from([4, 8, 64]))
+def test_reset_equals_documents_alone(data, inputs, chunk):
+    """Recurrence with reset == each document alone (values, final state); torch chunked with
+    reset == recurrence with reset (values and gradients), all within FP32_REL_TOL."""
+    reset = data.draw(resets(inputs[0].shape[:2]))
+    ref = values_and_grads(with_reset(deltanet.gated_delta_rule_recurrent, reset), inputs)
+    alone = documents_alone(inputs, reset)
+    assert rel_error(ref[0], alone[0]) <= FP32_REL_TOL
+    assert rel_error(ref[1], alone[1]) <= FP32_REL_TOL
+    ours = values_and_grads(with_reset(chunked(chunk, False), reset), inputs)
+    assert_same(ours, ref)
+
+
+@needs_interpreter
+@settings(max_examples=3, deadline=None)
+@given(data=st.data(), inputs=problems(max_seq=36), chunk=st.sampled_from([16, 32]))
+def test_triton_scan_with_reset_equals_recurrent(data, inputs, chunk):
+    """The reset lives in chunk_prepare (gamma = 0, masked Qd / W / Kd rows); the Triton scan
+    kernels (forward and reverse scan, interpreter) carry it unchanged: == recurrence with reset."""
+    reset = data.draw(resets(inputs[0].shape[:2]))
+    ref = values_and_grads(with_reset(deltanet.gated_delta_rule_recurrent, reset), inputs)
+    assert_same(values_and_grads(with_reset(chunked(chunk, True), reset), inputs), ref)
+
+
+def test_reset_compiles_without_graph_breaks():
+    """The chunked rule with reset has no host read nor data-dependent shape: it compiles as one
+    graph (fullgraph, aot_eager), forward and backward, with eager's values and gradients."""
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 37, 2, 8, generator=g), torch.randn(2, 37, 2, 8, generator=g)
+    v = torch.randn(2, 37, 2, 16, generator=g)
+    decay, beta = -torch.rand(2, 37, 2, generator=g), torch.rand(2, 37, 2, generator=g)
+    reset = torch.rand(2, 37, generator=g) < 0.2
+    inputs = (q, k, v, decay, beta, None)
+    ref = values_and_grads(with_reset(chunked(16, False), reset), inputs)
+    compiled = torch.compile(chunked(16, False), fullgraph=True, backend="aot_eager")
+    assert_same(values_and_grads(with_reset(compiled, reset), inputs), ref)

@@ -265,13 +265,15 @@ def gated_delta_rule(
     initial_state: torch.Tensor | None = None,
     *,
     chunk: int = 64,
+    reset: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The chunked gated delta rule (Gated DeltaNet; see fnlm.kernels.deltanet), q and k L2-normed
     inside, as transformers' torch_chunk_gated_delta_rule. Differentiable.
 
     q, k [batch, seq, key_heads, dk]; v [batch, seq, value_heads, dv] (value_heads a multiple of
     key_heads); g (log decay) and beta [batch, seq, value_heads]; initial_state [batch,
-    value_heads, dk, dv] or None (zeros). Returns (o [batch, seq, value_heads, dv] in q's dtype,
+    value_heads, dk, dv] or None (zeros); reset [batch, seq] bool or None (True: the state is
+    zeroed before that token — a packed document's start). Returns (o [batch, seq, value_heads, dv] in q's dtype,
     final state fp32). The scan over chunks is the Triton kernel where `use_triton(q)`.
     """
     b, t, hk, dk = q.shape
@@ -280,16 +282,18 @@ def gated_delta_rule(
         k.shape != q.shape or v.shape[:2] != (b, t) or hv % hk
         or g.shape != (b, t, hv) or beta.shape != (b, t, hv)
         or (initial_state is not None and initial_state.shape != (b, hv, dk, dv))
+        or (reset is not None and (reset.shape != (b, t) or reset.dtype != torch.bool))
     ):  # fmt: skip
         raise ArgumentError(
             "gated_delta_rule: expected q, k [b, t, hk, dk], v [b, t, hv, dv] (hv a multiple of "
-            "hk), g and beta [b, t, hv], initial_state [b, hv, dk, dv]; got q "
+            "hk), g and beta [b, t, hv], initial_state [b, hv, dk, dv], reset bool [b, t]; got q "
             f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, g {tuple(g.shape)}, "
             f"beta {tuple(beta.shape)}, initial_state "
-            f"{None if initial_state is None else tuple(initial_state.shape)}"
+            f"{None if initial_state is None else tuple(initial_state.shape)}, reset "
+            f"{None if reset is None else (tuple(reset.shape), reset.dtype)}"
         )
     return gated_delta_rule_chunked(
-        q, k, v, g, beta, initial_state, chunk=chunk, triton_scan=use_triton(q)
+        q, k, v, g, beta, initial_state, chunk=chunk, triton_scan=use_triton(q), reset=reset
     )
 
 

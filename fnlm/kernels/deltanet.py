@@ -18,6 +18,14 @@ the Triton kernels run the whole loop in one launch per (batch x head, value blo
 backward as the reverse scan (the states before each chunk are kept from the forward). Value
 columns of the state are independent, so the value dim is split across programs; the gradients
 that sum over it (q, k, W, A, gamma) are summed over the blocks by the launcher.
+
+Packed rows (several documents in one row) pass `reset` [batch, seq] (True at each document's
+first token: the state is zeroed before that token's update, as if the document ran alone). The
+reset is applied in `chunk_prepare` by masks, so shapes depend only on [batch, seq] and nothing is
+read on the host: the intra-chunk decay between tokens of different documents is 0, the state
+entering a chunk reaches no token at or after a reset (Qd, W), a token reaches the chunk's final
+state only if no reset follows it in the chunk (Kd), and gamma is 0 for a chunk holding a reset.
+The scan kernels are unchanged (a chunk with gamma = 0 and zero Qd, W rows is an ordinary chunk).
 """
 
 from __future__ import annotations
@@ -268,11 +276,13 @@ def gated_delta_rule_recurrent(
     initial_state: torch.Tensor | None = None,
     *,
     qk_l2norm: bool = True,
+    reset: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The gated delta rule token by token (transformers' `torch_recurrent_gated_delta_rule`).
 
     q, k [batch, seq, key_heads, dk]; v [batch, seq, value_heads, dv]; g (log decay, <= 0) and
-    beta [batch, seq, value_heads]; initial_state [batch, value_heads, dk, dv] (None: zeros).
+    beta [batch, seq, value_heads]; initial_state [batch, value_heads, dk, dv] (None: zeros);
+    reset [batch, seq] bool or None: True zeroes the state before that token (a document start).
     Returns (o [batch, seq, value_heads, dv] in q's dtype, final state fp32)."""
     dtype = q.dtype
     q, k, v, g, beta = heads_first(q, k, v, g, beta, qk_l2norm)
@@ -280,6 +290,8 @@ def gated_delta_rule_recurrent(
     s = q.new_zeros(b, h, dk, v.shape[-1]) if initial_state is None else initial_state.float()
     out = []
     for i in range(t):
+        if reset is not None:
+            s = s * (~reset[:, i]).to(s.dtype)[:, None, None, None]
         s = s * g[:, :, i].exp()[..., None, None]
         delta = (v[:, :, i] - (s * k[:, :, i, :, None]).sum(-2)) * beta[:, :, i, None]
         s = s + k[:, :, i, :, None] * delta[:, :, None, :]
@@ -288,11 +300,12 @@ def gated_delta_rule_recurrent(
     return o.transpose(1, 2).contiguous().to(dtype), s
 
 
-def chunk_prepare(q, k, v, g, beta, chunk: int):
+def chunk_prepare(q, k, v, g, beta, chunk: int, reset: torch.Tensor | None = None):
     """Per-chunk quantities of the chunked form, from heads-first fp32 inputs (`heads_first`):
     (u, w, qd, kd [batch·heads, chunks, C, ·], a [.., C, C], gamma [.., chunks]) as the scan
     reads them. The sequence is padded to whole chunks with g = beta = k = 0, which leaves the
-    state as it is. Torch ops (differentiable), as transformers' torch_chunk_gated_delta_rule."""
+    state as it is. Torch ops (differentiable), as transformers' torch_chunk_gated_delta_rule.
+    reset [batch, seq] bool (document starts, see the module docstring) or None."""
     b, h, t, dk = k.shape
     pad = (chunk - t % chunk) % chunk
     q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
@@ -300,19 +313,48 @@ def chunk_prepare(q, k, v, g, beta, chunk: int):
     n = (t + pad) // chunk
     k_beta, v_beta = k * beta[..., None], v * beta[..., None]
     q, k, k_beta, v_beta = (x.reshape(b * h, n, chunk, x.shape[-1]) for x in (q, k, k_beta, v_beta))
-    cum = g.reshape(b * h, n, chunk).cumsum(-1)
     upper = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).triu(1)
-    decay = (cum[..., :, None] - cum[..., None, :]).masked_fill(upper, float("-inf")).exp()
+    if reset is None:
+        cum = g.reshape(b * h, n, chunk).cumsum(-1)
+        hidden = upper
+        from_start = cum  # log of the decay from the chunk's start to each token
+        to_end = cum[..., -1:] - cum  # ... and from each token to the chunk's end
+        last = cum[..., -1]
+    else:
+        cum, doc = _document_cumsum(g.reshape(b, h, n, chunk), F.pad(reset, (0, pad)), chunk)
+        hidden = upper | (doc[..., :, None] != doc[..., None, :])
+        ninf = torch.tensor(float("-inf"), device=q.device)
+        from_start = torch.where(doc == 0, cum, ninf)
+        to_end = torch.where(doc == doc[..., -1:], cum[..., -1:] - cum, ninf)
+        last = torch.where(doc[..., -1] == 0, cum[..., -1], ninf)
+    decay = (cum[..., :, None] - cum[..., None, :]).masked_fill(hidden, float("-inf")).exp()
     # the UT transform: (I + strictly_lower(k_beta k^T * decay))^-1, applied by a triangular solve
     system = (k_beta @ k.transpose(-1, -2)) * decay
     u = torch.linalg.solve_triangular(system, v_beta, upper=False, unitriangular=True)
     w = torch.linalg.solve_triangular(
-        system, k_beta * cum.exp()[..., None], upper=False, unitriangular=True
+        system, k_beta * from_start.exp()[..., None], upper=False, unitriangular=True
     )
     a = (q @ k.transpose(-1, -2)) * decay
-    qd = q * cum.exp()[..., None]
-    kd = k * (cum[..., -1:] - cum).exp()[..., None]
-    return u, w, qd, kd, a, cum[..., -1].exp()
+    qd = q * from_start.exp()[..., None]
+    kd = k * to_end.exp()[..., None]
+    return u, w, qd, kd, a, last.exp()
+
+
+def _document_cumsum(g: torch.Tensor, reset: torch.Tensor, chunk: int):
+    """(cumsum of g [b, h, n, C] within each chunk, restarted at each reset; the document of each
+    token within its chunk, 0 until the chunk's first reset, +1 at each), both [b·h, n, C]. The
+    sums run in fp64 and restart by subtraction, so a document's sums have the precision of the
+    document run alone (an fp32 sum carried over a previous document's decay would lose it)."""
+    b, h, n, _ = g.shape
+    reset = reset.reshape(b, 1, n, chunk)
+    doc = reset.long().cumsum(-1).expand(b, h, n, chunk).reshape(b * h, n, chunk)
+    g = g.double()
+    total = g.cumsum(-1)
+    idx = torch.arange(chunk, device=g.device)
+    start = torch.where(reset, idx, 0).cummax(-1).values  # the token's document start (or 0)
+    before = torch.gather(total - g, -1, start.expand(b, h, n, chunk))  # the sum before it
+    cum = torch.where(reset.cumsum(-1) > 0, total - before, total)
+    return cum.float().reshape(b * h, n, chunk), doc
 
 
 def chunk_scan_reference(u, w, qd, kd, a, gamma, s0):
@@ -336,13 +378,14 @@ def gated_delta_rule_chunked(
     qk_l2norm: bool = True,
     chunk: int = 64,
     triton_scan: bool = False,
+    reset: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The chunked gated delta rule, same arguments and results as `gated_delta_rule_recurrent`;
     the scan over chunks is the Triton kernel (`triton_scan`) or torch's loop."""
     dtype = q.dtype
     b, t, h, dv = v.shape
     q, k, v, g, beta = heads_first(q, k, v, g, beta, qk_l2norm)
-    parts = chunk_prepare(q, k, v, g, beta, chunk)
+    parts = chunk_prepare(q, k, v, g, beta, chunk, reset)
     dk = k.shape[-1]
     if initial_state is None:
         s0 = v.new_zeros(b * h, dk, dv)

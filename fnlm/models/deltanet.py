@@ -66,38 +66,29 @@ def layer_mask(
 ) -> torch.Tensor | None:
     """The `mask` of every linear-attention layer of one forward: None (nothing to hide), a bool
     [batch, seq] (False = padding: its input is zeroed, as transformers' apply_mask_to_padding_states,
-    so left padding leaves the state at zero), or for packed rows (`segments`) a long [documents,
-    longest] index of each document's tokens in the flattened [batch·seq] (-1 past its end): each
-    document then runs from a zero state, as if alone. A one-token decode step has no padding."""
+    so left padding leaves the state at zero), or for packed rows (`segments`) a long [batch, seq]
+    of each token's position in its document (`document_positions`; -1 on padding): each document
+    then runs from a zero state and conv window, as if alone. A one-token decode step has no
+    padding."""
     if LINEAR not in config.layer_types:
         return None
     if cache is not None:
         return None if tokens.shape[1] == 1 else cache["valid"][:, cache_slots]
     if segments is not None:
-        return document_index(segments if attention_mask is None else segments * attention_mask)
+        return document_positions(segments if attention_mask is None else segments * attention_mask)
     return None if attention_mask is None else attention_mask.bool()
 
 
-def document_index(segments: torch.Tensor) -> torch.Tensor:
-    """[documents, longest] positions in the flattened segments of each document's tokens (a
-    document: a run of one nonzero segment id in a row), -1 after a document's end. Reads the
-    lengths on the host (once per forward)."""
-    flat = segments.reshape(-1)
+def document_positions(segments: torch.Tensor) -> torch.Tensor:
+    """Each token's position in its document, long [batch, seq], -1 where segments is 0 (a
+    document: a run of one nonzero segment id in a row). Device ops on [batch, seq] only (no host
+    read, no data-dependent shape), so a CUDA graph can capture it."""
     seq = segments.shape[1]
-    idx = torch.arange(flat.numel(), device=flat.device)
-    previous = torch.cat([flat.new_zeros(1), flat[:-1]])
-    starts = (flat > 0) & ((flat != previous) | (idx % seq == 0))
-    doc = starts.cumsum(0) - 1
-    real = flat > 0
-    count = int(starts.sum())
-    if count == 0:
-        return idx.new_full((0, 1), -1)
-    lengths = torch.bincount(doc[real], minlength=count)
-    first = idx[starts]
-    longest = int(lengths.max())
-    offsets = torch.arange(longest, device=flat.device)
-    index = first[:, None] + offsets[None, :]
-    return torch.where(offsets[None, :] < lengths[:, None], index, -1)
+    previous = F.pad(segments[:, :-1], (1, 0))  # 0 before each row's first token
+    starts = (segments > 0) & (segments != previous)
+    idx = torch.arange(seq, device=segments.device).expand_as(segments)
+    first = torch.where(starts, idx, 0).cummax(dim=1).values
+    return torch.where(segments > 0, idx - first, -1)
 
 
 def state(cache: dict, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,10 +139,11 @@ def linear_attention(
     mask: as `layer_mask` builds it. kv: (conv state, recurrent state) when generating: read as
     the state before these tokens and overwritten (in place) with the state after them.
     """
+    doc_pos = None  # packed rows: the position of each token in its document (-1: padding)
     if mask is not None and mask.dtype != torch.bool:
         if kv is not None:
             raise ArgumentError("packed rows (segments) cannot run with a generation cache")
-        return _per_document(config, p, x, mask)
+        doc_pos, mask = mask, mask >= 0
     if mask is not None:
         x = (x * mask[:, :, None]).to(x.dtype)
     n = sizes(config)
@@ -170,7 +162,10 @@ def linear_attention(
     window = torch.cat([previous, mixed], dim=-1).to(weight.dtype)
     if kv is not None:
         kv[0].copy_(window[..., window.shape[-1] - (n.conv_kernel - 1) :])
-    mixed = F.conv1d(window, weight[:, None, :], groups=n.conv_dim)
+    if doc_pos is None:
+        mixed = F.conv1d(window, weight[:, None, :], groups=n.conv_dim)
+    else:
+        mixed = _document_conv(window, weight, doc_pos)
     mixed = F.silu(mixed).to(x.dtype).transpose(1, 2)  # [batch, seq, conv_dim]
     key = n.key_heads * n.key_dim
     q, k, v = mixed.split([key, key, n.value_heads * n.value_dim], dim=-1)
@@ -182,24 +177,33 @@ def linear_attention(
     if kv is not None and seq == 1:  # decode: one step of the recurrence
         out, final = kernels.gated_delta_rule_recurrent(q, k, v, g, beta, initial)
     else:
-        out, final = kernels.gated_delta_rule(q, k, v, g, beta, initial)
+        reset = None if doc_pos is None else doc_pos == 0
+        out, final = kernels.gated_delta_rule(q, k, v, g, beta, initial, reset=reset)
     if kv is not None:
         kv[1].copy_(final)
 
     # gated RMSNorm: norm(out) rounded to the input dtype, times the weight, times silu(z) in fp32
     normed = kernels.rms_norm(out, p["norm"], config.norm_eps)
     out = (normed * F.silu(z.float())).to(x.dtype)
-    return _linear(out.reshape(batch, seq, n.value_heads * n.value_dim), p["out"])
+    out = _linear(out.reshape(batch, seq, n.value_heads * n.value_dim), p["out"])
+    if doc_pos is not None:  # padding between and after packed documents gives zeros
+        out = out * mask[:, :, None].to(out.dtype)
+    return out
 
 
-def _per_document(config: ModelConfig, p: dict, x: torch.Tensor, index: torch.Tensor):
-    """The layer on packed rows: each document gathered into a row of its own (right padded,
-    the padding masked), run from a zero state, and scattered back (padding tokens get zeros)."""
-    batch, seq, hidden = x.shape
-    flat = x.reshape(batch * seq, hidden)
-    real = index >= 0
-    docs = flat[index.clamp(min=0)] * real[..., None].to(x.dtype)
-    y = linear_attention(config, p, docs, real)
-    out = flat.new_zeros(batch * seq, y.shape[-1])
-    out = out.index_put((index[real],), y[real])
-    return out.reshape(batch, seq, -1)
+def _document_conv(window: torch.Tensor, weight: torch.Tensor, doc_pos: torch.Tensor):
+    """The depthwise causal conv of packed rows: window [batch, conv_dim, K-1 + seq] (K-1 zeros
+    first), weight [conv_dim, K], doc_pos [batch, seq] (`document_positions`). The tap `lag`
+    tokens back is dropped where it reaches before the token's document start (lag > doc_pos), so
+    each document sees zeros before it, as alone. Accumulated in fp32 (F.conv1d's accumulation),
+    rounded to the window's dtype."""
+    k = weight.shape[1]
+    seq = doc_pos.shape[1]
+    acc = torch.promote_types(window.dtype, torch.float32)
+    out = None
+    for lag in range(k):
+        shifted = window[..., k - 1 - lag : k - 1 - lag + seq].to(acc)
+        keep = (doc_pos >= lag)[:, None, :]
+        term = shifted * weight[:, k - 1 - lag, None].to(acc) * keep
+        out = term if out is None else out + term
+    return out.to(window.dtype)
