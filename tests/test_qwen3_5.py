@@ -419,17 +419,6 @@ def test_nf4_logits_match_transformers_on_the_dequantized_weights_qwen3_5(model_
     assert max_rel_error(ours, ref) <= FP32_REL_TOL
 
 
-def test_serve_engine_refuses_qwen3_5():
-    """The serve engine moves only k/v rows between its slots, so it refuses the DeltaNet layers'
-    states (rather than answer from another request's state)."""
-    from fnlm.serve.engine import Engine
-
-    with saved_checkpoint(transformers.Qwen3_5TextConfig(**TINY)) as (_, directory):
-        params = load_fp32(directory)
-    with pytest.raises(ArgumentError, match="gated DeltaNet"):
-        Engine(params, None, slots=2, warm=False)
-
-
 @pytest.mark.skipif(
     not fnlm.kernels.HAS_TRITON or os.environ.get("TRITON_INTERPRET") != "1",
     reason="the Triton scan on CPU needs TRITON_INTERPRET=1 (set by tests/conftest.py)",
