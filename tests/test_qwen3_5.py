@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fnlm
-from fnlm.errors import ArgumentError, LoraError
+from fnlm.errors import LoraError
 from fnlm.generate import generate_tokens, step
 from tests.models import FP32_REL_TOL, max_rel_error, saved_checkpoint
 from tests.test_generate import prompt_batches, reference_generate
