@@ -23,10 +23,11 @@ from safetensors.torch import load_file, save_file
 import fnlm
 from fnlm.errors import LoraError
 from fnlm.generate import generate_tokens
+from tests.family_checks import assert_logits_match, assert_training_matches_peft, left_padding
 from tests.models import FP32_REL_TOL, build_model, hf_configs, max_rel_error, saved_checkpoint
 from tests.test_generate import prompt_batches, reference_generate
 from tests.test_lora import randomize_fnlm, read_adapter
-from tests.test_train import random_data, reference_run, rel_close, run_config
+from tests.test_train import random_data
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*no tokenizer.json")
 
@@ -51,20 +52,10 @@ def test_logits_match_transformers_gpt_oss(model_type, data):
     """Logits, and logits of a left-padded batch, equal transformers' (fp32)."""
     config = data.draw(hf_configs(model_type))
     seq = data.draw(st.integers(3, 12))
-    pads = data.draw(st.lists(st.integers(0, seq - 1), min_size=2, max_size=3))
-    mask = torch.tensor([[0] * p + [1] * (seq - p) for p in pads])
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    mask = left_padding(data, seq)
     with saved_checkpoint(config) as (model, directory):
         params = load_fp32(directory)
-        tokens = tokens_for(config.vocab_size, mask.shape, seq)
-        with torch.no_grad():
-            ref = model(tokens).logits
-            ref_padded = model(tokens, attention_mask=mask, position_ids=positions).logits
-        ours = fnlm.forward(params, tokens)
-        ours_padded = fnlm.forward(params, tokens, attention_mask=mask)
-    assert max_rel_error(ours, ref) <= FP32_REL_TOL
-    real = mask.bool()
-    assert max_rel_error(ours_padded[real], ref_padded[real]) <= FP32_REL_TOL
+        assert_logits_match(model, params, tokens_for(config.vocab_size, mask.shape, seq), mask)
 
 
 @GPT_OSS
@@ -196,16 +187,7 @@ def test_lora_training_matches_peft_gpt_oss(model_type, targets, data, tmp_path_
     out = tmp_path_factory.mktemp("train")
     with saved_checkpoint(config) as (model, directory):
         params = load_fp32(directory)
-        run = run_config(out / "run", max_steps=6, warmup_steps=1, lr=1e-2)
-        lora = fnlm.lora.init(params, r=run.r, alpha=run.alpha, seed=run.seed, targets=targets)
-        fnlm.lora.save(out / "initial", lora, params=params)
-        ours = fnlm.train.train(run, params=params, lora=lora, data=examples)
-        reference = peft.PeftModel.from_pretrained(model, out / "initial", is_trainable=True)
-        tensors = [p for p in reference.parameters() if p.requires_grad]
-        assert len(tensors) == len(fnlm.lora.parameters(lora))
-        expected = reference_run(reference.train(), tensors, run, examples, 6)
-    assert ours.status == "completed" and expected[-1] != expected[0]
-    assert rel_close(ours.losses, expected, 2e-6), (ours.losses, expected)
+        assert_training_matches_peft(model, params, examples, out, targets=targets)
 
 
 @GPT_OSS
