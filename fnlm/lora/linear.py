@@ -8,8 +8,9 @@ tensors. The dequantized W is recomputed in the backward, never stored, and W ge
 Arithmetic: the adapter branch runs in the input's dtype, with A and scale * B (tiny; the product
 taken in the adapters' dtype, fp32 master copies in training) cast to it; the adapter's output is
 written first and the base GEMM accumulates into it. The gradients of A and B come back in
-the adapters' own dtype. In fp32 this is PEFT's arithmetic exactly; with a 16-bit input it is
-what PEFT computes under bf16/fp16 autocast (the HF Trainer's mixed precision). Casting the input
+the adapters' own dtype. In fp32 this is PEFT's arithmetic up to the order of the sums (a few
+ulps); with a 16-bit input it is what PEFT computes under bf16/fp16 autocast (the HF Trainer's
+mixed precision). Casting the input
 up to fp32 instead, as PEFT does without autocast, costs fp32 GEMMs and [tokens, out] fp32 sums
 on every projection (measured on the H200: a third of a Llama-3.2-1B QLoRA step).
 When the adapter input is x itself (no dropout), the backward adds its part of grad_x into the
