@@ -394,9 +394,15 @@ def _candidates(n_out: int, n_in: int, batch: int, device: torch.device, blocksi
 
 def _time_on_device(launch, calls: int = 10, replays: int = 3) -> float:
     """Milliseconds per `launch()` on the GPU alone: `calls` launches captured in a CUDA graph
-    (the host's launch cost left out), replayed."""
-    launch()  # compiles
-    torch.cuda.synchronize()
+    (the host's launch cost left out), replayed. Warmed up twice on a side stream first (compiles,
+    lazy cuBLAS / library setup), as CUDA graph capture wants; scripts/bench_generate.py times
+    its linears with it too."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        launch()
+        launch()
+    torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for _ in range(calls):
