@@ -5,9 +5,9 @@ loop asks `build` for the method object and then only calls its hooks:
     method.prepare(config, tokenizer)        -> (data, eval_data)   its rows, tokenized
     method.stream(data, config, pad_id, dev) -> a Stream-like        its micro-batches
     method.bind(run)                                                  reference, precomputation
-    method.loss(run, batch, training)        -> summed loss           divided by the step's
+    method.step_loss(run, batch, training)   -> (summed loss, stats)  divided by the step's
     method.count(batch)                      -> int                   summed counts (train_step)
-    method.metrics()                         -> dict                  the step's logged metrics
+    method.metrics(stats)                    -> dict                  the step's logged metrics
     method.eval_loss(run)                    -> float
 """
 

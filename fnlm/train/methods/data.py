@@ -227,6 +227,16 @@ def padded_length(longest: int, *, pad_to_multiple: int = 1, bucket: int = 0,
     return -(-seq // pad_to_multiple) * pad_to_multiple
 
 
+def summed_stats(stats: list[dict]) -> dict[str, float]:
+    """The micro-batches' stats (dicts of 0-d tensors, as the methods' `step_loss` return them)
+    summed per key, read with one host sync; {} for none."""
+    if not stats:
+        return {}
+    keys = list(stats[0])
+    values = torch.stack([torch.stack([s[k].float() for k in keys]) for s in stats])
+    return dict(zip(keys, values.sum(0).tolist(), strict=True))
+
+
 def collate_pairs(pairs: list[Pair], *, pad_id: int, pad_to_multiple: int = 1, bucket: int = 0,
                   limit: int = 0) -> dict:  # fmt: skip
     """[chosen rows; rejected rows] right-padded (to `padded_length`): {"tokens", "labels"

@@ -29,7 +29,7 @@ from fnlm.data import IGNORE_INDEX, epoch_plan
 from fnlm.errors import ArgumentError, FnlmError
 from fnlm.generate import Sampling, generate_tokens
 from fnlm.params import tree_map
-from fnlm.train.methods.data import padded_length
+from fnlm.train.methods.data import padded_length, summed_stats
 from fnlm.train.methods.logprobs import token_logprobs
 
 GRPO_LOSSES = ("grpo", "dr_grpo", "bnpo")
@@ -319,13 +319,9 @@ class Grpo:
     def metrics(self, stats: list[dict] = ()) -> dict:
         """The rollouts' metrics and the step's clip ratio (and KL) per completion token, from
         its micro-batches' stats (these and those `loss` kept; one host sync)."""
-        stats, self.stats = [*self.stats, *stats], []
+        totals = summed_stats([*self.stats, *stats]) or {"tokens": 0.0, "clip_ratio": 0.0}
+        self.stats = []
         out = dict(self.rollout_stats)
-        keys = list(stats[0]) if stats else ["tokens", "clip_ratio"]
-        totals = dict.fromkeys(keys, 0.0)
-        if stats:
-            values = torch.stack([torch.stack([s[k].float() for k in keys]) for s in stats])
-            totals = dict(zip(keys, values.sum(0).tolist()))
         tokens = max(1.0, totals.pop("tokens"))
         out.update({k: round(v / tokens, 6) for k, v in totals.items()})
         return out

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from fnlm import kernels
 from fnlm.errors import ArgumentError
-from fnlm.train.methods.data import collate_pairs
+from fnlm.train.methods.data import collate_pairs, summed_stats
 from fnlm.train.methods.logprobs import final_hidden, head_weight, sequence_logprobs
 
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust")
@@ -219,13 +219,9 @@ class Preference:
     def metrics(self, stats: list[dict] = ()) -> dict:
         """The step's logged metrics (means over its pairs) from its micro-batches' stats (these
         and those `loss` kept, read with one host sync); resets for the next step."""
-        stats, self.stats = [*self.stats, *stats], []
-        if not stats:
-            return {}
-        keys = list(stats[0])
-        values = torch.stack([torch.stack([s[k].float() for k in keys]) for s in stats])
-        totals = dict(zip(keys, values.sum(0).tolist()))
-        pairs = totals.pop("pairs")
+        totals = summed_stats([*self.stats, *stats])
+        self.stats = []
+        pairs = totals.pop("pairs", 0)
         if not pairs:
             return {}
         return {k: round(v / pairs, 6) for k, v in totals.items()}
