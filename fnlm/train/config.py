@@ -264,17 +264,11 @@ class TrainConfig:
         self.betas = tuple(self.betas)
         self.optimizer = OPTIMIZER_ALIASES.get(self.optimizer, self.optimizer)
         self.schedule = SCHEDULE_ALIASES.get(self.schedule, self.schedule)
-        choices = {
-            "mode": MODES,
-            "schedule": SCHEDULES,
-            "optimizer": OPTIMIZERS,
-            "checkpointing": CHECKPOINTING,
-            "distributed": DISTRIBUTED,
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
+        for f in dataclasses.fields(self):  # the options declared with choices=...
+            allowed = f.metadata.get("choices")
+            if allowed and getattr(self, f.name) not in allowed:
                 raise ArgumentError(
-                    f"TrainConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}"
+                    f"TrainConfig.{f.name} must be one of {allowed}, got {getattr(self, f.name)!r}"
                 )
         check_numbers(self)
         check_data_options(self)
@@ -440,10 +434,6 @@ def check_data_options(config: TrainConfig) -> None:
             raise ArgumentError(
                 f"TrainConfig.columns: {pair!r} must be KEY=COLUMN with KEY one of {ROW_KEYS}"
             )
-    if config.on_bad_row not in BAD_ROW_POLICIES:
-        raise ArgumentError(
-            f"TrainConfig.on_bad_row must be one of {BAD_ROW_POLICIES}, got {config.on_bad_row!r}"
-        )
     if config.method != "sft":
         given = [name for name, unset in [
             ("columns", ()), ("streaming", False), ("num_proc", None), ("data_subset", None),
