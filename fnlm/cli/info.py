@@ -130,7 +130,10 @@ def hub_weights(directory: Path) -> str:
     index = directory / "model.safetensors.index.json"
     if not index.is_file():
         return "not downloaded (one safetensors file)"
-    doc = json.loads(index.read_text())
+    from fnlm.errors import CheckpointError
+    from fnlm.files import read_json
+
+    doc = read_json(index, error=CheckpointError, expect=dict)  # names the file when damaged
     shards = len(set((doc.get("weight_map") or {}).values()))
     total = (doc.get("metadata") or {}).get("total_size")
     size = f", {human_bytes(int(total))}" if total else ""
