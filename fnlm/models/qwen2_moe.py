@@ -40,7 +40,14 @@ def config_from_hf(hf: dict) -> ModelConfig:
 
 
 def weight_names(config: ModelConfig) -> dict[str, tuple[tuple, tuple[int, ...]]]:
-    names = llama.weight_names(config)
+    return shared_expert_names(config, llama.weight_names(config))
+
+
+def shared_expert_names(
+    config: ModelConfig, names: dict[str, tuple[tuple, tuple[int, ...]]]
+) -> dict[str, tuple[tuple, tuple[int, ...]]]:
+    """`names` with each MoE layer's MLP replaced by a router ("mlp.gate"), the experts and a
+    shared expert gated by "mlp.shared_expert_gate" (Qwen2-MoE's layout, Qwen3.5-MoE's too)."""
     h, s = config.hidden_size, config.shared_expert_size
     for n in config.moe_layers:
         pre = f"model.layers.{n}.mlp."

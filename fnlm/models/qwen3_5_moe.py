@@ -6,9 +6,7 @@ sigmoid(shared_expert_gate x), as Qwen2-MoE (fnlm/models/moe.py runs the experts
 from __future__ import annotations
 
 from fnlm.config import ModelConfig, hf_text
-from fnlm.models import llama, qwen3_5
-from fnlm.models.mixtral import moe_names
-from fnlm.models.qwen3_moe import QWEN_EXPERTS
+from fnlm.models import llama, qwen2_moe, qwen3_5
 
 MODEL_TYPES = ("qwen3_5_moe_text",)
 
@@ -39,17 +37,4 @@ def config_from_hf(hf: dict) -> ModelConfig:
 
 def weight_names(config: ModelConfig) -> dict[str, tuple[tuple, tuple[int, ...]]]:
     """Qwen3.5's names; each layer's MLP is a router ("mlp.gate"), experts and a shared expert."""
-    names = qwen3_5.weight_names(config)
-    h, s = config.hidden_size, config.shared_expert_size
-    for n in config.moe_layers:
-        pre = f"model.layers.{n}.mlp."
-        names = {k: v for k, v in names.items() if not k.startswith(pre)}
-        names |= moe_names(config, n, pre, QWEN_EXPERTS, "gate.weight")
-        for hf_name, ours in QWEN_EXPERTS.items():
-            shape = (h, s) if ours == "down" else (s, h)
-            names[f"{pre}shared_expert.{hf_name}.weight"] = (
-                ("layers", n, "mlp", "shared", ours),
-                shape,
-            )
-        names[pre + "shared_expert_gate.weight"] = (("layers", n, "mlp", "shared_gate"), (1, h))
-    return names
+    return qwen2_moe.shared_expert_names(config, qwen3_5.weight_names(config))
