@@ -59,7 +59,6 @@ from torch.distributed.fsdp import (
     OffloadPolicy,
     fully_shard,
 )
-from torch.distributed.tensor import DTensor
 
 from fnlm import files
 from fnlm.errors import ArgumentError, CheckpointError
@@ -224,7 +223,7 @@ class ShardedTrainable:
                 f"fsdp_cpu_offload keeps the shards in host memory for a GPU run; this run's "
                 f"device is {device} (leave fsdp_cpu_offload off)"
             )
-        leaves = [(path, t) for path, t in leaf_paths(dict(params))]
+        leaves = list(leaf_paths(dict(params)))
         floating = [t for _, t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()]
         dtype = floating[0].dtype if floating else torch.float32
         self.full = lora is None
@@ -353,7 +352,3 @@ def load_checkpoint(checkpoint, trainable: ShardedTrainable, optimizer, schedule
     set_state_dict(trainable.module, optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optimizer"])  # fmt: skip
     return read_run_state(path, scheduler)
-
-
-def is_sharded(tensor: torch.Tensor) -> bool:
-    return isinstance(tensor, DTensor)
