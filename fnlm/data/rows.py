@@ -61,19 +61,11 @@ def read_rows(source: str | os.PathLike, *, split: str = "train") -> list[Row]:
     Raises DataError when the source does not exist, holds no rows, or a line is not valid JSON
     (naming the file and line).
     """
-    path = Path(source).expanduser()
-    if path.is_dir():
-        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
-            return _read_hf_dataset(str(path), split)
-        files = sorted(p for p in path.rglob("*") if p.suffix in FILE_SUFFIXES and p.is_file())
-        if not files:
-            raise DataError(f"data directory {path} holds no {'/'.join(FILE_SUFFIXES)} files")
-        rows = [row for f in files for row in _read_file(f)]
-    elif path.is_file():
-        rows = _read_file(path)
+    found = local_files(source)
+    if found is None:  # a saved dataset, a hub dataset's repository or a hub name
+        rows = _read_hf_dataset(str(Path(source).expanduser()), split)
     else:
-        check_source(source)
-        rows = _read_hf_dataset(str(source), split)
+        rows = [row for f in found for row in _read_file(f)]
     if not rows:
         raise DataError(f"data source {source} holds no rows")
     return rows
