@@ -49,7 +49,7 @@ from fnlm.generate.step import (
     compiled_layer,
     decode_step,
     init_cache,
-    prefill,
+    prefill_fn,
     will_capture,
 )
 from fnlm.generate.text import TextRow
@@ -295,8 +295,7 @@ class Engine:
         needed = width + max(budgets)
         length = cache_length(needed) if self.compile or self.device.type == "cuda" else needed
         own = init_cache(params, len(group), length, attention_mask=padded, dtype=self.cache_dtype)
-        layer = compiled_layer() if self.compile else layer_forward
-        logits, own = prefill(params, tokens, own, attention_mask=padded, layer_fn=layer)
+        logits, own = prefill_fn(self.compile)(params, tokens, own, attention_mask=padded)
         for r, ((i, request), budget) in enumerate(zip(group, budgets, strict=True)):
             n = len(request.prompt)
             ring = (torch.arange(n, device=self.device) + self.t - n) % self.context
