@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 ROLES = ("system", "user", "assistant")
 # probe contents: plain words, so a template that trims or escapes content renders them as given
@@ -226,9 +225,3 @@ def _quoted(text: str) -> str:
 
 def _string(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def write_modelfile(path: Path, tok, gguf_path: Path, *, add_bos: bool) -> Path:
-    """Write `path` for the GGUF `gguf_path` (same directory); returns `path`."""
-    path.write_text(modelfile(tok, gguf_path.name, add_bos=add_bos), encoding="utf-8")
-    return path
