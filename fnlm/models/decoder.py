@@ -88,30 +88,42 @@ def attention(
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if kv is not None:
         k, v = update_cache(kv, k, v)
-    # packed rows on a GPU (see fnlm.models.masks); compiled flex_attention needs head_dim >= 16
-    flex = isinstance(mask, BlockMask) and "sinks" not in p and config.head_dim >= 16
-    if isinstance(mask, BlockMask) and not flex:
-        mask = masks.dense(mask)
-    if flex:
-        out = masks.flex(
-            q, k, v, mask, scale=config.attention_scale, softcap=config.attention_softcap
-        )
-    elif config.attention_softcap is None and "sinks" not in p:
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            is_causal=mask is None and seq > 1,
-            enable_gqa=config.num_kv_heads != config.num_heads,
-            scale=config.attention_scale,
-        )
-    else:
-        out = softcapped_attention(config, q, k, v, mask, p.get("sinks"))
+    out = attend(config, q, k, v, mask, p.get("sinks"))
     out = out.transpose(1, 2).reshape(batch, seq, config.num_heads * config.head_dim)
     if gate is not None:
         out = out * torch.sigmoid(gate)
     return linear(out, p["o"], p.get("o_bias"))
+
+
+def attend(
+    config: ModelConfig,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask,
+    sinks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """softmax(q kᵀ · scale) v, q [batch, heads, seq, d], k/v [batch, kv_heads, k_len, d]: SDPA,
+    flex_attention for packed rows' BlockMask, or `softcapped_attention` (soft-cap or sinks)."""
+    # packed rows on a GPU (see fnlm.models.masks); compiled flex_attention needs head_dim >= 16
+    flex = isinstance(mask, BlockMask) and sinks is None and config.head_dim >= 16
+    if isinstance(mask, BlockMask) and not flex:
+        mask = masks.dense(mask)
+    if flex:
+        return masks.flex(
+            q, k, v, mask, scale=config.attention_scale, softcap=config.attention_softcap
+        )
+    if config.attention_softcap is None and sinks is None:
+        return F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=mask is None and q.shape[2] > 1,
+            enable_gqa=config.num_kv_heads != config.num_heads,
+            scale=config.attention_scale,
+        )
+    return softcapped_attention(config, q, k, v, mask, sinks)
 
 
 def project_qkv(

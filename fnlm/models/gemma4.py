@@ -36,13 +36,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
-from torch.nn.attention.flex_attention import BlockMask
 
 from fnlm import kernels
 from fnlm.config import ModelConfig, freeze
 from fnlm.errors import ConfigError, UnsupportedModelError
-from fnlm.models import decoder, gemma2, llama, masks, moe
+from fnlm.models import decoder, gemma2, llama, moe
 from fnlm.models.rope import rope_tables
 from fnlm.params import Params
 
@@ -354,22 +352,6 @@ def rope_for(
     return freqs.cos(), freqs.sin()
 
 
-def attend(
-    config: ModelConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
-) -> torch.Tensor:
-    """softmax(q kᵀ · scale) v as fnlm.models.decoder.attention runs it (SDPA, or flex_attention for
-    packed rows' BlockMask); q [b, heads, s, d], k/v [b, kv_heads, k_len, d]."""
-    flex = isinstance(mask, BlockMask) and config.head_dim >= 16
-    if isinstance(mask, BlockMask) and not flex:
-        mask = masks.dense(mask)
-    if flex:
-        return masks.flex(q, k, v, mask, scale=config.attention_scale, softcap=None)
-    return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1,
-        enable_gqa=config.num_kv_heads != config.num_heads, scale=config.attention_scale,
-    )  # fmt: skip
-
-
 def attention(
     config: ModelConfig,
     k_eq_v: bool,
@@ -397,7 +379,7 @@ def attention(
     else:
         q = kernels.apply_rope(q, q[:, :, :1].contiguous(), cos, sin)[0]
         k, v = shared
-    out = attend(config, q.transpose(1, 2), k, v, mask)
+    out = decoder.attend(config, q.transpose(1, 2), k, v, mask)
     out = out.transpose(1, 2).reshape(batch, seq, config.num_heads * d)
     return decoder.linear(out, p["o"], p.get("o_bias")), (k, v)
 
