@@ -159,6 +159,11 @@ def test_column_mapping_parquet_and_jsonl(tok, tmp_path):
         cache_dir=tmp_path / "cache",
     )  # fmt: skip
     assert same_examples(mapped, through)
+    (tmp_path / "bad.parquet").write_bytes(b"not a parquet file")
+    for num_proc in (None, 2):  # read here, and through datasets
+        with pytest.raises(DataError, match=r"bad\.parquet (is not a readable|could not be read)"):
+            data_lib.prepare(tmp_path / "bad.parquet", tok, max_seq_length=64, num_proc=num_proc,
+                             cache_dir=tmp_path / "cache")  # fmt: skip
     rows = [{"dialog": chat("q", "a")}, {"other": 1}]
     path = write_jsonl(tmp_path / "c.jsonl", rows)
     with pytest.raises(DataError, match=r"c\.jsonl line 2: no column 'dialog'.*has \['other'\]"):

@@ -166,7 +166,10 @@ def _read_parquet(path: Path) -> list[Row]:
             f"reading {path} needs pyarrow, which is not installed; "
             "`pip install pyarrow` (or `pip install fnlm[data]`)"
         ) from None
-    records = pq.read_table(path).to_pylist()
+    try:
+        records = pq.read_table(path).to_pylist()
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid / ArrowIOError: a damaged file
+        raise DataError(f"{path} is not a readable Parquet file: {e}") from None
     return [Row(value, f"{path} row {i}") for i, value in enumerate(records)]
 
 

@@ -20,7 +20,13 @@ from pathlib import Path
 import torch
 
 from fnlm.data.rows import _read_json, local_files
-from fnlm.data.tokenize import Example, RowCounter, RowOptions, tokenize_row, tokenizer_fingerprint
+from fnlm.data.tokenize import (
+    Example,
+    RowCounter,
+    RowOptions,
+    tokenize_row,
+    tokenizer_fingerprint,
+)
 from fnlm.errors import ArgumentError, DataError
 
 # Bump when the tokenized layout or the rendering rules change, so old caches are not reused.
@@ -106,6 +112,15 @@ class _Locate:
 
 
 def _file_part(datasets, path: Path, streaming: bool, hub_cache) -> Part:
+    try:
+        return _load_file_part(datasets, path, streaming, hub_cache)
+    except DataError:
+        raise
+    except Exception as e:  # datasets / pyarrow: a damaged file (ArrowInvalid names no file)
+        raise DataError(f"data file {path} could not be read: {type(e).__name__}: {e}") from None
+
+
+def _load_file_part(datasets, path: Path, streaming: bool, hub_cache) -> Part:
     key = None if streaming else _file_hash(path)
     if path.suffix == ".jsonl":  # one JSON text per row: a bad line is one bad row
         dataset = datasets.load_dataset(
