@@ -62,7 +62,7 @@ def same_examples(a, b) -> bool:
 
 
 def test_processes_streaming_and_in_process_give_the_same_rows(tok, tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", ROWS * 3)
+    path = write_jsonl(tmp_path / "d.jsonl", [*ROWS, "", *ROWS * 2])  # a blank line: no row
     common = dict(max_seq_length=40, cache_dir=tmp_path / "cache")
     here = data_lib.prepare(path, tok, use_cache=False, **common)
     two = data_lib.prepare(path, tok, num_proc=2, **common)
@@ -70,6 +70,7 @@ def test_processes_streaming_and_in_process_give_the_same_rows(tok, tmp_path):
     assert same_examples(here, two) and same_examples(here, streamed)
     counts = ("rows", "examples", "tokens", "trained_tokens", "truncated", "blocks", "dropped")
     assert {k: here.stats[k] for k in counts} == {k: two.stats[k] for k in counts}
+    assert here.stats["rows"] == streamed.stats["rows"] == len(ROWS) * 3
     assert here.stats["blocks"] >= 3 * 2 and here.stats["blocks"] % 3 == 0  # the long text row
     # A saved dataset: streamed and whole alike, in one process or two.
     saved = tmp_path / "saved"

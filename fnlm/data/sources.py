@@ -24,6 +24,7 @@ from fnlm.data.tokenize import (
     Example,
     RowCounter,
     RowOptions,
+    RowResult,
     tokenize_row,
     tokenizer_fingerprint,
 )
@@ -155,13 +156,12 @@ def _map_rows(batch: dict, indices: list[int], *, tok, options: RowOptions, line
     columns = list(batch)
     for n, index in enumerate(indices):
         value = batch["text"][n] if lines else {c: batch[c][n] for c in columns}
-        blank = lines and not value.strip()
-        result = tokenize_row(tok, "{}" if blank else value, locate(index), options)
-        out["tokens"].append([] if blank else [t for t, _ in result.examples])
-        out["labels"].append([] if blank else [lab for _, lab in result.examples])
-        for name in ("truncated", "tokens_cut", "blocks", "dropped"):
-            out[name].append(0 if blank else getattr(result, name))
-        out["error"].append("" if blank else result.error)
+        blank = lines and not value.strip()  # a blank line: no row, nothing to tokenize
+        result = RowResult() if blank else tokenize_row(tok, value, locate(index), options)
+        out["tokens"].append([t for t, _ in result.examples])
+        out["labels"].append([lab for _, lab in result.examples])
+        for name in ("truncated", "tokens_cut", "blocks", "dropped", "error"):
+            out[name].append(getattr(result, name))
         out["blank"].append(blank)
     return out
 
