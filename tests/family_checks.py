@@ -1,15 +1,20 @@
 """The checks every newer family's tests run against transformers (+ peft), shared by
 tests/test_gpt_oss.py, tests/test_gemma4.py and tests/test_qwen3_5.py: logits with and without
-left padding, and LoRA training step by step."""
+left padding, a saved adapter in peft, the merged export in transformers, and LoRA training step
+by step."""
 
 from __future__ import annotations
 
+import warnings
+
 import peft
 import torch
+import transformers
 from hypothesis import strategies as st
 
 import fnlm
 from tests.models import FP32_REL_TOL, max_rel_error
+from tests.test_lora import read_adapter
 from tests.test_train import reference_run, rel_close, run_config
 
 
@@ -46,3 +51,45 @@ def assert_training_matches_peft(model, params, examples, out, targets=None) -> 
     expected = reference_run(reference.train(), tensors, run, examples, 6)
     assert ours.status == "completed" and expected[-1] != expected[0]
     assert rel_close(ours.losses, expected, 2e-6), (ours.losses, expected)
+
+
+def load_fp32(directory):
+    params, _ = fnlm.load(directory, quant=None, dtype=torch.float32, device="cpu")
+    return params
+
+
+def tokens_for(vocab: int, shape=(2, 9), seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def assert_adapter_matches_peft(model, params, lora, directory, out, again, tokens) -> None:
+    """fnlm's saved adapter (in `out`; `directory` the checkpoint's) loads in peft on `model` with
+    fnlm's logits on `tokens`, merged too, changes them, and peft re-saves (in `again`) the same
+    tensors (FP32_REL_TOL; the tensors equal)."""
+    fnlm.lora.save(out, lora, params=params, base_model_name_or_path=str(directory))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = peft.PeftModel.from_pretrained(model, out).eval()
+        peft_model.save_pretrained(again)
+    with torch.no_grad():
+        ref = peft_model(tokens).logits
+    ours = fnlm.forward(params, tokens, lora=lora)
+    assert max_rel_error(ours, ref) <= FP32_REL_TOL
+    assert max_rel_error(fnlm.forward(fnlm.lora.merge(params, lora), tokens), ours) <= FP32_REL_TOL
+    assert max_rel_error(ours, fnlm.forward(params, tokens)) > 10 * FP32_REL_TOL
+    _, ours_tensors = read_adapter(out)
+    _, ref_tensors = read_adapter(again)
+    assert ours_tensors.keys() == ref_tensors.keys()
+    for key in ours_tensors:
+        assert torch.equal(ours_tensors[key], ref_tensors[key]), key
+
+
+def assert_merged_export_matches(params, lora, out, tokens) -> None:
+    """The merged export of params + lora (written to `out`) loads in transformers with fnlm's
+    adapted logits on `tokens`, and in fnlm again (FP32_REL_TOL)."""
+    fnlm.save(out, params, lora=lora, format="merged")
+    ours = fnlm.forward(params, tokens, lora=lora)
+    with torch.no_grad():
+        ref = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)(tokens)
+    assert max_rel_error(ref.logits, ours) <= FP32_REL_TOL
+    assert max_rel_error(fnlm.forward(load_fp32(out), tokens), ours) <= FP32_REL_TOL

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import tempfile
 import unittest.mock
-import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -26,10 +25,18 @@ from hypothesis import strategies as st
 import fnlm
 from fnlm.generate import generate_tokens
 from fnlm.models import gemma4
-from tests.family_checks import assert_logits_match, assert_training_matches_peft, left_padding
+from tests.family_checks import (
+    assert_adapter_matches_peft,
+    assert_logits_match,
+    assert_merged_export_matches,
+    assert_training_matches_peft,
+    left_padding,
+    load_fp32,
+    tokens_for,
+)
 from tests.models import FP32_REL_TOL, build_model, max_rel_error
 from tests.test_generate import prompt_batches, reference_generate
-from tests.test_lora import randomize_fnlm, read_adapter
+from tests.test_lora import randomize_fnlm
 from tests.test_train import random_data
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*no tokenizer.json", "ignore:.*full_attention")
@@ -161,15 +168,6 @@ def checkpoint(config, seed: int = 0, model_type: str = "gemma4_text"):
         yield model, Path(d)
 
 
-def load_fp32(directory):
-    params, _ = fnlm.load(directory, quant=None, dtype=torch.float32, device="cpu")
-    return params
-
-
-def tokens_for(vocab: int, shape=(2, 9), seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
-
-
 @BOTH
 @EXAMPLES
 @given(data=st.data())
@@ -222,24 +220,10 @@ def test_saved_adapter_loads_in_peft_with_same_logits_gemma4(model_type, data, t
         ):  # MoE targets without the MoE block, "per_layer_*" without PLE
             assert targets != "all-linear"
             return
-        lora = randomize_fnlm(lora)
-        fnlm.lora.save(out, lora, params=params, base_model_name_or_path=str(directory))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            peft_model = peft.PeftModel.from_pretrained(model, out).eval()
-            peft_model.save_pretrained(again)
-    tokens = tokens_for(config.vocab_size)
-    with torch.no_grad():
-        ref = peft_model(tokens).logits
-    ours = fnlm.forward(params, tokens, lora=lora)
-    assert max_rel_error(ours, ref) <= FP32_REL_TOL
-    assert max_rel_error(fnlm.forward(fnlm.lora.merge(params, lora), tokens), ours) <= FP32_REL_TOL
-    assert max_rel_error(ours, fnlm.forward(params, tokens)) > 10 * FP32_REL_TOL
-    _, ours_tensors = read_adapter(out)
-    _, ref_tensors = read_adapter(again)
-    assert ours_tensors.keys() == ref_tensors.keys()
-    for key in ours_tensors:
-        assert torch.equal(ours_tensors[key], ref_tensors[key]), key
+        tokens = tokens_for(config.vocab_size)
+        assert_adapter_matches_peft(
+            model, params, randomize_fnlm(lora), directory, out, again, tokens
+        )
 
 
 @GEMMA4
@@ -295,13 +279,7 @@ def test_merged_export_loads_in_transformers_gemma4(model_type, data, tmp_path_f
     with checkpoint(config, model_type=model_type) as (_, directory):
         params = load_fp32(directory)
         lora = randomize_fnlm(fnlm.lora.init(params, r=2, targets=("q", "o", "down")))
-        fnlm.save(out, params, lora=lora, format="merged")
-    tokens = tokens_for(config.vocab_size)
-    ours = fnlm.forward(params, tokens, lora=lora)
-    with torch.no_grad():
-        ref = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)(tokens)
-    assert max_rel_error(ref.logits, ours) <= FP32_REL_TOL
-    assert max_rel_error(fnlm.forward(load_fp32(out), tokens), ours) <= FP32_REL_TOL
+        assert_merged_export_matches(params, lora, out, tokens_for(config.vocab_size))
 
 
 # in_features multiples of 64: NF4 blocks never straddle two experts (or two rows)

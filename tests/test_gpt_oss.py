@@ -23,7 +23,15 @@ from safetensors.torch import load_file, save_file
 import fnlm
 from fnlm.errors import LoraError
 from fnlm.generate import generate_tokens
-from tests.family_checks import assert_logits_match, assert_training_matches_peft, left_padding
+from tests.family_checks import (
+    assert_adapter_matches_peft,
+    assert_logits_match,
+    assert_merged_export_matches,
+    assert_training_matches_peft,
+    left_padding,
+    load_fp32,
+    tokens_for,
+)
 from tests.models import FP32_REL_TOL, build_model, hf_configs, max_rel_error, saved_checkpoint
 from tests.test_generate import prompt_batches, reference_generate
 from tests.test_lora import randomize_fnlm, read_adapter
@@ -34,15 +42,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*no tokenizer.json")
 EXAMPLES = settings(max_examples=3, deadline=None)
 # the pytest id names the family, so scripts/support_table.py counts these tests for gpt_oss
 GPT_OSS = pytest.mark.parametrize("model_type", ["gpt_oss"])
-
-
-def load_fp32(directory):
-    params, _ = fnlm.load(directory, quant=None, dtype=torch.float32, device="cpu")
-    return params
-
-
-def tokens_for(vocab: int, shape=(2, 9), seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
 
 
 @GPT_OSS
@@ -81,31 +80,12 @@ def test_saved_adapter_loads_in_peft_with_same_logits_gpt_oss(model_type, data, 
     config = data.draw(hf_configs(model_type))
     targets = data.draw(st.lists(st.sampled_from(["q", "k", "v", "o"]), min_size=1, unique=True))
     bias = data.draw(st.sampled_from(["none", "lora_only"]))
-    out = tmp_path_factory.mktemp("adapter")
+    out, again = tmp_path_factory.mktemp("adapter"), tmp_path_factory.mktemp("again")
     with saved_checkpoint(config) as (model, directory):
         params = load_fp32(directory)
         lora = randomize_fnlm(fnlm.lora.init(params, r=4, alpha=8, targets=targets, bias=bias))
-        fnlm.lora.save(out, lora, params=params, base_model_name_or_path=str(directory))
         tokens = tokens_for(config.vocab_size)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            peft_model = peft.PeftModel.from_pretrained(model, out).eval()
-        with torch.no_grad():
-            ref = peft_model(tokens).logits
-        ours = fnlm.forward(params, tokens, lora=lora)
-        merged = fnlm.forward(fnlm.lora.merge(params, lora), tokens)
-        again = tmp_path_factory.mktemp("again")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            peft_model.save_pretrained(again)
-    assert max_rel_error(ours, ref) <= FP32_REL_TOL
-    assert max_rel_error(merged, ours) <= FP32_REL_TOL
-    assert max_rel_error(ours, fnlm.forward(params, tokens)) > 10 * FP32_REL_TOL
-    _, ours_tensors = read_adapter(out)
-    _, ref_tensors = read_adapter(again)
-    assert ours_tensors.keys() == ref_tensors.keys()
-    for key in ours_tensors:
-        assert torch.equal(ours_tensors[key], ref_tensors[key]), key
+        assert_adapter_matches_peft(model, params, lora, directory, out, again, tokens)
 
 
 @GPT_OSS
@@ -201,13 +181,7 @@ def test_merged_export_loads_in_transformers_gpt_oss(model_type, data, tmp_path_
     with saved_checkpoint(config) as (_, directory):
         params = load_fp32(directory)
         lora = randomize_fnlm(fnlm.lora.init(params, r=2, targets=("q", "v", "o")))
-        fnlm.save(out, params, lora=lora, format="merged")
-    tokens = tokens_for(config.vocab_size)
-    ours = fnlm.forward(params, tokens, lora=lora)
-    with torch.no_grad():
-        ref = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)(tokens)
-    assert max_rel_error(ref.logits, ours) <= FP32_REL_TOL
-    assert max_rel_error(fnlm.forward(load_fp32(out), tokens), ours) <= FP32_REL_TOL
+        assert_merged_export_matches(params, lora, out, tokens_for(config.vocab_size))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,9 +9,7 @@ dt_bias, which fnlm refuses (LoraError) rather than silently train fewer."""
 from __future__ import annotations
 
 import os
-import warnings
 
-import peft
 import pytest
 import torch
 import transformers
@@ -21,10 +19,18 @@ from hypothesis import strategies as st
 import fnlm
 from fnlm.errors import LoraError
 from fnlm.generate import generate_tokens, step
-from tests.family_checks import assert_logits_match, assert_training_matches_peft, left_padding
+from tests.family_checks import (
+    assert_adapter_matches_peft,
+    assert_logits_match,
+    assert_merged_export_matches,
+    assert_training_matches_peft,
+    left_padding,
+    load_fp32,
+    tokens_for,
+)
 from tests.models import FP32_REL_TOL, max_rel_error, saved_checkpoint
 from tests.test_generate import prompt_batches, reference_generate
-from tests.test_lora import randomize_fnlm, read_adapter
+from tests.test_lora import randomize_fnlm
 from tests.test_train import random_data
 
 pytestmark = [
@@ -110,15 +116,6 @@ def hf_configs(draw, model_type: str):
     )
     config.vocab_size = fields["vocab_size"]
     return config
-
-
-def load_fp32(directory):
-    params, _ = fnlm.load(directory, quant=None, dtype=torch.float32, device="cpu")
-    return params
-
-
-def tokens_for(vocab: int, shape=(2, 9), seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,30 +270,12 @@ def test_saved_adapter_loads_in_peft_with_same_logits_qwen3_5(model_type, data, 
     if "moe" in model_type:  # expert stacks and router: peft's target_parameters
         targets += data.draw(st.sampled_from([[], ["experts.gate_up", "experts.down", "router"]]))
     bias = data.draw(st.sampled_from(["none", "lora_only"]))
-    out = tmp_path_factory.mktemp("adapter")
+    out, again = tmp_path_factory.mktemp("adapter"), tmp_path_factory.mktemp("again")
     with saved_checkpoint(config) as (model, directory):
         params = load_fp32(directory)
         lora = randomize_fnlm(fnlm.lora.init(params, r=4, alpha=8, targets=targets, bias=bias))
-        fnlm.lora.save(out, lora, params=params, base_model_name_or_path=str(directory))
         tokens = tokens_for(config.vocab_size)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            peft_model = peft.PeftModel.from_pretrained(model, out).eval()
-        with torch.no_grad():
-            ref = peft_model(tokens).logits
-        ours = fnlm.forward(params, tokens, lora=lora)
-        merged = fnlm.forward(fnlm.lora.merge(params, lora), tokens)
-        again = tmp_path_factory.mktemp("again")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            peft_model.save_pretrained(again)
-    assert max_rel_error(ours, ref) <= FP32_REL_TOL
-    assert max_rel_error(merged, ours) <= FP32_REL_TOL
-    _, ours_tensors = read_adapter(out)
-    _, ref_tensors = read_adapter(again)
-    assert ours_tensors.keys() == ref_tensors.keys()
-    for key in ours_tensors:
-        assert torch.equal(ours_tensors[key], ref_tensors[key]), key
+        assert_adapter_matches_peft(model, params, lora, directory, out, again, tokens)
 
 
 @FAMILIES
@@ -345,13 +324,7 @@ def test_merged_export_loads_in_transformers_qwen3_5(model_type, data, tmp_path_
     with saved_checkpoint(config) as (_, directory):
         params = load_fp32(directory)
         lora = randomize_fnlm(fnlm.lora.init(params, r=2, targets=("q", "in_qkv", "out", "down")))
-        fnlm.save(out, params, lora=lora, format="merged")
-    tokens = tokens_for(config.vocab_size)
-    ours = fnlm.forward(params, tokens, lora=lora)
-    with torch.no_grad():
-        ref = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)(tokens)
-    assert max_rel_error(ref.logits, ours) <= FP32_REL_TOL
-    assert max_rel_error(fnlm.forward(load_fp32(out), tokens), ours) <= FP32_REL_TOL
+        assert_merged_export_matches(params, lora, out, tokens_for(config.vocab_size))
 
 
 # ----------------------------------------------------------------------------------------------
