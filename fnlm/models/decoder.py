@@ -370,6 +370,21 @@ def cache_mask(slots: torch.Tensor, valid: torch.Tensor, window: int | None) -> 
     return (mask[None, None] & valid[:, None, None, :]) | (offset == 0)
 
 
+def window_mask(
+    window: int | None,
+    positions: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    segments: torch.Tensor | None,
+    cache: dict | None,
+    cache_slots: torch.Tensor | None,
+):
+    """The mask of the layers with this `window` in one forward: over the generation cache
+    (`cache_mask`) when there is one, else `build_mask`'s."""
+    if cache is not None:
+        return cache_mask(cache_slots, cache["valid"], window)
+    return build_mask(positions, attention_mask, segments, window)
+
+
 def hidden_states(
     params: Params,
     tokens: torch.Tensor,
@@ -417,14 +432,14 @@ def hidden_states(
         if local not in tables:
             tables[local] = rope_tables(config, positions, local=True)
         cos, sin = tables[local] if i not in config.nope_layers else (None, None)
+        if window not in masks:
+            masks[window] = window_mask(
+                window, positions, attention_mask, segments, cache, cache_slots
+            )
         if cache is not None:
-            if window not in masks:
-                masks[window] = cache_mask(cache_slots, cache["valid"], window)
             kv = (cache["k"][i], cache["v"][i], cache_slots)
             x = layer_fn(config, layer, x, cos, sin, masks[window], kv)
             continue
-        if window not in masks:
-            masks[window] = build_mask(positions, attention_mask, segments, window)
         x = layer_fn(config, layer, x, cos, sin, masks[window])
     return norm(config, params["norm"], x, params.get("norm_bias"))
 

@@ -474,10 +474,8 @@ def hidden_states(
     for i, p in enumerate(params["layers"]):
         window = config.window(i)
         if window not in layer_masks:
-            layer_masks[window] = (
-                decoder.cache_mask(cache_slots, cache["valid"], window)
-                if cache is not None
-                else decoder.build_mask(positions, attention_mask, segments, window)
+            layer_masks[window] = decoder.window_mask(
+                window, positions, attention_mask, segments, cache, cache_slots
             )
         kv = (cache["k"][i], cache["v"][i], cache_slots) if cache is not None else None
         x, keys_values = run(
