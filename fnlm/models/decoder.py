@@ -254,10 +254,12 @@ def mixture_of_experts(config: ModelConfig, p: dict, x: torch.Tensor) -> torch.T
     experts = p["experts"]
     rows = x[route.tokens]
     gate_up = expert_matmul(route, rows, experts["gate_up"])
-    if "experts_gate_up_bias" in p:  # gpt-oss: per-expert biases [E, out], row i's expert's
+    owner = None  # gpt-oss: per-expert biases [E, out]; row i gets its expert's
+    if "experts_gate_up_bias" in p or "experts_down_bias" in p:
         owner = torch.bucketize(
             torch.arange(rows.shape[0], device=x.device), route.offsets, right=True
         )
+    if "experts_gate_up_bias" in p:
         gate_up = gate_up + p["experts_gate_up_bias"][owner]
     gate, up = gate_up.chunk(2, dim=-1)
     y = expert_matmul(route, glu(config, gate, up), experts["down"])
