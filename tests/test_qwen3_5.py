@@ -443,3 +443,41 @@ def test_mtp_tensors_are_skipped_qwen3_5(model_type, tmp_path):
         with torch.no_grad():
             ref = model(tokens).logits
     assert max_rel_error(fnlm.forward(params, tokens), ref) <= FP32_REL_TOL
+
+
+@pytest.mark.gpu
+@FAMILIES
+def test_cuda_forward_loss_and_generation_qwen3_5(model_type):
+    """On the GPU (Triton scan, compiled decode under CUDA graphs): fp32 logits of 100 tokens
+    (two delta-rule chunks) equal transformers' on the CPU, the LoRA loss's gradients equal the
+    CPU path's, and greedy generation equals transformers'."""
+    config = {
+        "qwen3_5_text": transformers.Qwen3_5TextConfig(**TINY),
+        "qwen3_5_moe_text": transformers.Qwen3_5MoeTextConfig(**TINY_MOE),
+    }[model_type]
+    prompts = [[1, 2, 3, 4, 5], [7, 8]]
+    with saved_checkpoint(config) as (model, directory):
+        cpu = load_fp32(directory)
+        gpu, _ = fnlm.load(directory, quant=None, dtype=torch.float32, device="cuda")
+        tokens = tokens_for(config.vocab_size, (2, 100))
+        with torch.no_grad():
+            ref = model(tokens).logits
+        assert max_rel_error(fnlm.forward(gpu, tokens.cuda()).cpu(), ref) <= FP32_REL_TOL
+        ref_tokens = reference_generate(model, prompts, 6, None)
+    assert generate_tokens(gpu, prompts, max_new_tokens=6, eos_token_ids=[]) == ref_tokens
+
+    targets = ["in_qkv", "in_z", "out", "q"]
+    start = [
+        t.detach() + 0.1 for t in fnlm.lora.parameters(fnlm.lora.init(cpu, r=2, targets=targets))
+    ]
+
+    def grads(params, device):
+        adapters = fnlm.lora.init(params, r=2, targets=targets)
+        for t, value in zip(fnlm.lora.parameters(adapters), start, strict=True):
+            t.data.copy_(value)  # the same adapters on both devices, B nonzero
+        batch = {"tokens": tokens.to(device), "labels": tokens.to(device)}
+        fnlm.loss(params, batch, lora=adapters).backward()
+        return [t.grad.cpu() for t in fnlm.lora.parameters(adapters)]
+
+    for ours, theirs in zip(grads(gpu, "cuda"), grads(cpu, "cpu"), strict=True):
+        assert max_rel_error(ours, theirs) <= 1e-4
