@@ -191,19 +191,32 @@ def step_fn(compile: bool) -> Callable:
     return functools.partial(decode_step, layer_fn=compiled_layer())
 
 
-def capture(fn: Callable[[], torch.Tensor], pool=None) -> Callable[[], torch.Tensor]:
+def recurrent_states(cache: dict) -> list[torch.Tensor]:
+    """The per-row DeltaNet states of a cache (conv and recurrent, [batch, ...] each; none for
+    other models): what a step updates by reading it, unlike the k, v it writes to a slot."""
+    return [t for t in (*cache.get("conv", ()), *cache.get("state", ())) if t is not None]
+
+
+def capture(
+    fn: Callable[[], torch.Tensor], pool=None, keep: list[torch.Tensor] = ()
+) -> Callable[[], torch.Tensor]:
     """A CUDA graph of `fn` (device work on static buffers, no host reads): calling the result
     replays the graph and returns `fn`'s (static, overwritten by the next call) output. `pool`:
-    a memory pool shared with other graphs never replayed at the same time."""
+    a memory pool shared with other graphs never replayed at the same time. `keep`: tensors `fn`
+    updates in place from their own values (recurrent states); the warm-up runs before the capture
+    leave them as they found them, so the first replay is the first update."""
+    kept = [t.clone() for t in keep]
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         # A decode step writes its k, v into the cache slot; the replay writes the same values.
         for _ in range(GRAPH_WARMUP_RUNS):
             fn()
+        for t, old in zip(keep, kept, strict=True):
+            t.copy_(old)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
+    with torch.cuda.graph(graph, pool=pool):  # recorded, not run: `keep` is not touched
         out = fn()
 
     def replay() -> torch.Tensor:
@@ -216,7 +229,9 @@ def capture(fn: Callable[[], torch.Tensor], pool=None) -> Callable[[], torch.Ten
 def graph_step(params: Params, cache: dict, tokens, positions, slot, compile: bool) -> Callable:
     """A CUDA graph of one decode step over static input buffers (see `capture`)."""
     step = step_fn(compile)
-    return capture(lambda: step(params, cache, tokens, positions, slot))
+    return capture(
+        lambda: step(params, cache, tokens, positions, slot), keep=recurrent_states(cache)
+    )
 
 
 def graphable(config, grouped_experts: bool = False) -> bool:
@@ -295,6 +310,7 @@ class DecodeState:
         replay = capture(
             lambda: run(self.params, static_tokens, self.cache, attention_mask=static_mask)[0],
             pool=self.pool,
+            keep=recurrent_states(self.cache),
         )
         self.prefills[length] = (static_tokens, static_mask, replay)
         return replay()

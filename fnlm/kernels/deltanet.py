@@ -131,10 +131,17 @@ def _scan_bwd_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
+# The scans' loops over chunks are not software-pipelined (num_stages=1): each chunk's loads
+# depend on the state the previous chunk left, and pipelined buffers of Qwen3.5's tiles (a 64-token
+# chunk, 128-wide keys, fp32) asked for 287-295 KB of shared memory on an H200 (228 KB there).
+SCAN_STAGES = 1
+
+
 def _blocks(chunk: int, dk: int, dv: int) -> tuple[int, int, int]:
-    """(BK, BV, value blocks): tl.dot wants every dim >= 16; the value dim is split in <= 64."""
+    """(BK, BV, value blocks): tl.dot wants every dim >= 16; the value dim is split in blocks of
+    <= 64, <= 32 when the keys are wider than 64 (the tiles then fit an SM's shared memory)."""
     bk = max(16, triton.next_power_of_2(dk))
-    bv = max(16, min(64, triton.next_power_of_2(dv)))
+    bv = max(16, min(64 if bk <= 64 else 32, triton.next_power_of_2(dv)))
     return bk, bv, triton.cdiv(dv, bv)
 
 
@@ -150,6 +157,7 @@ def chunk_scan_fwd(u, w, qd, kd, a, gamma, s0):
     final = u.new_empty(bh, dk, dv)
     _scan_fwd_kernel[(bh, nv)](
         u, w, qd, kd, a, gamma, s0, o, states, final, n, dk, dv, C=c, BK=bk, BV=bv,
+        num_stages=SCAN_STAGES,
     )  # fmt: skip
     return o, states, final
 
@@ -167,6 +175,7 @@ def chunk_scan_bwd(u, w, qd, kd, a, gamma, states, d_o, d_final):
     _scan_bwd_kernel[(bh, nv)](
         u, w, qd, kd, a, gamma, states, d_o.contiguous(), d_final.contiguous(),
         d_u, d_w, d_qd, d_kd, d_a, d_gamma, d_s0, bh, n, dk, dv, C=c, BK=bk, BV=bv,
+        num_stages=SCAN_STAGES,
     )  # fmt: skip
     return d_u, d_w.sum(0), d_qd.sum(0), d_kd.sum(0), d_a.sum(0), d_gamma.sum(0), d_s0
 

@@ -50,6 +50,7 @@ from fnlm.generate.step import (
     decode_step,
     init_cache,
     prefill_fn,
+    recurrent_states,
     will_capture,
 )
 from fnlm.generate.text import TextRow
@@ -61,11 +62,6 @@ from fnlm.params import Params
 def _bytes(cache: torch.Tensor) -> torch.Tensor:
     """A cache tensor as index_copy_ takes it: an fp8 one viewed as its bytes (no fp8 kernels)."""
     return cache.view(torch.uint8) if cache.dtype.itemsize == 1 else cache
-
-
-def _states(cache: dict) -> list[torch.Tensor]:
-    """The per-row DeltaNet states of a cache ([batch, ...] each; none for other models)."""
-    return [t for t in (*cache.get("conv", ()), *cache.get("state", ())) if t is not None]
 
 
 def widths(slots: int) -> list[int]:
@@ -304,7 +300,9 @@ class Engine:
                     _bytes(self.cache[name][layer])[i].index_copy_(
                         1, ring, _bytes(own[name][layer])[r, :, width - n : width]
                     )
-            for state, joined in zip(_states(self.cache), _states(own), strict=True):
+            for state, joined in zip(
+                recurrent_states(self.cache), recurrent_states(own), strict=True
+            ):
                 state[i].copy_(joined[r])  # the states after the prompt, from zero in its prefill
             seen = None
             if request.sampling.repetition_penalty != 1.0:
@@ -341,7 +339,7 @@ class Engine:
         self.steps_by_width[width] += 1
         chosen: dict[int, int] = {}
         kept = []  # per pass: its rows, their k, v at slot t and states, when passes must not mix
-        states = [t[:width] for t in _states(self.cache)]
+        states = [t[:width] for t in recurrent_states(self.cache)]
         before = [t.clone() for t in states] if len(groups) > 1 else []
         for n, (adapter, members) in enumerate(groups.items()):
             if n:  # every pass updates every row's states: start each from the step's
@@ -386,7 +384,7 @@ class Engine:
         for name in ("k", "v"):
             for layer in map(_bytes, self.cache[name]):
                 layer[target].index_copy_(1, ring, layer[source].index_select(1, ring))
-        for state in _states(self.cache):
+        for state in recurrent_states(self.cache):
             state[target].copy_(state[source])
         self.rows[target], self.rows[source] = row, None
 
@@ -472,6 +470,6 @@ class Engine:
 
             return decode_step(params, cache, tokens, positions, self.slot, layer_fn=ring_layer)
 
-        run = capture(step) if will_capture(self.params) else step
+        run = capture(step, keep=recurrent_states(cache)) if will_capture(self.params) else step
         self._steps[adapter, width] = run
         return run
