@@ -36,6 +36,7 @@ from fnlm.models import (
     qwen3_5,
     qwen3_5_moe,
     qwen3_moe,
+    qwen3_next,
     smollm3,
     starcoder2,
 )
@@ -67,6 +68,7 @@ FAMILIES: dict[str, ModuleType] = {
         qwen3_5,
         qwen3_5_moe,
         gemma4,
+        qwen3_next,
     )  # fmt: skip
     for t in m.MODEL_TYPES
 }

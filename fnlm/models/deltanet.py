@@ -5,6 +5,8 @@ One layer's params (under "attn", so LoRA paths read like attention's):
     in_qkv [2·Hk·dk + Hv·dv, hidden]   q, k, v before a depthwise causal conv1d ("conv") and SiLU
     in_z [Hv·dv, hidden]               the output gate of the gated RMSNorm ("norm" [dv])
     in_b, in_a [Hv, hidden]            beta = sigmoid(in_b x); decay g = -exp(A_log) softplus(in_a x + dt_bias)
+    (Qwen3-Next: in_qkvz [2·Hk·dk + 2·Hv·dv, hidden] and in_ba [2·Hv, hidden] instead, fused and
+    grouped per key head; see `_project`)
     out [hidden, Hv·dv]
     conv [2·Hk·dk + Hv·dv, 1, K]       the depthwise conv1d's weight (never quantized: bitsandbytes
                                        leaves the Conv1d alone)
@@ -148,11 +150,12 @@ def linear_attention(
         x = (x * mask[:, :, None]).to(x.dtype)
     n = sizes(config)
     batch, seq, _ = x.shape
-    mixed = _linear(x, p["in_qkv"]).transpose(1, 2)  # [batch, conv_dim, seq]
-    z = _linear(x, p["in_z"]).reshape(batch, seq, n.value_heads, n.value_dim)
-    beta = torch.sigmoid(_linear(x, p["in_b"]))
+    mixed, z, b, a = _project(n, p, x)
+    mixed = mixed.transpose(1, 2)  # [batch, conv_dim, seq]
+    z = z.reshape(batch, seq, n.value_heads, n.value_dim)
+    beta = torch.sigmoid(b)
     # in fp32: in fp16, exp(A_log) times softplus may overflow (transformers does the same)
-    g = -p["A_log"].float().exp() * F.softplus(_linear(x, p["in_a"]).float() + p["dt_bias"])
+    g = -p["A_log"].float().exp() * F.softplus(a.float() + p["dt_bias"])
 
     weight = p["conv"].reshape(n.conv_dim, n.conv_kernel)
     if kv is None:
@@ -189,6 +192,23 @@ def linear_attention(
     if doc_pos is not None:  # padding between and after packed documents gives zeros
         out = out * mask[:, :, None].to(out.dtype)
     return out
+
+
+def _project(n: Sizes, p: dict, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(q, k, v before the conv [batch, seq, conv_dim], z [batch, seq, Hv·dv], b, a [batch, seq,
+    Hv]) of x. Qwen3-Next fuses the projections into "in_qkvz" and "in_ba" grouped per key head,
+    as transformers' fix_query_key_value_ordering reads them (per key head: q, k, then its
+    r = Hv/Hk value heads' v, then their z; and its r b, then its r a); they stay fused, as peft
+    adapts them, and are regrouped here."""
+    if "in_qkvz" not in p:
+        return tuple(_linear(x, p[name]) for name in ("in_qkv", "in_z", "in_b", "in_a"))
+    batch, seq, _ = x.shape
+    r = n.value_heads // n.key_heads
+    qkvz = _linear(x, p["in_qkvz"]).reshape(batch, seq, n.key_heads, -1)
+    q, k, v, z = qkvz.split([n.key_dim, n.key_dim, r * n.value_dim, r * n.value_dim], dim=-1)
+    b, a = _linear(x, p["in_ba"]).reshape(batch, seq, n.key_heads, 2 * r).split([r, r], dim=-1)
+    mixed = torch.cat([q.flatten(2), k.flatten(2), v.flatten(2)], dim=-1)
+    return mixed, z.flatten(2), b.flatten(2), a.flatten(2)
 
 
 def _document_conv(window: torch.Tensor, weight: torch.Tensor, doc_pos: torch.Tensor):
