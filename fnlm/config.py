@@ -128,6 +128,13 @@ class ModelConfig:
     # special tokens (from config.json; the tokenizer has the final word)
     bos_token_id: int | None = None
     eos_token_id: tuple[int, ...] = ()
+    # router scores: "softmax" (Mixtral, Qwen) or "sigmoid" (DeepSeek-V3, GLM-4.5: experts chosen
+    # by sigmoid + the router's correction bias in moe_groups groups of which the moe_topk_groups
+    # best compete, weighted by the uncorrected sigmoid; see fnlm.models.moe.route)
+    moe_scoring: str = "softmax"
+    moe_groups: int = 1  # n_group (sigmoid scoring only)
+    moe_topk_groups: int = 1  # topk_group
+    moe_routed_scale: float = 1.0  # routing weights times this (routed_scaling_factor)
     pad_token_id: int | None = None
 
     # the multimodal checkpoint this is the text tower of ("gemma3", "mistral3"; None = a text
@@ -177,6 +184,8 @@ class ModelConfig:
     @property
     def rotary_dim(self) -> int:
         return int(self.head_dim * self.partial_rotary_factor)
+        if self.num_experts:
+            _check_groups(self)
 
     @property
     def rope(self) -> dict:
@@ -215,6 +224,28 @@ def hf_text(config: dict) -> str:
     """The transformers config as kept on ModelConfig.hf_config: JSON text, exact and hashable
     (frozen tuples cannot tell an empty list from an empty dict)."""
     return json.dumps(config, sort_keys=True)
+
+
+def _check_groups(config: ModelConfig) -> None:
+    """The router's groups: sigmoid scoring only, dividing the experts, each group holding two
+    (its score is its best two), and enough experts in the chosen groups for the top-k."""
+    groups, chosen = config.moe_groups, config.moe_topk_groups
+    if config.moe_scoring not in ("softmax", "sigmoid"):
+        raise ConfigError(f"moe_scoring must be 'softmax' or 'sigmoid'; got {config.moe_scoring!r}")
+    if groups == 1 and chosen == 1:
+        return
+    if config.moe_scoring != "sigmoid":
+        raise ConfigError(f"n_group {groups} > 1 needs sigmoid router scoring (noaux_tc)")
+    if groups < 1 or config.num_experts % groups or config.num_experts // groups < 2:
+        raise ConfigError(
+            f"n_group ({groups}) must divide the {config.num_experts} routed experts into groups "
+            "of at least two"
+        )
+    if not 0 < chosen <= groups or chosen * config.num_experts // groups < config.experts_per_token:
+        raise ConfigError(
+            f"topk_group ({chosen}) must lie in [1, n_group={groups}] and its groups hold at "
+            f"least num_experts_per_tok ({config.experts_per_token}) experts"
+        )
 
 
 def freeze(value: Any) -> tuple:

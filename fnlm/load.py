@@ -335,7 +335,8 @@ def load_params(
         seen.add(name)
         tensor = models.to_params(config, name, tensor)  # gpt-oss's transposed expert stacks
         tensor = tensor.to(device, non_blocking=True)  # asynchronous from pinned memory
-        tensor = tensor.to(dtype if tensor.is_floating_point() else tensor.dtype)
+        if tensor.is_floating_point():  # fp32 routers of sigmoid-scored MoE (moe.param_dtype)
+            tensor = tensor.to(moe.param_dtype(config, path, dtype))
         slot = moe.stack_slot(path)
         if slot is not None:
             path, tensor = slot.stack, stacks.add(slot, tensor)

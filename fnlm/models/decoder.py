@@ -241,16 +241,19 @@ def activation(config: ModelConfig, x: torch.Tensor) -> torch.Tensor:
 
 
 def mixture_of_experts(config: ModelConfig, p: dict, x: torch.Tensor) -> torch.Tensor:
-    """Top-k routed experts (+ an optional sigmoid-gated shared expert), summed per token.
+    """Top-k routed experts (+ an optional shared expert, sigmoid-gated or not), summed per token.
 
     p: {"router": [experts, hidden], "experts": {"gate_up", "down"} stacks (see fnlm.models.moe),
-    optional "shared" MLP and "shared_gate" [1, hidden]}. Routing follows transformers (softmax in
-    fp32, top-k, optional renormalisation, weights in the compute dtype); the token/expert pairs are
-    sorted by expert on the device and each stack multiplies its experts' rows in one grouped GEMM.
+    optional "router_correction" [experts] (sigmoid scoring), "shared" MLP and "shared_gate"
+    [1, hidden]}. Routing follows transformers (`moe.route`: softmax or sigmoid scoring, top-k,
+    weights in the compute dtype); the token/expert pairs are sorted by expert on the device and
+    each stack multiplies its experts' rows in one grouped GEMM.
     """
     shape = x.shape
     x = x.reshape(-1, shape[-1])
-    route = moe.route(config, linear(x, p["router"], p.get("router_bias")), x.dtype)
+    router = p["router"]  # run in its dtype: fp32 where transformers keeps it so (moe.param_dtype)
+    logits = linear(x.to(getattr(router, "weight", router).dtype), router, p.get("router_bias"))
+    route = moe.route(config, logits, x.dtype, correction=p.get("router_correction"))
     experts = p["experts"]
     rows = x[route.tokens]
     gate_up = expert_matmul(route, rows, experts["gate_up"])
@@ -266,9 +269,10 @@ def mixture_of_experts(config: ModelConfig, p: dict, x: torch.Tensor) -> torch.T
     if "experts_down_bias" in p:
         y = y + p["experts_down_bias"][owner]
     out = moe.combine(route, y * route.weights[:, None], x.shape[0])
-    if "shared" in p:
+    if "shared" in p:  # gated by sigmoid(shared_gate x) (Qwen2-MoE), else added (DeepSeek-V3)
         shared = mlp(config, p["shared"], x)
-        out = out + torch.sigmoid(linear(x, p["shared_gate"])) * shared
+        gate = p.get("shared_gate")
+        out = out + (shared if gate is None else torch.sigmoid(linear(x, gate)) * shared)
     return out.reshape(shape)
 
 

@@ -11,8 +11,9 @@ Checkpoints name each expert's matrices separately ("...experts.3.gate_proj.weig
 `weight_names` maps them to per-expert paths ("layers", n, "mlp", "experts", 3, "gate") and
 `stack_slot` says where each lands in the stack (used by the loader and the exporter).
 
-Routing (`route`) sorts the token/expert pairs by expert with device ops only, so a decode step
-with MoE layers can be captured in a CUDA graph. `matmul` then multiplies each expert's rows by
+Routing (`route`: softmax top-k, or DeepSeek-V3's sigmoid group-limited top-k with a correction
+bias) sorts the token/expert pairs by expert with device ops only, so a decode step with MoE
+layers can be captured in a CUDA graph. `matmul` then multiplies each expert's rows by
 that expert's matrix: one `torch._grouped_mm` on CUDA in bf16 (differentiable in the rows and in
 dense stacks, e.g. LoRA factors), else a loop over the experts (it reads the row counts on the
 host; used on CPU and in fp32/fp16): `fnlm.quant.stack_matmul`, where a quantized stack's matmul
@@ -121,16 +122,26 @@ def route(
     router_logits: torch.Tensor,
     dtype: torch.dtype,
     expert_scale: torch.Tensor | None = None,
+    correction: torch.Tensor | None = None,
 ) -> Route:
-    """transformers' routing: softmax in fp32, top-k, optional renormalisation, optional learned
-    scale per expert (`expert_scale` [E], Gemma 4), weights cast to the compute dtype; then the
-    pairs sorted by expert. No host reads."""
+    """transformers' routing of router_logits [T, E], then the pairs sorted by expert. No host reads.
+
+    Softmax scoring (Mixtral, Qwen): softmax in fp32, top-k, optional renormalisation, optional
+    learned scale per expert (`expert_scale` [E], Gemma 4). Sigmoid scoring (DeepSeek-V3,
+    GLM-4.5): `sigmoid_topk` with the router's `correction` bias [E]. The weights are then
+    times config.moe_routed_scale and cast to the compute dtype `dtype`."""
     k = config.experts_per_token
-    weights, chosen = torch.topk(torch.softmax(router_logits, dim=-1, dtype=torch.float32), k, -1)
-    if config.moe_renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
+    if config.moe_scoring == "sigmoid":
+        weights, chosen = sigmoid_topk(config, router_logits, correction)
+    else:
+        probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
+        weights, chosen = torch.topk(probs, k, -1)
+        if config.moe_renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
     if expert_scale is not None:
         weights = weights * expert_scale[chosen]
+    if config.moe_routed_scale != 1.0:
+        weights = weights * config.moe_routed_scale
     flat = chosen.reshape(-1)
     order = torch.argsort(flat, stable=True)
     # bincount would read its max on the host; a scatter-add of ones does not
@@ -144,6 +155,43 @@ def route(
         experts=config.num_experts,
         per_token=k,
     )
+
+
+def sigmoid_topk(
+    config: ModelConfig, router_logits: torch.Tensor, correction: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3's "noaux_tc" choice (GLM-4.5's too), as transformers' TopkRouter computes it:
+    scores = sigmoid(logits) in fp32; experts are chosen by scores + correction (the load-balancing
+    bias, trained outside the loss), only inside the moe_topk_groups of the moe_groups groups whose
+    best two corrected scores sum highest; their weights are the uncorrected scores, renormalized
+    (+1e-20) with moe_renormalize. Returns (weights [T, k] fp32, chosen [T, k]).
+
+    Device ops only (topk, scatter, masked_fill): no host reads, so CUDA graphs capture it."""
+    scores = torch.sigmoid(router_logits.float())
+    choice = scores if correction is None else scores + correction.float()
+    groups, experts = config.moe_groups, config.num_experts
+    if groups > 1:  # one group, all kept: transformers' mask is all ones
+        tokens, size = choice.shape[0], experts // groups
+        by_group = choice.view(tokens, groups, size)
+        group_scores = by_group.topk(2, dim=-1).values.sum(dim=-1)  # [T, groups]
+        best = torch.topk(group_scores, config.moe_topk_groups, dim=-1, sorted=False).indices
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
+        choice = by_group.masked_fill(~keep[..., None], float("-inf")).view(tokens, experts)
+    chosen = torch.topk(choice, config.experts_per_token, dim=-1, sorted=False).indices
+    weights = scores.gather(1, chosen)
+    if config.moe_renormalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights, chosen
+
+
+def param_dtype(config: ModelConfig, path: tuple, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a floating params leaf is stored in: `dtype`, but fp32 for the router's correction
+    bias and, with sigmoid scoring, the router (transformers keeps both in fp32:
+    `_keep_in_fp32_modules_strict` of DeepSeek-V3 and GLM-4.5; the router then runs in fp32)."""
+    name = path[-1]
+    if name == "router_correction" or (name == "router" and config.moe_scoring == "sigmoid"):
+        return torch.float32
+    return dtype
 
 
 def combine(route: Route, y: torch.Tensor, tokens: int) -> torch.Tensor:
