@@ -169,9 +169,12 @@ def module_table(config: ModelConfig) -> tuple[Module, ...]:
 
 
 def _dense_mlp_peft_skips(config: ModelConfig, path: tuple) -> bool:
-    """A dense MLP module (Qwen3-MoE's mlp_only_layers) of a family whose MLP targets peft turns
-    into expert target_parameters: peft drops them from target_modules, so it never adapts these."""
-    return peft_expert_names(config.model_type) and path[0] == "layers" and path[2] == "mlp"
+    """A dense MLP module (Qwen3-MoE's mlp_only_layers, Qwen3-Next's shared expert) of a family
+    whose MLP targets peft turns into expert target_parameters: peft drops them from
+    target_modules, so it never adapts these (Qwen3-Next's shared_expert_gate, named otherwise,
+    it does)."""
+    names = peft_expert_names(config.model_type)
+    return bool(names) and path[0] == "layers" and path[2] == "mlp" and path[-1] in names.values()
 
 
 def adaptable(module: Module) -> bool:

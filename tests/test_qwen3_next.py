@@ -1,0 +1,280 @@
+"""Qwen3-Next against transformers (+ peft): the shared per-family checks (tests/family_checks.py)
+on hypothesis-drawn tiny configs — logits with left padding, greedy generation, packed rows, a
+saved adapter in peft, LoRA training, merged export — plus NF4 and peft's all-linear targets.
+
+Drawn configs put several value heads on a key head (the fused in_proj_qkvz / in_proj_ba group
+them per key head), dense and MoE layers (decoder_sparse_step, mlp_only_layers) and both layer
+kinds. Not in tests/models.py's HF_CONFIGS (as Qwen3.5): peft's bias="all" also trains the
+DeltaNet's dt_bias, which fnlm refuses."""
+
+from __future__ import annotations
+
+import warnings
+
+import peft
+import pytest
+import torch
+import transformers
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fnlm
+from fnlm.generate import generate_tokens
+from tests.family_checks import (
+    assert_adapter_matches_peft,
+    assert_logits_match,
+    assert_merged_export_matches,
+    assert_training_matches_peft,
+    left_padding,
+    load_fp32,
+    tokens_for,
+)
+from tests.models import FP32_REL_TOL, max_rel_error, saved_checkpoint
+from tests.test_generate import prompt_batches, reference_generate
+from tests.test_lora import randomize_fnlm, read_adapter
+from tests.test_train import random_data
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*no tokenizer.json"),
+    pytest.mark.filterwarnings("ignore:.*flash-linear-attention"),
+]
+
+EXAMPLES = settings(max_examples=3, deadline=None)
+# the pytest ids name the family, so scripts/support_table.py counts these tests for it
+FAMILY = pytest.mark.parametrize("model_type", ["qwen3_next"])
+# fnlm's names of the DeltaNet projections (peft's: in_proj_qkvz, in_proj_ba, out_proj)
+LINEAR_TARGETS = ["in_qkvz", "in_ba", "out"]
+
+
+@st.composite
+def hf_configs(draw) -> transformers.Qwen3NextConfig:
+    heads = draw(st.sampled_from([1, 2, 4]))
+    layers = draw(st.integers(2, 4))
+    key_heads = draw(st.sampled_from([1, 2]))
+    experts = draw(st.integers(2, 4))
+    fields = dict(
+        vocab_size=draw(st.integers(64, 128)),
+        hidden_size=draw(st.sampled_from([32, 64])),
+        intermediate_size=draw(st.sampled_from([40, 64])),
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=draw(st.sampled_from([h for h in (1, 2) if heads % h == 0])),
+        head_dim=draw(st.sampled_from([8, 16])),
+        linear_num_key_heads=key_heads,
+        linear_num_value_heads=key_heads * draw(st.sampled_from([1, 2])),
+        linear_key_head_dim=draw(st.sampled_from([8, 16])),
+        linear_value_head_dim=draw(st.sampled_from([8, 16])),
+        linear_conv_kernel_dim=draw(st.sampled_from([2, 4])),
+        rms_norm_eps=draw(st.sampled_from([1e-6, 1e-5])),
+        tie_word_embeddings=draw(st.booleans()),
+        attention_bias=draw(st.booleans()),
+        num_experts=experts,
+        num_experts_per_tok=draw(st.integers(1, min(2, experts))),
+        norm_topk_prob=draw(st.booleans()),
+        moe_intermediate_size=draw(st.sampled_from([24, 40])),
+        shared_expert_intermediate_size=draw(st.sampled_from([16, 24])),
+        decoder_sparse_step=draw(st.integers(1, 2)),
+        mlp_only_layers=draw(st.lists(st.integers(0, layers - 1), max_size=1)),
+        max_position_embeddings=256,
+        initializer_range=0.2,  # large enough that logits are far from zero
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": draw(st.sampled_from([10000.0, 1e6])),
+            "partial_rotary_factor": draw(st.sampled_from([0.25, 0.5])),
+        },
+    )
+    # both kinds: transformers' cache needs a full-attention layer (get_seq_length), the tests a
+    # linear one
+    if draw(st.booleans()):  # explicit layer kinds, else every full_attention_interval-th is full
+        kinds = st.sampled_from(["linear_attention", "full_attention"])
+        types = draw(st.lists(kinds, min_size=layers - 2, max_size=layers - 2))
+        fields["layer_types"] = ["linear_attention", *types, "full_attention"]
+    else:
+        fields["full_attention_interval"] = draw(st.integers(2, layers))
+    return transformers.Qwen3NextConfig(**fields)
+
+
+# in_features multiples of 64 (NF4 blocks); two value heads per key head; a dense layer (1) and
+# MoE layers
+TINY = dict(
+    vocab_size=96, hidden_size=64, intermediate_size=64, num_hidden_layers=3,
+    num_attention_heads=2, num_key_value_heads=1, head_dim=16, linear_num_key_heads=2,
+    linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
+    linear_conv_kernel_dim=4, full_attention_interval=2, num_experts=4, num_experts_per_tok=2,
+    moe_intermediate_size=64, shared_expert_intermediate_size=64, mlp_only_layers=[1],
+    initializer_range=0.2, max_position_embeddings=256,
+)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------
+# Logits, generation, packed rows
+# ----------------------------------------------------------------------------------------------
+
+
+@FAMILY
+@EXAMPLES
+@given(data=st.data())
+def test_logits_match_transformers_qwen3_next(model_type, data):
+    """Logits, and logits of a left-padded batch, equal transformers' (fp32); sequences longer
+    than one 64-token chunk of the delta rule are drawn too."""
+    config = data.draw(hf_configs())
+    seq = data.draw(st.sampled_from([3, 12, 70]))
+    mask = left_padding(data, seq)
+    with saved_checkpoint(config) as (model, directory):
+        params = load_fp32(directory)
+        assert params.config.model_type == model_type
+        assert_logits_match(model, params, tokens_for(config.vocab_size, mask.shape, seq), mask)
+
+
+@FAMILY
+@EXAMPLES
+@given(data=st.data())
+def test_greedy_matches_transformers_qwen3_next(model_type, data):
+    """Prefill (chunked delta rule) then one-token steps (the recurrence, conv and recurrent
+    states in the cache), left-padded batches, equal transformers' greedy generate."""
+    config = data.draw(hf_configs())
+    prompts = data.draw(prompt_batches(config.vocab_size))
+    new = data.draw(st.integers(1, 8))
+    with saved_checkpoint(config) as (model, directory):
+        params = load_fp32(directory)
+        ours = generate_tokens(params, prompts, max_new_tokens=new, eos_token_ids=[])
+        ref = reference_generate(model, prompts, new, None)
+    assert ours == ref
+
+
+@FAMILY
+@settings(max_examples=2, deadline=None)
+@given(data=st.data())
+def test_packed_rows_equal_separate_documents_qwen3_next(model_type, data):
+    """Packed rows (segments): each document's logits are those of the document alone."""
+    config = data.draw(hf_configs())
+    lengths = data.draw(st.lists(st.integers(1, 9), min_size=2, max_size=3))
+    with saved_checkpoint(config) as (_, directory):
+        params = load_fp32(directory)
+    docs = [tokens_for(config.vocab_size, (1, n), seed=i) for i, n in enumerate(lengths)]
+    tokens = torch.cat([*docs, torch.zeros(1, 2, dtype=torch.long)], dim=1)  # 2 padding
+    segments = torch.cat(
+        [torch.full((1, n), i + 1) for i, n in enumerate(lengths)] + [torch.zeros(1, 2)], dim=1
+    ).long()
+    positions = torch.cat([torch.arange(n) for n in lengths] + [torch.zeros(2)]).long()[None]
+    packed = fnlm.forward(params, tokens, positions=positions, segments=segments)
+    alone = torch.cat([fnlm.forward(params, d) for d in docs], dim=1)
+    assert max_rel_error(packed[:, : sum(lengths)], alone) <= FP32_REL_TOL
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA, training, export
+# ----------------------------------------------------------------------------------------------
+
+
+@FAMILY
+@EXAMPLES
+@given(data=st.data())
+def test_saved_adapter_loads_in_peft_with_same_logits_qwen3_next(
+    model_type, data, tmp_path_factory
+):
+    """LoRA on attention, on the fused linear-attention projections (in_proj_qkvz, in_proj_ba,
+    out_proj), on the shared expert's gate and on the experts and router (peft's
+    target_parameters): peft loads our adapter with our logits and re-saves the same files."""
+    config = data.draw(hf_configs())
+    names = ["q", "k", "v", "o", *LINEAR_TARGETS, "shared_gate"]
+    targets = data.draw(st.lists(st.sampled_from(names), min_size=1, unique=True))
+    targets += data.draw(st.sampled_from([["in_qkvz"], ["in_proj_ba"], []]))  # linear layers
+    targets += data.draw(st.sampled_from([[], ["gate", "up", "down"], ["router", "down"]]))
+    bias = data.draw(st.sampled_from(["none", "lora_only"]))
+    out, again = tmp_path_factory.mktemp("adapter"), tmp_path_factory.mktemp("again")
+    with saved_checkpoint(config) as (model, directory):
+        params = load_fp32(directory)
+        lora = randomize_fnlm(fnlm.lora.init(params, r=4, alpha=8, targets=targets, bias=bias))
+        tokens = tokens_for(config.vocab_size)
+        assert_adapter_matches_peft(model, params, lora, directory, out, again, tokens)
+
+
+@FAMILY
+def test_lora_targets_qwen3_next(model_type, tmp_path):
+    """The fused projections are targets under peft's names; all-linear adapts the modules and
+    parameters peft's all-linear does (the experts and router as target_parameters, the shared
+    expert's gate, not the shared expert or the dense MLP, which peft's rewrite drops); bias="all"
+    is refused."""
+    with saved_checkpoint(transformers.Qwen3NextConfig(**TINY)) as (model, directory):
+        params = load_fp32(directory)
+        names = fnlm.lora.target_names(params.config)
+        expected = {
+            "in_qkvz": "in_proj_qkvz", "in_ba": "in_proj_ba", "out": "out_proj",
+            "q": "q_proj", "shared_gate": "shared_expert_gate",
+        }  # fmt: skip
+        assert expected.items() <= names.items()
+        assert "conv" not in names and "A_log" not in names
+        lora = fnlm.lora.init(params, r=2, targets=("in_proj_qkvz", "out_proj"))
+        assert set(lora["layers"][0]["attn"]) == {"in_qkvz", "out"}
+        with pytest.raises(fnlm.errors.LoraError, match="bias='all' is not supported"):
+            fnlm.lora.init(params, r=2, bias="all")
+
+        fnlm.lora.save(tmp_path / "ours", fnlm.lora.init(params, r=2, targets="all-linear"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            config = peft.LoraConfig(r=2, target_modules="all-linear")
+            peft.get_peft_model(model, config).save_pretrained(tmp_path / "peft")
+    ours, theirs = read_adapter(tmp_path / "ours")[1], read_adapter(tmp_path / "peft")[1]
+    assert ours.keys() == theirs.keys()
+    assert any("shared_expert_gate" in k for k in ours)
+    assert not any("shared_expert." in k or "layers.1.mlp" in k for k in ours)
+
+
+@FAMILY
+@settings(max_examples=2, deadline=None)
+@given(data=st.data())
+def test_lora_training_matches_peft_qwen3_next(model_type, data, tmp_path_factory):
+    """Six LoRA steps lose what peft's do: fnlm's default targets, or the DeltaNet's fused
+    projections with attention and the shared expert's gate."""
+    config = data.draw(hf_configs())
+    targets = data.draw(st.sampled_from([None, ["q", "o", *LINEAR_TARGETS, "shared_gate"]]))
+    examples = random_data(n=12, vocab=config.vocab_size, longest=20)
+    out = tmp_path_factory.mktemp("train")
+    with saved_checkpoint(config) as (model, directory):
+        params = load_fp32(directory)
+        assert_training_matches_peft(model, params, examples, out, targets)
+
+
+@FAMILY
+@settings(max_examples=2, deadline=None)
+@given(data=st.data())
+def test_merged_export_loads_in_transformers_qwen3_next(model_type, data, tmp_path_factory):
+    """The merged export loads in transformers with fnlm's adapted logits, and in fnlm again."""
+    config = data.draw(hf_configs())
+    out = tmp_path_factory.mktemp("merged")
+    targets = ("q", "in_qkvz", "in_ba", "out", "gate", "up", "down", "shared_gate")
+    with saved_checkpoint(config) as (_, directory):
+        params = load_fp32(directory)
+        lora = randomize_fnlm(fnlm.lora.init(params, r=2, targets=targets))
+        assert_merged_export_matches(params, lora, out, tokens_for(config.vocab_size))
+
+
+# ----------------------------------------------------------------------------------------------
+# NF4
+# ----------------------------------------------------------------------------------------------
+
+
+@FAMILY
+def test_nf4_logits_match_transformers_on_the_dequantized_weights_qwen3_next(model_type, tmp_path):
+    """NF4 params (the fused DeltaNet projections too; the conv1d, A_log, dt_bias and norms stay
+    16-bit, as bitsandbytes leaves them) give the logits transformers gives on their dequantized
+    weights (written by fnlm's merged export); the NF4 error is real."""
+    config = transformers.Qwen3NextConfig(**TINY)
+    tokens = tokens_for(config.vocab_size, (2, 10))
+    with saved_checkpoint(config) as (model, directory):
+        params, _ = fnlm.load(directory, quant="nf4", dtype=torch.float32, device="cpu")
+        with torch.no_grad():
+            full = model(tokens).logits
+    linear = params["layers"][0]["attn"]
+    assert all(fnlm.quant.is_quantized(linear[n]) for n in LINEAR_TARGETS)
+    assert not fnlm.quant.is_quantized(linear["conv"])
+    fnlm.save(tmp_path, params, format="merged")  # params.source is gone: dequantized weights
+    with torch.no_grad():
+        dequantized = transformers.AutoModelForCausalLM.from_pretrained(
+            tmp_path, dtype=torch.float32
+        )
+        ref = dequantized(tokens).logits
+    ours = fnlm.forward(params, tokens)
+    assert max_rel_error(ref, full) > 100 * FP32_REL_TOL
+    assert max_rel_error(ours, ref) <= FP32_REL_TOL
