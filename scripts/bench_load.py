@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_generate import REAL_CONFIGS, write_checkpoint  # noqa: E402
+from bench_configs import REAL_CONFIGS, write_checkpoint  # noqa: E402
 
 
 def host_peak_reset() -> None:

@@ -26,6 +26,7 @@ the reference. Prints a table and writes bench_train.json (to --out, default $OU
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -38,114 +39,72 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
-from bench_generate import clear  # noqa: E402
+from bench_common import (  # noqa: E402
+    compute_dtype,
+    count,
+    peak_gib,
+    peft_model,
+    reference_model,
+    reset_peak,
+    sync,
+)
+from bench_configs import (  # noqa: E402, F401  (TARGETS, write_checkpoint: bench_methods/_distributed)
+    REAL_CONFIGS,
+    TARGETS,
+    active_parameters,
+    clear,
+    lora_targets,
+    parameter_count,
+    vocab_size,
+    write_checkpoint,
+)
 
 PEAK_FLOPS = 790e12  # bf16 matmul 8192^3 measured on the H200 (GPU.md)
+fnlm_targets_default = lora_targets("llama-3.2-1b").fnlm
 
-# The real configs of the models the training goals name (random weights).
-_LLAMA3_ROPE = {
-    "rope_type": "llama3",
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 8192,
-}
-REAL_CONFIGS = {
-    "llama-3.2-1b": dict(
-        model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-        num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256,
-        max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5,
-        rope_scaling=dict(_LLAMA3_ROPE, factor=32.0), tie_word_embeddings=True,
-    ),
-    "llama-3.1-8b": dict(
-        model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-        max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5,
-        rope_scaling=dict(_LLAMA3_ROPE, factor=8.0), tie_word_embeddings=False,
-    ),
-    "qwen3-4b": dict(
-        model_type="qwen3", hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
-        num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
-        max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6,
-        tie_word_embeddings=True,
-    ),
-    "gemma2-2b": dict(
-        model_type="gemma2", hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
-        num_attention_heads=8, num_key_value_heads=4, head_dim=256, vocab_size=256000,
-        max_position_embeddings=8192, rope_theta=10000.0, rms_norm_eps=1e-6,
-        query_pre_attn_scalar=256, sliding_window=4096, attn_logit_softcapping=50.0,
-        final_logit_softcapping=30.0, hidden_activation="gelu_pytorch_tanh",
-        tie_word_embeddings=True,
-    ),
-}  # fmt: skip
-
-
-def write_checkpoint(name: str, directory: Path) -> None:
-    """A random-init bf16 checkpoint of a real config, built on the GPU (kept if already there)."""
-    import transformers
-
-    if (directory / "config.json").is_file():
-        return
-    values = dict(REAL_CONFIGS[name])
-    config = transformers.AutoConfig.for_model(values.pop("model_type"), **values)
-    with torch.device("cuda"):
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(directory, max_shard_size="5GB")
-    del model
-    clear()
-
-
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # --longest tries the goal (12x the reference's 4,096), then the stretch goal if it fits, else
 # shorter lengths until one fits; the reference goes up from 4,096 until one fails.
 GOAL, STRETCH, FALLBACKS = 49152, 65536, (32768, 16384, 8192)
 REFERENCE_LENGTHS = (4096, 6144, 8192)
 
 
-def parameter_count(name: str) -> int:
-    """Parameters of the model (a tied embedding counted once), from its config on no device."""
-    import transformers
-
-    values = dict(REAL_CONFIGS[name])
-    config = transformers.AutoConfig.for_model(values.pop("model_type"), **values)
-    with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(config)
-    return sum(p.numel() for p in model.parameters())
-
-
-def batch_of(vocab: int, batch: int, seq: int, seed: int = 0, docs: int = 0) -> dict:
+def batch_of(
+    vocab: int, batch: int, seq: int, seed: int = 0, docs: int = 0, device: str = "cuda"
+) -> dict:
     """Random tokens [batch, seq]; docs > 0: each row packed with that many equal documents
     (positions restart, segments 1..docs), as fnlm.batches packs them."""
     g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, vocab, (batch, seq), generator=g).cuda()
+    tokens = torch.randint(0, vocab, (batch, seq), generator=g).to(device)
     out = {"tokens": tokens, "labels": tokens.clone()}
     if docs:
-        doc = torch.arange(seq, device="cuda") * docs // seq  # document index of each slot
+        doc = torch.arange(seq, device=device) * docs // seq  # document index of each slot
         start = (doc * seq + docs - 1) // docs  # first slot of each slot's document
-        out["positions"] = (torch.arange(seq, device="cuda") - start).expand(batch, seq)
+        out["positions"] = (torch.arange(seq, device=device) - start).expand(batch, seq)
         out["segments"] = (doc + 1).expand(batch, seq)
     return out
 
 
-def timed_steps(step, steps: int, warmup: int) -> list[float]:
+def timed_steps(step, steps: int, warmup: int, device: str = "cuda") -> list[float]:
     """Seconds of each timed step. The peak memory counts the warm-up too: a CUDA graph's tensors
     are allocated when it is captured (in the warm-up), its replays allocate nothing."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    sync(device)
+    reset_peak(device)
     for _ in range(warmup):
         step()
-    torch.cuda.synchronize()
+    sync(device)
     times = []
     for _ in range(steps):
-        torch.cuda.synchronize()
+        sync(device)
         start = time.perf_counter()
         step()
-        torch.cuda.synchronize()
+        sync(device)
         times.append(time.perf_counter() - start)
     return times
 
 
 class FnlmRun:
-    """fnlm QLoRA: params, adapters, optimizer and a step function for one batch."""
+    """fnlm QLoRA: params, adapters on `targets` (fnlm names; default q, k, v, o, gate, up, down),
+    optimizer and a step function for one batch. skip: names fnlm.load keeps 16-bit."""
 
     def __init__(
         self,
@@ -155,12 +114,17 @@ class FnlmRun:
         compile: bool,
         mlp_chunk: int = 0,
         graphs: bool = False,
+        targets: tuple[str, ...] = fnlm_targets_default,
+        device: str = "cuda",
+        skip: tuple[str, ...] = (),
     ):
         import fnlm
         from fnlm import train as train_lib
 
-        self.params, _ = fnlm.load(directory, quant="nf4", dtype=torch.bfloat16, device="cuda")
-        self.lora = fnlm.lora.init(self.params, r=16, alpha=16)
+        self.params, _ = fnlm.load(
+            directory, quant="nf4", dtype=compute_dtype(device), device=device, skip=skip
+        )
+        self.lora = fnlm.lora.init(self.params, r=16, alpha=16, targets=targets)
         named = [(str(i), t) for i, t in enumerate(fnlm.lora.parameters(self.lora))]
         self.tensors = [t for _, t in named]
         self.optimizer = train_lib.build_optimizer(named, lr=1e-5)
@@ -191,26 +155,18 @@ class FnlmRun:
 
 
 class ReferenceRun:
-    """transformers + peft + bitsandbytes QLoRA with non-reentrant gradient checkpointing."""
+    """transformers + peft + bitsandbytes QLoRA with non-reentrant gradient checkpointing (on a
+    CPU: no bitsandbytes, see bench_common.reference_model; `notes` gathers what was done)."""
 
-    def __init__(self, directory: Path):
-        import peft
-        import transformers
-
-        quantization = transformers.BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
-        )  # fmt: skip
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            directory, quantization_config=quantization, dtype=torch.bfloat16,
-            attn_implementation="sdpa", device_map={"": 0},
-        )  # fmt: skip
+    def __init__(self, directory: Path, targets=None, device: str = "cuda", notes=None):
+        notes = [] if notes is None else notes
+        model = reference_model(directory, device, nf4=True, notes=notes)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-        config = peft.LoraConfig(r=16, lora_alpha=16, target_modules=TARGETS, task_type="CAUSAL_LM")
-        self.model = peft.get_peft_model(model, config).train()
+        targets = targets or lora_targets("llama-3.2-1b")
+        self.model = peft_model(model, targets).train()
         self.tensors = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.tensors, lr=1e-5, fused=True)
+        self.optimizer = torch.optim.AdamW(self.tensors, lr=1e-5, fused=device == "cuda")
 
     def step(self, batch: dict) -> float:
         loss = self.model(input_ids=batch["tokens"], labels=batch["labels"]).loss
@@ -222,15 +178,18 @@ class ReferenceRun:
 
 
 def throughput(run, vocab: int, args, n_params: int) -> dict:
-    batch = batch_of(vocab, args.batch, args.seq)
+    batch = batch_of(vocab, args.batch, args.seq, device=args.device)
     losses = []
-    times = timed_steps(lambda: losses.append(run.step(batch)), args.steps, args.warmup)
+    times = timed_steps(
+        lambda: losses.append(run.step(batch)), args.steps, args.warmup, args.device
+    )
     seconds = statistics.median(times)
     tokens = args.batch * args.seq
     return {
         "tokens_per_s": tokens / seconds,
         "step_s": seconds,
-        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "lora_parameters": count(run.tensors),
+        "peak_gib": peak_gib(args.device),
         "mfu": 4 * n_params * tokens / (seconds * PEAK_FLOPS),
         "first_loss": losses[0],
         "last_loss": losses[-1],
@@ -315,7 +274,7 @@ def trainer(name: str, directory: Path, args, n_params: int) -> dict:
         config = train_lib.TrainConfig(
             mode="qlora", out=out, batch_size=args.batch, grad_accum=1,
             max_seq_length=args.seq, max_steps=steps, checkpointing=args.checkpointing,
-            lr=1e-5, progress=False, save_total_limit=1,
+            lr=1e-5, progress=False, save_total_limit=1, targets=lora_targets(name).fnlm,
         )  # fmt: skip
         peaks: list[float] = []
 
@@ -366,8 +325,9 @@ def longest(name: str, directory: Path, args) -> dict:
     out: dict = {"cap_gib": args.cap_gib, "fnlm": {}, "reference": {}}
     try:
         run = FnlmRun(
-            directory, checkpointing="offload", compile=args.compile, mlp_chunk=args.mlp_chunk
-        )
+            directory, checkpointing="offload", compile=args.compile, mlp_chunk=args.mlp_chunk,
+            targets=lora_targets(name).fnlm,
+        )  # fmt: skip
         print(
             f"fnlm loaded under the cap: {torch.cuda.memory_allocated() / 2**30:.2f} GiB",
             flush=True,
@@ -384,7 +344,7 @@ def longest(name: str, directory: Path, args) -> dict:
         del run
         clear()
         if not args.skip_reference:
-            run = ReferenceRun(directory)
+            run = ReferenceRun(directory, lora_targets(name))
             for seq in REFERENCE_LENGTHS:
                 out["reference"].update(try_lengths(run, vocab, [seq]))
                 if not out["reference"][seq]["fits"]:
@@ -430,32 +390,56 @@ def main() -> None:
     parser.add_argument(
         "--checkpoints", default=".cache/bench", help="where the random checkpoints go"
     )
+    parser.add_argument(
+        "--fnlm-experts", default="nf4", choices=["nf4", "bf16"],
+        help="fnlm's MoE expert stacks: NF4, or 16-bit as bitsandbytes leaves the reference's",
+    )  # fmt: skip
+    parser.add_argument(
+        "--tiny", action="store_true",
+        help="CPU check: each model shrunk (bench_configs.TINY_SIZES), 1 x 64 tokens, 1 + 2 steps, "
+        "no compile, no CUDA graphs; the reference without bitsandbytes",
+    )  # fmt: skip
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
+    args.device = "cpu" if args.tiny else "cuda"
+    if args.tiny:
+        if args.trainer or args.longest or args.profile:
+            parser.error(
+                "--tiny times the step benchmark only (no --trainer, --longest, --profile)"
+            )
+        args.batch, args.seq = min(args.batch, 1), min(args.seq, 64)
+        args.steps, args.warmup = min(args.steps, 2), min(args.warmup, 1)
+        args.compile = args.cuda_graphs = False
 
-    results: dict = {"device": torch.cuda.get_device_name(0), "args": vars(args), "models": {}}
+    device_name = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu (--tiny)"
+    results: dict = {"device": device_name, "args": vars(args), "models": {}}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     out = Path(args.out) / "bench_train.json"
     save = lambda: out.write_text(json.dumps(results, indent=2, default=str))
     models = [] if args.longest else (args.model or ["llama-3.2-1b", "llama-3.1-8b"])
     for name in models:
-        directory = Path(args.checkpoints) / name
+        directory = Path(args.checkpoints) / (f"{name}-tiny" if args.tiny else name)
         started = time.perf_counter()
-        write_checkpoint(name, directory)
+        write_checkpoint(name, directory, args.device, args.tiny)
         print(f"{name}: checkpoint ready in {time.perf_counter() - started:.0f} s", flush=True)
-        n_params, vocab = parameter_count(name), REAL_CONFIGS[name]["vocab_size"]
-        entry = results["models"][name] = {"params": n_params}
+        n_params, vocab = parameter_count(name, args.tiny), vocab_size(name, args.tiny)
+        active = active_parameters(name, args.tiny)
+        targets, notes = lora_targets(name), []
+        skip = ("experts.gate_up", "experts.down") if args.fnlm_experts == "bf16" else ()
+        if skip and REAL_CONFIGS[name]["model_type"] == "gpt_oss":
+            notes.append("fnlm: expert stacks kept 16-bit (--fnlm-experts bf16)")
+        print(f"{name}: LoRA r=16 on {targets.note}: fnlm {list(targets.fnlm)}; peft "
+              f"target_modules {list(targets.peft_modules)}, target_parameters "
+              f"{list(targets.peft_parameters)}", flush=True)  # fmt: skip
+        entry = results["models"][name] = {"params": n_params, "active_params": active}
+        entry["notes"] = notes
+        fnlm_run = functools.partial(
+            FnlmRun, directory, checkpointing=args.checkpointing, compile=args.compile,
+            graphs=args.cuda_graphs, targets=targets.fnlm, device=args.device, skip=skip,
+        )  # fmt: skip
         for who, make in (
-            (
-                "fnlm",
-                lambda d=directory: FnlmRun(
-                    d,
-                    checkpointing=args.checkpointing,
-                    compile=args.compile,
-                    graphs=args.cuda_graphs,
-                ),  # fmt: skip
-            ),
-            ("reference", lambda d=directory: ReferenceRun(d)),
+            ("fnlm", fnlm_run),
+            ("reference", functools.partial(ReferenceRun, directory, targets, args.device, notes)),
         ):
             if who == "reference" and args.skip_reference:
                 continue
@@ -463,9 +447,10 @@ def main() -> None:
             try:
                 started = time.perf_counter()
                 run = make()
-                entry[who] = throughput(run, vocab, args, n_params)
+                entry[who] = throughput(run, vocab, args, active)
                 entry[who]["wall_s"] = time.perf_counter() - started
-                entry[who]["gpu_busy"] = gpu_busy(run, vocab, args)
+                if args.device == "cuda":
+                    entry[who]["gpu_busy"] = gpu_busy(run, vocab, args)
                 if args.profile:
                     profile(run, vocab, args, f"{name} {who}")
             except Exception as e:  # keep the other figures when one side fails
@@ -475,9 +460,9 @@ def main() -> None:
                     run = None
                     clear()
                     try:
-                        run = FnlmRun(directory, checkpointing=args.checkpointing, compile=False)
+                        run = fnlm_run(compile=False, graphs=False)
                         entry[who] = dict(
-                            throughput(run, vocab, args, n_params),
+                            throughput(run, vocab, args, active),
                             compile_error=entry[who]["error"],
                         )
                     except Exception as e2:
@@ -489,7 +474,7 @@ def main() -> None:
             save()
         if args.trainer:
             try:
-                entry["trainer"] = trainer(name, directory, args, n_params)
+                entry["trainer"] = trainer(name, directory, args, active)
             except Exception as e:
                 entry["trainer"] = {"error": f"{type(e).__name__}: {e}"[:500]}
                 traceback.print_exc()
@@ -499,6 +484,11 @@ def main() -> None:
         if "tokens_per_s" in entry.get("fnlm", {}) and "tokens_per_s" in entry.get("reference", {}):
             entry["speedup"] = entry["fnlm"]["tokens_per_s"] / entry["reference"]["tokens_per_s"]
             entry["memory_ratio"] = entry["fnlm"]["peak_gib"] / entry["reference"]["peak_gib"]
+            ours, theirs = entry["fnlm"]["lora_parameters"], entry["reference"]["lora_parameters"]
+            if ours != theirs:  # the targets of the two sides are meant to be the same modules
+                notes.append(f"LoRA parameters differ: fnlm {ours:,}, reference {theirs:,}")
+        for note in notes:
+            print(f"  note: {note}", flush=True)
         save()
     if args.longest:
         name = args.longest_model
@@ -520,6 +510,8 @@ def main() -> None:
                 print(f"{name:14} {who:10} failed: {e['error'][:80]}")
         if "speedup" in entry:
             print(f"{name:14} {'ratio':10} {entry['speedup']:9.2f}x {entry['memory_ratio']:8.2f}x")
+        for note in entry["notes"]:
+            print(f"{name:14} note: {note}")
         if "tokens_per_s" in entry.get("trainer", {}) and "tokens_per_s" in entry.get("fnlm", {}):
             share = entry["trainer"]["tokens_per_s"] / entry["fnlm"]["tokens_per_s"]
             print(f"{name:14} {'trainer/step':12} {share:7.2f}x")
