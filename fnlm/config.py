@@ -77,6 +77,10 @@ class ModelConfig:
     # (key_heads, value_heads, key_head_dim, value_head_dim, conv_kernel) of the gated DeltaNet
     # layers, those "linear_attention" in layer_types (Qwen3.5; see fnlm/models/deltanet.py)
     linear_attention: tuple[int, ...] = ()
+    # (q_lora_rank or 0, kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim) of
+    # multi-head latent attention (DeepSeek-V3; see fnlm/models/mla.py): head_dim is q/k's
+    # nope + rope width, rotary_dim the rope part's
+    latent_attention: tuple[int, ...] = ()
 
     # rope
     nope_layers: tuple[int, ...] = ()  # layers whose q, k get no rotary embedding (SmolLM3)
@@ -124,10 +128,6 @@ class ModelConfig:
     moe_layers: tuple[int, ...] = ()
     moe_renormalize: bool = True  # top-k weights renormalized to sum 1 (Qwen: norm_topk_prob)
     shared_expert_size: int = 0  # width of the expert every token also uses, gated (Qwen2-MoE)
-
-    # special tokens (from config.json; the tokenizer has the final word)
-    bos_token_id: int | None = None
-    eos_token_id: tuple[int, ...] = ()
     # router scores: "softmax" (Mixtral, Qwen) or "sigmoid" (DeepSeek-V3, GLM-4.5: experts chosen
     # by sigmoid + the router's correction bias in moe_groups groups of which the moe_topk_groups
     # best compete, weighted by the uncorrected sigmoid; see fnlm.models.moe.route)
@@ -135,6 +135,10 @@ class ModelConfig:
     moe_groups: int = 1  # n_group (sigmoid scoring only)
     moe_topk_groups: int = 1  # topk_group
     moe_routed_scale: float = 1.0  # routing weights times this (routed_scaling_factor)
+
+    # special tokens (from config.json; the tokenizer has the final word)
+    bos_token_id: int | None = None
+    eos_token_id: tuple[int, ...] = ()
     pad_token_id: int | None = None
 
     # the multimodal checkpoint this is the text tower of ("gemma3", "mistral3"; None = a text
@@ -180,12 +184,14 @@ class ModelConfig:
             raise ConfigError(
                 f"experts per token ({self.experts_per_token}) must lie in [1, {self.num_experts}]"
             )
+        if self.num_experts:
+            _check_groups(self)
 
     @property
     def rotary_dim(self) -> int:
+        if self.latent_attention:
+            return self.latent_attention[3]
         return int(self.head_dim * self.partial_rotary_factor)
-        if self.num_experts:
-            _check_groups(self)
 
     @property
     def rope(self) -> dict:
@@ -220,12 +226,6 @@ class ModelConfig:
         return json.dumps(dataclasses.asdict(self), default=str)
 
 
-def hf_text(config: dict) -> str:
-    """The transformers config as kept on ModelConfig.hf_config: JSON text, exact and hashable
-    (frozen tuples cannot tell an empty list from an empty dict)."""
-    return json.dumps(config, sort_keys=True)
-
-
 def _check_groups(config: ModelConfig) -> None:
     """The router's groups: sigmoid scoring only, dividing the experts, each group holding two
     (its score is its best two), and enough experts in the chosen groups for the top-k."""
@@ -246,6 +246,12 @@ def _check_groups(config: ModelConfig) -> None:
             f"topk_group ({chosen}) must lie in [1, n_group={groups}] and its groups hold at "
             f"least num_experts_per_tok ({config.experts_per_token}) experts"
         )
+
+
+def hf_text(config: dict) -> str:
+    """The transformers config as kept on ModelConfig.hf_config: JSON text, exact and hashable
+    (frozen tuples cannot tell an empty list from an empty dict)."""
+    return json.dumps(config, sort_keys=True)
 
 
 def freeze(value: Any) -> tuple:

@@ -15,6 +15,7 @@ from fnlm.config import ModelConfig
 from fnlm.errors import ConfigError, UnsupportedModelError
 from fnlm.models import (
     cohere,
+    deepseek_v3,
     falcon,
     gemma,
     gemma2,
@@ -69,6 +70,7 @@ FAMILIES: dict[str, ModuleType] = {
         qwen3_5_moe,
         gemma4,
         qwen3_next,
+        deepseek_v3,
     )  # fmt: skip
     for t in m.MODEL_TYPES
 }

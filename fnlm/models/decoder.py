@@ -17,7 +17,7 @@ from torch.nn.attention.flex_attention import BlockMask
 from fnlm import kernels, quant
 from fnlm.config import ACTIVATIONS, ModelConfig
 from fnlm.errors import ArgumentError
-from fnlm.models import deltanet, masks, moe
+from fnlm.models import deltanet, masks, mla, moe
 from fnlm.models.rope import rope_tables
 from fnlm.params import EmbeddingLeaf, ExpertsLeaf, LinearLeaf, Params, expect_leaf
 
@@ -80,6 +80,8 @@ def attention(
     """
     if "conv" in p:  # a gated DeltaNet layer (Qwen3.5): `mask` and `kv` as deltanet.layer_inputs
         return deltanet.linear_attention(config, p, x, mask, kv)
+    if config.latent_attention:  # multi-head latent attention (DeepSeek-V3): fnlm/models/mla.py
+        return mla.attention(config, p, x, cos, sin, mask, kv)
     batch, seq, _ = x.shape
     q, k, v, gate = project_qkv(config, p, x)
     if cos is not None:  # None: a layer without rotary embeddings (SmolLM3's NoPE layers)

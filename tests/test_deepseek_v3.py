@@ -1,0 +1,262 @@
+"""DeepSeek-V3 (multi-head latent attention, fnlm/models/mla.py) against transformers (+ peft):
+the shared per-family checks of tests/family_checks.py on hypothesis-drawn tiny configs — with
+and without q_lora_rank, interleaved or half-split rope, yarn with mscale, v heads narrower or
+wider than q/k heads, attention biases — plus LoRA on the latent projections (q_a_proj,
+q_b_proj, kv_a_proj_with_mqa, kv_b_proj), peft's initial adapters, NF4 and the refusals."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file
+
+import fnlm
+from fnlm.errors import ConfigError
+from fnlm.generate import generate_tokens
+from tests.family_checks import (
+    assert_adapter_matches_peft,
+    assert_logits_match,
+    assert_merged_export_matches,
+    assert_training_matches_peft,
+    left_padding,
+    load_fp32,
+    tokens_for,
+)
+from tests.models import FP32_REL_TOL, max_rel_error, saved_checkpoint
+from tests.test_generate import prompt_batches, reference_generate
+from tests.test_lora import build_peft, peft_key, randomize_fnlm
+from tests.test_train import random_data
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*no tokenizer.json")
+
+EXAMPLES = settings(max_examples=3, deadline=None)
+# the pytest id names the family, so scripts/support_table.py counts these tests for deepseek_v3
+DEEPSEEK_V3 = pytest.mark.parametrize("model_type", ["deepseek_v3"])
+# fnlm's names of MLA's projections (peft's: q_proj | q_a_proj, q_b_proj, kv_a_proj_with_mqa,
+# kv_b_proj, o_proj)
+ATTENTION_TARGETS = ["q", "q_a", "q_b", "kv_a", "kv_b", "o"]
+YARN = {
+    "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+    "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 0.707, "mscale_all_dim": 1.0,
+}  # fmt: skip
+
+
+@st.composite
+def deepseek_v3_configs(draw) -> transformers.DeepseekV3Config:
+    """All-dense tiny configs (first_k_dense_replace = num_hidden_layers)."""
+    heads = draw(st.sampled_from([1, 2, 4]))
+    layers = draw(st.integers(1, 3))
+    theta = draw(st.sampled_from([10000.0, 1e6]))
+    rope = draw(st.sampled_from([{"rope_type": "default"}, YARN]))
+    return transformers.DeepseekV3Config(
+        vocab_size=draw(st.integers(64, 128)),
+        hidden_size=draw(st.sampled_from([32, 64])),
+        intermediate_size=draw(st.sampled_from([40, 64])),
+        num_hidden_layers=layers,
+        first_k_dense_replace=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        q_lora_rank=draw(st.sampled_from([None, 16, 24])),
+        kv_lora_rank=draw(st.sampled_from([8, 16])),
+        qk_nope_head_dim=draw(st.sampled_from([4, 8, 16])),
+        qk_rope_head_dim=draw(st.sampled_from([4, 8])),
+        v_head_dim=draw(st.sampled_from([4, 12, 24])),
+        attention_bias=draw(st.booleans()),
+        rope_interleave=draw(st.booleans()),
+        rope_parameters={**rope, "rope_theta": theta},
+        rms_norm_eps=draw(st.sampled_from([1e-5, 1e-6])),  # the latent norms keep 1e-6
+        tie_word_embeddings=draw(st.booleans()),
+        max_position_embeddings=256,
+        initializer_range=0.2,  # large enough that logits are far from zero
+        n_routed_experts=4, n_group=2, topk_group=1, num_experts_per_tok=2,
+        moe_intermediate_size=16,
+    )  # fmt: skip
+
+
+def attention_targets(config) -> list[str]:
+    """ATTENTION_TARGETS this config has (q without q_lora_rank, else q_a and q_b)."""
+    skip = ("q_a", "q_b") if config.q_lora_rank is None else ("q",)
+    return [t for t in ATTENTION_TARGETS if t not in skip]
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward and generation
+# ----------------------------------------------------------------------------------------------
+
+
+@DEEPSEEK_V3
+@EXAMPLES
+@given(data=st.data())
+def test_logits_match_transformers_deepseek_v3(model_type, data):
+    """Logits, and logits of a left-padded batch, equal transformers' (fp32)."""
+    config = data.draw(deepseek_v3_configs())
+    seq = data.draw(st.integers(3, 12))
+    mask = left_padding(data, seq)
+    with saved_checkpoint(config) as (model, directory):
+        params = load_fp32(directory)
+        assert_logits_match(model, params, tokens_for(config.vocab_size, mask.shape, seq), mask)
+
+
+@DEEPSEEK_V3
+@pytest.mark.parametrize("q_lora_rank", [None, 16])
+def test_logits_match_transformers_with_and_without_q_lora_rank_deepseek_v3(
+    model_type, q_lora_rank
+):
+    """Both q paths (q_proj; q_a_proj -> q_a_layernorm -> q_b_proj), v heads wider than q/k's."""
+    config = transformers.DeepseekV3Config(**{**TINY, "q_lora_rank": q_lora_rank})
+    with saved_checkpoint(config) as (model, directory):
+        params = load_fp32(directory)
+        assert ("q" in params["layers"][0]["attn"]) == (q_lora_rank is None)
+        mask = torch.tensor([[1] * 10, [0] * 4 + [1] * 6])
+        assert_logits_match(model, params, tokens_for(config.vocab_size, (2, 10)), mask)
+
+
+@DEEPSEEK_V3
+@EXAMPLES
+@given(data=st.data())
+def test_greedy_matches_transformers_deepseek_v3(model_type, data):
+    """Greedy generation with fnlm's KV cache (decompressed keys and values, padded to one
+    width) equals transformers' (which caches the compressed latent)."""
+    config = data.draw(deepseek_v3_configs())
+    prompts = data.draw(prompt_batches(config.vocab_size))
+    new = data.draw(st.integers(1, 10))
+    with saved_checkpoint(config) as (model, directory):
+        params = load_fp32(directory)
+        ours = generate_tokens(params, prompts, max_new_tokens=new, eos_token_ids=[])
+        ref = reference_generate(model, prompts, new, None)
+    assert ours == ref
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA, training, export
+# ----------------------------------------------------------------------------------------------
+
+
+@DEEPSEEK_V3
+@EXAMPLES
+@given(data=st.data())
+def test_saved_adapter_loads_in_peft_with_same_logits_deepseek_v3(
+    model_type, data, tmp_path_factory
+):
+    """LoRA on the latent projections (biases with "lora_only"): peft loads our adapter with our
+    logits and re-saves the same files."""
+    config = data.draw(deepseek_v3_configs())
+    names = attention_targets(config)
+    targets = data.draw(st.lists(st.sampled_from(names), min_size=1, unique=True))
+    bias = data.draw(st.sampled_from(["none", "lora_only"]))
+    out, again = tmp_path_factory.mktemp("adapter"), tmp_path_factory.mktemp("again")
+    with saved_checkpoint(config) as (model, directory):
+        params = load_fp32(directory)
+        lora = randomize_fnlm(fnlm.lora.init(params, r=4, alpha=8, targets=targets, bias=bias))
+        tokens = tokens_for(config.vocab_size)
+        assert_adapter_matches_peft(model, params, lora, directory, out, again, tokens)
+
+
+@DEEPSEEK_V3
+@settings(max_examples=2, deadline=None)
+@given(data=st.data())
+def test_init_equals_peft_init_deepseek_v3(model_type, data):
+    """fnlm.lora.init draws the initial adapters peft draws with the same seed (the layer's
+    modules in transformers' order: PEFT_LAYER_ORDER)."""
+    config = data.draw(deepseek_v3_configs())
+    seed = data.draw(st.integers(0, 2**31 - 1))
+    with saved_checkpoint(config) as (model, directory), tempfile.TemporaryDirectory() as out:
+        params = load_fp32(directory)
+        peft_names = fnlm.lora.target_names(params.config)
+        targets = [peft_names[t] for t in attention_targets(config)]
+        lora = fnlm.lora.init(params, 4, 8, targets, seed=seed)
+        settings_ = dict(
+            r=4, alpha=8, targets=targets, names={t: t for t in targets}, bias="none",
+            rslora=False, modules_to_save=[], rank_pattern={}, alpha_pattern={},
+        )  # fmt: skip
+        peft_model = build_peft(model, settings_, seed=seed)
+        fnlm.lora.save(out, lora)
+        ours = load_file(Path(out) / "adapter_model.safetensors")
+    ref = {peft_key(n): p for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert ours.keys() == ref.keys()
+    for key, value in ref.items():
+        assert torch.equal(ours[key], value.detach()), key
+
+
+@DEEPSEEK_V3
+@settings(max_examples=2, deadline=None)
+@given(data=st.data())
+def test_lora_training_matches_peft_deepseek_v3(model_type, data, tmp_path_factory):
+    """Six LoRA steps (all-linear: q or q_a / q_b, kv_a, kv_b, o; peft's all-linear skips the
+    dense MLPs) lose what peft's do."""
+    config = data.draw(deepseek_v3_configs())
+    examples = random_data(n=12, vocab=config.vocab_size, longest=20)
+    out = tmp_path_factory.mktemp("train")
+    with saved_checkpoint(config) as (model, directory):
+        params = load_fp32(directory)
+        assert_training_matches_peft(model, params, examples, out, targets=fnlm.lora.ALL_LINEAR)
+
+
+@DEEPSEEK_V3
+@settings(max_examples=2, deadline=None)
+@given(data=st.data())
+def test_merged_export_loads_in_transformers_deepseek_v3(model_type, data, tmp_path_factory):
+    """The merged export loads in transformers with fnlm's adapted logits, and in fnlm again."""
+    config = data.draw(deepseek_v3_configs())
+    out = tmp_path_factory.mktemp("merged")
+    with saved_checkpoint(config) as (_, directory):
+        params = load_fp32(directory)
+        targets = attention_targets(config)
+        lora = randomize_fnlm(fnlm.lora.init(params, r=2, targets=targets))
+        assert_merged_export_matches(params, lora, out, tokens_for(config.vocab_size))
+
+
+# ----------------------------------------------------------------------------------------------
+# NF4 and refusals
+# ----------------------------------------------------------------------------------------------
+
+TINY = dict(
+    vocab_size=96, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+    first_k_dense_replace=2, num_attention_heads=2, num_key_value_heads=2, q_lora_rank=64,
+    kv_lora_rank=64, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=32,
+    rms_norm_eps=1e-5, max_position_embeddings=256, initializer_range=0.2,
+    n_routed_experts=4, n_group=2, topk_group=1, num_experts_per_tok=2, moe_intermediate_size=64,
+)  # fmt: skip
+
+
+@DEEPSEEK_V3
+def test_nf4_logits_match_transformers_on_the_dequantized_weights_deepseek_v3(model_type, tmp_path):
+    """NF4 params (the latent projections too) give the logits transformers gives on their
+    dequantized weights (written by fnlm's merged export without a 16-bit source); the NF4
+    error is real."""
+    config = transformers.DeepseekV3Config(**TINY)
+    tokens = tokens_for(config.vocab_size, (2, 10))
+    with saved_checkpoint(config) as (model, directory):
+        params, _ = fnlm.load(directory, quant="nf4", dtype=torch.float32, device="cpu")
+        with torch.no_grad():
+            full = model(tokens).logits
+    attn = params["layers"][0]["attn"]
+    assert all(fnlm.quant.is_quantized(attn[leaf]) for leaf in ("q_a", "q_b", "kv_a", "kv_b"))
+    fnlm.save(tmp_path, params, format="merged")  # params.source is gone: dequantized weights
+    with torch.no_grad():
+        dequantized = transformers.AutoModelForCausalLM.from_pretrained(
+            tmp_path, dtype=torch.float32
+        )
+        ref = dequantized(tokens).logits
+    ours = fnlm.forward(params, tokens)
+    assert max_rel_error(ref, full) > 100 * FP32_REL_TOL
+    assert max_rel_error(ours, ref) <= FP32_REL_TOL
+
+
+@DEEPSEEK_V3
+def test_config_refusals_deepseek_v3(model_type):
+    """kv heads other than the heads are a ConfigError naming both (kv_b_proj makes a key and a
+    value per head); multi-token-prediction layers past num_hidden_layers are skipped on load."""
+    hf = transformers.DeepseekV3Config(**TINY).to_dict()
+    with pytest.raises(ConfigError, match=r"num_key_value_heads \(1\) must equal"):
+        fnlm.models.config_from_hf({**hf, "num_key_value_heads": 1})
+    config = fnlm.models.config_from_hf(hf)
+    stream = [(f"model.layers.{i}.input_layernorm.weight", None, None) for i in range(3)]
+    kept = fnlm.models.checkpoint_stream(config, iter(stream))
+    assert [name for name, _, _ in kept] == [name for name, _, _ in stream[:2]]
