@@ -30,10 +30,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 import traceback
@@ -41,63 +41,26 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import compute_dtype, peak_gib, reference_model, sync_time  # noqa: E402
+from bench_configs import REAL_CONFIGS, clear, vocab_size, write_checkpoint  # noqa: E402
+
 COPY_BANDWIDTH = 4.3e12  # bytes/s, device-to-device copy measured on the H200 (GPU.md)
 HBM_PEAK = 4.8e12  # bytes/s, the H200's specified HBM3e bandwidth
 
 
-# The real configs (as scripts/bench_load.py has them; the weights are random).
-REAL_CONFIGS = {
-    "llama-3.1-8b": dict(
-        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 8192},
-        rms_norm_eps=1e-5, tie_word_embeddings=False,
-    ),
-    "llama-3.2-1b": dict(
-        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-        num_key_value_heads=8, head_dim=64, vocab_size=128256, max_position_embeddings=131072,
-        rope_theta=500000.0,
-        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 8192},
-        rms_norm_eps=1e-5, tie_word_embeddings=True,
-    ),
-}  # fmt: skip
-
-
-def write_checkpoint(name: str, directory: Path) -> None:
-    """A random-init bf16 checkpoint of a real config, built on the GPU (kept if already there)."""
-    import transformers
-
-    if (directory / "config.json").is_file():
-        return
-    config = transformers.LlamaConfig(**REAL_CONFIGS[name])
-    with torch.device("cuda"):
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(directory, max_shard_size="5GB")
-    del model
-    clear()
-
-
-def sync_time(fn) -> float:
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
 def median_time(fn, args) -> float:
-    return statistics.median(sync_time(fn) for _ in range(args.repeats))
+    return statistics.median(sync_time(fn, args.device) for _ in range(args.repeats))
 
 
 def weight_bytes(params) -> int:
-    """Bytes a decode step reads: every distinct weight tensor, minus an untied embedding table."""
+    """Bytes a decode step reads: every distinct weight tensor, minus an untied embedding table
+    and Gemma 4's per-layer embedding table (a step reads one row of each)."""
     import torch.utils._pytree as pytree
 
-    skip = set()
+    skip = {id(t) for t in pytree.tree_leaves(params.get("embed_per_layer"))}
     if params["embed"] is not params["lm_head"]:
-        skip = {id(t) for t in pytree.tree_leaves(params["embed"])}
+        skip |= {id(t) for t in pytree.tree_leaves(params["embed"])}
     seen, total = set(), 0
     for t in pytree.tree_leaves(params):
         if isinstance(t, torch.Tensor) and id(t) not in seen and id(t) not in skip:
@@ -110,7 +73,9 @@ def bench_fnlm(directory: Path, quant, prompts, args) -> dict:
     import fnlm
     from fnlm.generate import generate_tokens
 
-    params, _ = fnlm.load(directory, quant=quant, dtype=torch.bfloat16, device="cuda")
+    params, _ = fnlm.load(
+        directory, quant=quant, dtype=compute_dtype(args.device), device=args.device
+    )
     result = {"weight_bytes": weight_bytes(params)}
     for batch in args.batches:
         rows = [prompts[i % len(prompts)] for i in range(batch)]
@@ -130,11 +95,11 @@ def bench_fnlm(directory: Path, quant, prompts, args) -> dict:
             "ttft_ms": first * 1e3,
             "step_ms": step * 1e3,
         }
-        if batch == 1:
+        if batch == 1 and args.device == "cuda":
             entry["weight_limit_fraction"] = result["weight_bytes"] / step / COPY_BANDWIDTH
         result[f"batch{batch}"] = entry
         print(f"  fnlm {quant or 'bf16'} batch {batch}: {entry}", flush=True)
-    result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    result["peak_gib"] = peak_gib(args.device)
     if args.profile:
         profile(lambda: generate_tokens(params, prompts[:1], max_new_tokens=1), "prefill (TTFT)")
         profile(lambda: generate_tokens(params, prompts[:1], max_new_tokens=64), "64 new tokens")
@@ -156,7 +121,7 @@ def bench_first_call(directory: Path, quant, prompts, args) -> dict:
     call = lambda p: lambda: generate_tokens(params, p, max_new_tokens=n)  # noqa: E731
     buckets = lambda length: (prompt_length(length), cache_length(prompt_length(length) + n))  # noqa: E731
     base = prompts[:1]
-    t_process_first = sync_time(call(base))  # compiles once for the process
+    t_process_first = sync_time(call(base), args.device)  # compiles once for the process
     repeat = median_time(call(base), args)
     result = {
         "process_first_call_s": t_process_first,
@@ -174,7 +139,7 @@ def bench_first_call(directory: Path, quant, prompts, args) -> dict:
     assert buckets(cases["new_cache_bucket"])[1] != mine[1]
     for label, length in cases.items():
         fresh = prompt(length)
-        first = sync_time(call(fresh))
+        first = sync_time(call(fresh), args.device)
         again = median_time(call(fresh), args)
         result[label] = {"prompt": length, "first_s": first, "repeat_s": again,
                          "first_over_repeat": first / again, "first_tokens_per_s": n / first}  # fmt: skip
@@ -247,18 +212,13 @@ def profile(fn, what: str) -> None:
 
 
 def bench_reference(directory: Path, quant, prompts, args) -> dict:
-    import transformers
-
-    kwargs = {"dtype": torch.bfloat16, "device_map": "cuda", "attn_implementation": "sdpa"}
-    if quant == "nf4":
-        kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
-        )  # fmt: skip
-    model = transformers.AutoModelForCausalLM.from_pretrained(directory, **kwargs).eval()
+    notes: list[str] = []
+    model = reference_model(directory, args.device, nf4=quant == "nf4", notes=notes).eval()
+    for note in notes:
+        print(f"  note: {note}", flush=True)
     model.generation_config.eos_token_id = None  # random weights: always make all tokens
     model.generation_config.pad_token_id = 0
-    ids = torch.tensor(prompts[:1], device="cuda")
+    ids = torch.tensor(prompts[:1], device=args.device)
 
     def run(n):
         with torch.no_grad():
@@ -267,7 +227,7 @@ def bench_reference(directory: Path, quant, prompts, args) -> dict:
             )
 
     run(8)
-    full = sync_time(lambda: run(args.ref_new_tokens))
+    full = sync_time(lambda: run(args.ref_new_tokens), args.device)
     first = median_time(lambda: run(1), args)
     entry = {
         "tokens_per_s": args.ref_new_tokens / full,
@@ -275,10 +235,10 @@ def bench_reference(directory: Path, quant, prompts, args) -> dict:
         "new_tokens": args.ref_new_tokens,
         "ttft_ms": first * 1e3,
         "step_ms": (full - first) / (args.ref_new_tokens - 1) * 1e3,
-        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "peak_gib": peak_gib(args.device),
     }
     print(f"  transformers {quant or 'bf16'} batch 1: {entry}", flush=True)
-    return {"batch1": entry}
+    return {"batch1": entry, "notes": notes}
 
 
 def time_on_device(fn) -> float:
@@ -403,12 +363,6 @@ def route_nf4_through_bitsandbytes() -> None:
     quant.linear = linear
 
 
-def clear() -> None:
-    gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", choices=sorted(REAL_CONFIGS))
@@ -439,17 +393,29 @@ def main() -> None:
         "FNLM_NF4_GEMV or fixup, one run",
     )
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "fnlm-bench")
+    parser.add_argument(
+        "--tiny", action="store_true",
+        help="CPU check: each model shrunk (bench_configs.TINY_SIZES), NF4, batch 1, 16-token "
+        "prompt, 8 new tokens, one repeat; the reference without bitsandbytes",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     args = parser.parse_args()
+    args.device = "cpu" if args.tiny else "cuda"
     models = args.model or ["llama-3.2-1b", "llama-3.1-8b"]
     quants = args.quant or ["nf4", "bf16"]
+    if args.tiny:
+        if args.linears or args.profile or {"first-call", "serve"} & set(args.parts):
+            parser.error("--tiny times fnlm and transformers generate only")
+        quants, args.batches, args.repeats = args.quant or ["nf4"], [1], 1
+        args.prompt_tokens, args.new_tokens, args.ref_new_tokens = 16, 8, 8
     # One compiled layer per (model, quant, batch, cache length): more than dynamo's default 8.
     for name in ("recompile_limit", "cache_size_limit"):  # renamed across torch versions
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, 64)
 
     results: dict = {
-        "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu (--tiny)",
         "nf4_route": args.nf4_route,
     }  # fmt: skip
     if args.nf4_route == "bnb":
@@ -461,11 +427,11 @@ def main() -> None:
             results[f"{name} linears"] = bench_linears(name, variants)
         if not args.parts:
             continue
-        directory = args.dir / name
+        directory = args.dir / (f"{name}-tiny" if args.tiny else name)
         t = time.perf_counter()
-        write_checkpoint(name, directory)
+        write_checkpoint(name, directory, args.device, args.tiny)
         print(f"{name}: checkpoint in {time.perf_counter() - t:.0f}s", flush=True)
-        vocab = REAL_CONFIGS[name]["vocab_size"]
+        vocab = vocab_size(name, args.tiny)
         g = torch.Generator().manual_seed(0)
         prompts = torch.randint(0, vocab, (32, args.prompt_tokens), generator=g).tolist()
         for quant, variant in [(q, v) for q in quants for v in variants]:
@@ -525,6 +491,10 @@ def print_table(results: dict) -> None:
             f"{get(ours.get('batch32', {}), 'tokens_per_s'):.0f} | {get(b1, 'ttft_ms'):.1f} | "
             f"{get(b1, 'step_ms'):.2f} | {100 * get(b1, 'weight_limit_fraction'):.0f}% |"
         )
+    for key, entry in results.items():
+        reference = entry.get("transformers", {}) if isinstance(entry, dict) else {}
+        for note in reference.get("notes", []):
+            print(f"{key}: note: {note}")
 
 
 if __name__ == "__main__":

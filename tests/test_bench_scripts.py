@@ -1,0 +1,94 @@
+"""The benchmark scripts' CPU path (--tiny): scripts/bench_train.py and scripts/bench_generate.py
+run on shrunk Qwen3.5, Gemma 4 and gpt-oss configs, fnlm and the reference (transformers + peft,
+bitsandbytes skipped on a CPU), and print tokens/s for both sides; the LoRA targets of the two
+sides adapt the same number of parameters (the GPU comparison's fairness check).
+
+The scripts run in this process (their main() under a patched argv): one import of transformers
+and fnlm for all of it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+MODELS = ("qwen3.5-9b", "gemma-4-e4b", "gpt-oss-20b")
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+@pytest.fixture(scope="module")
+def scripts():
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        import bench_configs
+        import bench_generate
+        import bench_load
+        import bench_train
+
+        yield bench_configs, bench_train, bench_generate, bench_load
+    finally:
+        sys.path.remove(str(SCRIPTS))
+
+
+def run_main(module, argv: list[str], monkeypatch, capsys) -> str:
+    monkeypatch.setattr(sys, "argv", [module.__file__, *argv])
+    module.main()
+    return capsys.readouterr().out
+
+
+def test_one_config_table(scripts):
+    configs, train, generate, load = scripts
+    assert train.REAL_CONFIGS is configs.REAL_CONFIGS
+    assert generate.REAL_CONFIGS is configs.REAL_CONFIGS
+    assert load.REAL_CONFIGS is configs.REAL_CONFIGS
+    for name in MODELS:  # the real sizes the issue names
+        assert configs.hf_config(name).model_type == configs.REAL_CONFIGS[name]["model_type"]
+    assert 8.9e9 < configs.parameter_count("qwen3.5-9b") < 9.0e9
+    assert 20.8e9 < configs.parameter_count("gpt-oss-20b") < 21.0e9
+
+
+def test_bench_train_tiny(scripts, tmp_path, monkeypatch, capsys):
+    _, train, _, _ = scripts
+    common = ["--tiny", "--checkpoints", str(tmp_path / "ck"), "--out"]
+    out = run_main(
+        train,
+        [*common, str(tmp_path / "a"), "--model", "qwen3.5-9b", "--model", "gpt-oss-20b"],
+        monkeypatch,
+        capsys,
+    )
+    # gemma 4 without layer checkpointing: under it, fnlm's NF4 linear without an adapter (the
+    # per-layer-input projections) reads ctx.saved_tensors twice in backward (fnlm/quant/matmul.py)
+    out += run_main(
+        train,
+        [*common, str(tmp_path / "b"), "--model", "gemma-4-e4b", "--checkpointing", "none"],
+        monkeypatch,
+        capsys,
+    )
+    assert "tokens/s" in out
+    models = {}
+    for part in ("a", "b"):
+        models.update(json.loads((tmp_path / part / "bench_train.json").read_text())["models"])
+    for name in MODELS:
+        for who in ("fnlm", "reference"):
+            assert re.search(rf"^{re.escape(name)}\s+{who}\s+[\d,]+\s", out, re.M), (name, who)
+        entry = models[name]
+        assert entry["fnlm"]["lora_parameters"] == entry["reference"]["lora_parameters"], name
+        assert any("bitsandbytes NF4 skipped" in note for note in entry["notes"])
+
+
+def test_bench_generate_tiny(scripts, tmp_path, monkeypatch, capsys):
+    _, _, generate, _ = scripts
+    models = [arg for name in MODELS for arg in ("--model", name)]
+    argv = ["--tiny", *models, "--dir", str(tmp_path / "ck"), "--out", str(tmp_path)]
+    out = run_main(generate, argv, monkeypatch, capsys)
+    assert "fnlm tok/s b1 | transformers tok/s b1" in out
+    for name in MODELS:
+        assert re.search(rf"^\| {re.escape(name)} \| nf4 \| [\d.]+ \| [\d.]+ \|", out, re.M), name
+    results = json.loads((tmp_path / "bench_generate.json").read_text())
+    assert all(len(results[f"{name} nf4"]["fnlm"]) > 1 for name in MODELS)
