@@ -6,17 +6,37 @@ stacks against peft, training, merged export, NF4."""
 
 from __future__ import annotations
 
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
 from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeTopkRouter
 
+import fnlm
 from fnlm.config import ModelConfig
 from fnlm.errors import ConfigError
+from fnlm.generate import generate_tokens
 from fnlm.models import moe
+from tests.family_checks import (
+    assert_adapter_matches_peft,
+    assert_logits_match,
+    assert_merged_export_matches,
+    assert_training_matches_peft,
+    left_padding,
+    load_fp32,
+    tokens_for,
+)
+from tests.models import FP32_REL_TOL, build_model, max_rel_error
+from tests.test_generate import prompt_batches, reference_generate
+from tests.test_lora import randomize_fnlm
+from tests.test_train import random_data
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*no tokenizer.json")
 
@@ -117,3 +137,264 @@ def test_router_groups_are_checked_glm4_moe(model_type):
         router_config({**case, "n_group": 3, "topk_group": 2})
     with pytest.raises(ConfigError, match="sigmoid"):
         router_config({**case, "topk_group": 2}).replace(moe_scoring="softmax")
+
+
+# ----------------------------------------------------------------------------------------------
+# The family: tiny checkpoints
+# ----------------------------------------------------------------------------------------------
+
+
+@st.composite
+def glm_configs(draw) -> transformers.Glm4MoeConfig:
+    """A tiny GLM-4.5: partial rotary, q/k norm and qkv biases or not, dense layers first, experts
+    in groups (one group too), one or two shared experts."""
+    kv_heads = draw(st.sampled_from([1, 2]))
+    layers = draw(st.integers(2, 3))
+    groups = draw(st.sampled_from([1, 2]))
+    experts = groups * draw(st.integers(2, 3))
+    kept = draw(st.integers(1, groups))
+    return transformers.Glm4MoeConfig(
+        vocab_size=draw(st.integers(64, 128)),
+        hidden_size=draw(st.sampled_from([32, 64])),
+        intermediate_size=draw(st.sampled_from([40, 64])),
+        num_hidden_layers=layers,
+        num_attention_heads=kv_heads * draw(st.sampled_from([1, 2])),
+        num_key_value_heads=kv_heads,
+        head_dim=draw(st.sampled_from([8, 16])),
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": draw(st.sampled_from([10000.0, 1e6])),
+            "partial_rotary_factor": draw(st.sampled_from([0.5, 1.0])),
+        },
+        use_qk_norm=draw(st.booleans()),
+        attention_bias=draw(st.booleans()),
+        rms_norm_eps=draw(st.sampled_from([1e-5, 1e-6])),
+        tie_word_embeddings=draw(st.booleans()),
+        moe_intermediate_size=draw(st.sampled_from([16, 24])),
+        n_routed_experts=experts,
+        n_group=groups,
+        topk_group=kept,
+        num_experts_per_tok=draw(st.integers(1, min(3, kept * experts // groups))),
+        n_shared_experts=draw(st.integers(1, 2)),
+        first_k_dense_replace=draw(st.integers(0, layers - 1)),
+        norm_topk_prob=draw(st.booleans()),
+        routed_scaling_factor=draw(st.sampled_from([1.0, 2.5])),
+        max_position_embeddings=256,
+        initializer_range=0.2,  # large enough that logits are far from zero
+    )
+
+
+@contextmanager
+def glm_checkpoint(config, seed: int = 0):
+    """(model, directory) of a random model saved with save_pretrained, its routers' correction
+    biases random too (build_model randomizes parameters; the bias is a buffer), large enough to
+    change which experts are chosen."""
+    model = build_model(config, seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.copy_(torch.randn(buffer.shape, generator=g) * 0.3)
+    with tempfile.TemporaryDirectory() as d:
+        model.save_pretrained(d)
+        yield model, Path(d)
+
+
+@GLM4_MOE
+def test_config_translation_glm4_moe(model_type):
+    """GLM-4.5-Air's config.json fields (transformers 4's layout: partial_rotary_factor and
+    rope_theta at the top) land in ModelConfig."""
+    from fnlm.models import glm4_moe
+
+    hf = {
+        "model_type": "glm4_moe", "vocab_size": 151552, "hidden_size": 4096,
+        "intermediate_size": 10944, "num_hidden_layers": 46, "num_attention_heads": 96,
+        "num_key_value_heads": 8, "head_dim": 128, "partial_rotary_factor": 0.5,
+        "rope_theta": 1000000, "attention_bias": True, "use_qk_norm": False,
+        "moe_intermediate_size": 1408, "n_routed_experts": 128, "num_experts_per_tok": 8,
+        "n_shared_experts": 1, "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1,
+        "norm_topk_prob": True, "routed_scaling_factor": 1.0, "num_nextn_predict_layers": 1,
+        "rms_norm_eps": 1e-5, "max_position_embeddings": 131072,
+    }  # fmt: skip
+    config = glm4_moe.config_from_hf(hf)
+    assert config.rotary_dim == 64 and config.rope_theta == 1e6
+    assert config.attention_bias and not config.o_bias and not config.qk_norm
+    assert config.moe_layers == tuple(range(1, 46)) and config.shared_expert_size == 1408
+    assert (config.moe_scoring, config.moe_groups, config.experts_per_token) == ("sigmoid", 1, 8)
+    del hf["partial_rotary_factor"]  # transformers' default
+    assert glm4_moe.config_from_hf(hf).rotary_dim == 64
+
+
+@GLM4_MOE
+@EXAMPLES
+@given(data=st.data())
+def test_logits_match_transformers_glm4_moe(model_type, data):
+    """Logits, and logits of a left-padded batch, equal transformers' (fp32)."""
+    config = data.draw(glm_configs())
+    seq = data.draw(st.integers(3, 12))
+    mask = left_padding(data, seq)
+    with glm_checkpoint(config) as (model, directory):
+        params = load_fp32(directory)
+        assert_logits_match(model, params, tokens_for(config.vocab_size, mask.shape, seq), mask)
+
+
+@GLM4_MOE
+@EXAMPLES
+@given(data=st.data())
+def test_greedy_matches_transformers_glm4_moe(model_type, data):
+    config = data.draw(glm_configs())
+    prompts = data.draw(prompt_batches(config.vocab_size))
+    new = data.draw(st.integers(1, 8))
+    with glm_checkpoint(config) as (model, directory):
+        params = load_fp32(directory)
+        ours = generate_tokens(params, prompts, max_new_tokens=new, eos_token_ids=[])
+        ref = reference_generate(model, prompts, new, None)
+    assert ours == ref
+
+
+@GLM4_MOE
+def test_multi_token_prediction_layers_are_skipped_glm4_moe(model_type, tmp_path):
+    """A checkpoint with GLM-4.5's multi-token-prediction layer (model.layers.{num_hidden_layers})
+    loads without it, with transformers' logits."""
+    config = transformers.Glm4MoeConfig(**TINY)
+    with glm_checkpoint(config) as (model, directory):
+        state = load_file(directory / "model.safetensors")
+        extra = f"model.layers.{config.num_hidden_layers}."
+        state[extra + "eh_proj.weight"] = torch.randn(64, 128)
+        state[extra + "mlp.gate.weight"] = torch.randn(4, 64)
+        save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
+        params = load_fp32(directory)
+        tokens = tokens_for(config.vocab_size)
+        with torch.no_grad():
+            ref = model(tokens).logits
+    assert max_rel_error(fnlm.forward(params, tokens), ref) <= FP32_REL_TOL
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA, training, export, NF4
+# ----------------------------------------------------------------------------------------------
+
+EXPERT_TARGETS = ["router", "experts.gate_up", "experts.down"]
+
+
+@GLM4_MOE
+@EXAMPLES
+@given(data=st.data())
+def test_saved_adapter_loads_in_peft_with_same_logits_glm4_moe(model_type, data, tmp_path_factory):
+    """LoRA on attention (biases with "lora_only") and on the router and expert stacks (peft's
+    target_parameters): peft loads our adapter with our logits and re-saves the same files."""
+    config = data.draw(glm_configs())
+    targets = data.draw(st.lists(st.sampled_from(["q", "k", "v", "o"]), min_size=1, unique=True))
+    targets += data.draw(st.sampled_from([[], EXPERT_TARGETS, ["experts.down"]]))
+    bias = data.draw(st.sampled_from(["none", "lora_only"]))
+    out, again = tmp_path_factory.mktemp("adapter"), tmp_path_factory.mktemp("again")
+    with glm_checkpoint(config) as (model, directory):
+        params = load_fp32(directory)
+        lora = randomize_fnlm(fnlm.lora.init(params, r=4, alpha=8, targets=targets, bias=bias))
+        tokens = tokens_for(config.vocab_size)
+        assert_adapter_matches_peft(model, params, lora, directory, out, again, tokens)
+
+
+@GLM4_MOE
+def test_lora_targets_glm4_moe(model_type):
+    """Per-expert names reach the expert stacks, as peft 0.21 converts them for glm4_moe."""
+    with glm_checkpoint(transformers.Glm4MoeConfig(**TINY)) as (_, directory):
+        params = load_fp32(directory)
+    names = fnlm.lora.target_names(params.config, experts=True)
+    assert names["router"] == "gate.weight" and names["experts.gate_up"] == "gate_up_proj"
+    lora = fnlm.lora.init(params, r=2, targets=("gate_proj", "up_proj", "down_proj"))
+    assert set(lora["layers"][1]["mlp"]["experts"]) == {"gate_up", "down"}
+    assert "mlp" not in lora["layers"][0]  # the dense layer's MLP: peft does not reach it
+
+
+@GLM4_MOE
+@pytest.mark.parametrize("targets", ["all-linear", "experts"])
+@settings(max_examples=1, deadline=None)
+@given(data=st.data())
+def test_lora_training_matches_peft_glm4_moe(model_type, targets, data, tmp_path_factory):
+    """Six steps against peft + transformers: fnlm's default targets (all linear: attention, the
+    routers and expert stacks), or q, v, the router and both expert stacks."""
+    config = data.draw(glm_configs())
+    targets = None if targets == "all-linear" else ("q", "v", *EXPERT_TARGETS)
+    examples = random_data(n=12, vocab=config.vocab_size, longest=20)
+    out = tmp_path_factory.mktemp("train")
+    with glm_checkpoint(config) as (model, directory):
+        params = load_fp32(directory)
+        assert_training_matches_peft(model, params, examples, out, targets=targets)
+
+
+@GLM4_MOE
+@settings(max_examples=2, deadline=None)
+@given(data=st.data())
+def test_merged_export_loads_in_transformers_glm4_moe(model_type, data, tmp_path_factory):
+    """The merged export (routers' correction biases, shared experts, expert stacks merged with
+    their adapters) loads in transformers with fnlm's adapted logits, and in fnlm again."""
+    config = data.draw(glm_configs())
+    out = tmp_path_factory.mktemp("merged")
+    targets = ("q", "o", "experts.gate_up", "experts.down", "router")
+    with glm_checkpoint(config) as (_, directory):
+        params = load_fp32(directory)
+        lora = randomize_fnlm(fnlm.lora.init(params, r=2, targets=targets))
+        assert_merged_export_matches(params, lora, out, tokens_for(config.vocab_size))
+
+
+# in_features multiples of 64 (NF4 blocks never straddle two experts); a dense layer, a MoE one
+TINY = dict(
+    vocab_size=96, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=16, moe_intermediate_size=64,
+    n_routed_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1,
+    first_k_dense_replace=1, use_qk_norm=True, attention_bias=True, routed_scaling_factor=2.0,
+    initializer_range=0.2, max_position_embeddings=256,
+)  # fmt: skip
+
+
+@GLM4_MOE
+def test_nf4_logits_match_transformers_on_the_dequantized_weights_glm4_moe(model_type, tmp_path):
+    """NF4 params (expert stacks and shared experts too; the router and its correction bias stay
+    fp32, as transformers keeps them) give the logits transformers gives on their dequantized
+    weights (written by fnlm's merged export); the NF4 error is real."""
+    config = transformers.Glm4MoeConfig(**TINY)
+    tokens = tokens_for(config.vocab_size, (2, 10))
+    with glm_checkpoint(config) as (model, directory):
+        params, _ = fnlm.load(directory, quant="nf4", dtype=torch.float32, device="cpu")
+        with torch.no_grad():
+            full = model(tokens).logits
+    mlp = params["layers"][1]["mlp"]
+    assert fnlm.quant.is_quantized(mlp["experts"]["gate_up"])
+    assert fnlm.quant.is_quantized(mlp["shared"]["down"])
+    assert not fnlm.quant.is_quantized(mlp["router"])
+    fnlm.save(tmp_path, params, format="merged")  # params.source is gone: dequantized weights
+    with torch.no_grad():
+        dequantized = transformers.AutoModelForCausalLM.from_pretrained(
+            tmp_path, dtype=torch.float32
+        )
+        ref = dequantized(tokens).logits
+    ours = fnlm.forward(params, tokens)
+    assert max_rel_error(ref, full) > 100 * FP32_REL_TOL
+    assert max_rel_error(ours, ref) <= FP32_REL_TOL
+
+
+@GLM4_MOE
+def test_router_stays_fp32_in_bf16_glm4_moe(model_type):
+    """Loaded in bf16, the router and its correction bias stay fp32 (transformers'
+    _keep_in_fp32_modules_strict) and the decoder routes bf16 hidden states in fp32 as
+    transformers' bf16 model does: the same experts, the same weights (to bf16 rounding)."""
+    from fnlm.models import decoder
+
+    config = transformers.Glm4MoeConfig(**TINY)
+    with glm_checkpoint(config) as (_, directory):
+        params, _ = fnlm.load(directory, quant=None, dtype=torch.bfloat16, device="cpu")
+        bf16 = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16)
+    mlp = params["layers"][1]["mlp"]
+    assert mlp["router"].dtype == mlp["router_correction"].dtype == torch.float32
+    assert mlp["experts"]["gate_up"].dtype == torch.bfloat16
+    x = torch.randn(32, config.hidden_size, generator=torch.Generator().manual_seed(0))
+    x = x.bfloat16()
+    with torch.no_grad():
+        _, weights, chosen = bf16.model.layers[1].mlp.gate(x)
+    ref = torch.zeros(32, config.n_routed_experts).scatter_(1, chosen, weights)
+    logits = decoder.linear(x.to(mlp["router"].dtype), mlp["router"])
+    route = moe.route(params.config, logits, torch.bfloat16, correction=mlp["router_correction"])
+    ours = dense_weights(route, 32)
+    assert torch.equal(ours != 0, ref != 0)
+    assert torch.equal(ours, ref.bfloat16())

@@ -21,6 +21,7 @@ from fnlm.models import (
     gemma2,
     gemma3,
     gemma4,
+    glm4_moe,
     gpt_oss,
     granite,
     llama,
@@ -69,6 +70,7 @@ FAMILIES: dict[str, ModuleType] = {
         qwen3_5,
         qwen3_5_moe,
         gemma4,
+        glm4_moe,
         qwen3_next,
         deepseek_v3,
     )  # fmt: skip
