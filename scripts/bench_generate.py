@@ -23,6 +23,9 @@ bucket (nothing compiles after the process's first call: the compiled layer take
 dynamic dimensions; a new prompt bucket captures a prefill graph, a new cache bucket a prefill
 and a decode-step graph). With --parts serve: fnlm.serve's Engine (continuous batching, no HTTP),
 one stream alone vs --serve-streams concurrent streams of the same length, aggregate tokens/s.
+--tiny: fnlm and transformers generate on a CPU (shrunk configs, NF4 for fnlm, the reference
+32-bit: no bitsandbytes there). Models: scripts/bench_configs.py's REAL_CONFIGS (gpt-oss's
+reference runs eager attention: transformers has no SDPA path for it; noted).
 Prints a table and writes bench_generate.json (to --out, default $OUT or .).
 """
 

@@ -2,10 +2,16 @@
 
     python scripts/bench_train.py --model llama-3.2-1b --model llama-3.1-8b [--trainer] [--longest] [--out $OUT]
 
-For each model: a random-init checkpoint of the real config (built as scripts/bench_generate.py
-builds it), LoRA r=16, alpha=16 on q, k, v, o, gate, up, down, random token batches of
-batch x seq (default 2 x 2048) whose labels are the tokens, fused AdamW, median of --steps steps
-after --warmup steps.
+For each model: a random-init checkpoint of the real config (scripts/bench_configs.py's
+REAL_CONFIGS: Llama 3.x, Qwen3, Gemma 2, Qwen3.5-9B, Gemma 4 E4B, gpt-oss-20B), LoRA r=16,
+alpha=16 on the same modules on both sides (bench_configs.lora_targets: q, k, v, o, gate, up, down;
+Qwen3.5 adds the DeltaNet projections; gpt-oss adapts attention and the expert stacks, peft
+through target_parameters; the LoRA parameter counts of the two sides are compared and a
+difference noted), random token batches of batch x seq (default 2 x 2048) whose labels are the
+tokens, fused AdamW, median of --steps steps after --warmup steps. Notes say what differs from
+that (gpt-oss: transformers' eager attention, bitsandbytes leaving the expert stacks 16-bit;
+--fnlm-experts bf16 keeps fnlm's 16-bit too). --tiny: the same code path on a CPU (shrunk
+configs, fnlm NF4, the reference without bitsandbytes).
 - fnlm: fnlm.load(quant="nf4", bf16), fnlm.lora.init, fnlm.train.train_step with
   fnlm.train.layer_function (per-layer activation checkpointing, torch.compile of the layer).
 - reference: transformers from_pretrained with BitsAndBytesConfig (NF4, double quant, bf16
@@ -16,9 +22,11 @@ token documents of 400-2,000 tokens, as text of 300-1,500 words tokenizes), batc
 rows, tokens per wall second over the steps after the warm-up (data, logging and the optimizer
 included), and its ratio to the step benchmark above.
 Reported: tokens/s, peak GiB (torch.cuda.max_memory_allocated over the warm-up and timed steps,
-weights included; the warm-up holds the CUDA graphs' capture, whose allocations are the step's), MFU = 4 N T / (time x 790e12) (GPU.md; N = parameters of the model), and fnlm / reference
-ratios, and the GPU-busy fraction of two profiled steps (kernel time, overlaps merged, over the
-span from the first kernel to the last). --longest: the longest sequence (batch 1) one training step fits in --cap-gib of memory
+weights included; the warm-up holds the CUDA graphs' capture, whose allocations are the step's),
+MFU = 4 N T / (time x 790e12) (GPU.md; N = the parameters a token's matmuls read: k / E of an
+expert stack, no per-layer embedding table), fnlm / reference ratios, and the GPU-busy fraction
+of two profiled steps (kernel time, overlaps merged, over the span from the first kernel to the
+last). --longest: the longest sequence (batch 1) one training step fits in --cap-gib of memory
 (torch.cuda.set_per_process_memory_fraction) for fnlm (activation offload to CPU, MLP tiled) and
 the reference. Prints a table and writes bench_train.json (to --out, default $OUT or .).
 """
