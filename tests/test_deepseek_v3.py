@@ -28,8 +28,11 @@ from tests.family_checks import (
     load_fp32,
     tokens_for,
 )
-from tests.models import FP32_REL_TOL, max_rel_error, saved_checkpoint
+from tests.models import FP32_REL_TOL, max_rel_error
 from tests.test_generate import prompt_batches, reference_generate
+
+# a saved random checkpoint whose routers' correction biases (buffers) are random too
+from tests.test_glm4_moe import glm_checkpoint as saved_checkpoint
 from tests.test_lora import build_peft, peft_key, randomize_fnlm
 from tests.test_train import random_data
 
@@ -41,6 +44,7 @@ DEEPSEEK_V3 = pytest.mark.parametrize("model_type", ["deepseek_v3"])
 # fnlm's names of MLA's projections (peft's: q_proj | q_a_proj, q_b_proj, kv_a_proj_with_mqa,
 # kv_b_proj, o_proj)
 ATTENTION_TARGETS = ["q", "q_a", "q_b", "kv_a", "kv_b", "o"]
+EXPERT_TARGETS = ["router", "experts.gate_up", "experts.down"]
 YARN = {
     "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
     "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 0.707, "mscale_all_dim": 1.0,
@@ -48,18 +52,25 @@ YARN = {
 
 
 @st.composite
-def deepseek_v3_configs(draw) -> transformers.DeepseekV3Config:
-    """All-dense tiny configs (first_k_dense_replace = num_hidden_layers)."""
+def deepseek_v3_configs(draw, moe: bool | None = None) -> transformers.DeepseekV3Config:
+    """Tiny configs, all-dense or (moe, drawn when None) with mixture-of-experts layers after
+    first_k_dense_replace dense ones: 4 or 8 experts in groups of 2 or 4, of which topk_group
+    compete for the top-k."""
     heads = draw(st.sampled_from([1, 2, 4]))
     layers = draw(st.integers(1, 3))
     theta = draw(st.sampled_from([10000.0, 1e6]))
     rope = draw(st.sampled_from([{"rope_type": "default"}, YARN]))
+    experts = draw(st.sampled_from([4, 8]))
+    groups = draw(st.sampled_from([g for g in (1, 2, 4) if experts // g >= 2]))
+    topk_groups = draw(st.integers(1, groups))
+    if moe is None:
+        moe = draw(st.booleans())
     return transformers.DeepseekV3Config(
         vocab_size=draw(st.integers(64, 128)),
         hidden_size=draw(st.sampled_from([32, 64])),
         intermediate_size=draw(st.sampled_from([40, 64])),
         num_hidden_layers=layers,
-        first_k_dense_replace=layers,
+        first_k_dense_replace=draw(st.integers(0, layers - 1)) if moe else layers,
         num_attention_heads=heads,
         num_key_value_heads=heads,
         q_lora_rank=draw(st.sampled_from([None, 16, 24])),
@@ -74,15 +85,25 @@ def deepseek_v3_configs(draw) -> transformers.DeepseekV3Config:
         tie_word_embeddings=draw(st.booleans()),
         max_position_embeddings=256,
         initializer_range=0.2,  # large enough that logits are far from zero
-        n_routed_experts=4, n_group=2, topk_group=1, num_experts_per_tok=2,
-        moe_intermediate_size=16,
-    )  # fmt: skip
+        n_routed_experts=experts,
+        n_group=groups,
+        topk_group=topk_groups,
+        num_experts_per_tok=draw(st.integers(1, topk_groups * experts // groups)),
+        moe_intermediate_size=draw(st.sampled_from([16, 24])),
+        n_shared_experts=draw(st.sampled_from([1, 2])),
+        norm_topk_prob=draw(st.booleans()),
+        routed_scaling_factor=draw(st.sampled_from([1.0, 2.5])),
+    )
 
 
 def attention_targets(config) -> list[str]:
     """ATTENTION_TARGETS this config has (q without q_lora_rank, else q_a and q_b)."""
     skip = ("q_a", "q_b") if config.q_lora_rank is None else ("q",)
     return [t for t in ATTENTION_TARGETS if t not in skip]
+
+
+def has_experts(config) -> bool:
+    return config.first_k_dense_replace < config.num_hidden_layers
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,11 +165,14 @@ def test_greedy_matches_transformers_deepseek_v3(model_type, data):
 def test_saved_adapter_loads_in_peft_with_same_logits_deepseek_v3(
     model_type, data, tmp_path_factory
 ):
-    """LoRA on the latent projections (biases with "lora_only"): peft loads our adapter with our
+    """LoRA on the latent projections (biases with "lora_only") and, with MoE layers, on the
+    router and the expert stacks (peft's target_parameters): peft loads our adapter with our
     logits and re-saves the same files."""
     config = data.draw(deepseek_v3_configs())
     names = attention_targets(config)
     targets = data.draw(st.lists(st.sampled_from(names), min_size=1, unique=True))
+    if has_experts(config):
+        targets += data.draw(st.lists(st.sampled_from(EXPERT_TARGETS), unique=True))
     bias = data.draw(st.sampled_from(["none", "lora_only"]))
     out, again = tmp_path_factory.mktemp("adapter"), tmp_path_factory.mktemp("again")
     with saved_checkpoint(config) as (model, directory):
@@ -185,29 +209,33 @@ def test_init_equals_peft_init_deepseek_v3(model_type, data):
 
 
 @DEEPSEEK_V3
+@pytest.mark.parametrize("moe", [False, True])
 @settings(max_examples=2, deadline=None)
 @given(data=st.data())
-def test_lora_training_matches_peft_deepseek_v3(model_type, data, tmp_path_factory):
-    """Six LoRA steps (all-linear: q or q_a / q_b, kv_a, kv_b, o; peft's all-linear skips the
-    dense MLPs) lose what peft's do."""
-    config = data.draw(deepseek_v3_configs())
+def test_lora_training_matches_peft_deepseek_v3(model_type, moe, data, tmp_path_factory):
+    """Six LoRA steps lose what peft's do: all-dense with "all-linear" (q or q_a / q_b, kv_a,
+    kv_b, o: peft's all-linear skips the dense MLPs), or with MoE layers on q, kv_b, the router
+    and both expert stacks."""
+    config = data.draw(deepseek_v3_configs(moe=moe))
+    targets = ["q", "q_b", "kv_b", *EXPERT_TARGETS] if moe else "all-linear"
     examples = random_data(n=12, vocab=config.vocab_size, longest=20)
     out = tmp_path_factory.mktemp("train")
     with saved_checkpoint(config) as (model, directory):
         params = load_fp32(directory)
-        assert_training_matches_peft(model, params, examples, out, targets=fnlm.lora.ALL_LINEAR)
+        assert_training_matches_peft(model, params, examples, out, targets=targets)
 
 
 @DEEPSEEK_V3
 @settings(max_examples=2, deadline=None)
 @given(data=st.data())
 def test_merged_export_loads_in_transformers_deepseek_v3(model_type, data, tmp_path_factory):
-    """The merged export loads in transformers with fnlm's adapted logits, and in fnlm again."""
+    """The merged export (expert stacks merged too) loads in transformers with fnlm's adapted
+    logits, and in fnlm again."""
     config = data.draw(deepseek_v3_configs())
     out = tmp_path_factory.mktemp("merged")
     with saved_checkpoint(config) as (_, directory):
         params = load_fp32(directory)
-        targets = attention_targets(config)
+        targets = attention_targets(config) + (EXPERT_TARGETS[1:] if has_experts(config) else [])
         lora = randomize_fnlm(fnlm.lora.init(params, r=2, targets=targets))
         assert_merged_export_matches(params, lora, out, tokens_for(config.vocab_size))
 
@@ -218,7 +246,7 @@ def test_merged_export_loads_in_transformers_deepseek_v3(model_type, data, tmp_p
 
 TINY = dict(
     vocab_size=96, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
-    first_k_dense_replace=2, num_attention_heads=2, num_key_value_heads=2, q_lora_rank=64,
+    first_k_dense_replace=1, num_attention_heads=2, num_key_value_heads=2, q_lora_rank=64,
     kv_lora_rank=64, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=32,
     rms_norm_eps=1e-5, max_position_embeddings=256, initializer_range=0.2,
     n_routed_experts=4, n_group=2, topk_group=1, num_experts_per_tok=2, moe_intermediate_size=64,
@@ -227,8 +255,8 @@ TINY = dict(
 
 @DEEPSEEK_V3
 def test_nf4_logits_match_transformers_on_the_dequantized_weights_deepseek_v3(model_type, tmp_path):
-    """NF4 params (the latent projections too) give the logits transformers gives on their
-    dequantized weights (written by fnlm's merged export without a 16-bit source); the NF4
+    """NF4 params (the latent projections and the expert stacks too) give the logits
+    transformers gives on their dequantized weights (written by fnlm's merged export without a 16-bit source); the NF4
     error is real."""
     config = transformers.DeepseekV3Config(**TINY)
     tokens = tokens_for(config.vocab_size, (2, 10))
@@ -238,6 +266,8 @@ def test_nf4_logits_match_transformers_on_the_dequantized_weights_deepseek_v3(mo
             full = model(tokens).logits
     attn = params["layers"][0]["attn"]
     assert all(fnlm.quant.is_quantized(attn[leaf]) for leaf in ("q_a", "q_b", "kv_a", "kv_b"))
+    assert fnlm.quant.is_quantized(params["layers"][1]["mlp"]["experts"]["gate_up"])
+    assert params["layers"][1]["mlp"]["router"].dtype == torch.float32  # as transformers keeps it
     fnlm.save(tmp_path, params, format="merged")  # params.source is gone: dequantized weights
     with torch.no_grad():
         dequantized = transformers.AutoModelForCausalLM.from_pretrained(
@@ -252,10 +282,13 @@ def test_nf4_logits_match_transformers_on_the_dequantized_weights_deepseek_v3(mo
 @DEEPSEEK_V3
 def test_config_refusals_deepseek_v3(model_type):
     """kv heads other than the heads are a ConfigError naming both (kv_b_proj makes a key and a
-    value per head); multi-token-prediction layers past num_hidden_layers are skipped on load."""
+    value per head), so is a MoE without shared experts; multi-token-prediction layers past
+    num_hidden_layers are skipped on load."""
     hf = transformers.DeepseekV3Config(**TINY).to_dict()
     with pytest.raises(ConfigError, match=r"num_key_value_heads \(1\) must equal"):
         fnlm.models.config_from_hf({**hf, "num_key_value_heads": 1})
+    with pytest.raises(ConfigError, match="n_shared_experts 0 is not supported"):
+        fnlm.models.config_from_hf({**hf, "n_shared_experts": 0})
     config = fnlm.models.config_from_hf(hf)
     stream = [(f"model.layers.{i}.input_layernorm.weight", None, None) for i in range(3)]
     kept = fnlm.models.checkpoint_stream(config, iter(stream))

@@ -5,20 +5,21 @@ part of q and k, v heads narrower than q/k heads), dense SwiGLU MLPs on the firs
 
 ModelConfig's head_dim is q/k's nope + rope width, num_kv_heads the heads (kv_b_proj makes a key
 and a value per head); `latent_attention` holds the MLA sizes and sets rotary_dim to the rope
-part. The softmax scale is head_dim^-1/2, times mscale(factor, mscale_all_dim)^2 when the rope is
-scaled (transformers' yarn_apply_mscale). Multi-token-prediction layers past num_hidden_layers
+part. Sparse layers route as DeepseekV3TopkRouter: sigmoid scores plus the router's correction
+bias choose experts in group-limited top-k, weighted by the uncorrected scores (renormalized with
+norm_topk_prob) times routed_scaling_factor; the n_shared_experts shared experts run as one
+ungated MLP beside them (fnlm.models.moe). The softmax scale is head_dim^-1/2, times
+mscale(factor, mscale_all_dim)^2 when the rope is scaled (transformers' yarn_apply_mscale). Multi-token-prediction layers past num_hidden_layers
 (DeepSeek-V3's "model.layers.61.*") are skipped on load, as transformers ignores them.
 """
 
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Iterator
 
 from fnlm.config import ModelConfig, hf_text
-from fnlm.errors import ConfigError, UnsupportedModelError
-from fnlm.models import llama
+from fnlm.errors import ConfigError
+from fnlm.models import glm4_moe, llama
 from fnlm.models.mla import cache_width, sizes
 from fnlm.models.qwen3_moe import QWEN_EXPERTS
 
@@ -61,13 +62,8 @@ def config_from_hf(hf: dict) -> ModelConfig:
         llama.require(hf, "v_head_dim"),
     )
     layers = llama.require(hf, "num_hidden_layers")
-    dense = hf.get("first_k_dense_replace", 3)
-    if dense < layers:
-        raise UnsupportedModelError(
-            f"deepseek_v3 with mixture-of-experts layers (first_k_dense_replace={dense} < "
-            f"num_hidden_layers={layers}) is not supported yet: its sigmoid, group-limited "
-            "router is not implemented; only all-dense configs load"
-        )
+    first_sparse = hf.get("first_k_dense_replace", 3)
+    moe = moe_fields(hf, tuple(range(first_sparse, layers))) if first_sparse < layers else {}
     head_dim = latent[2] + latent[3]
     config = llama.translate(
         {**hf, "head_dim": head_dim},
@@ -75,6 +71,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
         latent_attention=latent,
         rope_interleaved=bool(hf.get("rope_interleave", True)),
         hf_config=hf_text(hf),  # exports write transformers' head_dim (the rope part's) back
+        **moe,
     )
     scale = head_dim**-0.5
     rope = config.rope
@@ -83,10 +80,32 @@ def config_from_hf(hf: dict) -> ModelConfig:
     return config.replace(attention_scale=scale)
 
 
+def moe_fields(hf: dict, layers: tuple[int, ...]) -> dict:
+    """ModelConfig's MoE fields for the sparse `layers`: DeepseekV3TopkRouter's sigmoid,
+    group-limited top-k (fnlm.models.moe.sigmoid_topk) and n_shared_experts ungated experts."""
+    size = llama.require(hf, "moe_intermediate_size")
+    shared = hf.get("n_shared_experts", 1)
+    if not shared:  # transformers would build a zero-width shared MLP
+        raise ConfigError("deepseek_v3 with n_shared_experts 0 is not supported")
+    return dict(
+        num_experts=llama.require(hf, "n_routed_experts"),
+        experts_per_token=llama.require(hf, "num_experts_per_tok"),
+        moe_intermediate_size=size,
+        moe_layers=layers,
+        moe_renormalize=bool(hf.get("norm_topk_prob", True)),
+        shared_expert_size=shared * size,
+        moe_scoring="sigmoid",
+        moe_groups=hf.get("n_group") or 1,
+        moe_topk_groups=hf.get("topk_group") or 1,
+        moe_routed_scale=float(hf.get("routed_scaling_factor", 2.5)),  # transformers' default
+    )
+
+
 def weight_names(config: ModelConfig) -> dict[str, tuple[tuple, tuple[int, ...]]]:
-    """Llama's embedding, norms and MLP names; MLA's projections (fnlm/models/mla.py) in place
-    of q/k/v/o."""
-    names = {k: v for k, v in llama.weight_names(config).items() if ".self_attn." not in k}
+    """GLM-4.5's names (fnlm.models.glm4_moe: Llama's, and on the sparse layers the router with
+    its e_score_correction_bias, per-expert matrices and shared_experts — DeepSeek-V3's layout,
+    which GLM-4.5 took over) with MLA's projections (fnlm/models/mla.py) in place of q/k/v/o."""
+    names = {k: v for k, v in glm4_moe.weight_names(config).items() if ".self_attn." not in k}
     n, h, heads = sizes(config), config.hidden_size, config.num_heads
     q_rows = heads * (n.nope + n.rope)
     for i in range(config.num_layers):
@@ -118,13 +137,5 @@ def cache_shape(config: ModelConfig, layer: int) -> tuple[int, int]:
     return config.num_heads, cache_width(config)
 
 
-_LAYER = re.compile(r"model\.layers\.(\d+)\.")
-
-
-def checkpoint_stream(stream: Iterator, config: ModelConfig) -> Iterator:
-    """The loader's (name, tensor, file) stream without the multi-token-prediction layers (those
-    numbered num_hidden_layers and up), which transformers ignores too."""
-    for name, tensor, file in stream:
-        found = _LAYER.match(name)
-        if found is None or int(found.group(1)) < config.num_layers:
-            yield name, tensor, file
+# the multi-token-prediction layers (numbered num_hidden_layers and up) skipped as GLM-4.5's
+checkpoint_stream = glm4_moe.checkpoint_stream
