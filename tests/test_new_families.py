@@ -160,6 +160,22 @@ NEW_FLAG_CASES += [
     ("gemma4_text-ple_shared_kv_k_eq_v_moe", lambda: transformers.Gemma4TextConfig(**GEMMA4)),
     ("gemma4-text_tower", gemma4),
 ]
+# DeepSeek-V3 (tests/test_deepseek_v3.py draws more): MLA with q_lora_rank and v heads wider than
+# q/k's, interleaved yarn rope with mscale, a dense layer, then a sigmoid group-routed MoE layer
+DEEPSEEK_V3 = dict(
+    vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+    first_k_dense_replace=1, num_attention_heads=2, num_key_value_heads=2, q_lora_rank=16,
+    kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=24, attention_bias=True,
+    n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=3, moe_intermediate_size=16,
+    n_shared_experts=2, max_position_embeddings=256, initializer_range=0.2,
+    rope_parameters={
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+        "mscale": 0.707, "mscale_all_dim": 1.0, "rope_theta": 1e4,
+    },
+)  # fmt: skip
+NEW_FLAG_CASES += [
+    ("deepseek_v3-mla_yarn_moe", lambda: transformers.DeepseekV3Config(**DEEPSEEK_V3)),
+]
 CASES = dict(NEW_FLAG_CASES)
 
 
