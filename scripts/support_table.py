@@ -26,7 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fnlm import models  # noqa: E402
 
 # files holding a family's own copies of the shared per-family tests (gpt-oss, issue 18's families)
-FAMILY_FILES = ("test_new_families", "test_gpt_oss", "test_gemma4", "test_qwen3_5")
+FAMILY_FILES = (
+    "test_new_families", "test_gpt_oss", "test_gemma4", "test_qwen3_5", "test_deepseek_v3",
+)  # fmt: skip
 
 # column -> does a test (file stem, test function name) count for it
 COLUMNS = {
