@@ -22,7 +22,7 @@ from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeTopkRouter
 import fnlm
 from fnlm.config import ModelConfig
 from fnlm.errors import ConfigError
-from fnlm.generate import generate_tokens
+from fnlm.generate import generate_tokens, step
 from fnlm.models import moe
 from tests.family_checks import (
     assert_adapter_matches_peft,
@@ -250,6 +250,22 @@ def test_greedy_matches_transformers_glm4_moe(model_type, data):
         ours = generate_tokens(params, prompts, max_new_tokens=new, eos_token_ids=[])
         ref = reference_generate(model, prompts, new, None)
     assert ours == ref
+
+
+@GLM4_MOE
+def test_compiled_generation_equals_eager_glm4_moe(model_type, monkeypatch):
+    """The compiled prefill and decode layers (dynamo traces the sigmoid router; CPU test with a
+    backend that runs the traced graph) give eager's tokens, and transformers'."""
+    monkeypatch.setattr(step, "COMPILE_BACKEND", lambda gm, inputs: gm.forward)
+    prompts = [[1, 2, 3, 4, 5], [7, 8]]
+    with glm_checkpoint(transformers.Glm4MoeConfig(**TINY)) as (model, directory):
+        params = load_fp32(directory)
+        eager = generate_tokens(params, prompts, max_new_tokens=5, eos_token_ids=[])
+        compiled = generate_tokens(
+            params, prompts, max_new_tokens=5, eos_token_ids=[], compile=True
+        )
+        ref = reference_generate(model, prompts, 5, None)
+    assert eager == compiled == ref
 
 
 @GLM4_MOE
