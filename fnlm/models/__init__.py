@@ -15,11 +15,13 @@ from fnlm.config import ModelConfig
 from fnlm.errors import ConfigError, UnsupportedModelError
 from fnlm.models import (
     cohere,
+    deepseek_v3,
     falcon,
     gemma,
     gemma2,
     gemma3,
     gemma4,
+    glm4_moe,
     gpt_oss,
     granite,
     llama,
@@ -68,7 +70,9 @@ FAMILIES: dict[str, ModuleType] = {
         qwen3_5,
         qwen3_5_moe,
         gemma4,
+        glm4_moe,
         qwen3_next,
+        deepseek_v3,
     )  # fmt: skip
     for t in m.MODEL_TYPES
 }
