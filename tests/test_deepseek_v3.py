@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 import fnlm
-from fnlm.errors import ConfigError
+from fnlm.errors import ConfigError, UnsupportedModelError
 from fnlm.generate import generate_tokens
 from tests.family_checks import (
     assert_adapter_matches_peft,
@@ -282,13 +282,17 @@ def test_nf4_logits_match_transformers_on_the_dequantized_weights_deepseek_v3(mo
 @DEEPSEEK_V3
 def test_config_refusals_deepseek_v3(model_type):
     """kv heads other than the heads are a ConfigError naming both (kv_b_proj makes a key and a
-    value per head), so is a MoE without shared experts; multi-token-prediction layers past
-    num_hidden_layers are skipped on load."""
+    value per head), so is a MoE without shared experts; FP8 checkpoints (DeepSeek's releases)
+    are refused naming the way out; multi-token-prediction layers past num_hidden_layers are
+    skipped on load."""
     hf = transformers.DeepseekV3Config(**TINY).to_dict()
     with pytest.raises(ConfigError, match=r"num_key_value_heads \(1\) must equal"):
         fnlm.models.config_from_hf({**hf, "num_key_value_heads": 1})
     with pytest.raises(ConfigError, match="n_shared_experts 0 is not supported"):
         fnlm.models.config_from_hf({**hf, "n_shared_experts": 0})
+    fp8 = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    with pytest.raises(UnsupportedModelError, match="quantized with 'fp8'.*dequantize them"):
+        fnlm.models.config_from_hf({**hf, "quantization_config": fp8})
     config = fnlm.models.config_from_hf(hf)
     stream = [(f"model.layers.{i}.input_layernorm.weight", None, None) for i in range(3)]
     kept = fnlm.models.checkpoint_stream(config, iter(stream))

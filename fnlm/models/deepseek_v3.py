@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 
 from fnlm.config import ModelConfig, hf_text
-from fnlm.errors import ConfigError
+from fnlm.errors import ConfigError, UnsupportedModelError
 from fnlm.models import glm4_moe, llama
 from fnlm.models.mla import cache_width, sizes
 from fnlm.models.qwen3_moe import QWEN_EXPERTS
@@ -47,6 +47,14 @@ def mscale(factor: float, scale: float) -> float:
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
+    method = (hf.get("quantization_config") or {}).get("quant_method")
+    if method is not None:
+        raise UnsupportedModelError(
+            f"deepseek_v3 checkpoints quantized with {method!r} (quantization_config; DeepSeek-V3, "
+            "R1 and Kimi-K2 ship FP8 weights with *.weight_scale_inv block scales) are not "
+            "supported: dequantize them to bf16 first (DeepSeek's inference/fp8_cast_bf16.py), "
+            "then fnlm.load(quant='nf4') quantizes on loading"
+        )
     heads = llama.require(hf, "num_attention_heads")
     kv_heads = hf.get("num_key_value_heads") or heads
     if kv_heads != heads:
