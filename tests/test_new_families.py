@@ -176,6 +176,18 @@ DEEPSEEK_V3 = dict(
 NEW_FLAG_CASES += [
     ("deepseek_v3-mla_yarn_moe", lambda: transformers.DeepseekV3Config(**DEEPSEEK_V3)),
 ]
+# GLM-4.5 (tests/test_glm4_moe.py draws more): partial rotary, q/k norm, qkv biases, a dense
+# layer, then sigmoid group-routed experts with two shared experts
+GLM4_MOE = dict(
+    vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+    first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+    use_qk_norm=True, attention_bias=True, n_routed_experts=8, n_group=4, topk_group=2,
+    num_experts_per_tok=3, moe_intermediate_size=16, n_shared_experts=2,
+    routed_scaling_factor=2.5, max_position_embeddings=256, initializer_range=0.2,
+)  # fmt: skip
+NEW_FLAG_CASES += [
+    ("glm4_moe-partial_rope_qk_norm_grouped_moe", lambda: transformers.Glm4MoeConfig(**GLM4_MOE)),
+]
 CASES = dict(NEW_FLAG_CASES)
 
 
