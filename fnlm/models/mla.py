@@ -86,11 +86,7 @@ def attention(
         .split([n.nope, n.value], dim=-1)
     )
     q_rope, k_rope = kernels.apply_rope(
-        q_rope.contiguous(),
-        k_rope.reshape(batch, seq, 1, n.rope),
-        cos,
-        sin,
-        interleaved=config.rope_interleaved,
+        q_rope, k_rope.reshape(batch, seq, 1, n.rope), cos, sin, interleaved=config.rope_interleaved
     )
     q = torch.cat([q_nope, q_rope], dim=-1)
     k = torch.cat([k_nope, k_rope.expand(-1, -1, heads, -1)], dim=-1)
