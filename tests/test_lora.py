@@ -518,6 +518,27 @@ def test_bad_adapter_files_and_arguments():
 NF4_REL_TOL = 1e-4
 
 
+def test_layer_checkpointing_over_nf4_linears_without_adapters():
+    """Layer checkpointing recomputes NF4 linears that carry no adapter (targets q, v only): their
+    backward reads its saved weight once (a second read raised CheckpointError), and the adapters'
+    gradients equal those without checkpointing, bit for bit."""
+    from fnlm import train
+
+    config = _llama(hidden_size=64, intermediate_size=128)
+    with saved_checkpoint(config) as (_, directory):
+        qparams, _ = fnlm.load(directory, quant="nf4", dtype=torch.float32, device="cpu")
+    batch = {"tokens": tokens_for(qparams.config)}
+    start = randomize_fnlm(fnlm.lora.init(qparams, r=4, targets=("q", "v")))
+    grads = {}
+    for mode in ("none", "layer"):
+        lora = pytree.tree_map(lambda t: t.detach().clone().requires_grad_(), start)
+        layer_fn = train.layer_function(mode, preserve_rng=False)
+        fnlm.loss(qparams, batch, lora=lora, layer_fn=layer_fn).backward()
+        grads[mode] = [t.grad for t in fnlm.lora.parameters(lora)]
+    assert all(g.abs().sum() > 0 for g in grads["none"])
+    assert all(torch.equal(a, b) for a, b in zip(grads["layer"], grads["none"], strict=True))
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_lora_on_nf4_base(device):
     """Adapters over an NF4 base: only they get gradients, and forward, gradients and merge equal

@@ -207,6 +207,7 @@ def _(grad, weight, kind, meta, dtype, triton):
 def _setup_context(ctx, inputs, output):
     x, weight, kind, meta, dtype, bias, triton = inputs
     ctx.save_for_backward(*weight)
+    ctx.n_weight = len(weight)  # saved_tensors unpacks once under checkpointing: count them here
     ctx.args = (kind, meta, dtype, triton)
     ctx.x_dtype = x.dtype
     ctx.bias_dtype = None if bias is None else bias.dtype
@@ -220,7 +221,7 @@ def _backward(ctx, grad):
         )
     if ctx.needs_input_grad[5]:
         grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
-    return grad_x, [None] * len(ctx.saved_tensors), None, None, None, grad_bias, None
+    return grad_x, [None] * ctx.n_weight, None, None, None, grad_bias, None
 
 
 quant_linear_op.register_autograd(_backward, setup_context=_setup_context)
