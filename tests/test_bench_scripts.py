@@ -64,8 +64,7 @@ def test_bench_train_tiny(scripts, tmp_path, monkeypatch, capsys):
         capsys,
     )  # fmt: skip
     assert "tokens/s" in out
-    models = {}
-    models.update(json.loads((tmp_path / "a" / "bench_train.json").read_text())["models"])
+    models = json.loads((tmp_path / "a" / "bench_train.json").read_text())["models"]
     for name in MODELS:
         for who in ("fnlm", "reference"):
             assert re.search(rf"^{re.escape(name)}\s+{who}\s+[\d,]+\s", out, re.M), (name, who)
