@@ -24,6 +24,7 @@ from fnlm.config import ModelConfig
 from fnlm.errors import ConfigError
 from fnlm.generate import generate_tokens, step
 from fnlm.models import moe
+from fnlm.models.qwen3_moe import QWEN_EXPERTS
 from tests.family_checks import (
     assert_adapter_matches_peft,
     assert_logits_match,
@@ -352,6 +353,31 @@ def test_merged_export_loads_in_transformers_glm4_moe(model_type, data, tmp_path
         params = load_fp32(directory)
         lora = randomize_fnlm(fnlm.lora.init(params, r=2, targets=targets))
         assert_merged_export_matches(params, lora, out, tokens_for(config.vocab_size))
+
+
+@GLM4_MOE
+def test_transformers_4_adapter_loads_as_trained_glm4_moe(model_type, monkeypatch, tmp_path):
+    """An adapter trained under transformers 4 (one Linear per expert: "mlp.experts.3.gate_proj")
+    loads with the logits it had when trained (each factor's scale·B·A added to its weight by
+    hand), which are also peft 0.21's (it converts glm4_moe's per-expert factors too)."""
+    from tests import test_moe_lora_legacy as legacy
+
+    config = transformers.Glm4MoeConfig(**dict(TINY, first_k_dense_replace=0))
+    names = {ours: theirs for theirs, ours in QWEN_EXPERTS.items()}  # "gate": "gate_proj", ...
+    family = legacy.Family(lambda: config, "mlp", names, 4, 64)
+    monkeypatch.setitem(legacy.FAMILIES, model_type, family)
+    tokens = tokens_for(config.vocab_size)
+    with glm_checkpoint(config) as (model, directory):
+        factors = legacy.write_legacy(tmp_path, config, model_type)
+        params = load_fp32(directory)
+        ours = legacy.fnlm_logits(params, tmp_path, tokens)
+        oracle = legacy.oracle_logits(model, factors, tokens)
+        ref = legacy.peft_logits(model, tmp_path, tokens)
+        with torch.no_grad():
+            plain = model(tokens).logits
+    assert max_rel_error(ours, oracle) <= FP32_REL_TOL
+    assert max_rel_error(ours, ref) <= FP32_REL_TOL
+    assert max_rel_error(ours, plain) > 100 * FP32_REL_TOL
 
 
 # in_features multiples of 64 (NF4 blocks never straddle two experts); a dense layer, a MoE one
