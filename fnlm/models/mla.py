@@ -20,8 +20,8 @@ says (transformers builds them with the default). The softmax scale is `config.a
 KV cache: each layer stores the decompressed keys and values per head, [batch, H, len, width]
 with width = max(dn+dr, dv) (the narrower one zero-padded), the cache every other family uses.
 That is simple and exact, not small: the compressed latent (kv_rank + dr values per token, what
-transformers caches) would be H·2·width / (kv_rank + dr) times smaller (DeepSeek-V3: 2·128·192 / 576, ~85x), at
-the cost of decompressing the whole prefix every step.
+transformers caches) would be H·2·width / (kv_rank + dr) times smaller (DeepSeek-V3:
+2·128·192 / 576, ~85x), at the cost of decompressing the whole prefix every step.
 """
 
 from __future__ import annotations
