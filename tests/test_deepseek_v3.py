@@ -256,8 +256,8 @@ TINY = dict(
 @DEEPSEEK_V3
 def test_nf4_logits_match_transformers_on_the_dequantized_weights_deepseek_v3(model_type, tmp_path):
     """NF4 params (the latent projections and the expert stacks too) give the logits
-    transformers gives on their dequantized weights (written by fnlm's merged export without a 16-bit source); the NF4
-    error is real."""
+    transformers gives on their dequantized weights (written by fnlm's merged export without a
+    16-bit source); the NF4 error is real."""
     config = transformers.DeepseekV3Config(**TINY)
     tokens = tokens_for(config.vocab_size, (2, 10))
     with saved_checkpoint(config) as (model, directory):

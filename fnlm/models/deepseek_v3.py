@@ -9,8 +9,9 @@ part. Sparse layers route as DeepseekV3TopkRouter: sigmoid scores plus the route
 bias choose experts in group-limited top-k, weighted by the uncorrected scores (renormalized with
 norm_topk_prob) times routed_scaling_factor; the n_shared_experts shared experts run as one
 ungated MLP beside them (fnlm.models.moe). The softmax scale is head_dim^-1/2, times
-mscale(factor, mscale_all_dim)^2 when the rope is scaled (transformers' yarn_apply_mscale). Multi-token-prediction layers past num_hidden_layers
-(DeepSeek-V3's "model.layers.61.*") are skipped on load, as transformers ignores them.
+mscale(factor, mscale_all_dim)^2 when the rope is scaled (transformers' yarn_apply_mscale).
+Multi-token-prediction layers past num_hidden_layers (DeepSeek-V3's "model.layers.61.*") are
+skipped on load, as transformers ignores them.
 """
 
 from __future__ import annotations
