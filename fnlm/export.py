@@ -483,7 +483,9 @@ def _save_merged(
     new shards beside old ones. With overwrite, what an existing target holds besides an earlier
     export's weights (a README, ...) is carried into the new directory."""
     names = weights.names
-    sizes = {n: int(np.prod(shape)) * dtype.itemsize for n, (_, shape) in names.items()}
+    # the routers of sigmoid-scored MoE (and their correction biases) stay fp32 (moe.param_dtype)
+    dtypes = {n: moe.param_dtype(weights.config, path, dtype) for n, (path, _) in names.items()}
+    sizes = {n: int(np.prod(shape)) * dtypes[n].itemsize for n, (_, shape) in names.items()}
     shards = plan_shards(sizes, shard_size)
     shard_files = _shard_names(len(shards))
 
@@ -499,7 +501,7 @@ def _save_merged(
     try:
         with files.atomic_directory(target) as work:
             for file, shard in zip(shard_files, shards, strict=True):
-                write(work, file, _shard_writer(weights, shard, dtype))
+                write(work, file, _shard_writer(weights, shard, dtypes))
             if len(shard_files) > 1:
                 index = {
                     "metadata": {"total_size": sum(sizes.values())},
@@ -519,10 +521,11 @@ def _save_merged(
     return target
 
 
-def _shard_writer(weights: MergedWeights, shard: list[str], dtype: torch.dtype):
-    """write(path) of one safetensors shard, header first, then tensor by tensor."""
-    layout = [(n, dtype, weights.names[n][1]) for n in shard]
-    producers = [lambda n=n: weights(n).to(dtype) for n in shard]
+def _shard_writer(weights: MergedWeights, shard: list[str], dtypes: dict[str, torch.dtype]):
+    """write(path) of one safetensors shard, header first, then tensor by tensor (`dtypes`: each
+    tensor's)."""
+    layout = [(n, dtypes[n], weights.names[n][1]) for n in shard]
+    producers = [lambda n=n: weights(n).to(dtypes[n]) for n in shard]
     return lambda path: save_streaming(Path(path), layout, producers)
 
 

@@ -417,16 +417,26 @@ def test_nf4_logits_match_transformers_on_the_dequantized_weights_glm4_moe(model
 
 
 @GLM4_MOE
-def test_router_stays_fp32_in_bf16_glm4_moe(model_type):
+def test_router_stays_fp32_in_bf16_glm4_moe(model_type, tmp_path):
     """Loaded in bf16, the router and its correction bias stay fp32 (transformers'
     _keep_in_fp32_modules_strict) and the decoder routes bf16 hidden states in fp32 as
-    transformers' bf16 model does: the same experts, the same weights (to bf16 rounding)."""
+    transformers' bf16 model does: the same experts, the same weights (to bf16 rounding). A bf16
+    merged export writes them in fp32, unrounded."""
     from fnlm.models import decoder
 
     config = transformers.Glm4MoeConfig(**TINY)
     with glm_checkpoint(config) as (_, directory):
         params, _ = fnlm.load(directory, quant=None, dtype=torch.bfloat16, device="cpu")
         bf16 = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16)
+        source = load_file(directory / "model.safetensors")
+    fnlm.save(tmp_path, params, format="merged")
+    written = load_file(tmp_path / "model.safetensors")
+    for name in (
+        "model.layers.1.mlp.gate.weight",
+        "model.layers.1.mlp.gate.e_score_correction_bias",
+    ):
+        assert torch.equal(written[name], source[name])  # fp32, as read
+    assert written["model.layers.1.mlp.shared_experts.up_proj.weight"].dtype == torch.bfloat16
     mlp = params["layers"][1]["mlp"]
     assert mlp["router"].dtype == mlp["router_correction"].dtype == torch.float32
     assert mlp["experts"]["gate_up"].dtype == torch.bfloat16
