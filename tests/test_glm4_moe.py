@@ -224,6 +224,10 @@ def test_config_translation_glm4_moe(model_type):
     assert (config.moe_scoring, config.moe_groups, config.experts_per_token) == ("sigmoid", 1, 8)
     del hf["partial_rotary_factor"]  # transformers' default
     assert glm4_moe.config_from_hf(hf).rotary_dim == 64
+    with pytest.raises(ConfigError, match="n_shared_experts 0"):
+        glm4_moe.config_from_hf({**hf, "n_shared_experts": 0})
+    with pytest.raises(ConfigError, match="topk_group"):  # 4 of 128 experts for 8 per token
+        glm4_moe.config_from_hf({**hf, "n_group": 64, "topk_group": 2})
 
 
 @GLM4_MOE
