@@ -257,21 +257,32 @@ TINY = dict(
 def test_nf4_logits_match_transformers_on_the_dequantized_weights_deepseek_v3(model_type, tmp_path):
     """NF4 params (the latent projections and the expert stacks too) give the logits
     transformers gives on their dequantized weights (written by fnlm's merged export without a
-    16-bit source); the NF4 error is real."""
+    16-bit source); the NF4 error is real. With the checkpoint at hand, NF4 params + LoRA
+    (latent projections, expert stacks) merge into its 16-bit weights: transformers then gives
+    the fp32 params' adapted logits."""
     config = transformers.DeepseekV3Config(**TINY)
     tokens = tokens_for(config.vocab_size, (2, 10))
     with saved_checkpoint(config) as (model, directory):
         params, _ = fnlm.load(directory, quant="nf4", dtype=torch.float32, device="cpu")
         with torch.no_grad():
             full = model(tokens).logits
+        targets = ["q_a", "kv_b", "experts.gate_up", "experts.down"]
+        lora = randomize_fnlm(fnlm.lora.init(params, r=2, targets=targets))
+        fnlm.save(tmp_path / "exact", params, lora=lora, format="merged")
+        with torch.no_grad():
+            exact = transformers.AutoModelForCausalLM.from_pretrained(
+                tmp_path / "exact", dtype=torch.float32
+            )
+            adapted = fnlm.forward(load_fp32(directory), tokens, lora=lora)
+            assert max_rel_error(exact(tokens).logits, adapted) <= FP32_REL_TOL
     attn = params["layers"][0]["attn"]
     assert all(fnlm.quant.is_quantized(attn[leaf]) for leaf in ("q_a", "q_b", "kv_a", "kv_b"))
     assert fnlm.quant.is_quantized(params["layers"][1]["mlp"]["experts"]["gate_up"])
     assert params["layers"][1]["mlp"]["router"].dtype == torch.float32  # as transformers keeps it
-    fnlm.save(tmp_path, params, format="merged")  # params.source is gone: dequantized weights
+    fnlm.save(tmp_path / "nf4", params, format="merged")  # no source: dequantized weights
     with torch.no_grad():
         dequantized = transformers.AutoModelForCausalLM.from_pretrained(
-            tmp_path, dtype=torch.float32
+            tmp_path / "nf4", dtype=torch.float32
         )
         ref = dequantized(tokens).logits
     ours = fnlm.forward(params, tokens)
