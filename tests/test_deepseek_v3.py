@@ -52,10 +52,12 @@ YARN = {
 
 
 @st.composite
-def deepseek_v3_configs(draw, moe: bool | None = None) -> transformers.DeepseekV3Config:
+def deepseek_v3_configs(
+    draw, moe: bool | None = None, q_lora: bool | None = None
+) -> transformers.DeepseekV3Config:
     """Tiny configs, all-dense or (moe, drawn when None) with mixture-of-experts layers after
     first_k_dense_replace dense ones: 4 or 8 experts in groups of 2 or 4, of which topk_group
-    compete for the top-k."""
+    compete for the top-k; q through q_a / q_b (q_lora, drawn when None) or one q_proj."""
     heads = draw(st.sampled_from([1, 2, 4]))
     layers = draw(st.integers(1, 3))
     theta = draw(st.sampled_from([10000.0, 1e6]))
@@ -73,7 +75,9 @@ def deepseek_v3_configs(draw, moe: bool | None = None) -> transformers.DeepseekV
         first_k_dense_replace=draw(st.integers(0, layers - 1)) if moe else layers,
         num_attention_heads=heads,
         num_key_value_heads=heads,
-        q_lora_rank=draw(st.sampled_from([None, 16, 24])),
+        q_lora_rank=draw(
+            st.sampled_from({None: [None, 16, 24], True: [16, 24], False: [None]}[q_lora])
+        ),
         kv_lora_rank=draw(st.sampled_from([8, 16])),
         qk_nope_head_dim=draw(st.sampled_from([4, 8, 16])),
         qk_rope_head_dim=draw(st.sampled_from([4, 8])),
@@ -213,10 +217,10 @@ def test_init_equals_peft_init_deepseek_v3(model_type, data):
 @settings(max_examples=2, deadline=None)
 @given(data=st.data())
 def test_lora_training_matches_peft_deepseek_v3(model_type, moe, data, tmp_path_factory):
-    """Six LoRA steps lose what peft's do: all-dense with "all-linear" (q or q_a / q_b, kv_a,
-    kv_b, o: peft's all-linear skips the dense MLPs), or with MoE layers on q, kv_b, the router
-    and both expert stacks."""
-    config = data.draw(deepseek_v3_configs(moe=moe))
+    """Six LoRA steps lose what peft's do: all-dense with "all-linear" (q_a, q_b, kv_a, kv_b, o:
+    peft's all-linear skips the dense MLPs), or with MoE layers on q, q_b, kv_b, the router and
+    both expert stacks."""
+    config = data.draw(deepseek_v3_configs(moe=moe, q_lora=not moe or None))
     targets = ["q", "q_b", "kv_b", *EXPERT_TARGETS] if moe else "all-linear"
     examples = random_data(n=12, vocab=config.vocab_size, longest=20)
     out = tmp_path_factory.mktemp("train")
