@@ -225,7 +225,7 @@ def test_kept_decode_states_are_reused_per_shape_and_model(monkeypatch):
     step = importlib.import_module("fnlm.generate.step")
     captures = []
     monkeypatch.setattr(step, "will_capture", lambda params: True)
-    monkeypatch.setattr(step, "capture", lambda fn: captures.append(fn) or fn)
+    monkeypatch.setattr(step, "capture", lambda fn, keep=(): captures.append(fn) or fn)
     monkeypatch.setattr(step, "COMPILE_BACKEND", lambda gm, inputs: gm.forward)
     step.release_graphs()
     with saved_checkpoint(tiny_llama(max_position_embeddings=1024)) as (_, directory):
@@ -271,11 +271,12 @@ def test_captured_prefills_are_bucketed_and_kept(monkeypatch):
         params = load_fp32(directory)
     prompts = [[3, 17, 42], list(range(1, 58)), list(range(7, 107)), [9, 8], list(range(2, 72))]
     eager = [generate_tokens(params, [p], max_new_tokens=6) for p in prompts]
+    first = eager[0][0]
     eager.append(generate_tokens(params, [prompts[0], prompts[2]], max_new_tokens=6))
     captures = []
     for module in (step, tokens_module):
         monkeypatch.setattr(module, "will_capture", lambda params: True)
-    monkeypatch.setattr(step, "capture", lambda fn, pool=None: captures.append(fn) or fn)
+    monkeypatch.setattr(step, "capture", lambda fn, pool=None, keep=(): captures.append(fn) or fn)
     step.release_graphs()
     assert [step.prompt_length(len(p)) for p in prompts] == [64, 64, 128, 64, 128]
     counts = []
@@ -287,6 +288,10 @@ def test_captured_prefills_are_bucketed_and_kept(monkeypatch):
     ) == eager.pop(0)
     # step + prefill at 64; prefill at 128; nothing new; then batch 2: step + prefill at 128
     assert counts == [2, 2, 3, 3, 3] and len(captures) == 5
+    # one-token calls (no decode step: the state holds only its prefill) keep it all the same
+    step.release_graphs()
+    one = [generate_tokens(params, [prompts[0]], max_new_tokens=1, compile=True) for _ in "ab"]
+    assert one[0] == one[1] == [[first[0]]] and len(captures) == 6
     assert len(graphs) == 4  # prefill and step, at batch 1 and batch 2
     assert [step.prompt_length(n) for n in (1, 64, 65, 1000, 1025, 2049, 8000)] == [
         64, 64, 128, 1024, 1152, 2304, 8192,

@@ -366,8 +366,10 @@ def decode_state(
 
 def keep(state: DecodeState) -> None:
     """Put a state from `decode_state` back into the graph cache (the oldest of more than
-    GRAPH_CACHE_SIZE are dropped), unless it is not cacheable or its model was replaced."""
-    if state.key is None or state.step is None:
+    GRAPH_CACHE_SIZE are dropped), unless it is not cacheable, holds no graph yet or its model
+    was replaced. A state whose call made one token holds its captured prefill only: kept too, so
+    the next such call replays it rather than capture again."""
+    if state.key is None or (state.step is None and not state.prefills):
         return
     with _graphs_lock:
         if _graphs_model[0] != state.model:
