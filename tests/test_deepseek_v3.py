@@ -110,6 +110,48 @@ def has_experts(config) -> bool:
     return config.first_k_dense_replace < config.num_hidden_layers
 
 
+# DeepSeek-V3's config.json (transformers 4's layout: rope_scaling with "type"), less its FP8
+# quantization_config
+DEEPSEEK_V3_CONFIG = {
+    "model_type": "deepseek_v3", "vocab_size": 129280, "hidden_size": 7168,
+    "intermediate_size": 18432, "moe_intermediate_size": 2048, "num_hidden_layers": 61,
+    "num_nextn_predict_layers": 1, "num_attention_heads": 128, "num_key_value_heads": 128,
+    "n_shared_experts": 1, "n_routed_experts": 256, "routed_scaling_factor": 2.5,
+    "kv_lora_rank": 512, "q_lora_rank": 1536, "qk_rope_head_dim": 64, "v_head_dim": 128,
+    "qk_nope_head_dim": 128, "topk_method": "noaux_tc", "n_group": 8, "topk_group": 4,
+    "num_experts_per_tok": 8, "moe_layer_freq": 1, "first_k_dense_replace": 3,
+    "norm_topk_prob": True, "scoring_func": "sigmoid", "hidden_act": "silu",
+    "max_position_embeddings": 163840, "rms_norm_eps": 1e-06, "tie_word_embeddings": False,
+    "rope_theta": 10000, "attention_bias": False, "bos_token_id": 0, "eos_token_id": 1,
+    "rope_scaling": {
+        "beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+        "original_max_position_embeddings": 4096, "type": "yarn",
+    },
+}  # fmt: skip
+
+
+@DEEPSEEK_V3
+def test_config_translation_deepseek_v3(model_type):
+    """DeepSeek-V3's own config.json: MLA sizes, the sparse layers and router, and the softmax
+    scale, inverse frequencies and attention factor of its yarn rope equal transformers'."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import yarn_apply_mscale
+
+    from fnlm.models.rope import inverse_frequencies
+
+    config = fnlm.models.config_from_hf(DEEPSEEK_V3_CONFIG)
+    assert (config.head_dim, config.rotary_dim, config.num_kv_heads) == (192, 64, 128)
+    assert config.latent_attention == (1536, 512, 128, 64, 128) and config.rope_interleaved
+    assert config.moe_layers == tuple(range(3, 61)) and config.moe_scoring == "sigmoid"
+    assert (config.moe_groups, config.moe_topk_groups, config.experts_per_token) == (8, 4, 8)
+    assert (config.moe_routed_scale, config.shared_expert_size) == (2.5, 2048)
+    hf = transformers.DeepseekV3Config(**DEEPSEEK_V3_CONFIG)
+    assert config.attention_scale == yarn_apply_mscale(hf.rope_parameters, 192**-0.5)
+    inv_freq, factor = ROPE_INIT_FUNCTIONS["yarn"](hf, torch.device("cpu"))
+    ours, our_factor = inverse_frequencies(config, torch.device("cpu"))
+    assert torch.equal(ours, inv_freq) and our_factor == factor
+
+
 # ----------------------------------------------------------------------------------------------
 # Forward and generation
 # ----------------------------------------------------------------------------------------------
