@@ -6,6 +6,7 @@ stacks against peft, training, merged export, NF4."""
 
 from __future__ import annotations
 
+import math
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -382,6 +383,20 @@ def test_transformers_4_adapter_loads_as_trained_glm4_moe(model_type, monkeypatc
     assert max_rel_error(ours, oracle) <= FP32_REL_TOL
     assert max_rel_error(ours, ref) <= FP32_REL_TOL
     assert max_rel_error(ours, plain) > 100 * FP32_REL_TOL
+
+
+@GLM4_MOE
+def test_full_finetune_sharded_with_fp32_routers_glm4_moe(model_type, tmp_path):
+    """FSDP2 trains one dtype per layer group: a bf16 full fine-tune without fp32 masters
+    (distributed="fsdp", a group of this one process) stores the fp32 routers in bf16 too, and
+    runs, rather than stop in FSDP's dtype assertion."""
+    from tests.test_train import run_config
+
+    with glm_checkpoint(transformers.Glm4MoeConfig(**TINY)) as (_, directory):
+        params, _ = fnlm.load(directory, quant=None, dtype=torch.bfloat16, device="cpu")
+    config = run_config(tmp_path, mode="full", max_steps=2, distributed="fsdp")
+    result = fnlm.train.train(config, params=params, data=random_data(n=8, vocab=96))
+    assert result.status == "completed" and all(map(math.isfinite, result.losses))
 
 
 # in_features multiples of 64 (NF4 blocks never straddle two experts); a dense layer, a MoE one

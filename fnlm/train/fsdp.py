@@ -228,8 +228,11 @@ class ShardedTrainable:
         dtype = floating[0].dtype if floating else torch.float32
         self.full = lora is None
         fp32_master = fp32_master and self.full  # a frozen base keeps its dtype
+        # FSDP2 trains one dtype per group: a full fine-tune without fp32 masters stores every
+        # weight in the compute dtype, fp32 routers of sigmoid-scored MoE included
+        master = torch.float32 if fp32_master else dtype if self.full else None
         self.module = ShardedModel(
-            params, master_dtype=torch.float32 if fp32_master else None, compute_dtype=dtype,
+            params, master_dtype=master, compute_dtype=dtype,
             offload=offload, device=device, frozen=not self.full,
         )  # fmt: skip
         self.lora = None
