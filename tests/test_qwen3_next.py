@@ -9,6 +9,7 @@ DeltaNet's dt_bias, which fnlm refuses."""
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import peft
@@ -19,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fnlm
-from fnlm.generate import generate_tokens
+from fnlm.generate import generate_tokens, step
 from tests.family_checks import (
     assert_adapter_matches_peft,
     assert_logits_match,
@@ -140,6 +141,23 @@ def test_greedy_matches_transformers_qwen3_next(model_type, data):
         ours = generate_tokens(params, prompts, max_new_tokens=new, eos_token_ids=[])
         ref = reference_generate(model, prompts, new, None)
     assert ours == ref
+
+
+@FAMILY
+def test_compiled_greedy_equals_eager_qwen3_next(model_type, monkeypatch):
+    """The compiled prefill and decode layers (dynamo traces the fused projections' regrouping
+    and the DeltaNet state updates; CPU test with a backend that runs the traced graph) give
+    eager's tokens, which are transformers'."""
+    monkeypatch.setattr(step, "COMPILE_BACKEND", lambda gm, inputs: gm.forward)
+    prompts = [[1, 2, 3, 4, 5], [7, 8]]
+    with saved_checkpoint(transformers.Qwen3NextConfig(**TINY)) as (model, directory):
+        params = load_fp32(directory)
+        eager = generate_tokens(params, prompts, max_new_tokens=5, eos_token_ids=[])
+        compiled = generate_tokens(
+            params, prompts, max_new_tokens=5, eos_token_ids=[], compile=True
+        )
+        ref = reference_generate(model, prompts, 5, None)
+    assert eager == compiled == ref
 
 
 @FAMILY
@@ -278,3 +296,34 @@ def test_nf4_logits_match_transformers_on_the_dequantized_weights_qwen3_next(mod
     ours = fnlm.forward(params, tokens)
     assert max_rel_error(ref, full) > 100 * FP32_REL_TOL
     assert max_rel_error(ours, ref) <= FP32_REL_TOL
+
+
+# Qwen/Qwen3-Next-80B-A3B-Instruct's config.json (the fields transformers reads)
+QWEN3_NEXT_80B = {
+    "model_type": "qwen3_next", "vocab_size": 151936, "hidden_size": 2048,
+    "intermediate_size": 5120, "num_hidden_layers": 48, "num_attention_heads": 16,
+    "num_key_value_heads": 2, "head_dim": 256, "attention_bias": False, "hidden_act": "silu",
+    "full_attention_interval": 4, "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128,
+    "linear_num_key_heads": 16, "linear_num_value_heads": 32, "linear_value_head_dim": 128,
+    "decoder_sparse_step": 1, "mlp_only_layers": [], "num_experts": 512,
+    "num_experts_per_tok": 10, "moe_intermediate_size": 512, "norm_topk_prob": True,
+    "shared_expert_intermediate_size": 512, "partial_rotary_factor": 0.25, "rope_scaling": None,
+    "rope_theta": 10000000, "rms_norm_eps": 1e-06, "max_position_embeddings": 262144,
+    "tie_word_embeddings": False,
+}  # fmt: skip
+
+
+@FAMILY
+def test_real_config_translates_qwen3_next(model_type):
+    """Qwen3-Next-80B-A3B's config: three DeltaNet layers per full-attention one, a quarter of
+    head_dim rotated, 512 experts (10 per token, renormalized) plus a shared expert on every
+    layer, and 79.67 B parameters in the tensors fnlm reads (the checkpoint's, less mtp.*)."""
+    config = fnlm.models.config_from_hf(QWEN3_NEXT_80B)
+    assert config.model_type == model_type
+    assert config.layer_types[:4] == ("linear_attention",) * 3 + ("full_attention",)
+    assert config.rotary_dim == 64 and config.rope_theta == 1e7
+    assert config.linear_attention == (16, 32, 128, 128, 4)
+    assert config.moe_layers == tuple(range(48)) and config.shared_expert_size == 512
+    assert (config.num_experts, config.experts_per_token, config.moe_renormalize) == (512, 10, True)
+    shapes = fnlm.models.family(model_type).weight_names(config).values()
+    assert round(sum(math.prod(shape) for _, shape in shapes) / 1e9, 2) == 79.67
