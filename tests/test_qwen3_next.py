@@ -10,7 +10,9 @@ DeltaNet's dt_bias, which fnlm refuses."""
 from __future__ import annotations
 
 import math
+import tempfile
 import warnings
+from pathlib import Path
 
 import peft
 import pytest
@@ -327,3 +329,24 @@ def test_real_config_translates_qwen3_next(model_type):
     assert (config.num_experts, config.experts_per_token, config.moe_renormalize) == (512, 10, True)
     shapes = fnlm.models.family(model_type).weight_names(config).values()
     assert round(sum(math.prod(shape) for _, shape in shapes) / 1e9, 2) == 79.67
+
+
+@FAMILY
+def test_transformers4_adapter_loads_as_in_peft_qwen3_next(model_type, monkeypatch):
+    """An adapter trained under transformers 4 (one Linear per expert, "mlp.experts.3.gate_proj",
+    and the router "mlp.gate") loads stacked, with the logits peft gives and those the adapter
+    computed there (W + scale·B·A per expert), and fnlm re-saves it in peft's stacked format."""
+    from tests import test_moe_lora_legacy as legacy
+
+    config = transformers.Qwen3NextConfig(**{**TINY, "mlp_only_layers": []})  # MoE everywhere
+    experts = legacy.Family(lambda: config, "mlp", dict(legacy.FAMILIES["qwen3_moe"].names), 4, 64)
+    monkeypatch.setitem(legacy.FAMILIES, model_type, experts)
+    with saved_checkpoint(config) as (model, base), tempfile.TemporaryDirectory() as out:
+        factors = legacy.write_legacy(Path(out), config, model_type, attention=(), router=True)
+        params = load_fp32(base)
+        tokens = tokens_for(config.vocab_size)
+        ours = legacy.fnlm_logits(params, out, tokens)
+        oracle = legacy.oracle_logits(model, factors, tokens)
+        assert max_rel_error(ours, legacy.peft_logits(model, out, tokens)) <= FP32_REL_TOL
+        assert max_rel_error(ours, oracle) <= FP32_REL_TOL
+        legacy.check_resaved(params, model, Path(out), Path(out) / "again", tokens, oracle)
