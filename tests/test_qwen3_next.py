@@ -1,11 +1,12 @@
 """Qwen3-Next against transformers (+ peft): the shared per-family checks (tests/family_checks.py)
-on hypothesis-drawn tiny configs — logits with left padding, greedy generation, packed rows, a
-saved adapter in peft, LoRA training, merged export — plus NF4 and peft's all-linear targets.
+on hypothesis-drawn tiny configs — logits with left padding, greedy generation (compiled too),
+packed rows, a saved adapter in peft, LoRA training, merged export — plus NF4, peft's all-linear
+targets, a transformers-4 adapter and the real 80B-A3B config.
 
-Drawn configs put several value heads on a key head (the fused in_proj_qkvz / in_proj_ba group
-them per key head), dense and MoE layers (decoder_sparse_step, mlp_only_layers) and both layer
-kinds. Not in tests/models.py's HF_CONFIGS (as Qwen3.5): peft's bias="all" also trains the
-DeltaNet's dt_bias, which fnlm refuses."""
+Drawn configs (tests/test_qwen3_5.py's text fields plus experts) put several value heads on a key
+head (the fused in_proj_qkvz / in_proj_ba group them per key head), dense and MoE layers
+(decoder_sparse_step, mlp_only_layers) and both layer kinds. Not in tests/models.py's HF_CONFIGS
+(as Qwen3.5): peft's bias="all" also trains the DeltaNet's dt_bias, which fnlm refuses."""
 
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from tests.family_checks import (
 from tests.models import FP32_REL_TOL, max_rel_error, saved_checkpoint
 from tests.test_generate import prompt_batches, reference_generate
 from tests.test_lora import randomize_fnlm, read_adapter
+from tests.test_qwen3_5 import text_fields
 from tests.test_train import random_data
 
 pytestmark = [
@@ -51,26 +53,11 @@ LINEAR_TARGETS = ["in_qkvz", "in_ba", "out"]
 
 @st.composite
 def hf_configs(draw) -> transformers.Qwen3NextConfig:
-    heads = draw(st.sampled_from([1, 2, 4]))
-    layers = draw(st.integers(2, 4))
-    key_heads = draw(st.sampled_from([1, 2]))
-    experts = draw(st.integers(2, 4))
-    fields = dict(
-        vocab_size=draw(st.integers(64, 128)),
-        hidden_size=draw(st.sampled_from([32, 64])),
-        intermediate_size=draw(st.sampled_from([40, 64])),
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=draw(st.sampled_from([h for h in (1, 2) if heads % h == 0])),
-        head_dim=draw(st.sampled_from([8, 16])),
-        linear_num_key_heads=key_heads,
-        linear_num_value_heads=key_heads * draw(st.sampled_from([1, 2])),
-        linear_key_head_dim=draw(st.sampled_from([8, 16])),
-        linear_value_head_dim=draw(st.sampled_from([8, 16])),
-        linear_conv_kernel_dim=draw(st.sampled_from([2, 4])),
-        rms_norm_eps=draw(st.sampled_from([1e-6, 1e-5])),
-        tie_word_embeddings=draw(st.booleans()),
-        attention_bias=draw(st.booleans()),
+    """Qwen3.5's drawn text fields (both layer kinds, several value heads per key head) with
+    experts on the layers decoder_sparse_step picks, less mlp_only_layers."""
+    fields = draw(text_fields())
+    layers, experts = fields["num_hidden_layers"], draw(st.integers(2, 4))
+    fields.update(
         num_experts=experts,
         num_experts_per_tok=draw(st.integers(1, min(2, experts))),
         norm_topk_prob=draw(st.booleans()),
@@ -78,22 +65,7 @@ def hf_configs(draw) -> transformers.Qwen3NextConfig:
         shared_expert_intermediate_size=draw(st.sampled_from([16, 24])),
         decoder_sparse_step=draw(st.integers(1, 2)),
         mlp_only_layers=draw(st.lists(st.integers(0, layers - 1), max_size=1)),
-        max_position_embeddings=256,
-        initializer_range=0.2,  # large enough that logits are far from zero
-        rope_parameters={
-            "rope_type": "default",
-            "rope_theta": draw(st.sampled_from([10000.0, 1e6])),
-            "partial_rotary_factor": draw(st.sampled_from([0.25, 0.5])),
-        },
     )
-    # both kinds: transformers' cache needs a full-attention layer (get_seq_length), the tests a
-    # linear one
-    if draw(st.booleans()):  # explicit layer kinds, else every full_attention_interval-th is full
-        kinds = st.sampled_from(["linear_attention", "full_attention"])
-        types = draw(st.lists(kinds, min_size=layers - 2, max_size=layers - 2))
-        fields["layer_types"] = ["linear_attention", *types, "full_attention"]
-    else:
-        fields["full_attention_interval"] = draw(st.integers(2, layers))
     return transformers.Qwen3NextConfig(**fields)
 
 
