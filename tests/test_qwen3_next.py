@@ -186,8 +186,8 @@ def test_saved_adapter_loads_in_peft_with_same_logits_qwen3_next(
 def test_lora_targets_qwen3_next(model_type, tmp_path):
     """The fused projections are targets under peft's names; all-linear adapts the modules and
     parameters peft's all-linear does (the experts and router as target_parameters, the shared
-    expert's gate, not the shared expert or the dense MLP, which peft's rewrite drops); bias="all"
-    is refused."""
+    expert's gate, not the shared expert or the dense MLP, which peft's rewrite drops), and peft's
+    all-linear adapter loads in fnlm with peft's logits; bias="all" is refused."""
     with saved_checkpoint(transformers.Qwen3NextConfig(**TINY)) as (model, directory):
         params = load_fp32(directory)
         names = fnlm.lora.target_names(params.config)
@@ -206,11 +206,23 @@ def test_lora_targets_qwen3_next(model_type, tmp_path):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             config = peft.LoraConfig(r=2, target_modules="all-linear")
-            peft.get_peft_model(model, config).save_pretrained(tmp_path / "peft")
-    ours, theirs = read_adapter(tmp_path / "ours")[1], read_adapter(tmp_path / "peft")[1]
-    assert ours.keys() == theirs.keys()
-    assert any("shared_expert_gate" in k for k in ours)
-    assert not any("shared_expert." in k or "layers.1.mlp" in k for k in ours)
+            reference = peft.get_peft_model(model, config).eval()
+            with torch.no_grad():  # peft's adapter, trained: B nonzero
+                for name, t in reference.named_parameters():
+                    if "lora_" in name:
+                        t.copy_(0.3 * torch.randn(t.shape, generator=torch.Generator()))
+            reference.save_pretrained(tmp_path / "peft")
+        ours, theirs = read_adapter(tmp_path / "ours")[1], read_adapter(tmp_path / "peft")[1]
+        assert ours.keys() == theirs.keys()
+        assert any("shared_expert_gate" in k for k in ours)
+        assert not any("shared_expert." in k or "layers.1.mlp" in k for k in ours)
+        # and peft's adapter loads in fnlm with peft's logits
+        tokens = tokens_for(params.config.vocab_size)
+        with torch.no_grad():
+            ref = reference(tokens).logits
+        lora = fnlm.lora.load(tmp_path / "peft", params)
+        assert max_rel_error(fnlm.forward(params, tokens, lora=lora), ref) <= FP32_REL_TOL
+        assert max_rel_error(fnlm.forward(params, tokens), ref) > 100 * FP32_REL_TOL
 
 
 @FAMILY
