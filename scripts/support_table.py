@@ -28,7 +28,7 @@ from fnlm import models  # noqa: E402
 # files holding a family's own copies of the shared per-family tests (gpt-oss, issue 18's families)
 FAMILY_FILES = (
     "test_new_families", "test_gpt_oss", "test_gemma4", "test_qwen3_5", "test_deepseek_v3",
-    "test_qwen3_next",
+    "test_qwen3_next", "test_glm4_moe",
 )  # fmt: skip
 
 # column -> does a test (file stem, test function name) count for it
