@@ -188,6 +188,22 @@ GLM4_MOE = dict(
 NEW_FLAG_CASES += [
     ("glm4_moe-partial_rope_qk_norm_grouped_moe", lambda: transformers.Glm4MoeConfig(**GLM4_MOE)),
 ]
+# Qwen3-Next (tests/test_qwen3_next.py draws more): fused DeltaNet projections around gated full
+# attention, a dense layer among sparse ones, a sigmoid-gated shared expert
+QWEN3_NEXT = dict(
+    vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+    num_attention_heads=2, num_key_value_heads=1, head_dim=16, linear_num_key_heads=2,
+    linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=16,
+    linear_conv_kernel_dim=4, full_attention_interval=2, num_experts=4, num_experts_per_tok=2,
+    moe_intermediate_size=16, shared_expert_intermediate_size=24, mlp_only_layers=[2],
+    initializer_range=0.2, max_position_embeddings=256,
+)  # fmt: skip
+NEW_FLAG_CASES += [
+    (
+        "qwen3_next-fused_deltanet_dense_and_sparse",
+        lambda: transformers.Qwen3NextConfig(**QWEN3_NEXT),
+    ),
+]
 CASES = dict(NEW_FLAG_CASES)
 
 
