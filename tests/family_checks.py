@@ -1,7 +1,12 @@
 """The checks every newer family's tests run against transformers (+ peft), shared by
-tests/test_gpt_oss.py, tests/test_gemma4.py and tests/test_qwen3_5.py: logits with and without
-left padding, a saved adapter in peft, the merged export in transformers, and LoRA training step
-by step."""
+tests/test_gpt_oss.py, test_gemma4.py, test_qwen3_5.py, test_qwen3_next.py, test_glm4_moe.py and
+test_deepseek_v3.py: logits with and without left padding, greedy generation (compiled too),
+packed rows, a saved adapter in peft, the merged export in transformers, LoRA training step by
+step, and NF4 against transformers on the dequantized weights.
+
+The check_* helpers take a family's checkpoint context, `checkpoint` (entered once, it yields
+(model, directory): a transformers model and the directory it is saved in), and where they draw,
+hypothesis' `data` after the test has drawn the config."""
 
 from __future__ import annotations
 
@@ -13,7 +18,9 @@ import transformers
 from hypothesis import strategies as st
 
 import fnlm
+from fnlm.generate import generate_tokens, step
 from tests.models import FP32_REL_TOL, max_rel_error
+from tests.test_generate import prompt_batches, reference_generate
 from tests.test_lora import read_adapter
 from tests.test_train import reference_run, rel_close, run_config
 
@@ -93,3 +100,84 @@ def assert_merged_export_matches(params, lora, out, tokens) -> None:
         ref = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)(tokens)
     assert max_rel_error(ref.logits, ours) <= FP32_REL_TOL
     assert max_rel_error(fnlm.forward(load_fp32(out), tokens), ours) <= FP32_REL_TOL
+
+
+def check_logits_match(data, config, checkpoint, lengths=None):
+    """Draws a sequence length from `lengths` (a strategy; 3 to 12 when None) and a left padding
+    (left_padding) of rows that long: assert_logits_match on the fp32 params of `checkpoint` (of
+    `config`). Returns the params."""
+    seq = data.draw(st.integers(3, 12) if lengths is None else lengths)
+    mask = left_padding(data, seq)
+    with checkpoint as (model, directory):
+        params = load_fp32(directory)
+        assert_logits_match(model, params, tokens_for(config.vocab_size, mask.shape, seq), mask)
+    return params
+
+
+def check_greedy_matches(data, config, checkpoint, most_new: int, repeat: int = 1) -> None:
+    """Draws a left-padded batch of prompts and 1 to `most_new` new tokens: greedy generation
+    with fnlm's KV cache on the fp32 params of `checkpoint` equals transformers' generate, each of
+    `repeat` times in a row."""
+    prompts = data.draw(prompt_batches(config.vocab_size))
+    new = data.draw(st.integers(1, most_new))
+    with checkpoint as (model, directory):
+        params = load_fp32(directory)
+        ours = [
+            generate_tokens(params, prompts, max_new_tokens=new, eos_token_ids=[])
+            for _ in range(repeat)
+        ]
+        ref = reference_generate(model, prompts, new, None)
+    for tokens in ours:
+        assert tokens == ref
+
+
+def check_compiled_generation_equals_eager(monkeypatch, checkpoint) -> None:
+    """The compiled prefill and decode layers (generate's compile=True; on the CPU with a backend
+    that runs dynamo's traced graph) give eager's greedy tokens, which are transformers'."""
+    monkeypatch.setattr(step, "COMPILE_BACKEND", lambda gm, inputs: gm.forward)
+    prompts = [[1, 2, 3, 4, 5], [7, 8]]
+    with checkpoint as (model, directory):
+        params = load_fp32(directory)
+        eager = generate_tokens(params, prompts, max_new_tokens=5, eos_token_ids=[])
+        compiled = generate_tokens(
+            params, prompts, max_new_tokens=5, eos_token_ids=[], compile=True
+        )
+        ref = reference_generate(model, prompts, 5, None)
+    assert eager == compiled == ref
+
+
+def check_packed_rows_equal_documents(
+    data, config, checkpoint, padding: int = 0, first_segment: int = 0
+) -> None:
+    """Draws 2-3 documents of 1-9 tokens and packs them in one row (segments numbered from
+    `first_segment`, positions restarting per document), then `padding` tokens of segment 0: each
+    document's logits are those of the document alone (FP32_REL_TOL)."""
+    lengths = data.draw(st.lists(st.integers(1, 9), min_size=2, max_size=3))
+    with checkpoint as (_, directory):
+        params = load_fp32(directory)
+    docs = [tokens_for(config.vocab_size, (1, n), seed=i) for i, n in enumerate(lengths)]
+    tokens = torch.cat([*docs, torch.zeros(1, padding, dtype=torch.long)], dim=1)
+    segments = torch.cat(
+        [torch.full((1, n), first_segment + i) for i, n in enumerate(lengths)]
+        + [torch.zeros(1, padding)],
+        dim=1,
+    ).long()
+    positions = torch.cat([torch.arange(n) for n in lengths] + [torch.zeros(padding)]).long()[None]
+    packed = fnlm.forward(params, tokens, positions=positions, segments=segments)
+    alone = torch.cat([fnlm.forward(params, d) for d in docs], dim=1)
+    assert max_rel_error(packed[:, : sum(lengths)], alone) <= FP32_REL_TOL
+
+
+def assert_nf4_matches_dequantized(model, params, tokens: torch.Tensor, out) -> None:
+    """NF4 `params` give on `tokens` the logits transformers gives on their dequantized weights,
+    written to `out` by fnlm's merged export, and the NF4 error is real: those logits are over 100
+    FP32_REL_TOL from `model`'s. Call it once the checkpoint's directory is gone: the export would
+    read the 16-bit weights of params.source instead."""
+    with torch.no_grad():
+        full = model(tokens).logits
+    fnlm.save(out, params, format="merged")
+    with torch.no_grad():
+        dequantized = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+        ref = dequantized(tokens).logits
+    assert max_rel_error(ref, full) > 100 * FP32_REL_TOL
+    assert max_rel_error(fnlm.forward(params, tokens), ref) <= FP32_REL_TOL

@@ -23,18 +23,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fnlm
-from fnlm.generate import generate_tokens, step
 from tests.family_checks import (
     assert_adapter_matches_peft,
-    assert_logits_match,
     assert_merged_export_matches,
+    assert_nf4_matches_dequantized,
     assert_training_matches_peft,
-    left_padding,
+    check_compiled_generation_equals_eager,
+    check_greedy_matches,
+    check_logits_match,
+    check_packed_rows_equal_documents,
     load_fp32,
     tokens_for,
 )
 from tests.models import FP32_REL_TOL, max_rel_error, saved_checkpoint
-from tests.test_generate import prompt_batches, reference_generate
 from tests.test_lora import randomize_fnlm, read_adapter
 from tests.test_qwen3_5 import text_fields
 from tests.test_train import random_data
@@ -93,12 +94,9 @@ def test_logits_match_transformers_qwen3_next(model_type, data):
     """Logits, and logits of a left-padded batch, equal transformers' (fp32); sequences longer
     than one 64-token chunk of the delta rule are drawn too."""
     config = data.draw(hf_configs())
-    seq = data.draw(st.sampled_from([3, 12, 70]))
-    mask = left_padding(data, seq)
-    with saved_checkpoint(config) as (model, directory):
-        params = load_fp32(directory)
-        assert params.config.model_type == model_type
-        assert_logits_match(model, params, tokens_for(config.vocab_size, mask.shape, seq), mask)
+    lengths = st.sampled_from([3, 12, 70])
+    params = check_logits_match(data, config, saved_checkpoint(config), lengths)
+    assert params.config.model_type == model_type
 
 
 @FAMILY
@@ -108,13 +106,7 @@ def test_greedy_matches_transformers_qwen3_next(model_type, data):
     """Prefill (chunked delta rule) then one-token steps (the recurrence, conv and recurrent
     states in the cache), left-padded batches, equal transformers' greedy generate."""
     config = data.draw(hf_configs())
-    prompts = data.draw(prompt_batches(config.vocab_size))
-    new = data.draw(st.integers(1, 8))
-    with saved_checkpoint(config) as (model, directory):
-        params = load_fp32(directory)
-        ours = generate_tokens(params, prompts, max_new_tokens=new, eos_token_ids=[])
-        ref = reference_generate(model, prompts, new, None)
-    assert ours == ref
+    check_greedy_matches(data, config, saved_checkpoint(config), most_new=8)
 
 
 @FAMILY
@@ -122,16 +114,8 @@ def test_compiled_greedy_equals_eager_qwen3_next(model_type, monkeypatch):
     """The compiled prefill and decode layers (dynamo traces the fused projections' regrouping
     and the DeltaNet state updates; CPU test with a backend that runs the traced graph) give
     eager's tokens, which are transformers'."""
-    monkeypatch.setattr(step, "COMPILE_BACKEND", lambda gm, inputs: gm.forward)
-    prompts = [[1, 2, 3, 4, 5], [7, 8]]
-    with saved_checkpoint(transformers.Qwen3NextConfig(**TINY)) as (model, directory):
-        params = load_fp32(directory)
-        eager = generate_tokens(params, prompts, max_new_tokens=5, eos_token_ids=[])
-        compiled = generate_tokens(
-            params, prompts, max_new_tokens=5, eos_token_ids=[], compile=True
-        )
-        ref = reference_generate(model, prompts, 5, None)
-    assert eager == compiled == ref
+    checkpoint = saved_checkpoint(transformers.Qwen3NextConfig(**TINY))
+    check_compiled_generation_equals_eager(monkeypatch, checkpoint)
 
 
 @FAMILY
@@ -140,18 +124,8 @@ def test_compiled_greedy_equals_eager_qwen3_next(model_type, monkeypatch):
 def test_packed_rows_equal_separate_documents_qwen3_next(model_type, data):
     """Packed rows (segments): each document's logits are those of the document alone."""
     config = data.draw(hf_configs())
-    lengths = data.draw(st.lists(st.integers(1, 9), min_size=2, max_size=3))
-    with saved_checkpoint(config) as (_, directory):
-        params = load_fp32(directory)
-    docs = [tokens_for(config.vocab_size, (1, n), seed=i) for i, n in enumerate(lengths)]
-    tokens = torch.cat([*docs, torch.zeros(1, 2, dtype=torch.long)], dim=1)  # 2 padding
-    segments = torch.cat(
-        [torch.full((1, n), i + 1) for i, n in enumerate(lengths)] + [torch.zeros(1, 2)], dim=1
-    ).long()
-    positions = torch.cat([torch.arange(n) for n in lengths] + [torch.zeros(2)]).long()[None]
-    packed = fnlm.forward(params, tokens, positions=positions, segments=segments)
-    alone = torch.cat([fnlm.forward(params, d) for d in docs], dim=1)
-    assert max_rel_error(packed[:, : sum(lengths)], alone) <= FP32_REL_TOL
+    checkpoint = saved_checkpoint(config)
+    check_packed_rows_equal_documents(data, config, checkpoint, padding=2, first_segment=1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,20 +242,10 @@ def test_nf4_logits_match_transformers_on_the_dequantized_weights_qwen3_next(mod
     tokens = tokens_for(config.vocab_size, (2, 10))
     with saved_checkpoint(config) as (model, directory):
         params, _ = fnlm.load(directory, quant="nf4", dtype=torch.float32, device="cpu")
-        with torch.no_grad():
-            full = model(tokens).logits
     linear = params["layers"][0]["attn"]
     assert all(fnlm.quant.is_quantized(linear[n]) for n in LINEAR_TARGETS)
     assert not fnlm.quant.is_quantized(linear["conv"])
-    fnlm.save(tmp_path, params, format="merged")  # params.source is gone: dequantized weights
-    with torch.no_grad():
-        dequantized = transformers.AutoModelForCausalLM.from_pretrained(
-            tmp_path, dtype=torch.float32
-        )
-        ref = dequantized(tokens).logits
-    ours = fnlm.forward(params, tokens)
-    assert max_rel_error(ref, full) > 100 * FP32_REL_TOL
-    assert max_rel_error(ours, ref) <= FP32_REL_TOL
+    assert_nf4_matches_dequantized(model, params, tokens, tmp_path)
 
 
 # Qwen/Qwen3-Next-80B-A3B-Instruct's config.json (the fields transformers reads)
