@@ -18,18 +18,21 @@ from hypothesis import strategies as st
 
 import fnlm
 from fnlm.errors import LoraError
-from fnlm.generate import generate_tokens, step
+from fnlm.generate import generate_tokens
 from tests.family_checks import (
     assert_adapter_matches_peft,
-    assert_logits_match,
     assert_merged_export_matches,
+    assert_nf4_matches_dequantized,
     assert_training_matches_peft,
-    left_padding,
+    check_compiled_generation_equals_eager,
+    check_greedy_matches,
+    check_logits_match,
+    check_packed_rows_equal_documents,
     load_fp32,
     tokens_for,
 )
 from tests.models import FP32_REL_TOL, max_rel_error, saved_checkpoint
-from tests.test_generate import prompt_batches, reference_generate
+from tests.test_generate import reference_generate
 from tests.test_lora import randomize_fnlm
 from tests.test_train import random_data
 
@@ -134,11 +137,7 @@ def test_logits_match_transformers_qwen3_5(model_type, data):
     """Logits, and logits of a left-padded batch, equal transformers' (fp32); sequences longer
     than one 64-token chunk of the delta rule are drawn too."""
     config = _config(data, model_type)
-    seq = data.draw(st.sampled_from([3, 12, 70]))
-    mask = left_padding(data, seq)
-    with saved_checkpoint(config) as (model, directory):
-        params = load_fp32(directory)
-        assert_logits_match(model, params, tokens_for(config.vocab_size, mask.shape, seq), mask)
+    check_logits_match(data, config, saved_checkpoint(config), st.sampled_from([3, 12, 70]))
 
 
 @FAMILIES
@@ -148,14 +147,7 @@ def test_greedy_matches_transformers_qwen3_5(model_type, data):
     """Prefill (chunked delta rule) then one-token steps (the recurrence, conv and recurrent
     states in the cache), left-padded batches, equal transformers' greedy generate."""
     config = _config(data, model_type)
-    prompts = data.draw(prompt_batches(config.vocab_size))
-    new = data.draw(st.integers(1, 8))
-    with saved_checkpoint(config) as (model, directory):
-        params = load_fp32(directory)
-        ours = generate_tokens(params, prompts, max_new_tokens=new, eos_token_ids=[])
-        again = generate_tokens(params, prompts, max_new_tokens=new, eos_token_ids=[])
-        ref = reference_generate(model, prompts, new, None)
-    assert ours == ref and again == ref
+    check_greedy_matches(data, config, saved_checkpoint(config), most_new=8, repeat=2)
 
 
 @FAMILIES
@@ -163,20 +155,7 @@ def test_compiled_generation_equals_eager_qwen3_5(model_type, monkeypatch):
     """The compiled prefill and decode layers (dynamo traces the DeltaNet layers and their
     in-place state updates; CPU test with a backend that runs the traced graph) give eager's
     tokens."""
-    monkeypatch.setattr(step, "COMPILE_BACKEND", lambda gm, inputs: gm.forward)
-    config = {
-        "qwen3_5_text": transformers.Qwen3_5TextConfig(**TINY),
-        "qwen3_5_moe_text": transformers.Qwen3_5MoeTextConfig(**TINY_MOE),
-    }[model_type]
-    prompts = [[1, 2, 3, 4, 5], [7, 8]]
-    with saved_checkpoint(config) as (model, directory):
-        params = load_fp32(directory)
-        eager = generate_tokens(params, prompts, max_new_tokens=5, eos_token_ids=[])
-        compiled = generate_tokens(
-            params, prompts, max_new_tokens=5, eos_token_ids=[], compile=True
-        )
-        ref = reference_generate(model, prompts, 5, None)
-    assert eager == compiled == ref
+    check_compiled_generation_equals_eager(monkeypatch, saved_checkpoint(tiny_config(model_type)))
 
 
 @FAMILIES
@@ -186,18 +165,8 @@ def test_packed_rows_equal_separate_documents_qwen3_5(model_type, data):
     """Packed rows (segments): each document's logits are those of the document alone (the
     DeltaNet layers restart their state and conv at each document)."""
     config = _config(data, model_type)
-    lengths = data.draw(st.lists(st.integers(1, 9), min_size=2, max_size=3))
-    with saved_checkpoint(config) as (_, directory):
-        params = load_fp32(directory)
-    docs = [tokens_for(config.vocab_size, (1, n), seed=i) for i, n in enumerate(lengths)]
-    tokens = torch.cat([*docs, torch.zeros(1, 2, dtype=torch.long)], dim=1)  # 2 padding
-    segments = torch.cat(
-        [torch.full((1, n), i + 1) for i, n in enumerate(lengths)] + [torch.zeros(1, 2)], dim=1
-    ).long()
-    positions = torch.cat([torch.arange(n) for n in lengths] + [torch.zeros(2)]).long()[None]
-    packed = fnlm.forward(params, tokens, positions=positions, segments=segments)
-    alone = torch.cat([fnlm.forward(params, d) for d in docs], dim=1)
-    assert max_rel_error(packed[:, : sum(lengths)], alone) <= FP32_REL_TOL
+    checkpoint = saved_checkpoint(config)
+    check_packed_rows_equal_documents(data, config, checkpoint, padding=2, first_segment=1)
 
 
 def test_packed_rows_compile_as_one_graph_qwen3_5_text():
@@ -281,10 +250,7 @@ def test_saved_adapter_loads_in_peft_with_same_logits_qwen3_5(model_type, data, 
 @FAMILIES
 def test_lora_targets_qwen3_5(model_type):
     """The linear-attention projections are targets under peft's names; bias="all" is refused."""
-    config = {
-        "qwen3_5_text": transformers.Qwen3_5TextConfig(**TINY),
-        "qwen3_5_moe_text": transformers.Qwen3_5MoeTextConfig(**TINY_MOE),
-    }[model_type]
+    config = tiny_config(model_type)
     with saved_checkpoint(config) as (_, directory):
         params = load_fp32(directory)
     names = fnlm.lora.target_names(params.config)
@@ -346,32 +312,26 @@ TINY_MOE = {
 }  # fmt: skip
 
 
+def tiny_config(model_type: str):
+    """TINY as a "qwen3_5_text" config, or TINY_MOE as a "qwen3_5_moe_text" one."""
+    if model_type == "qwen3_5_moe_text":
+        return transformers.Qwen3_5MoeTextConfig(**TINY_MOE)
+    return transformers.Qwen3_5TextConfig(**TINY)
+
+
 @FAMILIES
 def test_nf4_logits_match_transformers_on_the_dequantized_weights_qwen3_5(model_type, tmp_path):
     """NF4 params (DeltaNet projections too; the conv1d, A_log, dt_bias and norms stay 16-bit,
     as bitsandbytes leaves them) give the logits transformers gives on their dequantized weights
     (written by fnlm's merged export); the NF4 error is real."""
-    config = {
-        "qwen3_5_text": transformers.Qwen3_5TextConfig(**TINY),
-        "qwen3_5_moe_text": transformers.Qwen3_5MoeTextConfig(**TINY_MOE),
-    }[model_type]
+    config = tiny_config(model_type)
     tokens = tokens_for(config.vocab_size, (2, 10))
     with saved_checkpoint(config) as (model, directory):
         params, _ = fnlm.load(directory, quant="nf4", dtype=torch.float32, device="cpu")
-        with torch.no_grad():
-            full = model(tokens).logits
     linear = params["layers"][0]["attn"]
     assert all(fnlm.quant.is_quantized(linear[n]) for n in LINEAR_TARGETS)
     assert not fnlm.quant.is_quantized(linear["conv"])
-    fnlm.save(tmp_path, params, format="merged")  # params.source is gone: dequantized weights
-    with torch.no_grad():
-        dequantized = transformers.AutoModelForCausalLM.from_pretrained(
-            tmp_path, dtype=torch.float32
-        )
-        ref = dequantized(tokens).logits
-    ours = fnlm.forward(params, tokens)
-    assert max_rel_error(ref, full) > 100 * FP32_REL_TOL
-    assert max_rel_error(ours, ref) <= FP32_REL_TOL
+    assert_nf4_matches_dequantized(model, params, tokens, tmp_path)
 
 
 @pytest.mark.skipif(
@@ -451,10 +411,7 @@ def test_cuda_forward_loss_and_generation_qwen3_5(model_type):
     """On the GPU (Triton scan, compiled decode under CUDA graphs): fp32 logits of 100 tokens
     (two delta-rule chunks) equal transformers' on the CPU, the LoRA loss's gradients equal the
     CPU path's, and greedy generation equals transformers'."""
-    config = {
-        "qwen3_5_text": transformers.Qwen3_5TextConfig(**TINY),
-        "qwen3_5_moe_text": transformers.Qwen3_5MoeTextConfig(**TINY_MOE),
-    }[model_type]
+    config = tiny_config(model_type)
     prompts = [[1, 2, 3, 4, 5], [7, 8]]
     with saved_checkpoint(config) as (model, directory):
         cpu = load_fp32(directory)
