@@ -18,18 +18,22 @@ from safetensors.torch import load_file
 
 import fnlm
 from fnlm.errors import ConfigError, UnsupportedModelError
-from fnlm.generate import generate_tokens, step
+from fnlm.generate import generate_tokens
 from tests.family_checks import (
     assert_adapter_matches_peft,
     assert_logits_match,
     assert_merged_export_matches,
+    assert_nf4_matches_dequantized,
     assert_training_matches_peft,
-    left_padding,
+    check_compiled_generation_equals_eager,
+    check_greedy_matches,
+    check_logits_match,
+    check_packed_rows_equal_documents,
     load_fp32,
     tokens_for,
 )
 from tests.models import FP32_REL_TOL, max_rel_error
-from tests.test_generate import prompt_batches, reference_generate
+from tests.test_generate import reference_generate
 
 # a saved random checkpoint whose routers' correction biases (buffers) are random too
 from tests.test_glm4_moe import glm_checkpoint as saved_checkpoint
@@ -163,11 +167,7 @@ def test_config_translation_deepseek_v3(model_type):
 def test_logits_match_transformers_deepseek_v3(model_type, data):
     """Logits, and logits of a left-padded batch, equal transformers' (fp32)."""
     config = data.draw(deepseek_v3_configs())
-    seq = data.draw(st.integers(3, 12))
-    mask = left_padding(data, seq)
-    with saved_checkpoint(config) as (model, directory):
-        params = load_fp32(directory)
-        assert_logits_match(model, params, tokens_for(config.vocab_size, mask.shape, seq), mask)
+    check_logits_match(data, config, saved_checkpoint(config))
 
 
 @DEEPSEEK_V3
@@ -191,13 +191,7 @@ def test_greedy_matches_transformers_deepseek_v3(model_type, data):
     """Greedy generation with fnlm's KV cache (decompressed keys and values, padded to one
     width) equals transformers' (which caches the compressed latent)."""
     config = data.draw(deepseek_v3_configs())
-    prompts = data.draw(prompt_batches(config.vocab_size))
-    new = data.draw(st.integers(1, 10))
-    with saved_checkpoint(config) as (model, directory):
-        params = load_fp32(directory)
-        ours = generate_tokens(params, prompts, max_new_tokens=new, eos_token_ids=[])
-        ref = reference_generate(model, prompts, new, None)
-    assert ours == ref
+    check_greedy_matches(data, config, saved_checkpoint(config), most_new=10)
 
 
 @DEEPSEEK_V3
@@ -205,16 +199,8 @@ def test_compiled_greedy_equals_eager_deepseek_v3(model_type, monkeypatch):
     """The compiled prefill and decode layers (dynamo traces MLA: the latent split, rope on the
     rope parts, the padded cache writes; CPU test with a backend that runs the traced graph) give
     eager's tokens, which are transformers'."""
-    monkeypatch.setattr(step, "COMPILE_BACKEND", lambda gm, inputs: gm.forward)
-    prompts = [[1, 2, 3, 4, 5], [7, 8]]
-    with saved_checkpoint(transformers.DeepseekV3Config(**TINY)) as (model, directory):
-        params = load_fp32(directory)
-        eager = generate_tokens(params, prompts, max_new_tokens=5, eos_token_ids=[])
-        compiled = generate_tokens(
-            params, prompts, max_new_tokens=5, eos_token_ids=[], compile=True
-        )
-        ref = reference_generate(model, prompts, 5, None)
-    assert eager == compiled == ref
+    checkpoint = saved_checkpoint(transformers.DeepseekV3Config(**TINY))
+    check_compiled_generation_equals_eager(monkeypatch, checkpoint)
 
 
 @DEEPSEEK_V3
@@ -224,16 +210,7 @@ def test_packed_rows_equal_separate_documents_deepseek_v3(model_type, data):
     """Packed rows (segments, positions restarting per document): each document's logits are
     those of the document alone."""
     config = data.draw(deepseek_v3_configs())
-    lengths = data.draw(st.lists(st.integers(1, 9), min_size=2, max_size=3))
-    with saved_checkpoint(config) as (_, directory):
-        params = load_fp32(directory)
-    docs = [tokens_for(config.vocab_size, (1, n), seed=i) for i, n in enumerate(lengths)]
-    tokens = torch.cat(docs, dim=1)
-    segments = torch.cat([torch.full((1, n), i) for i, n in enumerate(lengths)], dim=1)
-    positions = torch.cat([torch.arange(n) for n in lengths])[None]
-    packed = fnlm.forward(params, tokens, positions=positions, segments=segments)
-    alone = torch.cat([fnlm.forward(params, d) for d in docs], dim=1)
-    assert max_rel_error(packed, alone) <= FP32_REL_TOL
+    check_packed_rows_equal_documents(data, config, saved_checkpoint(config))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -346,8 +323,6 @@ def test_nf4_logits_match_transformers_on_the_dequantized_weights_deepseek_v3(mo
     tokens = tokens_for(config.vocab_size, (2, 10))
     with saved_checkpoint(config) as (model, directory):
         params, _ = fnlm.load(directory, quant="nf4", dtype=torch.float32, device="cpu")
-        with torch.no_grad():
-            full = model(tokens).logits
         targets = ["q_a", "kv_b", "experts.gate_up", "experts.down"]
         lora = randomize_fnlm(fnlm.lora.init(params, r=2, targets=targets))
         fnlm.save(tmp_path / "exact", params, lora=lora, format="merged")
@@ -361,15 +336,7 @@ def test_nf4_logits_match_transformers_on_the_dequantized_weights_deepseek_v3(mo
     assert all(fnlm.quant.is_quantized(attn[leaf]) for leaf in ("q_a", "q_b", "kv_a", "kv_b"))
     assert fnlm.quant.is_quantized(params["layers"][1]["mlp"]["experts"]["gate_up"])
     assert params["layers"][1]["mlp"]["router"].dtype == torch.float32  # as transformers keeps it
-    fnlm.save(tmp_path / "nf4", params, format="merged")  # no source: dequantized weights
-    with torch.no_grad():
-        dequantized = transformers.AutoModelForCausalLM.from_pretrained(
-            tmp_path / "nf4", dtype=torch.float32
-        )
-        ref = dequantized(tokens).logits
-    ours = fnlm.forward(params, tokens)
-    assert max_rel_error(ref, full) > 100 * FP32_REL_TOL
-    assert max_rel_error(ours, ref) <= FP32_REL_TOL
+    assert_nf4_matches_dequantized(model, params, tokens, tmp_path / "nf4")
 
 
 @DEEPSEEK_V3

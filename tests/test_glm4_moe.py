@@ -23,20 +23,20 @@ from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeTopkRouter
 import fnlm
 from fnlm.config import ModelConfig
 from fnlm.errors import ConfigError
-from fnlm.generate import generate_tokens, step
 from fnlm.models import moe
 from fnlm.models.qwen3_moe import QWEN_EXPERTS
 from tests.family_checks import (
     assert_adapter_matches_peft,
-    assert_logits_match,
     assert_merged_export_matches,
+    assert_nf4_matches_dequantized,
     assert_training_matches_peft,
-    left_padding,
+    check_compiled_generation_equals_eager,
+    check_greedy_matches,
+    check_logits_match,
     load_fp32,
     tokens_for,
 )
 from tests.models import FP32_REL_TOL, build_model, max_rel_error
-from tests.test_generate import prompt_batches, reference_generate
 from tests.test_lora import randomize_fnlm
 from tests.test_train import random_data
 
@@ -237,11 +237,7 @@ def test_config_translation_glm4_moe(model_type):
 def test_logits_match_transformers_glm4_moe(model_type, data):
     """Logits, and logits of a left-padded batch, equal transformers' (fp32)."""
     config = data.draw(glm_configs())
-    seq = data.draw(st.integers(3, 12))
-    mask = left_padding(data, seq)
-    with glm_checkpoint(config) as (model, directory):
-        params = load_fp32(directory)
-        assert_logits_match(model, params, tokens_for(config.vocab_size, mask.shape, seq), mask)
+    check_logits_match(data, config, glm_checkpoint(config))
 
 
 @GLM4_MOE
@@ -249,29 +245,15 @@ def test_logits_match_transformers_glm4_moe(model_type, data):
 @given(data=st.data())
 def test_greedy_matches_transformers_glm4_moe(model_type, data):
     config = data.draw(glm_configs())
-    prompts = data.draw(prompt_batches(config.vocab_size))
-    new = data.draw(st.integers(1, 8))
-    with glm_checkpoint(config) as (model, directory):
-        params = load_fp32(directory)
-        ours = generate_tokens(params, prompts, max_new_tokens=new, eos_token_ids=[])
-        ref = reference_generate(model, prompts, new, None)
-    assert ours == ref
+    check_greedy_matches(data, config, glm_checkpoint(config), most_new=8)
 
 
 @GLM4_MOE
 def test_compiled_generation_equals_eager_glm4_moe(model_type, monkeypatch):
     """The compiled prefill and decode layers (dynamo traces the sigmoid router; CPU test with a
     backend that runs the traced graph) give eager's tokens, and transformers'."""
-    monkeypatch.setattr(step, "COMPILE_BACKEND", lambda gm, inputs: gm.forward)
-    prompts = [[1, 2, 3, 4, 5], [7, 8]]
-    with glm_checkpoint(transformers.Glm4MoeConfig(**TINY)) as (model, directory):
-        params = load_fp32(directory)
-        eager = generate_tokens(params, prompts, max_new_tokens=5, eos_token_ids=[])
-        compiled = generate_tokens(
-            params, prompts, max_new_tokens=5, eos_token_ids=[], compile=True
-        )
-        ref = reference_generate(model, prompts, 5, None)
-    assert eager == compiled == ref
+    checkpoint = glm_checkpoint(transformers.Glm4MoeConfig(**TINY))
+    check_compiled_generation_equals_eager(monkeypatch, checkpoint)
 
 
 @GLM4_MOE
@@ -418,21 +400,11 @@ def test_nf4_logits_match_transformers_on_the_dequantized_weights_glm4_moe(model
     tokens = tokens_for(config.vocab_size, (2, 10))
     with glm_checkpoint(config) as (model, directory):
         params, _ = fnlm.load(directory, quant="nf4", dtype=torch.float32, device="cpu")
-        with torch.no_grad():
-            full = model(tokens).logits
     mlp = params["layers"][1]["mlp"]
     assert fnlm.quant.is_quantized(mlp["experts"]["gate_up"])
     assert fnlm.quant.is_quantized(mlp["shared"]["down"])
     assert not fnlm.quant.is_quantized(mlp["router"])
-    fnlm.save(tmp_path, params, format="merged")  # params.source is gone: dequantized weights
-    with torch.no_grad():
-        dequantized = transformers.AutoModelForCausalLM.from_pretrained(
-            tmp_path, dtype=torch.float32
-        )
-        ref = dequantized(tokens).logits
-    ours = fnlm.forward(params, tokens)
-    assert max_rel_error(ref, full) > 100 * FP32_REL_TOL
-    assert max_rel_error(ours, ref) <= FP32_REL_TOL
+    assert_nf4_matches_dequantized(model, params, tokens, tmp_path)
 
 
 @GLM4_MOE
