@@ -23,19 +23,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fnlm
-from fnlm.generate import generate_tokens
 from fnlm.models import gemma4
 from tests.family_checks import (
     assert_adapter_matches_peft,
-    assert_logits_match,
     assert_merged_export_matches,
+    assert_nf4_matches_dequantized,
     assert_training_matches_peft,
-    left_padding,
+    check_greedy_matches,
+    check_logits_match,
     load_fp32,
     tokens_for,
 )
 from tests.models import FP32_REL_TOL, build_model, max_rel_error
-from tests.test_generate import prompt_batches, reference_generate
 from tests.test_lora import randomize_fnlm
 from tests.test_train import random_data
 
@@ -174,11 +173,7 @@ def checkpoint(config, seed: int = 0, model_type: str = "gemma4_text"):
 def test_logits_match_transformers_gemma4(model_type, data):
     """Logits, and logits of a left-padded batch, equal transformers' (fp32)."""
     config = data.draw(gemma4_configs())
-    seq = data.draw(st.integers(3, 12))
-    mask = left_padding(data, seq)
-    with checkpoint(config, model_type=model_type) as (model, directory):
-        params = load_fp32(directory)
-    assert_logits_match(model, params, tokens_for(config.vocab_size, mask.shape, seq), mask)
+    check_logits_match(data, config, checkpoint(config, model_type=model_type))
 
 
 @BOTH
@@ -188,12 +183,7 @@ def test_greedy_matches_transformers_gemma4(model_type, data):
     """Greedy tokens of a left-padded batch through the KV cache (shared-KV layers read their
     source layer's cache) equal transformers' generate."""
     config = data.draw(gemma4_configs())
-    prompts = data.draw(prompt_batches(config.vocab_size))
-    new = data.draw(st.integers(1, 8))
-    with checkpoint(config, model_type=model_type) as (model, directory):
-        params = load_fp32(directory)
-    ours = generate_tokens(params, prompts, max_new_tokens=new, eos_token_ids=[])
-    assert ours == reference_generate(model, prompts, new, None)
+    check_greedy_matches(data, config, checkpoint(config, model_type=model_type), most_new=8)
 
 
 @BOTH
@@ -304,20 +294,11 @@ def test_nf4_logits_match_transformers_on_the_dequantized_weights_gemma4(model_t
         directory,
     ):
         params, _ = fnlm.load(directory, quant="nf4", dtype=torch.float32, device="cpu")
-    with torch.no_grad():
-        full = model(tokens).logits
     layer = params["layers"][0]
     for leaf in (layer["mlp"]["experts"]["gate_up"], layer["per_layer_gate"], layer["attn"]["q"]):
         assert fnlm.quant.is_quantized(leaf)
     assert not fnlm.quant.is_quantized(layer["router"])
-    fnlm.save(tmp_path, params, format="merged")  # params.source is gone: dequantized weights
-    with torch.no_grad():
-        dequantized = transformers.AutoModelForCausalLM.from_pretrained(
-            tmp_path, dtype=torch.float32
-        )
-        ref = dequantized(tokens).logits
-    assert max_rel_error(ref, full) > 100 * FP32_REL_TOL
-    assert max_rel_error(fnlm.forward(params, tokens), ref) <= FP32_REL_TOL
+    assert_nf4_matches_dequantized(model, params, tokens, tmp_path)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -22,18 +22,17 @@ from safetensors.torch import load_file, save_file
 
 import fnlm
 from fnlm.errors import LoraError
-from fnlm.generate import generate_tokens
 from tests.family_checks import (
     assert_adapter_matches_peft,
-    assert_logits_match,
     assert_merged_export_matches,
+    assert_nf4_matches_dequantized,
     assert_training_matches_peft,
-    left_padding,
+    check_greedy_matches,
+    check_logits_match,
     load_fp32,
     tokens_for,
 )
 from tests.models import FP32_REL_TOL, build_model, hf_configs, max_rel_error, saved_checkpoint
-from tests.test_generate import prompt_batches, reference_generate
 from tests.test_lora import randomize_fnlm, read_adapter
 from tests.test_train import random_data
 
@@ -50,11 +49,7 @@ GPT_OSS = pytest.mark.parametrize("model_type", ["gpt_oss"])
 def test_logits_match_transformers_gpt_oss(model_type, data):
     """Logits, and logits of a left-padded batch, equal transformers' (fp32)."""
     config = data.draw(hf_configs(model_type))
-    seq = data.draw(st.integers(3, 12))
-    mask = left_padding(data, seq)
-    with saved_checkpoint(config) as (model, directory):
-        params = load_fp32(directory)
-        assert_logits_match(model, params, tokens_for(config.vocab_size, mask.shape, seq), mask)
+    check_logits_match(data, config, saved_checkpoint(config))
 
 
 @GPT_OSS
@@ -62,13 +57,7 @@ def test_logits_match_transformers_gpt_oss(model_type, data):
 @given(data=st.data())
 def test_greedy_matches_transformers_gpt_oss(model_type, data):
     config = data.draw(hf_configs(model_type))
-    prompts = data.draw(prompt_batches(config.vocab_size))
-    new = data.draw(st.integers(1, 10))
-    with saved_checkpoint(config) as (model, directory):
-        params = load_fp32(directory)
-        ours = generate_tokens(params, prompts, max_new_tokens=new, eos_token_ids=[])
-        ref = reference_generate(model, prompts, new, None)
-    assert ours == ref
+    check_greedy_matches(data, config, saved_checkpoint(config), most_new=10)
 
 
 @GPT_OSS
@@ -205,18 +194,8 @@ def test_nf4_logits_match_transformers_on_the_dequantized_weights_gpt_oss(model_
     tokens = tokens_for(config.vocab_size, (2, 10))
     with saved_checkpoint(config) as (model, directory):
         params, _ = fnlm.load(directory, quant="nf4", dtype=torch.float32, device="cpu")
-        with torch.no_grad():
-            full = model(tokens).logits
     assert fnlm.quant.is_quantized(params["layers"][0]["mlp"]["experts"]["gate_up"])
-    fnlm.save(tmp_path, params, format="merged")  # params.source is gone: dequantized weights
-    with torch.no_grad():
-        dequantized = transformers.AutoModelForCausalLM.from_pretrained(
-            tmp_path, dtype=torch.float32
-        )
-        ref = dequantized(tokens).logits
-    ours = fnlm.forward(params, tokens)
-    assert max_rel_error(ref, full) > 100 * FP32_REL_TOL
-    assert max_rel_error(ours, ref) <= FP32_REL_TOL
+    assert_nf4_matches_dequantized(model, params, tokens, tmp_path)
 
 
 def mxfp4_checkpoint(model, directory: Path, seed: int = 0) -> None:
