@@ -21,8 +21,8 @@ import fnlm
 from fnlm.generate import generate_tokens, step
 from tests.models import FP32_REL_TOL, max_rel_error
 from tests.test_generate import prompt_batches, reference_generate
-from tests.test_lora import read_adapter
-from tests.test_train import reference_run, rel_close, run_config
+from tests.test_lora import randomize_fnlm, read_adapter
+from tests.test_train import random_data, reference_run, rel_close, run_config
 
 
 def left_padding(data, seq: int) -> torch.Tensor:
@@ -181,3 +181,34 @@ def assert_nf4_matches_dequantized(model, params, tokens: torch.Tensor, out) -> 
         ref = dequantized(tokens).logits
     assert max_rel_error(ref, full) > 100 * FP32_REL_TOL
     assert max_rel_error(fnlm.forward(params, tokens), ref) <= FP32_REL_TOL
+
+
+def check_adapter_matches_peft(config, checkpoint, tmp_path_factory, **init) -> None:
+    """A randomized (randomize_fnlm) fnlm.lora.init(params, r=4, alpha=8, **init) on the fp32
+    params of `checkpoint`: assert_adapter_matches_peft on tokens_for(config.vocab_size)."""
+    out, again = tmp_path_factory.mktemp("adapter"), tmp_path_factory.mktemp("again")
+    with checkpoint as (model, directory):
+        params = load_fp32(directory)
+        lora = randomize_fnlm(fnlm.lora.init(params, r=4, alpha=8, **init))
+        tokens = tokens_for(config.vocab_size)
+        assert_adapter_matches_peft(model, params, lora, directory, out, again, tokens)
+
+
+def check_training_matches_peft(config, checkpoint, tmp_path_factory, targets=None) -> None:
+    """assert_training_matches_peft on the fp32 params of `checkpoint` and 12 random examples
+    (random_data) of up to 20 tokens; targets: fnlm's default when None."""
+    examples = random_data(n=12, vocab=config.vocab_size, longest=20)
+    out = tmp_path_factory.mktemp("train")
+    with checkpoint as (model, directory):
+        params = load_fp32(directory)
+        assert_training_matches_peft(model, params, examples, out, targets=targets)
+
+
+def check_merged_export_matches(config, checkpoint, tmp_path_factory, targets) -> None:
+    """A randomized rank-2 adapter on `targets` of the fp32 params of `checkpoint`:
+    assert_merged_export_matches on tokens_for(config.vocab_size)."""
+    out = tmp_path_factory.mktemp("merged")
+    with checkpoint as (_, directory):
+        params = load_fp32(directory)
+        lora = randomize_fnlm(fnlm.lora.init(params, r=2, targets=targets))
+        assert_merged_export_matches(params, lora, out, tokens_for(config.vocab_size))

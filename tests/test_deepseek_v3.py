@@ -20,15 +20,15 @@ import fnlm
 from fnlm.errors import ConfigError, UnsupportedModelError
 from fnlm.generate import generate_tokens
 from tests.family_checks import (
-    assert_adapter_matches_peft,
     assert_logits_match,
-    assert_merged_export_matches,
     assert_nf4_matches_dequantized,
-    assert_training_matches_peft,
+    check_adapter_matches_peft,
     check_compiled_generation_equals_eager,
     check_greedy_matches,
     check_logits_match,
+    check_merged_export_matches,
     check_packed_rows_equal_documents,
+    check_training_matches_peft,
     load_fp32,
     tokens_for,
 )
@@ -38,7 +38,6 @@ from tests.test_generate import reference_generate
 # a saved random checkpoint whose routers' correction biases (buffers) are random too
 from tests.test_glm4_moe import glm_checkpoint as saved_checkpoint
 from tests.test_lora import build_peft, peft_key, randomize_fnlm
-from tests.test_train import random_data
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*no tokenizer.json")
 
@@ -233,12 +232,9 @@ def test_saved_adapter_loads_in_peft_with_same_logits_deepseek_v3(
     if has_experts(config):
         targets += data.draw(st.lists(st.sampled_from(EXPERT_TARGETS), unique=True))
     bias = data.draw(st.sampled_from(["none", "lora_only"]))
-    out, again = tmp_path_factory.mktemp("adapter"), tmp_path_factory.mktemp("again")
-    with saved_checkpoint(config) as (model, directory):
-        params = load_fp32(directory)
-        lora = randomize_fnlm(fnlm.lora.init(params, r=4, alpha=8, targets=targets, bias=bias))
-        tokens = tokens_for(config.vocab_size)
-        assert_adapter_matches_peft(model, params, lora, directory, out, again, tokens)
+    check_adapter_matches_peft(
+        config, saved_checkpoint(config), tmp_path_factory, targets=targets, bias=bias
+    )
 
 
 @DEEPSEEK_V3
@@ -277,11 +273,7 @@ def test_lora_training_matches_peft_deepseek_v3(model_type, moe, data, tmp_path_
     both expert stacks."""
     config = data.draw(deepseek_v3_configs(moe=moe, q_lora=not moe or None))
     targets = ["q", "q_b", "kv_b", *EXPERT_TARGETS] if moe else "all-linear"
-    examples = random_data(n=12, vocab=config.vocab_size, longest=20)
-    out = tmp_path_factory.mktemp("train")
-    with saved_checkpoint(config) as (model, directory):
-        params = load_fp32(directory)
-        assert_training_matches_peft(model, params, examples, out, targets=targets)
+    check_training_matches_peft(config, saved_checkpoint(config), tmp_path_factory, targets)
 
 
 @DEEPSEEK_V3
@@ -291,12 +283,8 @@ def test_merged_export_loads_in_transformers_deepseek_v3(model_type, data, tmp_p
     """The merged export (expert stacks merged too) loads in transformers with fnlm's adapted
     logits, and in fnlm again."""
     config = data.draw(deepseek_v3_configs())
-    out = tmp_path_factory.mktemp("merged")
-    with saved_checkpoint(config) as (_, directory):
-        params = load_fp32(directory)
-        targets = attention_targets(config) + (EXPERT_TARGETS[1:] if has_experts(config) else [])
-        lora = randomize_fnlm(fnlm.lora.init(params, r=2, targets=targets))
-        assert_merged_export_matches(params, lora, out, tokens_for(config.vocab_size))
+    targets = attention_targets(config) + (EXPERT_TARGETS[1:] if has_experts(config) else [])
+    check_merged_export_matches(config, saved_checkpoint(config), tmp_path_factory, targets)
 
 
 # ----------------------------------------------------------------------------------------------

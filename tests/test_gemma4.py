@@ -26,17 +26,16 @@ import fnlm
 from fnlm.models import gemma4
 from tests.family_checks import (
     assert_adapter_matches_peft,
-    assert_merged_export_matches,
     assert_nf4_matches_dequantized,
-    assert_training_matches_peft,
     check_greedy_matches,
     check_logits_match,
+    check_merged_export_matches,
+    check_training_matches_peft,
     load_fp32,
     tokens_for,
 )
 from tests.models import FP32_REL_TOL, build_model, max_rel_error
 from tests.test_lora import randomize_fnlm
-from tests.test_train import random_data
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*no tokenizer.json", "ignore:.*full_attention")
 
@@ -252,11 +251,9 @@ def test_lora_training_matches_peft_gemma4(model_type, targets, data, tmp_path_f
         targets = ("q", "v", *MOE_TARGETS, "per_layer_gate", "per_layer_projection")
     else:
         targets = fnlm.lora.ALL_LINEAR
-    examples = random_data(n=12, vocab=config.vocab_size, longest=20)
-    out = tmp_path_factory.mktemp("train")
-    with checkpoint(config, model_type=model_type) as (model, directory):
-        params = load_fp32(directory)
-        assert_training_matches_peft(model, params, examples, out, targets=targets)
+    check_training_matches_peft(
+        config, checkpoint(config, model_type=model_type), tmp_path_factory, targets
+    )
 
 
 @BOTH
@@ -265,11 +262,9 @@ def test_lora_training_matches_peft_gemma4(model_type, targets, data, tmp_path_f
 def test_merged_export_loads_in_transformers_gemma4(model_type, data, tmp_path_factory):
     """The merged export loads in transformers with fnlm's adapted logits, and in fnlm again."""
     config = data.draw(gemma4_configs())
-    out = tmp_path_factory.mktemp("merged")
-    with checkpoint(config, model_type=model_type) as (_, directory):
-        params = load_fp32(directory)
-        lora = randomize_fnlm(fnlm.lora.init(params, r=2, targets=("q", "o", "down")))
-        assert_merged_export_matches(params, lora, out, tokens_for(config.vocab_size))
+    check_merged_export_matches(
+        config, checkpoint(config, model_type=model_type), tmp_path_factory, ("q", "o", "down")
+    )
 
 
 # in_features multiples of 64: NF4 blocks never straddle two experts (or two rows)

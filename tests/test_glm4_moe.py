@@ -26,18 +26,17 @@ from fnlm.errors import ConfigError
 from fnlm.models import moe
 from fnlm.models.qwen3_moe import QWEN_EXPERTS
 from tests.family_checks import (
-    assert_adapter_matches_peft,
-    assert_merged_export_matches,
     assert_nf4_matches_dequantized,
-    assert_training_matches_peft,
+    check_adapter_matches_peft,
     check_compiled_generation_equals_eager,
     check_greedy_matches,
     check_logits_match,
+    check_merged_export_matches,
+    check_training_matches_peft,
     load_fp32,
     tokens_for,
 )
 from tests.models import FP32_REL_TOL, build_model, max_rel_error
-from tests.test_lora import randomize_fnlm
 from tests.test_train import random_data
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*no tokenizer.json")
@@ -291,12 +290,9 @@ def test_saved_adapter_loads_in_peft_with_same_logits_glm4_moe(model_type, data,
     targets = data.draw(st.lists(st.sampled_from(["q", "k", "v", "o"]), min_size=1, unique=True))
     targets += data.draw(st.sampled_from([[], EXPERT_TARGETS, ["experts.down"]]))
     bias = data.draw(st.sampled_from(["none", "lora_only"]))
-    out, again = tmp_path_factory.mktemp("adapter"), tmp_path_factory.mktemp("again")
-    with glm_checkpoint(config) as (model, directory):
-        params = load_fp32(directory)
-        lora = randomize_fnlm(fnlm.lora.init(params, r=4, alpha=8, targets=targets, bias=bias))
-        tokens = tokens_for(config.vocab_size)
-        assert_adapter_matches_peft(model, params, lora, directory, out, again, tokens)
+    check_adapter_matches_peft(
+        config, glm_checkpoint(config), tmp_path_factory, targets=targets, bias=bias
+    )
 
 
 @GLM4_MOE
@@ -320,11 +316,7 @@ def test_lora_training_matches_peft_glm4_moe(model_type, targets, data, tmp_path
     routers and expert stacks), or q, v, the router and both expert stacks."""
     config = data.draw(glm_configs())
     targets = None if targets == "all-linear" else ("q", "v", *EXPERT_TARGETS)
-    examples = random_data(n=12, vocab=config.vocab_size, longest=20)
-    out = tmp_path_factory.mktemp("train")
-    with glm_checkpoint(config) as (model, directory):
-        params = load_fp32(directory)
-        assert_training_matches_peft(model, params, examples, out, targets=targets)
+    check_training_matches_peft(config, glm_checkpoint(config), tmp_path_factory, targets)
 
 
 @GLM4_MOE
@@ -334,12 +326,8 @@ def test_merged_export_loads_in_transformers_glm4_moe(model_type, data, tmp_path
     """The merged export (routers' correction biases, shared experts, expert stacks merged with
     their adapters) loads in transformers with fnlm's adapted logits, and in fnlm again."""
     config = data.draw(glm_configs())
-    out = tmp_path_factory.mktemp("merged")
     targets = ("q", "o", "experts.gate_up", "experts.down", "router")
-    with glm_checkpoint(config) as (_, directory):
-        params = load_fp32(directory)
-        lora = randomize_fnlm(fnlm.lora.init(params, r=2, targets=targets))
-        assert_merged_export_matches(params, lora, out, tokens_for(config.vocab_size))
+    check_merged_export_matches(config, glm_checkpoint(config), tmp_path_factory, targets)
 
 
 @GLM4_MOE

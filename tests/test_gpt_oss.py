@@ -23,18 +23,17 @@ from safetensors.torch import load_file, save_file
 import fnlm
 from fnlm.errors import LoraError
 from tests.family_checks import (
-    assert_adapter_matches_peft,
-    assert_merged_export_matches,
     assert_nf4_matches_dequantized,
-    assert_training_matches_peft,
+    check_adapter_matches_peft,
     check_greedy_matches,
     check_logits_match,
+    check_merged_export_matches,
+    check_training_matches_peft,
     load_fp32,
     tokens_for,
 )
 from tests.models import FP32_REL_TOL, build_model, hf_configs, max_rel_error, saved_checkpoint
 from tests.test_lora import randomize_fnlm, read_adapter
-from tests.test_train import random_data
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*no tokenizer.json")
 
@@ -69,12 +68,9 @@ def test_saved_adapter_loads_in_peft_with_same_logits_gpt_oss(model_type, data, 
     config = data.draw(hf_configs(model_type))
     targets = data.draw(st.lists(st.sampled_from(["q", "k", "v", "o"]), min_size=1, unique=True))
     bias = data.draw(st.sampled_from(["none", "lora_only"]))
-    out, again = tmp_path_factory.mktemp("adapter"), tmp_path_factory.mktemp("again")
-    with saved_checkpoint(config) as (model, directory):
-        params = load_fp32(directory)
-        lora = randomize_fnlm(fnlm.lora.init(params, r=4, alpha=8, targets=targets, bias=bias))
-        tokens = tokens_for(config.vocab_size)
-        assert_adapter_matches_peft(model, params, lora, directory, out, again, tokens)
+    check_adapter_matches_peft(
+        config, saved_checkpoint(config), tmp_path_factory, targets=targets, bias=bias
+    )
 
 
 @GPT_OSS
@@ -152,11 +148,7 @@ def test_lora_training_matches_peft_gpt_oss(model_type, targets, data, tmp_path_
     the router and both expert stacks (peft's target_parameters)."""
     config = data.draw(hf_configs(model_type))
     targets = fnlm.lora.ALL_LINEAR if targets == "attention" else ("q", "v", *EXPERT_TARGETS[:3])
-    examples = random_data(n=12, vocab=config.vocab_size, longest=20)
-    out = tmp_path_factory.mktemp("train")
-    with saved_checkpoint(config) as (model, directory):
-        params = load_fp32(directory)
-        assert_training_matches_peft(model, params, examples, out, targets=targets)
+    check_training_matches_peft(config, saved_checkpoint(config), tmp_path_factory, targets)
 
 
 @GPT_OSS
@@ -166,11 +158,7 @@ def test_merged_export_loads_in_transformers_gpt_oss(model_type, data, tmp_path_
     """The merged export (expert stacks written back transposed and interleaved) loads in
     transformers with fnlm's adapted logits, and in fnlm again."""
     config = data.draw(hf_configs(model_type))
-    out = tmp_path_factory.mktemp("merged")
-    with saved_checkpoint(config) as (_, directory):
-        params = load_fp32(directory)
-        lora = randomize_fnlm(fnlm.lora.init(params, r=2, targets=("q", "v", "o")))
-        assert_merged_export_matches(params, lora, out, tokens_for(config.vocab_size))
+    check_merged_export_matches(config, saved_checkpoint(config), tmp_path_factory, ("q", "v", "o"))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -20,21 +20,19 @@ import fnlm
 from fnlm.errors import LoraError
 from fnlm.generate import generate_tokens
 from tests.family_checks import (
-    assert_adapter_matches_peft,
-    assert_merged_export_matches,
     assert_nf4_matches_dequantized,
-    assert_training_matches_peft,
+    check_adapter_matches_peft,
     check_compiled_generation_equals_eager,
     check_greedy_matches,
     check_logits_match,
+    check_merged_export_matches,
     check_packed_rows_equal_documents,
+    check_training_matches_peft,
     load_fp32,
     tokens_for,
 )
 from tests.models import FP32_REL_TOL, max_rel_error, saved_checkpoint
 from tests.test_generate import reference_generate
-from tests.test_lora import randomize_fnlm
-from tests.test_train import random_data
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*no tokenizer.json"),
@@ -239,12 +237,9 @@ def test_saved_adapter_loads_in_peft_with_same_logits_qwen3_5(model_type, data, 
     if "moe" in model_type:  # expert stacks and router: peft's target_parameters
         targets += data.draw(st.sampled_from([[], ["experts.gate_up", "experts.down", "router"]]))
     bias = data.draw(st.sampled_from(["none", "lora_only"]))
-    out, again = tmp_path_factory.mktemp("adapter"), tmp_path_factory.mktemp("again")
-    with saved_checkpoint(config) as (model, directory):
-        params = load_fp32(directory)
-        lora = randomize_fnlm(fnlm.lora.init(params, r=4, alpha=8, targets=targets, bias=bias))
-        tokens = tokens_for(config.vocab_size)
-        assert_adapter_matches_peft(model, params, lora, directory, out, again, tokens)
+    check_adapter_matches_peft(
+        config, saved_checkpoint(config), tmp_path_factory, targets=targets, bias=bias
+    )
 
 
 @FAMILIES
@@ -272,11 +267,7 @@ def test_lora_targets_qwen3_5(model_type):
 def test_lora_training_matches_peft_qwen3_5(model_type, data, tmp_path_factory):
     """Six LoRA steps (all-linear: attention, DeltaNet projections, MLP) lose what peft's do."""
     config = _config(data, model_type)
-    examples = random_data(n=12, vocab=config.vocab_size, longest=20)
-    out = tmp_path_factory.mktemp("train")
-    with saved_checkpoint(config) as (model, directory):
-        params = load_fp32(directory)
-        assert_training_matches_peft(model, params, examples, out)
+    check_training_matches_peft(config, saved_checkpoint(config), tmp_path_factory)
 
 
 @TEXT_AND_TOWER
@@ -286,11 +277,9 @@ def test_merged_export_loads_in_transformers_qwen3_5(model_type, data, tmp_path_
     """The merged export (the text model, for the multimodal checkpoint) loads in transformers
     with fnlm's adapted logits, and in fnlm again."""
     config = _config(data, model_type)
-    out = tmp_path_factory.mktemp("merged")
-    with saved_checkpoint(config) as (_, directory):
-        params = load_fp32(directory)
-        lora = randomize_fnlm(fnlm.lora.init(params, r=2, targets=("q", "in_qkv", "out", "down")))
-        assert_merged_export_matches(params, lora, out, tokens_for(config.vocab_size))
+    check_merged_export_matches(
+        config, saved_checkpoint(config), tmp_path_factory, ("q", "in_qkv", "out", "down")
+    )
 
 
 # ----------------------------------------------------------------------------------------------

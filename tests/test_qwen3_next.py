@@ -24,21 +24,20 @@ from hypothesis import strategies as st
 
 import fnlm
 from tests.family_checks import (
-    assert_adapter_matches_peft,
-    assert_merged_export_matches,
     assert_nf4_matches_dequantized,
-    assert_training_matches_peft,
+    check_adapter_matches_peft,
     check_compiled_generation_equals_eager,
     check_greedy_matches,
     check_logits_match,
+    check_merged_export_matches,
     check_packed_rows_equal_documents,
+    check_training_matches_peft,
     load_fp32,
     tokens_for,
 )
 from tests.models import FP32_REL_TOL, max_rel_error, saved_checkpoint
-from tests.test_lora import randomize_fnlm, read_adapter
+from tests.test_lora import read_adapter
 from tests.test_qwen3_5 import text_fields
-from tests.test_train import random_data
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*no tokenizer.json"),
@@ -148,12 +147,9 @@ def test_saved_adapter_loads_in_peft_with_same_logits_qwen3_next(
     targets += data.draw(st.sampled_from([["in_qkvz"], ["in_proj_ba"], []]))  # linear layers
     targets += data.draw(st.sampled_from([[], ["gate", "up", "down"], ["router", "down"]]))
     bias = data.draw(st.sampled_from(["none", "lora_only"]))
-    out, again = tmp_path_factory.mktemp("adapter"), tmp_path_factory.mktemp("again")
-    with saved_checkpoint(config) as (model, directory):
-        params = load_fp32(directory)
-        lora = randomize_fnlm(fnlm.lora.init(params, r=4, alpha=8, targets=targets, bias=bias))
-        tokens = tokens_for(config.vocab_size)
-        assert_adapter_matches_peft(model, params, lora, directory, out, again, tokens)
+    check_adapter_matches_peft(
+        config, saved_checkpoint(config), tmp_path_factory, targets=targets, bias=bias
+    )
 
 
 @FAMILY
@@ -207,11 +203,7 @@ def test_lora_training_matches_peft_qwen3_next(model_type, data, tmp_path_factor
     projections with attention and the shared expert's gate."""
     config = data.draw(hf_configs())
     targets = data.draw(st.sampled_from([None, ["q", "o", *LINEAR_TARGETS, "shared_gate"]]))
-    examples = random_data(n=12, vocab=config.vocab_size, longest=20)
-    out = tmp_path_factory.mktemp("train")
-    with saved_checkpoint(config) as (model, directory):
-        params = load_fp32(directory)
-        assert_training_matches_peft(model, params, examples, out, targets)
+    check_training_matches_peft(config, saved_checkpoint(config), tmp_path_factory, targets)
 
 
 @FAMILY
@@ -220,12 +212,8 @@ def test_lora_training_matches_peft_qwen3_next(model_type, data, tmp_path_factor
 def test_merged_export_loads_in_transformers_qwen3_next(model_type, data, tmp_path_factory):
     """The merged export loads in transformers with fnlm's adapted logits, and in fnlm again."""
     config = data.draw(hf_configs())
-    out = tmp_path_factory.mktemp("merged")
     targets = ("q", "in_qkvz", "in_ba", "out", "gate", "up", "down", "shared_gate")
-    with saved_checkpoint(config) as (_, directory):
-        params = load_fp32(directory)
-        lora = randomize_fnlm(fnlm.lora.init(params, r=2, targets=targets))
-        assert_merged_export_matches(params, lora, out, tokens_for(config.vocab_size))
+    check_merged_export_matches(config, saved_checkpoint(config), tmp_path_factory, targets)
 
 
 # ----------------------------------------------------------------------------------------------
