@@ -13,8 +13,10 @@ from __future__ import annotations
 import warnings
 
 import peft
+import pytest
 import torch
 import transformers
+from hypothesis import settings
 from hypothesis import strategies as st
 
 import fnlm
@@ -23,6 +25,17 @@ from tests.models import FP32_REL_TOL, max_rel_error
 from tests.test_generate import prompt_batches, reference_generate
 from tests.test_lora import randomize_fnlm, read_adapter
 from tests.test_train import random_data, reference_run, rel_close, run_config
+
+# a family file's pytestmark: its tiny checkpoints have no tokenizer, which transformers warns of
+NO_TOKENIZER = pytest.mark.filterwarnings("ignore:.*no tokenizer.json")
+# hypothesis examples of a drawn family test (each saves and loads a tiny checkpoint)
+EXAMPLES = settings(max_examples=3, deadline=None)
+
+
+def family(*model_types: str):
+    """Parametrizes a test by model_type: its pytest ids then carry the family name, by which
+    scripts/support_table.py counts the test for that family."""
+    return pytest.mark.parametrize("model_type", list(model_types))
 
 
 def left_padding(data, seq: int) -> torch.Tensor:

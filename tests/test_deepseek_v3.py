@@ -20,6 +20,8 @@ import fnlm
 from fnlm.errors import ConfigError, UnsupportedModelError
 from fnlm.generate import generate_tokens
 from tests.family_checks import (
+    EXAMPLES,
+    NO_TOKENIZER,
     assert_logits_match,
     assert_nf4_matches_dequantized,
     check_adapter_matches_peft,
@@ -29,6 +31,7 @@ from tests.family_checks import (
     check_merged_export_matches,
     check_packed_rows_equal_documents,
     check_training_matches_peft,
+    family,
     load_fp32,
     tokens_for,
 )
@@ -39,11 +42,8 @@ from tests.test_generate import reference_generate
 from tests.test_glm4_moe import glm_checkpoint as saved_checkpoint
 from tests.test_lora import build_peft, peft_key, randomize_fnlm
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*no tokenizer.json")
-
-EXAMPLES = settings(max_examples=3, deadline=None)
-# the pytest id names the family, so scripts/support_table.py counts these tests for deepseek_v3
-DEEPSEEK_V3 = pytest.mark.parametrize("model_type", ["deepseek_v3"])
+pytestmark = NO_TOKENIZER
+DEEPSEEK_V3 = family("deepseek_v3")
 # fnlm's names of MLA's projections (peft's: q_proj | q_a_proj, q_b_proj, kv_a_proj_with_mqa,
 # kv_b_proj, o_proj)
 ATTENTION_TARGETS = ["q", "q_a", "q_b", "kv_a", "kv_b", "o"]

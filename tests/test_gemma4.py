@@ -25,26 +25,27 @@ from hypothesis import strategies as st
 import fnlm
 from fnlm.models import gemma4
 from tests.family_checks import (
+    NO_TOKENIZER,
     assert_adapter_matches_peft,
     assert_nf4_matches_dequantized,
     check_greedy_matches,
     check_logits_match,
     check_merged_export_matches,
     check_training_matches_peft,
+    family,
     load_fp32,
     tokens_for,
 )
 from tests.models import FP32_REL_TOL, build_model, max_rel_error
 from tests.test_lora import randomize_fnlm
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*no tokenizer.json", "ignore:.*full_attention")
+pytestmark = [NO_TOKENIZER, pytest.mark.filterwarnings("ignore:.*full_attention")]
 
 EXAMPLES = settings(max_examples=4, deadline=None)
-# the pytest id names the family, so scripts/support_table.py counts these tests for gemma4
-GEMMA4 = pytest.mark.parametrize("model_type", ["gemma4_text"])
+GEMMA4 = family("gemma4_text")
 # the text model's checkpoint, and the multimodal one (Gemma4ForConditionalGeneration with a tiny
 # vision tower) that fnlm loads for its text tower
-BOTH = pytest.mark.parametrize("model_type", ["gemma4_text", "gemma4"])
+BOTH = family("gemma4_text", "gemma4")
 LORA_TARGETS = ["q", "k", "v", "o", "gate", "up", "down", "per_layer_gate", "per_layer_projection"]
 # the MoE block's: the router is a linear layer, the expert stacks peft's target_parameters
 MOE_TARGETS = ["router", "experts.gate_up", "experts.down"]

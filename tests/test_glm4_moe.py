@@ -26,6 +26,8 @@ from fnlm.errors import ConfigError
 from fnlm.models import moe
 from fnlm.models.qwen3_moe import QWEN_EXPERTS
 from tests.family_checks import (
+    EXAMPLES,
+    NO_TOKENIZER,
     assert_nf4_matches_dequantized,
     check_adapter_matches_peft,
     check_compiled_generation_equals_eager,
@@ -33,17 +35,15 @@ from tests.family_checks import (
     check_logits_match,
     check_merged_export_matches,
     check_training_matches_peft,
+    family,
     load_fp32,
     tokens_for,
 )
 from tests.models import FP32_REL_TOL, build_model, max_rel_error
 from tests.test_train import random_data
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*no tokenizer.json")
-
-EXAMPLES = settings(max_examples=3, deadline=None)
-# the pytest ids name the family, so scripts/support_table.py counts these tests for glm4_moe
-GLM4_MOE = pytest.mark.parametrize("model_type", ["glm4_moe"])
+pytestmark = NO_TOKENIZER
+GLM4_MOE = family("glm4_moe")
 
 
 @st.composite

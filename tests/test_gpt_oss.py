@@ -23,23 +23,23 @@ from safetensors.torch import load_file, save_file
 import fnlm
 from fnlm.errors import LoraError
 from tests.family_checks import (
+    EXAMPLES,
+    NO_TOKENIZER,
     assert_nf4_matches_dequantized,
     check_adapter_matches_peft,
     check_greedy_matches,
     check_logits_match,
     check_merged_export_matches,
     check_training_matches_peft,
+    family,
     load_fp32,
     tokens_for,
 )
 from tests.models import FP32_REL_TOL, build_model, hf_configs, max_rel_error, saved_checkpoint
 from tests.test_lora import randomize_fnlm, read_adapter
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*no tokenizer.json")
-
-EXAMPLES = settings(max_examples=3, deadline=None)
-# the pytest id names the family, so scripts/support_table.py counts these tests for gpt_oss
-GPT_OSS = pytest.mark.parametrize("model_type", ["gpt_oss"])
+pytestmark = NO_TOKENIZER
+GPT_OSS = family("gpt_oss")
 
 
 @GPT_OSS

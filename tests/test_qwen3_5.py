@@ -20,6 +20,8 @@ import fnlm
 from fnlm.errors import LoraError
 from fnlm.generate import generate_tokens
 from tests.family_checks import (
+    EXAMPLES,
+    NO_TOKENIZER,
     assert_nf4_matches_dequantized,
     check_adapter_matches_peft,
     check_compiled_generation_equals_eager,
@@ -28,23 +30,16 @@ from tests.family_checks import (
     check_merged_export_matches,
     check_packed_rows_equal_documents,
     check_training_matches_peft,
+    family,
     load_fp32,
     tokens_for,
 )
 from tests.models import FP32_REL_TOL, max_rel_error, saved_checkpoint
 from tests.test_generate import reference_generate
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:.*no tokenizer.json"),
-    pytest.mark.filterwarnings("ignore:.*flash-linear-attention"),
-]
-
-EXAMPLES = settings(max_examples=3, deadline=None)
-# the pytest ids name the family, so scripts/support_table.py counts these tests for each
-FAMILIES = pytest.mark.parametrize("model_type", ["qwen3_5_text", "qwen3_5_moe_text"])
-TEXT_AND_TOWER = pytest.mark.parametrize(
-    "model_type", ["qwen3_5_text", "qwen3_5_moe_text", "qwen3_5", "qwen3_5_moe"]
-)
+pytestmark = [NO_TOKENIZER, pytest.mark.filterwarnings("ignore:.*flash-linear-attention")]
+FAMILIES = family("qwen3_5_text", "qwen3_5_moe_text")
+TEXT_AND_TOWER = family("qwen3_5_text", "qwen3_5_moe_text", "qwen3_5", "qwen3_5_moe")
 # fnlm's names of the DeltaNet projections (peft's: in_proj_qkv, in_proj_z, ..., out_proj)
 LINEAR_TARGETS = ["in_qkv", "in_z", "in_b", "in_a", "out"]
 

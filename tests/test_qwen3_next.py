@@ -24,6 +24,8 @@ from hypothesis import strategies as st
 
 import fnlm
 from tests.family_checks import (
+    EXAMPLES,
+    NO_TOKENIZER,
     assert_nf4_matches_dequantized,
     check_adapter_matches_peft,
     check_compiled_generation_equals_eager,
@@ -32,6 +34,7 @@ from tests.family_checks import (
     check_merged_export_matches,
     check_packed_rows_equal_documents,
     check_training_matches_peft,
+    family,
     load_fp32,
     tokens_for,
 )
@@ -39,14 +42,8 @@ from tests.models import FP32_REL_TOL, max_rel_error, saved_checkpoint
 from tests.test_lora import read_adapter
 from tests.test_qwen3_5 import text_fields
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:.*no tokenizer.json"),
-    pytest.mark.filterwarnings("ignore:.*flash-linear-attention"),
-]
-
-EXAMPLES = settings(max_examples=3, deadline=None)
-# the pytest ids name the family, so scripts/support_table.py counts these tests for it
-FAMILY = pytest.mark.parametrize("model_type", ["qwen3_next"])
+pytestmark = [NO_TOKENIZER, pytest.mark.filterwarnings("ignore:.*flash-linear-attention")]
+FAMILY = family("qwen3_next")
 # fnlm's names of the DeltaNet projections (peft's: in_proj_qkvz, in_proj_ba, out_proj)
 LINEAR_TARGETS = ["in_qkvz", "in_ba", "out"]
 
