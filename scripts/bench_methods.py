@@ -207,7 +207,9 @@ def fnlm_run(method: str, directory: Path, args, data) -> dict:
     finally:
         methods.GrpoMethod.rollout = rollout.function
     step_s = [b - a for a, b in zip(marks, marks[1:])]
-    out = summary(step_s, rollout.seconds if method == "grpo" else None, args, tokens_of(method, args))
+    out = summary(
+        step_s, rollout.seconds if method == "grpo" else None, args, tokens_of(method, args)
+    )
     out["peak_gib"] = peak_gib(args.device)
     if method == "grpo":
         out["completion_length"] = statistics.mean(x for x in lengths if x is not None)
@@ -272,7 +274,9 @@ def reference_run(method: str, directory: Path, args, data) -> dict:
                 max_completion_length=args.completion_length, temperature=1.0, beta=0.0,
                 generation_kwargs={"min_new_tokens": args.completion_length}, **common,
             )  # fmt: skip
-            dataset = datasets.Dataset.from_dict({"prompt": [words(p.tokens) for p in data.examples]})
+            dataset = datasets.Dataset.from_dict(
+                {"prompt": [words(p.tokens) for p in data.examples]}
+            )
             trainer = trl.GRPOTrainer(
                 str(directory), reward_funcs=even_share, args=config, train_dataset=dataset,
                 processing_class=tok, peft_config=lora, quantization_config=quantization,
@@ -404,7 +408,9 @@ def print_table(results: dict) -> None:
                 memory = entry.get("memory_ratio")
                 rollout = update = ""
                 if "rollout_s" in entry["fnlm"]:
-                    rollout = f", rollout {entry['trl']['rollout_s'] / entry['fnlm']['rollout_s']:.2f}x"
+                    rollout = (
+                        f", rollout {entry['trl']['rollout_s'] / entry['fnlm']['rollout_s']:.2f}x"
+                    )
                     update = f", update {entry['trl']['update_s'] / entry['fnlm']['update_s']:.2f}x"
                 print(f"{name:14} {method:6} ratio: fnlm {entry['speedup']:.2f}x TRL's speed"
                       f"{rollout}{update}; peak memory "

@@ -94,7 +94,9 @@ def main(argv=None) -> int:
     )
     print(f"run directory: {result.run_dir.resolve()}")
     print(f"loss curve:    {result.plot.resolve() if result.plot else '(none)'}")
-    print(f"adapter:       {result.run_dir.resolve()}  (PEFT format; fnlm generate --adapter {result.run_dir})")
+    print(
+        f"adapter:       {result.run_dir.resolve()}  (PEFT format; fnlm generate --adapter {result.run_dir})"
+    )
     print(f"metrics:       {result.metrics.resolve()}")
     print(f"total time:    {time.perf_counter() - started:.0f} s")
     return 0

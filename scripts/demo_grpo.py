@@ -41,7 +41,9 @@ except ImportError:  # run from a checkout without `pip install -e .`
 from fnlm import train as train_lib  # noqa: E402
 from fnlm.train import methods  # noqa: E402
 
-REWARDS = tuple(f"{ROOT / 'examples' / 'rewards.py'}:{name}" for name in ("answer_format", "exact_answer"))
+REWARDS = tuple(
+    f"{ROOT / 'examples' / 'rewards.py'}:{name}" for name in ("answer_format", "exact_answer")
+)
 HELD_OUT = [(7, "+", 8), (31, "-", 9), (6, "*", 7), (44, "+", 19), (13, "*", 3), (58, "-", 25),
             (9, "+", 26), (17, "*", 2)]  # fmt: skip
 OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
@@ -62,7 +64,9 @@ def evaluate(params, tok, lora, rewards, args) -> tuple[list[float], list[str]]:
                             temperature=args.temperature, seed=args.seed)  # fmt: skip
     completions = [[{"role": "assistant", "content": t}] for t in sampled]
     answers = [str(OPS[op](a, b)) for a, op, b in HELD_OUT for _ in range(SAMPLES)]
-    means = [sum(v) / len(v) for v in (f(completions=completions, answer=answers) for _, f in rewards)]
+    means = [
+        sum(v) / len(v) for v in (f(completions=completions, answer=answers) for _, f in rewards)
+    ]
     greedy = fnlm.generate(params, tok, chats[:3], lora=lora,
                            max_new_tokens=args.max_completion_length)  # fmt: skip
     return means, greedy
