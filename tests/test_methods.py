@@ -166,7 +166,8 @@ def test_dpo_loss_and_gradients_equal_trl(checkpoint, loss_type, label_smoothing
     config = dpo_config(loss_type=loss_type, beta=0.3, label_smoothing=label_smoothing)
     method = methods.PreferenceMethod(config)
     batch = method.collate(random_pairs(), pad_id=0)
-    loss = method.loss(fake_run(params, lora, config), batch, training=True) / method.count(batch)
+    loss, step_stats = method.step_loss(fake_run(params, lora, config), batch, training=True)
+    loss = loss / method.count(batch)
     ours = torch.autograd.grad(loss, lora_lib.parameters(lora))
 
     reference = trainer(
@@ -183,7 +184,7 @@ def test_dpo_loss_and_gradients_equal_trl(checkpoint, loss_type, label_smoothing
     for i, (a, b) in enumerate(zip(ours, peft_grads(model, lora), strict=True)):
         assert_close(a, b, GRAD_REL_TOL, f"{loss_type} gradient {i}")
     # the logged rewards are TRL's
-    stats = method.metrics()
+    stats = method.metrics([step_stats])
     metrics = reference._metrics["train"]
     assert stats["rewards_chosen"] == pytest.approx(
         metrics["rewards/chosen"][0], rel=1e-4, abs=1e-6
@@ -198,7 +199,8 @@ def test_orpo_loss_and_gradients_equal_trl(checkpoint):
     config = train_lib.TrainConfig(method="orpo", beta=0.25, pad_to_multiple=1)
     method = methods.PreferenceMethod(config)
     batch = method.collate(random_pairs(seed=1), pad_id=0)
-    loss = method.loss(fake_run(params, lora, config), batch, training=True) / method.count(batch)
+    loss, step_stats = method.step_loss(fake_run(params, lora, config), batch, training=True)
+    loss = loss / method.count(batch)
     ours = torch.autograd.grad(loss, lora_lib.parameters(lora))
 
     reference = trainer(ORPOTrainer, model, {}, beta=0.25, is_encoder_decoder=False,
@@ -213,7 +215,7 @@ def test_orpo_loss_and_gradients_equal_trl(checkpoint):
     assert_close(loss.detach(), expected.detach(), LOSS_REL_TOL, "orpo loss")
     for i, (a, r) in enumerate(zip(ours, peft_grads(model, lora), strict=True)):
         assert_close(a, r, GRAD_REL_TOL, f"orpo gradient {i}")
-    stats = method.metrics()
+    stats = method.metrics([step_stats])
     assert stats["nll"] == pytest.approx(metrics["nll_loss"], rel=1e-5)
     assert stats["log_odds_ratio"] == pytest.approx(metrics["log_odds_chosen"], rel=1e-4)
     assert stats["margin"] == pytest.approx(metrics["rewards/margins"], rel=1e-4, abs=1e-6)
@@ -242,7 +244,8 @@ def test_orpo_full_finetuning_loss_and_gradients_equal_trl(checkpoint):
     method = methods.PreferenceMethod(config)
     batch = method.collate(random_pairs(seed=2), pad_id=0)
     run = SimpleNamespace(config=config, params=params, layer_fn=None, trainable=trainable)
-    loss = method.loss(run, batch, training=True) / method.count(batch)
+    loss, step_stats = method.step_loss(run, batch, training=True)
+    loss = loss / method.count(batch)
     ours = torch.autograd.grad(loss, trainable.tensors)
 
     model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
@@ -259,7 +262,9 @@ def test_orpo_full_finetuning_loss_and_gradients_equal_trl(checkpoint):
     assert len(ours) == len(hf)  # every weight (none tied in this config)
     for (name, _), grad in zip(trainable.named, ours, strict=True):
         assert_close(grad, hf[hf_name(name)].grad, GRAD_REL_TOL, f"orpo full gradient {name}")
-    assert method.metrics()["log_odds_ratio"] == pytest.approx(metrics["log_odds_chosen"], rel=1e-4)
+    assert method.metrics([step_stats])["log_odds_ratio"] == pytest.approx(
+        metrics["log_odds_chosen"], rel=1e-4
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,7 +312,8 @@ def test_grpo_loss_and_gradients_equal_trl(checkpoint, loss_type, beta, iteratio
         batch["ref_logps"] = ref
 
     method = methods.GrpoMethod(config)
-    loss = method.loss(fake_run(params, lora, config), batch, training=True) / method.count(batch)
+    loss, step_stats = method.step_loss(fake_run(params, lora, config), batch, training=True)
+    loss = loss / method.count(batch)
     ours = torch.autograd.grad(loss, lora_lib.parameters(lora))
 
     def completion_part(
@@ -339,7 +345,7 @@ def test_grpo_loss_and_gradients_equal_trl(checkpoint, loss_type, beta, iteratio
     assert_close(loss.detach(), expected.detach(), LOSS_REL_TOL, f"{loss_type} loss")
     for i, (a, b) in enumerate(zip(ours, peft_grads(model, lora), strict=True)):
         assert_close(a, b, GRAD_REL_TOL, f"{loss_type} gradient {i}")
-    stats, metrics = method.metrics(), reference._metrics["train"]
+    stats, metrics = method.metrics([step_stats]), reference._metrics["train"]
     assert stats["clip_ratio"] == pytest.approx(metrics["clip_ratio/region_mean"][0], abs=1e-6)
     if beta:
         assert stats["kl"] == pytest.approx(metrics["kl"][0], rel=1e-4)

@@ -72,7 +72,8 @@ def test_full_finetuning_dpo_loss_and_gradients_equal_trl(checkpoint, reference,
     # precomputed: a batch input; a given model: a forward inside the step
     assert "pair_keys" not in step_batch
     assert ("ref_logps" in step_batch) == (reference == "starting weights")
-    loss = method.loss(run, step_batch, training=True) / method.count(batch)
+    loss, step_stats = method.step_loss(run, step_batch, training=True)
+    loss = loss / method.count(batch)
     ours = torch.autograd.grad(loss, trainable.tensors)
 
     ref = tm.trainer(
@@ -92,7 +93,7 @@ def test_full_finetuning_dpo_loss_and_gradients_equal_trl(checkpoint, reference,
         tm.assert_close(
             grad, hf[tm.hf_name(name)].grad, tm.GRAD_REL_TOL, f"full dpo gradient {name}"
         )
-    stats, metrics = method.metrics(), ref._metrics["train"]
+    stats, metrics = method.metrics([step_stats]), ref._metrics["train"]
     assert stats["margin"] == pytest.approx(metrics["rewards/margins"][0], rel=1e-4, abs=1e-6)
     assert stats["rewards_chosen"] == pytest.approx(
         metrics["rewards/chosen"][0], rel=1e-4, abs=1e-6

@@ -204,7 +204,6 @@ class Grpo:
         self.reference = None  # full mode with beta != 0: the starting weights (a frozen copy)
         self.run = None
         self.pad_id = 0
-        self.stats: list[dict] = []
         self.rollout_stats: dict = {}
         self.bucket = 0  # > 0: rollouts padded to a few lengths (CUDA graphs)
 
@@ -284,12 +283,6 @@ class Grpo:
         return batches
 
     # loss -------------------------------------------------------------------------------
-    def loss(self, run, batch: dict, training: bool) -> torch.Tensor:
-        """The summed loss of a rollout micro-batch; its stats are kept for `metrics`."""
-        loss, stats = self.step_loss(run, batch, training)
-        self.stats.append(stats)
-        return loss
-
     def step_loss(self, run, batch: dict, training: bool) -> tuple[torch.Tensor, dict]:
         """(summed loss, stats as 0-d tensors): no host sync, so the step can be a CUDA graph
         (the rollouts, old and reference log-probs are batch inputs computed before it)."""
@@ -318,9 +311,8 @@ class Grpo:
 
     def metrics(self, stats: list[dict] = ()) -> dict:
         """The rollouts' metrics and the step's clip ratio (and KL) per completion token, from
-        its micro-batches' stats (these and those `loss` kept; one host sync)."""
-        totals = summed_stats([*self.stats, *stats]) or {"tokens": 0.0, "clip_ratio": 0.0}
-        self.stats = []
+        its micro-batches' stats (as `step_loss` returns them; one host sync)."""
+        totals = summed_stats(list(stats)) or {"tokens": 0.0, "clip_ratio": 0.0}
         out = dict(self.rollout_stats)
         tokens = max(1.0, totals.pop("tokens"))
         out.update({k: round(v / tokens, 6) for k, v in totals.items()})

@@ -92,7 +92,6 @@ class Preference:
         self.name = config.method
         self.reference = None  # params of a given reference model (TrainConfig.ref_model)
         self.ref_cache: dict[int, tuple[float, float]] = {}
-        self.stats: list[dict] = []
         self.run = None
         self.bucket = 0
 
@@ -163,15 +162,9 @@ class Preference:
                     self.ref_cache[key] = (values[i], values[b + i])
 
     # loss -------------------------------------------------------------------------------
-    def loss(self, run, batch: dict, training: bool) -> torch.Tensor:
-        """The summed per-pair loss of a micro-batch (train_step divides by the step's pairs);
-        its stats are kept for `metrics`."""
-        loss, stats = self.step_loss(run, batch, training)
-        self.stats.append(stats)
-        return loss
-
     def step_loss(self, run, batch: dict, training: bool) -> tuple[torch.Tensor, dict]:
-        """(summed loss, stats as 0-d tensors) of a micro-batch."""
+        """(summed per-pair loss, stats as 0-d tensors) of a micro-batch (train_step divides the
+        loss by the step's pairs; `metrics` reads the stats)."""
         params, lora = run.trainable.model(training)
         layer_fn = run.layer_fn if training else None
         c = self.config
@@ -217,10 +210,9 @@ class Preference:
         return nll * b - ratio.sum(), stats
 
     def metrics(self, stats: list[dict] = ()) -> dict:
-        """The step's logged metrics (means over its pairs) from its micro-batches' stats (these
-        and those `loss` kept, read with one host sync); resets for the next step."""
-        totals = summed_stats([*self.stats, *stats])
-        self.stats = []
+        """The step's logged metrics (means over its pairs) from its micro-batches' stats (as
+        `step_loss` returns them), read with one host sync."""
+        totals = summed_stats(list(stats))
         pairs = totals.pop("pairs", 0)
         if not pairs:
             return {}
