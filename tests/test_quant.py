@@ -246,9 +246,8 @@ def test_nf4_gemv_tuned_variant_keeps_the_fastest_candidate(monkeypatch):
     """The "tuned" variant's bookkeeping (timings stood in): every candidate timed once per
     shape, the fastest kept and reused, the "fixup" config first; candidates keep a step of
     blocks per split; while a graph is captured an untimed shape gets the first, unkept."""
-    import importlib
+    from fnlm.kernels import nf4_gemv_config as module
 
-    module = importlib.import_module("fnlm.kernels.nf4_gemv")  # the module, not the door
     cpu = torch.device("cpu")
     candidates = module._candidates(4096, 4096, 1, cpu, 64)
     assert candidates[0] == module._fixup_config(4096, 4096, 1, cpu, 64)
