@@ -82,10 +82,10 @@ def tokens_for(vocab: int, shape=(2, 9), seed: int = 0) -> torch.Tensor:
     return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
 
 
-def assert_adapter_matches_peft(model, params, lora, directory, out, again, tokens) -> None:
+def assert_adapter_matches_peft(model, params, lora, directory, out, again, tokens):
     """fnlm's saved adapter (in `out`; `directory` the checkpoint's) loads in peft on `model` with
     fnlm's logits on `tokens`, merged too, changes them, and peft re-saves (in `again`) the same
-    tensors (FP32_REL_TOL; the tensors equal)."""
+    tensors (FP32_REL_TOL; the tensors equal). Returns the peft model."""
     fnlm.lora.save(out, lora, params=params, base_model_name_or_path=str(directory))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -102,6 +102,7 @@ def assert_adapter_matches_peft(model, params, lora, directory, out, again, toke
     assert ours_tensors.keys() == ref_tensors.keys()
     for key in ours_tensors:
         assert torch.equal(ours_tensors[key], ref_tensors[key]), key
+    return peft_model
 
 
 def assert_merged_export_matches(params, lora, out, tokens) -> None:

@@ -9,7 +9,6 @@ experts' biases, which fnlm refuses (LoraError) rather than silently train fewer
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import peft
@@ -25,6 +24,7 @@ from fnlm.errors import LoraError
 from tests.family_checks import (
     EXAMPLES,
     NO_TOKENIZER,
+    assert_adapter_matches_peft,
     assert_nf4_matches_dequantized,
     check_adapter_matches_peft,
     check_greedy_matches,
@@ -36,7 +36,7 @@ from tests.family_checks import (
     tokens_for,
 )
 from tests.models import FP32_REL_TOL, build_model, hf_configs, max_rel_error, saved_checkpoint
-from tests.test_lora import randomize_fnlm, read_adapter
+from tests.test_lora import randomize_fnlm
 
 pytestmark = NO_TOKENIZER
 GPT_OSS = family("gpt_oss")
@@ -103,13 +103,7 @@ def test_expert_and_router_adapter_both_ways_gpt_oss(model_type, data, tmp_path_
     with saved_checkpoint(config) as (model, directory):
         params = load_fp32(directory)
         lora = randomize_fnlm(fnlm.lora.init(params, r=4, alpha=8, targets=targets))
-        fnlm.lora.save(out, lora, params=params, base_model_name_or_path=str(directory))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            peft_model = peft.PeftModel.from_pretrained(model, out).eval()
-            peft_model.save_pretrained(again)
-        with torch.no_grad():
-            ref = peft_model(tokens).logits
+        peft_model = assert_adapter_matches_peft(model, params, lora, directory, out, again, tokens)
         # an adapter peft creates: its own B factors randomized, loaded by fnlm
         names = fnlm.lora.target_names(params.config, experts=True)
         parameters = [
@@ -126,15 +120,6 @@ def test_expert_and_router_adapter_both_ways_gpt_oss(model_type, data, tmp_path_
                     t.normal_(0, 0.3)
             created_ref = created.eval()(tokens).logits
         created.save_pretrained(out / "created")
-    ours = fnlm.forward(params, tokens, lora=lora)
-    assert max_rel_error(ours, ref) <= FP32_REL_TOL
-    assert max_rel_error(fnlm.forward(fnlm.lora.merge(params, lora), tokens), ours) <= FP32_REL_TOL
-    assert max_rel_error(ours, fnlm.forward(params, tokens)) > 10 * FP32_REL_TOL
-    _, ours_tensors = read_adapter(out)
-    _, ref_tensors = read_adapter(again)
-    assert ours_tensors.keys() == ref_tensors.keys()
-    for key in ours_tensors:
-        assert torch.equal(ours_tensors[key], ref_tensors[key]), key
     loaded = fnlm.lora.load(out / "created", params)
     assert max_rel_error(fnlm.forward(params, tokens, lora=loaded), created_ref) <= FP32_REL_TOL
 
