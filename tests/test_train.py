@@ -25,6 +25,7 @@ from fnlm import train as train_lib
 from fnlm.errors import ArgumentError, CheckpointError
 from fnlm.load import load_params, read_config
 from fnlm.params import leaf_paths, path_name
+from fnlm.train.stream import real_tokens
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -239,8 +240,9 @@ def test_gradient_accumulation_equals_one_big_batch():
             batches = [data_lib.collate_padded(g, pad_id=0) for g in groups]
             result = train_lib.train_step(
                 lambda b, lora=lora: fnlm.loss(params, b, lora=lora, reduction="sum"),
-                batches, optimizer, scheduler, tensors, max_grad_norm=None,
+                batches, optimizer, scheduler, tensors, max_grad_norm=None, real=real_tokens,
             )  # fmt: skip
+            assert result["tokens"] == sum(len(e.tokens) for e in data.examples)  # no padding
             updated.append((result["loss"], [b - t.detach() for b, t in zip(before, tensors)]))
     (loss_one, grads_one), (loss_acc, grads_acc) = updated
     assert rel_close(loss_acc, loss_one, FP32_REL_TOL)

@@ -126,7 +126,7 @@ def advance(run: Run, started: float) -> dict:
     try:
         result = train_step(
             run.loss, batches, run.optimizer, run.scheduler, run.trainable.tensors, count=count,
-            max_grad_norm=run.config.max_grad_norm, graphs=run.graphs,
+            max_grad_norm=run.config.max_grad_norm, graphs=run.graphs, real=real_tokens,
         )  # fmt: skip
     except torch.OutOfMemoryError as e:
         shape = "x".join(str(n) for n in batches[0]["tokens"].shape)
@@ -139,7 +139,7 @@ def advance(run: Run, started: float) -> dict:
         stop_on_non_finite(run, result)
     check_divergence(run, result)
     run.step, run.position = run.step + 1, next_position
-    tokens = int(distributed.sum_over_ranks([sum(real_tokens(b) for b in batches)])[0])
+    tokens = result["tokens"]  # over the ranks, summed with the step's count
     extra = {} if run.method is None else run.method.metrics(result.get("stats", ()))
     return {
         "step": run.step,

@@ -25,6 +25,7 @@ def train_step(
     max_grad_norm: float | None = 1.0,
     count: Callable[[dict], int] = data_lib.trained_tokens,
     graphs: StepGraphs | None = None,
+    real: Callable[[dict], int] | None = None,
 ) -> dict:
     """One optimizer step over several micro-batches (gradient accumulation).
 
@@ -39,13 +40,18 @@ def train_step(
     the gradients and losses after it, so N ranks equal one process running all their batches.
     loss_fn may return (summed loss, stats), stats a dict of 0-d tensors (the methods' logged
     values, read after the step): the result then has "stats", one dict per micro-batch.
-    Returns {"loss", "grad_norm", "lr", "trained_tokens"} (and "stats"); when the loss or
-    gradient norm is not finite, no update is made and the returned loss says so.
+    real(batch): a micro-batch's tokens that are not padding; given, the result's "tokens" is
+    their count over the step (and the ranks, in the same all-reduce as `count`'s).
+    Returns {"loss", "grad_norm", "lr", "trained_tokens"} (and "stats", "tokens"); when the loss
+    or gradient norm is not finite, no update is made and the returned loss says so.
     """
     total_tokens = sum(count(b) for b in batches)
+    real_tokens = sum(real(b) for b in batches) if real is not None else 0
     several = distributed.active()
     if several:  # each rank's share is divided by the global batch's count
-        total_tokens = int(distributed.sum_over_ranks([total_tokens])[0])
+        total_tokens, real_tokens = map(
+            int, distributed.sum_over_ranks([total_tokens, real_tokens])
+        )
     denominator = max(total_tokens, 1)
     summed, failure = None, None
     stats: list[dict] = []
@@ -69,6 +75,8 @@ def train_step(
     mean = summed / denominator
     lr = optimizer.param_groups[0]["lr"]
     extra = {"stats": stats} if stats else {}
+    if real is not None:
+        extra["tokens"] = real_tokens
     set_to_none = graphs is None  # a captured backward adds into the same .grad tensors
     if not math.isfinite(mean):
         optimizer.zero_grad(set_to_none=set_to_none)
