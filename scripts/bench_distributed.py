@@ -31,13 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
-from bench_train import (  # noqa: E402
-    PEAK_FLOPS,
-    REAL_CONFIGS,
-    parameter_count,
-    synthetic_documents,
-    write_checkpoint,
-)
+from bench_configs import REAL_CONFIGS, parameter_count, write_checkpoint  # noqa: E402
+from bench_train import PEAK_FLOPS, synthetic_documents  # noqa: E402
 
 from fnlm import train as train_lib  # noqa: E402
 from fnlm.train import distributed  # noqa: E402

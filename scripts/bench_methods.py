@@ -42,7 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
-from bench_train import REAL_CONFIGS, TARGETS  # noqa: E402
+from bench_configs import REAL_CONFIGS, TARGETS  # noqa: E402
 
 TINY = dict(
     model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,

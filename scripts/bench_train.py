@@ -56,9 +56,8 @@ from bench_common import (  # noqa: E402
     reset_peak,
     sync,
 )
-from bench_configs import (  # noqa: E402, F401  (TARGETS, write_checkpoint: bench_methods/_distributed)
+from bench_configs import (  # noqa: E402
     REAL_CONFIGS,
-    TARGETS,
     active_parameters,
     clear,
     lora_targets,
