@@ -252,6 +252,7 @@ def test_train_config_data_options_flags_and_trl_names(tok, tmp_path):
         ({"num_proc": 0}, "num_proc must be a positive integer"),
         ({"streaming": True, "num_proc": 4}, "streaming"),
         ({"columns": ["text=a"], "dataset_text_field": "b"}, "given twice"),
+        ({"columns": ["text=a", "text=b"]}, "'text' is given twice"),
         ({"method": "dpo", "num_proc": 2}, "num_proc applies to supervised data"),
     ]:
         with pytest.raises(ArgumentError, match=match):

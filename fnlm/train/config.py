@@ -428,12 +428,18 @@ def check_data_options(config: TrainConfig) -> None:
     elif isinstance(pairs, str):
         pairs = [pairs]
     config.columns = tuple(pairs)
+    seen: dict[str, str] = {}
     for pair in config.columns:
         key, _, column = str(pair).partition("=")
         if key not in ROW_KEYS or not column:
             raise ArgumentError(
                 f"TrainConfig.columns: {pair!r} must be KEY=COLUMN with KEY one of {ROW_KEYS}"
             )
+        if key in seen:  # one would silently override the other
+            raise ArgumentError(
+                f"TrainConfig.columns: {key!r} is given twice ({seen[key]!r}, {pair!r})"
+            )
+        seen[key] = pair
     if config.method != "sft":
         given = [name for name, unset in [
             ("columns", ()), ("streaming", False), ("num_proc", None), ("data_subset", None),
