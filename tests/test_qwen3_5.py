@@ -325,7 +325,7 @@ def test_nf4_logits_match_transformers_on_the_dequantized_weights_qwen3_5(model_
 def test_triton_scan_in_the_model_qwen3_5_text(monkeypatch):
     """The loss and LoRA gradients of a model whose DeltaNet layers run the Triton scan (custom
     op, forward and reverse-scan backward; interpreter) equal those of torch's scan. Measured on
-    tests/test_new_families' QWEN3_5 config: loss bit-equal, gradients within 1.7e-7."""
+    TINY: loss bit-equal, gradients within 9.7e-8 (relative)."""
     with saved_checkpoint(transformers.Qwen3_5TextConfig(**TINY)) as (_, directory):
         params = load_fp32(directory)
     lora = fnlm.lora.init(params, r=2, targets=["in_qkv", "in_z", "out", "q"])
@@ -351,7 +351,7 @@ def test_triton_scan_in_the_model_qwen3_5_text(monkeypatch):
     loss, grads = loss_and_grads()
     assert torch.equal(loss, ref_loss)
     for ours, ref in zip(grads, ref_grads, strict=True):
-        assert max_rel_error(ours, ref) <= 1e-5
+        assert max_rel_error(ours, ref) <= 1e-6
 
 
 def test_mrope_parameters_are_plain_rope_for_text_qwen3_5_text():
