@@ -126,10 +126,10 @@ def save(
     binary = llama_quantize() if gguf_type in K_QUANTS else None  # missing: fail before writing
     weights = MergedWeights(params, lora, base)
     target = _prepare_gguf_path(Path(directory), gguf_type, overwrite)
-    modelfile = _modelfile_path(Path(directory), target, overwrite) if ollama else None
+    modelfile_at = _modelfile_path(Path(directory), target, overwrite) if ollama else None
     if binary is None:
         _write_file(target, lambda tmp: write_gguf(Path(tmp), weights, tok, gguf_type))
-        _write_modelfile(modelfile, target, tok)
+        _write_modelfile(modelfile_at, target, tok)
         return target
 
     def write_k_quant(tmp: Path) -> None:
@@ -141,14 +141,14 @@ def save(
             f16.unlink(missing_ok=True)
 
     _write_file(target, write_k_quant)
-    _write_modelfile(modelfile, target, tok)
+    _write_modelfile(modelfile_at, target, tok)
     return target
 
 
 def _modelfile_path(directory: Path, target: Path, overwrite: bool) -> Path:
-    path = target.parent / "Modelfile" if directory.suffix != ".gguf" else target.with_suffix(
-        ".Modelfile"
-    )  # fmt: skip
+    """`Modelfile` in the export directory, `<name>.Modelfile` beside a .gguf path."""
+    gguf_path = directory.suffix == ".gguf"
+    path = target.with_suffix(".Modelfile") if gguf_path else target.parent / "Modelfile"
     if path.exists() and not overwrite:
         raise ExportError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
     return path
