@@ -116,15 +116,21 @@ def matmul_weight_t(
     materialized)."""
     if not is_quantized(w):
         return F.linear(x, w, bias)
-    if (
+    if _takes_gemv(x, w, triton):
+        return kernels.nf4_gemv(x, w, bias, triton=True)
+    return F.linear(x, w.dequantize(triton).to(x.dtype), bias)
+
+
+def _takes_gemv(x: torch.Tensor, w, triton: bool) -> bool:
+    """Whether x [rows, in] @ W.T runs as the fused NF4 GEMV: NF4 on the Triton path, at most
+    GEMV_MAX_ROWS rows of W's dtype, a shape the kernel takes."""
+    return (
         triton
         and isinstance(w, NF4Weight)
         and x.shape[0] <= GEMV_MAX_ROWS
         and x.dtype == w.dtype
         and kernels.nf4_gemv_supported(x.dtype, w.shape, w.blocksize)
-    ):
-        return kernels.nf4_gemv(x, w, bias, triton=True)
-    return F.linear(x, w.dequantize(triton).to(x.dtype), bias)
+    )
 
 
 def matmul_weight_t_into(
@@ -132,9 +138,9 @@ def matmul_weight_t_into(
 ) -> torch.Tensor:
     """out += x @ W.T in place (out [rows, out] in x's dtype), no autograd: the GEMM accumulates
     into out in its epilogue (beta=1), so a term written into out first (a LoRA branch) costs no
-    separate pass over [rows, out]. Few rows of NF4 go through the GEMV as in `matmul_weight_t`."""
-    if is_quantized(w) and x.shape[0] <= GEMV_MAX_ROWS:
-        return out.add_(matmul_weight_t(x, w, triton))
+    separate pass over [rows, out]. Where `matmul_weight_t` takes the GEMV, so does this."""
+    if _takes_gemv(x, w, triton):
+        return out.add_(kernels.nf4_gemv(x, w, None, triton=True))
     dense = w.dequantize(triton).to(x.dtype) if is_quantized(w) else w
     return out.addmm_(x, dense.t())
 
