@@ -41,6 +41,18 @@ import triton.language as tl
 
 
 @triton.jit
+def _key_tiles(W, QD, KD, A, GAMMA, chunk, kmat, rc, mk, C: tl.constexpr):
+    """What both scans read of chunk `chunk` beside its value tiles, kmat the offsets of its
+    [C, BK] key tiles: (w, qd, kd [C, BK], a [C, C], gamma)."""
+    w = tl.load(W + kmat, mask=mk[None, :], other=0.0)
+    qd = tl.load(QD + kmat, mask=mk[None, :], other=0.0)
+    kd = tl.load(KD + kmat, mask=mk[None, :], other=0.0)
+    a = tl.load(A + chunk * C * C + rc[:, None] * C + rc[None, :])
+    gamma = tl.load(GAMMA + chunk)
+    return w, qd, kd, a, gamma
+
+
+@triton.jit
 def _scan_fwd_kernel(
     U, W, QD, KD, A, GAMMA, S0, OUT, STATES, S_FINAL,
     n_chunks, dk, dv,
@@ -60,11 +72,7 @@ def _scan_fwd_kernel(
         kmat = chunk * C * dk + rc[:, None] * dk + rk[None, :]
         vmat = chunk * C * dv + rc[:, None] * dv + rv[None, :]
         u = tl.load(U + vmat, mask=mv[None, :], other=0.0)
-        w = tl.load(W + kmat, mask=mk[None, :], other=0.0)
-        qd = tl.load(QD + kmat, mask=mk[None, :], other=0.0)
-        kd = tl.load(KD + kmat, mask=mk[None, :], other=0.0)
-        a = tl.load(A + chunk * C * C + rc[:, None] * C + rc[None, :])
-        gamma = tl.load(GAMMA + chunk)
+        w, qd, kd, a, gamma = _key_tiles(W, QD, KD, A, GAMMA, chunk, kmat, rc, mk, C)
         v_new = u - tl.dot(w, s, input_precision="ieee")
         o = tl.dot(qd, s, input_precision="ieee") + tl.dot(a, v_new, input_precision="ieee")
         tl.store(OUT + vmat, o, mask=mv[None, :])
@@ -98,11 +106,7 @@ def _scan_bwd_kernel(
         vmat = chunk * C * dv + rc[:, None] * dv + rv[None, :]
         u = tl.load(U + vmat, mask=mv[None, :], other=0.0)
         do = tl.load(D_O + vmat, mask=mv[None, :], other=0.0)
-        w = tl.load(W + kmat, mask=mk[None, :], other=0.0)
-        qd = tl.load(QD + kmat, mask=mk[None, :], other=0.0)
-        kd = tl.load(KD + kmat, mask=mk[None, :], other=0.0)
-        a = tl.load(A + chunk * C * C + rc[:, None] * C + rc[None, :])
-        gamma = tl.load(GAMMA + chunk)
+        w, qd, kd, a, gamma = _key_tiles(W, QD, KD, A, GAMMA, chunk, kmat, rc, mk, C)
         v_new = u - tl.dot(w, s, input_precision="ieee")
         # S_{i+1} = gamma S_i + Kd^T v_new and o = Qd S_i + A v_new, v_new = U - W S_i
         d_v_new = tl.dot(tl.trans(a), do, input_precision="ieee") + tl.dot(
