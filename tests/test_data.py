@@ -97,6 +97,11 @@ def test_unknown_row_format_names_the_row_and_its_keys(tmp_path):
         DataError, match=r"d\.jsonl line 2: unknown row format; found keys \['answer', 'question'\]"
     ):
         data_lib.standardize(rows[1])
+    for value, said in [({"text": 5}, "'text' must be a string, got int"),
+                        ({"text": None, "id": 3}, "'text' must be a string, got NoneType"),
+                        ({"messages": "hi"}, "'messages' must be a list, got str")]:  # fmt: skip
+        with pytest.raises(DataError, match=f"row 7: {said}"):
+            data_lib.standardize(data_lib.Row(value, "row 7"))
     bad_role = data_lib.Row({"conversations": [{"from": "narrator", "value": "x"}]}, "row 9")
     with pytest.raises(DataError, match="row 9: conversations.0. has unknown from 'narrator'"):
         data_lib.standardize(bad_role)

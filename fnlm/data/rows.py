@@ -222,6 +222,12 @@ def row_format(row: Row) -> str:
         return "prompt_completion"
     if isinstance(value.get("text"), str):
         return "text"
+    for key, kind in (("messages", "list"), ("conversations", "list"), ("text", "string")):
+        if key in value:  # the format's key, but not holding what that format holds
+            raise DataError(
+                f"{row.where}: {key!r} must be a {kind}, got {type(value[key]).__name__} "
+                f"(keys {sorted(value)}; expected {FORMATS_HELP})"
+            )
     raise DataError(
         f"{row.where}: unknown row format; found keys {sorted(value)}; expected {FORMATS_HELP}"
     )
