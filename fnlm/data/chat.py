@@ -17,6 +17,7 @@ Two ways, picked by the template:
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 from fnlm.errors import DataError, TokenizerError
 
@@ -140,18 +141,19 @@ def _locate_turn(tok, messages, i, full, prompt, where, kwargs) -> tuple[int, in
     # is the last one; the same text follows it in the full render.
     last = _render(tok, with_content(content + AT)[: i + 1], where, kwargs)
     tail = last[last.index(AT) + 1 :] if last.count(AT) == 1 else ""
-    end = content_end + _common_prefix(tail, full[content_end:])
+    end = content_end + common_prefix(tail, full[content_end:])
     # The response starts where the full render leaves the generation prompt, or earlier where
     # the content itself starts (with enable_thinking=False the prompt ends in an empty think
     # block that an earlier turn's render lacks, and the content may begin with the same '<').
-    start = min(_common_prefix(full, prompt), content_end)
+    start = min(common_prefix(full, prompt), content_end)
     opened = _render(tok, with_content(AT + content), where, kwargs)
     if opened.count(AT) == 1 and opened.replace(AT, "") == full:  # else the template cut it off
         start = min(start, opened.index(AT))
     return start, end
 
 
-def _common_prefix(a: str, b: str) -> int:
+def common_prefix(a: Sequence, b: Sequence) -> int:
+    """The length of the longest common prefix of two strings or lists (of token ids)."""
     n = 0
     for x, y in zip(a, b):
         if x != y:

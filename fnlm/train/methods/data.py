@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from fnlm.data import IGNORE_INDEX, Row, TokenizedData, _turns, read_rows
+from fnlm.data.chat import common_prefix
 from fnlm.errors import DataError, TokenizerError
 
 
@@ -120,13 +121,6 @@ def _ids(tok, where: str, value, *, generation_prompt: bool = False) -> list[int
     return list(tok.encode(text, add_special_tokens=False))
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
-
-
 def tokenize_pair(tok, row: Row, max_seq_length: int) -> tuple[Pair | None, int]:
     """(the pair of one preference row, tokens cut): None when the prompt alone fills
     max_seq_length (TRL drops those too); completions longer than the room left are cut at
@@ -144,7 +138,7 @@ def tokenize_pair(tok, row: Row, max_seq_length: int) -> tuple[Pair | None, int]
         _ids(tok, row.where, full_chosen),
         _ids(tok, row.where, full_rejected),
     )
-    cut = min(_common_prefix(prompt_ids, chosen_ids), _common_prefix(prompt_ids, rejected_ids))
+    cut = min(common_prefix(prompt_ids, chosen_ids), common_prefix(prompt_ids, rejected_ids))
     chosen_ids, rejected_ids = chosen_ids[cut:], rejected_ids[cut:]
     if cut >= max_seq_length:
         return None, 0
