@@ -252,14 +252,19 @@ def will_capture(params: Params) -> bool:
     return on_cuda and graphable(params.config, grouped)
 
 
+def compiles(params: Params, compile: bool) -> bool:
+    """Whether the layers are torch.compile'd when `compile` asks for it: not on CUDA where the
+    step is not graph-captured (the model reads device values on the host there, and dynamo
+    would break the graph at each read)."""
+    return compile and (params["norm"].device.type != "cuda" or will_capture(params))
+
+
 def make_step(params, cache, tokens, positions, slot, *, compile: bool) -> Callable:
     """A no-argument callable running one decode step over the given buffers: a CUDA graph
-    replay where the model allows it, else the (compiled) step."""
+    replay where the model allows it, else the (compiled, see `compiles`) step."""
     if will_capture(params):
         return graph_step(params, cache, tokens, positions, slot, compile)
-    if params["norm"].device.type == "cuda":  # host syncs inside: dynamo would break there anyway
-        compile = False
-    step = step_fn(compile)
+    step = step_fn(compiles(params, compile))
     return lambda: step(params, cache, tokens, positions, slot)
 
 

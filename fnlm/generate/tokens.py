@@ -18,6 +18,7 @@ from fnlm.errors import ArgumentError
 from fnlm.generate.sampling import Sampling, check_max_new_tokens, choose
 from fnlm.generate.step import (
     cache_length,
+    compiles,
     decode_state,
     keep,
     prefill_fn,
@@ -102,8 +103,8 @@ def generate_tokens(
     with torch.no_grad(), _kept(state):
         if graphed:
             logits = state.prefill(tokens, mask)
-        else:  # compiled as the step is (not on CUDA: the model reads device values on the host)
-            run_prefill = prefill_fn(compile and not on_cuda)
+        else:  # compiled as the step is
+            run_prefill = prefill_fn(compiles(params, compile))
             logits, _ = run_prefill(params, tokens, state.cache, attention_mask=padded)
         seen = None
         if sampling.repetition_penalty != 1.0:

@@ -45,11 +45,11 @@ from fnlm.generate.sampling import Sampling, choose
 from fnlm.generate.step import (
     cache_length,
     compiled_layer,
+    compiles,
     decode_step,
     init_cache,
     prefill_fn,
     recurrent_states,
-    will_capture,
 )
 from fnlm.generate.text import TextRow
 from fnlm.lora import with_adapters
@@ -147,9 +147,7 @@ class Engine:
         self.params, self.tok, self.slots, self.context = params, tok, slots, context
         self.device = params["norm"].device
         on_cuda = self.device.type == "cuda"
-        self.compile = (on_cuda if compile is None else compile) and (
-            not on_cuda or will_capture(params)  # host syncs inside: dynamo would break there
-        )
+        self.compile = compiles(params, on_cuda if compile is None else compile)
         self.eos = set(getattr(tok, "eos_token_ids", ()) or ())
         self.models: dict[str | None, Params] = {None: params}
         for name, lora in (adapters or {}).items():
