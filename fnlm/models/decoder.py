@@ -17,6 +17,10 @@ from torch.nn.attention.flex_attention import BlockMask
 from fnlm import kernels, quant
 from fnlm.config import ACTIVATIONS, ModelConfig
 from fnlm.errors import ArgumentError
+
+# deltanet and mla import this module back (linear, attend, update_cache): an import cycle that
+# is harmless because each side reads the other's attributes only inside functions, at call
+# time, so any of the three may be imported first.
 from fnlm.models import deltanet, masks, mla, moe
 from fnlm.models.rope import rope_tables
 from fnlm.params import EmbeddingLeaf, ExpertsLeaf, LinearLeaf, Params, expect_leaf
@@ -78,7 +82,7 @@ def attention(
     cache [batch, kv_heads, max_len, head_dim] at `slots` [seq] and the queries attend over the whole
     cache with `mask` [batch, 1, seq, max_len] (see `cache_mask`).
     """
-    if "conv" in p:  # a gated DeltaNet layer (Qwen3.5): `mask` and `kv` as deltanet.layer_inputs
+    if "conv" in p:  # gated DeltaNet (Qwen3.5): `mask`, `kv` from deltanet.layer_mask / .state
         return deltanet.linear_attention(config, p, x, mask, kv)
     if config.latent_attention:  # multi-head latent attention (DeepSeek-V3): fnlm/models/mla.py
         return mla.attention(config, p, x, cos, sin, mask, kv)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from fnlm import kernels
 from fnlm.config import ModelConfig
 from fnlm.errors import ArgumentError
-from fnlm.models import decoder
+from fnlm.models import decoder  # imports this module back: see its import of it
 
 LINEAR = "linear_attention"
 
@@ -47,10 +47,6 @@ class Sizes(NamedTuple):
 
 def sizes(config: ModelConfig) -> Sizes:
     return Sizes(*config.linear_attention)
-
-
-def _linear(x: torch.Tensor, w) -> torch.Tensor:
-    return decoder.linear(x, w)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,7 +184,7 @@ def linear_attention(
     # gated RMSNorm: norm(out) rounded to the input dtype, times the weight, times silu(z) in fp32
     normed = kernels.rms_norm(out, p["norm"], config.norm_eps)
     out = (normed * F.silu(z.float())).to(x.dtype)
-    out = _linear(out.reshape(batch, seq, n.value_heads * n.value_dim), p["out"])
+    out = decoder.linear(out.reshape(batch, seq, n.value_heads * n.value_dim), p["out"])
     if doc_pos is not None:  # padding between and after packed documents gives zeros
         out = out * mask[:, :, None].to(out.dtype)
     return out
@@ -201,12 +197,13 @@ def _project(n: Sizes, p: dict, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     r = Hv/Hk value heads' v, then their z; and its r b, then its r a); they stay fused, as peft
     adapts them, and are regrouped here."""
     if "in_qkvz" not in p:
-        return tuple(_linear(x, p[name]) for name in ("in_qkv", "in_z", "in_b", "in_a"))
+        return tuple(decoder.linear(x, p[name]) for name in ("in_qkv", "in_z", "in_b", "in_a"))
     batch, seq, _ = x.shape
     r = n.value_heads // n.key_heads
-    qkvz = _linear(x, p["in_qkvz"]).reshape(batch, seq, n.key_heads, -1)
+    qkvz = decoder.linear(x, p["in_qkvz"]).reshape(batch, seq, n.key_heads, -1)
     q, k, v, z = qkvz.split([n.key_dim, n.key_dim, r * n.value_dim, r * n.value_dim], dim=-1)
-    b, a = _linear(x, p["in_ba"]).reshape(batch, seq, n.key_heads, 2 * r).split([r, r], dim=-1)
+    ba = decoder.linear(x, p["in_ba"]).reshape(batch, seq, n.key_heads, 2 * r)
+    b, a = ba.split([r, r], dim=-1)
     mixed = torch.cat([q.flatten(2), k.flatten(2), v.flatten(2)], dim=-1)
     return mixed, z.flatten(2), b.flatten(2), a.flatten(2)
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from fnlm import kernels
 from fnlm.config import ModelConfig
-from fnlm.models import decoder
+from fnlm.models import decoder  # imports this module back: see its import of it
 
 # transformers' DeepseekV3RMSNorm(q_lora_rank) / (kv_lora_rank): the default eps, not rms_norm_eps
 LATENT_NORM_EPS = 1e-6
