@@ -272,14 +272,13 @@ class TrainConfig:
                 )
         check_numbers(self)
         check_data_options(self)
-        sharded_setup = (self.mode, self.method, self.optimizer)
         if self.distributed == "fsdp" and self.mode == "qlora":
             raise ArgumentError(
                 "distributed='fsdp' shards 16-bit weights; QLoRA's NF4 base is not sharded. Use "
                 "mode='lora' (a 16-bit base sharded over the processes) or distributed='ddp' (the "
                 "NF4 base replicated on every process)"
             )
-        if self.distributed == "fsdp" and sharded_setup[1:] != ("sft", "adamw"):
+        if self.distributed == "fsdp" and (self.method, self.optimizer) != ("sft", "adamw"):
             raise ArgumentError(
                 "distributed='fsdp' shards supervised fine-tuning with AdamW (method='sft', "
                 f"optimizer 'adamw'), got method {self.method!r}, optimizer {self.optimizer!r}; "
