@@ -186,6 +186,8 @@ class ModelConfig:
             )
         if self.num_experts:
             _check_groups(self)
+        if self.linear_attention:
+            _check_linear_attention(self.linear_attention)
 
     @property
     def rotary_dim(self) -> int:
@@ -224,6 +226,20 @@ class ModelConfig:
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), default=str)
+
+
+def _check_linear_attention(sizes: tuple[int, ...]) -> None:
+    """The gated DeltaNet sizes: five positive integers, each key head serving a whole number of
+    value heads (transformers repeats q and k per value head)."""
+    names = ("linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim")
+    names += ("linear_value_head_dim", "linear_conv_kernel_dim")
+    if len(sizes) != len(names) or not all(isinstance(v, int) and v > 0 for v in sizes):
+        raise ConfigError(f"{', '.join(names)} must be positive integers; got {sizes}")
+    if sizes[1] % sizes[0]:
+        raise ConfigError(
+            f"linear_num_value_heads ({sizes[1]}) must be a multiple of linear_num_key_heads "
+            f"({sizes[0]})"
+        )
 
 
 def _check_groups(config: ModelConfig) -> None:

@@ -14,8 +14,9 @@ from hypothesis import strategies as st
 from transformers.models.qwen3_5 import modeling_qwen3_5 as hf
 
 from fnlm import kernels
-from fnlm.errors import ArgumentError
+from fnlm.errors import ArgumentError, ConfigError
 from fnlm.kernels import deltanet
+from fnlm.models import qwen3_5
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*flash-linear-attention")
 
@@ -118,6 +119,23 @@ def test_door_checks_shapes():
     v, g = torch.randn(1, 5, 2, 8), torch.zeros(1, 5, 2)
     with pytest.raises(ArgumentError, match="reset bool"):
         kernels.gated_delta_rule(q, q, v, g, g, reset=torch.zeros(1, 5))  # not bool
+
+
+def test_config_checks_linear_attention_sizes():
+    """A Qwen3.5 config whose value heads are not a multiple of its key heads (or with a size 0)
+    fails when translated, naming the config.json fields, not at the first forward."""
+    hf = dict(
+        model_type="qwen3_5_text", vocab_size=64, hidden_size=32, intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, linear_num_key_heads=2,
+        linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8,
+        linear_conv_kernel_dim=4,
+    )  # fmt: skip
+    assert qwen3_5.config_from_hf(hf).linear_attention == (2, 4, 8, 8, 4)
+    with pytest.raises(ConfigError, match=r"linear_num_value_heads \(3\) must be a multiple"):
+        qwen3_5.config_from_hf({**hf, "linear_num_value_heads": 3})
+    with pytest.raises(ConfigError, match="linear_conv_kernel_dim must be positive"):
+        qwen3_5.config_from_hf({**hf, "linear_conv_kernel_dim": 0})
 
 
 # ----------------------------------------------------------------------------------------------
