@@ -311,6 +311,18 @@ def bench_linears(name: str, variants: list[str]) -> dict:
     return results
 
 
+def gemv_variants(text: str) -> list[str]:
+    """--gemv-variants: a comma list of fnlm's NF4 GEMV variants, refused at parsing (before any
+    checkpoint is written) when one is unknown."""
+    from fnlm.kernels.nf4_gemv_config import GEMV_VARIANTS
+
+    variants = text.split(",")
+    unknown = [v for v in variants if v not in GEMV_VARIANTS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown {unknown}; expected some of {GEMV_VARIANTS}")
+    return variants
+
+
 @contextlib.contextmanager
 def gemv_variant(variant: str | None):
     """FNLM_NF4_GEMV set to `variant` inside (None: left as it is), kept decode graphs dropped
@@ -390,7 +402,7 @@ def main() -> None:
     parser.add_argument("--serve-streams", type=int, default=32)
     parser.add_argument(
         "--gemv-variants",
-        type=lambda s: s.split(","),
+        type=gemv_variants,
         default=None,
         help="comma list of NF4 GEMV variants (fixup, sweep, tuned) to run each part with; default: "
         "FNLM_NF4_GEMV or fixup, one run",

@@ -83,3 +83,14 @@ def test_bench_generate_tiny(scripts, tmp_path, monkeypatch, capsys):
         assert re.search(rf"^\| {re.escape(name)} \| nf4 \| [\d.]+ \| [\d.]+ \|", out, re.M), name
     results = json.loads((tmp_path / "bench_generate.json").read_text())
     assert all(len(results[f"{name} nf4"]["fnlm"]) > 1 for name in MODELS)
+
+
+def test_bench_generate_refuses_an_unknown_gemv_variant(scripts, monkeypatch, capsys):
+    """A misspelt --gemv-variants stops at parsing, naming it, before any checkpoint is written."""
+    _, _, generate, _ = scripts
+    monkeypatch.setattr(sys, "argv", [generate.__file__, "--gemv-variants", "fixup,swep"])
+    with pytest.raises(SystemExit) as exit_:
+        generate.main()
+    assert exit_.value.code == 2
+    assert "--gemv-variants: unknown ['swep']" in capsys.readouterr().err
+    assert generate.gemv_variants("sweep,fixup") == ["sweep", "fixup"]
