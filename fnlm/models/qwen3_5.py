@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 from fnlm.config import ModelConfig, hf_text
 from fnlm.models import llama
-from fnlm.models.deltanet import LINEAR
+from fnlm.models.deltanet import LINEAR, sizes
 
 MODEL_TYPES = ("qwen3_5_text",)
 
@@ -55,7 +55,7 @@ def translate(hf: dict, **overrides) -> ModelConfig:
         legacy = {}
     rope.setdefault("partial_rotary_factor", hf.get("partial_rotary_factor", 0.25))
     hf = {**hf, "rope_parameters": rope, "rope_scaling": legacy or None}
-    sizes = tuple(
+    linear_sizes = tuple(
         llama.require(hf, key)
         for key in (
             "linear_num_key_heads",
@@ -74,7 +74,7 @@ def translate(hf: dict, **overrides) -> ModelConfig:
         norm_offset=1.0,
         attention_output_gate=True,
         layer_types=layer_types(hf),
-        linear_attention=sizes,
+        linear_attention=linear_sizes,
         hf_config=hf_text(original),  # exports write the mrope keys back
         **overrides,
     )
@@ -87,8 +87,6 @@ def config_from_hf(hf: dict) -> ModelConfig:
 def weight_names(config: ModelConfig) -> dict[str, tuple[tuple, tuple[int, ...]]]:
     """Llama's names with q_proj twice as tall (q and gate per head); on linear-attention layers
     the DeltaNet's tensors (`fnlm.models.deltanet`) replace self_attn's."""
-    from fnlm.models.deltanet import sizes
-
     names = llama.weight_names(config)
     h, d = config.hidden_size, config.head_dim
     n = sizes(config)
