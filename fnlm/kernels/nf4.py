@@ -221,7 +221,7 @@ def _numel(shape) -> int:
 def dequantize_nf4(
     packed: torch.Tensor,
     absmax: torch.Tensor,
-    code: torch.Tensor,
+    code: torch.Tensor | None,
     nested_absmax: torch.Tensor | None,
     nested_code: torch.Tensor | None,
     offset: torch.Tensor | None,
