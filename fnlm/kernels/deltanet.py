@@ -336,10 +336,10 @@ def chunk_prepare(q, k, v, g, beta, chunk: int, reset: torch.Tensor | None = Non
     else:
         cum, doc = _document_cumsum(g.reshape(b, h, n, chunk), F.pad(reset, (0, pad)), chunk)
         hidden = upper | (doc[..., :, None] != doc[..., None, :])
-        ninf = torch.tensor(float("-inf"), device=q.device)
-        from_start = torch.where(doc == 0, cum, ninf)
-        to_end = torch.where(doc == doc[..., -1:], cum[..., -1:] - cum, ninf)
-        last = torch.where(doc[..., -1] == 0, cum[..., -1], ninf)
+        # -inf as a Python scalar: a tensor built on the device per call is a blocking copy
+        from_start = torch.where(doc == 0, cum, float("-inf"))
+        to_end = torch.where(doc == doc[..., -1:], cum[..., -1:] - cum, float("-inf"))
+        last = torch.where(doc[..., -1] == 0, cum[..., -1], float("-inf"))
     decay = (cum[..., :, None] - cum[..., None, :]).masked_fill(hidden, float("-inf")).exp()
     # the UT transform: (I + strictly_lower(k_beta k^T * decay))^-1, applied by a triangular solve
     system = (k_beta @ k.transpose(-1, -2)) * decay
