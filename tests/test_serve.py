@@ -18,7 +18,7 @@ import transformers
 
 import fnlm
 import fnlm.lora
-from fnlm.errors import ArgumentError
+from fnlm.errors import ArgumentError, LoraError
 from fnlm.generate import Sampling, generate_tokens
 from fnlm.serve import Engine, Request, Server
 from tests.models import saved_checkpoint
@@ -445,6 +445,14 @@ def test_engine_refuses_bad_requests(tiny):
         Engine(params, tok, context=CONTEXT + 1)
     with pytest.raises(ArgumentError, match="slots"):
         Engine(params, tok, slots=0)
+    with saved_checkpoint(tiny_llama(hidden_size=32, head_dim=8)) as (_, directory):
+        other, _ = fnlm.load(directory, quant=None, dtype=torch.float32, device="cpu")
+    with pytest.raises(
+        LoraError, match=r"adapters\['other'\]: adapter layers.0.attn.q: .* \(64, 64\)"
+    ):
+        Engine(
+            params, tok, adapters={"a": random_lora(params), "other": fnlm.lora.init(other, r=2)}
+        )
     engine = Engine(params, tok, slots=1)
     try:
         with pytest.raises(ArgumentError, match="adapter"):

@@ -40,7 +40,7 @@ from collections.abc import Callable
 
 import torch
 
-from fnlm.errors import ArgumentError
+from fnlm.errors import ArgumentError, LoraError
 from fnlm.generate.sampling import Sampling, choose
 from fnlm.generate.step import (
     cache_length,
@@ -151,7 +151,10 @@ class Engine:
         self.eos = set(getattr(tok, "eos_token_ids", ()) or ())
         self.models: dict[str | None, Params] = {None: params}
         for name, lora in (adapters or {}).items():
-            self.models[name] = with_adapters(params, lora)
+            try:
+                self.models[name] = with_adapters(params, lora)
+            except LoraError as e:  # which of the adapters, then what does not fit
+                raise LoraError(f"adapters[{name!r}]: {e}") from e
         self.cache_dtype = cache_dtype
         self.cache = init_cache(params, slots, context, dtype=cache_dtype)
         # static buffers of the step: each row's input token and rotary position (= its tokens
