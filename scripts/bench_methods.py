@@ -28,7 +28,6 @@ fnlm / TRL ratios and writes bench_methods.json to --out (default $OUT or .).
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import statistics
@@ -42,7 +41,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
-from bench_configs import REAL_CONFIGS, TARGETS  # noqa: E402
+from bench_common import sync  # noqa: E402
+from bench_configs import REAL_CONFIGS, TARGETS, clear  # noqa: E402
 
 TINY = dict(
     model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -72,7 +72,7 @@ def write_checkpoint(name: str, directory: Path, device: str) -> None:
     model.save_pretrained(directory, max_shard_size="5GB")
     word_tokenizer(config.vocab_size).save_pretrained(directory)
     del model
-    clear(device)
+    clear()
 
 
 def word_tokenizer(vocab: int):
@@ -119,18 +119,6 @@ def even_share(completion_ids, **_) -> list[float]:
 # ---------------------------------------------------------------------------------------------
 # Timing
 # ---------------------------------------------------------------------------------------------
-
-
-def clear(device: str) -> None:
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def peak_gib(device: str) -> float | None:
@@ -192,7 +180,7 @@ def fnlm_run(method: str, directory: Path, args, data) -> dict:
                 checkpointing="layer" if cuda else "none", progress=False, save_total_limit=1,
                 **extra,
             )  # fmt: skip
-            clear(args.device)
+            clear()
             sync(args.device)
             marks.append(time.perf_counter())
 
@@ -311,7 +299,7 @@ def reference_run(method: str, directory: Path, args, data) -> dict:
                 marks.append(time.perf_counter())
 
         trainer.add_callback(Steps())
-        clear(args.device)
+        clear()
         trainer.train()
         lengths = [e["completions/mean_length"] for e in trainer.state.log_history
                    if "completions/mean_length" in e]  # fmt: skip
@@ -321,7 +309,7 @@ def reference_run(method: str, directory: Path, args, data) -> dict:
     if method == "grpo":
         out["completion_length"] = statistics.mean(lengths) if lengths else None
     del trainer
-    clear(args.device)
+    clear()
     return out
 
 
@@ -373,7 +361,7 @@ def main(argv=None) -> dict:
                     entry[who] = {"error": f"{type(e).__name__}: {e}"[:500]}
                     traceback.print_exc()
                 finally:
-                    clear(args.device)
+                    clear()
                 print(f"{name} {method} {who}: {entry[who]}", flush=True)
                 save()
             ours, ref = entry.get("fnlm", {}), entry.get("trl", {})
