@@ -314,7 +314,7 @@ def bench_linears(name: str, variants: list[str]) -> dict:
 def gemv_variants(text: str) -> list[str]:
     """--gemv-variants: a comma list of fnlm's NF4 GEMV variants, refused at parsing (before any
     checkpoint is written) when one is unknown."""
-    from fnlm.kernels.nf4_gemv_config import GEMV_VARIANTS
+    from fnlm.kernels._nf4_gemv_config import GEMV_VARIANTS
 
     variants = text.split(",")
     unknown = [v for v in variants if v not in GEMV_VARIANTS]

@@ -246,7 +246,7 @@ def test_nf4_gemv_tuned_variant_keeps_the_fastest_candidate(monkeypatch):
     """The "tuned" variant's bookkeeping (timings stood in): every candidate timed once per
     shape, the fastest kept and reused, the "fixup" config first; candidates keep a step of
     blocks per split; while a graph is captured an untimed shape gets the first, unkept."""
-    from fnlm.kernels import nf4_gemv_config as module
+    from fnlm.kernels import _nf4_gemv_config as module
 
     cpu = torch.device("cpu")
     candidates = module._candidates(4096, 4096, 1, cpu, 64)

@@ -6,7 +6,7 @@ byte permutes; the weights are rounded to x's dtype as dequantize-then-matmul wo
 products accumulated in fp32. Reached through `fnlm.kernels.nf4_gemv`.
 
 The launch configurations (the variants "fixup", "sweep" and "tuned", FNLM_NF4_GEMV) are
-chosen in `fnlm.kernels.nf4_gemv_config`.
+chosen in `fnlm.kernels._nf4_gemv_config`.
 """
 
 import torch
@@ -15,14 +15,7 @@ import triton
 import triton.language as tl
 
 from fnlm.errors import ArgumentError
-from fnlm.kernels.nf4 import (
-    _TRITON_DTYPES,
-    _check,
-    _nested_args,
-    _round_to,
-    dequantize_nf4_reference,
-)
-from fnlm.kernels.nf4_gemv_config import (
+from fnlm.kernels._nf4_gemv_config import (
     GEMV_MAX_BATCH,
     _candidates,
     _fixup_config,
@@ -32,8 +25,15 @@ from fnlm.kernels.nf4_gemv_config import (
 )
 
 # re-exported for scripts/bench_generate.py (timings, the "tuned" variant's choices)
-from fnlm.kernels.nf4_gemv_config import _time_on_device as _time_on_device
-from fnlm.kernels.nf4_gemv_config import tuned_configs as tuned_configs
+from fnlm.kernels._nf4_gemv_config import _time_on_device as _time_on_device
+from fnlm.kernels._nf4_gemv_config import tuned_configs as tuned_configs
+from fnlm.kernels.nf4 import (
+    _TRITON_DTYPES,
+    _check,
+    _nested_args,
+    _round_to,
+    dequantize_nf4_reference,
+)
 
 # ----------------------------------------------------------------------------------------------
 # Triton kernel
