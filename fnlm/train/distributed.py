@@ -229,12 +229,18 @@ def stop_sharded_step(failure: BaseException) -> None:
 def clip_grad_norm(tensors: Sequence[torch.Tensor], limit: float) -> float:
     """torch.nn.utils.clip_grad_norm_ that also takes FSDP's DTensor shards: the norm of the
     whole gradient (the shards' partial norms combined over the ranks) scales every shard."""
+    return float(clip_grads(tensors, limit))
+
+
+def clip_grads(tensors: Sequence[torch.Tensor], limit: float) -> torch.Tensor:
+    """`clip_grad_norm` without reading the norm: a 0-d tensor, for a step that reads it
+    together with its loss (`fnlm.train.step.train_step`)."""
     grads = [t.grad for t in tensors if t.grad is not None]
     total = torch.nn.utils.get_total_norm(grads)
     if isinstance(total, DTensor):
         total = total.full_tensor()
     torch.nn.utils.clip_grads_with_norm_(tensors, limit, total)
-    return float(total)
+    return total
 
 
 def shard_batches(batches: Iterable[dict], *, even: bool) -> Iterator[tuple[dict, bool]]:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from fnlm.train.monitor import StopFlag, log, out_of_memory, peak_memory_gib
 from fnlm.train.plot import plot_losses
 from fnlm.train.setup import Run, start
 from fnlm.train.step import train_step
-from fnlm.train.stream import real_tokens
+from fnlm.train.stream import Stream, real_tokens
 
 
 def train(
@@ -80,17 +81,18 @@ def _train(config, params, tokenizer, lora, data, eval_data, callback) -> TrainR
     shown = config.progress and distributed.is_main()
     bar = tqdm(total=run.total_steps, initial=run.step, disable=not shown, unit="step",
                dynamic_ncols=True)  # fmt: skip
-    started = time.perf_counter()
+    started, clock = time.perf_counter(), StepClock()
     try:
         with StopFlag() as stop:
             while run.step < run.total_steps:
-                entry = advance(run, started)
+                entry = advance(run, started, clock)
                 losses.append(entry["loss"])
                 if run.step % config.log_every == 0 or run.step == run.total_steps:
                     log(run.metrics_path, entry)
                 if run.eval_data is not None and config.eval_every:
                     if run.step % config.eval_every == 0:
                         entry["eval_loss"] = evaluate_now(run, eval_losses)
+                        clock.restart()
                 bar.update(1)
                 bar.set_postfix(
                     loss=f"{entry['loss']:.4f}", lr=f"{entry['lr']:.2e}",
@@ -99,6 +101,7 @@ def _train(config, params, tokenizer, lora, data, eval_data, callback) -> TrainR
                 if config.save_every and run.step % config.save_every == 0:
                     if run.step < run.total_steps:
                         run.checkpoint()
+                        clock.restart()
                         if distributed.is_main():
                             plot_losses(run.metrics_path, run.run_dir / "loss.png")
                 if callback is not None:
@@ -117,24 +120,55 @@ def _train(config, params, tokenizer, lora, data, eval_data, callback) -> TrainR
     return finish(run, status, losses, eval_losses)
 
 
-def advance(run: Run, started: float) -> dict:
+class StepClock:
+    """Seconds per step without a device sync: from one step's device read (train_step's
+    "read_at") to the next, which in a steady run is the whole step (the GPU's work, the host's
+    launches and the loop's logging); after a pause (`restart`: evaluation, a checkpoint) or at
+    the first step, from the step's own start."""
+
+    def __init__(self):
+        self.last: float | None = None
+
+    def seconds(self, started: float, read_at: float) -> float:
+        since = started if self.last is None else self.last
+        self.last = read_at
+        return max(read_at - since, 1e-9)
+
+    def restart(self) -> None:
+        self.last = None
+
+
+def advance(run: Run, started: float, clock: StepClock | None = None) -> dict:
     """One optimizer step of `run` (grad_accum micro-batches); returns the step's metrics.
-    Raises NonFiniteLossError (after logging the bad step) when the loss is NaN or infinite."""
+    Raises NonFiniteLossError (after logging the bad step) when the loss is NaN or infinite.
+
+    Supervised runs (`Stream`) count the tokens on the host and collate the next step's batches
+    while the GPU runs this one's forward and backward (train_step's while_waiting); the methods'
+    streams (pairs with reference log-probs, GRPO's rollouts from the current weights) are taken
+    when their step starts. clock: the run's StepClock (tokens_per_s)."""
     tick = time.perf_counter()
-    batches, next_position = run.stream.take(run.position, run.config.grad_accum)
-    count = data_lib.trained_tokens if run.method is None else run.method.count
+    grad_accum, prefetch = run.config.grad_accum, None
+    if run.method is None and isinstance(run.stream, Stream):
+        step = run.stream.step_at(run.position, grad_accum)
+        batches, next_position = step.batches, step.position
+        count, real = step.trained, step.real
+        if run.step + 1 < run.total_steps:
+            prefetch = functools.partial(run.stream.prefetch, next_position, grad_accum)
+    else:
+        batches, next_position = run.stream.take(run.position, grad_accum)
+        count = data_lib.trained_tokens if run.method is None else run.method.count
+        real = real_tokens
     try:
         result = train_step(
             run.loss, batches, run.optimizer, run.scheduler, run.trainable.tensors, count=count,
-            max_grad_norm=run.config.max_grad_norm, graphs=run.graphs, real=real_tokens,
+            max_grad_norm=run.config.max_grad_norm, graphs=run.graphs, real=real,
+            while_waiting=prefetch,
         )  # fmt: skip
     except torch.OutOfMemoryError as e:
         shape = "x".join(str(n) for n in batches[0]["tokens"].shape)
         what = f"in training step {run.step + 1} (micro-batch {shape} tokens)"
         raise out_of_memory(e, what, run.device) from None
-    if run.device.type == "cuda":
-        torch.cuda.synchronize(run.device)
-    seconds = time.perf_counter() - tick
+    seconds = (clock or StepClock()).seconds(tick, result["read_at"])
     if not math.isfinite(result["loss"]):
         stop_on_non_finite(run, result)
     check_divergence(run, result)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -23,9 +24,10 @@ def train_step(
     tensors: Sequence[torch.Tensor],
     *,
     max_grad_norm: float | None = 1.0,
-    count: Callable[[dict], int] = data_lib.trained_tokens,
+    count: Callable[[dict], int] | Sequence[int] = data_lib.trained_tokens,
     graphs: StepGraphs | None = None,
-    real: Callable[[dict], int] | None = None,
+    real: Callable[[dict], int] | Sequence[int] | None = None,
+    while_waiting: Callable[[], None] | None = None,
 ) -> dict:
     """One optimizer step over several micro-batches (gradient accumulation).
 
@@ -33,20 +35,30 @@ def train_step(
     of trained tokens of the whole step before its backward, so the gradient equals that of one
     big batch holding all micro-batches (not an average of per-micro-batch means).
     count(batch): what a micro-batch's loss is a sum over (default its trained tokens; the
-    preference methods count pairs, GRPO sequences or completion tokens).
+    preference methods count pairs, GRPO sequences or completion tokens); or the micro-batches'
+    counts themselves, taken on the host before the copy to the device (no device read).
     graphs: run each micro-batch's forward + backward through CUDA graphs (`StepGraphs`); the
     gradients are then zeroed in place instead of dropped.
     Several processes (`distributed`): the count is summed over the ranks before the backward and
     the gradients and losses after it, so N ranks equal one process running all their batches.
     loss_fn may return (summed loss, stats), stats a dict of 0-d tensors (the methods' logged
     values, read after the step): the result then has "stats", one dict per micro-batch.
-    real(batch): a micro-batch's tokens that are not padding; given, the result's "tokens" is
-    their count over the step (and the ranks, in the same all-reduce as `count`'s).
-    Returns {"loss", "grad_norm", "lr", "trained_tokens"} (and "stats", "tokens"); when the loss
-    or gradient norm is not finite, no update is made and the returned loss says so.
+    real(batch): a micro-batch's tokens that are not padding (or their counts, as `count`);
+    given, the result's "tokens" is their count over the step (and the ranks, in the same
+    all-reduce as `count`'s).
+    while_waiting(): host work to overlap with the GPU's (the run loop collates the next step's
+    batches there): called once every micro-batch's forward and backward is launched, before the
+    step's first read of a device value.
+    One process reads the device once per step: the summed loss and the gradient norm together
+    (the gradients are clipped on the device first; with a non-finite loss or norm the clipped
+    gradients are dropped, not applied). Several processes read as `distributed.reduce_step` and
+    `distributed.clip_grad_norm` do.
+    Returns {"loss", "grad_norm", "lr", "trained_tokens", "read_at"} (and "stats", "tokens");
+    read_at: time.perf_counter() just after the step's last device read. When the loss or
+    gradient norm is not finite, no update is made and the returned loss says so.
     """
-    total_tokens = sum(count(b) for b in batches)
-    real_tokens = sum(real(b) for b in batches) if real is not None else 0
+    total_tokens = counted(count, batches, "count")
+    real_tokens = counted(real, batches, "real") if real is not None else 0
     several = distributed.active()
     if several:  # each rank's share is divided by the global batch's count
         total_tokens, real_tokens = map(
@@ -65,39 +77,59 @@ def train_step(
                 loss, batch_stats = loss
                 stats.append(batch_stats)
             summed = loss if summed is None else summed + loss
+        if while_waiting is not None:
+            while_waiting()
     except Exception as e:
         if not several:
             raise
         failure = e  # the other ranks wait in reduce_step's all-reduce: tell them, then raise
-    summed = 0.0 if summed is None else float(summed)
+    limit = max_grad_norm if max_grad_norm else float("inf")
     if several:  # after the (possibly graphed) backward, outside any graph
-        summed = distributed.reduce_step(tensors, summed, failure)
-    mean = summed / denominator
+        summed = distributed.reduce_step(tensors, 0.0 if summed is None else float(summed), failure)
+        mean = summed / denominator
+        grad_norm = float("nan")
+        if math.isfinite(mean):
+            grad_norm = distributed.clip_grad_norm(tensors, limit)  # FSDP's shards too
+    else:  # clipped on the device, then loss and norm in one read
+        norm = distributed.clip_grads(tensors, limit)  # FSDP's shards too (one process)
+        summed = torch.zeros((), device=norm.device) if summed is None else summed
+        pair = torch.stack([summed.double(), norm.to(summed.device, torch.float64)])
+        summed, grad_norm = pair.tolist()
+        mean = summed / denominator
+        if not math.isfinite(mean):  # the norm of a non-finite step's gradients is not reported
+            grad_norm = float("nan")
+    read_at = time.perf_counter()
     lr = optimizer.param_groups[0]["lr"]
     extra = {"stats": stats} if stats else {}
     if real is not None:
         extra["tokens"] = real_tokens
+    result = {"loss": mean, "grad_norm": grad_norm, "lr": lr, "trained_tokens": total_tokens,
+              "read_at": read_at, **extra}  # fmt: skip
     set_to_none = graphs is None  # a captured backward adds into the same .grad tensors
-    if not math.isfinite(mean):
+    if not math.isfinite(mean) or not math.isfinite(grad_norm):
         optimizer.zero_grad(set_to_none=set_to_none)
-        return {"loss": mean, "grad_norm": float("nan"), "lr": lr, "trained_tokens": total_tokens,
-                **extra}  # fmt: skip
-    limit = max_grad_norm if max_grad_norm else float("inf")
-    grad_norm = distributed.clip_grad_norm(tensors, limit)  # FSDP's shards too
-    if not math.isfinite(grad_norm):
-        optimizer.zero_grad(set_to_none=set_to_none)
-        return {
-            "loss": float("nan"),
-            "grad_norm": grad_norm,
-            "lr": lr,
-            "trained_tokens": total_tokens,
-            **extra,
-        }
+        if math.isfinite(mean):
+            result["loss"] = float("nan")
+        return result
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=set_to_none)
-    return {"loss": mean, "grad_norm": grad_norm, "lr": lr, "trained_tokens": total_tokens,
-            **extra}  # fmt: skip
+    return result
+
+
+def counted(
+    count: Callable[[dict], int] | Sequence[int], batches: Sequence[dict], name: str
+) -> int:
+    """The step's sum of `count` over its micro-batches: count(batch) each, or counts taken on
+    the host before the copy (one per micro-batch)."""
+    if callable(count):
+        return sum(count(b) for b in batches)
+    if len(count) != len(batches):
+        raise ArgumentError(
+            f"train_step: {name} holds {len(count)} counts for {len(batches)} micro-batches; "
+            "give one per micro-batch, or a function of a micro-batch"
+        )
+    return sum(count)
 
 
 @torch.no_grad()
