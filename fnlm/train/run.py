@@ -93,11 +93,13 @@ def _train(config, params, tokenizer, lora, data, eval_data, callback) -> TrainR
                     if run.step % config.eval_every == 0:
                         entry["eval_loss"] = evaluate_now(run, eval_losses)
                         clock.restart()
+                if shown:  # drawn by update, at tqdm's pace: no terminal write every step
+                    bar.set_postfix(
+                        loss=f"{entry['loss']:.4f}", lr=f"{entry['lr']:.2e}",
+                        tok_s=f"{entry['tokens_per_s']:.0f}", mem=f"{entry['peak_mem_gib']:.2f}G",
+                        refresh=False,
+                    )  # fmt: skip
                 bar.update(1)
-                bar.set_postfix(
-                    loss=f"{entry['loss']:.4f}", lr=f"{entry['lr']:.2e}",
-                    tok_s=f"{entry['tokens_per_s']:.0f}", mem=f"{entry['peak_mem_gib']:.2f}G",
-                )  # fmt: skip
                 if config.save_every and run.step % config.save_every == 0:
                     if run.step < run.total_steps:
                         run.checkpoint()
