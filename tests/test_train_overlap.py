@@ -7,6 +7,7 @@ number of reads, which a GPU would only make faster."""
 from __future__ import annotations
 
 import sys
+import warnings
 from contextlib import contextmanager
 
 import pytest
@@ -240,3 +241,37 @@ def test_one_read_steps_update_only_when_loss_and_norm_are_finite():
 def test_counts_given_per_micro_batch_must_match_the_batches():
     with pytest.raises(ArgumentError, match="count holds 2 counts for 1 micro-batches"):
         one_tensor_step(lambda w: w.sum(), count=(1, 1))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_a_graphed_step_on_gpu_syncs_once_plus_the_id_checks(tmp_path, monkeypatch, grad_accum):
+    """The CUDA step as a user runs it (CUDA graphs, packed rows of one shape), counted by CUDA's
+    own sync debug mode: after the warm-up and capture (steps 1-3), each step synchronizes once
+    for its loss and gradient norm, plus once per micro-batch for StepGraphs' token / label id
+    check before the replay. The prefetched batches' copies (pinned memory) never synchronize."""
+    data = random_data(n=64, longest=60)
+    per_step: list[int] = []
+    advance = run_lib.advance
+
+    def counted_advance(*args, **kwargs):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            entry = advance(*args, **kwargs)
+        per_step.append(sum("synchronizing CUDA operation" in str(w.message) for w in caught))
+        return entry
+
+    monkeypatch.setattr(run_lib, "advance", counted_advance)
+    with saved_checkpoint(tiny_config()) as (_, directory):
+        params = torch.utils._pytree.tree_map(
+            lambda t: t.cuda() if isinstance(t, torch.Tensor) else t, load_fp32(directory)
+        )
+        config = run_config(tmp_path / "run", max_steps=8, grad_accum=grad_accum, packing=True,
+                            cuda_graphs=True, compile=False)  # fmt: skip
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            result = train_lib.train(config, params=params, data=data)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert result.status == "completed" and len(per_step) == 8
+    assert per_step[3:] == [1 + grad_accum] * 5, per_step
