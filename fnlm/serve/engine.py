@@ -7,7 +7,7 @@
 
 The cache has `slots` rows of `context` positions each, used as rings: decode step t writes
 every row's new key and value at the same position t mod context (one `decode_step` of fnlm's
-decoder, compiled once for the engine's life), and each row's attention mask
+decoder, compiled and CUDA-graphed once for the engine's life), and each row's attention mask
 admits only the positions holding its own request's tokens (the last `count` before t, plus t),
 and on sliding-window layers only the last `window` of them. A request joins between two steps:
 its prompt is prefilled (the same `prefill` as `fnlm.generate`, on a cache of its own, batched
@@ -20,7 +20,8 @@ starts from zero states on its own cache, and its final states are copied into i
 A step decodes only the occupied rows: the running rows are kept in the first rows of the cache
 (a row whose request leaves is filled by moving the last running row's tokens, and its DeltaNet
 states, into it), and the step runs over the first `width` rows, `width` the smallest of a few
-buckets (1, 2, 4, ... up to `slots`) that holds them; the compiled layer takes the batch as a dynamic dimension, so a new width compiles nothing (a
+buckets (1, 2, 4, ... up to `slots`) that holds them; each bucket has its own CUDA graph, and
+the compiled layer takes the batch as a dynamic dimension, so a new width compiles nothing (a
 lone request pays batch 1).
 
 Rows on different adapters (chosen per request by name) run as separate passes of the same step,
@@ -44,12 +45,14 @@ from fnlm.errors import ArgumentError, LoraError
 from fnlm.generate.sampling import Sampling, choose
 from fnlm.generate.step import (
     cache_length,
+    capture,
     compiled_layer,
     compiles,
     decode_step,
     init_cache,
     prefill_fn,
     recurrent_states,
+    will_capture,
 )
 from fnlm.generate.text import TextRow
 from fnlm.lora import with_adapters
@@ -118,7 +121,7 @@ class Engine:
 
     params, tok: from fnlm.load (tok None: token ids only, no text, no stop strings). adapters: {name: Lora}. context: positions per request, prompt
     included (default and maximum: the model's max_position_embeddings). compile: torch.compile
-    the decode layers (default on CUDA). cache_dtype: as fnlm.generate. warm: compile and run
+    the decode layers (default on CUDA). cache_dtype: as fnlm.generate. warm: compile and capture
     the base model's step in the engine thread before the first request (adapters' on first use).
     """
 
@@ -431,7 +434,7 @@ class Engine:
 
     def _step_fn(self, adapter: str | None, width: int) -> Callable[[], torch.Tensor]:
         """The decode step of one adapter over the first `width` rows of the engine's buffers:
-        fnlm's decode_step with ring masks."""
+        fnlm's decode_step with ring masks, CUDA-graphed where the model allows."""
         if (adapter, width) in self._steps:
             return self._steps[adapter, width]
         params = self.models[adapter]
@@ -469,7 +472,6 @@ class Engine:
 
             return decode_step(params, cache, tokens, positions, self.slot, layer_fn=ring_layer)
 
-        # Not a CUDA graph: captured in the engine thread, the ring step gave other tokens than
-        # these eager steps on an H200 (2026-12-03; a lone row too), root cause not yet found.
-        self._steps[adapter, width] = step
-        return step
+        run = capture(step, keep=recurrent_states(cache)) if will_capture(self.params) else step
+        self._steps[adapter, width] = run
+        return run
