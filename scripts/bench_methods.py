@@ -350,13 +350,16 @@ def main(argv=None) -> dict:
         directory = Path(args.checkpoints) / f"{name}-{args.device}"
         write_checkpoint(name, directory, args.device)
         vocab = CONFIGS[name]["vocab_size"]
-        for method in args.method or ["grpo", "dpo"]:
-            entry = results["models"].setdefault(name, {})[method] = {}
-            data = fnlm_data(method, vocab, args)
-            sides = [("fnlm", fnlm_run)] + ([] if args.skip_reference else [("trl", reference_run)])
-            for who, run in sides:
+        methods = args.method or ["grpo", "dpo"]
+        data = {method: fnlm_data(method, vocab, args) for method in methods}
+        sides = [("fnlm", fnlm_run)] + ([] if args.skip_reference else [("trl", reference_run)])
+        # every fnlm run before the first TRL one: after TRL's GRPO run in this process, fnlm's
+        # DPO step gave a NaN loss at its first step on the H200 (2026-12-03), alone it did not
+        for who, run in sides:
+            for method in methods:
+                entry = results["models"].setdefault(name, {}).setdefault(method, {})
                 try:
-                    entry[who] = run(method, directory, args, data)
+                    entry[who] = run(method, directory, args, data[method])
                 except Exception as e:  # keep the other side's figures
                     entry[who] = {"error": f"{type(e).__name__}: {e}"[:500]}
                     traceback.print_exc()
@@ -364,6 +367,8 @@ def main(argv=None) -> dict:
                     clear()
                 print(f"{name} {method} {who}: {entry[who]}", flush=True)
                 save()
+        for method in methods:
+            entry = results["models"][name][method]
             ours, ref = entry.get("fnlm", {}), entry.get("trl", {})
             if "step_s" in ours and "step_s" in ref:
                 entry["speedup"] = ref["step_s"] / ours["step_s"]

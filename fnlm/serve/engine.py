@@ -472,6 +472,16 @@ class Engine:
 
             return decode_step(params, cache, tokens, positions, self.slot, layer_fn=ring_layer)
 
-        run = capture(step, keep=recurrent_states(cache)) if will_capture(self.params) else step
+        run = step
+        if will_capture(self.params):
+            # One eager run on this thread's own stream before the capture: the first CUDA work of
+            # a fresh engine thread inside capture's side-stream warm-up gave wrong tokens on the
+            # H200 (2026-12-03), while graphs captured after eager steps equalled them.
+            states = recurrent_states(cache)
+            before = [t.clone() for t in states]
+            step()
+            for state, old in zip(states, before, strict=True):
+                state.copy_(old)
+            run = capture(step, keep=states)
         self._steps[adapter, width] = run
         return run
