@@ -21,7 +21,6 @@ import fnlm.lora
 from fnlm.errors import ArgumentError, LoraError
 from fnlm.generate import Sampling, generate_tokens
 from fnlm.serve import Engine, Request, Server
-from fnlm.serve import engine as engine_module
 from tests.models import saved_checkpoint
 from tests.test_generate import CharTokenizer, random_lora, tiny_llama
 
@@ -421,13 +420,10 @@ def test_engine_rows_with_deltanet_states_equal_generate_tokens(model_type):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("graphed", [True, False])
-def test_engine_on_cuda_equals_generate_tokens(graphed, monkeypatch):
-    """The ring step on CUDA, captured as CUDA graphs (one per width) and eager: rows joining
-    mid-decode get generate_tokens' ids. On the H200 (2026-12-03, second run) the captured step's
-    logits equalled the eager step's at every one of 41 steps, and both gave these tokens."""
-    if not graphed:
-        monkeypatch.setattr(engine_module, "will_capture", lambda params: False)
+def test_engine_on_cuda_equals_generate_tokens():
+    """The ring step on CUDA (eager: the engine does not capture it, see Engine._step_fn): rows
+    joining mid-decode get generate_tokens' ids. On the H200 (2026-12-03) the eager step gave
+    them for all 7 requests; the captured one, as the process's first graphs, did not."""
     with saved_checkpoint(tiny_llama(max_position_embeddings=64)) as (_, directory):
         params, _ = fnlm.load(directory, quant=None, dtype=torch.float32, device="cuda")
     engine = Engine(params, None, slots=3, compile=False)
@@ -436,10 +432,7 @@ def test_engine_on_cuda_equals_generate_tokens(graphed, monkeypatch):
             ([i + 1, 2 * i + 3, 7][: 1 + i % 3], [20, 6, 9][i % 3], Sampling()) for i in range(7)
         ]
         results = run_engine(engine, jobs)
-        steps = engine._steps.values()
-        assert steps and all(
-            (getattr(step, "__name__", "") == "replay") == graphed for step in steps
-        )  # a step per width, kept: graph replays, or the eager step
+        assert engine._steps  # a step per width, kept
     finally:
         engine.close()
     for (prompt, max_tokens, _), result in zip(jobs, results, strict=True):

@@ -7,7 +7,7 @@
 
 The cache has `slots` rows of `context` positions each, used as rings: decode step t writes
 every row's new key and value at the same position t mod context (one `decode_step` of fnlm's
-decoder, compiled and CUDA-graphed once for the engine's life), and each row's attention mask
+decoder, compiled once for the engine's life), and each row's attention mask
 admits only the positions holding its own request's tokens (the last `count` before t, plus t),
 and on sliding-window layers only the last `window` of them. A request joins between two steps:
 its prompt is prefilled (the same `prefill` as `fnlm.generate`, on a cache of its own, batched
@@ -20,8 +20,7 @@ starts from zero states on its own cache, and its final states are copied into i
 A step decodes only the occupied rows: the running rows are kept in the first rows of the cache
 (a row whose request leaves is filled by moving the last running row's tokens, and its DeltaNet
 states, into it), and the step runs over the first `width` rows, `width` the smallest of a few
-buckets (1, 2, 4, ... up to `slots`) that holds them; each bucket has its own CUDA graph, and
-the compiled layer takes the batch as a dynamic dimension, so a new width compiles nothing (a
+buckets (1, 2, 4, ... up to `slots`) that holds them; the compiled layer takes the batch as a dynamic dimension, so a new width compiles nothing (a
 lone request pays batch 1).
 
 Rows on different adapters (chosen per request by name) run as separate passes of the same step,
@@ -45,14 +44,12 @@ from fnlm.errors import ArgumentError, LoraError
 from fnlm.generate.sampling import Sampling, choose
 from fnlm.generate.step import (
     cache_length,
-    capture,
     compiled_layer,
     compiles,
     decode_step,
     init_cache,
     prefill_fn,
     recurrent_states,
-    will_capture,
 )
 from fnlm.generate.text import TextRow
 from fnlm.lora import with_adapters
@@ -121,7 +118,7 @@ class Engine:
 
     params, tok: from fnlm.load (tok None: token ids only, no text, no stop strings). adapters: {name: Lora}. context: positions per request, prompt
     included (default and maximum: the model's max_position_embeddings). compile: torch.compile
-    the decode layers (default on CUDA). cache_dtype: as fnlm.generate. warm: compile and capture
+    the decode layers (default on CUDA). cache_dtype: as fnlm.generate. warm: compile and run
     the base model's step in the engine thread before the first request (adapters' on first use).
     """
 
@@ -434,7 +431,7 @@ class Engine:
 
     def _step_fn(self, adapter: str | None, width: int) -> Callable[[], torch.Tensor]:
         """The decode step of one adapter over the first `width` rows of the engine's buffers:
-        fnlm's decode_step with ring masks, CUDA-graphed where the model allows."""
+        fnlm's decode_step with ring masks (eager: see below)."""
         if (adapter, width) in self._steps:
             return self._steps[adapter, width]
         params = self.models[adapter]
@@ -472,16 +469,10 @@ class Engine:
 
             return decode_step(params, cache, tokens, positions, self.slot, layer_fn=ring_layer)
 
+        # Not a CUDA graph: on the H200 (2026-12-03) the captured ring step gave other tokens than
+        # the eager one from the first decode step when the engine's captures were the process's
+        # first CUDA graphs (also with one eager step run first in the engine thread), and equal
+        # tokens at every step when eager engines had run earlier in the process: root cause open.
         run = step
-        if will_capture(self.params):
-            # One eager run on this thread's own stream before the capture: the first CUDA work of
-            # a fresh engine thread inside capture's side-stream warm-up gave wrong tokens on the
-            # H200 (2026-12-03), while graphs captured after eager steps equalled them.
-            states = recurrent_states(cache)
-            before = [t.clone() for t in states]
-            step()
-            for state, old in zip(states, before, strict=True):
-                state.copy_(old)
-            run = capture(step, keep=states)
         self._steps[adapter, width] = run
         return run
