@@ -20,8 +20,8 @@ starts from zero states on its own cache, and its final states are copied into i
 A step decodes only the occupied rows: the running rows are kept in the first rows of the cache
 (a row whose request leaves is filled by moving the last running row's tokens, and its DeltaNet
 states, into it), and the step runs over the first `width` rows, `width` the smallest of a few
-buckets (1, 2, 4, ... up to `slots`) that holds them; the compiled layer takes the batch as a dynamic dimension, so a new width compiles nothing (a
-lone request pays batch 1).
+buckets (1, 2, 4, ... up to `slots`) that holds them; the compiled layer takes the batch as a
+dynamic dimension, so a new width compiles nothing (a lone request pays batch 1).
 
 Rows on different adapters (chosen per request by name) run as separate passes of the same step,
 one per adapter in use, each pass's cache writes (and DeltaNet state updates: each pass starts
@@ -116,8 +116,9 @@ class _Row:
 class Engine:
     """Serves `Request`s from a thread of its own, `slots` at a time (see the module docstring).
 
-    params, tok: from fnlm.load (tok None: token ids only, no text, no stop strings). adapters: {name: Lora}. context: positions per request, prompt
-    included (default and maximum: the model's max_position_embeddings). compile: torch.compile
+    params, tok: from fnlm.load (tok None: token ids only, no text, no stop strings). adapters:
+    {name: Lora}. context: positions per request, prompt included (default and maximum: the
+    model's max_position_embeddings). compile: torch.compile
     the decode layers (default on CUDA). cache_dtype: as fnlm.generate. warm: compile and run
     the base model's step in the engine thread before the first request (adapters' on first use).
     """
