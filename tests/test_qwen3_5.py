@@ -84,6 +84,10 @@ def text_fields(draw) -> dict:
     return fields
 
 
+# Tiny vision tower of the multimodal checkpoints: saved, never run (the tests feed text)
+VISION = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2)
+
+
 @st.composite
 def hf_configs(draw, model_type: str):
     """A text config ("qwen3_5_text", "qwen3_5_moe_text") or a multimodal one ("qwen3_5",
@@ -107,7 +111,7 @@ def hf_configs(draw, model_type: str):
     kind = transformers.Qwen3_5MoeConfig if moe else transformers.Qwen3_5Config
     config = kind(
         text_config=fields,
-        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2),
+        vision_config=VISION,
         tie_word_embeddings=draw(st.booleans()),
     )
     config.vocab_size = fields["vocab_size"]
@@ -133,7 +137,7 @@ def test_logits_match_transformers_qwen3_5(model_type, data):
     check_logits_match(data, config, saved_checkpoint(config), st.sampled_from([3, 12, 70]))
 
 
-@FAMILIES
+@TEXT_AND_TOWER
 @EXAMPLES
 @given(data=st.data())
 def test_greedy_matches_transformers_qwen3_5(model_type, data):
@@ -256,7 +260,7 @@ def test_lora_targets_qwen3_5(model_type):
         fnlm.lora.init(params, r=2, bias="all")
 
 
-@FAMILIES
+@TEXT_AND_TOWER
 @settings(max_examples=2, deadline=None)
 @given(data=st.data())
 def test_lora_training_matches_peft_qwen3_5(model_type, data, tmp_path_factory):
@@ -297,13 +301,20 @@ TINY_MOE = {
 
 
 def tiny_config(model_type: str):
-    """TINY as a "qwen3_5_text" config, or TINY_MOE as a "qwen3_5_moe_text" one."""
+    """TINY as a "qwen3_5_text" config, TINY_MOE as a "qwen3_5_moe_text" one, or the multimodal
+    config ("qwen3_5", "qwen3_5_moe") around the same text config."""
     if model_type == "qwen3_5_moe_text":
         return transformers.Qwen3_5MoeTextConfig(**TINY_MOE)
-    return transformers.Qwen3_5TextConfig(**TINY)
+    if model_type == "qwen3_5_text":
+        return transformers.Qwen3_5TextConfig(**TINY)
+    moe = model_type == "qwen3_5_moe"
+    kind = transformers.Qwen3_5MoeConfig if moe else transformers.Qwen3_5Config
+    config = kind(text_config=TINY_MOE if moe else TINY, vision_config=VISION)
+    config.vocab_size = TINY["vocab_size"]
+    return config
 
 
-@FAMILIES
+@TEXT_AND_TOWER
 def test_nf4_logits_match_transformers_on_the_dequantized_weights_qwen3_5(model_type, tmp_path):
     """NF4 params (DeltaNet projections too; the conv1d, A_log, dt_bias and norms stay 16-bit,
     as bitsandbytes leaves them) give the logits transformers gives on their dequantized weights
