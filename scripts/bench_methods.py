@@ -1,4 +1,4 @@
-"""GRPO and DPO speed and memory: fnlm vs TRL (transformers + peft + bitsandbytes), same device, same process.
+"""GRPO and DPO speed and memory: fnlm vs TRL (transformers + peft + bitsandbytes), same device, same run.
 
     python scripts/bench_methods.py --model llama-3.2-1b --method grpo --out $OUT     # GPU, QLoRA
     python scripts/bench_methods.py --device cpu --tiny                              # CPU check, LoRA
@@ -22,7 +22,9 @@ Both sides: LoRA r=16 alpha=16 on q, k, v, o, gate, up, down; on CUDA an NF4 bas
 bf16 compute; TRL through BitsAndBytesConfig and peft) with gradient checkpointing; on CPU fp32
 LoRA. Times are medians of --steps steps after --warmup; peak memory is
 torch.cuda.max_memory_allocated over a side's whole run (CUDA only). Prints a table with the
-fnlm / TRL ratios and writes bench_methods.json to --out (default $OUT or .).
+fnlm / TRL ratios and writes bench_methods.json to --out (default $OUT or .). Each (method, side)
+runs in a fresh process of its own (this script with --part), so no run inherits another's state
+(`--in-process` runs them all in this one).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -335,36 +338,39 @@ def main(argv=None) -> dict:
     parser.add_argument("--skip-reference", action="store_true")
     parser.add_argument("--checkpoints", default=".cache/bench")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument(
+        "--in-process", action="store_true", help="every part in this process, not one each"
+    )
+    parser.add_argument("--part", nargs=4, help=argparse.SUPPRESS)  # model method side result.json
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     if args.prompts % args.grad_accum:
         parser.error("--prompts must be a multiple of --grad-accum")
     if args.device == "cpu":  # TRL's log-prob kernel is Triton: its interpreter runs it on CPU
         os.environ.setdefault("TRITON_INTERPRET", "1")  # (read when triton is first imported)
 
+    if args.part:
+        return run_part(args, *args.part)
     models = ["tiny"] if args.tiny else (args.model or ["llama-3.2-1b", "llama-3.1-8b"])
     device_name = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
     results: dict = {"device": device_name, "args": vars(args), "models": {}}
     out = Path(args.out) / "bench_methods.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     save = lambda: out.write_text(json.dumps(results, indent=2, default=str))  # noqa: E731
     for name in models:
         directory = Path(args.checkpoints) / f"{name}-{args.device}"
         write_checkpoint(name, directory, args.device)
-        vocab = CONFIGS[name]["vocab_size"]
         methods = args.method or ["grpo", "dpo"]
-        data = {method: fnlm_data(method, vocab, args) for method in methods}
-        sides = [("fnlm", fnlm_run)] + ([] if args.skip_reference else [("trl", reference_run)])
-        # every fnlm run before the first TRL one: after TRL's GRPO run in this process, fnlm's
-        # DPO step gave a NaN loss at its first step on the H200 (2026-12-03), alone it did not
-        for who, run in sides:
+        sides = ["fnlm"] + ([] if args.skip_reference else ["trl"])
+        # one process per part: in one process, fnlm's DPO run after the GRPO runs (fnlm's and
+        # TRL's) stopped with a NaN loss at its first step on the H200 (2026-12-03); alone it did not
+        for who in sides:
             for method in methods:
                 entry = results["models"].setdefault(name, {}).setdefault(method, {})
-                try:
-                    entry[who] = run(method, directory, args, data[method])
-                except Exception as e:  # keep the other side's figures
-                    entry[who] = {"error": f"{type(e).__name__}: {e}"[:500]}
-                    traceback.print_exc()
-                finally:
-                    clear()
+                if args.in_process:
+                    entry[who] = part(args, name, method, who)
+                else:
+                    entry[who] = part_in_a_process(argv, name, method, who)
                 print(f"{name} {method} {who}: {entry[who]}", flush=True)
                 save()
         for method in methods:
@@ -378,6 +384,38 @@ def main(argv=None) -> dict:
     print_table(results)
     print(f"\nwrote {out}")
     return results
+
+
+def part(args, name: str, method: str, who: str) -> dict:
+    """One side's figures for one method (an "error" entry when it fails)."""
+    directory = Path(args.checkpoints) / f"{name}-{args.device}"
+    data = fnlm_data(method, CONFIGS[name]["vocab_size"], args)
+    run = fnlm_run if who == "fnlm" else reference_run
+    try:
+        return run(method, directory, args, data)
+    except Exception as e:  # keep the other side's figures
+        traceback.print_exc()
+        return {"error": f"{type(e).__name__}: {e}"[:500]}
+    finally:
+        clear()
+
+
+def run_part(args, name: str, method: str, who: str, result: str) -> dict:
+    """--part: run one part here and write its figures to `result` (JSON)."""
+    figures = part(args, name, method, who)
+    Path(result).write_text(json.dumps(figures, default=str))
+    return figures
+
+
+def part_in_a_process(argv: list[str], name: str, method: str, who: str) -> dict:
+    """One part in a fresh Python process (this script with --part); its output goes to ours."""
+    with tempfile.TemporaryDirectory() as d:
+        result = Path(d) / "part.json"
+        command = [sys.executable, __file__, *argv, "--part", name, method, who, str(result)]
+        done = subprocess.run(command, check=False)
+        if not result.is_file():
+            return {"error": f"the part's process exited with status {done.returncode}"}
+        return json.loads(result.read_text())
 
 
 def print_table(results: dict) -> None:

@@ -94,3 +94,28 @@ def test_bench_generate_refuses_an_unknown_gemv_variant(scripts, monkeypatch, ca
     assert exit_.value.code == 2
     assert "--gemv-variants: unknown ['swep']" in capsys.readouterr().err
     assert generate.gemv_variants("sweep,fixup") == ["sweep", "fixup"]
+
+
+METHODS_TINY = ["--tiny", "--device", "cpu", "--steps", "1", "--warmup", "1", "--prompts", "2",
+                "--generations", "2", "--prompt-length", "8", "--completion-length", "8",
+                "--dpo-batch", "2"]  # fmt: skip
+
+
+def test_bench_methods_tiny(tmp_path, monkeypatch):
+    """GRPO and DPO, fnlm and TRL, one step each on the tiny config: every part reports a step
+    time and the ratios are computed; the default runs each part in a process of its own."""
+    pytest.importorskip("trl")
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    import bench_methods
+
+    common = [*METHODS_TINY, "--checkpoints", str(tmp_path / "ck")]
+    results = bench_methods.main([*common, "--in-process", "--out", str(tmp_path)])
+    for method in ("grpo", "dpo"):
+        entry = results["models"]["tiny"][method]
+        assert "step_s" in entry["fnlm"] and "step_s" in entry["trl"], entry
+        assert entry["speedup"] > 0
+    assert results["models"]["tiny"]["grpo"]["fnlm"]["completion_length"] == 8
+    alone = bench_methods.main([*common, "--method", "dpo", "--skip-reference", "--out",
+                                str(tmp_path / "alone")])  # fmt: skip
+    figures = alone["models"]["tiny"]["dpo"]["fnlm"]
+    assert "step_s" in figures and figures["tokens_per_s"] > 0, figures
