@@ -6,6 +6,9 @@ the torch paths equal transformers' torch_chunk_gated_delta_rule / torch_recurre
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -240,3 +243,23 @@ def test_triton_scan_on_cuda_equals_recurrent(shape):
 
     ours = values_and_grads(on_cuda, inputs)
     assert_same(ours, ref)
+
+
+def test_resource_script_reads_the_scans_cubins():
+    """scripts/deltanet_resources.py cross-compiles both scans for sm_90 here and reads their
+    registers and stack from the cubins (small tiles: a quick compile; its own process, where the
+    kernels are compiled, not interpreted); the precision is the kernels' constexpr, so "ieee"
+    (what fnlm runs) and a tensor-core one both build."""
+    assert deltanet.SCAN_PRECISION == "ieee"
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    done = subprocess.run(
+        [sys.executable, str(root / "scripts" / "deltanet_resources.py"), "--precision",
+         "ieee,tf32", "--warps", "4", "--bv", "16", "--chunk", "16", "--dk", "16"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line for line in done.stdout.splitlines() if "STACK:" in line]
+    assert len(rows) == 4, done.stdout  # forward and backward at both precisions
+    assert all("REG:" in row and "shared" in row for row in rows)

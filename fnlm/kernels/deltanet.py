@@ -56,7 +56,7 @@ def _key_tiles(W, QD, KD, A, GAMMA, chunk, kmat, rc, mk, C: tl.constexpr):
 def _scan_fwd_kernel(
     U, W, QD, KD, A, GAMMA, S0, OUT, STATES, S_FINAL,
     n_chunks, dk, dv,
-    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, P: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0).to(tl.int64)
     rc = tl.arange(0, C)
@@ -73,10 +73,10 @@ def _scan_fwd_kernel(
         vmat = chunk * C * dv + rc[:, None] * dv + rv[None, :]
         u = tl.load(U + vmat, mask=mv[None, :], other=0.0)
         w, qd, kd, a, gamma = _key_tiles(W, QD, KD, A, GAMMA, chunk, kmat, rc, mk, C)
-        v_new = u - tl.dot(w, s, input_precision="ieee")
-        o = tl.dot(qd, s, input_precision="ieee") + tl.dot(a, v_new, input_precision="ieee")
+        v_new = u - tl.dot(w, s, input_precision=P)
+        o = tl.dot(qd, s, input_precision=P) + tl.dot(a, v_new, input_precision=P)
         tl.store(OUT + vmat, o, mask=mv[None, :])
-        s = s * gamma + tl.dot(tl.trans(kd), v_new, input_precision="ieee")
+        s = s * gamma + tl.dot(tl.trans(kd), v_new, input_precision=P)
     tl.store(S_FINAL + bh * dk * dv + state_offsets, s, mask=state_mask)
 
 
@@ -85,7 +85,7 @@ def _scan_bwd_kernel(
     U, W, QD, KD, A, GAMMA, STATES, D_O, D_S_FINAL,
     D_U, D_W, D_QD, D_KD, D_A, D_GAMMA, D_S0,
     n_bh, n_chunks, dk, dv,
-    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, P: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0).to(tl.int64)
     iv = tl.program_id(1).to(tl.int64)
@@ -107,25 +107,21 @@ def _scan_bwd_kernel(
         u = tl.load(U + vmat, mask=mv[None, :], other=0.0)
         do = tl.load(D_O + vmat, mask=mv[None, :], other=0.0)
         w, qd, kd, a, gamma = _key_tiles(W, QD, KD, A, GAMMA, chunk, kmat, rc, mk, C)
-        v_new = u - tl.dot(w, s, input_precision="ieee")
+        v_new = u - tl.dot(w, s, input_precision=P)
         # S_{i+1} = gamma S_i + Kd^T v_new and o = Qd S_i + A v_new, v_new = U - W S_i
-        d_v_new = tl.dot(tl.trans(a), do, input_precision="ieee") + tl.dot(
-            kd, ds, input_precision="ieee"
-        )
+        d_v_new = tl.dot(tl.trans(a), do, input_precision=P) + tl.dot(kd, ds, input_precision=P)
         tl.store(D_U + vmat, d_v_new, mask=mv[None, :])
         pmat = (part + chunk) * C * dk + rc[:, None] * dk + rk[None, :]
-        tl.store(D_QD + pmat, tl.dot(do, tl.trans(s), input_precision="ieee"), mask=mk[None, :])
-        tl.store(D_KD + pmat, tl.dot(v_new, tl.trans(ds), input_precision="ieee"), mask=mk[None, :])
-        tl.store(
-            D_W + pmat, -tl.dot(d_v_new, tl.trans(s), input_precision="ieee"), mask=mk[None, :]
-        )
+        tl.store(D_QD + pmat, tl.dot(do, tl.trans(s), input_precision=P), mask=mk[None, :])
+        tl.store(D_KD + pmat, tl.dot(v_new, tl.trans(ds), input_precision=P), mask=mk[None, :])
+        tl.store(D_W + pmat, -tl.dot(d_v_new, tl.trans(s), input_precision=P), mask=mk[None, :])
         amat = (part + chunk) * C * C + rc[:, None] * C + rc[None, :]
-        tl.store(D_A + amat, tl.dot(do, tl.trans(v_new), input_precision="ieee"))
+        tl.store(D_A + amat, tl.dot(do, tl.trans(v_new), input_precision=P))
         tl.store(D_GAMMA + part + chunk, tl.sum(tl.sum(s * ds, axis=1), axis=0))
         ds = (
             ds * gamma
-            + tl.dot(tl.trans(qd), do, input_precision="ieee")
-            - tl.dot(tl.trans(w), d_v_new, input_precision="ieee")
+            + tl.dot(tl.trans(qd), do, input_precision=P)
+            - tl.dot(tl.trans(w), d_v_new, input_precision=P)
         )
     tl.store(D_S0 + bh * dk * dv + state_offsets, ds, mask=state_mask)
 
@@ -139,6 +135,14 @@ def _scan_bwd_kernel(
 # depend on the state the previous chunk left, and pipelined buffers of Qwen3.5's tiles (a 64-token
 # chunk, 128-wide keys, fp32) asked for 287-295 KB of shared memory on an H200 (228 KB there).
 SCAN_STAGES = 1
+
+# The scans' dots in full fp32 ("ieee": Triton's FMA lowering, no tensor cores), so the chunked
+# rule equals the fp32 recurrence at 1e-5. On sm_90 that lowering keeps its operand tiles in local
+# memory: `python scripts/deltanet_resources.py` (cubins cross-compiled on any machine) shows
+# 14.8 KB (forward) / 18.4 KB (backward) of stack per thread at Qwen3.5's tiles, 1.1-4.9 KB with
+# "tf32x3" or "tf32" — the likely cause of the scans' 16 / 39 ms per call on an H200
+# (docs/benchmarks.md, issue 18). A precision other than "ieee" is not yet validated on a GPU.
+SCAN_PRECISION = "ieee"
 
 
 def _blocks(chunk: int, dk: int, dv: int) -> tuple[int, int, int]:
@@ -161,7 +165,7 @@ def chunk_scan_fwd(u, w, qd, kd, a, gamma, s0):
     final = u.new_empty(bh, dk, dv)
     _scan_fwd_kernel[(bh, nv)](
         u, w, qd, kd, a, gamma, s0, o, states, final, n, dk, dv, C=c, BK=bk, BV=bv,
-        num_stages=SCAN_STAGES,
+        P=SCAN_PRECISION, num_stages=SCAN_STAGES,
     )  # fmt: skip
     return o, states, final
 
@@ -179,7 +183,7 @@ def chunk_scan_bwd(u, w, qd, kd, a, gamma, states, d_o, d_final):
     _scan_bwd_kernel[(bh, nv)](
         u, w, qd, kd, a, gamma, states, d_o.contiguous(), d_final.contiguous(),
         d_u, d_w, d_qd, d_kd, d_a, d_gamma, d_s0, bh, n, dk, dv, C=c, BK=bk, BV=bv,
-        num_stages=SCAN_STAGES,
+        P=SCAN_PRECISION, num_stages=SCAN_STAGES,
     )  # fmt: skip
     return d_u, d_w.sum(0), d_qd.sum(0), d_kd.sum(0), d_a.sum(0), d_gamma.sum(0), d_s0
 
