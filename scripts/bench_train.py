@@ -297,6 +297,8 @@ def trainer(name: str, directory: Path, args, n_params: int) -> dict:
         "tokens_per_s": tokens / seconds,
         "step_s": seconds / len(timed),
         "real_tokens_per_step": tokens / len(timed),
+        # every position of the packed rows, padding included: the bare step's tokens
+        "row_tokens_per_s": args.batch * args.seq * len(timed) / seconds,
         "peak_gib": peaks[-1],
         "mfu": 4 * n_params * tokens / (seconds * PEAK_FLOPS),
     }
@@ -520,8 +522,10 @@ def main() -> None:
         for note in entry["notes"]:
             print(f"{name:14} note: {note}")
         if "tokens_per_s" in entry.get("trainer", {}) and "tokens_per_s" in entry.get("fnlm", {}):
-            share = entry["trainer"]["tokens_per_s"] / entry["fnlm"]["tokens_per_s"]
-            print(f"{name:14} {'trainer/step':12} {share:7.2f}x")
+            trained, step = entry["trainer"], entry["fnlm"]["tokens_per_s"]
+            full = trained["real_tokens_per_step"] / (args.batch * args.seq)
+            print(f"{name:14} {'trainer/step':12} {trained['tokens_per_s'] / step:7.2f}x real tokens"
+                  f", {trained['row_tokens_per_s'] / step:.2f}x row tokens (rows {full:.1%} full)")  # fmt: skip
     if "longest" in results:
         r = results["longest"]
         print(
