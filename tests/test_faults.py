@@ -307,6 +307,22 @@ def test_nan_keeps_the_checkpoint_from_before_the_bad_update(tiny, tmp_path):
     assert steps_of(out / "metrics.jsonl") == [1, 2, 3, 4]
 
 
+def test_a_nan_before_any_update_is_not_blamed_on_the_learning_rate(tiny, tmp_path):
+    """A model whose forward is already non-finite fails at step 1: the error says no update was
+    made (so not the learning rate) and points at the weights; a NaN after updates still advises
+    a lower learning rate (test above)."""
+    directory, _ = tiny
+    params = load_fp32(directory)  # a copy of its own: the fixture's params stay finite
+    with torch.no_grad():
+        params["norm"].fill_(float("nan"))
+    with pytest.raises(train_lib.NonFiniteLossError) as caught:
+        train_lib.train(run_config(tmp_path / "run", max_steps=3), params=params,
+                        data=random_data(n=8))  # fmt: skip
+    message = str(caught.value)
+    assert "at step 1 " in message and "No update was made before this step" in message
+    assert "Lower the learning rate" not in message
+
+
 def test_resume_honours_and_reports_a_changed_lr(tiny, tmp_path, capsys):
     _, params = tiny
     out = tmp_path / "run"

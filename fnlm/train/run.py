@@ -175,6 +175,7 @@ def advance(run: Run, started: float, clock: StepClock | None = None) -> dict:
         stop_on_non_finite(run, result)
     check_divergence(run, result)
     run.step, run.position = run.step + 1, next_position
+    run.updates += 1
     tokens = result["tokens"]  # over the ranks, summed with the step's count
     extra = {} if run.method is None else run.method.metrics(result.get("stats", ()))
     return {
@@ -262,10 +263,21 @@ def stop_diverged(run: Run, result: dict, what: str, *, first_bad: int) -> None:
     if aside:
         names = [p.name for p in aside]
         kept += f" (later ones, which may hold the bad update, were renamed {names})"
+    if run.updates == 0:  # the weights are the ones the run started from
+        advice = (
+            "No update was made before this step in this run, so the learning rate is not the "
+            "cause: the model's forward gives these values with the weights it started from "
+            "(check the checkpoint's values and dtype, and a DPO reference model), or the data "
+            "of this step does"
+        )
+    else:
+        advice = (
+            f"Lower the learning rate (now {result['lr']:.3g}) and resume, keep max_grad_norm "
+            "set, or check the data of this step"
+        )
     raise NonFiniteLossError(
         f"{what} at step {run.step + 1} (epoch {run.position['epoch']}, micro-batch "
-        f"{run.position['index']}); training stopped and {kept}. Lower the learning rate (now "
-        f"{result['lr']:.3g}) and resume, keep max_grad_norm set, or check the data of this step"
+        f"{run.position['index']}); training stopped and {kept}. {advice}"
     )
 
 

@@ -78,6 +78,7 @@ class Run:
     total_steps: int
     graphs: StepGraphs | None = None
     step: int = 0
+    updates: int = 0  # optimizer updates made by this process (not counting a resumed run's)
     position: dict = field(default_factory=lambda: {"epoch": 0, "index": 0})
     # divergence watch (run.check_divergence): running loss level, first step of a loss spike
     loss_level: float | None = None
