@@ -4,7 +4,8 @@ bitsandbytes skipped on a CPU), and print tokens/s for both sides; the LoRA targ
 sides adapt the same number of parameters (the GPU comparison's fairness check).
 
 The scripts run in this process (their main() under a patched argv): one import of transformers
-and fnlm for all of it.
+and fnlm for all of it. scripts/bench_methods.py (GRPO, DPO against TRL) runs on its tiny Llama
+config, one part in a process of its own.
 """
 
 from __future__ import annotations
@@ -55,15 +56,19 @@ def test_one_config_table(scripts):
 
 def test_bench_train_tiny(scripts, tmp_path, monkeypatch, capsys):
     _, train, _, _ = scripts
+    from fnlm.kernels import deltanet
+
+    monkeypatch.setattr(deltanet, "SCAN_BACKEND", deltanet.SCAN_BACKEND)  # restored afterwards
     common = ["--tiny", "--checkpoints", str(tmp_path / "ck"), "--out"]
     out = run_main(
         train,
         [*common, str(tmp_path / "a"), "--model", "qwen3.5-9b", "--model", "gpt-oss-20b",
-         "--model", "gemma-4-e4b"],
+         "--model", "gemma-4-e4b", "--deltanet-scan", "torch"],
         monkeypatch,
         capsys,
     )  # fmt: skip
     assert "tokens/s" in out
+    assert deltanet.SCAN_BACKEND == "torch"  # what Qwen3.5's layers ran (on CUDA too)
     models = json.loads((tmp_path / "a" / "bench_train.json").read_text())["models"]
     for name in MODELS:
         for who in ("fnlm", "reference"):

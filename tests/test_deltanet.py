@@ -124,6 +124,32 @@ def test_door_checks_shapes():
         kernels.gated_delta_rule(q, q, v, g, g, reset=torch.zeros(1, 5))  # not bool
 
 
+@needs_interpreter
+def test_scan_backend_picks_the_scan(monkeypatch):
+    """SCAN_BACKEND "torch" runs the torch loop where the Triton scan would run (the door's
+    result then equals the torch path's bit for bit), "triton" the kernel; anything else is
+    refused naming FNLM_DELTANET_SCAN."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 20, 2, 8, generator=g) for _ in range(3))
+    decay, beta = -torch.rand(1, 20, 2, generator=g), torch.rand(1, 20, 2, generator=g)
+    state = torch.randn(1, 2, 8, 8, generator=g)
+    launched = []
+    scan = deltanet.chunk_scan_op
+    monkeypatch.setattr(deltanet, "chunk_scan_op", lambda *a: launched.append(1) or scan(*a))
+    with kernels.kernel_backend("triton"):
+        monkeypatch.setattr(deltanet, "SCAN_BACKEND", "torch")
+        o, s = kernels.gated_delta_rule(q, k, v, decay, beta, state, chunk=16)
+        assert not launched
+        ref_o, ref_s = deltanet.gated_delta_rule_chunked(q, k, v, decay, beta, state, chunk=16)
+        assert torch.equal(o, ref_o) and torch.equal(s, ref_s)
+        monkeypatch.setattr(deltanet, "SCAN_BACKEND", "triton")
+        kernels.gated_delta_rule(q, k, v, decay, beta, state, chunk=16)
+        assert launched
+        monkeypatch.setattr(deltanet, "SCAN_BACKEND", "cuda")
+        with pytest.raises(ArgumentError, match="FNLM_DELTANET_SCAN.*'cuda'"):
+            kernels.gated_delta_rule(q, k, v, decay, beta, state, chunk=16)
+
+
 def test_config_checks_linear_attention_sizes():
     """A Qwen3.5 config whose value heads are not a multiple of its key heads (or with a size 0)
     fails when translated, naming the config.json fields, not at the first forward."""

@@ -81,6 +81,7 @@ def _triton_stand_in() -> Iterator[None]:
 
 
 with _triton_stand_in():
+    from fnlm.kernels import deltanet as _deltanet
     from fnlm.kernels.cross_entropy import (
         fused_linear_cross_entropy_op,
         fused_linear_cross_entropy_reference,
@@ -274,7 +275,8 @@ def gated_delta_rule(
     key_heads); g (log decay) and beta [batch, seq, value_heads]; initial_state [batch,
     value_heads, dk, dv] or None (zeros); reset [batch, seq] bool or None (True: the state is
     zeroed before that token — a packed document's start). Returns (o [batch, seq, value_heads, dv] in q's dtype,
-    final state fp32). The scan over chunks is the Triton kernel where `use_triton(q)`.
+    final state fp32). The scan over chunks is the Triton kernel where `use_triton(q)`, unless
+    fnlm.kernels.deltanet.SCAN_BACKEND (FNLM_DELTANET_SCAN) is "torch".
     """
     b, t, hk, dk = q.shape
     hv, dv = v.shape[2:]
@@ -292,8 +294,15 @@ def gated_delta_rule(
             f"{None if initial_state is None else tuple(initial_state.shape)}, reset "
             f"{None if reset is None else (tuple(reset.shape), reset.dtype)}"
         )
+    backend = _deltanet.SCAN_BACKEND
+    if backend not in _deltanet.SCAN_BACKENDS:
+        raise ArgumentError(
+            f"the gated delta rule's scan backend (FNLM_DELTANET_SCAN) is {backend!r}; expected "
+            f"one of {_deltanet.SCAN_BACKENDS}"
+        )
+    triton_scan = use_triton(q) and backend == "triton"
     return gated_delta_rule_chunked(
-        q, k, v, g, beta, initial_state, chunk=chunk, triton_scan=use_triton(q), reset=reset
+        q, k, v, g, beta, initial_state, chunk=chunk, triton_scan=triton_scan, reset=reset
     )
 
 

@@ -30,6 +30,8 @@ The scan kernels are unchanged (a chunk with gamma = 0 and zero Qd, W rows is an
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -143,6 +145,13 @@ SCAN_STAGES = 1
 # "tf32x3" or "tf32" — the likely cause of the scans' 16 / 39 ms per call on an H200
 # (docs/benchmarks.md, issue 18). A precision other than "ieee" is not yet validated on a GPU.
 SCAN_PRECISION = "ieee"
+
+# Where the scan over chunks runs for CUDA tensors: "triton" (the kernels above) or "torch"
+# (`chunk_scan_reference`'s loop: cuBLAS fp32 matmuls, autograd; transformers' own fallback).
+# FNLM_DELTANET_SCAN sets it at import; benchmarks set the attribute (bench_train --deltanet-scan)
+# to time both in one run while the Triton scans spill (above).
+SCAN_BACKENDS = ("triton", "torch")
+SCAN_BACKEND = os.environ.get("FNLM_DELTANET_SCAN", "triton")
 
 
 def _blocks(chunk: int, dk: int, dv: int) -> tuple[int, int, int]:
