@@ -10,8 +10,8 @@ through target_parameters; the LoRA parameter counts of the two sides are compar
 difference noted), random token batches of batch x seq (default 2 x 2048) whose labels are the
 tokens, fused AdamW, median of --steps steps after --warmup steps. Notes say what differs from
 that (gpt-oss: transformers' eager attention, bitsandbytes leaving the expert stacks 16-bit;
---fnlm-experts bf16 keeps fnlm's 16-bit too; --deltanet-scan torch runs Qwen3.5's scan as torch's
-loop instead of the Triton kernels). --tiny: the same code path on a CPU (shrunk
+--fnlm-experts bf16 keeps fnlm's 16-bit too; --deltanet-scan split / torch runs Qwen3.5's scan as
+the split scan's loops or torch's loop instead of the fused Triton kernels). --tiny: the same code path on a CPU (shrunk
 configs, fnlm NF4, the reference without bitsandbytes).
 - fnlm: fnlm.load(quant="nf4", bf16), fnlm.lora.init, fnlm.train.train_step with
   fnlm.train.layer_function (per-layer activation checkpointing, torch.compile of the layer).
@@ -401,9 +401,9 @@ def main() -> None:
         "--checkpoints", default=".cache/bench", help="where the random checkpoints go"
     )
     parser.add_argument(
-        "--deltanet-scan", choices=["triton", "torch"],
-        help="fnlm's gated delta-rule scan on CUDA (Qwen3.5): the Triton kernels (default, or "
-        "FNLM_DELTANET_SCAN) or torch's loop",
+        "--deltanet-scan", choices=["triton", "split", "torch"],
+        help="fnlm's gated delta-rule scan on CUDA (Qwen3.5): the fused Triton kernels (default, "
+        "or FNLM_DELTANET_SCAN), the split scan's Triton loops, or torch's loop",
     )  # fmt: skip
     parser.add_argument(
         "--fnlm-experts", default="nf4", choices=["nf4", "bf16"],

@@ -3,7 +3,7 @@ cubins cross-compiled here (no GPU needed: Triton compiles for a named target, a
 bundled with Triton reads the cubin's resource usage).
 
     python scripts/deltanet_resources.py                                   # Qwen3.5's tiles
-    python scripts/deltanet_resources.py --precision ieee,tf32x3,tf32 --warps 4,8 --bv 16,32
+    python scripts/deltanet_resources.py --precision ieee --warps 4,8 --bv 16,32
 
 A per-thread STACK of kilobytes means the kernel keeps tiles in local memory (spills): every
 chunk of the scan then round-trips them through the memory hierarchy. Tiles: a chunk of --chunk
@@ -23,15 +23,28 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.compiler import compile as triton_compile
 
-from fnlm.kernels import deltanet
+from fnlm.kernels import deltanet, deltanet_split
 
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+# the fused scans (SCAN_BACKEND "triton") and the split scan's loops ("split")
 POINTERS = {
     "forward": "U W QD KD A GAMMA S0 OUT STATES S_FINAL",
     "backward": "U W QD KD A GAMMA STATES D_O D_S_FINAL D_U D_W D_QD D_KD D_A D_GAMMA D_S0",
+    "split-forward": "U W KD GAMMA S0 V_NEW STATES S_FINAL",
+    "split-backward": "W KD GAMMA D_V_NEW D_STATES D_S_FINAL DVN G_NEXT D_S0",
 }
-SCALARS = {"forward": ("n_chunks", "dk", "dv"), "backward": ("n_bh", "n_chunks", "dk", "dv")}
-KERNELS = {"forward": deltanet._scan_fwd_kernel, "backward": deltanet._scan_bwd_kernel}
+SCALARS = {
+    "forward": ("n_chunks", "dk", "dv"),
+    "backward": ("n_bh", "n_chunks", "dk", "dv"),
+    "split-forward": ("n_chunks", "dk", "dv"),
+    "split-backward": ("n_chunks", "dk", "dv"),
+}
+KERNELS = {
+    "forward": deltanet._scan_fwd_kernel,
+    "backward": deltanet._scan_bwd_kernel,
+    "split-forward": deltanet_split._state_fwd_kernel,
+    "split-backward": deltanet_split._state_bwd_kernel,
+}
 
 
 def usage(which: str, constants: dict, warps: int, arch: int) -> tuple[str, int]:
@@ -63,14 +76,16 @@ def main() -> None:
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10")
     args = parser.parse_args()
     bk = max(16, triton.next_power_of_2(args.dk))
-    print(f"sm_{args.arch}, triton {triton.__version__}, chunk {args.chunk}, BK {bk}")
+    print(f"sm_{args.arch}, triton {triton.__version__}, chunk {args.chunk}, BK {bk}; fnlm runs "
+          f"the {deltanet.SCAN_BACKEND!r} scan; the split one at BV {deltanet_split.SPLIT_BV}, "
+          f"{deltanet_split.SPLIT_WARPS} warps")  # fmt: skip
     for precision in args.precision.split(","):
         for bv in map(int, args.bv.split(",")):
             for warps in map(int, args.warps.split(",")):
                 constants = {"C": args.chunk, "BK": bk, "BV": bv, "P": precision}
                 for which in KERNELS:
                     resources, shared = usage(which, constants, warps, args.arch)
-                    print(f"{which:8} {precision:6} BV={bv:<3} warps={warps:<2} {resources}  "
+                    print(f"{which:14} {precision:6} BV={bv:<3} warps={warps:<2} {resources}  "
                           f"shared {shared:,} B", flush=True)  # fmt: skip
 
 

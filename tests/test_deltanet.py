@@ -18,7 +18,7 @@ from transformers.models.qwen3_5 import modeling_qwen3_5 as hf
 
 from fnlm import kernels
 from fnlm.errors import ArgumentError, ConfigError
-from fnlm.kernels import deltanet
+from fnlm.kernels import deltanet, deltanet_split
 from fnlm.models import qwen3_5
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*flash-linear-attention")
@@ -75,10 +75,10 @@ def assert_same(ours, ref):
             assert rel_error(a, b) <= FP32_REL_TOL
 
 
-def chunked(chunk, triton_scan):
+def chunked(chunk, triton_scan, split=False):
     def run(*inputs, reset=None):
         return deltanet.gated_delta_rule_chunked(
-            *inputs, chunk=chunk, triton_scan=triton_scan, reset=reset
+            *inputs, chunk=chunk, triton_scan=triton_scan, split=split, reset=reset
         )
 
     return run
@@ -98,6 +98,40 @@ def test_triton_scan_equals_recurrent(inputs, chunk):
     """Forward (the scan kernel) and backward (the reverse-scan kernel) under the interpreter."""
     ref = values_and_grads(deltanet.gated_delta_rule_recurrent, inputs)
     assert_same(values_and_grads(chunked(chunk, True), inputs), ref)
+
+
+@needs_interpreter
+@settings(max_examples=4, deadline=None)
+@given(inputs=problems(max_seq=36), chunk=st.sampled_from([16, 32]))
+def test_split_scan_equals_recurrent(inputs, chunk):
+    """The split scan (fnlm.kernels.deltanet_split: the recurrence-only Triton loops, forward and
+    reverse, interpreter; the outputs and the other gradients batched in torch) == recurrence."""
+    ref = values_and_grads(deltanet.gated_delta_rule_recurrent, inputs)
+    assert_same(values_and_grads(chunked(chunk, True, split=True), inputs), ref)
+
+
+@needs_interpreter
+@settings(max_examples=3, deadline=None)
+@given(inputs=problems(max_seq=36), chunk=st.sampled_from([16, 32]))
+def test_split_loop_equals_its_reference(inputs, chunk):
+    """The split scan's Triton loop (v_new, states, final; and through autograd every input's
+    gradient) == its torch loop `state_scan_reference` on the chunked rule's prepared inputs."""
+    q, k, v, decay, beta, state = inputs
+    parts = deltanet.chunk_prepare(*deltanet.heads_first(q, k, v, decay, beta, True), chunk, None)
+    b, h, dk, dv = q.shape[0], v.shape[2], q.shape[-1], v.shape[-1]
+    s0 = torch.zeros(b * h, dk, dv) if state is None else state.reshape(b * h, dk, dv)
+    loop_inputs = (parts[0], parts[1], parts[3], parts[5], s0)
+
+    def run(loop):
+        leaves = [x.detach().clone().requires_grad_() for x in loop_inputs]
+        outputs = loop(*(x.contiguous() for x in leaves))
+        g = torch.Generator().manual_seed(2)
+        sum((t * torch.randn(t.shape, generator=g)).sum() for t in outputs).backward()
+        return [t.detach() for t in outputs], [x.grad for x in leaves]
+
+    ours, ref = run(deltanet_split.state_scan_op), run(deltanet_split.state_scan_reference)
+    for a, b_ in zip(ours[0] + ours[1], ref[0] + ref[1], strict=True):
+        assert rel_error(a, b_) <= FP32_REL_TOL
 
 
 @settings(max_examples=4, deadline=None)
@@ -127,8 +161,8 @@ def test_door_checks_shapes():
 @needs_interpreter
 def test_scan_backend_picks_the_scan(monkeypatch):
     """SCAN_BACKEND "torch" runs the torch loop where the Triton scan would run (the door's
-    result then equals the torch path's bit for bit), "triton" the kernel; anything else is
-    refused naming FNLM_DELTANET_SCAN."""
+    result then equals the torch path's bit for bit), "triton" the fused kernel, "split" the
+    split scan's loop; anything else is refused naming FNLM_DELTANET_SCAN."""
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 20, 2, 8, generator=g) for _ in range(3))
     decay, beta = -torch.rand(1, 20, 2, generator=g), torch.rand(1, 20, 2, generator=g)
@@ -145,6 +179,15 @@ def test_scan_backend_picks_the_scan(monkeypatch):
         monkeypatch.setattr(deltanet, "SCAN_BACKEND", "triton")
         kernels.gated_delta_rule(q, k, v, decay, beta, state, chunk=16)
         assert launched
+        looped = []
+        loop = deltanet_split.state_scan_op
+        monkeypatch.setattr(
+            deltanet_split, "state_scan_op", lambda *a: looped.append(1) or loop(*a)
+        )
+        monkeypatch.setattr(deltanet, "SCAN_BACKEND", "split")
+        o, s = kernels.gated_delta_rule(q, k, v, decay, beta, state, chunk=16)
+        assert looped and len(launched) == 1
+        assert rel_error(o, ref_o) <= FP32_REL_TOL and rel_error(s, ref_s) <= FP32_REL_TOL
         monkeypatch.setattr(deltanet, "SCAN_BACKEND", "cuda")
         with pytest.raises(ArgumentError, match="FNLM_DELTANET_SCAN.*'cuda'"):
             kernels.gated_delta_rule(q, k, v, decay, beta, state, chunk=16)
@@ -230,6 +273,8 @@ def test_triton_scan_with_reset_equals_recurrent(data, inputs, chunk):
     reset = data.draw(resets(inputs[0].shape[:2]))
     ref = values_and_grads(with_reset(deltanet.gated_delta_rule_recurrent, reset), inputs)
     assert_same(values_and_grads(with_reset(chunked(chunk, True), reset), inputs), ref)
+    split = chunked(chunk, True, split=True)  # the split scan carries it unchanged too
+    assert_same(values_and_grads(with_reset(split, reset), inputs), ref)
 
 
 def test_reset_compiles_without_graph_breaks():
@@ -247,12 +292,14 @@ def test_reset_compiles_without_graph_breaks():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize(
     "shape", [(1, 37, 2, 4, 16, 24, 16), (2, 300, 4, 8, 128, 128, 64), (1, 1000, 2, 4, 64, 128, 64)]
 )
-def test_triton_scan_on_cuda_equals_recurrent(shape):
-    """The compiled Triton scan on the GPU (forward and reverse kernels, ieee fp32 dots) against
-    the recurrence on the CPU: Qwen3.5's head sizes (128) and its chunk (64), plus a ragged tail."""
+def test_triton_scan_on_cuda_equals_recurrent(shape, split):
+    """The compiled Triton scan on the GPU (forward and reverse kernels, ieee fp32 dots; fused, or
+    the split scan's loops) against the recurrence on the CPU: Qwen3.5's head sizes (128) and its
+    chunk (64), plus a ragged tail."""
     b, t, hk, hv, dk, dv, chunk = shape
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(b, t, hk, dk, generator=g), torch.randn(b, t, hk, dk, generator=g)
@@ -264,7 +311,7 @@ def test_triton_scan_on_cuda_equals_recurrent(shape):
     ref = values_and_grads(deltanet.gated_delta_rule_recurrent, inputs)
 
     def on_cuda(*xs):
-        o, s = chunked(chunk, True)(*(x.cuda() for x in xs))
+        o, s = chunked(chunk, True, split=split)(*(x.cuda() for x in xs))
         return o.cpu(), s.cpu()
 
     ours = values_and_grads(on_cuda, inputs)
@@ -287,5 +334,5 @@ def test_resource_script_reads_the_scans_cubins():
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [line for line in done.stdout.splitlines() if "STACK:" in line]
-    assert len(rows) == 4, done.stdout  # forward and backward at both precisions
+    assert len(rows) == 8, done.stdout  # 4 kernels (fused and split scans) x 2 precisions
     assert all("REG:" in row and "shared" in row for row in rows)

@@ -275,8 +275,9 @@ def gated_delta_rule(
     key_heads); g (log decay) and beta [batch, seq, value_heads]; initial_state [batch,
     value_heads, dk, dv] or None (zeros); reset [batch, seq] bool or None (True: the state is
     zeroed before that token — a packed document's start). Returns (o [batch, seq, value_heads, dv] in q's dtype,
-    final state fp32). The scan over chunks is the Triton kernel where `use_triton(q)`, unless
-    fnlm.kernels.deltanet.SCAN_BACKEND (FNLM_DELTANET_SCAN) is "torch".
+    final state fp32). Where `use_triton(q)`, the scan over chunks is the Triton kernel, the split
+    one (fnlm.kernels.deltanet_split) or torch's loop, as fnlm.kernels.deltanet.SCAN_BACKEND
+    (FNLM_DELTANET_SCAN) says.
     """
     b, t, hk, dk = q.shape
     hv, dv = v.shape[2:]
@@ -300,10 +301,11 @@ def gated_delta_rule(
             f"the gated delta rule's scan backend (FNLM_DELTANET_SCAN) is {backend!r}; expected "
             f"one of {_deltanet.SCAN_BACKENDS}"
         )
-    triton_scan = use_triton(q) and backend == "triton"
+    triton_scan = use_triton(q) and backend != "torch"
     return gated_delta_rule_chunked(
-        q, k, v, g, beta, initial_state, chunk=chunk, triton_scan=triton_scan, reset=reset
-    )
+        q, k, v, g, beta, initial_state, chunk=chunk, triton_scan=triton_scan,
+        split=backend == "split", reset=reset,
+    )  # fmt: skip
 
 
 def fused_linear_cross_entropy(

@@ -37,6 +37,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from fnlm.kernels import deltanet_split
+
 # ----------------------------------------------------------------------------------------------
 # Triton kernels
 # ----------------------------------------------------------------------------------------------
@@ -146,11 +148,12 @@ SCAN_STAGES = 1
 # (docs/benchmarks.md, issue 18). A precision other than "ieee" is not yet validated on a GPU.
 SCAN_PRECISION = "ieee"
 
-# Where the scan over chunks runs for CUDA tensors: "triton" (the kernels above) or "torch"
+# Where the scan over chunks runs for CUDA tensors: "triton" (the kernels above), "split" (only
+# the recurrence in a Triton loop, the outputs batched: fnlm.kernels.deltanet_split) or "torch"
 # (`chunk_scan_reference`'s loop: cuBLAS fp32 matmuls, autograd; transformers' own fallback).
 # FNLM_DELTANET_SCAN sets it at import; benchmarks set the attribute (bench_train --deltanet-scan)
 # to time both in one run while the Triton scans spill (above).
-SCAN_BACKENDS = ("triton", "torch")
+SCAN_BACKENDS = ("triton", "split", "torch")
 SCAN_BACKEND = os.environ.get("FNLM_DELTANET_SCAN", "triton")
 
 
@@ -404,10 +407,12 @@ def gated_delta_rule_chunked(
     qk_l2norm: bool = True,
     chunk: int = 64,
     triton_scan: bool = False,
+    split: bool = False,
     reset: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The chunked gated delta rule, same arguments and results as `gated_delta_rule_recurrent`;
-    the scan over chunks is the Triton kernel (`triton_scan`) or torch's loop."""
+    the scan over chunks is the Triton kernel (`triton_scan`; with `split`, the recurrence-only
+    loop of fnlm.kernels.deltanet_split) or torch's loop."""
     dtype = q.dtype
     b, t, h, dv = v.shape
     q, k, v, g, beta = heads_first(q, k, v, g, beta, qk_l2norm)
@@ -417,7 +422,9 @@ def gated_delta_rule_chunked(
         s0 = v.new_zeros(b * h, dk, dv)
     else:
         s0 = initial_state.float().reshape(b * h, dk, dv)
-    if triton_scan:
+    if triton_scan and split:
+        o, s = deltanet_split.split_scan(*parts, s0)
+    elif triton_scan:
         o, _, s = chunk_scan_op(*(x.contiguous() for x in parts), s0.contiguous())
     else:
         o, s = chunk_scan_reference(*parts, s0)
