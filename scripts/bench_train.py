@@ -368,6 +368,18 @@ def longest(name: str, directory: Path, args) -> dict:
     return out
 
 
+def launch_of(parser, text: str) -> tuple[int, int]:
+    """--deltanet-launch "16x8" -> (16, 8): value columns (16, 32 or 64) and warps (1-16)."""
+    try:
+        bv, warps = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        parser.error(f"--deltanet-launch takes BVxWARPS such as 16x8, got {text!r}")
+    if bv not in (16, 32, 64) or warps not in (1, 2, 4, 8, 16):
+        parser.error(f"--deltanet-launch: BV must be 16, 32 or 64 and WARPS 1-16 (a power of 2), "
+                     f"got {text!r}")  # fmt: skip
+    return bv, warps
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", choices=sorted(REAL_CONFIGS))
@@ -406,6 +418,10 @@ def main() -> None:
         "or FNLM_DELTANET_SCAN), the split scan's Triton loops, or torch's loop",
     )  # fmt: skip
     parser.add_argument(
+        "--deltanet-launch", metavar="BVxWARPS",
+        help="the fused Triton scan's launch past 64-wide keys, e.g. 16x8 (default 32x4)",
+    )  # fmt: skip
+    parser.add_argument(
         "--fnlm-experts", default="nf4", choices=["nf4", "bf16"],
         help="fnlm's MoE expert stacks: NF4, or 16-bit as bitsandbytes leaves the reference's",
     )  # fmt: skip
@@ -428,10 +444,12 @@ def main() -> None:
 
     device_name = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu (--tiny)"
     results: dict = {"device": device_name, "args": vars(args), "models": {}}
-    if args.deltanet_scan:
-        from fnlm.kernels import deltanet
+    from fnlm.kernels import deltanet
 
+    if args.deltanet_scan:
         deltanet.SCAN_BACKEND = args.deltanet_scan
+    if args.deltanet_launch:
+        deltanet.SCAN_WIDE_BV, deltanet.SCAN_WARPS = launch_of(parser, args.deltanet_launch)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     out = Path(args.out) / "bench_train.json"
     save = lambda: out.write_text(json.dumps(results, indent=2, default=str))

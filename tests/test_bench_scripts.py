@@ -58,17 +58,23 @@ def test_bench_train_tiny(scripts, tmp_path, monkeypatch, capsys):
     _, train, _, _ = scripts
     from fnlm.kernels import deltanet
 
-    monkeypatch.setattr(deltanet, "SCAN_BACKEND", deltanet.SCAN_BACKEND)  # restored afterwards
+    for name in ("SCAN_BACKEND", "SCAN_WIDE_BV", "SCAN_WARPS"):  # restored afterwards
+        monkeypatch.setattr(deltanet, name, getattr(deltanet, name))
     common = ["--tiny", "--checkpoints", str(tmp_path / "ck"), "--out"]
     out = run_main(
         train,
         [*common, str(tmp_path / "a"), "--model", "qwen3.5-9b", "--model", "gpt-oss-20b",
-         "--model", "gemma-4-e4b", "--deltanet-scan", "torch"],
+         "--model", "gemma-4-e4b", "--deltanet-scan", "torch", "--deltanet-launch", "16x8"],
         monkeypatch,
         capsys,
     )  # fmt: skip
     assert "tokens/s" in out
     assert deltanet.SCAN_BACKEND == "torch"  # what Qwen3.5's layers ran (on CUDA too)
+    assert (deltanet.SCAN_WIDE_BV, deltanet.SCAN_WARPS) == (16, 8)
+    with pytest.raises(SystemExit):  # refused before any work, naming the option
+        run_main(train, [*common, str(tmp_path / "b"), "--deltanet-launch", "12x3"], monkeypatch,
+                 capsys)  # fmt: skip
+    assert "--deltanet-launch" in capsys.readouterr().err
     models = json.loads((tmp_path / "a" / "bench_train.json").read_text())["models"]
     for name in MODELS:
         for who in ("fnlm", "reference"):

@@ -157,11 +157,18 @@ SCAN_BACKENDS = ("triton", "split", "torch")
 SCAN_BACKEND = os.environ.get("FNLM_DELTANET_SCAN", "triton")
 
 
+# The fused scans' launch past 64-wide keys: value columns per program and warps. At Qwen3.5's
+# tiles (32, 4) spill 14.8 / 18.4 KB of stack per thread on sm_90, (16, 8) 1.6 / 1.7 KB
+# (scripts/deltanet_resources.py); bench_train --deltanet-launch times another on a GPU.
+SCAN_WIDE_BV, SCAN_WARPS = 32, 4
+
+
 def _blocks(chunk: int, dk: int, dv: int) -> tuple[int, int, int]:
     """(BK, BV, value blocks): tl.dot wants every dim >= 16; the value dim is split in blocks of
-    <= 64, <= 32 when the keys are wider than 64 (the tiles then fit an SM's shared memory)."""
+    <= 64, <= SCAN_WIDE_BV when the keys are wider than 64 (the tiles then fit an SM's shared
+    memory)."""
     bk = max(16, triton.next_power_of_2(dk))
-    bv = max(16, min(64 if bk <= 64 else 32, triton.next_power_of_2(dv)))
+    bv = max(16, min(64 if bk <= 64 else SCAN_WIDE_BV, triton.next_power_of_2(dv)))
     return bk, bv, triton.cdiv(dv, bv)
 
 
@@ -177,7 +184,7 @@ def chunk_scan_fwd(u, w, qd, kd, a, gamma, s0):
     final = u.new_empty(bh, dk, dv)
     _scan_fwd_kernel[(bh, nv)](
         u, w, qd, kd, a, gamma, s0, o, states, final, n, dk, dv, C=c, BK=bk, BV=bv,
-        P=SCAN_PRECISION, num_stages=SCAN_STAGES,
+        P=SCAN_PRECISION, num_stages=SCAN_STAGES, num_warps=SCAN_WARPS,
     )  # fmt: skip
     return o, states, final
 
@@ -195,7 +202,7 @@ def chunk_scan_bwd(u, w, qd, kd, a, gamma, states, d_o, d_final):
     _scan_bwd_kernel[(bh, nv)](
         u, w, qd, kd, a, gamma, states, d_o.contiguous(), d_final.contiguous(),
         d_u, d_w, d_qd, d_kd, d_a, d_gamma, d_s0, bh, n, dk, dv, C=c, BK=bk, BV=bv,
-        P=SCAN_PRECISION, num_stages=SCAN_STAGES,
+        P=SCAN_PRECISION, num_stages=SCAN_STAGES, num_warps=SCAN_WARPS,
     )  # fmt: skip
     return d_u, d_w.sum(0), d_qd.sum(0), d_kd.sum(0), d_a.sum(0), d_gamma.sum(0), d_s0
 
