@@ -291,6 +291,21 @@ def test_reset_compiles_without_graph_breaks():
     assert_same(values_and_grads(with_reset(compiled, reset), inputs), ref)
 
 
+@needs_interpreter
+def test_split_scan_compiles_without_graph_breaks():
+    """The split scan's custom ops (their fake shapes, their autograd) inside one compiled graph
+    (fullgraph, aot_eager), with document resets: eager's values and gradients."""
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 40, 2, 16, generator=g), torch.randn(1, 40, 2, 16, generator=g)
+    v = torch.randn(1, 40, 2, 24, generator=g)
+    decay, beta = -torch.rand(1, 40, 2, generator=g), torch.rand(1, 40, 2, generator=g)
+    reset = torch.rand(1, 40, generator=g) < 0.1
+    inputs = (q, k, v, decay, beta, torch.randn(1, 2, 16, 24, generator=g))
+    ref = values_and_grads(with_reset(chunked(16, True, split=True), reset), inputs)
+    compiled = torch.compile(chunked(16, True, split=True), fullgraph=True, backend="aot_eager")
+    assert_same(values_and_grads(with_reset(compiled, reset), inputs), ref)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize(
