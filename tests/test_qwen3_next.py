@@ -39,7 +39,7 @@ from tests.family_checks import (
     tokens_for,
 )
 from tests.models import FP32_REL_TOL, max_rel_error, saved_checkpoint
-from tests.test_lora import read_adapter
+from tests.test_lora import randomize_peft, read_adapter
 from tests.test_qwen3_5 import text_fields
 
 pytestmark = [NO_TOKENIZER, pytest.mark.filterwarnings("ignore:.*flash-linear-attention")]
@@ -174,10 +174,7 @@ def test_lora_targets_qwen3_next(model_type, tmp_path):
             warnings.simplefilter("ignore")
             config = peft.LoraConfig(r=2, target_modules="all-linear")
             reference = peft.get_peft_model(model, config).eval()
-            with torch.no_grad():  # peft's adapter, trained: B nonzero
-                for name, t in reference.named_parameters():
-                    if "lora_" in name:
-                        t.copy_(0.3 * torch.randn(t.shape, generator=torch.Generator()))
+            randomize_peft(reference)  # peft's adapter, trained: B nonzero, each factor its own
             reference.save_pretrained(tmp_path / "peft")
         ours, theirs = read_adapter(tmp_path / "ours")[1], read_adapter(tmp_path / "peft")[1]
         assert ours.keys() == theirs.keys()
