@@ -10,7 +10,10 @@ hypothesis' `data` after the test has drawn the config."""
 
 from __future__ import annotations
 
+import tempfile
 import warnings
+from contextlib import contextmanager
+from pathlib import Path
 
 import peft
 import pytest
@@ -21,7 +24,7 @@ from hypothesis import strategies as st
 
 import fnlm
 from fnlm.generate import generate_tokens, step
-from tests.models import FP32_REL_TOL, max_rel_error
+from tests.models import FP32_REL_TOL, build_model, max_rel_error
 from tests.test_generate import prompt_batches, reference_generate
 from tests.test_lora import randomize_fnlm, read_adapter
 from tests.test_train import random_data, reference_run, rel_close, run_config
@@ -71,6 +74,23 @@ def assert_training_matches_peft(model, params, examples, out, targets=None) -> 
     expected = reference_run(reference.train(), tensors, run, examples, 6)
     assert ours.status == "completed" and expected[-1] != expected[0]
     assert rel_close(ours.losses, expected, 2e-6), (ours.losses, expected)
+
+
+@contextmanager
+def router_bias_checkpoint(config, seed: int = 0):
+    """tests.models.saved_checkpoint for the sigmoid routers of GLM-4.5 and DeepSeek-V3: (model,
+    directory) of a random model saved with save_pretrained, its routers' correction biases random
+    too (build_model randomizes parameters; the bias is a buffer), large enough to change which
+    experts are chosen."""
+    model = build_model(config, seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.copy_(torch.randn(buffer.shape, generator=g) * 0.3)
+    with tempfile.TemporaryDirectory() as d:
+        model.save_pretrained(d)
+        yield model, Path(d)
 
 
 def load_fp32(directory):

@@ -33,13 +33,11 @@ from tests.family_checks import (
     check_training_matches_peft,
     family,
     load_fp32,
+    router_bias_checkpoint,
     tokens_for,
 )
 from tests.models import FP32_REL_TOL, max_rel_error
 from tests.test_generate import reference_generate
-
-# a saved random checkpoint whose routers' correction biases (buffers) are random too
-from tests.test_glm4_moe import glm_checkpoint as saved_checkpoint
 from tests.test_lora import build_peft, peft_key, randomize_fnlm
 
 pytestmark = NO_TOKENIZER
@@ -155,6 +153,33 @@ def test_config_translation_deepseek_v3(model_type):
     assert torch.equal(ours, inv_freq) and our_factor == factor
 
 
+@DEEPSEEK_V3
+@pytest.mark.parametrize("family", ["deepseek_v3", "glm4_moe"])
+def test_config_defaults_equal_transformers_deepseek_v3(model_type, family):
+    """A config.json without the router keys (and q_lora_rank) reads them as transformers' config
+    class defaults them: DeepseekV3Config's 8 groups of which 4 compete, scale 2.5, q_lora_rank
+    1536; Glm4MoeConfig's 1, 1, 1.0."""
+    left_out = ("n_group", "topk_group", "routed_scaling_factor", "q_lora_rank")
+    if family == "deepseek_v3":
+        hf = {k: v for k, v in DEEPSEEK_V3_CONFIG.items() if k not in left_out}
+        reference = transformers.DeepseekV3Config(**hf)
+    else:
+        hf = {
+            "model_type": "glm4_moe", "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2,
+            "intermediate_size": 64, "moe_intermediate_size": 16, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "n_routed_experts": 64, "num_experts_per_tok": 4,
+        }  # fmt: skip
+        reference = transformers.Glm4MoeConfig(**hf)
+    config = fnlm.models.config_from_hf(hf)
+    assert (config.moe_groups, config.moe_topk_groups, config.moe_routed_scale) == (
+        reference.n_group,
+        reference.topk_group,
+        reference.routed_scaling_factor,
+    )
+    if family == "deepseek_v3":
+        assert config.latent_attention[0] == reference.q_lora_rank == 1536
+
+
 # ----------------------------------------------------------------------------------------------
 # Forward and generation
 # ----------------------------------------------------------------------------------------------
@@ -166,7 +191,7 @@ def test_config_translation_deepseek_v3(model_type):
 def test_logits_match_transformers_deepseek_v3(model_type, data):
     """Logits, and logits of a left-padded batch, equal transformers' (fp32)."""
     config = data.draw(deepseek_v3_configs())
-    check_logits_match(data, config, saved_checkpoint(config))
+    check_logits_match(data, config, router_bias_checkpoint(config))
 
 
 @DEEPSEEK_V3
@@ -176,7 +201,7 @@ def test_logits_match_transformers_with_and_without_q_lora_rank_deepseek_v3(
 ):
     """Both q paths (q_proj; q_a_proj -> q_a_layernorm -> q_b_proj), v heads wider than q/k's."""
     config = transformers.DeepseekV3Config(**{**TINY, "q_lora_rank": q_lora_rank})
-    with saved_checkpoint(config) as (model, directory):
+    with router_bias_checkpoint(config) as (model, directory):
         params = load_fp32(directory)
         assert ("q" in params["layers"][0]["attn"]) == (q_lora_rank is None)
         mask = torch.tensor([[1] * 10, [0] * 4 + [1] * 6])
@@ -190,7 +215,7 @@ def test_greedy_matches_transformers_deepseek_v3(model_type, data):
     """Greedy generation with fnlm's KV cache (decompressed keys and values, padded to one
     width) equals transformers' (which caches the compressed latent)."""
     config = data.draw(deepseek_v3_configs())
-    check_greedy_matches(data, config, saved_checkpoint(config), most_new=10)
+    check_greedy_matches(data, config, router_bias_checkpoint(config), most_new=10)
 
 
 @DEEPSEEK_V3
@@ -198,7 +223,7 @@ def test_compiled_greedy_equals_eager_deepseek_v3(model_type, monkeypatch):
     """The compiled prefill and decode layers (dynamo traces MLA: the latent split, rope on the
     rope parts, the padded cache writes; CPU test with a backend that runs the traced graph) give
     eager's tokens, which are transformers'."""
-    checkpoint = saved_checkpoint(transformers.DeepseekV3Config(**TINY))
+    checkpoint = router_bias_checkpoint(transformers.DeepseekV3Config(**TINY))
     check_compiled_generation_equals_eager(monkeypatch, checkpoint)
 
 
@@ -209,7 +234,7 @@ def test_packed_rows_equal_separate_documents_deepseek_v3(model_type, data):
     """Packed rows (segments, positions restarting per document): each document's logits are
     those of the document alone."""
     config = data.draw(deepseek_v3_configs())
-    check_packed_rows_equal_documents(data, config, saved_checkpoint(config))
+    check_packed_rows_equal_documents(data, config, router_bias_checkpoint(config))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -233,7 +258,7 @@ def test_saved_adapter_loads_in_peft_with_same_logits_deepseek_v3(
         targets += data.draw(st.lists(st.sampled_from(EXPERT_TARGETS), unique=True))
     bias = data.draw(st.sampled_from(["none", "lora_only"]))
     check_adapter_matches_peft(
-        config, saved_checkpoint(config), tmp_path_factory, targets=targets, bias=bias
+        config, router_bias_checkpoint(config), tmp_path_factory, targets=targets, bias=bias
     )
 
 
@@ -245,7 +270,7 @@ def test_init_equals_peft_init_deepseek_v3(model_type, data):
     modules in transformers' order: PEFT_LAYER_ORDER)."""
     config = data.draw(deepseek_v3_configs())
     seed = data.draw(st.integers(0, 2**31 - 1))
-    with saved_checkpoint(config) as (model, directory), tempfile.TemporaryDirectory() as out:
+    with router_bias_checkpoint(config) as (model, directory), tempfile.TemporaryDirectory() as out:
         params = load_fp32(directory)
         peft_names = fnlm.lora.target_names(params.config)
         targets = [peft_names[t] for t in attention_targets(config)]
@@ -273,7 +298,7 @@ def test_lora_training_matches_peft_deepseek_v3(model_type, moe, data, tmp_path_
     both expert stacks."""
     config = data.draw(deepseek_v3_configs(moe=moe, q_lora=not moe or None))
     targets = ["q", "q_b", "kv_b", *EXPERT_TARGETS] if moe else "all-linear"
-    check_training_matches_peft(config, saved_checkpoint(config), tmp_path_factory, targets)
+    check_training_matches_peft(config, router_bias_checkpoint(config), tmp_path_factory, targets)
 
 
 @DEEPSEEK_V3
@@ -284,7 +309,7 @@ def test_merged_export_loads_in_transformers_deepseek_v3(model_type, data, tmp_p
     logits, and in fnlm again."""
     config = data.draw(deepseek_v3_configs())
     targets = attention_targets(config) + (EXPERT_TARGETS[1:] if has_experts(config) else [])
-    check_merged_export_matches(config, saved_checkpoint(config), tmp_path_factory, targets)
+    check_merged_export_matches(config, router_bias_checkpoint(config), tmp_path_factory, targets)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -309,7 +334,7 @@ def test_nf4_logits_match_transformers_on_the_dequantized_weights_deepseek_v3(mo
     the fp32 params' adapted logits."""
     config = transformers.DeepseekV3Config(**TINY)
     tokens = tokens_for(config.vocab_size, (2, 10))
-    with saved_checkpoint(config) as (model, directory):
+    with router_bias_checkpoint(config) as (model, directory):
         params, _ = fnlm.load(directory, quant="nf4", dtype=torch.float32, device="cpu")
         targets = ["q_a", "kv_b", "experts.gate_up", "experts.down"]
         lora = randomize_fnlm(fnlm.lora.init(params, r=2, targets=targets))
@@ -356,7 +381,7 @@ def test_cuda_forward_loss_and_generation_deepseek_v3(model_type):
     rows and its gradients (latent projections, router, expert stacks) equal the CPU path's."""
     config = transformers.DeepseekV3Config(**TINY)
     prompts = [[1, 2, 3, 4, 5], [7, 8]]
-    with saved_checkpoint(config) as (model, directory):
+    with router_bias_checkpoint(config) as (model, directory):
         cpu = load_fp32(directory)
         gpu, _ = fnlm.load(directory, quant=None, dtype=torch.float32, device="cuda")
         tokens = tokens_for(config.vocab_size, (2, 100))

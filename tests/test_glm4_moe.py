@@ -7,9 +7,6 @@ stacks against peft, training, merged export, NF4."""
 from __future__ import annotations
 
 import math
-import tempfile
-from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 import torch
@@ -37,9 +34,10 @@ from tests.family_checks import (
     check_training_matches_peft,
     family,
     load_fp32,
+    router_bias_checkpoint,
     tokens_for,
 )
-from tests.models import FP32_REL_TOL, build_model, max_rel_error
+from tests.models import FP32_REL_TOL, max_rel_error
 from tests.test_train import random_data
 
 pytestmark = NO_TOKENIZER
@@ -185,22 +183,6 @@ def glm_configs(draw) -> transformers.Glm4MoeConfig:
     )
 
 
-@contextmanager
-def glm_checkpoint(config, seed: int = 0):
-    """(model, directory) of a random model saved with save_pretrained, its routers' correction
-    biases random too (build_model randomizes parameters; the bias is a buffer), large enough to
-    change which experts are chosen."""
-    model = build_model(config, seed)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, buffer in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                buffer.copy_(torch.randn(buffer.shape, generator=g) * 0.3)
-    with tempfile.TemporaryDirectory() as d:
-        model.save_pretrained(d)
-        yield model, Path(d)
-
-
 @GLM4_MOE
 def test_config_translation_glm4_moe(model_type):
     """GLM-4.5-Air's config.json fields (transformers 4's layout: partial_rotary_factor and
@@ -236,7 +218,7 @@ def test_config_translation_glm4_moe(model_type):
 def test_logits_match_transformers_glm4_moe(model_type, data):
     """Logits, and logits of a left-padded batch, equal transformers' (fp32)."""
     config = data.draw(glm_configs())
-    check_logits_match(data, config, glm_checkpoint(config))
+    check_logits_match(data, config, router_bias_checkpoint(config))
 
 
 @GLM4_MOE
@@ -244,14 +226,14 @@ def test_logits_match_transformers_glm4_moe(model_type, data):
 @given(data=st.data())
 def test_greedy_matches_transformers_glm4_moe(model_type, data):
     config = data.draw(glm_configs())
-    check_greedy_matches(data, config, glm_checkpoint(config), most_new=8)
+    check_greedy_matches(data, config, router_bias_checkpoint(config), most_new=8)
 
 
 @GLM4_MOE
 def test_compiled_generation_equals_eager_glm4_moe(model_type, monkeypatch):
     """The compiled prefill and decode layers (dynamo traces the sigmoid router; CPU test with a
     backend that runs the traced graph) give eager's tokens, and transformers'."""
-    checkpoint = glm_checkpoint(transformers.Glm4MoeConfig(**TINY))
+    checkpoint = router_bias_checkpoint(transformers.Glm4MoeConfig(**TINY))
     check_compiled_generation_equals_eager(monkeypatch, checkpoint)
 
 
@@ -260,7 +242,7 @@ def test_multi_token_prediction_layers_are_skipped_glm4_moe(model_type, tmp_path
     """A checkpoint with GLM-4.5's multi-token-prediction layer (model.layers.{num_hidden_layers})
     loads without it, with transformers' logits."""
     config = transformers.Glm4MoeConfig(**TINY)
-    with glm_checkpoint(config) as (model, directory):
+    with router_bias_checkpoint(config) as (model, directory):
         state = load_file(directory / "model.safetensors")
         extra = f"model.layers.{config.num_hidden_layers}."
         state[extra + "eh_proj.weight"] = torch.randn(64, 128)
@@ -291,14 +273,14 @@ def test_saved_adapter_loads_in_peft_with_same_logits_glm4_moe(model_type, data,
     targets += data.draw(st.sampled_from([[], EXPERT_TARGETS, ["experts.down"]]))
     bias = data.draw(st.sampled_from(["none", "lora_only"]))
     check_adapter_matches_peft(
-        config, glm_checkpoint(config), tmp_path_factory, targets=targets, bias=bias
+        config, router_bias_checkpoint(config), tmp_path_factory, targets=targets, bias=bias
     )
 
 
 @GLM4_MOE
 def test_lora_targets_glm4_moe(model_type):
     """Per-expert names reach the expert stacks, as peft 0.21 converts them for glm4_moe."""
-    with glm_checkpoint(transformers.Glm4MoeConfig(**TINY)) as (_, directory):
+    with router_bias_checkpoint(transformers.Glm4MoeConfig(**TINY)) as (_, directory):
         params = load_fp32(directory)
     names = fnlm.lora.target_names(params.config, experts=True)
     assert names["router"] == "gate.weight" and names["experts.gate_up"] == "gate_up_proj"
@@ -316,7 +298,7 @@ def test_lora_training_matches_peft_glm4_moe(model_type, targets, data, tmp_path
     routers and expert stacks), or q, v, the router and both expert stacks."""
     config = data.draw(glm_configs())
     targets = None if targets == "all-linear" else ("q", "v", *EXPERT_TARGETS)
-    check_training_matches_peft(config, glm_checkpoint(config), tmp_path_factory, targets)
+    check_training_matches_peft(config, router_bias_checkpoint(config), tmp_path_factory, targets)
 
 
 @GLM4_MOE
@@ -327,7 +309,7 @@ def test_merged_export_loads_in_transformers_glm4_moe(model_type, data, tmp_path
     their adapters) loads in transformers with fnlm's adapted logits, and in fnlm again."""
     config = data.draw(glm_configs())
     targets = ("q", "o", "experts.gate_up", "experts.down", "router")
-    check_merged_export_matches(config, glm_checkpoint(config), tmp_path_factory, targets)
+    check_merged_export_matches(config, router_bias_checkpoint(config), tmp_path_factory, targets)
 
 
 @GLM4_MOE
@@ -342,7 +324,7 @@ def test_transformers_4_adapter_loads_as_trained_glm4_moe(model_type, monkeypatc
     family = legacy.Family(lambda: config, "mlp", names, 4, 64)
     monkeypatch.setitem(legacy.FAMILIES, model_type, family)
     tokens = tokens_for(config.vocab_size)
-    with glm_checkpoint(config) as (model, directory):
+    with router_bias_checkpoint(config) as (model, directory):
         factors = legacy.write_legacy(tmp_path, config, model_type)
         params = load_fp32(directory)
         ours = legacy.fnlm_logits(params, tmp_path, tokens)
@@ -362,7 +344,7 @@ def test_full_finetune_sharded_with_fp32_routers_glm4_moe(model_type, tmp_path):
     runs, rather than stop in FSDP's dtype assertion."""
     from tests.test_train import run_config
 
-    with glm_checkpoint(transformers.Glm4MoeConfig(**TINY)) as (_, directory):
+    with router_bias_checkpoint(transformers.Glm4MoeConfig(**TINY)) as (_, directory):
         params, _ = fnlm.load(directory, quant=None, dtype=torch.bfloat16, device="cpu")
     config = run_config(tmp_path, mode="full", max_steps=2, distributed="fsdp")
     result = fnlm.train.train(config, params=params, data=random_data(n=8, vocab=96))
@@ -386,7 +368,7 @@ def test_nf4_logits_match_transformers_on_the_dequantized_weights_glm4_moe(model
     weights (written by fnlm's merged export); the NF4 error is real."""
     config = transformers.Glm4MoeConfig(**TINY)
     tokens = tokens_for(config.vocab_size, (2, 10))
-    with glm_checkpoint(config) as (model, directory):
+    with router_bias_checkpoint(config) as (model, directory):
         params, _ = fnlm.load(directory, quant="nf4", dtype=torch.float32, device="cpu")
     mlp = params["layers"][1]["mlp"]
     assert fnlm.quant.is_quantized(mlp["experts"]["gate_up"])
@@ -404,7 +386,7 @@ def test_router_stays_fp32_in_bf16_glm4_moe(model_type, tmp_path):
     from fnlm.models import decoder
 
     config = transformers.Glm4MoeConfig(**TINY)
-    with glm_checkpoint(config) as (_, directory):
+    with router_bias_checkpoint(config) as (_, directory):
         params, _ = fnlm.load(directory, quant=None, dtype=torch.bfloat16, device="cpu")
         bf16 = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16)
         source = load_file(directory / "model.safetensors")
