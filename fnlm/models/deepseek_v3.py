@@ -42,6 +42,10 @@ PEFT_PARAMETER_ORDER = ("gate_up", "down", "router")
 LEGACY_EXPERTS = ("mlp", QWEN_EXPERTS)
 
 
+# transformers' DeepseekV3Config defaults for the router keys a config.json may leave out
+ROUTER_DEFAULTS = {"n_group": 8, "topk_group": 4, "routed_scaling_factor": 2.5}
+
+
 def mscale(factor: float, scale: float) -> float:
     """YaRN's attention-temperature factor (transformers' yarn_get_mscale)."""
     return 1.0 if factor <= 1 else 0.1 * scale * math.log(factor) + 1.0
@@ -64,7 +68,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
             "deepseek_v3: kv_b_proj expands the latent into a key and a value for every head"
         )
     latent = (
-        hf.get("q_lora_rank") or 0,
+        hf.get("q_lora_rank", 1536) or 0,  # null: a plain q projection; absent: the default
         llama.require(hf, "kv_lora_rank"),
         llama.require(hf, "qk_nope_head_dim"),
         llama.require(hf, "qk_rope_head_dim"),
@@ -72,7 +76,8 @@ def config_from_hf(hf: dict) -> ModelConfig:
     )
     layers = llama.require(hf, "num_hidden_layers")
     first_sparse = hf.get("first_k_dense_replace", 3)
-    moe = moe_fields(hf, tuple(range(first_sparse, layers))) if first_sparse < layers else {}
+    sparse = tuple(range(first_sparse, layers))
+    moe = glm4_moe.moe_fields(hf, sparse, ROUTER_DEFAULTS) if first_sparse < layers else {}
     head_dim = latent[2] + latent[3]
     config = llama.translate(
         {**hf, "head_dim": head_dim},
@@ -87,27 +92,6 @@ def config_from_hf(hf: dict) -> ModelConfig:
     if rope.get("rope_type", "default") != "default" and rope.get("mscale_all_dim"):
         scale *= mscale(rope["factor"], rope["mscale_all_dim"]) ** 2
     return config.replace(attention_scale=scale)
-
-
-def moe_fields(hf: dict, layers: tuple[int, ...]) -> dict:
-    """ModelConfig's MoE fields for the sparse `layers`: DeepseekV3TopkRouter's sigmoid,
-    group-limited top-k (fnlm.models.moe.sigmoid_topk) and n_shared_experts ungated experts."""
-    size = llama.require(hf, "moe_intermediate_size")
-    shared = hf.get("n_shared_experts", 1)
-    if not shared:  # transformers would build a zero-width shared MLP
-        raise ConfigError("deepseek_v3 with n_shared_experts 0 is not supported")
-    return dict(
-        num_experts=llama.require(hf, "n_routed_experts"),
-        experts_per_token=llama.require(hf, "num_experts_per_tok"),
-        moe_intermediate_size=size,
-        moe_layers=layers,
-        moe_renormalize=bool(hf.get("norm_topk_prob", True)),
-        shared_expert_size=shared * size,
-        moe_scoring="sigmoid",
-        moe_groups=hf.get("n_group") or 1,
-        moe_topk_groups=hf.get("topk_group") or 1,
-        moe_routed_scale=float(hf.get("routed_scaling_factor", 2.5)),  # transformers' default
-    )
 
 
 def weight_names(config: ModelConfig) -> dict[str, tuple[tuple, tuple[int, ...]]]:

@@ -32,10 +32,6 @@ LEGACY_EXPERTS = ("mlp", QWEN_EXPERTS)
 
 def config_from_hf(hf: dict) -> ModelConfig:
     layers = llama.require(hf, "num_hidden_layers")
-    expert_size = llama.require(hf, "moe_intermediate_size")
-    shared = hf.get("n_shared_experts", 1)
-    if not shared:  # transformers would build a zero-width shared MLP
-        raise ConfigError("glm4_moe with n_shared_experts 0 is not supported")
     first_sparse = hf.get("first_k_dense_replace", 1)
     bias = bool(hf.get("attention_bias", False))
     # transformers' default partial rotary is 0.5 when config.json names none
@@ -46,17 +42,36 @@ def config_from_hf(hf: dict) -> ModelConfig:
         qk_norm=bool(hf.get("use_qk_norm", False)),
         attention_bias=bias,
         o_bias=False,
+        hf_config=hf_text(hf),
+        **moe_fields(hf, tuple(range(first_sparse, layers))),
+    )
+
+
+# transformers' Glm4MoeConfig defaults for the router keys a config.json may leave out
+# (DeepseekV3Config's differ: fnlm.models.deepseek_v3 passes its own)
+ROUTER_DEFAULTS = {"n_group": 1, "topk_group": 1, "routed_scaling_factor": 1.0}
+
+
+def moe_fields(hf: dict, layers: tuple[int, ...], defaults: dict = ROUTER_DEFAULTS) -> dict:
+    """ModelConfig's MoE fields for the sparse `layers`, as DeepSeek-V3's TopkRouter (which
+    GLM-4.5 took over) reads them: sigmoid, group-limited top-k (fnlm.models.moe.sigmoid_topk)
+    and n_shared_experts ungated experts; the router keys config.json lacks take `defaults`."""
+    size = llama.require(hf, "moe_intermediate_size")
+    shared = hf.get("n_shared_experts", 1)
+    if not shared:  # transformers would build a zero-width shared MLP
+        raise ConfigError(f"{hf.get('model_type')} with n_shared_experts 0 is not supported")
+    router = {key: hf.get(key, default) for key, default in defaults.items()}
+    return dict(
         num_experts=llama.require(hf, "n_routed_experts"),
         experts_per_token=llama.require(hf, "num_experts_per_tok"),
-        moe_intermediate_size=expert_size,
-        moe_layers=tuple(range(first_sparse, layers)),
+        moe_intermediate_size=size,
+        moe_layers=layers,
         moe_renormalize=bool(hf.get("norm_topk_prob", True)),
-        shared_expert_size=shared * expert_size,
+        shared_expert_size=shared * size,
         moe_scoring="sigmoid",
-        moe_groups=hf.get("n_group") or 1,
-        moe_topk_groups=hf.get("topk_group") or 1,
-        moe_routed_scale=float(hf.get("routed_scaling_factor", 1.0)),
-        hf_config=hf_text(hf),
+        moe_groups=router["n_group"] or 1,
+        moe_topk_groups=router["topk_group"] or 1,
+        moe_routed_scale=float(router["routed_scaling_factor"]),
     )
 
 
