@@ -7,14 +7,12 @@ q_b_proj, kv_a_proj_with_mqa, kv_b_proj), peft's initial adapters, NF4 and the r
 from __future__ import annotations
 
 import tempfile
-from pathlib import Path
 
 import pytest
 import torch
 import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from safetensors.torch import load_file
 
 import fnlm
 from fnlm.errors import ConfigError, UnsupportedModelError
@@ -38,7 +36,7 @@ from tests.family_checks import (
 )
 from tests.models import FP32_REL_TOL, max_rel_error
 from tests.test_generate import reference_generate
-from tests.test_lora import build_peft, peft_key, randomize_fnlm
+from tests.test_lora import assert_saved_equals_peft, build_peft, randomize_fnlm
 
 pytestmark = NO_TOKENIZER
 DEEPSEEK_V3 = family("deepseek_v3")
@@ -279,13 +277,8 @@ def test_init_equals_peft_init_deepseek_v3(model_type, data):
             r=4, alpha=8, targets=targets, names={t: t for t in targets}, bias="none",
             rslora=False, modules_to_save=[], rank_pattern={}, alpha_pattern={},
         )  # fmt: skip
-        peft_model = build_peft(model, settings_, seed=seed)
         fnlm.lora.save(out, lora)
-        ours = load_file(Path(out) / "adapter_model.safetensors")
-    ref = {peft_key(n): p for n, p in peft_model.named_parameters() if p.requires_grad}
-    assert ours.keys() == ref.keys()
-    for key, value in ref.items():
-        assert torch.equal(ours[key], value.detach()), key
+        assert_saved_equals_peft(out, build_peft(model, settings_, seed=seed))
 
 
 @DEEPSEEK_V3

@@ -126,6 +126,16 @@ def read_adapter(directory) -> tuple[dict, dict]:
     return doc, load_file(directory / "adapter_model.safetensors")
 
 
+def assert_saved_equals_peft(directory, peft_model) -> None:
+    """The adapter file fnlm saved in `directory` holds exactly `peft_model`'s trainable tensors
+    under peft's keys, bit for bit."""
+    ours = load_file(Path(directory) / "adapter_model.safetensors")
+    ref = {peft_key(n): p for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert ours.keys() == ref.keys()
+    for key, value in ref.items():
+        assert torch.equal(ours[key], value.detach()), key
+
+
 def build_peft(model, s: dict, seed: int = 3407, dropout: float = 0.0):
     torch.manual_seed(seed)
     with warnings.catch_warnings():
@@ -375,13 +385,8 @@ def test_init_equals_peft_init(model_type, data):
             rank_pattern=s["rank_pattern"], alpha_pattern=s["alpha_pattern"],
         )  # fmt: skip
         assert torch.equal(torch.random.get_rng_state(), before)  # the global RNG is untouched
-        peft_model = build_peft(model, s, seed=seed)
         fnlm.lora.save(out, lora)
-        ours = load_file(Path(out) / "adapter_model.safetensors")
-    ref = {peft_key(n): p for n, p in peft_model.named_parameters() if p.requires_grad}
-    assert ours.keys() == ref.keys()
-    for key, value in ref.items():
-        assert torch.equal(ours[key], value.detach()), key
+        assert_saved_equals_peft(out, build_peft(model, s, seed=seed))
     for path, node in leaf_paths(lora):
         assert node.requires_grad, path
         if path[-1] == "b" and path[0] != "embed":
