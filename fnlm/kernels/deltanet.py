@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from fnlm.kernels import deltanet_split
+from fnlm.kernels._deltanet_tiles import chunk_tiles, program_tiles
 
 # ----------------------------------------------------------------------------------------------
 # Triton kernels
@@ -63,18 +64,14 @@ def _scan_fwd_kernel(
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, P: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0).to(tl.int64)
-    rc = tl.arange(0, C)
-    rk = tl.arange(0, BK)
-    rv = tl.program_id(1) * BV + tl.arange(0, BV)
-    mk, mv = rk < dk, rv < dv
-    state_offsets = rk[:, None] * dv + rv[None, :]
-    state_mask = mk[:, None] & mv[None, :]
+    rc, rk, rv, mk, mv, state_offsets, state_mask = program_tiles(
+        tl.program_id(1), dk, dv, C, BK, BV
+    )
     s = tl.load(S0 + bh * dk * dv + state_offsets, mask=state_mask, other=0.0)
     for i in range(n_chunks):
         chunk = bh * n_chunks + i
         tl.store(STATES + chunk * dk * dv + state_offsets, s, mask=state_mask)
-        kmat = chunk * C * dk + rc[:, None] * dk + rk[None, :]
-        vmat = chunk * C * dv + rc[:, None] * dv + rv[None, :]
+        kmat, vmat = chunk_tiles(chunk, rc, rk, rv, dk, dv, C)
         u = tl.load(U + vmat, mask=mv[None, :], other=0.0)
         w, qd, kd, a, gamma = _key_tiles(W, QD, KD, A, GAMMA, chunk, kmat, rc, mk, C)
         v_new = u - tl.dot(w, s, input_precision=P)
@@ -93,12 +90,7 @@ def _scan_bwd_kernel(
 ):  # fmt: skip
     bh = tl.program_id(0).to(tl.int64)
     iv = tl.program_id(1).to(tl.int64)
-    rc = tl.arange(0, C)
-    rk = tl.arange(0, BK)
-    rv = iv * BV + tl.arange(0, BV)
-    mk, mv = rk < dk, rv < dv
-    state_offsets = rk[:, None] * dv + rv[None, :]
-    state_mask = mk[:, None] & mv[None, :]
+    rc, rk, rv, mk, mv, state_offsets, state_mask = program_tiles(iv, dk, dv, C, BK, BV)
     ds = tl.load(D_S_FINAL + bh * dk * dv + state_offsets, mask=state_mask, other=0.0)
     # gradients summed over the value dim go to this block's slice of a [blocks, ...] buffer
     part = iv * n_bh * n_chunks
@@ -106,8 +98,7 @@ def _scan_bwd_kernel(
         i = n_chunks - 1 - j
         chunk = bh * n_chunks + i
         s = tl.load(STATES + chunk * dk * dv + state_offsets, mask=state_mask, other=0.0)
-        kmat = chunk * C * dk + rc[:, None] * dk + rk[None, :]
-        vmat = chunk * C * dv + rc[:, None] * dv + rv[None, :]
+        kmat, vmat = chunk_tiles(chunk, rc, rk, rv, dk, dv, C)
         u = tl.load(U + vmat, mask=mv[None, :], other=0.0)
         do = tl.load(D_O + vmat, mask=mv[None, :], other=0.0)
         w, qd, kd, a, gamma = _key_tiles(W, QD, KD, A, GAMMA, chunk, kmat, rc, mk, C)

@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fnlm.kernels._deltanet_tiles import chunk_tiles, program_tiles
+
 # Value columns per program, warps per program, and the dots' precision ("ieee": full fp32, the
 # 1e-5 agreement with the recurrence) — the least spilling of the sm_90 builds compared.
 SPLIT_BV = 16
@@ -41,18 +43,14 @@ def _state_fwd_kernel(
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, P: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0).to(tl.int64)
-    rc = tl.arange(0, C)
-    rk = tl.arange(0, BK)
-    rv = tl.program_id(1) * BV + tl.arange(0, BV)
-    mk, mv = rk < dk, rv < dv
-    state_offsets = rk[:, None] * dv + rv[None, :]
-    state_mask = mk[:, None] & mv[None, :]
+    rc, rk, rv, mk, mv, state_offsets, state_mask = program_tiles(
+        tl.program_id(1), dk, dv, C, BK, BV
+    )
     s = tl.load(S0 + bh * dk * dv + state_offsets, mask=state_mask, other=0.0)
     for i in range(n_chunks):
         chunk = bh * n_chunks + i
         tl.store(STATES + chunk * dk * dv + state_offsets, s, mask=state_mask)
-        kmat = chunk * C * dk + rc[:, None] * dk + rk[None, :]
-        vmat = chunk * C * dv + rc[:, None] * dv + rv[None, :]
+        kmat, vmat = chunk_tiles(chunk, rc, rk, rv, dk, dv, C)
         u = tl.load(U + vmat, mask=mv[None, :], other=0.0)
         w = tl.load(W + kmat, mask=mk[None, :], other=0.0)
         v_new = u - tl.dot(w, s, input_precision=P)
@@ -69,19 +67,15 @@ def _state_bwd_kernel(
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, P: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0).to(tl.int64)
-    rc = tl.arange(0, C)
-    rk = tl.arange(0, BK)
-    rv = tl.program_id(1) * BV + tl.arange(0, BV)
-    mk, mv = rk < dk, rv < dv
-    state_offsets = rk[:, None] * dv + rv[None, :]
-    state_mask = mk[:, None] & mv[None, :]
+    rc, rk, rv, mk, mv, state_offsets, state_mask = program_tiles(
+        tl.program_id(1), dk, dv, C, BK, BV
+    )
     g = tl.load(D_S_FINAL + bh * dk * dv + state_offsets, mask=state_mask, other=0.0)
     for j in range(n_chunks):
         i = n_chunks - 1 - j
         chunk = bh * n_chunks + i
         tl.store(G_NEXT + chunk * dk * dv + state_offsets, g, mask=state_mask)
-        kmat = chunk * C * dk + rc[:, None] * dk + rk[None, :]
-        vmat = chunk * C * dv + rc[:, None] * dv + rv[None, :]
+        kmat, vmat = chunk_tiles(chunk, rc, rk, rv, dk, dv, C)
         kd = tl.load(KD + kmat, mask=mk[None, :], other=0.0)
         d_v_new = tl.load(D_V_NEW + vmat, mask=mv[None, :], other=0.0)
         dvn = d_v_new + tl.dot(kd, g, input_precision=P)
@@ -199,11 +193,8 @@ def state_scan_reference(u, w, kd, gamma, s0):
     return torch.stack(v_new, dim=1), torch.stack(states, dim=1), s
 
 
-def split_scan(u, w, qd, kd, a, gamma, s0, *, triton_loop: bool = True):
-    """(o [BH, N, C, dv], final state): the loop (Triton, or `state_scan_reference`) then the
-    chunks' outputs o = Qd S + A v_new in two batched matmuls. Differentiable."""
-    loop = state_scan_op if triton_loop else state_scan_reference
-    if triton_loop:
-        u, w, kd, gamma, s0 = (x.contiguous() for x in (u, w, kd, gamma, s0))
-    v_new, states, final = loop(u, w, kd, gamma, s0)
+def split_scan(u, w, qd, kd, a, gamma, s0):
+    """(o [BH, N, C, dv], final state): the Triton loop, then the chunks' outputs o = Qd S +
+    A v_new in two batched matmuls. Differentiable."""
+    v_new, states, final = state_scan_op(*(x.contiguous() for x in (u, w, kd, gamma, s0)))
     return qd @ states + a @ v_new, final
