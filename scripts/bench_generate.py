@@ -247,7 +247,7 @@ def bench_reference(directory: Path, quant, prompts, args) -> dict:
 def time_on_device(fn) -> float:
     """Seconds per call of `fn` on the GPU alone (the library's timing of the "tuned" GEMV:
     20 calls captured in a CUDA graph, replayed 5 times)."""
-    from fnlm.kernels.nf4_gemv import _time_on_device
+    from fnlm.kernels._nf4_gemv_config import _time_on_device
 
     return _time_on_device(fn, calls=20, replays=5) / 1e3
 
@@ -301,7 +301,7 @@ def bench_linears(name: str, variants: list[str]) -> dict:
                 f"{k} {v['us']:.1f}us {v['GB/s']:.0f}GB/s {100 * v['hbm']:.0f}%"
                 for k, v in row.items()), flush=True)  # fmt: skip
     if "tuned" in variants:  # what the timed choice picked, per shape and rows
-        from fnlm.kernels.nf4_gemv import tuned_configs
+        from fnlm.kernels._nf4_gemv_config import tuned_configs
 
         for (n_out, n_in, rows, *_), config in tuned_configs().items():
             results[f"tuned {n_out}x{n_in} b{rows}"] = list(config)

@@ -23,10 +23,6 @@ from fnlm.kernels._nf4_gemv_config import (
     _tuned_config,
     gemv_variant,
 )
-
-# re-exported for scripts/bench_generate.py (timings, the "tuned" variant's choices)
-from fnlm.kernels._nf4_gemv_config import _time_on_device as _time_on_device
-from fnlm.kernels._nf4_gemv_config import tuned_configs as tuned_configs
 from fnlm.kernels.nf4 import (
     _TRITON_DTYPES,
     _check,
