@@ -56,6 +56,7 @@ from bench_common import (  # noqa: E402
     reference_model,
     reset_peak,
     sync,
+    sync_time,
 )
 from bench_configs import (  # noqa: E402
     REAL_CONFIGS,
@@ -99,15 +100,7 @@ def timed_steps(step, steps: int, warmup: int, device: str = "cuda") -> list[flo
     reset_peak(device)
     for _ in range(warmup):
         step()
-    sync(device)
-    times = []
-    for _ in range(steps):
-        sync(device)
-        start = time.perf_counter()
-        step()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return times
+    return [sync_time(step, device) for _ in range(steps)]
 
 
 class FnlmRun:
