@@ -378,17 +378,13 @@ def test_mrope_parameters_are_plain_rope_for_text_qwen3_5_text():
         assert config.rope_scaling == () and config.rotary_dim == TINY["head_dim"] // 4
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_5_text", "qwen3_5"])
+@family("qwen3_5_text", "qwen3_5")
 def test_mtp_tensors_are_skipped_qwen3_5(model_type, tmp_path):
     """Qwen3.5 checkpoints carry a multi-token-prediction head ("mtp.*") that transformers
     ignores; so does fnlm, text model or multimodal text tower."""
     from safetensors.torch import load_file, save_file
 
-    config = transformers.Qwen3_5TextConfig(**TINY)
-    if model_type == "qwen3_5":
-        config = transformers.Qwen3_5Config(
-            text_config=TINY, vision_config=dict(depth=1, hidden_size=16, num_heads=2)
-        )
+    config = tiny_config(model_type)
     with saved_checkpoint(config) as (model, directory):
         state = load_file(directory / "model.safetensors")
         state["mtp.fc.weight"] = torch.zeros(4, 4)
