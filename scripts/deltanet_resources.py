@@ -75,6 +75,10 @@ def main() -> None:
     parser.add_argument("--dk", type=int, default=128, help="key head dim (Qwen3.5: 128)")
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10")
     args = parser.parse_args()
+    if not os.path.isfile(CUOBJDUMP):
+        parser.error(
+            f"needs the cuobjdump that Triton's NVIDIA backend ships, not found at {CUOBJDUMP}"
+        )
     bk = max(16, triton.next_power_of_2(args.dk))
     print(f"sm_{args.arch}, triton {triton.__version__}, chunk {args.chunk}, BK {bk}; fnlm runs "
           f"the {deltanet.SCAN_BACKEND!r} scan; the split one at BV {deltanet_split.SPLIT_BV}, "
