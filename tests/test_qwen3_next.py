@@ -262,6 +262,27 @@ def test_real_config_translates_qwen3_next(model_type):
 
 
 @FAMILY
+@pytest.mark.parametrize("left_out", ["norm_topk_prob", "experts"])
+def test_config_defaults_equal_transformers_qwen3_next(model_type, left_out):
+    """A config.json without norm_topk_prob (or without any MoE key) reads them as
+    Qwen3NextConfig defaults them (renormalized; 512 experts, 10 per token, 512 wide, a 512-wide
+    shared expert), not as Qwen3-MoE's (no renormalization, no experts)."""
+    keys = {"norm_topk_prob"}
+    if left_out == "experts":
+        keys |= {"num_experts", "num_experts_per_tok", "moe_intermediate_size"}
+        keys |= {"shared_expert_intermediate_size"}
+    hf = {k: v for k, v in transformers.Qwen3NextConfig(**TINY).to_dict().items() if k not in keys}
+    config, reference = fnlm.models.config_from_hf(hf), transformers.Qwen3NextConfig(**hf)
+    assert config.moe_renormalize is reference.norm_topk_prob is True
+    assert (config.num_experts, config.experts_per_token, config.moe_intermediate_size) == (
+        reference.num_experts,
+        reference.num_experts_per_tok,
+        reference.moe_intermediate_size,
+    )
+    assert config.shared_expert_size == reference.shared_expert_intermediate_size
+
+
+@FAMILY
 def test_transformers4_adapter_loads_as_in_peft_qwen3_next(model_type, monkeypatch):
     """An adapter trained under transformers 4 (one Linear per expert, "mlp.experts.3.gate_proj",
     and the router "mlp.gate") loads stacked, with the logits peft gives and those the adapter

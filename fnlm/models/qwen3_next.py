@@ -34,9 +34,18 @@ cache_shape = qwen3_5.cache_shape
 checkpoint_stream = qwen3_5.checkpoint_stream  # the multi-token-prediction "mtp.*" skipped
 
 
+# transformers' Qwen3NextConfig defaults for the MoE keys a config.json may leave out (Qwen3-MoE's,
+# which moe_fields assumes, differ: no experts, norm_topk_prob False)
+MOE_DEFAULTS = {
+    "num_experts": 512, "num_experts_per_tok": 10, "moe_intermediate_size": 512,
+    "shared_expert_intermediate_size": 512, "norm_topk_prob": True,
+}  # fmt: skip
+
+
 def config_from_hf(hf: dict) -> ModelConfig:
+    moe = {**MOE_DEFAULTS, **hf}
     return qwen3_5.translate(
-        hf, shared_expert_size=hf.get("shared_expert_intermediate_size") or 0, **moe_fields(hf)
+        hf, shared_expert_size=moe["shared_expert_intermediate_size"] or 0, **moe_fields(moe)
     )
 
 
