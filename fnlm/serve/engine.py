@@ -118,9 +118,9 @@ class Engine:
 
     params, tok: from fnlm.load (tok None: token ids only, no text, no stop strings). adapters:
     {name: Lora}. context: positions per request, prompt included (default and maximum: the
-    model's max_position_embeddings). compile: torch.compile
-    the decode layers (default on CUDA). cache_dtype: as fnlm.generate. warm: compile and run
-    the base model's step in the engine thread before the first request (adapters' on first use).
+    model's max_position_embeddings). compile: torch.compile the decode layers (default on
+    CUDA). cache_dtype: as fnlm.generate. warm: compile and run the base model's step in the
+    engine thread before the first request (adapters' on first use).
     """
 
     def __init__(
