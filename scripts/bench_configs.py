@@ -139,13 +139,17 @@ def clear() -> None:
 
 
 def write_checkpoint(name: str, directory: Path, device: str = "cuda", tiny: bool = False) -> None:
-    """A random-init checkpoint of an entry (bf16 built on a GPU, fp32 on a CPU), written with
-    save_pretrained; kept if `directory` already holds one."""
+    """A random-init checkpoint of an entry (`save_random`); kept if `directory` already holds
+    one."""
+    if not (directory / "config.json").is_file():
+        save_random(hf_config(name, tiny), directory, device)
+
+
+def save_random(config, directory: Path, device: str = "cuda") -> None:
+    """A random-init model of a transformers `config` (bf16 built on a GPU, fp32 on a CPU),
+    written to `directory` with save_pretrained."""
     import transformers
 
-    if (directory / "config.json").is_file():
-        return
-    config = hf_config(name, tiny)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     with torch.device(device):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)

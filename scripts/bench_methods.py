@@ -45,7 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 from bench_common import sync  # noqa: E402
-from bench_configs import REAL_CONFIGS, TARGETS, clear  # noqa: E402
+from bench_configs import REAL_CONFIGS, TARGETS, clear, save_random  # noqa: E402
 
 TINY = dict(
     model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -69,13 +69,8 @@ def write_checkpoint(name: str, directory: Path, device: str) -> None:
         return
     values = dict(CONFIGS[name])
     config = transformers.AutoConfig.for_model(values.pop("model_type"), **values)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    with torch.device(device):
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.save_pretrained(directory, max_shard_size="5GB")
+    save_random(config, directory, device)
     word_tokenizer(config.vocab_size).save_pretrained(directory)
-    del model
-    clear()
 
 
 def word_tokenizer(vocab: int):
