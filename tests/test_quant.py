@@ -266,6 +266,13 @@ def test_nf4_gemv_tuned_variant_keeps_the_fastest_candidate(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     assert module._tuned_config("other", speed.get, candidates) == candidates[0]
     assert "other" not in module.tuned_configs()
+    # a launch builds the candidates for an untimed shape only, not again once it is kept
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    built = []
+    monkeypatch.setattr(module, "_candidates", lambda *a: built.append(a) or candidates)
+    shape = (4096, 4096, 1, torch.bfloat16, True, cpu, 64)
+    assert [module._tuned_choice(*shape, speed.get) for _ in "ab"] == [candidates[3]] * 2
+    assert built == [(4096, 4096, 1, cpu, 64)]
 
 
 @pytest.mark.parametrize("dtype", GEMV_DTYPES)

@@ -154,6 +154,17 @@ def _time_on_device(launch, calls: int = 10, replays: int = 3) -> float:
     return start.elapsed_time(end) / (calls * replays)
 
 
+def _tuned_choice(
+    n_out: int, n_in: int, batch: int, dtype, nested: bool, device, blocksize: int, launch
+) -> tuple[int, int, int, int]:
+    """The "tuned" variant's config for one launch (`launch(config)`): the one kept for its shape,
+    else the fastest of `_candidates`, built only then (not on every launch of a kept shape)."""
+    key = (n_out, n_in, min(batch, GEMV_MAX_BATCH), dtype, nested, device)
+    if key in _TUNED:
+        return _TUNED[key]
+    return _tuned_config(key, launch, _candidates(n_out, n_in, batch, device, blocksize))
+
+
 def _tuned_config(key: tuple, launch, candidates) -> tuple[int, int, int, int]:
     """The fastest of `candidates` for `key`, timed once (`launch(config)`); while a CUDA graph
     is being captured (no timing possible) an untimed shape gets the first candidate, unkept."""

@@ -17,10 +17,9 @@ import triton.language as tl
 from fnlm.errors import ArgumentError
 from fnlm.kernels._nf4_gemv_config import (
     GEMV_MAX_BATCH,
-    _candidates,
     _fixup_config,
     _gemv_config,
-    _tuned_config,
+    _tuned_choice,
     gemv_variant,
 )
 from fnlm.kernels.nf4 import (
@@ -346,9 +345,8 @@ def nf4_gemv_fwd(
     args = (x, packed, absmax, nested_absmax, nested_code, offset, nested, n_out, n_in,
             blocksize, nested_blocksize, bias)  # fmt: skip
     if config is None and variant == "tuned" and x.is_cuda:
-        key = (n_out, n_in, min(batch, GEMV_MAX_BATCH), x.dtype, nested, x.device)
-        candidates = _candidates(n_out, n_in, batch, x.device, blocksize)
-        config = _tuned_config(key, lambda c: _launch(*args, c, True), candidates)
+        launch = lambda c: _launch(*args, c, True)  # noqa: E731
+        config = _tuned_choice(n_out, n_in, batch, x.dtype, nested, x.device, blocksize, launch)
     if config is None:
         choose = _gemv_config if variant == "sweep" else _fixup_config
         config = choose(n_out, n_in, batch, x.device, blocksize)
