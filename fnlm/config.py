@@ -188,6 +188,8 @@ class ModelConfig:
             _check_groups(self)
         if self.linear_attention:
             _check_linear_attention(self.linear_attention)
+        if self.latent_attention:
+            _check_latent_attention(self.latent_attention)
 
     @property
     def rotary_dim(self) -> int:
@@ -240,6 +242,19 @@ def _check_linear_attention(sizes: tuple[int, ...]) -> None:
             f"linear_num_value_heads ({sizes[1]}) must be a multiple of linear_num_key_heads "
             f"({sizes[0]})"
         )
+
+
+def _check_latent_attention(sizes: tuple[int, ...]) -> None:
+    """The MLA sizes: q_lora_rank (0: none) and qk_nope_head_dim non-negative integers,
+    kv_lora_rank, qk_rope_head_dim (even: rotary turns pairs) and v_head_dim positive ones."""
+    names = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+    least = (0, 1, 0, 2, 1)
+    if len(sizes) != len(names):
+        raise ConfigError(f"latent_attention holds {', '.join(names)}; got {sizes}")
+    for name, value, low in zip(names, sizes, least, strict=True):
+        if not isinstance(value, int) or value < low or (name == "qk_rope_head_dim" and value % 2):
+            kind = "an even integer >= 2" if name == "qk_rope_head_dim" else f"an integer >= {low}"
+            raise ConfigError(f"{name} must be {kind}; got {value!r}")
 
 
 def _check_groups(config: ModelConfig) -> None:

@@ -6,6 +6,7 @@ q_b_proj, kv_a_proj_with_mqa, kv_b_proj), peft's initial adapters, NF4 and the r
 
 from __future__ import annotations
 
+import re
 import tempfile
 
 import pytest
@@ -363,6 +364,26 @@ def test_config_refusals_deepseek_v3(model_type):
     stream = [(f"model.layers.{i}.input_layernorm.weight", None, None) for i in range(3)]
     kept = fnlm.models.checkpoint_stream(config, iter(stream))
     assert [name for name, _, _ in kept] == [name for name, _, _ in stream[:2]]
+
+
+@DEEPSEEK_V3
+@pytest.mark.parametrize(
+    "key, value, said",
+    [
+        ("qk_rope_head_dim", 7, "qk_rope_head_dim must be an even integer >= 2; got 7"),
+        ("kv_lora_rank", 0, "kv_lora_rank must be an integer >= 1; got 0"),
+        ("qk_nope_head_dim", -2, "qk_nope_head_dim must be an integer >= 0; got -2"),
+        ("v_head_dim", "16", "v_head_dim must be an integer >= 1; got '16'"),
+    ],
+)
+def test_config_checks_latent_sizes_deepseek_v3(model_type, key, value, said):
+    """MLA sizes a checkpoint could not have (an odd rope width, no kv latent, a negative or
+    non-integer width) are a ConfigError naming the config.json field when translated, not a
+    shape error at the first forward; q_lora_rank null (a plain q projection) is accepted."""
+    hf = transformers.DeepseekV3Config(**TINY).to_dict()
+    assert fnlm.models.config_from_hf({**hf, "q_lora_rank": None}).latent_attention[0] == 0
+    with pytest.raises(ConfigError, match=re.escape(said)):
+        fnlm.models.config_from_hf({**hf, key: value})
 
 
 @pytest.mark.gpu
