@@ -415,6 +415,10 @@ def main() -> None:
         help="the fused Triton scan's launch past 64-wide keys, e.g. 16x8 (default 32x4)",
     )  # fmt: skip
     parser.add_argument(
+        "--deltanet-precision", choices=["ieee", "tf32x3", "tf32"],
+        help="the Triton scans' dot precision (default ieee: full fp32)",
+    )  # fmt: skip
+    parser.add_argument(
         "--fnlm-experts", default="nf4", choices=["nf4", "bf16"],
         help="fnlm's MoE expert stacks: NF4, or 16-bit as bitsandbytes leaves the reference's",
     )  # fmt: skip
@@ -437,10 +441,12 @@ def main() -> None:
 
     device_name = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu (--tiny)"
     results: dict = {"device": device_name, "args": vars(args), "models": {}}
-    from fnlm.kernels import deltanet
+    from fnlm.kernels import deltanet, deltanet_split
 
     if args.deltanet_scan:
         deltanet.SCAN_BACKEND = args.deltanet_scan
+    if args.deltanet_precision:
+        deltanet.SCAN_PRECISION = deltanet_split.SPLIT_PRECISION = args.deltanet_precision
     if args.deltanet_launch:
         deltanet.SCAN_WIDE_BV, deltanet.SCAN_WARPS = launch_of(parser, args.deltanet_launch)
     Path(args.out).mkdir(parents=True, exist_ok=True)
