@@ -18,6 +18,7 @@ from test_train import tiny_config
 from fnlm import train as train_lib
 from fnlm.errors import ArgumentError
 from fnlm.train import methods, setup
+from fnlm.train.graphs import check_ids
 from fnlm.train.methods import data as method_data
 
 
@@ -132,13 +133,12 @@ def test_grpo_steps_under_graphs_equal_eager(checkpoint, tmp_path, monkeypatch):
 
 def test_graphed_step_checks_prompt_labels():
     # ORPO's prompt labels feed the captured cross-entropy too: checked before each replay
-    graphs = train_lib.StepGraphs([torch.zeros(1, requires_grad=True)], vocab_size=96)
     config = train_lib.TrainConfig(method="orpo", pad_to_multiple=1)
     batch = methods.PreferenceMethod(config).collate(random_pairs(2), pad_id=0)
-    graphs._check_ids(batch)
+    check_ids(batch, 96)
     batch["prompt_labels"][0, 0] = 96
     with pytest.raises(ArgumentError, match=r"labels must be -100 \(ignored\) or lie in \[0, 96\)"):
-        graphs._check_ids(batch)
+        check_ids(batch, 96)
 
 
 def test_padded_length_buckets():

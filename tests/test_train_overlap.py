@@ -209,6 +209,38 @@ def test_a_prefetch_for_another_position_is_not_used():
     assert torch.equal(step.batches[0]["tokens"], batches[0]["tokens"])
 
 
+@pytest.mark.parametrize("packing", [True, False])
+def test_the_stream_checks_ids_on_the_host_as_it_collates(packing):
+    """What StepGraphs checked on the device before each replay: an id outside the vocabulary
+    stops the run at collation, naming the data and the micro-batch's examples."""
+    data = random_data(n=6, seed=4)
+    data.examples[5].tokens[2] = 500  # outside the 96-token vocabulary
+    config = train_lib.TrainConfig(out="unused", batch_size=2, grad_accum=1, max_seq_length=64,
+                                   packing=packing, progress=False)  # fmt: skip
+    stream = Stream(data, config, 0, torch.device("cpu"), vocab_size=96)
+    positions = range(len(stream.plan(0)))
+    failing = [i for i in positions if 5 in _examples(stream.plan(0)[i])]
+    for index in positions:
+        if index in failing:
+            with pytest.raises(ArgumentError, match=r"random: the micro-batch of examples .*"
+                               r"token ids must lie in \[0, 96\).* 500"):  # fmt: skip
+                stream.take({"epoch": 0, "index": index}, 1)
+        else:
+            stream.take({"epoch": 0, "index": index}, 1)
+    assert len(failing) == 1
+    data.examples[5].labels[-1] = 96
+    data.examples[5].tokens[2] = 1
+    with pytest.raises(ArgumentError, match=r"labels must be -100 \(ignored\) or lie in \[0, 96\)"):
+        stream.take({"epoch": 0, "index": failing[0]}, 1)
+
+
+def _examples(entry) -> set[int]:
+    """The example indices of a plan entry (nested lists of ints)."""
+    if isinstance(entry, int):
+        return {entry}
+    return set().union(*map(_examples, entry))
+
+
 def one_tensor_step(loss_fn, *, count=(1,)):
     """train_step on one tensor w = [1, 4] with SGD (lr 0.1); returns (result, w, reads)."""
     w = torch.tensor([1.0, 4.0], requires_grad=True)
@@ -245,11 +277,12 @@ def test_counts_given_per_micro_batch_must_match_the_batches():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("grad_accum", [1, 2])
-def test_a_graphed_step_on_gpu_syncs_once_plus_the_id_checks(tmp_path, monkeypatch, grad_accum):
+def test_a_graphed_step_on_gpu_syncs_once(tmp_path, monkeypatch, grad_accum):
     """The CUDA step as a user runs it (CUDA graphs, packed rows of one shape), counted by CUDA's
-    own sync debug mode: after the warm-up and capture (steps 1-3), each step synchronizes once
-    for its loss and gradient norm, plus once per micro-batch for StepGraphs' token / label id
-    check before the replay. The prefetched batches' copies (pinned memory) never synchronize."""
+    own sync debug mode: after the warm-up and capture (steps 1-3), each step synchronizes once,
+    for its loss and gradient norm (the token / label ids are checked on the host as the Stream
+    collates, not on the device before each replay). The prefetched batches' copies (pinned
+    memory) never synchronize."""
     data = random_data(n=64, longest=60)
     per_step: list[int] = []
     advance = run_lib.advance
@@ -274,4 +307,4 @@ def test_a_graphed_step_on_gpu_syncs_once_plus_the_id_checks(tmp_path, monkeypat
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert result.status == "completed" and len(per_step) == 8
-    assert per_step[3:] == [1 + grad_accum] * 5, per_step
+    assert per_step[3:] == [1] * 5, per_step

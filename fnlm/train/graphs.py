@@ -16,8 +16,9 @@ How it stays equal to the eager step:
 - a loss function may return `(loss, stats)`, stats a dict of 0-d tensors (the preference and
   RL methods' logged values): they are captured as one static vector beside the loss, so a step
   reads them after the replay, with no host sync inside the loss.
-Checks that need the host (token and label ids inside the vocabulary) run before the replay, on
-one sync.
+Token and label ids must lie inside the vocabulary (the captured step cannot check them): SFT's
+`Stream` checks them on the host when it collates (no device read; StepGraphs is then made with
+vocab_size=None), the methods' micro-batches are checked here before each replay, on one sync.
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ class StepGraphs:
     """Forward + backward of micro-batches through CUDA graphs, one per batch signature.
 
     tensors: the trainable tensors (their gradients are the graph's outputs).
-    vocab_size: token and label ids are checked against it before each replay.
+    vocab_size: token and label ids are checked against it before each replay (one device read);
+    None: the caller checked them on the host (fnlm.train.Stream does, at collation).
     warmup: eager runs of a signature before it is captured; max_graphs: signatures captured
     (others run eagerly); capture: the capturing function (tests pass one that replays by
     calling `fn` again, to check the bookkeeping on a CPU).
@@ -68,7 +70,7 @@ class StepGraphs:
         self,
         tensors: Sequence[torch.Tensor],
         *,
-        vocab_size: int,
+        vocab_size: int | None,
         warmup: int = 2,
         max_graphs: int = 4,
         capture=cuda_capture,
@@ -97,7 +99,8 @@ class StepGraphs:
                 captured = self._capture(loss_fn, batch, key)
             if captured is None:
                 return self._on_stream(lambda: eager_backward(loss_fn, batch, divisor))
-        self._check_ids(batch)
+        if self.vocab_size is not None:
+            check_ids(batch, self.vocab_size)
         for name, value in batch.items():
             captured.inputs[name].copy_(value, non_blocking=True)
         captured.divisor.fill_(float(divisor))
@@ -151,26 +154,26 @@ class StepGraphs:
         current.wait_stream(self.stream)
         return out
 
-    def _check_ids(self, batch: dict) -> None:
-        """Token and label ids inside the vocabulary (the captured step cannot check them);
-        labels: "labels" and any "<name>_labels" (ORPO's prompt labels)."""
-        tokens = batch["tokens"]
-        labels = [v for k, v in batch.items() if k == "labels" or k.endswith("_labels")]
-        ends = [tokens.min(), tokens.max()]
-        if labels:
-            ends += [torch.stack([v.min() for v in labels]).min()]
-            ends += [torch.stack([v.masked_fill(v < 0, 0).max() for v in labels]).max()]
-        low, high, *label_ends = torch.stack(ends).tolist()
-        if low < 0 or high >= self.vocab_size:
-            raise ArgumentError(
-                f"token ids must lie in [0, {self.vocab_size}) for this model; got ids from "
-                f"{low} to {high}"
-            )
-        if label_ends and (label_ends[1] >= self.vocab_size or label_ends[0] < -100):
-            raise ArgumentError(
-                f"labels must be -100 (ignored) or lie in [0, {self.vocab_size}); got labels "
-                f"from {label_ends[0]} to {label_ends[1]}"
-            )
+
+def check_ids(batch: dict, vocab_size: int) -> None:
+    """Token ids in [0, vocab_size), labels -100 or in it: "labels" and any "<name>_labels"
+    (ORPO's prompt labels). One read of the batch's extremes (none on host tensors)."""
+    tokens = batch["tokens"]
+    labels = [v for k, v in batch.items() if k == "labels" or k.endswith("_labels")]
+    ends = [tokens.min(), tokens.max()]
+    if labels:
+        ends += [torch.stack([v.min() for v in labels]).min()]
+        ends += [torch.stack([v.masked_fill(v < 0, 0).max() for v in labels]).max()]
+    low, high, *label_ends = torch.stack(ends).tolist()
+    if low < 0 or high >= vocab_size:
+        raise ArgumentError(
+            f"token ids must lie in [0, {vocab_size}) for this model; got ids from {low} to {high}"
+        )
+    if label_ends and (label_ends[1] >= vocab_size or label_ends[0] < -100):
+        raise ArgumentError(
+            f"labels must be -100 (ignored) or lie in [0, {vocab_size}); got labels "
+            f"from {label_ends[0]} to {label_ends[1]}"
+        )
 
 
 def _split(out) -> tuple[torch.Tensor, dict | None]:

@@ -325,8 +325,9 @@ def start(config: TrainConfig, *, params=None, tokenizer=None, lora=None, data=N
     )  # fmt: skip
     graphs = None
     if use_graphs(config, device, checkpointing, dropout):
-        graphs = StepGraphs(trainable.tensors, vocab_size=params.config.vocab_size,
-                            max_graphs=4 if method is None else 8)  # fmt: skip
+        # SFT's Stream checks the ids on the host as it collates: no device read per replay
+        graphs = StepGraphs(trainable.tensors, max_graphs=4 if method is None else 8,
+                            vocab_size=None if method is None else params.config.vocab_size)  # fmt: skip
         if method is not None:  # pairs / rollouts padded to 64, 128, 256... tokens: few graphs
             method.bucket = methods.data.GRAPH_BUCKET
 
@@ -334,7 +335,8 @@ def start(config: TrainConfig, *, params=None, tokenizer=None, lora=None, data=N
     pad_id = 0 if pad_id is None else pad_id
     if method is None:
         stream = Stream(data, config, pad_id, device, rank=distributed.rank(),
-                        world_size=distributed.world_size())  # fmt: skip
+                        world_size=distributed.world_size(),
+                        vocab_size=params.config.vocab_size)  # fmt: skip
     else:
         stream = method.stream(data, config, pad_id, device)
     per_epoch = len(stream.plan(0)) * (config.num_iterations if config.method == "grpo" else 1)

@@ -8,7 +8,9 @@ from dataclasses import dataclass
 import torch
 
 from fnlm import data as data_lib
+from fnlm.errors import ArgumentError
 from fnlm.train.config import TrainConfig
+from fnlm.train.graphs import check_ids
 
 
 @dataclass
@@ -23,11 +25,14 @@ class Step:
 
 
 class Stream:
-    """Micro-batches across epochs from a (epoch, index) position; order fixed by the seed."""
+    """Micro-batches across epochs from a (epoch, index) position; order fixed by the seed.
+    vocab_size: each micro-batch's token and label ids are checked against it on the host, as
+    it is collated (fnlm.train.graphs.check_ids; None: not checked)."""
 
     def __init__(self, data, config: TrainConfig, pad_id: int, device: torch.device, *,
-                 rank: int = 0, world_size: int = 1):  # fmt: skip
+                 rank: int = 0, world_size: int = 1, vocab_size: int | None = None):  # fmt: skip
         self.data, self.config, self.pad_id, self.device = data, config, pad_id, device
+        self.vocab_size = vocab_size
         self.rank, self.world_size = rank, world_size
         self.plans: dict[int, list] = {}
         self.ready: tuple[tuple, Step] | None = None  # (its key, the prefetched step)
@@ -85,6 +90,14 @@ class Stream:
                     pad_to_multiple=self.config.pad_to_multiple,
                     length=self.config.max_seq_length,
                 )  # fmt: skip
+                if self.vocab_size is not None:
+                    try:
+                        check_ids(batch, self.vocab_size)
+                    except ArgumentError as e:
+                        raise ArgumentError(
+                            f"{getattr(self.data, 'source', 'the training data')}: the micro-batch of examples {plan[index]} "
+                            f"(epoch {epoch}): {e}"
+                        ) from None
                 step.trained.append(data_lib.trained_tokens(batch))
                 step.real.append(real_tokens(batch))
                 step.batches.append({
