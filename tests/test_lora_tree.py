@@ -189,6 +189,53 @@ def test_with_adapters_is_the_one_attach(params):
         assert torch.equal(fnlm.loss(params, batch, lora=lora), fnlm.loss(attached, batch))
 
 
+def test_without_autograd_the_adapters_are_attached_as_they_are(params):
+    """A 16-bit base with fp32 adapters: under autograd each attach makes compute-dtype copies of
+    A and B (once per forward, not per recomputed layer); without it (generation) the linear
+    leaves hold the trained tensors themselves, so two attaches have the same leaves (the key a
+    kept decode graph is found by, reading the adapters' current values) and no autograd node
+    refers to them; the forward is the same either way (scale 1: alpha = r)."""
+    half = tree_cast(params, torch.bfloat16)
+    lora = fnlm.lora.init(half, r=4, alpha=4, targets=("q", "v", "down"), dropout=0.0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for t in fnlm.lora.parameters(lora):
+            t.copy_(torch.randn(t.shape, generator=g) * 0.1)
+    first = fnlm.lora.parameters(lora)[0]
+    assert first.dtype == torch.float32 and first.requires_grad
+
+    def linears(tree):
+        return [leaf for leaf in pytree.tree_leaves(tree, is_leaf=lambda x: isinstance(x, LoraLinear))
+                if isinstance(leaf, LoraLinear)]  # fmt: skip
+
+    trained = {id(t) for t in fnlm.lora.parameters(lora)}
+    with_grad = linears(fnlm.lora.with_adapters(half, lora))
+    assert with_grad and all(leaf.a.dtype == torch.bfloat16 and leaf.a.grad_fn is not None
+                             for leaf in with_grad)  # fmt: skip
+    with torch.no_grad():
+        attached = fnlm.lora.with_adapters(half, lora)
+        again = fnlm.lora.with_adapters(half, lora)
+    leaves = linears(attached)
+    assert all(id(leaf.a) in trained and id(leaf.b) in trained for leaf in leaves)
+    assert [id(t) for t in pytree.tree_leaves(attached)] == [
+        id(t) for t in pytree.tree_leaves(again)
+    ]
+    tokens = torch.randint(0, LLAMA["vocab_size"], (2, 5), generator=g)
+    with torch.no_grad():
+        plain = decoder.forward(attached, tokens)
+        copies = decoder.forward(fnlm.lora.with_adapters(half, lora), tokens)
+        with torch.enable_grad():
+            copied = decoder.forward(fnlm.lora.with_adapters(half, lora), tokens).detach()
+    assert torch.equal(plain, copies) and torch.equal(plain, copied)
+
+
+def tree_cast(params: Params, dtype: torch.dtype) -> Params:
+    return pytree.tree_map(
+        lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t,
+        params,
+    )
+
+
 # ------------------------------------------------------------------------------------------
 # Layering: models never import lora; families declare their PEFT naming
 # ------------------------------------------------------------------------------------------

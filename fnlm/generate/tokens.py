@@ -31,6 +31,7 @@ from fnlm.params import Params
 CACHE_DTYPES = {"fp8": torch.float8_e4m3fn, "float8_e4m3fn": torch.float8_e4m3fn}
 
 
+@torch.no_grad()  # adapters attached, decode state and graphs made without autograd too
 def generate_tokens(
     params: Params,
     prompts: Sequence[Sequence[int]],
@@ -100,7 +101,7 @@ def generate_tokens(
         params, base, batch, max_len, attention_mask=padded, dtype=dtype, compile=compile,
         variant=getattr(lora, "training", None),  # adapters' dropout on or off
     )  # fmt: skip
-    with torch.no_grad(), _kept(state):
+    with _kept(state):
         if graphed:
             logits = state.prefill(tokens, mask)
         else:  # compiled as the step is

@@ -110,7 +110,12 @@ def attach(params: Params, lora: Lora, *, training: bool | None = None) -> Param
         if module is not None and module.embedding:
             values[path] = LoraEmbedding(base, node["a"], node["b"], scale, _padding_idx(config))
         else:
-            a, b = _compute_copies(node["a"], node["b"], base.dtype)
+            # without autograd (generation) the trained tensors themselves: the linear casts
+            # them to the input's dtype anyway, and a kept decode graph then reads their
+            # current values, found again by their ids (fnlm.generate.step.decode_state)
+            a, b = node["a"], node["b"]
+            if torch.is_grad_enabled():
+                a, b = _compute_copies(a, b, base.dtype)
             values[path] = LoraLinear(base, a, b, scale, lora.config.dropout, training)
     return _replace_paths(params, values, config)
 

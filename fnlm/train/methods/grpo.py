@@ -27,7 +27,7 @@ import torch
 
 from fnlm.data import IGNORE_INDEX, epoch_plan
 from fnlm.errors import ArgumentError, FnlmError
-from fnlm.generate import Sampling, generate_tokens
+from fnlm.generate import Sampling, generate_tokens, release_graphs
 from fnlm.params import tree_map
 from fnlm.train.methods.data import padded_length, summed_stats
 from fnlm.train.methods.logprobs import token_logprobs
@@ -220,8 +220,10 @@ class Grpo:
 
     # rollouts ---------------------------------------------------------------------------
     def policy(self):
-        """(params, lora) the rollouts sample from: the trained tensors themselves, dropout off."""
-        return self.run.trainable.model(False)
+        """(params, lora) the rollouts sample from: the trained tensors themselves, dropout off
+        (no autograd graph: none is kept alive past the rollouts)."""
+        with torch.no_grad():
+            return self.run.trainable.model(False)
 
     def rollout(self, prompts: list, seed: int) -> list[dict]:
         """Micro-batches of completions for `prompts` (a list per micro-batch of Prompt rows)."""
@@ -237,6 +239,10 @@ class Grpo:
             max_new_tokens=c.max_completion_length, eos_token_ids=tok.eos_token_ids,
             pad_token_id=self.pad_id,
         )  # fmt: skip
+        if getattr(run.trainable, "master", None) is not None:
+            # full mode's policy is a fresh cast of the master weights: its decode graph and
+            # cache are never found again, so they are freed now rather than kept
+            release_graphs()
         completion_ids = [ids or [tok.eos_token_id] for ids in completion_ids]
         rollout_s = time.perf_counter() - tick
         texts = [tok.decode(ids, skip_special_tokens=True) for ids in completion_ids]
