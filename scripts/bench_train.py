@@ -412,7 +412,7 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument(
         "--deltanet-launch", metavar="BVxWARPS",
-        help="the fused Triton scan's launch past 64-wide keys, e.g. 16x8 (default 32x4)",
+        help="the fused Triton scan's launch past 64-wide keys, e.g. 32x4 (default 16x8)",
     )  # fmt: skip
     parser.add_argument(
         "--deltanet-precision", choices=["ieee", "tf32x3", "tf32"],

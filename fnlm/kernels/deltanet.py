@@ -150,8 +150,10 @@ SCAN_BACKEND = os.environ.get("FNLM_DELTANET_SCAN", "triton")
 
 # The fused scans' launch past 64-wide keys: value columns per program and warps. At Qwen3.5's
 # tiles (32, 4) spill 14.8 / 18.4 KB of stack per thread on sm_90, (16, 8) 1.6 / 1.7 KB
-# (scripts/deltanet_resources.py); bench_train --deltanet-launch times another on a GPU.
-SCAN_WIDE_BV, SCAN_WARPS = 32, 4
+# (scripts/deltanet_resources.py). Measured on an H200 at Qwen3.5-9B's DeltaNet shapes
+# (scripts/bench_deltanet.py, docs/benchmarks.md): forward / forward + backward 4.4 / 16.3 ms at
+# (16, 8), 4.8 / 16.6 at (32, 8), 18.6 / 62.9 at (32, 4); bench_train --deltanet-launch sets it.
+SCAN_WIDE_BV, SCAN_WARPS = 16, 8
 
 
 def _blocks(chunk: int, dk: int, dv: int) -> tuple[int, int, int]:
