@@ -10,9 +10,9 @@ through target_parameters; the LoRA parameter counts of the two sides are compar
 difference noted), random token batches of batch x seq (default 2 x 2048) whose labels are the
 tokens, fused AdamW, median of --steps steps after --warmup steps. Notes say what differs from
 that (gpt-oss: transformers' eager attention, bitsandbytes leaving the expert stacks 16-bit;
---fnlm-experts bf16 keeps fnlm's 16-bit too; --deltanet-scan split / torch runs Qwen3.5's scan as
-the split scan's loops or torch's loop instead of the fused Triton kernels). --tiny: the same code path on a CPU (shrunk
-configs, fnlm NF4, the reference without bitsandbytes).
+--fnlm-experts bf16 keeps fnlm's 16-bit too; --deltanet-scan triton / torch runs Qwen3.5's
+scan as the fused Triton kernels or torch's loop instead of the split scan's loops). --tiny: the
+same code path on a CPU (shrunk configs, fnlm NF4, the reference without bitsandbytes).
 - fnlm: fnlm.load(quant="nf4", bf16), fnlm.lora.init, fnlm.train.train_step with
   fnlm.train.layer_function (per-layer activation checkpointing, torch.compile of the layer).
 - reference: transformers from_pretrained with BitsAndBytesConfig (NF4, double quant, bf16
@@ -407,8 +407,8 @@ def main() -> None:
     )
     parser.add_argument(
         "--deltanet-scan", choices=["triton", "split", "torch"],
-        help="fnlm's gated delta-rule scan on CUDA (Qwen3.5): the fused Triton kernels (default, "
-        "or FNLM_DELTANET_SCAN), the split scan's Triton loops, or torch's loop",
+        help="fnlm's gated delta-rule scan on CUDA (Qwen3.5): the split scan's Triton loops "
+        "(default, or FNLM_DELTANET_SCAN), the fused Triton kernels, or torch's loop",
     )  # fmt: skip
     parser.add_argument(
         "--deltanet-launch", metavar="BVxWARPS",

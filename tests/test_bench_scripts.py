@@ -64,13 +64,13 @@ def test_bench_train_tiny(scripts, tmp_path, monkeypatch, capsys):
     out = run_main(
         train,
         [*common, str(tmp_path / "a"), "--model", "qwen3.5-9b", "--model", "gpt-oss-20b",
-         "--model", "gemma-4-e4b", "--deltanet-scan", "torch", "--deltanet-launch", "16x8"],
+         "--model", "gemma-4-e4b", "--deltanet-scan", "torch", "--deltanet-launch", "32x4"],
         monkeypatch,
         capsys,
     )  # fmt: skip
     assert "tokens/s" in out
     assert deltanet.SCAN_BACKEND == "torch"  # what Qwen3.5's layers ran (on CUDA too)
-    assert (deltanet.SCAN_WIDE_BV, deltanet.SCAN_WARPS) == (16, 8)
+    assert (deltanet.SCAN_WIDE_BV, deltanet.SCAN_WARPS) == (32, 4)
     with pytest.raises(SystemExit):  # refused before any work, naming the option
         run_main(train, [*common, str(tmp_path / "b"), "--deltanet-launch", "12x3"], monkeypatch,
                  capsys)  # fmt: skip
