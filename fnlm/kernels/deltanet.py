@@ -136,7 +136,10 @@ SCAN_STAGES = 1
 # memory: `python scripts/deltanet_resources.py` (cubins cross-compiled on any machine) shows
 # 14.8 KB (forward) / 18.4 KB (backward) of stack per thread at Qwen3.5's tiles, 1.1-4.9 KB with
 # "tf32x3" or "tf32" — the likely cause of the scans' 16 / 39 ms per call on an H200
-# (docs/benchmarks.md, issue 18). A precision other than "ieee" is not yet validated on a GPU.
+# (docs/benchmarks.md, issue 18). Measured there (bench_deltanet, 2026-12-04): the fused scans at
+# "tf32x3" (16 x 8) stopped with an illegal memory access, at "tf32" (16 x 4) they ran 3.6 / 11.9
+# ms forward / forward + backward at 6.2e-3 relative error (ieee: 1.9e-3, the bf16 rounding); the
+# split scan at "ieee" (the default backend below) is faster than either. Keep "ieee".
 SCAN_PRECISION = "ieee"
 
 # Where the scan over chunks runs for CUDA tensors: "triton" (the kernels above), "split" (only
