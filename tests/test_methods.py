@@ -588,6 +588,27 @@ def test_grpo_run_raises_the_mean_reward(checkpoint, tmp_path):
     assert sum(rewards[-4:]) / 4 > sum(rewards[:4]) / 4 + 0.1, rewards
 
 
+@pytest.mark.parametrize("keep", [True, False])
+def test_grpo_frees_the_rollout_graphs_unless_kept(checkpoint, tmp_path, monkeypatch, keep):
+    """keep_rollout_graphs (default on) leaves the rollouts' decode graph and cache in
+    fnlm.generate's graph cache for the next rollout; off, they are freed after every rollout
+    (2 rollouts: 4 steps of 2 iterations each)."""
+    from fnlm.train.methods import grpo
+
+    freed = []
+    monkeypatch.setattr(grpo, "release_graphs", lambda: freed.append(1))
+    g = torch.Generator().manual_seed(7)
+    prompts = [method_data.Prompt(torch.randint(1, 96, (3,), generator=g), "p", {})
+               for _ in range(2)]  # fmt: skip
+    config = run_config(
+        tmp_path, "grpo", max_steps=4, rewards=("test_methods:low_tokens",), num_generations=2,
+        max_completion_length=3, num_iterations=2, keep_rollout_graphs=keep,
+    )  # fmt: skip
+    train_lib.train(config, params=load_fp32(checkpoint), tokenizer=Digits(),
+                    data=methods.MethodData(prompts, "prompts"))  # fmt: skip
+    assert len(freed) == (0 if keep else 2)
+
+
 @pytest.mark.parametrize(
     "method, mode",
     [(m, mode) for m in ("dpo", "orpo", "grpo") for mode in ("qlora", "lora", "full")],

@@ -249,6 +249,11 @@ class TrainConfig:
     top_p: float = option(1.0, "grpo: nucleus sampling (1: off)")
     top_k: int = option(0, "grpo: top-k sampling (0: off)")
     num_iterations: int = option(1, "grpo: optimizer steps on each batch of rollouts")
+    keep_rollout_graphs: bool = option(
+        True, "grpo on CUDA: keep the rollouts' captured decode graph and its KV cache for the next "
+        "rollout (no re-capture; the cache's memory stays held through the update); off: freed "
+        "after each rollout (less peak memory, a capture per rollout)",
+    )  # fmt: skip
     epsilon: float = option(0.2, "grpo: clipping range of the probability ratio")
     epsilon_high: float | None = option(None, "grpo: upper clipping range (unset: epsilon)")
     scale_rewards: str = option(

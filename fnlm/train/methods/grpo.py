@@ -239,9 +239,9 @@ class Grpo:
             max_new_tokens=c.max_completion_length, eos_token_ids=tok.eos_token_ids,
             pad_token_id=self.pad_id,
         )  # fmt: skip
-        if getattr(run.trainable, "master", None) is not None:
-            # full mode's policy is a fresh cast of the master weights: its decode graph and
-            # cache are never found again, so they are freed now rather than kept
+        if not c.keep_rollout_graphs or getattr(run.trainable, "master", None) is not None:
+            # asked for, or full mode's policy is a fresh cast of the master weights (its decode
+            # graph and cache are never found again): freed now rather than kept
             release_graphs()
         completion_ids = [ids or [tok.eos_token_id] for ids in completion_ids]
         rollout_s = time.perf_counter() - tick
