@@ -189,12 +189,12 @@ def test_with_adapters_is_the_one_attach(params):
         assert torch.equal(fnlm.loss(params, batch, lora=lora), fnlm.loss(attached, batch))
 
 
-def test_without_autograd_the_adapters_are_attached_as_they_are(params):
-    """A 16-bit base with fp32 adapters: under autograd each attach makes compute-dtype copies of
-    A and B (once per forward, not per recomputed layer); without it (generation) the linear
-    leaves hold the trained tensors themselves, so two attaches have the same leaves (the key a
-    kept decode graph is found by, reading the adapters' current values) and no autograd node
-    refers to them; the forward is the same either way (scale 1: alpha = r)."""
+def test_without_autograd_the_adapter_copies_are_kept_and_refreshed(params):
+    """A 16-bit base with fp32 adapters: under autograd each attach makes differentiable
+    compute-dtype copies of A and B (once per forward, not per recomputed layer); without it
+    (generation) every attach hands out the same kept copies, refreshed in place from the trained
+    tensors (so a kept decode graph, found again by its tensors' ids, reads the current values),
+    with no autograd node; the forward is the same either way."""
     half = tree_cast(params, torch.bfloat16)
     lora = fnlm.lora.init(half, r=4, alpha=4, targets=("q", "v", "down"), dropout=0.0)
     g = torch.Generator().manual_seed(0)
@@ -208,7 +208,6 @@ def test_without_autograd_the_adapters_are_attached_as_they_are(params):
         return [leaf for leaf in pytree.tree_leaves(tree, is_leaf=lambda x: isinstance(x, LoraLinear))
                 if isinstance(leaf, LoraLinear)]  # fmt: skip
 
-    trained = {id(t) for t in fnlm.lora.parameters(lora)}
     with_grad = linears(fnlm.lora.with_adapters(half, lora))
     assert with_grad and all(leaf.a.dtype == torch.bfloat16 and leaf.a.grad_fn is not None
                              for leaf in with_grad)  # fmt: skip
@@ -216,17 +215,35 @@ def test_without_autograd_the_adapters_are_attached_as_they_are(params):
         attached = fnlm.lora.with_adapters(half, lora)
         again = fnlm.lora.with_adapters(half, lora)
     leaves = linears(attached)
-    assert all(id(leaf.a) in trained and id(leaf.b) in trained for leaf in leaves)
+    assert all(leaf.a.dtype == torch.bfloat16 and leaf.a.grad_fn is None for leaf in leaves)
     assert [id(t) for t in pytree.tree_leaves(attached)] == [
         id(t) for t in pytree.tree_leaves(again)
     ]
     tokens = torch.randint(0, LLAMA["vocab_size"], (2, 5), generator=g)
     with torch.no_grad():
-        plain = decoder.forward(attached, tokens)
-        copies = decoder.forward(fnlm.lora.with_adapters(half, lora), tokens)
-        with torch.enable_grad():
-            copied = decoder.forward(fnlm.lora.with_adapters(half, lora), tokens).detach()
-    assert torch.equal(plain, copies) and torch.equal(plain, copied)
+        kept = decoder.forward(attached, tokens)
+        copied = decoder.forward(with_grad_attached(half, lora), tokens)
+    assert torch.equal(kept, copied)
+    with torch.no_grad():  # an optimizer step: in place
+        for t in fnlm.lora.parameters(lora):
+            t.add_(0.05)
+        refreshed = fnlm.lora.with_adapters(half, lora)
+    assert [id(t) for t in pytree.tree_leaves(refreshed)] == [
+        id(t) for t in pytree.tree_leaves(attached)
+    ]
+    trained = [t.detach().to(torch.bfloat16) for t in fnlm.lora.parameters(lora)]
+    assert all(any(torch.equal(leaf.a, t) for t in trained if t.shape == leaf.a.shape)
+               for leaf in linears(refreshed))  # fmt: skip
+    with torch.no_grad():
+        after = decoder.forward(refreshed, tokens)
+        expected = decoder.forward(with_grad_attached(half, lora), tokens)
+    assert torch.equal(after, expected) and not torch.equal(after, kept)
+
+
+def with_grad_attached(params: Params, lora) -> Params:
+    """with_adapters as training calls it (fresh differentiable copies)."""
+    with torch.enable_grad():
+        return fnlm.lora.with_adapters(params, lora)
 
 
 def tree_cast(params: Params, dtype: torch.dtype) -> Params:

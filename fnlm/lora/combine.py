@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from fnlm import quant
 from fnlm.config import ModelConfig
@@ -110,12 +111,7 @@ def attach(params: Params, lora: Lora, *, training: bool | None = None) -> Param
         if module is not None and module.embedding:
             values[path] = LoraEmbedding(base, node["a"], node["b"], scale, _padding_idx(config))
         else:
-            # without autograd (generation) the trained tensors themselves: the linear casts
-            # them to the input's dtype anyway, and a kept decode graph then reads their
-            # current values, found again by their ids (fnlm.generate.step.decode_state)
-            a, b = node["a"], node["b"]
-            if torch.is_grad_enabled():
-                a, b = _compute_copies(a, b, base.dtype)
+            a, b = _compute_copies(node["a"], node["b"], base.dtype)
             values[path] = LoraLinear(base, a, b, scale, lora.config.dropout, training)
     return _replace_paths(params, values, config)
 
@@ -123,10 +119,30 @@ def attach(params: Params, lora: Lora, *, training: bool | None = None) -> Param
 def _compute_copies(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype):
     """A and B in a 16-bit base's compute dtype (differentiable casts, made once per forward
     rather than in every recomputed layer): the adapter branch runs in the input's dtype anyway
-    (fnlm.lora.linear), as under mixed-precision autocast; fp32 bases keep them as is."""
-    if dtype in (torch.bfloat16, torch.float16) and a.dtype != dtype:
+    (fnlm.lora.linear), as under mixed-precision autocast; fp32 bases keep them as is. Without
+    autograd (generation) the copies are `_kept_copy`s."""
+    if dtype not in (torch.bfloat16, torch.float16) or a.dtype == dtype:
+        return a, b
+    if torch.is_grad_enabled():
         return a.to(dtype), b.to(dtype)
-    return a, b
+    return _kept_copy(a, dtype), _kept_copy(b, dtype)
+
+
+# trained tensor -> its compute-dtype copy for attaches without autograd (dropped with the tensor)
+_kept_copies = WeakIdKeyDictionary()
+
+
+def _kept_copy(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """One copy of `t` in `dtype`, kept and refreshed in place from `t` on every attach: a decode
+    graph kept by fnlm.generate (found again by its tensors' ids) reads the adapters' current
+    values, and its step casts nothing. Fresh copies per call missed that graph cache on every
+    GRPO rollout; casting inside the step cost two kernels per adapted linear per token."""
+    copy = _kept_copies.get(t)
+    if copy is None or copy.dtype != dtype or copy.shape != t.shape or copy.device != t.device:
+        copy = _kept_copies[t] = t.detach().to(dtype)
+    else:
+        copy.copy_(t)
+    return copy
 
 
 def _padding_idx(config: ModelConfig) -> int | None:
