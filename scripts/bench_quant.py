@@ -7,7 +7,11 @@
 - decode GEMV (batch 1, 2, 4, 8; + Llama-3.2-1B's lm_head 128256x2048): fnlm's fused NF4 GEMV vs
   bitsandbytes (gemv_4bit for one row; matmul_4bit, i.e. dequantize + matmul, beyond) vs fnlm's
   dequantize + matmul; GB/s counts the NF4 weight (+ x, y) read once, the quantity that bounds
-  decode, and is compared with the H200's 4.8 TB/s HBM peak.
+  decode, and is compared with the H200's 4.8 TB/s HBM peak;
+- --small-gemm (batch 16, 32, 64, 128, Llama-3.1-8B's shapes): fnlm's fused small-batch NF4 GEMM
+  (fnlm/kernels/nf4_gemm.py, off by default: FNLM_NF4_SMALL_GEMM) vs fnlm's dequantize + matmul
+  (what batched decode and GRPO rollouts run today), with GB/s of the NF4 weight read once and
+  the tensor cores' share (2 x rows x out x in FLOP at 790 TFLOP/s bf16 dense).
 Times are medians of CUDA-graph replays (`triton.testing.do_bench_cudagraph`), so launch overhead
 is excluded as in a graph-captured decode step. --sweep also times other block shapes of the two
 kernels, to choose the launchers' defaults. Writes bench_quant.json to --out (default $OUT or .).
@@ -30,7 +34,7 @@ import triton
 from triton.testing import do_bench_cudagraph
 
 import fnlm.quant as Q
-from fnlm.kernels import nf4_gemv
+from fnlm.kernels import nf4_gemv, nf4_small_gemm
 from fnlm.kernels.nf4 import _TRITON_DTYPES, _dequantize_nf4_kernel
 from fnlm.kernels.nf4_gemv import _gemv_config, nf4_gemv_fwd
 
@@ -39,6 +43,8 @@ HBM_BANDWIDTH = 4.8e12  # bytes/s, the H200's HBM3e peak (the GEMV reads each we
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]
 GEMV_SHAPES = [*SHAPES, (128256, 2048)]  # + Llama-3.2-1B's lm_head
 BATCHES = [1, 2, 4, 8]
+SMALL_GEMM_BATCHES = [16, 32, 64, 128]
+BF16_FLOPS = 790e12  # H200 dense bf16 (GPU.md)
 
 
 def bench(fn) -> float:
@@ -175,6 +181,34 @@ def gemv_rows(args, rows):
         save(rows, args.out)
 
 
+def small_gemm_rows(args, rows):
+    for shape in SHAPES:
+        w16 = torch.randn(shape, device="cuda", dtype=torch.bfloat16) * 0.02
+        w = Q.quantize(w16, "nf4", compute_dtype=torch.bfloat16)
+        del w16
+        for batch in SMALL_GEMM_BATCHES:
+            x = torch.randn(batch, shape[1], device="cuda", dtype=torch.bfloat16)
+            times = {
+                "fnlm_small_gemm": bench(lambda: nf4_small_gemm(x, w)),
+                "fnlm_dequant_matmul": bench(lambda: F.linear(x, w.dequantize())),
+            }
+            reference = F.linear(x.float(), w.dequantize().float())
+            error = (nf4_small_gemm(x, w).float() - reference).abs().max().item()
+            moved = weight_bytes(w) + x.nbytes + batch * shape[0] * 2
+            flops = 2 * batch * shape[0] * shape[1]
+            rows.append({
+                "bench": "small_gemm", "shape": list(shape), "batch": batch,
+                **{f"{k}_us": v * 1e6 for k, v in times.items()},
+                "fnlm_small_gemm_GBps": moved / times["fnlm_small_gemm"] / 1e9,
+                "fnlm_small_gemm_frac_hbm": moved / times["fnlm_small_gemm"] / HBM_BANDWIDTH,
+                "fnlm_small_gemm_frac_flops": flops / times["fnlm_small_gemm"] / BF16_FLOPS,
+                "speedup_vs_dequant_matmul": times["fnlm_dequant_matmul"] / times["fnlm_small_gemm"],
+                "max_abs_err_vs_fp32": error,
+            })  # fmt: skip
+            print_table(rows[-1:])
+        save(rows, args.out)
+
+
 def gemv_sweep(rows, w, x, shape, batch, moved):
     """Time (rows per program, blocks of each row per step, warps, splits) around the default."""
     parts = (
@@ -233,6 +267,15 @@ def print_table(rows):
                 f"| config {row['config']}",
                 flush=True,
             )
+        elif row["bench"] == "small_gemm":
+            print(
+                f"small gemm {row['shape']} b={row['batch']}: fnlm {row['fnlm_small_gemm_us']:.1f} "
+                f"us ({row['fnlm_small_gemm_GBps']:.0f} GB/s, {row['fnlm_small_gemm_frac_hbm']:.0%} "
+                f"of HBM, {row['fnlm_small_gemm_frac_flops']:.0%} of bf16 FLOP/s) | dequant+matmul "
+                f"{row['fnlm_dequant_matmul_us']:.1f} us ({row['speedup_vs_dequant_matmul']:.2f}x) "
+                f"| err {row['max_abs_err_vs_fp32']:.2g}",
+                flush=True,
+            )
     for kind, keys in (
         ("dequantize_sweep", ("shape",)),
         ("gemv_sweep", ("shape", "batch")),
@@ -260,6 +303,10 @@ def main():
     parser.add_argument(
         "--lora", action="store_true", help="also time a LoRA linear's matmul orders (training)"
     )
+    parser.add_argument(
+        "--small-gemm", action="store_true",
+        help="also time the fused small-batch NF4 GEMM against dequantize + matmul (16-128 rows)",
+    )  # fmt: skip
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_quant.py needs a CUDA device")
@@ -271,6 +318,8 @@ def main():
         lora_rows(args, rows)
     if not args.no_gemv:
         gemv_rows(args, rows)
+    if args.small_gemm:
+        small_gemm_rows(args, rows)
     print(
         f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}"
     )

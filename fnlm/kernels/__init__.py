@@ -3,8 +3,8 @@
 One file per op (Liger-Kernel's `ops/` layout): its `@triton.jit` kernels, a launcher per
 direction, the torch custom-op registration and the plain-torch reference. The rest of fnlm calls
 the functions here, never those files: rms_norm, apply_rope, swiglu, geglu,
-fused_linear_cross_entropy (differentiable), and the frozen-weight NF4 ops nf4_dequantize, nf4_gemv
-and nf4_expert_gemv (no autograd: fnlm.quant builds the differentiable linear on them). Kernels
+fused_linear_cross_entropy (differentiable), and the frozen-weight NF4 ops nf4_dequantize, nf4_gemv,
+nf4_small_gemm and nf4_expert_gemv (no autograd: fnlm.quant builds the differentiable linear on them). Kernels
 read quantized weights through their attributes (`nf4.NF4Layout`) and never import fnlm.quant.
 
 Every function here has the same signature on both paths. On CUDA tensors
@@ -99,6 +99,12 @@ with _triton_stand_in():
         nf4_args,
         nf4_dequantize_op,
     )
+    from fnlm.kernels.nf4_gemm import (
+        SMALL_GEMM_MAX_ROWS,
+        nf4_small_gemm_fwd,
+        nf4_small_gemm_reference,
+    )
+    from fnlm.kernels.nf4_gemm import small_gemm_supported as nf4_small_gemm_supported
     from fnlm.kernels.nf4_gemv import (
         GEMV_MAX_BATCH,
         nf4_gemv_fwd,
@@ -118,6 +124,7 @@ with _triton_stand_in():
 __all__ = [
     "GEMV_MAX_BATCH",
     "NF4_CODE",
+    "SMALL_GEMM_MAX_ROWS",
     "NF4Layout",
     "apply_rope",
     "apply_rope_reference",
@@ -133,6 +140,8 @@ __all__ = [
     "nf4_expert_gemv_supported",
     "nf4_gemv",
     "nf4_gemv_supported",
+    "nf4_small_gemm",
+    "nf4_small_gemm_supported",
     "rms_norm",
     "rms_norm_reference",
     "swiglu",
@@ -410,6 +419,27 @@ def nf4_gemv(
     if torch.compiler.is_compiling():
         return nf4_gemv_op(x, *nf4_args(w), bias)
     return nf4_gemv_fwd(x, *nf4_args(w), bias)
+
+
+def nf4_small_gemm(
+    x: torch.Tensor,
+    w: NF4Layout,
+    bias: torch.Tensor | None = None,
+    *,
+    triton: bool | None = None,
+) -> torch.Tensor:
+    """NF4 GEMM for a few dozen rows (batched decode): x [rows <= SMALL_GEMM_MAX_ROWS, in] @
+    dequantize(w).T (+ bias) -> [rows, out] in x's dtype, W dequantized tile by tile in registers
+    (never written out), rounded to x's dtype as dequantize-then-matmul would see it. Not a custom
+    op: fnlm.quant calls it inside its own. triton: as in `nf4_dequantize`. Raises ArgumentError
+    unless `nf4_small_gemm_supported(rows, x.dtype, w.shape, w.blocksize)`."""
+    if triton is None:
+        triton = use_triton(x)
+    if not triton:
+        if not nf4_small_gemm_supported(x.shape[0], x.dtype, w.shape, w.blocksize):
+            return nf4_small_gemm_fwd(x, *nf4_args(w), bias)  # raises, naming the shapes
+        return nf4_small_gemm_reference(x, *nf4_args(w), bias)
+    return nf4_small_gemm_fwd(x, *nf4_args(w), bias)
 
 
 def nf4_expert_gemv(x: torch.Tensor, owner: torch.Tensor, w, experts: int) -> torch.Tensor:

@@ -14,6 +14,8 @@ fnlm.lora.linear).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -35,6 +37,12 @@ _WEIGHT_TYPES = {"nf4": NF4Weight, "int8": Int8Weight, "fp8": FP8Weight}
 #   128256x2048  b1 84.8 vs 547,  b4 155 vs 550,   b8 405 vs 549   (bnb b1: 116)
 # 8 is also the most rows fnlm.kernels.GEMV_MAX_BATCH takes in one launch.
 GEMV_MAX_ROWS = 8
+
+# Past GEMV_MAX_ROWS, up to fnlm.kernels.SMALL_GEMM_MAX_ROWS rows may go to the fused small-batch
+# NF4 GEMM (the weight dequantized in registers, not written out: batched decode, GRPO rollouts)
+# instead of dequantize + cuBLAS. Off until timed on a GPU (scripts/bench_quant.py --small-gemm);
+# FNLM_NF4_SMALL_GEMM=1 turns it on.
+SMALL_GEMM = os.environ.get("FNLM_NF4_SMALL_GEMM", "0") not in ("", "0")
 
 
 def is_quantized(w) -> bool:
@@ -118,6 +126,8 @@ def matmul_weight_t(
         return F.linear(x, w, bias)
     if _takes_gemv(x, w, triton):
         return kernels.nf4_gemv(x, w, bias, triton=True)
+    if _takes_small_gemm(x, w, triton):
+        return kernels.nf4_small_gemm(x, w, bias, triton=True)
     return F.linear(x, w.dequantize(triton).to(x.dtype), bias)
 
 
@@ -133,6 +143,19 @@ def _takes_gemv(x: torch.Tensor, w, triton: bool) -> bool:
     )
 
 
+def _takes_small_gemm(x: torch.Tensor, w, triton: bool) -> bool:
+    """Whether x [rows, in] @ W.T runs as the fused small-batch NF4 GEMM: SMALL_GEMM on, NF4 on
+    the Triton path, more rows than the GEMV takes and a shape the kernel takes."""
+    return (
+        SMALL_GEMM
+        and triton
+        and isinstance(w, NF4Weight)
+        and x.shape[0] > GEMV_MAX_ROWS
+        and x.dtype == w.dtype
+        and kernels.nf4_small_gemm_supported(x.shape[0], x.dtype, w.shape, w.blocksize)
+    )
+
+
 def matmul_weight_t_into(
     out: torch.Tensor, x: torch.Tensor, w: torch.Tensor | QuantizedWeight, triton: bool
 ) -> torch.Tensor:
@@ -141,6 +164,8 @@ def matmul_weight_t_into(
     separate pass over [rows, out]. Where `matmul_weight_t` takes the GEMV, so does this."""
     if _takes_gemv(x, w, triton):
         return out.add_(kernels.nf4_gemv(x, w, None, triton=True))
+    if _takes_small_gemm(x, w, triton):
+        return out.add_(kernels.nf4_small_gemm(x, w, None, triton=True))
     dense = w.dequantize(triton).to(x.dtype) if is_quantized(w) else w
     return out.addmm_(x, dense.t())
 
