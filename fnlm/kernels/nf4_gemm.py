@@ -26,7 +26,7 @@ from fnlm.kernels.nf4 import (
     _block_absmax,
     _interpreting,
     _nested_args,
-    _round_to,
+    _round_fast,
     dequantize_nf4_reference,
 )
 
@@ -71,7 +71,7 @@ def _nf4_gemm_kernel(
             tl.reshape(values, (BLOCK_N, PER_ROW, BLOCKSIZE)) * scale[:, :, None],
             (BLOCK_N, BLOCK_K),
         )
-        w = tl.trans(_round_to(w, W_DTYPE))
+        w = tl.trans(_round_fast(w, W_DTYPE, not DOT_FP32))  # the hardware's RNE on a GPU
         if DOT_FP32:  # the interpreter's 16-bit dots are not exact: the same products in fp32
             acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
         else:
@@ -131,7 +131,7 @@ def nf4_small_gemm_fwd(
         rows, n, k, x.stride(0), k_per_split,
         NESTED=nested, W_DTYPE=_TRITON_DTYPES[x.dtype], BLOCKSIZE=blocksize,
         NESTED_BLOCKSIZE=nested_blocksize, BLOCK_M=block_m, BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K,
-        DOT_FP32=_interpreting(), num_warps=4, num_stages=3,
+        DOT_FP32=_interpreting(), num_warps=8 if block_m >= 128 else 4, num_stages=3,
     )  # fmt: skip
     out = partial[0] if split == 1 else partial.sum(0)
     if bias is not None:
