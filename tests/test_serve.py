@@ -439,6 +439,40 @@ def test_engine_on_cuda_equals_generate_tokens():
         assert result.token_ids == generate_tokens(params, [prompt], max_new_tokens=max_tokens)[0]
 
 
+class _CapturedEngine(Engine):
+    """The engine with its ring step captured as a CUDA graph, as it was before 2026-12-03 (see
+    Engine._step_fn): what this file's GPU test checks before the engine captures again."""
+
+    def _step_fn(self, adapter, width):
+        from fnlm.generate.step import capture
+
+        key = ("captured", adapter, width)
+        if key not in self._steps:
+            self._steps[key] = capture(super()._step_fn(adapter, width))
+        return self._steps[key]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("order", ["captured first", "after an eager engine"])
+def test_captured_ring_step_on_cuda_equals_generate_tokens(order):
+    """The ring step captured as a CUDA graph gives generate_tokens' ids for 7 requests over 3
+    slots, whether its captures are the process's first graphs or an eager engine ran before (on
+    2026-12-03 the first order failed on an H200; on 2026-12-04, at 3a12d5d, neither did)."""
+    with saved_checkpoint(tiny_llama(max_position_embeddings=64)) as (_, directory):
+        params, _ = fnlm.load(directory, quant=None, dtype=torch.float32, device="cuda")
+    jobs = [([i + 1, 2 * i + 3, 7][: 1 + i % 3], [20, 6, 9][i % 3], Sampling()) for i in range(7)]
+    engines = [Engine, _CapturedEngine] if order == "after an eager engine" else [_CapturedEngine]
+    for kind in engines:
+        engine = kind(params, None, slots=3, compile=False)
+        try:
+            results = run_engine(engine, jobs)
+        finally:
+            engine.close()
+        for (prompt, max_tokens, _), result in zip(jobs, results, strict=True):
+            want = generate_tokens(params, [prompt], max_new_tokens=max_tokens)[0]
+            assert result.token_ids == want, (kind.__name__, prompt)
+
+
 def test_engine_refuses_bad_requests(tiny):
     params, tok, _ = tiny
     with pytest.raises(ArgumentError, match="context"):

@@ -477,7 +477,8 @@ class Engine:
         # On 2026-12-04 (main at 3a12d5d) the same capture (`capture(step)` in a subclass's
         # _step_fn, fp32 tiny Llama, 7 requests over 3 slots) gave generate_tokens' ids for every
         # request in 8 orders, captured first in the process among them: the fault did not
-        # reproduce. Left eager until test_engine_on_cuda_equals_generate_tokens passes with it.
+        # reproduce. Left eager until tests/test_serve.py's
+        # test_captured_ring_step_on_cuda_equals_generate_tokens passes on a GPU again.
         run = step
         self._steps[adapter, width] = run
         return run
