@@ -238,6 +238,15 @@ def test_without_autograd_the_adapter_copies_are_kept_and_refreshed(params):
         after = decoder.forward(refreshed, tokens)
         expected = decoder.forward(with_grad_attached(half, lora), tokens)
     assert torch.equal(after, expected) and not torch.equal(after, kept)
+    # copies first made under inference mode are remade outside it (an inference tensor cannot
+    # be updated there), and back
+    fresh = fnlm.lora.init(half, r=4, alpha=4, targets=("q",), dropout=0.0, seed=1)
+    with torch.inference_mode():
+        inside = decoder.forward(fnlm.lora.with_adapters(half, fresh), tokens)
+    with torch.no_grad():
+        assert torch.equal(decoder.forward(fnlm.lora.with_adapters(half, fresh), tokens), inside)
+    with torch.inference_mode():
+        assert torch.equal(decoder.forward(fnlm.lora.with_adapters(half, fresh), tokens), inside)
 
 
 def with_grad_attached(params: Params, lora) -> Params:

@@ -138,7 +138,11 @@ def _kept_copy(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     values, and its step casts nothing. Fresh copies per call missed that graph cache on every
     GRPO rollout; casting inside the step cost two kernels per adapted linear per token."""
     copy = _kept_copies.get(t)
-    if copy is None or copy.dtype != dtype or copy.shape != t.shape or copy.device != t.device:
+    if (
+        copy is None or copy.dtype != dtype or copy.shape != t.shape or copy.device != t.device
+        # an inference-mode tensor cannot be updated outside inference mode (nor used in autograd)
+        or copy.is_inference() != torch.is_inference_mode_enabled()
+    ):  # fmt: skip
         copy = _kept_copies[t] = t.detach().to(dtype)
     else:
         copy.copy_(t)
