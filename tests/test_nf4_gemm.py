@@ -76,6 +76,15 @@ def test_small_gemm_refuses_what_it_does_not_take():
         small_gemm(torch.randn(rows, 64, dtype=torch.bfloat16), w)
 
 
+def test_small_gemm_traces_whole_under_torch_compile():
+    """Under torch.compile the door calls the custom op (fullgraph: no break around the launch),
+    with the eager result."""
+    w = Q.quantize(_weight((24, 128), torch.bfloat16), "nf4", compute_dtype=torch.bfloat16)
+    x = _weight((12, 128), torch.bfloat16, seed=9)
+    compiled = torch.compile(small_gemm, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(x, w), small_gemm(x, w))
+
+
 @pytest.mark.parametrize("enabled", [True, False])
 def test_linear_sends_a_few_dozen_rows_to_the_small_gemm_when_enabled(monkeypatch, enabled):
     """NF4, bf16, Triton path, SMALL_GEMM on: rows past GEMV_MAX_ROWS up to SMALL_GEMM_MAX_ROWS go

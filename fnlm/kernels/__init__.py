@@ -102,6 +102,7 @@ with _triton_stand_in():
     from fnlm.kernels.nf4_gemm import (
         SMALL_GEMM_MAX_ROWS,
         nf4_small_gemm_fwd,
+        nf4_small_gemm_op,
         nf4_small_gemm_reference,
     )
     from fnlm.kernels.nf4_gemm import small_gemm_supported as nf4_small_gemm_supported
@@ -430,15 +431,17 @@ def nf4_small_gemm(
 ) -> torch.Tensor:
     """NF4 GEMM for a few dozen rows (batched decode): x [rows <= SMALL_GEMM_MAX_ROWS, in] @
     dequantize(w).T (+ bias) -> [rows, out] in x's dtype, W dequantized tile by tile in registers
-    (never written out), rounded to x's dtype as dequantize-then-matmul would see it. Not a custom
-    op: fnlm.quant calls it inside its own. triton: as in `nf4_dequantize`. Raises ArgumentError
-    unless `nf4_small_gemm_supported(rows, x.dtype, w.shape, w.blocksize)`."""
+    (never written out), rounded to x's dtype as dequantize-then-matmul would see it. triton: as
+    in `nf4_dequantize`. Raises ArgumentError unless `nf4_small_gemm_supported(rows, x.dtype,
+    w.shape, w.blocksize)`."""
     if triton is None:
         triton = use_triton(x)
     if not triton:
         if not nf4_small_gemm_supported(x.shape[0], x.dtype, w.shape, w.blocksize):
             return nf4_small_gemm_fwd(x, *nf4_args(w), bias)  # raises, naming the shapes
         return nf4_small_gemm_reference(x, *nf4_args(w), bias)
+    if torch.compiler.is_compiling():
+        return nf4_small_gemm_op(x, *nf4_args(w), bias)
     return nf4_small_gemm_fwd(x, *nf4_args(w), bias)
 
 

@@ -139,6 +139,34 @@ def nf4_small_gemm_fwd(
     return out.to(x.dtype)
 
 
+@torch.library.custom_op("fnlm::nf4_small_gemm", mutates_args=())
+def nf4_small_gemm_op(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    nested_absmax: torch.Tensor | None,
+    nested_code: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    shape: list[int],
+    blocksize: int,
+    nested_blocksize: int,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """The small-batch NF4 GEMM as a custom op (see `nf4_small_gemm_fwd`): what
+    `fnlm.kernels.nf4_small_gemm` calls under torch.compile."""
+    return nf4_small_gemm_fwd(
+        x, packed, absmax, code, nested_absmax, nested_code, offset, shape, blocksize,
+        nested_blocksize, bias,
+    )  # fmt: skip
+
+
+@nf4_small_gemm_op.register_fake
+def _(x, packed, absmax, code, nested_absmax, nested_code, offset, shape, blocksize,
+      nested_blocksize, bias):  # fmt: skip
+    return x.new_empty((x.shape[0], shape[0]))
+
+
 def nf4_small_gemm_reference(
     x: torch.Tensor,
     packed: torch.Tensor,
