@@ -142,6 +142,20 @@ def test_graphed_step_checks_prompt_labels():
         check_ids(batch, 96)
 
 
+@pytest.mark.parametrize("method", ["dpo", "orpo"])
+def test_preference_pairs_are_checked_on_the_host_as_they_collate(checkpoint, tmp_path, method):
+    """An id outside the vocabulary in a pair stops the run as its micro-batch is collated, on
+    the host (the captured step cannot check it, and StepGraphs no longer reads the device before
+    each replay), naming the data and the pairs."""
+    data = random_pairs(8, seed=11)
+    data[5].chosen[1] = 500  # the vocabulary has 96 tokens
+    config = run_config(tmp_path, method, max_steps=4, model=str(checkpoint), dtype="float32",
+                        batch_size=2, grad_accum=1, seed=0)  # fmt: skip
+    with pytest.raises(ArgumentError, match=r"pairs: the pairs \[.*5.*\]: token ids must lie in "
+                       r"\[0, 96\) for this model; got ids from \d+ to 500"):  # fmt: skip
+        train_lib.train(config, tokenizer=Digits(), data=methods.MethodData(data, "pairs"))
+
+
 def test_padded_length_buckets():
     length = method_data.padded_length
     assert [length(n, bucket=64, limit=512) for n in (1, 64, 65, 200, 300, 512)] == [

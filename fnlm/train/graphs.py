@@ -16,9 +16,10 @@ How it stays equal to the eager step:
 - a loss function may return `(loss, stats)`, stats a dict of 0-d tensors (the preference and
   RL methods' logged values): they are captured as one static vector beside the loss, so a step
   reads them after the replay, with no host sync inside the loss.
-Token and label ids must lie inside the vocabulary (the captured step cannot check them): SFT's
-`Stream` checks them on the host when it collates (no device read; StepGraphs is then made with
-vocab_size=None), the methods' micro-batches are checked here before each replay, on one sync.
+Token and label ids must lie inside the vocabulary (the captured step cannot check them): the
+trainer checks them on the host (SFT's `Stream` and DPO / ORPO's `PairStream` as they collate,
+GRPO's prompts in `generate_tokens`) and makes StepGraphs with vocab_size=None; given a
+vocab_size, StepGraphs checks each micro-batch before its replay, on one device read.
 """
 
 from __future__ import annotations

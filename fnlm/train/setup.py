@@ -325,9 +325,11 @@ def start(config: TrainConfig, *, params=None, tokenizer=None, lora=None, data=N
     )  # fmt: skip
     graphs = None
     if use_graphs(config, device, checkpointing, dropout):
-        # SFT's Stream checks the ids on the host as it collates: no device read per replay
+        # ids are checked on the host, with no device read per replay: SFT's Stream and DPO /
+        # ORPO's PairStream as they collate, GRPO's prompts by generate_tokens (its completions
+        # are sampled from the model's own vocabulary)
         graphs = StepGraphs(trainable.tensors, max_graphs=4 if method is None else 8,
-                            vocab_size=None if method is None else params.config.vocab_size)  # fmt: skip
+                            vocab_size=None)  # fmt: skip
         if method is not None:  # pairs / rollouts padded to 64, 128, 256... tokens: few graphs
             method.bucket = methods.data.GRAPH_BUCKET
 

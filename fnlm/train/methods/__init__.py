@@ -17,6 +17,7 @@ import torch
 
 from fnlm.data import check_source, epoch_plan
 from fnlm.errors import ArgumentError
+from fnlm.train.graphs import check_ids
 from fnlm.train.methods.data import MethodData, prepare_pairs, prepare_prompts
 from fnlm.train.methods.grpo import (
     GRPO_LOSSES,
@@ -53,9 +54,17 @@ class PairStream:
         return self.plans[epoch]
 
     def collate(self, micro_batch: list) -> dict:
-        batch = self.method.collate(
-            [self.data.examples[row[0]] for row in micro_batch], self.pad_id
-        )
+        """The pairs' batch on the device, its token and label ids checked on the host first
+        (as fnlm.train.Stream does: the captured step cannot check them, and a check on the
+        device would read it back before every replay)."""
+        pairs = [row[0] for row in micro_batch]
+        batch = self.method.collate([self.data.examples[i] for i in pairs], self.pad_id)
+        run = self.method.run
+        if run is not None:
+            try:
+                check_ids(batch, run.params.config.vocab_size)
+            except ArgumentError as e:
+                raise ArgumentError(f"{self.data.source}: the pairs {pairs}: {e}") from None
         return {k: v if k == "pair_keys" else v.to(self.device, non_blocking=True)
                 for k, v in batch.items()}  # fmt: skip
 
