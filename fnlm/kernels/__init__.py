@@ -437,8 +437,6 @@ def nf4_small_gemm(
     if triton is None:
         triton = use_triton(x)
     if not triton:
-        if not nf4_small_gemm_supported(x.shape[0], x.dtype, w.shape, w.blocksize):
-            return nf4_small_gemm_fwd(x, *nf4_args(w), bias)  # raises, naming the shapes
         return nf4_small_gemm_reference(x, *nf4_args(w), bias)
     if torch.compiler.is_compiling():
         return nf4_small_gemm_op(x, *nf4_args(w), bias)

@@ -352,3 +352,27 @@ def dequantize_nf4_reference(
     values = torch.nn.functional.pad(values, (0, blocks * blocksize - n))
     values = (values.view(blocks, blocksize) * absmax[:, None]).view(-1)[:n]
     return values.to(dtype).view(shape)
+
+
+def dequantize_matmul_reference(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    nested_absmax: torch.Tensor | None,
+    nested_code: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    shape: list[int],
+    blocksize: int,
+    nested_blocksize: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x @ W.T (+ bias) in plain torch with the fused NF4 matmuls' arithmetic (the GEMV's and the
+    small GEMM's references): W dequantized and rounded to x's dtype, the products summed in fp32
+    (bias there too), one rounding into x's dtype."""
+    w = dequantize_nf4_reference(
+        packed, absmax, code, nested_absmax, nested_code, offset, shape, blocksize,
+        nested_blocksize, x.dtype,
+    )  # fmt: skip
+    y = torch.nn.functional.linear(x.float(), w.float(), None if bias is None else bias.float())
+    return y.to(x.dtype)

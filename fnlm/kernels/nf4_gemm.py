@@ -16,7 +16,6 @@ enables it (not yet timed on a GPU; scripts/bench_quant.py --small-gemm times it
 """
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -27,7 +26,7 @@ from fnlm.kernels.nf4 import (
     _interpreting,
     _nested_args,
     _round_fast,
-    dequantize_nf4_reference,
+    dequantize_matmul_reference,
 )
 
 SMALL_GEMM_MAX_ROWS = 128  # past this the dequantize's cost is small beside the GEMM's
@@ -92,6 +91,21 @@ def small_gemm_supported(rows: int, dtype: torch.dtype, shape, blocksize: int) -
     )
 
 
+def check_small_gemm(x: torch.Tensor, shape, blocksize: int) -> None:
+    """ArgumentError naming x's and the weight's shapes unless `small_gemm_supported`."""
+    k = shape[1]
+    if (
+        x.dim() != 2
+        or x.shape[1] != k
+        or not small_gemm_supported(x.shape[0], x.dtype, shape, blocksize)
+    ):
+        raise ArgumentError(
+            f"nf4_small_gemm: expected x [1..{SMALL_GEMM_MAX_ROWS}, {k}] in bf16/fp16 and whole "
+            f"quantization blocks (blocksize dividing {_BLOCK_K} and the {k} inputs); got x "
+            f"{tuple(x.shape)} {x.dtype}, weight {tuple(shape)}, blocksize {blocksize}"
+        )
+
+
 def nf4_small_gemm_fwd(
     x: torch.Tensor,
     packed: torch.Tensor,
@@ -107,13 +121,8 @@ def nf4_small_gemm_fwd(
 ) -> torch.Tensor:
     """x [rows, in] @ dequantize(W).T (+ bias) -> [rows, out] in x's dtype (the NF4 layout of
     fnlm.kernels.nf4). Raises ArgumentError outside `small_gemm_supported`."""
+    check_small_gemm(x, shape, blocksize)
     rows, n, k = x.shape[0], shape[0], shape[1]
-    if x.dim() != 2 or x.shape[1] != k or not small_gemm_supported(rows, x.dtype, shape, blocksize):
-        raise ArgumentError(
-            f"nf4_small_gemm: expected x [1..{SMALL_GEMM_MAX_ROWS}, {k}] in bf16/fp16 and whole "
-            f"quantization blocks (blocksize dividing {_BLOCK_K} and the {k} inputs); got x "
-            f"{tuple(x.shape)} {x.dtype}, weight {tuple(shape)}, blocksize {blocksize}"
-        )
     x = x.contiguous()
     block_m = max(16, triton.next_power_of_2(rows))
     tiles = triton.cdiv(n, _BLOCK_N) * triton.cdiv(rows, block_m)
@@ -180,11 +189,10 @@ def nf4_small_gemm_reference(
     nested_blocksize: int,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Plain torch with the kernel's arithmetic: the weight dequantized and rounded to x's dtype,
-    the products summed in fp32 (bias there too), one rounding into x's dtype."""
-    w = dequantize_nf4_reference(
-        packed, absmax, code, nested_absmax, nested_code, offset, shape, blocksize,
-        nested_blocksize, x.dtype,
+    """Plain torch with the kernel's arithmetic (`dequantize_matmul_reference`), refusing what
+    the kernel refuses."""
+    check_small_gemm(x, shape, blocksize)
+    return dequantize_matmul_reference(
+        x, packed, absmax, code, nested_absmax, nested_code, offset, shape, blocksize,
+        nested_blocksize, bias,
     )  # fmt: skip
-    y = F.linear(x.float(), w.float(), None if bias is None else bias.float())
-    return y.to(x.dtype)

@@ -10,7 +10,6 @@ chosen in `fnlm.kernels._nf4_gemv_config`.
 """
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -27,7 +26,7 @@ from fnlm.kernels.nf4 import (
     _check,
     _nested_args,
     _round_to,
-    dequantize_nf4_reference,
+    dequantize_matmul_reference,
 )
 
 # ----------------------------------------------------------------------------------------------
@@ -442,12 +441,10 @@ def nf4_gemv_reference(
     nested_blocksize: int,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Plain-torch GEMV with the kernel's arithmetic: the weight dequantized and rounded to x's
-    dtype, products summed in fp32 (bias added there), one rounding into x's dtype."""
+    """Plain-torch GEMV with the kernel's arithmetic (`dequantize_matmul_reference`), refusing
+    what the kernel refuses."""
     check_gemv(x, shape, blocksize, nested_blocksize)
-    w = dequantize_nf4_reference(
-        packed, absmax, code, nested_absmax, nested_code, offset, shape, blocksize,
-        nested_blocksize, x.dtype,
+    return dequantize_matmul_reference(
+        x, packed, absmax, code, nested_absmax, nested_code, offset, shape, blocksize,
+        nested_blocksize, bias,
     )  # fmt: skip
-    y = F.linear(x.float(), w.float(), None if bias is None else bias.float())
-    return y.to(x.dtype)
