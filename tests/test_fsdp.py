@@ -15,7 +15,14 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
-from test_distributed import assert_losses_close, free_port, model_and_chats, torchrun, worker
+from test_distributed import (
+    assert_losses_close,
+    free_port,
+    model_and_chats,
+    ranks_errors,
+    torchrun,
+    worker,
+)
 
 from fnlm.errors import ArgumentError, CheckpointError
 from fnlm.train import TrainConfig, distributed, train
@@ -308,7 +315,7 @@ def test_torchrun_shards_a_full_finetune_from_the_command_line(tmp_path):
     for name, command in runs.items():
         done = subprocess.run([*command, "--out", str(tmp_path / name)], capture_output=True,
                               text=True, env=env, timeout=300)  # fmt: skip
-        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.returncode == 0, ranks_errors(done.stderr)
         assert done.stdout.count("done: 2 steps") == 1, done.stdout
         lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
         losses[name] = [json.loads(line)["loss"] for line in lines]
