@@ -1,5 +1,6 @@
-"""Batches of tokenized examples: pack examples into rows (best fit), collate packed or padded
-micro-batches, plan an epoch's micro-batches from a seed. `fnlm.data` re-exports these names.
+"""Batches of tokenized examples: pack examples into rows (best fit, or wrapped over the row
+ends), collate packed or padded micro-batches, plan an epoch's micro-batches from a seed.
+`fnlm.data` re-exports these names.
 
     plan = fnlm.batches.epoch_plan(data, batch_size=2, max_seq_length=2048, packing=True, seed=0, epoch=0)
     batch = fnlm.batches.collate(data, plan[0], pad_id=0, packing=True, length=2048)
@@ -19,6 +20,11 @@ if TYPE_CHECKING:  # fnlm.data imports this module
     from fnlm.data import Example, TokenizedData
 
 IGNORE_INDEX = -100  # labels of tokens that carry no loss (transformers' convention)
+PACKING_STRATEGIES = ("bfd", "wrapped")
+
+# A packed row's item: an example's index (the whole example) or (index, start, stop), the
+# tokens [start, stop) of it (`wrap`'s pieces).
+Piece = int | tuple[int, int, int]
 
 
 def pack(lengths: Sequence[int], max_seq_length: int) -> list[list[int]]:
@@ -53,6 +59,44 @@ def pack(lengths: Sequence[int], max_seq_length: int) -> list[list[int]]:
             by_room[room].append(row)
             open_rooms |= 1 << room
     return rows
+
+
+def wrap(lengths: Sequence[int], max_seq_length: int) -> list[list[Piece]]:
+    """Fill rows of exactly `max_seq_length` tokens (the last one excepted) with the examples in
+    the given order, cutting an example at a row's end: it goes on at the start of the next row
+    as a piece of its own (attention stays inside each piece, as inside each example). The piece
+    after a cut starts again at the cut's last token, whose target is never learned (a piece's
+    first label is ignored; see `collate_packed`): so no token loses its loss to a cut, at one
+    token per cut. A row with one token of room left is padded instead (a one-token piece
+    learns nothing). Returns rows of `Piece`s: (index, start, stop) for a part of an example,
+    its index for a whole one."""
+    if max_seq_length < 2:
+        raise ArgumentError(f"wrapped packing needs max_seq_length >= 2, got {max_seq_length}")
+    rows: list[list[Piece]] = [[]]
+    room = max_seq_length
+    for index, length in enumerate(lengths):
+        start = 0
+        while start < length:
+            if room < 2:
+                rows.append([])
+                room = max_seq_length
+            stop = min(length, start + room)
+            whole = start == 0 and stop == length
+            rows[-1].append(index if whole else (index, start, stop))
+            room -= stop - start
+            if stop == length:
+                break
+            start = stop - 1  # the next piece repeats the cut's last token (see above)
+    return [row for row in rows if row]
+
+
+def piece(examples: Sequence[Example], item: Piece) -> Example:
+    """The example (or the part of it) a packed row's item names."""
+    if isinstance(item, int):
+        return examples[item]
+    index, start, stop = item
+    example = examples[index]
+    return type(example)(example.tokens[start:stop], example.labels[start:stop])
 
 
 def collate_packed(
@@ -134,29 +178,42 @@ def epoch_plan(
     seed: int,
     epoch: int,
     shuffle: bool = True,
-) -> list[list[list[int]]]:
-    """The micro-batches of one epoch as example indices: [micro-batch][row][example].
+    strategy: str = "bfd",
+) -> list[list[list[Piece]]]:
+    """The micro-batches of one epoch as example indices: [micro-batch][row][example], where a
+    packed row's example may be a `Piece` of one (strategy "wrapped").
 
-    The order is a pure function of (seed, epoch), so a resumed run sees the same batches.
+    strategy (with `packing`): "bfd", whole examples by best fit decreasing (`pack`), or
+    "wrapped", every row full, examples cut at the rows' ends (`wrap`). The order is a pure
+    function of (seed, epoch), so a resumed run sees the same batches.
     """
     if batch_size < 1:
         raise ArgumentError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if strategy not in PACKING_STRATEGIES:
+        raise ArgumentError(
+            f"packing strategy must be one of {PACKING_STRATEGIES}, got {strategy!r}"
+        )
     order = list(range(len(data.examples)))
     if shuffle:
         random.Random(f"{seed}/{epoch}").shuffle(order)
     if packing:
-        rows = pack([len(data.examples[i]) for i in order], max_seq_length)
+        lengths = [len(data.examples[i]) for i in order]
+        rows = (pack if strategy == "bfd" else wrap)(lengths, max_seq_length)
         if shuffle:  # best fit opens rows longest example first; their order is the seed's
             random.Random(f"{seed}/{epoch}/rows").shuffle(rows)
-        rows = [[order[i] for i in row] for row in rows]
+        rows = [[_reindex(item, order) for item in row] for row in rows]
     else:
         rows = [[i] for i in order]
     return [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
 
 
+def _reindex(item: Piece, order: list[int]) -> Piece:
+    return order[item] if isinstance(item, int) else (order[item[0]], *item[1:])
+
+
 def collate(
     data: TokenizedData,
-    micro_batch: list[list[int]],
+    micro_batch: list[list[Piece]],
     *,
     pad_id: int,
     packing: bool,
@@ -166,7 +223,7 @@ def collate(
     """The batch dict of one planned micro-batch (see `epoch_plan`); `length` fixes the length of
     packed rows (see `collate_packed`)."""
     if packing:
-        rows = [[data.examples[i] for i in row] for row in micro_batch]
+        rows = [[piece(data.examples, item) for item in row] for row in micro_batch]
         return collate_packed(rows, pad_id=pad_id, pad_to_multiple=pad_to_multiple, length=length)
     examples = [data.examples[row[0]] for row in micro_batch]
     return collate_padded(examples, pad_id=pad_id, pad_to_multiple=pad_to_multiple)
@@ -183,8 +240,10 @@ def micro_batches(
     epoch: int = 0,
     shuffle: bool = True,
     pad_to_multiple: int = 1,
+    strategy: str = "bfd",
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """The batches of one epoch, in order: packed rows (`packing`) or right-padded examples."""
+    """The batches of one epoch, in order: packed rows (`packing`, by `strategy`: see
+    `epoch_plan`) or right-padded examples."""
     plan = epoch_plan(
         data,
         batch_size=batch_size,
@@ -193,6 +252,7 @@ def micro_batches(
         seed=seed,
         epoch=epoch,
         shuffle=shuffle,
+        strategy=strategy,
     )
     for micro_batch in plan:
         yield collate(

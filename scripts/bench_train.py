@@ -21,7 +21,8 @@ same code path on a CPU (shrunk configs, fnlm NF4, the reference without bitsand
 --trainer also times `fnlm.train.train` as a user runs it: a packed synthetic dataset (random
 token documents of 400-2,000 tokens, as text of 300-1,500 words tokenizes), batch x seq packed
 rows, tokens per wall second over the steps after the warm-up (data, logging and the optimizer
-included), and its ratio to the step benchmark above.
+included), and its ratio to the step benchmark above; --packing-strategy wrapped fills every row
+(TrainConfig.packing_strategy) where the default packs whole documents.
 Reported: tokens/s, peak GiB (torch.cuda.max_memory_allocated over the warm-up and timed steps,
 weights included; the warm-up holds the CUDA graphs' capture, whose allocations are the step's),
 MFU = 4 N T / (time x 790e12) (GPU.md; N = the parameters a token's matmuls read: k / E of an
@@ -276,6 +277,7 @@ def trainer(name: str, directory: Path, args, n_params: int) -> dict:
             mode="qlora", out=out, batch_size=args.batch, grad_accum=1,
             max_seq_length=args.seq, max_steps=steps, checkpointing=args.checkpointing,
             lr=1e-5, progress=False, save_total_limit=1, targets=lora_targets(name).fnlm,
+            packing_strategy=args.packing_strategy,
         )  # fmt: skip
         peaks: list[float] = []
 
@@ -399,6 +401,10 @@ def main() -> None:
         "--trainer", action="store_true", help="also time fnlm.train.train on packed documents"
     )
     parser.add_argument("--trainer-steps", type=int, default=12)
+    parser.add_argument(
+        "--packing-strategy", default="bfd", choices=("bfd", "wrapped"),
+        help="--trainer: how the documents are packed into rows (TrainConfig.packing_strategy)",
+    )  # fmt: skip
     parser.add_argument(
         "--profile", action="store_true", help="print the top CUDA kernels of two timed steps"
     )

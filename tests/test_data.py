@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from tokenizer_fixtures import write_byte_level_bpe
 
 from fnlm import data as data_lib
-from fnlm.errors import DataError
+from fnlm.errors import ArgumentError, DataError
 from fnlm.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -251,6 +251,55 @@ def test_pack_fills_rows_without_overflow_or_loss(lengths, limit):
     assert all(sum(lengths[i] for i in row) <= limit for row in rows)
     # first fit: no example could have gone into an earlier row with room
     assert len(rows) <= max(1, -(-2 * sum(lengths) // limit))
+
+
+@given(lengths=st.lists(st.integers(1, 50), min_size=1, max_size=20), limit=st.integers(2, 24))
+def test_wrap_fills_every_row_and_learns_each_target_once_in_its_context(lengths, limit):
+    """Wrapped rows are full but the last (at most one token short, where a one-token piece
+    would learn nothing), and collated they learn exactly the targets of the whole examples,
+    each once and after the same token: every token id is unique, so each learned
+    (previous token, target) pair names its place in its example."""
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    examples = []
+    for start, n in zip(starts, lengths, strict=True):
+        t = torch.arange(start, start + n, dtype=torch.int32)
+        examples.append(data_lib.Example(t, t.clone()))
+    rows = data_lib.wrap(lengths, limit)
+    cut = [len(data_lib.piece(examples, i)) for row in rows for i in row if not isinstance(i, int)]
+    filled = [sum(len(data_lib.piece(examples, i)) for i in row) for row in rows]
+    assert all(limit - 1 <= n <= limit for n in filled[:-1]) and 0 < filled[-1] <= limit
+    assert all(n >= 2 for n in cut)  # a piece of a cut example learns at least one target
+    batch = data_lib.collate_packed(
+        [[data_lib.piece(examples, item) for item in row] for row in rows],
+        pad_id=-1, length=limit,
+    )  # fmt: skip
+    learned = batch["labels"] != data_lib.IGNORE_INDEX
+    pairs = sorted(zip(batch["tokens"][:, :-1][learned[:, 1:]].tolist(),
+                       batch["labels"][:, 1:][learned[:, 1:]].tolist(), strict=True))  # fmt: skip
+    expected = sorted((t - 1, t) for s, n in zip(starts, lengths, strict=True)
+                      for t in range(s + 1, s + n))  # fmt: skip
+    assert pairs == expected
+    # each piece attends only to itself: its segment holds nothing else
+    for r, row in enumerate(rows):
+        assert int(batch["segments"][r].max()) == len(row)
+
+
+def test_epoch_plan_wraps_and_refuses_an_unknown_strategy():
+    data = data_lib.TokenizedData(examples_of([5, 9, 3, 7]), "x")
+    plan = data_lib.epoch_plan(data, batch_size=8, max_seq_length=6, packing=True, seed=0,
+                               epoch=0, strategy="wrapped")  # fmt: skip
+    rows = plan[0]
+    pieces = [i for row in rows for i in row]
+    cuts = sum(1 for i in pieces if not isinstance(i, int)) - len(
+        {i[0] for i in pieces if not isinstance(i, int)}
+    )
+    batch = data_lib.collate(data, rows, pad_id=0, packing=True, length=6)
+    filled = [int((row > 0).sum()) for row in batch["segments"]]
+    assert sum(filled) == 24 + cuts and cuts >= 1  # each cut repeats one token
+    assert sum(n < 5 for n in filled) <= 1  # only the last row is short (shuffled into the plan)
+    with pytest.raises(ArgumentError, match="packing strategy must be one of"):
+        data_lib.epoch_plan(data, batch_size=2, max_seq_length=6, packing=True, seed=0,
+                            epoch=0, strategy="wrap")  # fmt: skip
 
 
 def test_collate_packed_restarts_positions_and_masks_boundaries():

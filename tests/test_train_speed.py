@@ -197,17 +197,27 @@ def _dense_attention(q, k, v, mask, softcap):
     return torch.softmax(scores.masked_fill(~mask, float("-inf")), -1) @ v
 
 
-def test_packed_rows_have_one_shape():
+@pytest.mark.parametrize("strategy", ["bfd", "wrapped"])
+def test_packed_rows_have_one_shape(strategy):
+    """Either packing strategy gives the trainer one batch shape; wrapped rows are full (the
+    epoch's last row aside, at most one token short where a one-token piece would be)."""
     data = random_data(n=40)
     config = train_lib.TrainConfig(out="unused", batch_size=2, grad_accum=1, max_seq_length=48,
-                                   packing=True, progress=False)  # fmt: skip
-    shapes = {train_lib.graphs.signature(b) for step in batches_of(data, config, 8) for b in step}
+                                   packing=True, packing_strategy=strategy, progress=False)  # fmt: skip
+    batches = [b for step in batches_of(data, config, 8) for b in step]
+    shapes = {train_lib.graphs.signature(b) for b in batches}
     assert shapes == {
         tuple((k, (2, 48), torch.int64) for k in ("labels", "positions", "segments", "tokens"))
     }
+    filled = [int(n) for b in batches for n in (b["segments"] > 0).sum(1)]
+    if strategy == "wrapped":
+        assert sum(n < 47 for n in filled) <= 1, filled
+    else:
+        assert sum(n < 47 for n in filled) > 1, filled  # whole examples leave room this data wraps
 
 
-def test_packed_training_compiles_once(tmp_path):
+@pytest.mark.parametrize("strategy", ["bfd", "wrapped"])
+def test_packed_training_compiles_once(tmp_path, strategy):
     """A real packed run with the layer compiled (aot_eager, CPU): after the first step, no
     recompilation (one batch shape, block masks passed into the compiled layer)."""
     from torch._dynamo.utils import counters
@@ -219,6 +229,7 @@ def test_packed_training_compiles_once(tmp_path):
         config = train_lib.TrainConfig(
             out=str(tmp_path / "run"), mode="lora", max_steps=6, batch_size=2, grad_accum=1,
             max_seq_length=64, packing=True, compile="aot_eager", progress=False, r=4,
+            packing_strategy=strategy,
         )  # fmt: skip
         torch._dynamo.reset()
         counters.clear()

@@ -23,13 +23,16 @@ sources (`datasets`), prepare; batch functions live in fnlm.batches.
 
 from fnlm.batches import (  # noqa: F401  (fnlm.data's batch functions live in fnlm.batches)
     IGNORE_INDEX,
+    PACKING_STRATEGIES,
     collate,
     collate_packed,
     collate_padded,
     epoch_plan,
     micro_batches,
     pack,
+    piece,
     trained_tokens,
+    wrap,
 )
 from fnlm.data.chat import chat_pieces  # noqa: F401
 from fnlm.data.prepare import CACHE_VERSION, prepare  # noqa: F401

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fnlm.batches import PACKING_STRATEGIES
 from fnlm.data.tokenize import BAD_ROW_POLICIES
 from fnlm.errors import ArgumentError, FnlmError
 from fnlm.params import Params
@@ -112,6 +113,12 @@ class TrainConfig:
         2048, "tokens per row; longer chat examples are truncated (long text: text_blocks)"
     )
     packing: bool = option(True, "pack several examples into each row (attention kept within each)")
+    packing_strategy: str = option(
+        "bfd", "bfd: whole examples, best fit decreasing (TRL's bfd); wrapped: every row filled, "
+        "an example cut at a row's end goes on in the next row as a piece of its own (no padding "
+        "but the last row's; attention stays inside each piece, no target lost)",
+        choices=PACKING_STRATEGIES,
+    )  # fmt: skip
     train_on_responses_only: bool = option(
         True, "chat data: the loss counts only the assistant's tokens"
     )

@@ -108,6 +108,7 @@ class Run:
         if self.method is not None:
             return self.method.eval_loss(self)
         c = self.config
+        # whole examples (packing_strategy's default): the eval loss does not move with it
         batches = (
             {k: v.to(self.device) for k, v in b.items()}
             for b in data_lib.micro_batches(
@@ -393,7 +394,8 @@ def start(config: TrainConfig, *, params=None, tokenizer=None, lora=None, data=N
 # Options that change which rows make up a step: the checkpoint's data position then points into
 # another order than the one it was saved in.
 DATA_OPTIONS = ("data", "eval_data", "eval_fraction", "batch_size", "grad_accum", "max_seq_length",
-                "packing", "train_on_responses_only", "truncation", "pad_to_multiple", "seed")  # fmt: skip
+                "packing", "packing_strategy", "train_on_responses_only", "truncation",
+                "pad_to_multiple", "seed")  # fmt: skip
 # Options whose change means nothing for the continued run.
 UNTRACKED_OPTIONS = ("resume", "overwrite", "progress", "out")
 

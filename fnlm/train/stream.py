@@ -46,6 +46,7 @@ class Stream:
                 packing=self.config.packing,
                 seed=self.config.seed,
                 epoch=epoch,
+                strategy=self.config.packing_strategy,
             )
             # two epochs kept: a prefetch across an epoch's end still leaves the current one
             self.plans = {e: p for e, p in self.plans.items() if e == epoch - 1} | {epoch: plan}
