@@ -163,7 +163,8 @@ def fnlm_run(method: str, directory: Path, args, data) -> dict:
     extra = (
         dict(rewards=(f"{Path(__file__).resolve()}:even_share",), num_generations=args.generations,
              max_completion_length=args.completion_length, max_prompt_length=args.prompt_length,
-             batch_size=args.prompts // args.grad_accum, grad_accum=args.grad_accum)
+             batch_size=args.prompts // args.grad_accum, grad_accum=args.grad_accum,
+             rollout_dequantized=args.rollout_dequantized)
         if method == "grpo" else dict(batch_size=args.dpo_batch, grad_accum=1, pad_to_multiple=1)
     )  # fmt: skip
     marks: list[float] = []
@@ -331,6 +332,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument(
+        "--rollout-dequantized", action="store_true",
+        help="fnlm's GRPO rollouts from the base dequantized once per rollout "
+        "(TrainConfig.rollout_dequantized)",
+    )  # fmt: skip
     parser.add_argument("--checkpoints", default=".cache/bench")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument(

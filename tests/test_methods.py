@@ -609,6 +609,61 @@ def test_grpo_frees_the_rollout_graphs_unless_kept(checkpoint, tmp_path, monkeyp
     assert len(freed) == (0 if keep else 2)
 
 
+def test_rollouts_from_the_dequantized_base_sample_what_the_quantized_one_does(
+    checkpoint, tmp_path, monkeypatch
+):
+    """rollout_dequantized: a QLoRA run's rollouts decode from plain tensors (the NF4 base
+    dequantized once per rollout) and sample the very completions the NF4 base does (the same
+    dequantized values in each matmul), so losses and rewards are equal; the copy and its decode
+    graph are freed after every rollout."""
+    from fnlm.train.methods import grpo
+
+    quantized, freed = [], []
+    original = grpo.generate_tokens
+
+    def recording(params, *args, **kwargs):
+        quantized.append(grpo.has_quantized(params))
+        return original(params, *args, **kwargs)
+
+    monkeypatch.setattr(grpo, "generate_tokens", recording)
+    monkeypatch.setattr(grpo, "release_graphs", lambda: freed.append(1))
+    g = torch.Generator().manual_seed(5)
+    prompts = [method_data.Prompt(torch.randint(1, 96, (3,), generator=g), "p", {})
+               for _ in range(2)]  # fmt: skip
+    runs = {}
+    for dense in (False, True):
+        quantized.clear(), freed.clear()
+        config = run_config(
+            tmp_path / str(dense), "grpo", mode="qlora", model=str(checkpoint), dtype="float32",
+            max_steps=2, rewards=("test_methods:count_sevens",), num_generations=2,
+            max_completion_length=4, rollout_dequantized=dense,
+        )  # fmt: skip
+        result = train_lib.train(config, tokenizer=Digits(), data=methods.MethodData(prompts, "p"))
+        runs[dense] = [(m["loss"], m["reward"], m["completion_length"]) for m in metrics_of(result)]
+        assert quantized == [not dense] * len(quantized) and len(quantized) >= 2
+        assert len(freed) == (len(quantized) if dense else 0)
+    assert runs[True] == runs[False]
+
+
+def test_dequantized_keeps_expert_stacks_quantized():
+    from fnlm import quant
+    from fnlm.train.methods import grpo
+
+    w = lambda *shape: quant.quantize(torch.randn(*shape), "nf4", compute_dtype=torch.float32)  # noqa: E731
+    norm = torch.ones(64)
+    params = {"layers": [{"attn": {"q": w(64, 64)}, "mlp": {"experts": {"gate_up": w(128, 64)}}}],
+              "norm": norm}  # fmt: skip
+    dense = grpo.dequantized(params)
+    layer = dense["layers"][0]
+    assert torch.equal(layer["attn"]["q"], params["layers"][0]["attn"]["q"].dequantize())
+    assert layer["mlp"]["experts"]["gate_up"] is params["layers"][0]["mlp"]["experts"]["gate_up"]
+    assert (
+        dense["norm"] is norm
+        and grpo.has_quantized(dense)
+        and not grpo.has_quantized({"norm": norm})
+    )
+
+
 @pytest.mark.parametrize(
     "method, mode",
     [(m, mode) for m in ("dpo", "orpo", "grpo") for mode in ("qlora", "lora", "full")],

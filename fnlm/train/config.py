@@ -261,6 +261,12 @@ class TrainConfig:
         "rollout (no re-capture; the cache's memory stays held through the update); off: freed "
         "after each rollout (less peak memory, a capture per rollout)",
     )  # fmt: skip
+    rollout_dequantized: bool = option(
+        False, "grpo with a quantized base (qlora): the rollouts decode from a 16-bit copy of the "
+        "base, dequantized once per batch of rollouts and freed after it, instead of dequantizing "
+        "every weight again in each decode step (more than 8 rows); costs 2 bytes per base weight "
+        "while the rollouts run (~13 GiB for an 8B model) and a decode graph capture per rollout",
+    )  # fmt: skip
     epsilon: float = option(0.2, "grpo: clipping range of the probability ratio")
     epsilon_high: float | None = option(None, "grpo: upper clipping range (unset: epsilon)")
     scale_rewards: str = option(

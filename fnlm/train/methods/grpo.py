@@ -24,7 +24,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.utils._pytree as pytree
 
+from fnlm import quant
 from fnlm.data import IGNORE_INDEX, epoch_plan
 from fnlm.errors import ArgumentError, FnlmError
 from fnlm.generate import Sampling, generate_tokens, release_graphs
@@ -231,18 +233,22 @@ class Grpo:
         tok = run.tokenizer
         g = c.num_generations
         flat = [p for micro in prompts for p in micro for _ in range(g)]
-        params, lora = self.policy()
         tick = time.perf_counter()
+        params, lora = self.policy()
+        dense = c.rollout_dequantized and has_quantized(params)
+        if dense:
+            params = dequantized(params)
         sampling = Sampling(temperature=c.temperature, top_p=c.top_p, top_k=c.top_k, seed=seed)
         completion_ids = generate_tokens(
             params, [p.tokens.tolist() for p in flat], lora=lora, sampling=sampling,
             max_new_tokens=c.max_completion_length, eos_token_ids=tok.eos_token_ids,
             pad_token_id=self.pad_id,
         )  # fmt: skip
-        if not c.keep_rollout_graphs or getattr(run.trainable, "master", None) is not None:
-            # asked for, or full mode's policy is a fresh cast of the master weights (its decode
-            # graph and cache are never found again): freed now rather than kept
+        if dense or not c.keep_rollout_graphs or getattr(run.trainable, "master", None) is not None:
+            # asked for, or the policy is a fresh copy (the dequantized base, full mode's cast of
+            # the master weights) whose decode graph and cache are never found again: freed now
             release_graphs()
+        del params
         completion_ids = [ids or [tok.eos_token_id] for ids in completion_ids]
         rollout_s = time.perf_counter() - tick
         texts = [tok.decode(ids, skip_special_tokens=True) for ids in completion_ids]
@@ -385,3 +391,23 @@ class RolloutStream:
     def epoch_fraction(self, position: dict) -> float:
         done = position["index"] / max(1, len(self.plan(position["epoch"])))
         return round(position["epoch"] + done, 4)
+
+
+def has_quantized(params) -> bool:
+    """Whether any weight of `params` is quantized."""
+    return any(map(quant.is_quantized, pytree.tree_leaves(params, is_leaf=quant.is_quantized)))
+
+
+def dequantized(params):
+    """`params` with each quantized linear weight replaced by its dequantized tensor (in its
+    compute dtype), for decoding many rows without a dequantize per step. Mixture-of-experts
+    stacks stay quantized: their kernels take a quantized stack as [E·out, in], a dense one as
+    [E, out, in]."""
+
+    def visit(path, leaf):
+        if quant.is_quantized(leaf) and not any(getattr(k, "key", None) == "experts" for k in path):
+            return leaf.dequantize()
+        return leaf
+
+    with torch.no_grad():
+        return pytree.tree_map_with_path(visit, params, is_leaf=quant.is_quantized)
