@@ -254,6 +254,10 @@ def test_train_config_data_options_flags_and_trl_names(tok, tmp_path):
         ({"columns": ["text=a"], "dataset_text_field": "b"}, "given twice"),
         ({"columns": ["text=a", "text=b"]}, "'text' is given twice"),
         ({"method": "dpo", "num_proc": 2}, "num_proc applies to supervised data"),
+        ({"packing": False, "packing_strategy": "wrapped"}, "'wrapped' packs rows, but packing"),
+        ({"packing_strategy": "bfd_split"}, "packing_strategy must be one of"),
+        ({"method": "dpo", "packing_strategy": "wrapped"}, "packing_strategy applies to super"),
+        ({"rollout_dequantized": True}, "rollout_dequantized must be off for a method without"),
     ]:
         with pytest.raises(ArgumentError, match=match):
             TrainConfig.from_dict(bad)

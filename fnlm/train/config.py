@@ -436,7 +436,8 @@ NUMBER_RANGES = {
 
 def check_data_options(config: TrainConfig) -> None:
     """Normalize `columns` ({"text": "body"} or ["text=body"]) to KEY=COLUMN pairs; ArgumentError
-    for an unknown row key, num_proc below 1, or num_proc with streaming."""
+    for an unknown row key, num_proc below 1, num_proc with streaming, or a packing_strategy
+    without packing."""
     from fnlm.data.rows import ROW_KEYS
 
     pairs = config.columns
@@ -461,12 +462,18 @@ def check_data_options(config: TrainConfig) -> None:
         given = [name for name, unset in [
             ("columns", ()), ("streaming", False), ("num_proc", None), ("data_subset", None),
             ("data_split", "train"), ("eval_split", None), ("on_bad_row", "stop"),
+            ("packing_strategy", "bfd"),
         ] if getattr(config, name) != unset]  # fmt: skip
         if given:
             raise ArgumentError(
                 f"TrainConfig.{given[0]} applies to supervised data (method 'sft'); method "
                 f"{config.method!r} reads the rows of `data` whole (split 'train')"
             )
+    if config.packing_strategy != "bfd" and not config.packing:
+        raise ArgumentError(
+            f"TrainConfig.packing_strategy {config.packing_strategy!r} packs rows, but packing "
+            "is off (turn packing on, or leave packing_strategy at 'bfd')"
+        )
     if config.num_proc is not None:
         _check_number("num_proc", config.num_proc, "int", 1, None, "")
         if config.streaming and config.num_proc > 1:

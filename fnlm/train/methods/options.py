@@ -29,6 +29,8 @@ def check_method(config) -> None:
         _fail("method", f"one of {METHODS}", method)
     config.rewards = (config.rewards,) if isinstance(config.rewards, str) else tuple(config.rewards)
     config.reward_weights = tuple(float(w) for w in config.reward_weights)
+    if config.rollout_dequantized and method != "grpo":
+        _fail("rollout_dequantized", "off for a method without rollouts (grpo has them)", True)
     if method == "sft":
         return
     if config.beta is None:
