@@ -279,7 +279,7 @@ def test_wrap_fills_every_row_and_learns_each_target_once_in_its_context(lengths
     expected = sorted((t - 1, t) for s, n in zip(starts, lengths, strict=True)
                       for t in range(s + 1, s + n))  # fmt: skip
     assert pairs == expected
-    # each piece attends only to itself: its segment holds nothing else
+    # every piece is a segment of its own, so attention (kept inside segments) stays in it
     for r, row in enumerate(rows):
         assert int(batch["segments"][r].max()) == len(row)
 

@@ -632,7 +632,8 @@ def test_rollouts_from_the_dequantized_base_sample_what_the_quantized_one_does(
                for _ in range(2)]  # fmt: skip
     runs = {}
     for dense in (False, True):
-        quantized.clear(), freed.clear()
+        quantized.clear()
+        freed.clear()
         config = run_config(
             tmp_path / str(dense), "grpo", mode="qlora", model=str(checkpoint), dtype="float32",
             max_steps=2, rewards=("test_methods:count_sevens",), num_generations=2,
